@@ -32,6 +32,19 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
     return t
 
 
+# Logit given to vocabulary padding (ids >= valid_vocab_size): exp() of it is exactly 0, and unlike -inf
+# it stays finite through the backward's (x - E[x]) * p products.
+_PAD_LOGIT = -1e30
+
+
+def _scaled_chunk(logits: Tensor, start: int, end: int, temperature: float, pad_from: int) -> Tensor:
+    """fp32 copy of logits[start:end] / temperature, with local columns >= pad_from masked out."""
+    x = logits[start:end].float() / temperature
+    if pad_from < x.shape[-1]:
+        x[:, max(pad_from, 0) :] = _PAD_LOGIT
+    return x
+
+
 def _chunk_stats(x: Tensor, target: Tensor, vocab_start: int, group) -> tuple[Tensor, Tensor, Tensor]:
     """For an fp32 chunk x [C, V_local]: global lse, global E_p[x], and the global target logit."""
     local_max = x.max(dim=-1).values
@@ -53,7 +66,7 @@ def _chunk_stats(x: Tensor, target: Tensor, vocab_start: int, group) -> tuple[Te
 
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, temperature, chunk_tokens, vocab_start, group, inplace_backward):
+    def forward(ctx, logits, target, temperature, chunk_tokens, vocab_start, pad_from, group, inplace_backward):
         num_tokens = logits.shape[0]
         logp = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(logp)
@@ -61,27 +74,27 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         mean_all = torch.empty_like(logp)
         for start in range(0, num_tokens, chunk_tokens):
             end = min(start + chunk_tokens, num_tokens)
-            x = logits[start:end].float() / temperature
+            x = _scaled_chunk(logits, start, end, temperature, pad_from)
             lse, mean_x, target_logit = _chunk_stats(x, target[start:end], vocab_start, group)
             logp[start:end] = target_logit - lse
             entropy[start:end] = lse - mean_x
             lse_all[start:end] = lse
             mean_all[start:end] = mean_x
         ctx.save_for_backward(logits, target, lse_all, mean_all)
-        ctx.settings = (temperature, chunk_tokens, vocab_start, inplace_backward)
+        ctx.settings = (temperature, chunk_tokens, vocab_start, pad_from, inplace_backward)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         logits, target, lse_all, mean_all = ctx.saved_tensors
-        temperature, chunk_tokens, vocab_start, inplace = ctx.settings
+        temperature, chunk_tokens, vocab_start, pad_from, inplace = ctx.settings
         grad = logits if inplace else torch.empty_like(logits)
         v_local = logits.shape[-1]
         g_logp = grad_logp if grad_logp is not None else torch.zeros_like(lse_all)
         g_ent = grad_entropy if grad_entropy is not None else torch.zeros_like(lse_all)
         for start in range(0, logits.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, logits.shape[0])
-            x = logits[start:end].float() / temperature
+            x = _scaled_chunk(logits, start, end, temperature, pad_from)
             p = (x - lse_all[start:end].unsqueeze(-1)).exp_()
             gl = g_logp[start:end].unsqueeze(-1)
             ge = g_ent[start:end].unsqueeze(-1)
@@ -93,7 +106,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             rows = torch.nonzero(in_shard, as_tuple=True)[0]
             gx[rows, local_target[rows]] += g_logp[start:end][rows]
             grad[start:end] = (gx / temperature).to(grad.dtype)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprob_entropy(
@@ -103,21 +116,25 @@ def vocab_parallel_logprob_entropy(
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
     vocab_start: int = 0,
+    valid_vocab_size: int | None = None,
     tp_group=None,
     inplace_backward: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of `target_T` and entropy per token, both fp32 [T], from logits [T, V_local].
 
-    `vocab_start`: first vocabulary id of this rank's shard (0 without tensor parallelism); padded vocab
-    entries must hold very negative logits or be excluded by the caller. `inplace_backward` lets the
+    `vocab_start`: first vocabulary id of this rank's shard (0 without tensor parallelism).
+    `valid_vocab_size`: ids at or above it are Megatron's vocabulary padding and get probability 0
+    (None: every column is real). `inplace_backward` lets the
     backward overwrite the logits buffer with its gradient: set it False if the logits are used again.
     """
     if logits_TV.dim() != 2 or target_T.shape != logits_TV.shape[:1]:
         raise ValueError(f"expected logits [T, V] and target [T], got {tuple(logits_TV.shape)} and {tuple(target_T.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
+    pad_from = logits_TV.shape[-1] if valid_vocab_size is None else valid_vocab_size - vocab_start
     return _VocabParallelLogProbEntropy.apply(
-        logits_TV, target_T, float(temperature), int(chunk_tokens), int(vocab_start), tp_group, bool(inplace_backward)
+        logits_TV, target_T, float(temperature), int(chunk_tokens), int(vocab_start), int(pad_from), tp_group,
+        bool(inplace_backward),
     )
 
 
