@@ -13,8 +13,12 @@ def train_main() -> int:
 
 
 def eval_main() -> int:
-    return _not_yet("luffy-eval", "benchmark evaluation is being built; see README 'Status'")
+    from luffy_megatron.eval import main
+
+    return main()
 
 
 def convert_main() -> int:
-    return _not_yet("luffy-convert", "HF <-> Megatron conversion is being built; see README 'Status'")
+    from luffy_megatron.convert.cli import main
+
+    return main()

@@ -53,3 +53,20 @@ def test_tp2_matches_full_vocab():
         assert c["logp_max_err"] < 1e-5, (temperature, c)
         assert c["entropy_max_err"] < 5e-5, (temperature, c)  # entropies ~ log(1000) ~ 7: fp32 relative ~1e-6
         assert c["grad_max_rel_err"] < 1e-5, (temperature, c)
+
+
+def test_vocabulary_padding_gets_zero_probability():
+    """Megatron pads the vocabulary; padded ids must not take probability mass (HF has no such rows)."""
+    torch.manual_seed(3)
+    T, V, real = 9, 64, 50
+    logits = torch.randn(T, V)
+    target = torch.randint(0, real, (T,))
+    a = logits[:, :real].clone().requires_grad_(True)
+    lp, ent = naive_logprob_entropy(a, target)
+    (lp + ent).sum().backward()
+    b = logits.clone().requires_grad_(True)
+    lp2, ent2 = vocab_parallel_logprob_entropy(b * 1.0, target, valid_vocab_size=real, chunk_tokens=4)
+    (lp2 + ent2).sum().backward()
+    assert torch.allclose(lp2, lp, atol=1e-5) and torch.allclose(ent2, ent, atol=1e-5)
+    assert torch.allclose(b.grad[:, :real], a.grad, atol=1e-5)
+    assert b.grad[:, real:].abs().max() == 0

@@ -1,0 +1,180 @@
+"""Turning a rollout batch into model inputs: data-parallel balancing, mini-batches, token-budget
+micro-batches and padding. Pure Python/tensor code, decided once per step and tested on its own.
+
+Row i of a step is `prompt_i + response_i[:n_i]`, where n_i counts its valid response tokens (up to and
+including the first EOS). Only valid tokens are computed: what a micro-batch costs is its padded size
+(rows x longest row) on the padding path, or the sum of its lengths when sequences are packed (THD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    """The rows of one training step, as produced by rollout composition (`algo.composition`).
+
+    `responses`, `response_mask` and `prefix_mask` are [B, L] with L = max_response_length.
+    `group_ids[i]` identifies row i's prompt group (upstream `uid`)."""
+
+    prompts: list[list[int]]
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    prefix_mask: torch.Tensor
+    group_ids: list[Hashable]
+
+    def __post_init__(self) -> None:
+        B = len(self.prompts)
+        for name in ("responses", "response_mask", "prefix_mask"):
+            t = getattr(self, name)
+            if t.dim() != 2 or t.shape[0] != B:
+                raise ValueError(f"RolloutBatch.{name} must be [B={B}, L], got {tuple(t.shape)}")
+        if len(self.group_ids) != B:
+            raise ValueError(f"RolloutBatch has {B} rows but {len(self.group_ids)} group ids")
+        if any(len(p) == 0 for p in self.prompts):
+            raise ValueError("RolloutBatch has an empty prompt: every row needs at least one prompt token")
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def response_width(self) -> int:
+        return self.responses.shape[1]
+
+    def response_lengths(self) -> list[int]:
+        return self.response_mask.sum(-1).tolist()
+
+    def sequence_lengths(self) -> list[int]:
+        return [len(p) + n for p, n in zip(self.prompts, self.response_lengths())]
+
+
+def balance_rows(lengths: Sequence[int], num_parts: int) -> list[list[int]]:
+    """Split row indices into `num_parts` equal-count parts with similar token totals (upstream's
+    `_balance_batch` goal): longest rows first, each to the part with the fewest tokens that still
+    has room. Deterministic, so every rank computes the same assignment. Parts keep ascending order."""
+    if len(lengths) % num_parts:
+        raise ValueError(f"{len(lengths)} rows cannot be split evenly over {num_parts} data-parallel ranks")
+    per_part = len(lengths) // num_parts
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    totals = [0] * num_parts
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = min((k for k in range(num_parts) if len(parts[k]) < per_part), key=lambda k: (totals[k], k))
+        parts[k].append(i)
+        totals[k] += lengths[i]
+    return [sorted(p) for p in parts]
+
+
+def split_mini_batches(rows: Sequence[int], rows_per_mini_batch: int) -> list[list[int]]:
+    """Consecutive mini-batches of a rank's rows (upstream `batch.split(ppo_mini_batch_size)`)."""
+    if rows_per_mini_batch <= 0:
+        raise ValueError(f"rows_per_mini_batch={rows_per_mini_batch} must be positive")
+    return [list(rows[i : i + rows_per_mini_batch]) for i in range(0, len(rows), rows_per_mini_batch)]
+
+
+def plan_micro_batches(lengths: dict[int, int] | Sequence[int], rows: Sequence[int], *, max_tokens: int, packed: bool) -> list[list[int]]:
+    """Group `rows` into micro-batches whose cost fits `max_tokens` (dynamic batch size).
+
+    Padding path: rows sorted by length, longest first, cut into the fewest contiguous micro-batches
+    (then the least padding), so each holds rows of similar length and its cost `rows x longest`
+    wastes little. Packed path: first-fit decreasing on the sum of lengths. A single row longer than
+    the budget gets a micro-batch of its own."""
+    length = lengths.__getitem__
+    order = sorted(rows, key=lambda i: (-length(i), i))
+    if packed:
+        bins: list[list[int]] = []
+        loads: list[int] = []
+        for i in order:
+            for b, load in enumerate(loads):
+                if load + length(i) <= max_tokens:
+                    bins[b].append(i)
+                    loads[b] += length(i)
+                    break
+            else:
+                bins.append([i])
+                loads.append(length(i))
+        return bins
+    return _fewest_padded_segments(order, [length(i) for i in order], max_tokens)
+
+
+def _fewest_padded_segments(order: list[int], lens: list[int], max_tokens: int) -> list[list[int]]:
+    """Cut rows sorted by decreasing length into contiguous micro-batches: as few as possible, and
+    among those the least padding (exact dynamic programme, O(n^2); n is a rank's mini-batch)."""
+    n = len(order)
+    INF = (n + 1, 0)
+    best: list[tuple[int, int]] = [(0, 0)] + [INF] * n  # (micro-batches, padded tokens) for order[:j]
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            rows, longest = j - i, lens[i]
+            if rows > 1 and rows * longest > max_tokens:
+                break  # earlier starts are longer still
+            cand = (best[i][0] + 1, best[i][1] + rows * longest)
+            if cand < best[j]:
+                best[j], cut[j] = cand, i
+    segments, j = [], n
+    while j > 0:
+        segments.append(order[cut[j] : j])
+        j = cut[j]
+    return segments[::-1]
+
+
+def padded_cost(lengths: Sequence[int], micro_batches: Sequence[Sequence[int]], *, packed: bool, multiple: int = 1) -> int:
+    """Tokens actually computed for a micro-batch plan (to compare with sum of real lengths)."""
+    total = 0
+    for mb in micro_batches:
+        if packed:
+            total += sum(-(-lengths[i] // multiple) * multiple for i in mb)
+        else:
+            longest = max(lengths[i] for i in mb)
+            total += len(mb) * (-(-longest // multiple) * multiple)
+    return total
+
+
+@dataclass
+class MicroBatch:
+    """Model inputs for some rows, right-padded to a common length (a multiple of `pad_multiple`).
+
+    `targets[b, t]` is the token at t+1 (the one position t predicts). `resp_index[b, j]` is the position
+    whose logits predict row b's response token j (prompt_len - 1 + j); it is only meaningful where
+    `resp_mask` is 1. Per-token training tensors are cut to this micro-batch's longest response."""
+
+    rows: list[int]
+    input_ids: torch.Tensor  # [b, s]
+    position_ids: torch.Tensor  # [b, s]
+    targets: torch.Tensor  # [b, s]
+    resp_index: torch.Tensor  # [b, l]
+    resp_mask: torch.Tensor  # [b, l]
+    num_tokens: int  # real tokens (prompt + valid response) in the micro-batch
+
+
+def build_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id: int, pad_multiple: int = 1) -> MicroBatch:
+    lengths = batch.response_lengths()
+    seqs = [list(batch.prompts[i]) + batch.responses[i, : lengths[i]].tolist() for i in rows]
+    s = max(len(x) for x in seqs)
+    s = -(-s // pad_multiple) * pad_multiple
+    b = len(rows)
+    input_ids = torch.full((b, s), pad_token_id, dtype=torch.long)
+    for k, seq in enumerate(seqs):
+        input_ids[k, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    targets = torch.full_like(input_ids, pad_token_id)
+    targets[:, :-1] = input_ids[:, 1:]
+    l_mb = max(max(lengths[i] for i in rows), 1)
+    j = torch.arange(l_mb)
+    prompt_lens = torch.tensor([len(batch.prompts[i]) for i in rows])
+    resp_lens = torch.tensor([lengths[i] for i in rows])
+    resp_mask = (j.unsqueeze(0) < resp_lens.unsqueeze(1)).long()
+    resp_index = ((prompt_lens - 1).unsqueeze(1) + j.unsqueeze(0)).clamp(max=s - 1)
+    return MicroBatch(
+        rows=list(rows),
+        input_ids=input_ids,
+        position_ids=torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+        targets=targets,
+        resp_index=resp_index,
+        resp_mask=resp_mask,
+        num_tokens=sum(len(x) for x in seqs),
+    )

@@ -1,0 +1,1 @@
+"""HF <-> megatron-core name maps, tensor transforms, checkpoint readers/writers, streaming export."""

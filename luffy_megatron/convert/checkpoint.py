@@ -1,0 +1,125 @@
+"""megatron-core distributed checkpoints (`dist_checkpointing`, torch_dist format) of GPT models.
+
+The stored tensors are global (ShardedTensor keys with global layer numbers and TP offsets), so a
+checkpoint written under one TP/PP loads under another. Embedding/output rows are stored padded
+(Megatron's rule); megatron-core loads them across a different padding (`allow_shape_mismatch`).
+A `luffy_meta.json` beside megatron-core's own `metadata.json` records the HF architecture, the
+padded vocabulary, dtype and the layout it was written under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from luffy_megatron.models.hf_to_mcore import HFArch
+
+META_NAME = "luffy_meta.json"
+FORMAT = "luffy-mcore-dist-v1"
+
+
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _sharded_state_dict(chunks: list) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+@contextlib.contextmanager
+def _in_process_results_queue():
+    """megatron-core 0.16.1's torch_dist writer (strategies/filesystem_async.py) collects write
+    results through a queue made by `mp.get_context("spawn").Manager()`: the first save of a
+    process starts a manager process that re-imports `__main__` (seconds, and a trap for scripts
+    without a main guard). A synchronous save puts and gets that queue in the calling process, so
+    a plain queue.Queue serves; it is swapped in only for the duration of our (sync) save."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "metadata.json").exists() and (p / META_NAME).exists()
+
+
+def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
+    p = Path(ckpt_dir) / META_NAME
+    if not p.exists():
+        raise FileNotFoundError(f"{ckpt_dir} is not a luffy-megatron checkpoint (no {META_NAME})")
+    return json.loads(p.read_text())
+
+
+def save_checkpoint(model, ckpt_dir: str | os.PathLike, arch: HFArch,
+                    extra_meta: Optional[dict[str, Any]] = None) -> Path:
+    """Collective over all ranks. Writes to `<ckpt_dir>.tmp-<pid of rank 0>`, then rank 0 renames
+    it into place, so a crash never leaves a complete-looking checkpoint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    chunks = _chunks(model)
+    final = Path(ckpt_dir)
+    name = [f"{final.name}.tmp-{os.getpid()}"] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(name, src=0)
+    tmp = final.with_name(name[0])
+    if dist.get_rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    with _in_process_results_queue():
+        dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        emb = chunks[0].embedding.word_embeddings.weight if hasattr(chunks[0], "embedding") else None
+        meta = {
+            "format": FORMAT,
+            "hf_arch": arch.to_dict(),
+            "dtype": str(next(chunks[0].parameters()).dtype).replace("torch.", ""),
+            "vocab_size_padded": (emb.shape[0] * ps.get_tensor_model_parallel_world_size()
+                                  if emb is not None else None),
+            "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+            **(extra_meta or {}),
+        }
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(model, ckpt_dir: str | os.PathLike, *, strict: bool = True) -> None:
+    """Collective. Loads a checkpoint written under any TP/PP (and vocab padding) into this rank's
+    chunks."""
+    from megatron.core import dist_checkpointing
+
+    if not (Path(ckpt_dir) / "metadata.json").exists():
+        raise FileNotFoundError(f"{ckpt_dir} is not a megatron-core distributed checkpoint")
+    chunks = _chunks(model)
+    sharded = _sharded_state_dict(chunks)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for key, chunk in zip(keys, chunks):
+        state = {k: v for k, v in loaded[key].items() if not k.endswith("_extra_state")}
+        missing, unexpected = chunk.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint {ckpt_dir}: missing {missing}, unexpected {unexpected}")

@@ -1,0 +1,92 @@
+"""The one place where megatron-core is patched to run on CPU-only machines (gloo).
+
+Applied by :func:`apply_cpu_shim` only when CUDA is absent; on a GPU machine it does nothing.
+Every patch names the upstream behaviour it works around and the version it was seen in
+(megatron-core 0.16.1, torch 2.13.0+cpu). See platform notes section 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_APPLIED = False
+
+
+def cpu_shim_needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def apply_cpu_shim() -> bool:
+    """Patch megatron-core for CPU if CUDA is absent. Idempotent. Returns True if patches are active."""
+    global _APPLIED
+    if _APPLIED:
+        return True
+    if not cpu_shim_needed():
+        return False
+
+    # 1. megatron-core 0.16.1 allocates scratch buffers and RoPE's `inv_freq` with
+    #    `device=torch.cuda.current_device()` (transformer/dot_product_attention.py,
+    #    models/common/embeddings/rotary_pos_embedding.py, tensor_parallel/mappings.py, ...).
+    #    On a CPU-only torch 2.13 that raises; returning "cpu" puts those buffers on the CPU.
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+    # 2. `CudaRNGStatesTracker.fork()` (tensor_parallel/random.py, 0.16.1) swaps CUDA RNG states
+    #    around attention dropout and weight init; it raises "cuda rng state ... is not added"
+    #    because `model_parallel_cuda_manual_seed` cannot run without CUDA. A no-op context keeps
+    #    the default CPU generator (dropout is 0 in every model built here, so nothing differs).
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random.CudaRNGStatesTracker.fork = (  # type: ignore[method-assign]
+        lambda self, name=None: contextlib.nullcontext()
+    )
+    # 3. `transformer.utils.get_default_causal_mask` (0.16.1) builds the causal mask with
+    #    `device="cuda"`; the torch softmax path of `FusedScaleMaskSoftmax` (fusions/fused_softmax.py,
+    #    which imports the function by name) calls it whenever no mask is passed. Same mask, on CPU.
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as mcore_utils
+
+    @functools.lru_cache(maxsize=8)
+    def _cpu_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    mcore_utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+
+    # 4. dist_checkpointing's torch_dist writer (strategies/filesystem_async.py
+    #    `preload_tensors`, 0.16.1) calls `torch.cuda.synchronize()` after its device-to-host copies
+    #    even when every tensor is already on the CPU; without CUDA there is nothing to wait for.
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    # 5. With tied embeddings and PP > 1, `LanguageModule.setup_embeddings_and_output_layer`
+    #    (models/common/language_module/language_module.py, 0.16.1) moves the shared weight with
+    #    `weight.data.cuda()` before all-reducing it over the embedding group. During that call only,
+    #    `Tensor.cuda` returns the tensor itself, so the all-reduce runs on the CPU copy.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original_setup = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(original_setup)
+    def _setup_on_cpu(self, *args, **kwargs):
+        real_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
+        try:
+            return original_setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = real_cuda  # type: ignore[method-assign]
+
+    LanguageModule.setup_embeddings_and_output_layer = _setup_on_cpu  # type: ignore[method-assign]
+    _APPLIED = True
+    return True
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch. `tensor_parallel.model_parallel_cuda_manual_seed` (0.16.1) raises on CPU torch,
+    so the CPU path seeds only the default generator; on GPU it seeds the model-parallel trackers too."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
