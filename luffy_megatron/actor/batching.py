@@ -137,24 +137,42 @@ def padded_cost(lengths: Sequence[int], micro_batches: Sequence[Sequence[int]], 
 
 @dataclass
 class MicroBatch:
-    """Model inputs for some rows, right-padded to a common length (a multiple of `pad_multiple`).
+    """Model inputs for some rows: right-padded to a common length [b, s], or packed into one row
+    [1, sum of lengths] with `cu_seqlens` (THD layout, Transformer Engine attention).
 
-    `targets[b, t]` is the token at t+1 (the one position t predicts). `resp_index[b, j]` is the position
-    whose logits predict row b's response token j (prompt_len - 1 + j); it is only meaningful where
-    `resp_mask` is 1. Per-token training tensors are cut to this micro-batch's longest response."""
+    `targets` (shape of `input_ids`) holds at each position the token that position predicts (the next
+    one in the same sequence). `resp_index[k, j]` is the FLAT position (into `input_ids.view(-1)`) whose
+    logits predict row k's response token j; only meaningful where `resp_mask` is 1. Per-token training
+    tensors are cut to this micro-batch's longest response."""
 
     rows: list[int]
-    input_ids: torch.Tensor  # [b, s]
-    position_ids: torch.Tensor  # [b, s]
-    targets: torch.Tensor  # [b, s]
-    resp_index: torch.Tensor  # [b, l]
-    resp_mask: torch.Tensor  # [b, l]
+    input_ids: torch.Tensor  # [b, s] or [1, t]
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    resp_index: torch.Tensor  # [rows, l]
+    resp_mask: torch.Tensor  # [rows, l]
     num_tokens: int  # real tokens (prompt + valid response) in the micro-batch
+    cu_seqlens: torch.Tensor | None = None  # [rows + 1] int32 start offsets when packed
+    max_seqlen: int = 0
+
+
+def _sequences(batch: RolloutBatch, rows: Sequence[int]) -> tuple[list[list[int]], list[int]]:
+    lengths = batch.response_lengths()
+    return [list(batch.prompts[i]) + batch.responses[i, : lengths[i]].tolist() for i in rows], [lengths[i] for i in rows]
+
+
+def _response_layout(starts: torch.Tensor, prompt_lens: torch.Tensor, resp_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat index of the logits predicting response token j of each row, and the valid-token mask."""
+    l_mb = max(int(resp_lens.max()), 1)
+    j = torch.arange(l_mb)
+    resp_mask = (j.unsqueeze(0) < resp_lens.unsqueeze(1)).long()
+    last = (starts + prompt_lens + resp_lens - 1).unsqueeze(1)  # keep masked columns in range
+    resp_index = torch.minimum((starts + prompt_lens - 1).unsqueeze(1) + j.unsqueeze(0), last)
+    return resp_index, resp_mask
 
 
 def build_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id: int, pad_multiple: int = 1) -> MicroBatch:
-    lengths = batch.response_lengths()
-    seqs = [list(batch.prompts[i]) + batch.responses[i, : lengths[i]].tolist() for i in rows]
+    seqs, resp_lens = _sequences(batch, rows)
     s = max(len(x) for x in seqs)
     s = -(-s // pad_multiple) * pad_multiple
     b = len(rows)
@@ -163,12 +181,8 @@ def build_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id:
         input_ids[k, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     targets = torch.full_like(input_ids, pad_token_id)
     targets[:, :-1] = input_ids[:, 1:]
-    l_mb = max(max(lengths[i] for i in rows), 1)
-    j = torch.arange(l_mb)
     prompt_lens = torch.tensor([len(batch.prompts[i]) for i in rows])
-    resp_lens = torch.tensor([lengths[i] for i in rows])
-    resp_mask = (j.unsqueeze(0) < resp_lens.unsqueeze(1)).long()
-    resp_index = ((prompt_lens - 1).unsqueeze(1) + j.unsqueeze(0)).clamp(max=s - 1)
+    resp_index, resp_mask = _response_layout(torch.arange(b) * s, prompt_lens, torch.tensor(resp_lens))
     return MicroBatch(
         rows=list(rows),
         input_ids=input_ids,
@@ -177,4 +191,35 @@ def build_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id:
         resp_index=resp_index,
         resp_mask=resp_mask,
         num_tokens=sum(len(x) for x in seqs),
+    )
+
+
+def build_packed_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id: int, pad_multiple: int = 1) -> MicroBatch:
+    """Rows concatenated into one sequence of length sum(len_i) (each length rounded up to
+    `pad_multiple`, e.g. 2 x context-parallel size), positions restarting at 0 per row, and
+    `cu_seqlens` for THD attention: no token attends across rows and no padding is computed."""
+    seqs, resp_lens = _sequences(batch, rows)
+    padded = [-(-len(x) // pad_multiple) * pad_multiple for x in seqs]
+    starts = torch.tensor([0] + padded).cumsum(0)
+    total = int(starts[-1])
+    input_ids = torch.full((1, total), pad_token_id, dtype=torch.long)
+    targets = torch.full_like(input_ids, pad_token_id)
+    position_ids = torch.zeros_like(input_ids)
+    for k, seq in enumerate(seqs):
+        a = int(starts[k])
+        input_ids[0, a : a + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        targets[0, a : a + len(seq) - 1] = input_ids[0, a + 1 : a + len(seq)]  # never the next row's token
+        position_ids[0, a : a + padded[k]] = torch.arange(padded[k])
+    prompt_lens = torch.tensor([len(batch.prompts[i]) for i in rows])
+    resp_index, resp_mask = _response_layout(starts[:-1], prompt_lens, torch.tensor(resp_lens))
+    return MicroBatch(
+        rows=list(rows),
+        input_ids=input_ids,
+        position_ids=position_ids,
+        targets=targets,
+        resp_index=resp_index,
+        resp_mask=resp_mask,
+        num_tokens=sum(len(x) for x in seqs),
+        cu_seqlens=starts.to(torch.int32),
+        max_seqlen=max(padded),
     )

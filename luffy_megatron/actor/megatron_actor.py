@@ -13,6 +13,7 @@ AVERAGED over data-parallel ranks (megatron DDP), clipped to `grad_clip`, then o
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import asdict
 from functools import partial
@@ -27,6 +28,7 @@ from luffy_megatron.actor.batching import (
     RolloutBatch,
     balance_rows,
     build_micro_batch,
+    build_packed_micro_batch,
     plan_micro_batches,
     split_mini_batches,
 )
@@ -183,7 +185,11 @@ class MegatronActor:
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.vocab_padded = padded_vocab_size(self.arch.vocab_size, p.tensor_model_parallel_size, cfg.model.make_vocab_size_divisible_by)
         self.vocab_local = self.vocab_padded // p.tensor_model_parallel_size
-        self.pad_multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
+        # THD packing needs Transformer Engine attention; the local (CPU) spec pads instead.
+        self.packed = settings["use_te"] and cfg.actor.use_sequence_packing
+        # sequence parallel splits the sequence over TP ranks; context parallel over 2 x CP chunks
+        self.pad_multiple = math.lcm(p.tensor_model_parallel_size if p.sequence_parallel else 1, 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1)
+        self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.step = 0  # optimizer steps taken
         self.loss_opts = loss_options(asdict(cfg.algo))
 
@@ -194,7 +200,17 @@ class MegatronActor:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb.input_ids, mb.position_ids, None)
+            device = self._device
+            kwargs = {}
+            if mb.cu_seqlens is not None:  # packed rows (THD): attention stays within each row
+                from megatron.core.packed_seq_params import PackedSeqParams
+
+                cu = mb.cu_seqlens.to(device)
+                kwargs["packed_seq_params"] = PackedSeqParams(
+                    qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                    cu_seqlens_kv_padded=cu, max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen,
+                )
+            output = model(mb.input_ids.to(device), mb.position_ids.to(device), None, **kwargs)
             return output, partial(loss_fn, mb)
 
         return get_forward_backward_func()(
@@ -209,18 +225,19 @@ class MegatronActor:
 
     def _token_logprobs(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-prob and entropy of each response token of the micro-batch, [b, l] (0 where masked)."""
-        b, s, v = logits.shape
+        v = logits.shape[-1]
         lp, ent = vocab_parallel_logprob_entropy(
-            logits.reshape(b * s, v),
-            mb.targets.reshape(-1),
+            logits.reshape(-1, v),
+            mb.targets.reshape(-1).to(logits.device),
             temperature=self.cfg.rollout.temperature,
             chunk_tokens=self.cfg.actor.log_prob_chunk_tokens,
             vocab_start=self.tp_rank * self.vocab_local,
             valid_vocab_size=self.arch.vocab_size,
             tp_group=self.tp_group,
         )
-        lp, ent = lp.view(b, s).gather(1, mb.resp_index), ent.view(b, s).gather(1, mb.resp_index)
-        mask = mb.resp_mask.bool()
+        index = mb.resp_index.to(logits.device)
+        lp, ent = lp[index], ent[index]
+        mask = mb.resp_mask.to(logits.device).bool()
         return torch.where(mask, lp, 0.0), torch.where(mask, ent, 0.0)
 
     def _my_rows(self, batch: RolloutBatch) -> list[int]:
@@ -230,13 +247,18 @@ class MegatronActor:
         lengths = batch.sequence_lengths()
         a = self.cfg.actor
         if a.use_dynamic_bsz:
-            plan = plan_micro_batches(lengths, rows, max_tokens=a.ppo_max_token_len_per_gpu, packed=False)
+            plan = plan_micro_batches(lengths, rows, max_tokens=a.ppo_max_token_len_per_gpu, packed=self.packed)
         else:
             plan = split_mini_batches(rows, a.ppo_micro_batch_size)
-        return [build_micro_batch(batch, mb, pad_token_id=self.pad_token_id, pad_multiple=self.pad_multiple) for mb in plan]
+        build = build_packed_micro_batch if self.packed else build_micro_batch
+        return [build(batch, mb, pad_token_id=self.pad_token_id, pad_multiple=self.pad_multiple) for mb in plan]
 
     def _share(self, out: torch.Tensor) -> torch.Tensor:
-        """Rows filled by one DP rank on the last pipeline stage -> the full tensor on every rank."""
+        """Rows filled by one DP rank on the last pipeline stage -> the full tensor on every rank.
+        (Collectives run on the compute device: NCCL takes no CPU tensors.)"""
+        if self.pp_size == 1 and self.dp_size == 1:
+            return out
+        out = out.to(self._device)
         if self.pp_size > 1:
             from megatron.core import parallel_state as ps
 
@@ -244,7 +266,7 @@ class MegatronActor:
             dist.broadcast(out, src=last, group=self.pp_group)
         if self.dp_size > 1:
             dist.all_reduce(out, group=self.dp_group)
-        return out
+        return out.cpu()
 
     # ------------------------------------------------------------------ public API
 
@@ -329,9 +351,9 @@ class MegatronActor:
             metrics = dict(box[0])
         if self.dp_size > 1:
             keys = sorted(metrics)
-            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self._device)
             dist.all_reduce(values, group=self.dp_group)
-            metrics = dict(zip(keys, (values / self.dp_size).tolist()))
+            metrics = dict(zip(keys, (values / self.dp_size).cpu().tolist()))
         return metrics
 
     def gradients(self, batch: RolloutBatch, *, advantages: torch.Tensor, old_log_probs: torch.Tensor) -> dict[str, torch.Tensor]:

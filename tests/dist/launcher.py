@@ -1,7 +1,8 @@
 """Run a script under `torchrun` (gloo, CPU) from a test and collect what rank 0 reports.
 
-Scripts print one line `RESULT <json>` on rank 0; `run_torchrun` returns that object, or fails the test
-with the script's output when it exits non-zero or reports nothing.
+Scripts print one line `RESULT <json>` on rank 0 (or, as the last JSON line of stdout, a bare JSON
+object); `run_torchrun` returns that object, or fails the test with the script's output when it exits
+non-zero or reports nothing.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout_s: int 
         f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         str(script), *args,
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=full_env, cwd=REPO)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {Path(script).name} exited {proc.returncode}:\n{out[-6000:]}")
-    results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    lines = proc.stdout.splitlines()
+    results = [line[len("RESULT "):] for line in lines if line.startswith("RESULT ")]
+    results = results or [line for line in lines if line.startswith("{")]
     if not results:
         raise AssertionError(f"torchrun {Path(script).name} reported no RESULT line:\n{out[-6000:]}")
     return json.loads(results[-1])

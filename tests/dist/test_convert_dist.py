@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from luffy_megatron.convert import tools
-from tests.dist.runner import run_torchrun
+from tests.dist.launcher import run_torchrun
 from tests.dist.tiny_models import SPECS, make_tiny_model
 
 pytestmark = pytest.mark.dist

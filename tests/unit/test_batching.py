@@ -60,12 +60,35 @@ def test_micro_batch_positions_and_targets():
     mb = build_micro_batch(batch, [0, 1], pad_token_id=0, pad_multiple=4)
     assert mb.input_ids.tolist() == [[11, 12, 13, 31, 32, 9, 0, 0], [21, 41, 42, 43, 44, 0, 0, 0]]
     assert mb.num_tokens == 6 + 5
-    # logits at resp_index predict the response tokens
+    # logits at resp_index (flat positions) predict the response tokens
     for b in range(2):
         for j in range(4):
             if mb.resp_mask[b, j]:
-                assert mb.targets[b, mb.resp_index[b, j]] == batch.responses[b, j]
+                assert mb.targets.view(-1)[mb.resp_index[b, j]] == batch.responses[b, j]
     assert mb.resp_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert mb.cu_seqlens is None
+
+
+def test_packed_micro_batch_thd_layout():
+    from luffy_megatron.actor.batching import build_packed_micro_batch
+
+    batch = RolloutBatch(
+        prompts=[[11, 12, 13], [21]],
+        responses=torch.tensor([[31, 32, 9, 0], [41, 42, 43, 44]]),
+        response_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+        prefix_mask=torch.zeros(2, 4, dtype=torch.bool),
+        group_ids=[0, 0],
+    )
+    mb = build_packed_micro_batch(batch, [0, 1], pad_token_id=0, pad_multiple=2)
+    assert mb.input_ids.tolist() == [[11, 12, 13, 31, 32, 9, 21, 41, 42, 43, 44, 0]]
+    assert mb.cu_seqlens.tolist() == [0, 6, 12] and mb.max_seqlen == 6  # row 2: 5 tokens -> 6
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]]
+    assert mb.targets[0, 5] == 0  # the last token of row 1 does not predict row 2's first token
+    flat = mb.targets.view(-1)
+    for b in range(2):
+        for j in range(4):
+            if mb.resp_mask[b, j]:
+                assert flat[mb.resp_index[b, j]] == batch.responses[b, j]
 
 
 def test_rollout_batch_validates_shapes():
