@@ -59,7 +59,7 @@ elif mode == "torn":
     def stalled_save(*args, **kwargs):
         real_save(*args, **kwargs)
         if dist.get_rank() == 0:
-            print("STALLED", flush=True)
+            print(f"STALLED {os.getpid()}", flush=True)
         time.sleep(600)
 
     dist_checkpointing.save = stalled_save

@@ -41,17 +41,25 @@ def test_killed_writer_is_never_latest(hf_dir, tmp_path):
            f"--master_port={free_port()}", str(HERE / "actor_resume.py"), str(hf_dir), str(root), str(tmp_path / "w.pt"), "torn"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    writer_pid = None
     try:
         deadline = time.time() + 240
         for line in proc.stdout:
-            if "STALLED" in line or time.time() > deadline:
+            if line.startswith("STALLED"):
+                writer_pid = int(line.split()[1])
+                break
+            if time.time() > deadline:
                 break
         assert proc.poll() is None, "writer exited before stalling"
         torn = [p for p in root.iterdir() if p.name.startswith("step_000002.tmp-")]
         assert torn and (torn[0] / "model_optim" / "metadata.json").exists()  # tensors written, not committed
     finally:
+        # torchrun's workers live in their own session: kill the writer itself, then the launcher
+        if writer_pid is not None:
+            os.kill(writer_pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert writer_pid is not None, "the writer never reported that it stalled"
     assert (root / "latest").read_text().strip() == "step_000001"
     assert ckpt.find_latest(root) == root / "step_000001"
     assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000001"]
