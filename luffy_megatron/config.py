@@ -157,6 +157,9 @@ class AlgoConfig:
     loss_remove_clip: bool = True  # on-policy term without PPO clipping
     # constant_length = upstream loss_remove_token_mean=True: token sum / data.max_response_length
     loss_agg_mode: Literal["constant_length", "token_mean", "seq_mean"] = "constant_length"
+    # How data-parallel ranks combine their gradients. "mean" is upstream (FSDP averages each rank's summed
+    # loss, so the step scales with 1/DP); "sum" makes the step independent of the DP size.
+    dp_gradient_reduction: Literal["mean", "sum"] = "mean"
     entropy_coeff: float = 0.001
     use_kl_loss: bool = False
     kl_loss_coef: float = 0.0

@@ -8,6 +8,7 @@ Loss scaling, as upstream (luffy_algorithm.md section 1.4): each micro-batch's l
 max_response_length (plus the entropy token-mean term), micro-batch losses are SUMMED within a mini-batch
 (megatron-core's schedules divide by the number of micro-batches; we multiply it back), gradients are
 AVERAGED over data-parallel ranks (megatron DDP), clipped to `grad_clip`, then one Adam(W) step.
+Averaging makes the step scale with 1/DP on the same rows; `algo.dp_gradient_reduction=sum` removes that.
 """
 
 from __future__ import annotations
@@ -309,7 +310,9 @@ class MegatronActor:
             for m in self.model:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
-            num_mb = len(micro)
+            # megatron-core divides each micro-batch loss by their number (upstream sums them), and DDP
+            # averages over data-parallel ranks (upstream too, unless the user asks for the DP-invariant sum).
+            loss_scale = len(micro) * (self.dp_size if self.cfg.algo.dp_gradient_reduction == "sum" else 1)
 
             def loss_fn(mb: MicroBatch, logits: torch.Tensor):
                 lp, ent = self._token_logprobs(mb, logits)
@@ -324,8 +327,7 @@ class MegatronActor:
                     max_response_length=batch.response_width,
                     **self.loss_opts,
                 )
-                # megatron-core divides each micro-batch loss by their number; upstream sums them.
-                return loss * num_mb, {k: v.detach() for k, v in metrics.items()}
+                return loss * loss_scale, {k: v.detach() for k, v in metrics.items()}
 
             results = self._forward_backward(micro, loss_fn, forward_only=False)
             ok, grad_norm, _ = self.optimizer.step()

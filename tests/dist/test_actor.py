@@ -11,7 +11,15 @@ from tests.dist.launcher import run_torchrun
 from tests.dist.tiny_models import make_tiny_model
 
 HERE = Path(__file__).parent
-LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 2, 1), "pp2": (2, 1, 2), "dp2": (2, 1, 1)}  # name: (world, tp, pp)
+# name: (world, tp, pp, extra overrides)
+LAYOUTS = {
+    "tp1": (1, 1, 1, []),
+    "tp2": (2, 2, 1, []),
+    "pp2": (2, 1, 2, []),
+    "dp2": (2, 1, 1, []),
+    # entropy off: its token mean per micro-batch depends on how rows are split (an upstream artefact)
+    "dp2sum": (2, 1, 1, ["algo.dp_gradient_reduction=sum", "algo.entropy_coeff=0"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +27,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("actor")
     hf_dir = make_tiny_model("qwen2", root / "qwen2")  # untied, vocab 600 (padded by Megatron)
     out = {}
-    for name, (world, tp, pp) in LAYOUTS.items():
+    for name, (world, tp, pp, extra) in LAYOUTS.items():
         path = root / f"{name}.pt"
-        run_torchrun(HERE / "actor_checks.py", str(hf_dir), str(path), str(tp), str(pp), nproc=world)
+        run_torchrun(HERE / "actor_checks.py", str(hf_dir), str(path), str(tp), str(pp), *extra, nproc=world)
         out[name] = torch.load(path)
     return hf_dir, out
 
@@ -89,6 +97,17 @@ def test_dp2_follows_upstream_data_parallel_semantics(runs):
     assert torch.allclose(got["old_lp"], out["tp1"]["old_lp"], atol=1e-5)
     assert got["metrics"]["actor/pg_loss"] == pytest.approx(ref["pg_loss"], rel=1e-5)
     assert got["metrics"]["actor/pg_loss"] == pytest.approx(out["tp1"]["metrics"]["actor/pg_loss"] / 2, rel=1e-5)
+    assert _max_rel(got["grads"], ref["grads"]) < 1e-4
+    for k, w in ref["weights"].items():
+        assert (got["weights"][k] - w).abs().max() < 0.01 * LR, k
+
+
+def test_dp2_with_sum_reduction_equals_single_process_reference(runs):
+    """`algo.dp_gradient_reduction=sum`: at DP=2 the step is the one a single process takes on all rows."""
+    hf_dir, out = runs
+    batch = make_batch()
+    got = out["dp2sum"]
+    ref = reference_update(hf_dir, batch, reference_advantages(batch), got["old_lp"], entropy_coeff=0.0)
     assert _max_rel(got["grads"], ref["grads"]) < 1e-4
     for k, w in ref["weights"].items():
         assert (got["weights"][k] - w).abs().max() < 0.01 * LR, k
