@@ -1,15 +1,10 @@
-"""Console entry points. Programs that are not built yet say so and exit non-zero."""
-
-import sys
-
-
-def _not_yet(name: str, issue: str) -> int:
-    print(f"{name}: not yet available in this version of luffy-megatron ({issue}).", file=sys.stderr)
-    return 2
+"""Console entry points (pyproject.toml [project.scripts]); each imports its program lazily."""
 
 
 def train_main() -> int:
-    return _not_yet("luffy-train", "the training program is being built; see README 'Status'")
+    from luffy_megatron.trainer import main
+
+    return main()
 
 
 def eval_main() -> int:

