@@ -102,7 +102,6 @@ class MegatronActor:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from luffy_megatron.actor import cpu_device_shim
         from luffy_megatron.convert.weights import load_hf_weights
         from luffy_megatron.models.cpu_shim import apply_cpu_shim, seed_everything
         from luffy_megatron.models.hf_to_mcore import build_model_chunks, padded_vocab_size, read_hf_arch
@@ -112,7 +111,6 @@ class MegatronActor:
         self.pad_token_id = pad_token_id
         settings = megatron_settings(cfg)
         apply_cpu_shim()
-        cpu_device_shim.apply()
         p = cfg.parallel
         init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size)
         seed_everything(cfg.trainer.seed)

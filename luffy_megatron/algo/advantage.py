@@ -36,6 +36,10 @@ def _mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
     return values.mean(), values.std()
 
 
+def _normalised(scores: Tensor, mean: Tensor, std: Tensor, use_std: bool, epsilon: float) -> Tensor:
+    return (scores - mean) / (std + epsilon) if use_std else scores - mean
+
+
 def grpo_advantages(
     scores_B: Tensor,
     group_ids: Sequence[Hashable],
@@ -53,7 +57,7 @@ def grpo_advantages(
     for rows in _group_rows(group_ids).values():
         idx = torch.tensor(rows)
         mean, std = _mean_std(scores_B[idx])
-        adv[idx] = (scores_B[idx] - mean) / (std + epsilon) if use_std else scores_B[idx] - mean
+        adv[idx] = _normalised(scores_B[idx], mean, std, use_std, epsilon)
     return adv
 
 
@@ -83,7 +87,7 @@ def grpo_split_advantages(
         mean, std = _mean_std(scores_B[on_idx])
         if std.item() == 0:
             std = torch.ones_like(std)
-        adv[idx] = (scores_B[idx] - mean) / (std + epsilon) if use_std else scores_B[idx] - mean
+        adv[idx] = _normalised(scores_B[idx], mean, std, use_std, epsilon)
     return adv
 
 

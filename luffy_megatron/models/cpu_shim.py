@@ -78,8 +78,68 @@ def apply_cpu_shim() -> bool:
             torch.Tensor.cuda = real_cuda  # type: ignore[method-assign]
 
     LanguageModule.setup_embeddings_and_output_layer = _setup_on_cpu  # type: ignore[method-assign]
+
+    # 6. The training machinery hard-codes `device="cuda"` for small scratch tensors: the schedules'
+    #    `total_num_tokens`, the optimizer wrappers' `_scale`/`found_inf`, grad-norm clipping and a few
+    #    utils (0.16.1, modules in `_CUDA_SCRATCH_MODULES`). Those modules see a `torch` whose tensor
+    #    factories map a "cuda" device to "cpu"; every other attribute is the real torch.
+    import importlib
+
+    proxy = _TorchOnCpu(torch)
+    for name in _CUDA_SCRATCH_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
+    # 7. `optimizer.clip_grads.clip_grad_by_total_norm_fp32` (0.16.1) asserts
+    #    `grad.type() == 'torch.cuda.FloatTensor'` before scaling the grads by max_norm / (total_norm + 1e-6)
+    #    when that is below 1. Same rule, on CPU tensors (also rebound where optimizer.py imported it).
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
     _APPLIED = True
     return True
+
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "zeros_like", "ones_like", "empty_like", "full_like")
+_CUDA_SCRATCH_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.utils",
+    "megatron.core.tensor_parallel.data",
+)
+
+
+class _TorchOnCpu:
+    """Forwards to torch, except that tensor factories asked for a CUDA device get the CPU."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        attr = getattr(self._real, name)
+        if name not in _FACTORIES:
+            return attr
+
+        def factory(*args, device=None, **kwargs):
+            if device is not None and str(device).startswith("cuda"):
+                device = "cpu"
+            return attr(*args, device=device, **kwargs)
+
+        return factory
+
+
+def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
 
 
 def seed_everything(seed: int) -> None:

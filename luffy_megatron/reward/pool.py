@@ -295,8 +295,11 @@ class RewardPool:
             cause = "timed out" if reason == "timed_out" else f"crashed (exit code {worker.process.exitcode})"
             logger.warning("reward item %d %s after %.1f s; scored 0.0, worker replaced", index, cause,
                            time.monotonic() - worker.started_item_at)
-        elif worker.ready:
-            logger.warning("an idle reward worker died (exit code %s); replaced", worker.process.exitcode)
+        elif worker.ready or (worker.process.exitcode or 0) < 0:
+            # Idle, or killed by a signal before it reported ready (e.g. an external kill while it was
+            # still importing sympy on a loaded machine): not the import failure diagnosed below.
+            logger.warning("a reward worker died %s (exit code %s); replaced",
+                           "while idle" if worker.ready else "during start-up", worker.process.exitcode)
         else:
             raise RuntimeError(f"a reward worker died during start-up (exit code {worker.process.exitcode}); "
                                "if a script creates the RewardPool at import time, guard that code with "

@@ -160,3 +160,14 @@ def test_in_process_mode_grades_the_same():
         assert debug_pool.worker_pids == []
         assert debug_pool.grade(items) == [score_luffy(r, g) for r, g in items]
         assert debug_pool.stats.graded == len(items)
+
+
+def test_a_worker_killed_during_start_up_is_replaced_not_misdiagnosed():
+    """A signal during a worker's start-up (before it reported ready) is a crash to recover from, not
+    the 'guard your main module' import failure."""
+    from luffy_megatron.reward.pool import RewardPool
+
+    with RewardPool(num_workers=1, timeout_s=5.0, grader="math") as pool:
+        os.kill(pool.worker_pids[0], signal.SIGKILL)  # immediately: the worker is still importing
+        assert pool.grade([("\\boxed{2}", "2"), ("\\boxed{3}", "2")]) == [1.0, 0.0]
+        assert pool.stats.worker_restarts >= 1
