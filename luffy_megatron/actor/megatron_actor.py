@@ -124,7 +124,12 @@ class MegatronActor:
             use_te=settings["use_te"],
             **settings["config_overrides"],
         )
-        if load_weights:
+        if load_weights and cfg.model.load_checkpoint:
+            # a converted Megatron checkpoint (luffy-convert hf-to-megatron), written under any TP/PP
+            from luffy_megatron.convert.checkpoint import load_checkpoint as load_model_checkpoint
+
+            load_model_checkpoint(chunks, cfg.model.load_checkpoint)
+        elif load_weights:
             load_hf_weights(chunks, self.arch, self.hf_dir)
         self.config = chunks[0].config
         if settings["params_dtype"] == torch.bfloat16:

@@ -1,13 +1,15 @@
 """The Megatron actor: log-probs, loss and update against an independent HF + torch reference, and
 invariance of all of them across TP, PP and DP layouts (gloo, torchrun)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.dist.actor_fixtures import LR, hf_token_logprobs, make_batch, reference_advantages, reference_update
-from tests.dist.launcher import run_torchrun
+from tests.dist.launcher import REPO, run_torchrun
 from tests.dist.tiny_models import make_tiny_model
 
 HERE = Path(__file__).parent
@@ -31,6 +33,12 @@ def runs(tmp_path_factory):
         path = root / f"{name}.pt"
         run_torchrun(HERE / "actor_checks.py", str(hf_dir), str(path), str(tp), str(pp), *extra, nproc=world)
         out[name] = torch.load(path)
+    # the actor started from a converted Megatron checkpoint (written as TP=1, loaded at TP=2)
+    ckpt = root / "mcore"
+    subprocess.run([sys.executable, "-c", f"from luffy_megatron.convert.tools import hf_to_megatron; hf_to_megatron({str(hf_dir)!r}, {str(ckpt)!r}, quiet=True)"], check=True, cwd=REPO)
+    path = root / "from_ckpt.pt"
+    run_torchrun(HERE / "actor_checks.py", str(hf_dir), str(path), "2", "1", f"model.load_checkpoint={ckpt}", nproc=2)
+    out["from_ckpt"] = torch.load(path)
     return hf_dir, out
 
 
@@ -111,3 +119,11 @@ def test_dp2_with_sum_reduction_equals_single_process_reference(runs):
     assert _max_rel(got["grads"], ref["grads"]) < 1e-4
     for k, w in ref["weights"].items():
         assert (got["weights"][k] - w).abs().max() < 0.01 * LR, k
+
+
+def test_actor_starts_from_a_converted_megatron_checkpoint(runs):
+    """`model.load_checkpoint`: the weights come from `luffy-convert hf-to-megatron` output (TP=1) loaded
+    at TP=2, and the actor computes what it computes from the HF weights."""
+    _, out = runs
+    assert torch.allclose(out["from_ckpt"]["old_lp"], out["tp1"]["old_lp"], atol=1e-5)
+    assert out["from_ckpt"]["metrics"]["actor/pg_loss"] == pytest.approx(out["tp1"]["metrics"]["actor/pg_loss"], rel=1e-5)
