@@ -30,6 +30,7 @@ import yaml
 __all__ = [
     "ActorConfig",
     "AlgoConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -78,6 +79,9 @@ class ModelConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     recompute_granularity: Literal["none", "selective", "full"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"  # full recompute: how layers are grouped
+    recompute_num_layers: int = 1  # full recompute: layers per unit (uniform) or recomputed layers per stage (block)
+    tp_only_amax_red: bool = False  # FP8 delayed scaling: reduce amax over TP only instead of TP x DP x CP
 
 
 @dataclass
@@ -218,6 +222,16 @@ class ActorConfig:
     log_prob_chunk_tokens: int = 4096  # tokens per chunk when computing log-probs over the vocab
     use_sequence_packing: bool = True  # upstream use_remove_padding
     balance_batch: bool = True  # balance tokens across data-parallel ranks
+    offload_during_rollout: bool = False  # colocated: optimizer state and gradients to host while engines generate
+
+
+@dataclass
+class ClusterConfig:
+    """Where the Megatron ranks and the vLLM engines run on the GPUs of the Ray cluster (luffy_megatron.cluster)."""
+
+    layout: Literal["auto", "colocated", "disaggregated"] = "auto"  # auto: colocated on GPUs
+    rollout_nnodes: int = 0  # disaggregated: whole nodes given to the engines (the rest train)
+    placement_timeout_s: float = 600.0  # how long to wait for Ray to grant the GPUs before failing
 
 
 @dataclass
@@ -253,6 +267,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -517,7 +532,7 @@ def validate(cfg: Config) -> None:
         )
     if m.fp8 is not None and m.dtype == "fp32":
         errors.append(f"model.fp8={m.fp8!r} cannot be used with model.dtype='fp32'; use bf16 or model.fp8=null")
-    at_least(1, "model.fp8_amax_history_len", "model.make_vocab_size_divisible_by")
+    at_least(1, "model.fp8_amax_history_len", "model.make_vocab_size_divisible_by", "model.recompute_num_layers")
     for key in ("model.attention_dropout", "model.hidden_dropout"):
         if not 0.0 <= _get(cfg, key) < 1.0:
             errors.append(f"{key}={_get(cfg, key)} must be in [0, 1)")
