@@ -35,6 +35,25 @@ Seed = Union[int, Sequence[int], None]
 Bucket = list  # list[tuple[str, torch.Tensor]]: HF-named full tensors
 
 
+def host_bucket(bucket: Bucket) -> Bucket:
+    """The bucket with every tensor in host memory (pinned when CUDA is present), for the object store.
+
+    `ray.put` pickles a CUDA tensor as a CUDA tensor: the engine actor that unpickles it would allocate it on
+    its own GPU (or fail without one), so device tensors are copied to host first. Tensors already on the host
+    are passed through without a copy."""
+    out = []
+    pending = False
+    for name, t in bucket:
+        if t.device.type != "cpu":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+            host.copy_(t, non_blocking=True)
+            t, pending = host, True
+        out.append((name, t))
+    if pending and torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()  # the non-blocking copies must land before pickling
+    return out
+
+
 def bucketed(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
     """Groups a stream of (name, tensor) into lists of at most `bucket_bytes` (a larger tensor
     forms its own bucket)."""

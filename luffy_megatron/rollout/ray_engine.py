@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 import ray
 import torch
 
-from luffy_megatron.rollout.engine import Bucket, Seed, VLLMEngine, bucketed, row_seeds
+from luffy_megatron.rollout.engine import Bucket, Seed, VLLMEngine, bucketed, host_bucket, row_seeds
 
 
 @ray.remote
@@ -170,6 +170,7 @@ class EngineFleet:
         in_flight: list = []
         try:
             for bucket in buckets:
+                bucket = host_bucket(bucket)  # never pickle device tensors into the object store
                 ref = ray.put(bucket)
                 num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
                 num_buckets += 1
