@@ -23,6 +23,7 @@ from luffy_megatron.actor.batching import RolloutBatch
 from luffy_megatron.algo import advantage_options, assemble_responses, compute_advantages, plan_rows, prefix_ratios
 from luffy_megatron.config import Config, ConfigError, load_config, parse_overrides_from_argv
 from luffy_megatron.metrics_log import MetricsLogger, plot_results
+from luffy_megatron.utils.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
 
 log = logging.getLogger("luffy.trainer")
 
@@ -44,6 +45,7 @@ def train(cfg: Config) -> Path:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
+    stop = StopSignals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step, exit PREEMPTED_EXIT_CODE
 
     actors = ActorGroup(cfg.parallel.nnodes * cfg.parallel.n_gpus_per_node, use_gpu=use_gpu)
     actors.build(cfg, cfg.model.path, pad_token_id(tokenizer))
@@ -51,12 +53,16 @@ def train(cfg: Config) -> Path:
     metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl", total_steps=total_steps, console=cfg.logging.console)
     sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     step = resume(cfg, actors, fleet, sampler, out)
+    saved_step, preempted = step, None
     rng = random.Random(cfg.trainer.seed + step)
 
     with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn) as rewards:
         if cfg.trainer.val_before_train and step == 0 and val_set is not None:
             metrics_log.log(0, validate(cfg, fleet, rewards, tokenizer, val_set))
         while step < total_steps:
+            if stop.requested:  # the safe point: the previous step is complete
+                preempted = stop_with_checkpoint(stop, actors, cfg, out, step, sampler, saved=saved_step == step)
+                break
             step += 1
             t0 = time.time()
             prompts = [train_set[i] for i in sampler.next_batch()]
@@ -72,11 +78,14 @@ def train(cfg: Config) -> Path:
                 metrics.update(validate(cfg, fleet, rewards, tokenizer, val_set))
             metrics_log.log(step, metrics)
             if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total_steps):
-                actors.run(save_checkpoint, out / "checkpoints", step, {"data_position": sampler.position}, cfg.trainer.max_checkpoints_to_keep)
+                saved_step = checkpoint_step(actors, cfg, out, step, sampler)
     metrics_log.close()
     plot_results(out / "metrics.jsonl", out / "results.png")
     fleet.close()
     actors.shutdown()
+    stop.uninstall()
+    if preempted is not None:
+        raise preempted
     return out
 
 
@@ -200,6 +209,23 @@ def save_checkpoint(actor, root, step: int, trainer_state: dict, keep: int) -> s
     return str(checkpoint.save_checkpoint(actor, root, step=step, trainer_state=trainer_state, keep=keep))
 
 
+def checkpoint_step(actors, cfg: Config, out: Path, step: int, sampler: "PromptSampler") -> int:
+    """Checkpoint the state after `step` (model, optimizer, RNG, data position); returns `step`."""
+    actors.run(save_checkpoint, out / "checkpoints", step, {"data_position": sampler.position}, cfg.trainer.max_checkpoints_to_keep)
+    return step
+
+
+def stop_with_checkpoint(stop: StopSignals, actors, cfg: Config, out: Path, step: int, sampler: "PromptSampler", *, saved: bool) -> Preempted:
+    """A stop signal arrived: make sure the state after `step` is checkpointed (unless that step is saved
+    already, or nothing was trained yet) and describe the stop for `main` (utils/preemption.py)."""
+    from luffy_megatron.actor.checkpoint import find_latest
+
+    if not saved:
+        checkpoint_step(actors, cfg, out, step, sampler)
+    latest = find_latest(out / "checkpoints")
+    return Preempted(stop.signal_name, step, str(latest) if latest else "none (stopped before the first step)")
+
+
 def load_checkpoint(actor, path) -> dict:
     from luffy_megatron.actor import checkpoint
 
@@ -267,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"luffy-train: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stopped:
+        print(f"luffy-train: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     print(f"luffy-train: done; results in {out} (metrics.jsonl, results.png, tensorboard/, checkpoints/)")
     return 0
 
