@@ -8,6 +8,7 @@ including the first EOS). Only valid tokens are computed: what a micro-batch cos
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -123,6 +124,32 @@ def _fewest_padded_segments(order: list[int], lens: list[int], max_tokens: int) 
     return segments[::-1]
 
 
+def micro_batch_counts(counts: Sequence[int], *, equal_across_ranks: bool, multiple: int = 1) -> list[int]:
+    """How many micro-batches each data-parallel rank runs this step, given the counts it planned.
+
+    `equal_across_ranks`: every DP rank runs the same number (FP8 delayed scaling all-reduces amax over
+    TP x DP at every autocast exit, so a rank with fewer micro-batches would leave the others waiting in
+    that collective forever). `multiple`: the interleaved (virtual) pipeline schedule of megatron-core
+    0.16 needs the count to be a multiple of the pipeline size (`microbatch_group_size_per_vp_stage`
+    defaults to it). Ranks with fewer real micro-batches run empty ones (`empty_micro_batch`)."""
+    target = max(counts) if equal_across_ranks else None
+    return [-(-(c if target is None else target) // multiple) * multiple for c in counts]
+
+
+def padding_multiples(*, tp: int, sequence_parallel: bool, cp: int, fp8: bool, packed: bool) -> tuple[int, int]:
+    """(per-row multiple, per-micro-batch total multiple) for the token layout of a micro-batch.
+
+    Context parallelism cuts every sequence into 2 x CP chunks; sequence parallelism splits the (local)
+    tokens over TP ranks; Transformer Engine's FP8 GEMMs need the local token count divisible by 16
+    (`assert_dim_for_fp8_exec`). Padded rows (BSHD) put all of it on the row length s; packed rows (THD)
+    pad each sequence only for CP and the packed total for the rest (a final padding segment)."""
+    chunks = 2 * cp if cp > 1 else 1
+    local = (tp if sequence_parallel else 1) * (16 if fp8 else 1)  # what the per-CP-rank token count needs
+    if packed:
+        return chunks, math.lcm(chunks, cp * local)
+    return math.lcm(chunks, cp * local), 1
+
+
 def padded_cost(lengths: Sequence[int], micro_batches: Sequence[Sequence[int]], *, packed: bool, multiple: int = 1) -> int:
     """Tokens actually computed for a micro-batch plan (to compare with sum of real lengths)."""
     total = 0
@@ -194,13 +221,19 @@ def build_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id:
     )
 
 
-def build_packed_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id: int, pad_multiple: int = 1) -> MicroBatch:
+def build_packed_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id: int, pad_multiple: int = 1,
+                             total_multiple: int = 1) -> MicroBatch:
     """Rows concatenated into one sequence of length sum(len_i) (each length rounded up to
     `pad_multiple`, e.g. 2 x context-parallel size), positions restarting at 0 per row, and
-    `cu_seqlens` for THD attention: no token attends across rows and no padding is computed."""
+    `cu_seqlens` for THD attention: no token attends across rows and no padding is computed.
+    When the packed total is not a multiple of `total_multiple` (FP8, sequence parallel), a final
+    segment of padding tokens (a sequence of its own, a multiple of `pad_multiple`) is appended."""
     seqs, resp_lens = _sequences(batch, rows)
     padded = [-(-len(x) // pad_multiple) * pad_multiple for x in seqs]
-    starts = torch.tensor([0] + padded).cumsum(0)
+    tail = -sum(padded) % total_multiple
+    if tail % pad_multiple:
+        raise ValueError(f"total_multiple={total_multiple} must be a multiple of pad_multiple={pad_multiple}")
+    starts = torch.tensor([0] + padded + ([tail] if tail else [])).cumsum(0)
     total = int(starts[-1])
     input_ids = torch.full((1, total), pad_token_id, dtype=torch.long)
     targets = torch.full_like(input_ids, pad_token_id)
@@ -210,8 +243,10 @@ def build_packed_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_to
         input_ids[0, a : a + len(seq)] = torch.tensor(seq, dtype=torch.long)
         targets[0, a : a + len(seq) - 1] = input_ids[0, a + 1 : a + len(seq)]  # never the next row's token
         position_ids[0, a : a + padded[k]] = torch.arange(padded[k])
+    if tail:
+        position_ids[0, total - tail :] = torch.arange(tail)
     prompt_lens = torch.tensor([len(batch.prompts[i]) for i in rows])
-    resp_index, resp_mask = _response_layout(starts[:-1], prompt_lens, torch.tensor(resp_lens))
+    resp_index, resp_mask = _response_layout(starts[: len(rows)], prompt_lens, torch.tensor(resp_lens))
     return MicroBatch(
         rows=list(rows),
         input_ids=input_ids,
@@ -221,5 +256,22 @@ def build_packed_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_to
         resp_mask=resp_mask,
         num_tokens=sum(len(x) for x in seqs),
         cu_seqlens=starts.to(torch.int32),
-        max_seqlen=max(padded),
+        max_seqlen=max(padded + [tail]),
+    )
+
+
+def empty_micro_batch(*, pad_token_id: int, length: int, packed: bool) -> MicroBatch:
+    """A micro-batch of `length` padding tokens and no rows: it runs forward and backward (so every rank
+    takes part in the same collectives) and contributes nothing to the loss or the log-probs."""
+    input_ids = torch.full((1, length), pad_token_id, dtype=torch.long)
+    return MicroBatch(
+        rows=[],
+        input_ids=input_ids,
+        position_ids=torch.arange(length).unsqueeze(0),
+        targets=input_ids.clone(),
+        resp_index=torch.zeros(0, 1, dtype=torch.long),
+        resp_mask=torch.zeros(0, 1, dtype=torch.long),
+        num_tokens=0,
+        cu_seqlens=torch.tensor([0, length], dtype=torch.int32) if packed else None,
+        max_seqlen=length if packed else 0,
     )

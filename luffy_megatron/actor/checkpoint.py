@@ -75,12 +75,11 @@ def find_latest(root: str | os.PathLike) -> Path | None:
 
 
 def _model_optim_state(actor, *, is_loading: bool) -> dict:
-    chunks = actor.model
-    model_sd = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    merged = {}
-    for sd in model_sd.values():
-        merged.update(sd)
-    return {**model_sd, "optimizer": actor.optimizer.sharded_state_dict(merged, is_loading=is_loading)}
+    """One sub-dict per model chunk (virtual pipeline chunks use local layer numbers in their keys, so a
+    flat merge of their state dicts would overwrite one chunk's layers with another's), as Megatron-LM's
+    checkpointing nests them; the optimizer maps its state onto all of their sharded tensors."""
+    model_sd = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(actor.model)}
+    return {**model_sd, "optimizer": actor.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
 
 
 def save_checkpoint(actor, root: str | os.PathLike, *, step: int, trainer_state: dict[str, Any] | None = None, keep: int = 3) -> Path:
@@ -136,11 +135,11 @@ def prune(root: str | os.PathLike, *, keep: int) -> list[Path]:
 def load_checkpoint(actor, ckpt: str | os.PathLike) -> dict[str, Any]:
     """Collective. Restores model, optimizer, scheduler, RNG (this rank's, when the world size is the
     same) and the actor's step; returns the trainer state saved with it."""
-    from megatron.core import dist_checkpointing
+    from luffy_megatron.convert.checkpoint import load_sharded
 
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    loaded = dist_checkpointing.load(_model_optim_state(actor, is_loading=True), str(ckpt / "model_optim"))
+    loaded = load_sharded(_model_optim_state(actor, is_loading=True), ckpt / "model_optim")
     for i, chunk in enumerate(actor.model):
         chunk.load_state_dict(loaded[f"model{i}"], strict=False)
     actor.optimizer.load_state_dict(loaded["optimizer"])

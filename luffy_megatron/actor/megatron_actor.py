@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,9 +30,13 @@ from luffy_megatron.actor.batching import (
     balance_rows,
     build_micro_batch,
     build_packed_micro_batch,
+    empty_micro_batch,
+    micro_batch_counts,
+    padding_multiples,
     plan_micro_batches,
     split_mini_batches,
 )
+from luffy_megatron.actor.context_parallel import gather_tokens, shard_micro_batch
 from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
 from luffy_megatron.algo.loss import microbatch_policy_loss
 from luffy_megatron.algo.options import loss_options
@@ -40,21 +44,52 @@ from luffy_megatron.algo.options import loss_options
 log = logging.getLogger(__name__)
 
 
-def _transformer_engine_available() -> bool:
-    from luffy_megatron.models.hf_to_mcore import transformer_engine_available
+@dataclass(frozen=True)
+class Kernels:
+    """What this machine can run: CUDA, Transformer Engine, and apex's fused weight-gradient GEMM
+    (`fused_weight_gradient_mlp_cuda`, needed by megatron-core's own linear layers for
+    `gradient_accumulation_fusion`; the NGC PyTorch container ships it)."""
 
-    return transformer_engine_available()
+    cuda: bool
+    te: bool
+    apex_wgrad: bool
+
+    @classmethod
+    def detect(cls) -> "Kernels":
+        import importlib.util
+
+        from luffy_megatron.models.hf_to_mcore import transformer_engine_available
+
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, te=transformer_engine_available(),
+                   apex_wgrad=cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None)
 
 
-def megatron_settings(cfg) -> dict[str, Any]:
-    """The one boundary where our config becomes megatron-core settings. Refuses what cannot run here."""
-    on_gpu = torch.cuda.is_available()
-    te = _transformer_engine_available()
+def fusion_settings(kernels: Kernels, *, use_te: bool) -> dict[str, Any]:
+    """The kernel fusions megatron's own training turns on, where their kernels exist; all off on CPU.
+    Without the RoPE fusion, megatron-core 0.16 applies RoPE to packed (THD) rows one sequence at a
+    time in a Python loop."""
+    gpu = kernels.cuda
+    return dict(
+        apply_rope_fusion=gpu and use_te,  # TE's fused RoPE (BSHD and THD)
+        bias_activation_fusion=gpu,  # megatron-core's jit-fused bias + SwiGLU
+        bias_dropout_fusion=gpu,
+        masked_softmax_fusion=gpu,  # local spec only; TE attention has its own kernels
+        gradient_accumulation_fusion=gpu and kernels.apex_wgrad,  # wgrad GEMM accumulates into main_grad
+    )
+
+
+def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
+    """The one boundary where our config becomes megatron-core settings. Refuses what cannot run here.
+
+    Returns `use_te`, `params_dtype` (the compute dtype: bf16 when asked, on CPU too), `config_overrides`
+    (TransformerConfig), `ddp` (DistributedDataParallelConfig), `fp8` and `equal_micro_batches`."""
+    kernels = kernels or Kernels.detect()
     impl = cfg.model.transformer_impl
-    if impl == "transformer_engine" and not te:
+    if impl == "transformer_engine" and not kernels.te:
         raise ValueError("model.transformer_impl=transformer_engine but transformer_engine does not import; "
                          "install it (NGC PyTorch container) or set model.transformer_impl=local")
-    use_te = te if impl == "auto" else impl == "transformer_engine"
+    use_te = kernels.te if impl == "auto" else impl == "transformer_engine"
     if cfg.model.fp8 is not None and not use_te:
         raise ValueError(f"model.fp8={cfg.model.fp8} needs Transformer Engine, which is not available here "
                          "(it needs CUDA); unset model.fp8 or run in the NGC container on H100s")
@@ -62,12 +97,10 @@ def megatron_settings(cfg) -> dict[str, Any]:
     if p.context_parallel_size > 1 and not use_te:
         raise ValueError("parallel.context_parallel_size>1 needs Transformer Engine attention (GPU); "
                          "set parallel.context_parallel_size=1 on CPU")
-    if p.use_distributed_optimizer and not on_gpu:
+    if p.use_distributed_optimizer and not kernels.cuda:
         raise ValueError("parallel.use_distributed_optimizer=true needs CUDA (megatron-core 0.16's DistributedOptimizer "
                          "only accepts torch.cuda tensors); set parallel.use_distributed_optimizer=false on CPU")
-    dtype = torch.bfloat16 if (cfg.model.dtype == "bf16" and on_gpu) else torch.float32
-    if cfg.model.dtype == "bf16" and not on_gpu:
-        log.warning("model.dtype=bf16 on a CPU machine: computing in fp32 instead")
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     overrides: dict[str, Any] = dict(
         sequence_parallel=p.sequence_parallel,
         context_parallel_size=p.context_parallel_size,
@@ -77,20 +110,76 @@ def megatron_settings(cfg) -> dict[str, Any]:
         moe_token_dispatcher_type="alltoall",
         attention_dropout=cfg.model.attention_dropout,
         hidden_dropout=cfg.model.hidden_dropout,
+        **fusion_settings(kernels, use_te=use_te),
     )
-    if cfg.model.recompute_granularity != "none":
-        overrides.update(recompute_granularity=cfg.model.recompute_granularity)
-        if cfg.model.recompute_granularity == "full":
-            overrides.update(recompute_method="uniform", recompute_num_layers=1)
-    if cfg.model.fp8 is not None:
-        overrides.update(
-            fp8=cfg.model.fp8,
-            fp8_recipe=cfg.model.fp8_recipe,
-            fp8_margin=cfg.model.fp8_margin,
-            fp8_amax_history_len=cfg.model.fp8_amax_history_len,
-            fp8_amax_compute_algo=cfg.model.fp8_amax_compute_algo,
-        )
-    return {"use_te": use_te, "params_dtype": dtype, "config_overrides": overrides}
+    m = cfg.model
+    if m.recompute_granularity == "full":
+        overrides.update(recompute_granularity="full", recompute_method=m.recompute_method,
+                         recompute_num_layers=m.recompute_num_layers)
+    elif m.recompute_granularity == "selective":
+        overrides.update(recompute_granularity="selective")  # megatron-core's default module: core_attn
+    if m.fp8 is not None:
+        overrides.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe, fp8_margin=m.fp8_margin,
+                         fp8_amax_history_len=m.fp8_amax_history_len,
+                         fp8_amax_compute_algo=m.fp8_amax_compute_algo, tp_only_amax_red=m.tp_only_amax_red)
+    overlap = kernels.cuda and p.use_distributed_optimizer
+    ddp = dict(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        # megatron's training: overlap the DP reduce-scatter with backward and the param all-gather with
+        # the next forward, in buckets (bucket_size=None: megatron-core's default, max(40M, 1M x DP) elements)
+        overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap,
+        align_param_gather=overlap and p.virtual_pipeline_model_parallel_size is not None,
+        bucket_size=None,
+    )
+    return {
+        "use_te": use_te,
+        "params_dtype": dtype,
+        "config_overrides": overrides,
+        "ddp": ddp,
+        "fp8": m.fp8 is not None,
+        # FP8 reduces amax over TP x DP (x CP) at every GEMM/autocast exit unless tp_only_amax_red: every
+        # data-parallel rank must then run the same number of micro-batches.
+        "equal_micro_batches": m.fp8 is not None and not m.tp_only_amax_red,
+    }
+
+
+def exact_fp32_copies(chunks: list, dtype: torch.dtype) -> dict:
+    """Host copies of the fp32 parameters whose values `dtype` cannot hold exactly (none when the
+    weights came from a bf16 checkpoint). The optimizer's fp32 main params are seeded from them after the
+    model is cast, so they start from the original weights, not from their bf16 rounding."""
+    if dtype == torch.float32:
+        return {}
+    out = {}
+    for chunk in chunks:
+        for param in chunk.parameters():
+            value = param.detach()
+            if value.dtype == torch.float32 and not torch.equal(value.to(dtype).float(), value):
+                out[param] = value.cpu().clone()
+    return out
+
+
+def seed_main_params(optimizer, originals: dict) -> int:
+    """Overwrite the fp32 main params of the (bf16) model params in `originals` with those values:
+    megatron-core's Float16OptimizerWithFloat16Params (full copies) and DistributedOptimizer (this rank's
+    shard of each param). Returns the number of main params written."""
+    written = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "shard_fp32_from_float16_groups"):  # distributed optimizer
+            for model_group, main_group in zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups):
+                for param, main in zip(model_group, main_group):
+                    if param in originals:
+                        rng = opt._get_model_param_range_map(param)["param"]
+                        main.data.copy_(originals[param].view(-1)[rng.start : rng.end])
+                        written += 1
+        elif hasattr(opt, "fp32_from_float16_groups"):
+            for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+                for param, main in zip(model_group, main_group):
+                    if param in originals:
+                        main.data.copy_(originals[param])
+                        written += 1
+    return written
 
 
 class MegatronActor:
@@ -98,7 +187,7 @@ class MegatronActor:
 
     def __init__(self, cfg, *, hf_dir: str | os.PathLike, pad_token_id: int, load_weights: bool = True):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -112,14 +201,19 @@ class MegatronActor:
         settings = megatron_settings(cfg)
         apply_cpu_shim()
         p = cfg.parallel
-        init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size)
+        init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                            p.virtual_pipeline_model_parallel_size, p.context_parallel_size)
         seed_everything(cfg.trainer.seed)
 
         self.hf_dir = Path(hf_dir)
         self.arch = read_hf_arch(self.hf_dir / "config.json")
+        dtype = settings["params_dtype"]
+        # The config says bf16 from the start, as megatron's own bf16 training (softmax upcast, bf16
+        # pipeline buffers); the parameters are made in fp32 so the weights load exactly, then cast.
         chunks = build_model_chunks(
             self.arch,
-            params_dtype=torch.float32,  # fp32 master weights; bf16 compute through megatron's Float16Module
+            params_dtype=dtype,
+            construct_dtype=torch.float32,
             vocab_divisible_by=cfg.model.make_vocab_size_divisible_by,
             use_te=settings["use_te"],
             **settings["config_overrides"],
@@ -132,17 +226,14 @@ class MegatronActor:
         elif load_weights:
             load_hf_weights(chunks, self.arch, self.hf_dir)
         self.config = chunks[0].config
-        if settings["params_dtype"] == torch.bfloat16:
+        originals = exact_fp32_copies(chunks, dtype)
+        self.half = dtype != torch.float32
+        if self.half:
             from megatron.core.transformer.module import Float16Module
 
-            self.config.bf16 = True
             chunks = [Float16Module(self.config, c) for c in chunks]
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=p.use_distributed_optimizer,
-        )
-        self.model = [DistributedDataParallel(self.config, ddp_config, c) for c in chunks]
+        self.ddp_config = DistributedDataParallelConfig(**settings["ddp"])
+        self.model = [DistributedDataParallel(self.config, self.ddp_config, c) for c in chunks]
         a = cfg.actor
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -153,13 +244,15 @@ class MegatronActor:
                 adam_beta2=a.adam_beta2,
                 adam_eps=a.adam_eps,
                 clip_grad=a.grad_clip,
-                bf16=settings["params_dtype"] == torch.bfloat16,
-                params_dtype=settings["params_dtype"],
+                bf16=dtype == torch.bfloat16,
+                params_dtype=dtype,
                 use_distributed_optimizer=p.use_distributed_optimizer,
             ),
             self.model,
             config_overrides={},  # upstream applies weight decay to every parameter (torch AdamW over all)
         )
+        seed_main_params(self.optimizer, originals)
+        del originals
         total_steps = max(cfg.trainer.total_training_steps or 1, 1)
         warmup = int(a.lr_warmup_steps_ratio * total_steps)
         self.scheduler = OptimizerParamScheduler(
@@ -175,15 +268,16 @@ class MegatronActor:
             wd_incr_steps=total_steps,
             wd_incr_style="constant",
         )
-        self.config.finalize_model_grads_func = finalize_model_grads
-        self.config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
-        self.config.grad_scale_func = self.optimizer.scale_loss
+        self._set_schedule_hooks()
 
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.dp_group = ps.get_data_parallel_group()
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
+        self.cp_group = ps.get_context_parallel_group() if p.context_parallel_size > 1 else None
+        self.cp_rank = ps.get_context_parallel_rank()
+        self.cp_size = p.context_parallel_size
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -191,21 +285,45 @@ class MegatronActor:
         self.vocab_local = self.vocab_padded // p.tensor_model_parallel_size
         # THD packing needs Transformer Engine attention; the local (CPU) spec pads instead.
         self.packed = settings["use_te"] and cfg.actor.use_sequence_packing
-        # sequence parallel splits the sequence over TP ranks; context parallel over 2 x CP chunks
-        self.pad_multiple = math.lcm(p.tensor_model_parallel_size if p.sequence_parallel else 1, 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1)
+        self.row_multiple, self.total_multiple = padding_multiples(
+            tp=p.tensor_model_parallel_size, sequence_parallel=p.sequence_parallel, cp=p.context_parallel_size,
+            fp8=settings["fp8"], packed=self.packed)
+        self.equal_micro_batches = settings["equal_micro_batches"]
+        # the interleaved schedule runs micro-batches in groups of PP (microbatch_group_size_per_vp_stage)
+        self.micro_batch_multiple = self.pp_size if len(self.model) > 1 else 1
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.step = 0  # optimizer steps taken
         self.loss_opts = loss_options(asdict(cfg.algo))
 
+    def _set_schedule_hooks(self) -> None:
+        """The hooks megatron-core's schedules call, set as Megatron-LM's training sets them."""
+        from megatron.core.distributed import finalize_model_grads
+
+        one = len(self.model) == 1
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = self.model[0].no_sync if one else [m.no_sync for m in self.model]
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        if self.ddp_config.overlap_grad_reduce:
+            self.config.grad_sync_func = self.model[0].start_grad_sync if one else [m.start_grad_sync for m in self.model]
+        if self.ddp_config.overlap_param_gather and self.ddp_config.align_param_gather:
+            self.config.param_sync_func = self.model[0].start_param_sync if one else [m.start_param_sync for m in self.model]
+
     # ------------------------------------------------------------------ plumbing
 
     def _forward_backward(self, micro_batches: list[MicroBatch], loss_fn, *, forward_only: bool) -> list[dict]:
+        """Runs megatron-core's schedule over the micro-batches; `loss_fn(mb, shard, logits)` on the last
+        stage, where `shard` is this CP rank's part of the micro-batch (None without context parallelism)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             device = self._device
             kwargs = {}
+            input_ids, position_ids, shard = mb.input_ids, mb.position_ids, None
+            if self.cp_size > 1:
+                shard = shard_micro_batch(mb.input_ids, mb.position_ids, mb.targets, cp_size=self.cp_size,
+                                          cp_rank=self.cp_rank, cu_seqlens=mb.cu_seqlens)
+                input_ids, position_ids = shard.input_ids, shard.position_ids
             if mb.cu_seqlens is not None:  # packed rows (THD): attention stays within each row
                 from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -214,8 +332,10 @@ class MegatronActor:
                     qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                     cu_seqlens_kv_padded=cu, max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen,
                 )
-            output = model(mb.input_ids.to(device), mb.position_ids.to(device), None, **kwargs)
-            return output, partial(loss_fn, mb)
+            if self.half:  # keep the logits in bf16: the log-prob path upcasts one chunk at a time
+                kwargs["fp32_output"] = False
+            output = model(input_ids.to(device), position_ids.to(device), None, **kwargs)
+            return output, partial(loss_fn, mb, shard)
 
         return get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -227,35 +347,58 @@ class MegatronActor:
             forward_only=forward_only,
         )
 
-    def _token_logprobs(self, mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-prob and entropy of each response token of the micro-batch, [b, l] (0 where masked)."""
+    def _token_logprobs(self, mb: MicroBatch, shard, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-prob and entropy of each response token of the micro-batch, [b, l] (0 where masked).
+        Under context parallelism the per-token values of every CP rank are gathered first."""
         v = logits.shape[-1]
+        targets = mb.targets if shard is None else shard.targets
         lp, ent = vocab_parallel_logprob_entropy(
             logits.reshape(-1, v),
-            mb.targets.reshape(-1).to(logits.device),
+            targets.reshape(-1).to(logits.device),
             temperature=self.cfg.rollout.temperature,
             chunk_tokens=self.cfg.actor.log_prob_chunk_tokens,
             vocab_start=self.tp_rank * self.vocab_local,
             valid_vocab_size=self.arch.vocab_size,
             tp_group=self.tp_group,
         )
+        if shard is not None:
+            lp, ent = gather_tokens(lp, shard, self.cp_group), gather_tokens(ent, shard, self.cp_group)
         index = mb.resp_index.to(logits.device)
         lp, ent = lp[index], ent[index]
         mask = mb.resp_mask.to(logits.device).bool()
         return torch.where(mask, lp, 0.0), torch.where(mask, ent, 0.0)
 
-    def _my_rows(self, batch: RolloutBatch) -> list[int]:
-        return balance_rows(batch.sequence_lengths(), self.dp_size)[self.dp_rank]
+    def _rows_by_rank(self, batch: RolloutBatch) -> list[list[int]]:
+        return balance_rows(batch.sequence_lengths(), self.dp_size)
 
-    def _micro_batches(self, batch: RolloutBatch, rows: list[int]) -> list[MicroBatch]:
-        lengths = batch.sequence_lengths()
+    def _plan(self, batch: RolloutBatch, rows: list[int]) -> list[list[int]]:
         a = self.cfg.actor
+        if not rows:
+            return []
         if a.use_dynamic_bsz:
-            plan = plan_micro_batches(lengths, rows, max_tokens=a.ppo_max_token_len_per_gpu, packed=self.packed)
+            return plan_micro_batches(batch.sequence_lengths(), rows, max_tokens=a.ppo_max_token_len_per_gpu, packed=self.packed)
+        return split_mini_batches(rows, a.ppo_micro_batch_size)
+
+    def _micro_batches(self, batch: RolloutBatch, rows_by_rank: list[list[int]]) -> list[MicroBatch]:
+        """This rank's micro-batches for the rows of every DP rank (`rows_by_rank[dp_rank]` are its own),
+        padded with empty micro-batches to the count every rank must run (FP8, interleaved schedule)."""
+        if self.equal_micro_batches:
+            plans = [self._plan(batch, rows) for rows in rows_by_rank]
         else:
-            plan = split_mini_batches(rows, a.ppo_micro_batch_size)
-        build = build_packed_micro_batch if self.packed else build_micro_batch
-        return [build(batch, mb, pad_token_id=self.pad_token_id, pad_multiple=self.pad_multiple) for mb in plan]
+            plans = [[] for _ in rows_by_rank]
+            plans[self.dp_rank] = self._plan(batch, rows_by_rank[self.dp_rank])
+        counts = micro_batch_counts([len(pl) for pl in plans], equal_across_ranks=self.equal_micro_batches,
+                                    multiple=self.micro_batch_multiple)
+        plan = plans[self.dp_rank]
+        if self.packed:
+            build = partial(build_packed_micro_batch, total_multiple=self.total_multiple)
+        else:
+            build = build_micro_batch
+        out = [build(batch, mb, pad_token_id=self.pad_token_id, pad_multiple=self.row_multiple) for mb in plan]
+        empty_length = math.lcm(self.row_multiple, self.total_multiple)
+        out += [empty_micro_batch(pad_token_id=self.pad_token_id, length=empty_length, packed=self.packed)
+                for _ in range(counts[self.dp_rank] - len(plan))]
+        return out
 
     def _share(self, out: torch.Tensor) -> torch.Tensor:
         """Rows filled by one DP rank on the last pipeline stage -> the full tensor on every rank.
@@ -282,21 +425,61 @@ class MegatronActor:
         actor rather than trusting the engine's numbers)."""
         for m in self.model:
             m.eval()
-        rows = self._my_rows(batch)
         out = torch.zeros(2, batch.num_rows, batch.response_width)
 
-        def collect(mb, logits):
-            lp, ent = self._token_logprobs(mb, logits)
+        def collect(mb, shard, logits):
+            if not mb.rows:  # an empty micro-batch (equal counts across ranks)
+                return torch.zeros((), device=logits.device), {"rows": [], "lp": None, "ent": None}
+            lp, ent = self._token_logprobs(mb, shard, logits)
             return torch.zeros((), device=logits.device), {"rows": mb.rows, "lp": lp, "ent": ent}
 
-        results = self._forward_backward(self._micro_batches(batch, rows), collect, forward_only=True) if rows else []
-        if self.is_last_stage:  # every TP rank of the last stage holds the same numbers
+        micro = self._micro_batches(batch, self._rows_by_rank(batch))
+        results = self._forward_backward(micro, collect, forward_only=True) if micro else []
+        if self.is_last_stage:  # every TP (and CP) rank of the last stage holds the same numbers
             for r in results:
+                if not r["rows"]:
+                    continue
                 width = r["lp"].shape[1]
                 out[0, r["rows"], :width] = r["lp"].float().cpu()
                 out[1, r["rows"], :width] = r["ent"].float().cpu()
         out = self._share(out)
         return out[0], out[1]
+
+    def _mini_batches(self, batch: RolloutBatch) -> list[list[list[int]]]:
+        """For each mini-batch (one optimizer step), the rows of every DP rank."""
+        rows_per_mini = self.cfg.actor.ppo_mini_batch_size * self.cfg.rollout.n // self.dp_size
+        per_rank = [split_mini_batches(rows, rows_per_mini) for rows in self._rows_by_rank(batch)]
+        return [list(minis) for minis in zip(*per_rank)]
+
+    def _backward(self, batch: RolloutBatch, rows_by_rank: list[list[int]], advantages: torch.Tensor,
+                  old_log_probs: torch.Tensor) -> list[dict]:
+        """Forward + backward of one mini-batch and the DP gradient reduction; returns the micro-batch metrics."""
+        micro = self._micro_batches(batch, rows_by_rank)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        # megatron-core divides each micro-batch loss by their number (upstream sums them), and DDP
+        # averages over data-parallel ranks (upstream too, unless the user asks for the DP-invariant sum).
+        loss_scale = len(micro) * (self.dp_size if self.cfg.algo.dp_gradient_reduction == "sum" else 1)
+
+        def loss_fn(mb: MicroBatch, shard, logits: torch.Tensor):
+            if not mb.rows:  # an empty micro-batch: zero loss, but backward still runs every collective
+                return logits.sum() * 0.0, {}
+            lp, ent = self._token_logprobs(mb, shard, logits)
+            width = lp.shape[1]
+            loss, metrics = microbatch_policy_loss(
+                log_prob_BT=lp,
+                entropy_BT=ent,
+                old_log_prob_BT=old_log_probs[mb.rows, :width].to(lp.device),
+                advantages_BT=advantages[mb.rows, :width].to(lp.device),
+                response_mask_BT=mb.resp_mask.to(lp.device),
+                prefix_mask_BT=batch.prefix_mask[mb.rows, :width].to(lp.device),
+                max_response_length=batch.response_width,
+                **self.loss_opts,
+            )
+            return loss * loss_scale, {k: v.detach() for k, v in metrics.items()}
+
+        return self._forward_backward(micro, loss_fn, forward_only=False) if micro else []
 
     def update(self, batch: RolloutBatch, *, advantages: torch.Tensor, old_log_probs: torch.Tensor) -> dict[str, float]:
         """LUFFY's policy update on a rollout batch: mini-batches of this rank's rows, each one optimizer step.
@@ -305,34 +488,9 @@ class MegatronActor:
         averaged over micro-batches and mini-batches (as upstream's trainer reduces them)."""
         for m in self.model:
             m.train()
-        rows = self._my_rows(batch)
-        rows_per_mini = self.cfg.actor.ppo_mini_batch_size * self.cfg.rollout.n // self.dp_size
         collected: dict[str, list[float]] = {}
-        for mini in split_mini_batches(rows, rows_per_mini):
-            micro = self._micro_batches(batch, mini)
-            for m in self.model:
-                m.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            # megatron-core divides each micro-batch loss by their number (upstream sums them), and DDP
-            # averages over data-parallel ranks (upstream too, unless the user asks for the DP-invariant sum).
-            loss_scale = len(micro) * (self.dp_size if self.cfg.algo.dp_gradient_reduction == "sum" else 1)
-
-            def loss_fn(mb: MicroBatch, logits: torch.Tensor):
-                lp, ent = self._token_logprobs(mb, logits)
-                width = lp.shape[1]
-                loss, metrics = microbatch_policy_loss(
-                    log_prob_BT=lp,
-                    entropy_BT=ent,
-                    old_log_prob_BT=old_log_probs[mb.rows, :width].to(lp.device),
-                    advantages_BT=advantages[mb.rows, :width].to(lp.device),
-                    response_mask_BT=mb.resp_mask.to(lp.device),
-                    prefix_mask_BT=batch.prefix_mask[mb.rows, :width].to(lp.device),
-                    max_response_length=batch.response_width,
-                    **self.loss_opts,
-                )
-                return loss * loss_scale, {k: v.detach() for k, v in metrics.items()}
-
-            results = self._forward_backward(micro, loss_fn, forward_only=False)
+        for rows_by_rank in self._mini_batches(batch):
+            results = self._backward(batch, rows_by_rank, advantages, old_log_probs)
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             self.step += 1
@@ -343,6 +501,12 @@ class MegatronActor:
             collected.setdefault("actor/lr", []).append(self.optimizer.param_groups[0]["lr"])
             if not ok:
                 log.warning("optimizer step %d skipped (non-finite gradients)", self.step)
+        if self.ddp_config.overlap_param_gather:
+            # The updated shards are all-gathered by the next forward's pre-hooks; the weight export
+            # reads the parameters before that, so gather them now (megatron's training does the same
+            # before evaluation and checkpointing).
+            for m in self.model:
+                m.start_param_sync(force_sync=True)
         return self._share_metrics({k: sum(v) / len(v) for k, v in collected.items()})
 
     def _share_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -362,27 +526,21 @@ class MegatronActor:
         return metrics
 
     def gradients(self, batch: RolloutBatch, *, advantages: torch.Tensor, old_log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The DP-averaged gradient of one mini-batch holding every row, as HF-named full tensors, without
-        stepping the optimizer (for parallel-invariance checks and debugging). Collective."""
-        saved = (self.cfg.actor.ppo_mini_batch_size, self.optimizer.step)
-        grads: dict[str, torch.Tensor] = {}
-        try:
-            self.cfg.actor.ppo_mini_batch_size = batch.num_rows // self.cfg.rollout.n
-            self.optimizer.step = lambda: (True, None, None)  # stop after backward + DP reduction
-            self.update(batch, advantages=advantages, old_log_probs=old_log_probs)
-            self.step -= 1
-            params = [p for chunk in self._unwrapped() for p in chunk.parameters()]
-            # Export reads parameters; point them at their reduced gradients for the duration.
-            originals = [p.data for p in params]
-            for p in params:
-                p.data = p.main_grad.to(p.dtype)
-            try:
-                grads = {name: t.clone() for name, t in self.export_hf_weights()}
-            finally:
-                for p, data in zip(params, originals):
-                    p.data = data
-        finally:
-            self.cfg.actor.ppo_mini_batch_size, self.optimizer.step = saved
+        """The DP-reduced gradient of one mini-batch holding every row, as HF-named full fp32 tensors,
+        without stepping the optimizer (for parallel-invariance checks and debugging). Collective."""
+        if self.ddp_config.use_distributed_optimizer:
+            raise ValueError(
+                "MegatronActor.gradients() reads the full reduced gradient, but with "
+                "parallel.use_distributed_optimizer=true each data-parallel rank holds only its reduced shard "
+                "(the rest of its grad buffer is unreduced); run gradient checks with "
+                "parallel.use_distributed_optimizer=false")
+        for m in self.model:
+            m.train()
+        every_row = [list(rows) for rows in self._rows_by_rank(batch)]
+        self._backward(batch, every_row, advantages, old_log_probs)
+        grads = {name: t.clone() for name, t in self.export_hf_weights(tensor_of=lambda p: p.main_grad)}
+        for m in self.model:
+            m.zero_grad_buffer()
         return grads
 
     def export_hf_weights(self, **kwargs):

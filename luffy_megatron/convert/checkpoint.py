@@ -106,16 +106,31 @@ def save_checkpoint(model, ckpt_dir: str | os.PathLike, arch: HFArch,
     return final
 
 
+def load_sharded(sharded_state_dict: dict, ckpt_dir: str | os.PathLike) -> dict:
+    """`dist_checkpointing.load` that tolerates exactly one kind of mismatch: Transformer Engine's
+    `_extra_state` entries (FP8 metadata) that the model asks for and the checkpoint lacks, as when a
+    checkpoint written with megatron-core's local layers (CPU, `luffy-convert` without TE) is loaded into a
+    TE model. Any other tensor the model needs and the checkpoint lacks is an error naming it."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded, _, unexpected = dist_checkpointing.load(sharded_state_dict, str(ckpt_dir),
+                                                    strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = sorted(k for k in unexpected if not k.endswith("_extra_state"))
+    if absent:
+        shown = ", ".join(absent[:5]) + (f" (+{len(absent) - 5} more)" if len(absent) > 5 else "")
+        raise RuntimeError(f"checkpoint {ckpt_dir} lacks {len(absent)} tensor(s) this model needs: {shown}; "
+                           "was it written for another architecture or model.path?")
+    return loaded
+
+
 def load_checkpoint(model, ckpt_dir: str | os.PathLike, *, strict: bool = True) -> None:
     """Collective. Loads a checkpoint written under any TP/PP (and vocab padding) into this rank's
     chunks."""
-    from megatron.core import dist_checkpointing
-
     if not (Path(ckpt_dir) / "metadata.json").exists():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron-core distributed checkpoint")
     chunks = _chunks(model)
-    sharded = _sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    loaded = load_sharded(_sharded_state_dict(chunks), ckpt_dir)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks):
         state = {k: v for k, v in loaded[key].items() if not k.endswith("_extra_state")}

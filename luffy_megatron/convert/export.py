@@ -97,13 +97,16 @@ def iter_hf_weight_buckets(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     dtype: Optional[torch.dtype] = None,
     stats: Optional[ExportStats] = None,
+    tensor_of=None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yields lists of `(hf_name, full_tensor)` in HF checkpoint order, on every rank.
 
     Collective: every rank of the TP x PP model group (all DP replicas independently) must drain
     the generator. `model_chunks` is this rank's GPTModel or its list of virtual-PP chunks.
     `dtype` casts on the owning stage (before the broadcast). Tensors may alias parameters
-    (TP=1, no cast): copy them if they must outlive the next step of the model."""
+    (TP=1, no cast): copy them if they must outlive the next step of the model.
+    `tensor_of(param)` exports another tensor of each parameter's shape instead of its value (e.g. its
+    reduced gradient `param.main_grad`, in fp32 even when the parameter is bf16)."""
     from megatron.core import parallel_state as ps
 
     stats = stats if stats is not None else ExportStats()
@@ -113,7 +116,8 @@ def iter_hf_weight_buckets(
     pp = ps.get_pipeline_model_parallel_world_size()
     pp_rank = ps.get_pipeline_model_parallel_rank()
 
-    local = {rule.order_key: (rule, param) for rule, _, param in local_export_rules(model_chunks, arch)}
+    value = tensor_of or (lambda p: p)
+    local = {rule.order_key: (rule, value(param)) for rule, _, param in local_export_rules(model_chunks, arch)}
     mine = [(key, pp_rank, hf_shapes(rule, arch), _DTYPE_NAMES[dtype or param.dtype])
             for key, (rule, param) in local.items()]
     if pp > 1:

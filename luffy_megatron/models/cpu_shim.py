@@ -97,6 +97,30 @@ def apply_cpu_shim() -> bool:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+    # 8. `Float16OptimizerWithFloat16Params.__init__` (optimizer/optimizer.py, 0.16.1) sorts parameters by
+    #    `param.type()` against the names 'torch.cuda.BFloat16Tensor' / 'torch.cuda.HalfTensor' /
+    #    'torch.cuda.FloatTensor' and raises TypeError for CPU tensors, so bf16 training could not run on a
+    #    CPU at all. During that constructor only, a CPU tensor's `type()` reports the CUDA name of its dtype;
+    #    everything after (fp32 main params as `param.detach().clone().float()`, the step) is unchanged.
+    init = optimizer.Float16OptimizerWithFloat16Params.__init__
+
+    @functools.wraps(init)
+    def _init_with_cuda_type_names(self, *args, **kwargs):
+        real_type = torch.Tensor.type
+
+        def cuda_named_type(t, *a, **k):
+            name = real_type(t, *a, **k)
+            if a or k or t.is_cuda or not isinstance(name, str) or not name.startswith("torch."):
+                return name
+            return "torch.cuda." + name[len("torch."):]
+
+        torch.Tensor.type = cuda_named_type  # type: ignore[method-assign]
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = real_type  # type: ignore[method-assign]
+
+    optimizer.Float16OptimizerWithFloat16Params.__init__ = _init_with_cuda_type_names
     _APPLIED = True
     return True
 

@@ -295,12 +295,18 @@ def build_model_chunks(
     arch: HFArch,
     *,
     params_dtype: torch.dtype = torch.float32,
+    construct_dtype: Optional[torch.dtype] = None,
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
     use_te: Optional[bool] = None,
     **config_overrides: Any,
 ) -> list:
     """This rank's model chunks: one GPTModel per virtual pipeline stage (a single one without
-    virtual PP), with pre/post processing set from parallel_state."""
+    virtual PP), with pre/post processing set from parallel_state.
+
+    `params_dtype` is the model's compute dtype (bf16: `bf16=True`, `pipeline_dtype=bf16` in the config, as
+    megatron's own bf16 training). `construct_dtype` (e.g. fp32) makes the parameters in another dtype for
+    the time of loading weights; the caller then casts them (megatron's `Float16Module`). Every module
+    built reads the dtype switches (softmax upcast, p2p buffers) from the one shared config."""
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
@@ -309,13 +315,18 @@ def build_model_chunks(
     config = build_transformer_config(arch, tp=tp, pp=pp, vpp=vpp, params_dtype=params_dtype,
                                       **config_overrides)
     chunks = []
-    for vp_stage in range(vpp or 1):
-        stage = vp_stage if vpp else None
-        chunks.append(build_gpt_model(
-            arch, config,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage, vocab_divisible_by=vocab_divisible_by, use_te=use_te,
-            params_dtype=params_dtype,
-        ))
+    if construct_dtype is not None:
+        config.params_dtype = construct_dtype  # read only while the parameters are allocated
+    try:
+        for vp_stage in range(vpp or 1):
+            stage = vp_stage if vpp else None
+            chunks.append(build_gpt_model(
+                arch, config,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                vp_stage=stage, vocab_divisible_by=vocab_divisible_by, use_te=use_te,
+                params_dtype=params_dtype,
+            ))
+    finally:
+        config.params_dtype = params_dtype
     return chunks
