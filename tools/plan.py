@@ -39,6 +39,16 @@ def _positive(kind):
     return parse
 
 
+def _nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = _positive(float)(text)
     if value > 1:
@@ -57,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="config override, as for luffy-train (repeatable)")
     ap.add_argument("--gpu-memory-gib", type=_positive(float), default=DEFAULTS.gpu_memory_gib,
                     help=f"memory per GPU (default {DEFAULTS.gpu_memory_gib:g})")
+    ap.add_argument("--reserve-gib", type=_nonnegative, default=DEFAULTS.reserve_gib,
+                    help="memory per GPU kept free: an 80 GB H100 shows CUDA ~79.6 GiB, and some allocations are "
+                         f"not modeled (default {DEFAULTS.reserve_gib:g})")
     ap.add_argument("--mfu", type=_fraction, default=DEFAULTS.mfu,
                     help=f"model-FLOPs utilization of training, log-probs and prefill (default {DEFAULTS.mfu:g})")
     ap.add_argument("--peak-tflops", type=_positive(float), default=DEFAULTS.peak_tflops,
@@ -81,7 +94,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.recipe, [f"parallel.nnodes={args.nodes}", *args.overrides])
         assumptions = Assumptions(
-            gpu_memory_gib=args.gpu_memory_gib, mfu=args.mfu, peak_tflops=args.peak_tflops, hbm_tbs=args.hbm_tbs,
+            gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, mfu=args.mfu, peak_tflops=args.peak_tflops, hbm_tbs=args.hbm_tbs,
             gen_bandwidth_util=args.gen_bandwidth_util, mean_prompt_frac=args.mean_prompt_frac,
             mean_response_frac=args.mean_response_frac,
         )

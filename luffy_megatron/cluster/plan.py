@@ -1,6 +1,7 @@
 """Will a recipe fit on the GPUs, and how long will a step take? Decided from the config alone, before any
 GPU is asked for (no torch.cuda, no Ray): memory per GPU in each phase of a step, FLOPs per step, and a
-step-time estimate under stated assumptions. `tools/plan.py RECIPE --nodes N` prints it.
+step-time estimate under stated assumptions. `tools/plan.py RECIPE --nodes N` prints it. A phase fits when
+its total is at most the GPU's memory less `Assumptions.reserve_gib` (an "80 GB" H100 shows CUDA ~79.6 GiB).
 
 Memory of one trainer rank (megatron-core 0.16.1, as `actor/megatron_actor.py` builds it)
   weights      bf16 params of this rank's TP x PP shard (`Float16Module` casts the model; fp32 runs keep fp32).
@@ -250,6 +251,8 @@ class Assumptions:
     """What the estimate assumes about the hardware and the data; each is a tools/plan.py option."""
 
     gpu_memory_gib: float = 80.0  # per GPU (H100 SXM 80 GB)
+    # kept free: an "80 GB" H100 shows CUDA about 79.6 GiB, and allocations the table does not see need room
+    reserve_gib: float = 2.0
     mfu: float = 0.35  # model-FLOPs utilization of training, old log-probs and prefill
     peak_tflops: float = 989.0  # H100 SXM dense BF16
     hbm_tbs: float = 3.35  # H100 SXM HBM3 bandwidth, TB/s
@@ -598,9 +601,10 @@ def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = ""
     flops, times, gen = _flops_and_times(cfg, arch, lay, params, eng, rows, asm)
 
     problems, notes = [], []
+    usable = gpu_bytes - asm.reserve_gib * GIB
     for ph in sorted(phases, key=lambda ph: -ph.total):  # the phase most over first
-        if ph.total > gpu_bytes:
-            problems.append(_overflow_message(cfg, ph, gpu_bytes, lay, eng))
+        if ph.total > usable:
+            problems.append(_overflow_message(cfg, ph, usable, lay, eng, asm))
     if eng["kv"] < eng["max_seq"] * eng["kv_per_token"]:
         problems.append(
             f"engine KV cache: {_gib(max(eng['kv'], 0))} GiB left of rollout.gpu_memory_utilization="
@@ -630,7 +634,7 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
-def _overflow_message(cfg, ph: Phase, gpu_bytes: float, lay: dict, eng: dict) -> str:
+def _overflow_message(cfg, ph: Phase, usable: float, lay: dict, eng: dict, asm: Assumptions) -> str:
     """Names the largest term of a phase that does not fit and what to change for it."""
     engine_keys = {"engine_weights", "engine_kv", "engine_activations"}
     terms = [t for t in ph.terms if t.bytes and t.key not in engine_keys]
@@ -638,7 +642,7 @@ def _overflow_message(cfg, ph: Phase, gpu_bytes: float, lay: dict, eng: dict) ->
         terms.append(Term("engine_reservation", f"engine reservation (rollout.gpu_memory_utilization="
                           f"{cfg.rollout.gpu_memory_utilization} x GPU)", int(eng["reservation"])))
     largest = max(terms, key=lambda t: t.bytes)
-    over = ph.total - gpu_bytes
+    over = ph.total - usable
     p, m, a = cfg.parallel, cfg.model, cfg.actor
     tp = lay["tp"]
     advice = {
@@ -658,15 +662,16 @@ def _overflow_message(cfg, ph: Phase, gpu_bytes: float, lay: dict, eng: dict) ->
         "logits": f"raise parallel.tensor_model_parallel_size (now {tp}; logits are split over the vocabulary) or "
                   f"lower actor.ppo_max_token_len_per_gpu (now {a.ppo_max_token_len_per_gpu})",
         "logprob_chunk": f"lower actor.log_prob_chunk_tokens (now {a.log_prob_chunk_tokens})",
-        "engine_reservation": _reservation_advice(cfg, ph, gpu_bytes, eng),
+        "engine_reservation": _reservation_advice(cfg, ph, usable, asm.gpu_memory_gib * GIB, eng),
     }.get(largest.key, "see the table")
-    return (f"{ph.name} needs {_gib(ph.total)} GiB per GPU, {_gib(over)} GiB more than the {_gib(gpu_bytes)} GiB "
-            f"GPU; largest term: {largest.label} = {_gib(largest.bytes)} GiB; {advice}")
+    return (f"{ph.name} needs {_gib(ph.total)} GiB per GPU, {_gib(over)} GiB more than the {_gib(usable)} usable "
+            f"({asm.gpu_memory_gib:g} GiB less the {asm.reserve_gib:g} GiB reserve); largest term: {largest.label} = "
+            f"{_gib(largest.bytes)} GiB; {advice}")
 
 
-def _reservation_advice(cfg, ph: Phase, gpu_bytes: float, eng: dict) -> str:
+def _reservation_advice(cfg, ph: Phase, usable: float, gpu_bytes: float, eng: dict) -> str:
     others = ph.total - (eng["weights"] + max(eng["kv"], 0) + eng["activations"])
-    max_util = math.floor((gpu_bytes - others) / gpu_bytes * 100) / 100
+    max_util = math.floor((usable - others) / gpu_bytes * 100) / 100
     text = f"lower rollout.gpu_memory_utilization to at most {max_util:.2f}"
     if ph.gpus == "all":  # colocated
         if not cfg.actor.offload_during_rollout:
@@ -754,9 +759,9 @@ def format_plan(plan: Plan) -> str:
                 cells.append(_gib(term.bytes))
         out.append(f"  {label}".ljust(width + 2) + "".join(c.rjust(col) for c in cells))
     out.append("  total".ljust(width + 2) + "".join(_gib(ph.total).rjust(col) for ph in plan.phases))
-    gpu = asm.gpu_memory_gib * GIB
-    out.append(f"  headroom of {asm.gpu_memory_gib:g} GiB".ljust(width + 2)
-               + "".join(_gib(gpu - ph.total).rjust(col) for ph in plan.phases))
+    usable = (asm.gpu_memory_gib - asm.reserve_gib) * GIB
+    out.append(f"  headroom (of {asm.gpu_memory_gib:g} less {asm.reserve_gib:g} reserve)".ljust(width + 2)
+               + "".join(_gib(usable - ph.total).rjust(col) for ph in plan.phases))
     kv = plan.kv
     emit("", f"the engine KV cache holds {kv['kv_tokens'] / 1e6:.2f} M tokens per GPU "
              f"({kv['kv_per_token'] // 1024} KiB per token) = {kv['kv_full_seqs']} sequences of {kv['max_seq']} tokens "
@@ -801,8 +806,9 @@ def format_plan(plan: Plan) -> str:
     out.append("")
     if plan.fits:
         fullest = max(plan.phases, key=lambda ph: ph.total)
-        out.append(f"fits: the fullest phase is {fullest.name} at {_gib(fullest.total)} of {asm.gpu_memory_gib:g} GiB "
-                   "per GPU")
+        out.append(f"fits: the fullest phase is {fullest.name} at {_gib(fullest.total)} of "
+                   f"{asm.gpu_memory_gib - asm.reserve_gib:g} usable GiB per GPU ({asm.gpu_memory_gib:g} less "
+                   f"{asm.reserve_gib:g} reserve)")
     else:
         for prob in plan.problems:
             out.extend(textwrap.wrap(f"DOES NOT FIT: {prob}", width=_WIDTH, subsequent_indent="  ",

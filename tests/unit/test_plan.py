@@ -298,3 +298,13 @@ def test_cli_errors_name_the_recipe_or_setting(args, expected, in_clean_checkout
 def test_cli_exit_status_of_the_script_on_a_setting_error():
     bad = run_cli(["recipes/luffy_main.yaml", "--nodes", "8", "--set", "rollout.tensor_model_parallel_size=3"])
     assert bad.returncode == 2 and "rollout.tensor_model_parallel_size=3" in bad.stderr
+
+
+def test_reserve_is_kept_free():
+    """32B at TP=8 on one node needs ~78.2 GiB in its update: inside 80 GiB, outside the 78 usable ones."""
+    cfg = load_config(str(REPO / "recipes/luffy_32b_16node.yaml"), ["parallel.nnodes=1"])
+    tight = make_plan(cfg, Assumptions(reserve_gib=0.0))
+    assert tight.fits and 78 * GIB < tight.phase("update").total < 80 * GIB
+    refused = make_plan(cfg)
+    assert not refused.fits and refused.problems[0].startswith("update needs 78.2 GiB per GPU, 0.2 GiB more than the "
+                                                              "78.0 usable (80 GiB less the 2 GiB reserve)")
