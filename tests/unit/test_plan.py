@@ -51,14 +51,15 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 # ----- (a) counts and bytes against megatron-core ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_tied"])
-def test_params_and_state_bytes_match_a_real_actor(name, tmp_path):
-    """A MegatronActor (fp32, local spec, no distributed optimizer, world of one) after one update: its parameter
-    count, weight and grad-buffer bytes and the optimizer's state bytes are what the plan says."""
+@pytest.mark.parametrize("name, dtype", [("qwen2", "fp32"), ("qwen2_tied", "fp32"), ("qwen2", "bf16")])
+def test_params_and_state_bytes_match_a_real_actor(name, dtype, tmp_path):
+    """A MegatronActor (local spec, no distributed optimizer, world of one) after one update: its parameter
+    count, weight and grad-buffer bytes and the optimizer's state bytes are what the plan says (bf16: megatron's
+    Float16OptimizerWithFloat16Params with its fp32 main params; fp32: FP32Optimizer on the model's params)."""
     from luffy_megatron.actor.megatron_actor import MegatronActor
 
     hf_dir = make_tiny_model(name, tmp_path / name)
-    cfg = load_config(None, actor_overrides(world=1) + [f"model.path={hf_dir}"])
+    cfg = load_config(None, actor_overrides(world=1) + [f"model.path={hf_dir}", f"model.dtype={dtype}"])
     arch, source = resolve_arch(cfg.model.path)
     assert source == f"read from {hf_dir / 'config.json'}"
     actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=0)
@@ -87,6 +88,10 @@ def test_params_and_state_bytes_match_a_real_actor(name, tmp_path):
     assert update.get("weights") == sum(p.numel() * p.element_size() for p in model_params)
     assert update.get("grads") == grad_buffer
     assert update.get("moments") == moments
+    if dtype == "bf16":
+        assert {p.dtype for p in model_params} == {torch.bfloat16}
+        assert update.get("main_params") == main_params == 4 * counts.total
+        return  # the shard counts below do not depend on the dtype
     assert main_params == 0  # fp32: the optimizer steps the model's own params
     assert "main_params" not in {t.key for t in update.terms}
 
