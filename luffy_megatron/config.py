@@ -610,6 +610,23 @@ def validate(cfg: Config) -> None:
         )
     # rollout.max_prefix_len > data.max_response_length is fine: the demonstration is cut to the response.
 
+    # cluster (the layout rules that need the Ray cluster, e.g. `auto`, are checked by cluster.placement.reserve)
+    c = cfg.cluster
+    if c.placement_timeout_s <= 0:
+        errors.append(f"cluster.placement_timeout_s={c.placement_timeout_s} must be > 0 (seconds to wait for the GPUs)")
+    if c.rollout_nnodes < 0:
+        errors.append(f"cluster.rollout_nnodes={c.rollout_nnodes} must be >= 0")
+    if c.layout == "auto" and c.rollout_nnodes > 0:
+        errors.append(f"cluster.rollout_nnodes={c.rollout_nnodes} gives whole nodes to the engines, which only "
+                      "cluster.layout=disaggregated does; set cluster.layout=disaggregated (or rollout_nnodes=0)")
+    if act.offload_during_rollout and c.layout == "disaggregated":
+        errors.append("actor.offload_during_rollout=true frees the training GPUs for colocated engines, but "
+                      "cluster.layout=disaggregated has none on them; set it to false")
+    if c.layout in ("colocated", "disaggregated") and c.rollout_nnodes >= 0:
+        from luffy_megatron.cluster.layout import layout_problems  # here: the layout module imports this one
+
+        errors.extend(layout_problems(cfg, c.layout))
+
     # algo
     if a.use_off_policy_loss and a.use_sft_multitask_loss:
         errors.append(

@@ -3,8 +3,8 @@
     luffy-train --config recipes/luffy_main.yaml [--set key=value ...]
 
 One driver process (this module) holds the data, the reward pool and the loop; Ray holds the Megatron
-ranks (`cluster.ActorGroup`) and the vLLM engines (`rollout.EngineFleet`). Each box of the data flow in
-DESIGN.md is one call below.
+ranks (`cluster.ActorGroup`) and the vLLM engines (`rollout.EngineFleet`), placed on the GPUs by the layout
+of `cluster.layout` (`cluster/`). Each box of the data flow in DESIGN.md is one call below.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ log = logging.getLogger("luffy.trainer")
 # ----------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config) -> Path:
-    """Run (or resume) a training job; returns its output directory."""
+def train(cfg: Config, workers=None) -> Path:
+    """Run (or resume) a training job; returns its output directory. `workers`: an already started
+    `cluster.Workers` (see `start_workers`), left running at the end; by default started here and stopped."""
     import ray
 
-    from luffy_megatron.cluster.actor_group import ActorGroup
+    from luffy_megatron.cluster.layout import preflight
     from luffy_megatron.reward.pool import RewardPool
+    preflight(cfg)  # the model's heads vs TP, an explicit cluster.layout: before Ray and before any data or model
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, train_set, val_set = load_data(cfg)
@@ -47,9 +49,11 @@ def train(cfg: Config) -> Path:
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
     stop = StopSignals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step, exit PREEMPTED_EXIT_CODE
 
-    actors = ActorGroup(cfg.parallel.nnodes * cfg.parallel.n_gpus_per_node, use_gpu=use_gpu)
-    actors.build(cfg, cfg.model.path, pad_token_id(tokenizer))
-    fleet = start_engines(cfg, use_gpu=use_gpu)
+    owned = workers is None
+    if owned:
+        workers = start_workers(cfg, pad_token_id(tokenizer), use_gpu=use_gpu)
+    actors, fleet = workers.actors, workers.fleet
+    workers.write_report(out / "placement.json")
     metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl", total_steps=total_steps, console=cfg.logging.console)
     sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     step = resume(cfg, actors, fleet, sampler, out)
@@ -69,10 +73,12 @@ def train(cfg: Config) -> Path:
             batch, token_rewards, rollout_metrics = generate_and_mix(cfg, fleet, tokenizer, prompts, step, rng)
             scores = grade(rewards, tokenizer, batch, prompts, cfg.rollout.n, token_rewards)
             advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids, **advantage_options(cfg.algo.__dict__))
+            switches = workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
             old_log_probs, _ = actors.call("compute_log_probs", batch)
             actor_metrics = actors.call("update", batch, advantages=advantages, old_log_probs=old_log_probs)
+            switches.update(workers.rollout_phase())  # optimizer state to host (offload); engines wake for the sync
             sync_seconds = actors.run(sync_weights, fleet, cfg.rollout.weight_sync_bucket_mb * 2**20)
-            metrics = {**rollout_metrics, **reward_metrics(scores, batch), **actor_metrics, "perf/sync_s": sync_seconds,
+            metrics = {**rollout_metrics, **reward_metrics(scores, batch), **actor_metrics, **switches, "perf/sync_s": sync_seconds,
                        "perf/step_s": time.time() - t0, "perf/tokens_per_s": sum(batch.sequence_lengths()) / (time.time() - t0)}
             if val_set is not None and cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total_steps):
                 metrics.update(validate(cfg, fleet, rewards, tokenizer, val_set))
@@ -81,8 +87,8 @@ def train(cfg: Config) -> Path:
                 saved_step = checkpoint_step(actors, cfg, out, step, sampler)
     metrics_log.close()
     plot_results(out / "metrics.jsonl", out / "results.png")
-    fleet.close()
-    actors.shutdown()
+    if owned:
+        workers.shutdown()
     stop.uninstall()
     if preempted is not None:
         raise preempted
@@ -92,18 +98,38 @@ def train(cfg: Config) -> Path:
 # ----------------------------------------------------------------------------------------- the boxes
 
 
-def start_engines(cfg: Config, *, use_gpu: bool):
-    """The vLLM engines, started from the same HF weights the actor loaded (so no sync before step 1)."""
+def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool):
+    """GPUs reserved for the layout (bounded by cluster.placement_timeout_s, before any model loads), then the
+    Megatron ranks built in their bundles and the engines started beside them (`cluster.Workers`)."""
+    from luffy_megatron.cluster.actor_group import ActorGroup
+    from luffy_megatron.cluster.placement import reserve
+    from luffy_megatron.cluster.workers import Workers
+
+    placement = reserve(cfg)
+    log.warning("%s", placement.describe())
+    workers = Workers(placement, None, None, offload=cfg.actor.offload_during_rollout)
+    try:
+        workers.actors = ActorGroup(placement)
+        workers.actors.build(cfg, cfg.model.path, pad_id)
+        workers.fleet = start_engines(cfg, placement, use_gpu=use_gpu)
+    except BaseException:
+        workers.shutdown()
+        raise
+    return workers
+
+
+def start_engines(cfg: Config, placement, *, use_gpu: bool):
+    """The vLLM engines of the layout, started from the same HF weights the actor loaded (so no sync before
+    step 1); colocated engines with vLLM sleep mode, so they can free their GPU memory for the update."""
     from luffy_megatron.rollout.ray_engine import EngineFleet
 
-    r = cfg.rollout
-    world = cfg.parallel.nnodes * cfg.parallel.n_gpus_per_node
-    num_engines = r.num_engines or (max(1, world // r.tensor_model_parallel_size) if use_gpu else 1)
+    r, layout = cfg.rollout, placement.layout
     extra = {"gpu_memory_utilization": r.gpu_memory_utilization} if use_gpu else {}
     # Ray gives actors without CPUs one thread; generation and training take turns, so use all cores.
     threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     return EngineFleet.start(
-        cfg.model.path, num_engines=num_engines, tensor_parallel_size=r.tensor_model_parallel_size,
+        cfg.model.path, num_engines=len(layout.engines), launches=[placement.engine_launch(e) for e in range(len(layout.engines))],
+        tensor_parallel_size=r.tensor_model_parallel_size, enable_sleep_mode=layout.mode == "colocated",
         max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length, enforce_eager=r.enforce_eager,
         seed=cfg.trainer.seed, max_num_seqs=r.max_num_seqs, env=threads, **extra,
     )

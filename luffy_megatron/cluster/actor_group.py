@@ -1,64 +1,180 @@
-"""The Megatron ranks as Ray actors: one actor per rank, started together, called together (SPMD).
+"""The Megatron ranks as Ray actors: one actor per rank, placed into its GPU bundle, called together (SPMD).
 
-Each actor sets the torch.distributed environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) before
-building its `MegatronActor`, so megatron-core sees an ordinary torchrun-like world (NCCL on GPUs, gloo on
-CPU). Every method call goes to all ranks with the same arguments; the result of rank 0 is returned (all
-ranks return the same values: the actor shares log-probs and metrics across the model).
+Each actor sets the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
+before building its `MegatronActor`, so megatron-core sees an ordinary torchrun-like world (NCCL on GPUs, gloo
+on CPU). The rendezvous is rank 0's: its own worker reports its node's IP and a free port there, because rank 0
+may land on any node (not the driver's).
+
+LOCAL_RANK is the index of the rank's GPU in the ``CUDA_VISIBLE_DEVICES`` Ray set for the actor, i.e. the
+device `torch.cuda.set_device(LOCAL_RANK)` must pick: Ray shows each actor only its own GPU, so it is 0 unless
+someone changes how Ray sets devices. (Node-local position is in the layout: `Placement.layout.ranks`.)
+
+Every method call goes to all ranks with the same arguments; the result of rank 0 is returned (all ranks
+return the same values: the actor shares log-probs and metrics across the model). Each rank keeps a short log
+of its calls (`events`), so the order of colocated phases is visible from outside.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
-from typing import Any
+import time
+from typing import Any, Optional
 
 import ray
 
+EVENT_LOG_LENGTH = 256
 
-def _free_port() -> int:
+
+def free_port(host: str = "") -> int:
+    """A TCP port that is free on every interface of this host (torch's TCPStore listens on all of them)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
+def local_device_index() -> int:
+    """Index of this actor's (first) Ray-assigned GPU within CUDA_VISIBLE_DEVICES; 0 without GPUs."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d != ""]
+    assigned = [str(g) for g in ray.get_gpu_ids()]
+    if assigned and assigned[0] in visible:
+        return visible.index(assigned[0])
+    return 0
+
+
+def placement_info() -> dict[str, Any]:
+    """Where the calling Ray worker runs, as Ray set it up."""
+    ctx = ray.get_runtime_context()
+    pg = ray.util.get_current_placement_group()
+    return {
+        "node_id": ctx.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "placement_group": pg.id.hex() if pg is not None else None,
+    }
+
+
 class _RankWorker:
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int):
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_RANK="0",  # Ray gives each rank its own GPU (CUDA_VISIBLE_DEVICES): index 0 inside it
-        )
+    def __init__(self, rank: int, world_size: int):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_device_index()))
+        self.rank = rank
         self.actor = None
+        self.offloaded = None
+        self.events: collections.deque = collections.deque(maxlen=EVENT_LOG_LENGTH)
+
+    def _event(self, name: str, t0: float) -> None:
+        self.events.append((name, t0, time.time()))
+
+    # ---------------------------------------------------------------- setup
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it (called on rank 0)."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def set_rendezvous(self, master_addr: str, master_port: int) -> None:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+
+    def info(self) -> dict[str, Any]:
+        env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        return {"rank": self.rank, **placement_info(), "env": env}
 
     def build(self, cfg, hf_dir: str, pad_token_id: int) -> int:
         import torch
 
         from luffy_megatron.actor.megatron_actor import MegatronActor
 
+        t0 = time.time()
         if not torch.cuda.is_available():  # Ray gives CPU-less actors one thread; ranks take turns with the engines
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
         if self.actor is None:
             self.actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=pad_token_id)
+        self._event("build", t0)
         return self.actor.step
 
+    # ---------------------------------------------------------------- calls
+
     def call(self, method: str, *args, **kwargs) -> Any:
-        return getattr(self.actor, method)(*args, **kwargs)
+        t0 = time.time()
+        try:
+            return getattr(self.actor, method)(*args, **kwargs)
+        finally:
+            self._event(method, t0)
 
     def run(self, fn, *args, **kwargs) -> Any:
         """Run `fn(actor, *args, **kwargs)` on this rank (checkpointing, weight sync, ...)."""
-        return fn(self.actor, *args, **kwargs)
+        t0 = time.time()
+        try:
+            return fn(self.actor, *args, **kwargs)
+        finally:
+            self._event(getattr(fn, "__name__", "run"), t0)
+
+    # ---------------------------------------------------------------- actor.offload_during_rollout
+
+    def offload_to_host(self) -> dict[str, int]:
+        """Optimizer state to host, gradient buffers released (see `cluster.offload`). No-op when already out."""
+        from luffy_megatron.cluster.offload import offload_to_host
+
+        t0 = time.time()
+        if self.offloaded is None:
+            self.offloaded = offload_to_host(self.actor.optimizer, self.actor.model)
+        self._event("offload_to_host", t0)
+        return {"host_bytes": self.offloaded.host_bytes, "freed_bytes": self.offloaded.freed_bytes}
+
+    def reload_to_device(self) -> None:
+        from luffy_megatron.cluster.offload import reload_to_device
+
+        t0 = time.time()
+        if self.offloaded is not None:
+            reload_to_device(self.offloaded)
+            self.offloaded = None
+        self._event("reload_to_device", t0)
+
+    def training_state(self) -> dict[str, Any]:
+        """Fingerprints of this rank's optimizer state and gradient buffers, and where they are (for tests)."""
+        import torch
+
+        from luffy_megatron.cluster.offload import _grad_buffers, _torch_optimizers
+
+        state_sum, devices, state_bytes = 0.0, set(), 0
+        for opt in _torch_optimizers(self.actor.optimizer):
+            for state in opt.state.values():
+                for t in state.values():
+                    if isinstance(t, torch.Tensor) and t.numel():
+                        state_sum += float(t.detach().double().abs().sum())
+                        devices.add(str(t.device))
+                        state_bytes += t.numel() * t.element_size()
+        grad_bytes = sum(b.grad_data.untyped_storage().nbytes() for b in _grad_buffers(self.actor.model))
+        return {"optimizer_state_abs_sum": state_sum, "optimizer_state_bytes": state_bytes,
+                "optimizer_state_devices": sorted(devices), "grad_buffer_bytes": grad_bytes,
+                "offloaded": self.offloaded is not None, "step": self.actor.step}
+
+    def get_events(self) -> list[tuple[str, float, float]]:
+        return list(self.events)
 
 
 class ActorGroup:
-    """`world_size` Megatron ranks placed by Ray (one GPU each on a cluster, CPU-only here)."""
+    """The Megatron ranks of a `cluster.placement.Placement`, one Ray actor each, in their GPU bundles."""
 
-    def __init__(self, world_size: int, *, use_gpu: bool):
-        master_addr = ray.util.get_node_ip_address()
-        port = _free_port()
-        worker = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0)(_RankWorker)
-        self.workers = [worker.remote(r, world_size, master_addr, port) for r in range(world_size)]
+    def __init__(self, placement, *, start_timeout_s: Optional[float] = None):
+        world = placement.layout.world_size
+        self.placement = placement
+        self.workers = [ray.remote(_RankWorker).options(**placement.rank_options(r)).remote(r, world)
+                        for r in range(world)]
+        timeout = start_timeout_s if start_timeout_s is not None else placement.timeout_s
+        try:
+            # Rank 0's own node and port: it may sit on any node.
+            self.master_addr, self.master_port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=timeout)
+            ray.get([w.set_rendezvous.remote(self.master_addr, self.master_port) for w in self.workers], timeout=timeout)
+        except BaseException as err:
+            self.shutdown()
+            if isinstance(err, ray.exceptions.GetTimeoutError):
+                raise TimeoutError(f"the {world} Megatron rank actors did not start within {timeout:g}s "
+                                   "(cluster.placement_timeout_s) although their GPUs were granted") from None
+            raise
 
     def build(self, cfg, hf_dir: str, pad_token_id: int) -> int:
         return ray.get([w.build.remote(cfg, hf_dir, pad_token_id) for w in self.workers])[0]
@@ -68,6 +184,21 @@ class ActorGroup:
 
     def run(self, fn, *args, **kwargs) -> Any:
         return ray.get([w.run.remote(fn, *args, **kwargs) for w in self.workers])[0]
+
+    def offload_to_host(self) -> dict[str, int]:
+        return ray.get([w.offload_to_host.remote() for w in self.workers])[0]
+
+    def reload_to_device(self) -> None:
+        ray.get([w.reload_to_device.remote() for w in self.workers])
+
+    def training_states(self) -> list[dict[str, Any]]:
+        return ray.get([w.training_state.remote() for w in self.workers])
+
+    def infos(self) -> list[dict[str, Any]]:
+        return ray.get([w.info.remote() for w in self.workers])
+
+    def events(self) -> list[list[tuple[str, float, float]]]:
+        return ray.get([w.get_events.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:

