@@ -127,10 +127,11 @@ class Placement:
     def mode(self) -> str:
         return self.layout.mode
 
-    def _strategy(self, node: int, gpu: int):
+    def _strategy(self, node: int, gpu: int, *, capture_child_tasks: bool = False):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        return PlacementGroupSchedulingStrategy(placement_group=self.groups[node], placement_group_bundle_index=gpu)
+        return PlacementGroupSchedulingStrategy(placement_group=self.groups[node], placement_group_bundle_index=gpu,
+                                                placement_group_capture_child_tasks=capture_child_tasks)
 
     def rank_options(self, rank: int) -> dict[str, Any]:
         """Ray actor options of Megatron rank `rank` (`.options(**...)`)."""
@@ -150,7 +151,9 @@ class Placement:
             return {"options": {"num_cpus": 0, "num_gpus": layout.engine_gpu_share,
                                 "scheduling_strategy": self._strategy(slot.node, slot.gpus[0])},
                     "ray_bundles": None, "worker_gpu_share": None}
-        return {"options": {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": self._strategy(slot.node, slot.gpus[0])},
+        # as vLLM's examples/offline_inference/rlhf_colocate.py: the engine actor holds no GPU, its workers do
+        return {"options": {"num_cpus": 0, "num_gpus": 0,
+                            "scheduling_strategy": self._strategy(slot.node, slot.gpus[0], capture_child_tasks=True)},
                 "ray_bundles": list(slot.gpus), "worker_gpu_share": layout.engine_gpu_share}
 
     def group_id(self, node: int) -> Optional[str]:
