@@ -4,7 +4,8 @@ with NNODES=2 and recipes/slurm_cpu_test.yaml (tiny model, CPU compute, one Mega
 
 - a job completes its training steps with exit code 0, its ranks on both nodes (their host names, as the
   trainer records them in placement.json), one log under the output directory, and no process left behind;
-- a broken recipe fails the job before any Ray process starts, with the error in the job's log;
+- a broken recipe, or one for another node count, fails the job before any Ray process starts, with the error
+  in the job's log;
 - SIGUSR1 to the batch shell mid-run (as `--signal=B:USR1@<s>` sends it) makes luffy-train checkpoint and exit
   75, the job requeue itself, and its second run resume from that checkpoint and finish with exit code 0.
 """
@@ -132,6 +133,14 @@ def test_a_broken_recipe_fails_with_the_error_in_the_job_log(cluster, tiny):
     assert "does not load" in text and "ray: head" not in text  # failed before any Ray process started
     job = cluster[0].job(_job_id(proc.stdout))
     assert job["JobState"] == "FAILED" and job["ExitCode"].startswith("2:"), job
+
+
+def test_a_recipe_for_another_node_count_fails_before_ray(cluster, tiny):
+    out = cluster[1] / "one_node_recipe"
+    proc = _sbatch(cluster, _job_env(cluster, tiny, out, steps=2, extra="parallel.nnodes=1"), "--wait", timeout=120)
+    assert proc.returncode != 0
+    text = _job_log(out)
+    assert "runs on 1 nodes" in text and "this job has 2" in text and "ray: head" not in text, text[-3000:]
 
 
 def test_preemption_checkpoints_requeues_and_resumes(cluster, tiny):

@@ -1,0 +1,47 @@
+"""The Slurm launchers agree with their recipes and with each other (no Slurm needed; the real runs are in
+tests/e2e/test_slurm.py): the #SBATCH header asks for what the recipe runs on, and the launchers differ only
+in their header (the logic is slurm/common.sh)."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from luffy_megatron.config import load_config
+from tests.helpers import REPO
+
+LAUNCHERS = {"luffy_7b_8node.sh": 8, "luffy_32b_16node.sh": 16}
+
+
+def _header(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", path.read_text(), re.M))
+
+
+def _default(path: Path, knob: str) -> str:
+    return re.search(rf"^export {knob}=\${{{knob}:-([^}}]*)}}", path.read_text(), re.M).group(1)
+
+
+@pytest.mark.parametrize("name,nodes", LAUNCHERS.items())
+def test_header_and_recipe_agree(name, nodes):
+    path = REPO / "slurm" / name
+    h = _header(path)
+    assert h["nodes"] == str(nodes) and h["gpus-per-node"] == "8" and h["ntasks-per-node"] == "1"
+    assert "exclusive" in h and "requeue" in h
+    seconds = int(re.fullmatch(r"B:USR1@(\d+)", h["signal"]).group(1))  # to the batch shell, which forwards it
+    assert 300 <= seconds < 3600
+    assert _default(path, "NNODES") == str(nodes)
+    cfg = load_config(REPO / _default(path, "RECIPE"), [])
+    assert cfg.parallel.nnodes == nodes and cfg.parallel.n_gpus_per_node == 8
+    assert cfg.trainer.resume == "auto"  # the requeued run must resume
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_the_launchers_differ_only_in_their_header():
+    bodies = []
+    for name in LAUNCHERS:
+        text = (REPO / "slurm" / name).read_text()
+        bodies.append(text[text.index("# Slurm runs a copy of this file"):])
+    assert bodies[0] == bodies[1]
+    assert "source \"$LUFFY_HOME/slurm/common.sh\"" in bodies[0]
+    assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "common.sh")]).returncode == 0
