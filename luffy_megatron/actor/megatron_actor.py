@@ -107,6 +107,10 @@ def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
         # Token-budgeted micro-batches differ in shape: pipeline stages must send shapes first.
         # (megatron-core checks the MoE dispatcher even for dense models.)
         variable_seq_lengths=p.pipeline_model_parallel_size > 1,
+        # The interleaved schedule sends both directions at once; megatron-core's batched p2p posts them
+        # in an order that pairs them wrongly with two stages. Megatron-LM's default for interleaving:
+        # overlapped, unbatched p2p (`_p2p_ops`, ordered for two stages; see models/mcore_patches.py).
+        **(dict(overlap_p2p_comm=True, batch_p2p_comm=False) if p.virtual_pipeline_model_parallel_size else {}),
         moe_token_dispatcher_type="alltoall",
         attention_dropout=cfg.model.attention_dropout,
         hidden_dropout=cfg.model.hidden_dropout,
@@ -193,6 +197,7 @@ class MegatronActor:
 
         from luffy_megatron.convert.weights import load_hf_weights
         from luffy_megatron.models.cpu_shim import apply_cpu_shim, seed_everything
+        from luffy_megatron.models.mcore_patches import apply_mcore_patches
         from luffy_megatron.models.hf_to_mcore import build_model_chunks, padded_vocab_size, read_hf_arch
         from luffy_megatron.models.parallel import init_model_parallel
 
@@ -200,6 +205,7 @@ class MegatronActor:
         self.pad_token_id = pad_token_id
         settings = megatron_settings(cfg)
         apply_cpu_shim()
+        apply_mcore_patches()
         p = cfg.parallel
         init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                             p.virtual_pipeline_model_parallel_size, p.context_parallel_size)

@@ -2,6 +2,8 @@
 
 Writes (rank 0) old log-probs, entropies, the loss metrics of an update, the HF-named gradient of the
 batch, and the HF-named weights after one optimizer step to OUT (torch.save), and reports their path.
+Also records the dtypes that crossed pipeline stages (megatron-core's P2PCommunicator), the model's
+precision settings, and (bf16) the optimizer's fp32 main params right after construction.
 Usage: actor_checks.py HF_DIR OUT TP PP [key=value config overrides...]
 """
 
@@ -9,6 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from megatron.core.pipeline_parallel import p2p_communication
 
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.config import load_config
@@ -18,14 +21,45 @@ from tests.dist.launcher import report
 hf_dir, out, tp, pp, *extra = sys.argv[1:]
 dist.init_process_group("gloo")
 cfg = load_config(None, actor_overrides(world=dist.get_world_size(), tp=int(tp), pp=int(pp)) + extra)
+p2p_dtypes = set()
+_communicate = p2p_communication.P2PCommunicator._communicate
+
+
+def recording_communicate(self, *, tensor_send_next, tensor_send_prev, recv_prev, recv_next, **kwargs):
+    for t in (tensor_send_next, tensor_send_prev):
+        if t is not None:
+            p2p_dtypes.add(("send", str(t.dtype)))
+    received = _communicate(self, tensor_send_next=tensor_send_next, tensor_send_prev=tensor_send_prev,
+                            recv_prev=recv_prev, recv_next=recv_next, **kwargs)
+    for t in received[:2]:
+        if t is not None:
+            p2p_dtypes.add(("recv", str(t.dtype)))
+    return received
+
+
+p2p_communication.P2PCommunicator._communicate = recording_communicate
 actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=0)
+precision = {"bf16": actor.config.bf16, "pipeline_dtype": str(actor.config.pipeline_dtype),
+             "params_dtype": str(actor.config.params_dtype),
+             "param_dtypes": sorted({str(p.dtype) for m in actor.model for p in m.parameters()})}
+main_params = ({k: v.clone() for k, v in actor.export_hf_weights(tensor_of=lambda p: p.main_param)}
+               if actor.half else None)
 batch = make_batch()
 old_lp, entropy = actor.compute_log_probs(batch)
 adv = reference_advantages(batch)
 grads = actor.gradients(batch, advantages=adv, old_log_probs=old_lp)
 metrics = actor.update(batch, advantages=adv, old_log_probs=old_lp)
 weights = {k: v.clone() for k, v in actor.export_hf_weights()}
+main_after = ({k: v.clone() for k, v in actor.export_hf_weights(tensor_of=lambda p: p.main_param)}
+              if actor.half else None)
 if dist.get_rank() == 0:
-    torch.save({"old_lp": old_lp, "entropy": entropy, "metrics": metrics, "grads": grads, "weights": weights}, out)
+    torch.save({"old_lp": old_lp, "entropy": entropy, "metrics": metrics, "grads": grads, "weights": weights,
+                "precision": precision, "main_params": main_params, "main_params_after": main_after}, out)
     report({"out": out, "metrics": metrics})
+p2p_all = [None] * dist.get_world_size()
+dist.all_gather_object(p2p_all, sorted(p2p_dtypes))
+if dist.get_rank() == 0:
+    saved = torch.load(out)
+    saved["p2p_dtypes"] = sorted({x for rank in p2p_all for x in rank})
+    torch.save(saved, out)
 dist.destroy_process_group()

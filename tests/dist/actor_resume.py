@@ -1,6 +1,6 @@
 """torchrun script for checkpoint/resume checks of the actor.
 
-    actor_resume.py HF_DIR CKPT_ROOT OUT MODE [TP PP]
+    actor_resume.py HF_DIR CKPT_ROOT OUT MODE [TP PP [key=value overrides...]]
 MODE=straight: train 3 steps, save, train 2 more; report the 5 losses and save final weights to OUT.
 MODE=resume: load the newest checkpoint under CKPT_ROOT, train 2 steps; report losses, save weights.
 MODE=torn: train 1 step, save; then save step 2 with the writer stalled after its tensors are
@@ -22,8 +22,9 @@ from tests.dist.launcher import report
 
 hf_dir, root, out, mode, *layout = sys.argv[1:]
 tp, pp = (int(layout[0]), int(layout[1])) if layout else (1, 1)
+extra = layout[2:]
 dist.init_process_group("gloo")
-cfg = load_config(None, actor_overrides(world=dist.get_world_size(), tp=tp, pp=pp) + ["actor.lr_warmup_steps_ratio=0.5"])
+cfg = load_config(None, actor_overrides(world=dist.get_world_size(), tp=tp, pp=pp) + ["actor.lr_warmup_steps_ratio=0.5"] + extra)
 actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=0)
 
 

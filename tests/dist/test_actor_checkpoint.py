@@ -22,12 +22,16 @@ def hf_dir(tmp_path_factory):
     return make_tiny_model("qwen2_tied", tmp_path_factory.mktemp("ckpt") / "model")
 
 
-def test_resume_continues_exactly(hf_dir, tmp_path):
+# (TP, PP, overrides): TP=2, and the interleaved pipeline (PP=2 x 2 virtual chunks), whose chunks' state
+# dicts use local layer numbers (a flat merge of them would lose layers)
+@pytest.mark.parametrize("layout", [("2", "1"), ("1", "2", "parallel.virtual_pipeline_model_parallel_size=2")],
+                         ids=["tp2", "pp2_vpp2"])
+def test_resume_continues_exactly(hf_dir, tmp_path, layout):
     root = tmp_path / "ckpts"
-    straight = run_torchrun(HERE / "actor_resume.py", str(hf_dir), str(root), str(tmp_path / "a.pt"), "straight", "2", "1", nproc=2)
+    straight = run_torchrun(HERE / "actor_resume.py", str(hf_dir), str(root), str(tmp_path / "a.pt"), "straight", *layout, nproc=2)
     assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000003"]
     assert (root / "latest").read_text().strip() == "step_000003"
-    resumed = run_torchrun(HERE / "actor_resume.py", str(hf_dir), str(root), str(tmp_path / "b.pt"), "resume", "2", "1", nproc=2)
+    resumed = run_torchrun(HERE / "actor_resume.py", str(hf_dir), str(root), str(tmp_path / "b.pt"), "resume", *layout, nproc=2)
     assert resumed["losses"] == straight["losses"][3:]  # identical floats, not approximately
     assert resumed["lr"] == straight["lr"] and resumed["step"] == straight["step"] == 5
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
