@@ -290,7 +290,10 @@ luffy_slurm_main() {
   else
     rc=$PREEMPTED_EXIT_CODE
   fi
-  if [ "$rc" = "$PREEMPTED_EXIT_CODE" ]; then
+  # 138 = killed by the forwarded SIGUSR1 itself: it came before luffy-train installed its handler (while it
+  # loaded the data or joined Ray), so nothing was trained since the last checkpoint
+  if [ "$rc" = "$PREEMPTED_EXIT_CODE" ] || { [ -n "$STOP_SIGNAL" ] && [ "$rc" = 138 ]; }; then
+    rc=$PREEMPTED_EXIT_CODE
     requeue
   fi
   return "$rc"
