@@ -16,7 +16,7 @@ Isolation, so that nothing of the machine's own Slurm or munge is used or touche
 - GPUs are character devices (major 195) under `root`: Slurm accepts them as GRES, CUDA_VISIBLE_DEVICES is set
   per job, nothing opens them.
 All fake nodes share one kernel, file system and network namespace: anything binding 0.0.0.0 on a fixed port
-collides between them (Ray takes its ports from `RAY_START_ARGS` in the tests).
+collides between them (Ray: the head on 127.0.1.1:6379 only; its other ports are picked free per node).
 """
 
 from __future__ import annotations

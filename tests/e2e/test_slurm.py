@@ -65,7 +65,7 @@ def _job_env(cluster, tiny, out: Path, *, steps: int, extra: str = "", save_freq
                 f"trainer.save_freq={save_freq} {extra}"
     env = {**slurm.env, "RECIPE": str(RECIPE), "NNODES": str(NODES), "OVERRIDES": overrides.strip(),
            "OUTPUT_DIR": str(out), TOKEN_KEY: token, "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_JOIN_TIMEOUT_S": "120",
-           # fake nodes share one network namespace: small object stores, and the one fixed agent port per node
+           # all fake nodes share this machine's memory: small object stores (Ray picks free ports itself)
            "RAY_START_ARGS": "--object-store-memory=200000000"}
     env.pop("RAY_ADDRESS", None)
     return env
