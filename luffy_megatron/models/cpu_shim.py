@@ -121,6 +121,13 @@ def apply_cpu_shim() -> bool:
             torch.Tensor.type = real_type  # type: ignore[method-assign]
 
     optimizer.Float16OptimizerWithFloat16Params.__init__ = _init_with_cuda_type_names
+    # 9. Activation recomputation (`tensor_parallel.random.CheckpointFunction`, used by
+    #    recompute_granularity full and selective, 0.16.1) saves and restores the CPU and the CUDA RNG
+    #    states around the recomputed forward (`_get_all_rng_states` / `_set_all_rng_states`); the CUDA half
+    #    raises "Torch not compiled with CUDA enabled". Without CUDA there is no CUDA generator to keep:
+    #    the CPU state is still saved and restored by the same functions.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _APPLIED = True
     return True
 
