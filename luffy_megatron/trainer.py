@@ -39,6 +39,7 @@ def train(cfg: Config, workers=None) -> Path:
     from luffy_megatron.cluster.layout import preflight
     from luffy_megatron.reward.pool import RewardPool
     preflight(cfg)  # the model's heads vs TP, an explicit cluster.layout: before Ray and before any data or model
+    check_megatron_settings(cfg)  # FP8 / TE / CP / distributed optimizer against what this machine can run
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, train_set, val_set = load_data(cfg)
@@ -96,6 +97,18 @@ def train(cfg: Config, workers=None) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- the boxes
+
+
+def check_megatron_settings(cfg: Config) -> None:
+    """The actor's refusals (FP8 or CP without Transformer Engine, the distributed optimizer without CUDA, ...),
+    raised by the driver at start instead of by every rank after the cluster is up. The driver runs on a node
+    of the job (the Slurm batch step), so it sees the same CUDA and Transformer Engine as the ranks."""
+    from luffy_megatron.actor.megatron_actor import megatron_settings
+
+    try:
+        megatron_settings(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool):

@@ -38,28 +38,45 @@ def recording_communicate(self, *, tensor_send_next, tensor_send_prev, recv_prev
 
 
 p2p_communication.P2PCommunicator._communicate = recording_communicate
+logits_dtypes = set()
+_token_logprobs = MegatronActor._token_logprobs
+
+
+def recording_token_logprobs(self, mb, shard, logits):
+    logits_dtypes.add(str(logits.dtype))  # what the model hands the log-prob path
+    return _token_logprobs(self, mb, shard, logits)
+
+
+MegatronActor._token_logprobs = recording_token_logprobs
 actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=0)
 precision = {"bf16": actor.config.bf16, "pipeline_dtype": str(actor.config.pipeline_dtype),
              "params_dtype": str(actor.config.params_dtype),
              "param_dtypes": sorted({str(p.dtype) for m in actor.model for p in m.parameters()})}
+full_main_params = actor.half and not actor.ddp_config.use_distributed_optimizer  # else main params are shards
 main_params = ({k: v.clone() for k, v in actor.export_hf_weights(tensor_of=lambda p: p.main_param)}
-               if actor.half else None)
+               if full_main_params else None)
 batch = make_batch()
 old_lp, entropy = actor.compute_log_probs(batch)
 adv = reference_advantages(batch)
-grads = actor.gradients(batch, advantages=adv, old_log_probs=old_lp)
+# gradients() refuses under the distributed optimizer (its grad buffers hold reduced shards only)
+grads = None if actor.ddp_config.use_distributed_optimizer else actor.gradients(batch, advantages=adv, old_log_probs=old_lp)
 metrics = actor.update(batch, advantages=adv, old_log_probs=old_lp)
 weights = {k: v.clone() for k, v in actor.export_hf_weights()}
 main_after = ({k: v.clone() for k, v in actor.export_hf_weights(tensor_of=lambda p: p.main_param)}
-              if actor.half else None)
+              if full_main_params else None)
 if dist.get_rank() == 0:
     torch.save({"old_lp": old_lp, "entropy": entropy, "metrics": metrics, "grads": grads, "weights": weights,
                 "precision": precision, "main_params": main_params, "main_params_after": main_after}, out)
     report({"out": out, "metrics": metrics})
 p2p_all = [None] * dist.get_world_size()
 dist.all_gather_object(p2p_all, sorted(p2p_dtypes))
+logits_all = [None] * dist.get_world_size()
+dist.all_gather_object(logits_all, sorted(logits_dtypes))
+logits_dtypes = {x for rank in logits_all for x in rank}
 if dist.get_rank() == 0:
     saved = torch.load(out)
     saved["p2p_dtypes"] = sorted({x for rank in p2p_all for x in rank})
+    saved["logits_dtypes"] = sorted(logits_dtypes)
+
     torch.save(saved, out)
 dist.destroy_process_group()

@@ -34,6 +34,14 @@ def test_bf16_model_is_configured_as_megatron_bf16_training(runs):
     assert out["fp32"]["precision"]["pipeline_dtype"] == "torch.float32" and out["fp32"]["precision"]["bf16"] is False
 
 
+def test_logits_reach_the_logprob_path_in_bf16(runs):
+    """`Float16Module(..., fp32_output=False)`: no fp32 [tokens, vocab/TP] copy of the logits; the log-prob
+    path upcasts one chunk at a time."""
+    _, out = runs
+    assert out["bf16"]["logits_dtypes"] == ["torch.bfloat16"]
+    assert out["fp32"]["logits_dtypes"] == ["torch.float32"]
+
+
 def test_pipeline_p2p_buffers_are_bf16(runs):
     _, out = runs
     assert out["bf16"]["p2p_dtypes"] == [("recv", "torch.bfloat16"), ("send", "torch.bfloat16")]

@@ -95,3 +95,29 @@ def test_fp8_recipe_without_transformer_engine_fails_at_start_naming_the_setting
     cfg = load_config(recipe)
     with pytest.raises(ValueError, match="model.fp8=e4m3 needs Transformer Engine"):
         megatron_settings(cfg, Kernels(cuda=True, te=False, apex_wgrad=True))
+
+
+def test_gradients_refuses_the_distributed_optimizers_partial_buffers():
+    """Under the distributed optimizer each DP rank's grad buffer is reduced only on its own shard; reading it
+    as the full gradient would be silently wrong, so `gradients()` refuses before running anything."""
+    from types import SimpleNamespace
+
+    from luffy_megatron.actor.megatron_actor import MegatronActor
+
+    stub = SimpleNamespace(ddp_config=SimpleNamespace(use_distributed_optimizer=True))
+    with pytest.raises(ValueError, match="parallel.use_distributed_optimizer=true each data-parallel rank holds only its reduced shard"):
+        MegatronActor.gradients(stub, None, advantages=None, old_log_probs=None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's refusal")
+def test_luffy_train_with_fp8_and_no_transformer_engine_fails_at_start(tmp_path, capsys):
+    """Exit 2 with the setting named, before Ray, data or any model (no model path, data or cluster exists here)."""
+    from luffy_megatron import trainer
+
+    recipe = tmp_path / "fp8.yaml"
+    recipe.write_text("model:\n  fp8: hybrid\nparallel:\n  n_gpus_per_node: 1\n  use_distributed_optimizer: false\n"
+                      "rollout:\n  tensor_model_parallel_size: 1\ntrainer:\n  output_dir: " + str(tmp_path / "out") + "\n")
+    assert trainer.main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "model.fp8=hybrid needs Transformer Engine" in err
+    assert not (tmp_path / "out").exists()  # nothing was started or written

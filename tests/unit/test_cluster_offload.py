@@ -60,7 +60,10 @@ def test_round_trip_moves_optimizer_state_releases_grads_and_keeps_training_iden
     step(twin_chunk, twin_mains, twin_opt, seed=1)
     weights_before = [p.data_ptr() for p in chunk.parameters()]
     state_before = [t.clone() for t in state_tensors(opt)]
-    ptrs_before = [t.data_ptr() for t in state_tensors(opt)] + [m.data_ptr() for m in mains]
+    # hold the original storages: freed ones could be reused by the allocator for the host copies, and then
+    # equal addresses would not mean "did not move"
+    originals = state_tensors(opt) + [m.data for m in mains]
+    ptrs_before = [t.data_ptr() for t in originals]
     views = [p.main_grad for p in chunk.parameters()]
 
     off = offload_to_host(opt, [chunk])
