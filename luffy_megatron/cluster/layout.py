@@ -281,11 +281,25 @@ def check_model_parallelism(cfg: Config, hf_config: Mapping[str, Any]) -> None:
         if etp >= groups and etp % groups:
             errors.append(f"rollout.tensor_model_parallel_size={etp} is not a multiple of the model's {groups} KV heads "
                           f"({where}); vLLM replicates KV heads only by a whole factor when TP exceeds them")
+    ffn = hf_config.get("intermediate_size")
+    if ffn and ffn % tp:
+        errors.append(f"parallel.tensor_model_parallel_size={tp} does not divide the model's intermediate_size={ffn} "
+                      f"({where}); megatron-core splits the MLP evenly over TP ranks")
     if layers and layers % pp:
         errors.append(f"parallel.pipeline_model_parallel_size={pp} does not divide the model's {layers} layers ({where})")
     elif layers and vpp and (layers // pp) % vpp:
         errors.append(f"parallel.virtual_pipeline_model_parallel_size={vpp} does not divide the {layers // pp} layers "
                       f"of each pipeline stage ({where})")
+    elif layers and cfg.model.recompute_granularity == "full":
+        # megatron-core's TransformerBlock._checkpointed_forward (0.16.1) walks each model chunk's layers in units of
+        # recompute_num_layers (uniform; a last unit past the end fails) or recomputes the first n (block)
+        per_chunk, n = layers // (pp * (vpp or 1)), cfg.model.recompute_num_layers
+        if cfg.model.recompute_method == "uniform" and per_chunk % n:
+            errors.append(f"model.recompute_num_layers={n} does not divide the {per_chunk} layers of each model chunk "
+                          f"({where}); with model.recompute_method=uniform choose a divisor (1 recomputes every layer)")
+        if cfg.model.recompute_method == "block" and n > per_chunk:
+            errors.append(f"model.recompute_num_layers={n} exceeds the {per_chunk} layers of each model chunk ({where}) "
+                          "(model.recompute_method=block recomputes the first n of them)")
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
 

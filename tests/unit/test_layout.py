@@ -210,3 +210,17 @@ def test_choose_nodes_fails_at_once_without_the_gpus_and_prefers_free_nodes():
         choose_nodes(layout, [nodes[0]], cfg)
     with pytest.raises(PlacementError, match="no node left with 4 GPUs for layout node 1"):
         choose_nodes(layout, [RayNode("x" * 56, "10.0.0.9", 8, 8)], cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.recompute_granularity=full", "model.recompute_num_layers=3"], "recompute_num_layers=3 does not divide the 4 layers"),
+    (["model.recompute_granularity=full", "model.recompute_method=block", "model.recompute_num_layers=5"],
+     "recompute_num_layers=5 exceeds the 4 layers"),
+    (["parallel.n_gpus_per_node=4", "parallel.tensor_model_parallel_size=4", "rollout.tensor_model_parallel_size=1"],
+     "does not divide the model's intermediate_size=6"),
+])
+def test_recompute_units_and_mlp_split_against_the_model(overrides, message):
+    arch = {"num_attention_heads": 8, "num_key_value_heads": 4, "num_hidden_layers": 4, "intermediate_size": 6}
+    with pytest.raises(ConfigError, match=message):
+        check_model_parallelism(cfg_of(*overrides), arch)
+    check_model_parallelism(cfg_of("model.recompute_granularity=full", "model.recompute_num_layers=2"), arch)
