@@ -135,6 +135,12 @@ class RolloutConfig:
     enforce_eager: bool = True
     max_num_seqs: int = 256
     weight_sync_bucket_mb: int = 512  # size of the buckets streamed from the actor to the engines
+    # how buckets reach the engines: auto = shared_memory for colocated engines, collective for disaggregated ones
+    weight_sync_transport: Literal["auto", "collective", "shared_memory", "object_store"] = "auto"
+    max_logprob_diff: float | None = None  # mean |engine - actor old log-prob| over generated tokens; None = no check
+    logprob_diff_action: Literal["warn", "error"] = "warn"  # what exceeding rollout.max_logprob_diff does
+    request_timeout_s: float = 1800.0  # a generation or sync call that takes longer fails naming the engine
+    on_engine_failure: Literal["fail", "restart"] = "fail"  # restart: start the engine again, re-sync, retry
 
 
 @dataclass
