@@ -1,37 +1,58 @@
-"""Streaming export of HF-named full tensors from a TP x PP (x DP) megatron-core model.
+"""Streaming export of HF-named full tensors from a TP x PP (x DP) megatron-core model, as flat buckets.
 
-Every rank of the model calls the same generator and receives the same sequence of buckets:
-the pipeline stage that owns a parameter gathers its TP shards, converts them to HF tensors and
-broadcasts them to the other stages of its pipeline group. Buckets hold at most `bucket_bytes`
-of HF tensors (a single larger tensor forms its own bucket), and the generator drops its
-references to a bucket before building the next, so the extra memory is about one bucket plus
-one parameter's TP-gather buffer.
+A bucket is one flat byte buffer holding several HF tensors at aligned offsets, described by a small list of
+`FlatEntry` (name, dtype, shape, offset). The same buffer is what the weight-sync transports move (`sync/`), so
+the export writes each tensor once, where it will travel from:
 
-Tied embeddings: `lm_head.weight` is never yielded when `tie_word_embeddings` is true (HF and
-vLLM tie it to `model.embed_tokens.weight` themselves; vLLM's loaders skip `lm_head.*` for tied
-models).
+* TP shards are received straight into their place in the bucket (point-to-point receives into views of the
+  buffer, no gather buffer, no concatenation). The HF re-layouts are done by choosing those places:
+  q/k/v are de-interleaved by sending each rank's q, k and v parts of its query groups into the q, k and v
+  slots (the sender packs its parts once); gate/up go from each rank's [gate_r; up_r] halves straight into
+  the gate and up slots; vocabulary rows land at their row offsets (padding rows are never sent).
+  Only row-parallel weights (o_proj, down_proj: shards are column blocks) pass through a receive buffer and
+  one strided copy into the bucket, because a column block of a row-major matrix is not contiguous.
+* Casting to the engines' dtype happens on the owning rank before anything moves.
+* Replicated tensors (norms) and this rank's own shard are copied into the bucket directly (one copy).
+
+Two consumers:
+
+* `iter_hf_weight_buckets` (conversion, gradients, tests): every rank of the model gets every bucket as a
+  list of `(hf_name, tensor)` views. The owning pipeline stage's TP ranks exchange shards so each of them has
+  the whole bucket, then the stage broadcasts the flat buffer over the pipeline group (one broadcast per
+  bucket). Buffers are reused once the consumer dropped every tensor of an earlier bucket.
+* the weight sync (`sync/`): `plan_flat_buckets(all_stages=False)` gives each pipeline stage the buckets of
+  its own layers, and `export_flat_buckets(..., everywhere=False)` fills them on the stage's TP rank 0 only
+  (into buffers the transport provides, e.g. shared memory), so every stage sends its own layers.
+
+Tied embeddings: `lm_head.weight` is never produced when `tie_word_embeddings` is true (HF and vLLM tie it
+to `model.embed_tokens.weight` themselves; vLLM's loaders skip `lm_head.*` for tied models).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+import weakref
+from dataclasses import dataclass, field
 from math import prod
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from luffy_megatron.convert.names import ParamRule, global_layer_numbers, hf_shapes, rule_for, to_hf
+from luffy_megatron.convert.names import ParamRule, global_layer_numbers, hf_shapes, rule_for
 from luffy_megatron.models.hf_to_mcore import HFArch
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
+ALIGN = 256  # byte alignment of every tensor in a flat bucket (dtype views need it; GPUs like 256)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 @dataclass
 class ExportStats:
-    """Bytes the exporter itself holds (bucket tensors + TP-gather buffers), and the peak."""
+    """Bytes the exporter itself holds, and the peak: its bucket buffers and, while a bucket is filled, the
+    send/receive buffers of its TP exchange, counted as the most any rank of the owner stage needs (the
+    same number on every rank: `FlatBucket.temp_bytes`)."""
 
     live_bytes: int = 0
     peak_bytes: int = 0
@@ -47,8 +68,74 @@ class ExportStats:
         self.live_bytes -= nbytes
 
 
+@dataclass(frozen=True)
+class FlatEntry:
+    """One HF tensor inside a flat bucket buffer."""
+
+    name: str
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    shape: tuple[int, ...]
+    offset: int  # bytes from the start of the buffer, a multiple of ALIGN
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * _NAME_DTYPES[self.dtype].itemsize
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        """This tensor as a view of the uint8 buffer `flat` (no copy)."""
+        return flat[self.offset: self.offset + self.nbytes].view(_NAME_DTYPES[self.dtype]).view(self.shape)
+
+    def to_wire(self) -> list:
+        """Plain lists and strings only (what vLLM's RPC encoder passes through unchanged)."""
+        return [self.name, self.dtype, list(self.shape), self.offset]
+
+    @classmethod
+    def from_wire(cls, w) -> "FlatEntry":
+        return cls(str(w[0]), str(w[1]), tuple(int(s) for s in w[2]), int(w[3]))
+
+
+def views_of(flat: torch.Tensor, entries) -> list[tuple[str, torch.Tensor]]:
+    """(name, view) for wire or `FlatEntry` entries of the buffer `flat`."""
+    out = []
+    for e in entries:
+        e = e if isinstance(e, FlatEntry) else FlatEntry.from_wire(e)
+        out.append((e.name, e.view(flat)))
+    return out
+
+
+@dataclass
+class _Item:
+    """One megatron parameter and its HF tensors; `rule`/`local` only on ranks of the owning stage."""
+
+    key: tuple
+    owner: int  # pipeline stage that holds it
+    shapes: list  # [(hf_name, shape)]
+    dtype: str
+    rule: Optional[ParamRule] = None
+    local: Optional[torch.Tensor] = None  # this TP rank's shard (the exported value, e.g. a gradient)
+
+
+@dataclass
+class FlatBucket:
+    """The plan of one bucket: which parameters fill it and where each HF tensor lies."""
+
+    owner: int
+    items: list = field(default_factory=list)
+    entries: list = field(default_factory=list)  # FlatEntry
+    nbytes: int = 0  # buffer bytes (aligned offsets)
+    tensor_bytes: int = 0  # bytes of the tensors themselves
+    temp_bytes: int = 0  # upper bound of the send/receive buffers one rank of the owner stage needs to fill it
+
+    def wire_entries(self) -> list:
+        return [e.to_wire() for e in self.entries]
+
+
 def _as_chunks(model) -> list:
     return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 def local_export_rules(model_chunks, arch: HFArch) -> list[tuple[ParamRule, int, torch.nn.Parameter]]:
@@ -65,29 +152,260 @@ def local_export_rules(model_chunks, arch: HFArch) -> list[tuple[ParamRule, int,
     return out
 
 
-def _tp_gather(param: torch.Tensor, rule: ParamRule, tp: int, group,
-               stats: ExportStats) -> tuple[torch.Tensor, int]:
-    """The TP-gathered parameter and the bytes of the buffer this allocated (held in `stats`
-    until the caller releases them)."""
-    local = param.detach()
-    if rule.tp_dim is None or tp == 1:
-        return local, 0
-    local = local.contiguous()
-    if rule.tp_dim == 0:
-        full = torch.empty((tp * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-        nbytes = full.numel() * full.element_size()
-        stats.hold(nbytes)
-        dist.all_gather(list(full.chunk(tp, 0)), local, group=group)
-        return full, nbytes
-    parts = torch.empty((tp, *local.shape), dtype=local.dtype, device=local.device)
-    nbytes = parts.numel() * parts.element_size()
-    stats.hold(nbytes)
-    dist.all_gather(list(parts.unbind(0)), local, group=group)
-    stats.hold(nbytes)
-    full = torch.cat(list(parts.unbind(0)), dim=rule.tp_dim)
-    del parts
-    stats.release(nbytes)
-    return full, nbytes
+def plan_flat_buckets(
+    model_chunks,
+    arch: HFArch,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    dtype: Optional[torch.dtype] = None,
+    tensor_of: Optional[Callable] = None,
+    all_stages: bool = True,
+) -> list[FlatBucket]:
+    """The buckets of the export in HF checkpoint order. A bucket holds the tensors of whole parameters of one
+    pipeline stage, at most `bucket_bytes` of them (a larger parameter forms its own bucket).
+
+    `all_stages`: every stage's buckets, the same list on every rank (collective over the pipeline group, an
+    exchange of names and shapes only); otherwise only this stage's own buckets (no communication)."""
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    value = tensor_of or (lambda p: p)
+    local = {}
+    for rule, _, param in local_export_rules(model_chunks, arch):
+        local[rule.order_key] = (rule, value(param).detach())
+    mine = [(key, pp_rank, hf_shapes(rule, arch), _DTYPE_NAMES[dtype or t.dtype], rule.kind, rule.tp_dim,
+             _DTYPE_NAMES[t.dtype]) for key, (rule, t) in local.items()]
+    if all_stages and pp > 1:
+        gathered: list = [None] * pp
+        dist.all_gather_object(gathered, mine, group=ps.get_pipeline_model_parallel_group())
+        plan = sorted((e for stage in gathered for e in stage), key=lambda e: e[0])
+    else:
+        plan = sorted(mine, key=lambda e: e[0])
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    buckets: list[FlatBucket] = []
+    cur: Optional[FlatBucket] = None
+    for key, owner, shapes, dtype_name, kind, tp_dim, source_dtype in plan:
+        item_bytes = sum(prod(shape) for _, shape in shapes) * _NAME_DTYPES[dtype_name].itemsize
+        if cur is None or cur.owner != owner or (cur.items and cur.tensor_bytes + item_bytes > bucket_bytes):
+            cur = FlatBucket(owner=owner)
+            buckets.append(cur)
+        rule, t = local.get(key, (None, None)) if owner == pp_rank else (None, None)
+        cur.items.append(_Item(key, owner, [(n, tuple(s)) for n, s in shapes], dtype_name, rule, t))
+        for name, shape in shapes:
+            entry = FlatEntry(name, dtype_name, tuple(shape), _align(cur.nbytes))
+            cur.entries.append(entry)
+            cur.nbytes = entry.offset + entry.nbytes
+        cur.tensor_bytes += item_bytes
+        if tp > 1 and tp_dim is not None:  # what _pieces makes travel through extra buffers
+            packed = kind == "qkv" or source_dtype != dtype_name  # the sender's shard, packed or cast
+            cur.temp_bytes += (item_bytes // tp if packed else 0) + (item_bytes * (tp - 1) // tp if tp_dim == 1 else 0)
+    for b in buckets:
+        b.nbytes = _align(b.nbytes)
+    return buckets
+
+
+# ---------------------------------------------------------------- filling one bucket
+
+SELF = -1  # a piece every receiving rank takes from its own copy (replicated parameters)
+
+
+@dataclass
+class _Piece:
+    src: int  # TP rank holding it, or SELF
+    get: Callable[[torch.Tensor], torch.Tensor]  # the piece, from the source rank's local shard
+    dst: Callable[[dict], torch.Tensor]  # its place in a receiver's bucket (views by HF name)
+
+
+def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Piece]:
+    """How the HF tensors of `item` are assembled from TP shards (the same list on every TP rank)."""
+    rule = item.rule
+    names = [n for n, _ in item.shapes]
+    if rule.tp_dim is None:
+        return [_Piece(SELF, lambda t: t, lambda s, n=names[0]: s[n])]
+    if rule.kind == "qkv":
+        groups, d = arch.num_query_groups, arch.head_dim
+        qpg = arch.num_attention_heads // groups
+        gr, rest = groups // tp, tuple(local_shape[1:])
+        q, k, v = names
+        pieces = []
+        for r in range(tp):
+            pieces += [
+                _Piece(r, lambda t: t.view(gr, qpg + 2, d, *rest)[:, :qpg],
+                       lambda s, r=r: s[q].view(tp, gr, qpg, d, *rest)[r]),
+                _Piece(r, lambda t: t.view(gr, qpg + 2, d, *rest)[:, qpg],
+                       lambda s, r=r: s[k].view(tp, gr, d, *rest)[r]),
+                _Piece(r, lambda t: t.view(gr, qpg + 2, d, *rest)[:, qpg + 1],
+                       lambda s, r=r: s[v].view(tp, gr, d, *rest)[r]),
+            ]
+        return pieces
+    if rule.kind == "fc1":
+        half, rest = local_shape[0] // 2, tuple(local_shape[1:])
+        gate, up = names
+        pieces = []
+        for r in range(tp):
+            pieces += [_Piece(r, lambda t: t[:half], lambda s, r=r: s[gate].view(tp, half, *rest)[r]),
+                       _Piece(r, lambda t: t[half:], lambda s, r=r: s[up].view(tp, half, *rest)[r])]
+        return pieces
+    name, shape = item.shapes[0]
+    if rule.tp_dim == 0:  # vocabulary rows (padding rows stay behind), or any row-split tensor
+        rows, total = local_shape[0], shape[0]
+        pieces = []
+        for r in range(tp):
+            n = max(0, min(rows, total - r * rows))
+            if n:
+                pieces.append(_Piece(r, lambda t, n=n: t[:n], lambda s, r=r, n=n: s[name][r * rows: r * rows + n]))
+        return pieces
+    if rule.tp_dim == 1:  # row-parallel: each shard is a block of columns
+        cols = local_shape[1]
+        return [_Piece(r, lambda t: t, lambda s, r=r: s[name].view(shape[0], tp, cols, *shape[2:])[:, r])
+                for r in range(tp)]
+    raise ValueError(f"no export layout for {rule.mcore_name} (kind {rule.kind}, TP dim {rule.tp_dim})")
+
+
+def fill_flat_bucket(bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFArch, *, root_only: bool) -> None:
+    """Writes the HF tensors of `bucket` into the uint8 buffer `out`. Collective over the TP group of the
+    bucket's owner stage (only its ranks call it). `root_only`: only TP rank 0 receives (`out` None elsewhere);
+    otherwise every TP rank gets the whole bucket."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    me = ps.get_tensor_model_parallel_rank()
+    group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+    ranks = dist.get_process_group_ranks(group) if group is not None else [0]
+    receivers = [0] if root_only else list(range(tp))
+    receiving = me in receivers
+    if receiving and (out is None or out.numel() < bucket.nbytes):
+        raise ValueError(f"bucket buffer of {None if out is None else out.numel()} bytes; the bucket needs {bucket.nbytes}")
+    slots = {e.name: e.view(out) for e in bucket.entries} if receiving else {}
+
+    ops, local_copies, post_copies = [], [], []
+    tag = 0
+    for item in bucket.items:
+        want = _NAME_DTYPES[item.dtype]
+        local = item.local
+        for piece in _pieces(item, arch, tp, tuple(local.shape)):
+            tag += 1
+            if piece.src == SELF or piece.src == me:
+                if receiving:
+                    local_copies.append((piece.dst(slots), piece.get(local)))
+                if piece.src == me:
+                    peers = [r for r in receivers if r != me]
+                    if peers:
+                        send = piece.get(local)
+                        if send.dtype != want or not send.is_contiguous():  # pack (and cast) once
+                            send = send.to(want).contiguous()
+                        for r in peers:
+                            ops.append(dist.P2POp(dist.isend, send, ranks[r], group, tag))
+            elif receiving:
+                dst = piece.dst(slots)
+                if dst.is_contiguous():
+                    ops.append(dist.P2POp(dist.irecv, dst, ranks[piece.src], group, tag))
+                else:
+                    tmp = torch.empty(dst.shape, dtype=want, device=dst.device)
+                    ops.append(dist.P2POp(dist.irecv, tmp, ranks[piece.src], group, tag))
+                    post_copies.append((dst, tmp))
+    reqs = dist.batch_isend_irecv(ops) if ops else []
+    for dst, src in local_copies:  # while the shards travel
+        dst.copy_(src)
+    for req in reqs:
+        req.wait()
+    for dst, tmp in post_copies:
+        dst.copy_(tmp)
+
+
+class _BufferPool:
+    """Bucket buffers for `iter_hf_weight_buckets`: a buffer is reused once no tensor handed out from it is
+    alive any more (its storage has no other user), else a new one is made; at most `keep` are held."""
+
+    SETTLE_S = 0.05  # gloo's worker thread drops its references to a finished op's tensors just after it ends
+
+    def __init__(self, device, stats: ExportStats, keep: int = 2):
+        self.device, self.stats, self.keep = device, stats, keep
+        # (buffer, storage use count when unused, weak references to the tensors handed out from it)
+        self.buffers: list[list] = []
+
+    @staticmethod
+    def _uses(buf: torch.Tensor) -> int:
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+
+    def _free(self, entry) -> bool:
+        buf, idle, handed = entry
+        if any(ref() is not None for ref in handed):
+            return False  # the consumer still holds one of its tensors
+        deadline = time.monotonic() + self.SETTLE_S
+        while self._uses(buf) > idle:  # a view derived from one, or a communication op finishing
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
+        return True
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        for entry in self.buffers:
+            if entry[0].numel() >= nbytes and self._free(entry):
+                entry[2] = []
+                return entry[0]
+        if len(self.buffers) >= self.keep:  # let go of one (in the consumer's hands, or too small)
+            free = [i for i, e in enumerate(self.buffers) if self._free(e)]
+            buf = self.buffers.pop(free[0] if free else 0)[0]
+            self.stats.release(buf.numel())
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.buffers.append([buf, self._uses(buf), []])
+        self.stats.hold(nbytes)
+        return buf
+
+    def handed_out(self, buf: torch.Tensor, tensors) -> None:
+        for entry in self.buffers:
+            if entry[0] is buf:
+                entry[2] = [weakref.ref(t) for t in tensors]
+
+    def close(self) -> None:
+        for entry in self.buffers:
+            self.stats.release(entry[0].numel())
+        self.buffers = []
+
+
+def export_flat_buckets(
+    buckets: list[FlatBucket],
+    arch: HFArch,
+    buffer_for: Callable[[FlatBucket], Optional[torch.Tensor]],
+    *,
+    everywhere: bool,
+    stats: Optional[ExportStats] = None,
+) -> Iterator[tuple[FlatBucket, Optional[torch.Tensor]]]:
+    """Fills `buckets` one after the other, yielding (bucket, buffer). `buffer_for(bucket)` gives the uint8
+    buffer to fill (called just before the bucket is filled, so a caller can wait there until a buffer is free).
+
+    `everywhere`: `buckets` are every stage's (`plan_flat_buckets(all_stages=True)`) and every rank of the
+    model ends with each whole bucket (TP exchange on the owner stage, then a broadcast over the pipeline
+    group). Otherwise `buckets` are this stage's own and only its TP rank 0 receives them: `buffer_for` is
+    called there only, and other TP ranks get (bucket, None) after contributing their shards."""
+    from megatron.core import parallel_state as ps
+
+    stats = stats if stats is not None else ExportStats()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    root = ps.get_tensor_model_parallel_rank() == 0
+    pp_group = ps.get_pipeline_model_parallel_group() if pp > 1 else None
+    pp_ranks = dist.get_process_group_ranks(pp_group) if pp_group is not None else None
+    for bucket in buckets:
+        if bucket.owner != pp_rank and not everywhere:
+            raise ValueError(f"bucket of stage {bucket.owner} on stage {pp_rank}: pass this stage's own buckets "
+                             "(plan_flat_buckets(all_stages=False))")
+        buf = buffer_for(bucket) if (everywhere or root) else None
+        stats.hold(bucket.temp_bytes)
+        try:
+            if bucket.owner == pp_rank:
+                fill_flat_bucket(bucket, buf, arch, root_only=not everywhere)
+            if everywhere and pp_ranks is not None:
+                dist.broadcast(buf[: bucket.nbytes], src=pp_ranks[bucket.owner], group=pp_group)
+        finally:
+            stats.release(bucket.temp_bytes)
+        stats.num_buckets += 1
+        stats.num_tensors += len(bucket.entries)
+        stats.exported_bytes += bucket.tensor_bytes
+        yield bucket, buf
 
 
 def iter_hf_weight_buckets(
@@ -103,70 +421,25 @@ def iter_hf_weight_buckets(
 
     Collective: every rank of the TP x PP model group (all DP replicas independently) must drain
     the generator. `model_chunks` is this rank's GPTModel or its list of virtual-PP chunks.
-    `dtype` casts on the owning stage (before the broadcast). Tensors may alias parameters
-    (TP=1, no cast): copy them if they must outlive the next step of the model.
+    `dtype` casts on the owning rank (before anything moves). The tensors are views of one bucket buffer,
+    reused for a later bucket only once every tensor of it was dropped: keep them as long as needed.
     `tensor_of(param)` exports another tensor of each parameter's shape instead of its value (e.g. its
     reduced gradient `param.main_grad`, in fp32 even when the parameter is bf16)."""
-    from megatron.core import parallel_state as ps
-
     stats = stats if stats is not None else ExportStats()
-    tp_group = ps.get_tensor_model_parallel_group()
-    pp_group = ps.get_pipeline_model_parallel_group()
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    pp_rank = ps.get_pipeline_model_parallel_rank()
-
-    value = tensor_of or (lambda p: p)
-    local = {rule.order_key: (rule, value(param)) for rule, _, param in local_export_rules(model_chunks, arch)}
-    mine = [(key, pp_rank, hf_shapes(rule, arch), _DTYPE_NAMES[dtype or param.dtype])
-            for key, (rule, param) in local.items()]
-    if pp > 1:
-        gathered: list = [None] * pp
-        dist.all_gather_object(gathered, mine, group=pp_group)
-        plan = sorted((e for stage in gathered for e in stage), key=lambda e: e[0])
-        pp_ranks = dist.get_process_group_ranks(pp_group)
-    else:
-        plan = sorted(mine, key=lambda e: e[0])
-        pp_ranks = None
-    device = next(iter(local.values()))[1].device if local else torch.device("cpu")
-
-    bucket: list[tuple[str, torch.Tensor]] = []
-    held = 0
-    for key, owner, shapes, dtype_name in plan:
-        item_bytes = torch.empty((), dtype=_NAME_DTYPES[dtype_name]).element_size()
-        nbytes = sum(prod(shape) for _, shape in shapes) * item_bytes
-        if bucket and held + nbytes > bucket_bytes:
-            stats.num_buckets += 1
-            yield bucket
-            bucket = []
-            stats.release(held)
-            held = 0
-        if owner == pp_rank:
-            rule, param = local[key]
-            full, gather_bytes = _tp_gather(param, rule, tp, tp_group, stats)
-            tensors = []
-            for name, t in to_hf(rule, full, arch, tp):
-                if dtype is not None and t.dtype != dtype:
-                    t = t.to(dtype)
-                tensors.append((name, t.contiguous()))
-            stats.hold(nbytes)
-            del full
-            stats.release(gather_bytes)
-        else:
-            tensors = [(name, torch.empty(shape, dtype=_NAME_DTYPES[dtype_name], device=device))
-                       for name, shape in shapes]
-            stats.hold(nbytes)
-        if pp_ranks is not None:
-            for _, t in tensors:
-                dist.broadcast(t, src=pp_ranks[owner], group=pp_group)
-        bucket.extend(tensors)
-        held += nbytes
-        stats.exported_bytes += nbytes
-        stats.num_tensors += len(tensors)
-    if bucket:
-        stats.num_buckets += 1
-        yield bucket
-        stats.release(held)
+    buckets = plan_flat_buckets(model_chunks, arch, bucket_bytes=bucket_bytes, dtype=dtype, tensor_of=tensor_of,
+                                all_stages=True)
+    device = next((it.local.device for b in buckets for it in b.items if it.local is not None), torch.device("cpu"))
+    pool = _BufferPool(device, stats)
+    try:
+        for bucket, buf in export_flat_buckets(buckets, arch, lambda b: pool.get(b.nbytes), everywhere=True,
+                                               stats=stats):
+            tensors = [(e.name, e.view(buf)) for e in bucket.entries]
+            pool.handed_out(buf, [t for _, t in tensors])
+            del buf
+            yield tensors
+            del tensors
+    finally:
+        pool.close()
 
 
 def iter_hf_weights(model_chunks, arch: HFArch, **kwargs) -> Iterator[tuple[str, torch.Tensor]]:

@@ -305,6 +305,47 @@ class VLLMEngine:
         finally:
             os.unlink(path)
 
+    # Flat buckets (luffy_megatron/sync/): one uint8 buffer + wire entries [name, dtype, shape, offset].
+
+    def load_weights_rpc(self, method: str, entries: Sequence, *args) -> int:
+        """Inside an update session: checks the tensors `entries` (wire form) announce, as `load_weights` does,
+        then runs the worker-extension method `method(*args)` on every worker, which brings them in (from
+        shared memory, a process group, ...). Returns the number of tensors."""
+        if self._update is None:
+            raise RuntimeError(f"{method} outside a weight update: call begin_weight_update first")
+        names = [str(e[0]) for e in entries]
+        for e in entries:
+            self.check_weight(str(e[0]), torch.empty(tuple(e[2]), device="meta"))
+        repeated = sorted({n for n in names if n in self._update["names"]} | {n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"weight update sends {repeated} more than once")
+        self._llm.collective_rpc(method, args=args)
+        self._update["names"].update(names)
+        self._update["bytes"] += sum(torch.empty(tuple(e[2]), dtype=getattr(torch, e[1]), device="meta").nbytes
+                                     for e in entries)
+        return len(names)
+
+    def load_flat_bucket(self, flat, entries: Sequence) -> int:
+        """One flat bucket held by this process (e.g. read in place from Ray's object store): written into a
+        /dev/shm file the workers map (`weight_handoff` "file"), or sent as bytes through vLLM's RPC."""
+        flat = torch.as_tensor(flat).view(torch.uint8).reshape(-1)
+        if self.weight_handoff == "bytes":
+            return self.load_weights_rpc("luffy_load_flat_bytes", entries, flat.numpy().tobytes(), list(entries))
+        from luffy_megatron.sync.shm import ShmBuffer
+
+        handoff = getattr(self, "_handoff_shm", None)
+        if handoff is None or handoff.nbytes < flat.numel():
+            if handoff is not None:
+                handoff.close()
+            handoff = self._handoff_shm = ShmBuffer(flat.numel(), tag="engine-handoff")
+        handoff.tensor[: flat.numel()].copy_(flat)  # the workers' loads of the previous bucket are done
+        return self.load_weights_rpc("luffy_load_flat_file", entries, handoff.path, handoff.nbytes, list(entries))
+
+    def worker_rpc(self, method: str, *args) -> list:
+        """A worker-extension method on every worker (the weight-sync transports' set-up: worker info, joining
+        process groups); returns each worker's result."""
+        return self._llm.collective_rpc(method, args=args)
+
     def finish_weight_update(self, *, partial: bool = False) -> dict:
         """Closes the session (layers that got no tensor keep their old weights), resets the prefix
         cache and bumps `weight_version`. Without `partial`, raises if a checkpoint tensor was not sent."""

@@ -132,6 +132,15 @@ class VLLMEngineActor:
     def weight_version(self) -> int:
         return self.engine.weight_version
 
+    def call(self, method: str, *args, **kwargs) -> Any:
+        """Any `VLLMEngine` method by name (the weight-sync transports' `load_weights_rpc`, `load_flat_bucket`,
+        `worker_rpc`); an ObjectRef passed as a top-level argument arrives resolved."""
+        t0 = time.time()
+        try:
+            return getattr(self.engine, method)(*args, **kwargs)
+        finally:
+            self._event(method, t0)
+
     def param_checksum(self) -> float:
         return self.engine.param_checksum()
 

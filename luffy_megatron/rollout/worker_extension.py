@@ -4,7 +4,7 @@ vLLM (seen in 0.32.0) mixes `worker_extension_cls` into its Worker class, so the
 callable by name through `LLM.collective_rpc("luffy_...")` on every worker (every TP rank) without
 pickled callables (`VLLM_ALLOW_INSECURE_SERIALIZATION`). Names carry a `luffy_` prefix because vLLM
 refuses an extension attribute that its Worker already has (vLLM's own `update_weights` is its
-weight-transfer-engine API, which needs NCCL/IPC transports this CPU path does not use).
+weight-transfer-engine API).
 
 Why a begin/load/finish session instead of a bare `model.load_weights`: after the first load vLLM
 post-processes layers into kernel format (`process_weights_after_loading`; on CPU the linear layers
@@ -16,13 +16,40 @@ its tensors arrived, copying the result into the original storage (CUDA graphs s
 the same three calls, split so that buckets can arrive one by one between `begin` and `finish`.
 Layers that receive no tensor in a session keep their old weights.
 
-Tensors reach the workers as one safetensors blob per bucket, either as `bytes` through the RPC
-(vLLM's msgpack encoder turns untyped `torch.Tensor` arguments of a utility call into bare tuples,
-while `bytes` travel natively through both hops: zmq, then the broadcast to TP workers), or as a file
-in `/dev/shm` whose path goes through the RPC (workers on the engine's own host only).
+How buckets arrive (the transports are in `luffy_megatron/sync/`):
+
+* flat buckets: one uint8 buffer + a list of (name, dtype, shape, offset); the worker hands vLLM's loader views
+  of the buffer, so the only copy is the loader's own into the model. The buffer is a /dev/shm file mapped by
+  path (`luffy_load_flat_file`: the shared-memory transport, and the object store's handoff on the engine's
+  host), a CUDA IPC handle opened on this worker's GPU (`luffy_load_ipc`), a buffer received from a
+  dedicated process group (`luffy_join_weight_groups`, `luffy_receive_collective`), or bytes through the RPC
+  (`luffy_load_flat_bytes`, for workers on another host).
+* safetensors blobs (`luffy_load_hf_weights[_file]`): lists of named tensors (`VLLMEngine.update_weights`).
+
+A layer whose tensors straddle two buckets is held by vLLM's layerwise loader until its last tensor comes:
+before a buffer is reused, the tensors of such pending layers that still point into it are copied
+(`detach_pending`), so a reused buffer never changes what a pending layer will load.
 """
 
 from __future__ import annotations
+
+
+def detach_pending(flat) -> int:
+    """Copies the loader arguments of not-yet-complete layers (vLLM's layerwise reload buffers them until a
+    layer has all of its tensors) that are views of `flat`, which is about to be reused. Returns how many."""
+    import torch
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    ptr = flat.untyped_storage().data_ptr()
+    copied = 0
+    for info in list(LAYERWISE_INFO.values()):
+        for _, bound in info.loaded_weights:
+            for key, value in list(bound.arguments.items()):
+                if (isinstance(value, torch.Tensor) and value.device == flat.device
+                        and value.untyped_storage().data_ptr() == ptr):
+                    bound.arguments[key] = value.clone()
+                    copied += 1
+    return copied
 
 
 class LuffyWorkerExtension:
@@ -35,35 +62,115 @@ class LuffyWorkerExtension:
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.model)
 
-    def luffy_load_hf_weights(self, blob: bytes) -> int:
-        """Loads HF-named full tensors through the model's own `load_weights`, which fuses q/k/v and
-        gate/up, slices for this worker's TP rank, and skips `lm_head` of tied models. Returns the
-        number of tensors received."""
-        from safetensors.torch import load
-        from vllm.config import set_current_vllm_config
-
-        tensors = load(blob)
-        with set_current_vllm_config(self.vllm_config):
-            self.model_runner.model.load_weights(weights=list(tensors.items()))
-        return len(tensors)
-
-    def luffy_load_hf_weights_file(self, path: str) -> int:
-        """Like `luffy_load_hf_weights`, from a safetensors file the engine wrote to shared memory
-        (`/dev/shm`): skips the two socket hops, about 3x faster for large buckets on CPU."""
-        from safetensors.torch import load_file
-        from vllm.config import set_current_vllm_config
-
-        tensors = load_file(path)
-        with set_current_vllm_config(self.vllm_config):
-            self.model_runner.model.load_weights(weights=list(tensors.items()))
-        return len(tensors)
-
     def luffy_finish_weight_update(self) -> None:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(self.model_runner.model, self.model_runner.model_config)
+
+    # ---------------------------------------------------------------- named tensors (safetensors)
+
+    def _luffy_load(self, named) -> int:
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.model.load_weights(weights=named)
+        return len(named)
+
+    def luffy_load_hf_weights(self, blob: bytes) -> int:
+        """Loads HF-named full tensors through the model's own `load_weights`, which fuses q/k/v and
+        gate/up, slices for this worker's TP rank, and skips `lm_head` of tied models. Returns the
+        number of tensors received."""
+        from safetensors.torch import load
+
+        return self._luffy_load(list(load(blob).items()))
+
+    def luffy_load_hf_weights_file(self, path: str) -> int:
+        """Like `luffy_load_hf_weights`, from a safetensors file the engine wrote to shared memory."""
+        from safetensors.torch import load_file
+
+        return self._luffy_load(list(load_file(path).items()))
+
+    # ---------------------------------------------------------------- flat buckets
+
+    def _luffy_load_flat(self, flat, entries) -> int:
+        """Loads views of the uint8 buffer `flat` described by wire `entries`, then detaches pending layers."""
+        from luffy_megatron.convert.export import views_of
+
+        if flat.device != self.device:
+            flat = flat.to(self.device)
+        n = self._luffy_load(views_of(flat, entries))
+        detach_pending(flat)
+        return n
+
+    def luffy_load_flat_file(self, path: str, nbytes: int, entries: list) -> int:
+        """A flat bucket in a /dev/shm file (mapped once per path, read in place)."""
+        from luffy_megatron.sync.shm import MappingCache
+
+        cache = getattr(self, "_luffy_shm_maps", None)
+        if cache is None:
+            cache = self._luffy_shm_maps = MappingCache()
+        return self._luffy_load_flat(cache.get(path, nbytes), entries)
+
+    def luffy_load_flat_bytes(self, blob: bytes, entries: list) -> int:
+        """A flat bucket as bytes through the RPC (workers on another host than the engine actor)."""
+        import torch
+
+        return self._luffy_load_flat(torch.frombuffer(bytearray(blob), dtype=torch.uint8), entries)
+
+    def luffy_load_ipc(self, handles_b64: str, slot: int, entries: list) -> int:
+        """A flat bucket in the sender's GPU memory: opens the CUDA IPC handle of this worker's GPU (by UUID,
+        vLLM's `PackedBufferImporter`, one per buffer slot so a mapping is opened and released once per sync)."""
+        import base64
+        import pickle
+
+        import torch
+        from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter
+
+        handles = pickle.loads(base64.b64decode(handles_b64))
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        if uuid not in handles:
+            raise ValueError(f"no CUDA IPC handle for this worker's GPU {uuid}; got {sorted(handles)}: the "
+                             "shared-memory transport needs a trainer rank on every engine GPU (colocated layout)")
+        importers = getattr(self, "_luffy_ipc_importers", None)
+        if importers is None:
+            importers = self._luffy_ipc_importers = [PackedBufferImporter(), PackedBufferImporter()]
+        args = list(handles[uuid])
+        args[6] = index  # the device index as this process numbers it (vLLM's packed_ipc_consumer does the same)
+        flat = importers[int(slot)].rebuild(args)
+        n = self._luffy_load_flat(flat, entries)
+        torch.cuda.synchronize(index)  # the loader's copies are done before the sender refills the buffer
+        return n
+
+    # ---------------------------------------------------------------- collective
+
+    def luffy_worker_info(self) -> dict:
+        import os
+        import socket
+
+        import torch
+
+        info = {"rank": int(getattr(self, "rank", 0)), "pid": os.getpid(), "hostname": socket.gethostname(),
+                "device": str(self.device), "gpu_uuid": None}
+        if self.device.type == "cuda":
+            info["gpu_uuid"] = str(torch.cuda.get_device_properties(self.device.index or 0).uuid)
+        return info
+
+    def luffy_join_weight_groups(self, groups: list, rank_offset: int) -> list:
+        """Joins every sender's weight group (`sync.collective`), in the order given."""
+        from luffy_megatron.sync.collective import worker_join
+
+        return worker_join(self, groups, rank_offset)
+
+    def luffy_receive_collective(self, group_names: list, plans: list) -> int:
+        """Receives and loads every sender's buckets of one sync (`sync.collective.worker_receive`)."""
+        from luffy_megatron.sync.collective import worker_receive
+
+        return worker_receive(self, group_names, plans, self._luffy_load_flat)
+
+    # ---------------------------------------------------------------- checks
 
     def luffy_param_checksum(self) -> float:
         """Sum of |param| over the model: a cheap fingerprint for tests and debugging."""

@@ -1,0 +1,240 @@
+"""`collective`: a dedicated process group per sender with every engine worker; buckets are broadcast.
+
+Groups. Each pipeline stage's sender is rank 0 of its own group whose other members are every worker of every
+engine (engine e's worker w is rank 1 + sum of the workers of engines before e + w). Created once per fleet at
+the first sync, through vLLM's helpers for exactly this (as vLLM's RLHF examples and its "nccl" weight-transfer
+engine do): on CPU a gloo `ProcessGroup` from `vllm.distributed.utils.stateless_init_torch_distributed_process_group`
+(which does not touch torch.distributed's global state of either side), on GPU a `StatelessProcessGroup` with a
+`PyNcclCommunicator` (`vllm.distributed.weight_transfer.nccl_common.stateless_init_process_group`). The workers
+join in the worker extension (`luffy_join_weight_groups`), all groups in stage order, so no two engines wait on
+each other in different orders.
+
+A sync. The senders share their bucket plans (sizes and (name, dtype, shape, offset) lists) and the driver
+starts one receive call per engine (`luffy_receive_collective`) holding all of them; each worker then receives
+bucket after bucket in one fixed order, round robin over the stages (every member of every group sees its
+group's broadcasts in the same order, so the groups cannot deadlock), into two receive buffers: bucket k+1
+arrives while bucket k loads. Each sender broadcasts its buckets from two buffers, exporting bucket k+1 while
+bucket k is on the wire. Copies of every byte: the export into the send buffer (1), the transfer into each
+worker's receive buffer (2; through the kernel's socket buffers on gloo, by DMA on NCCL), vLLM's load (3).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from datetime import timedelta
+from typing import Iterator, Optional
+
+import torch
+
+from luffy_megatron.convert.export import FlatBucket
+from luffy_megatron.sync.weights import SyncContext, Transport, node_ip
+
+log = logging.getLogger(__name__)
+
+
+class WeightGroup:
+    """One sender <-> engine-workers group: broadcasts a uint8 buffer from the sender (group rank 0)."""
+
+    def __init__(self, backend: str, pg=None, comm=None, device=None):
+        self.backend, self.pg, self.comm, self.device = backend, pg, comm, device
+        self.stream = torch.cuda.Stream(device=device) if backend == "nccl" else None
+
+    @classmethod
+    def create(cls, *, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float,
+               listen_socket: Optional[socket.socket] = None, device=None) -> "WeightGroup":
+        if backend == "gloo":
+            from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+            pg = stateless_init_torch_distributed_process_group(
+                host, port, rank, world_size, "gloo", listen_socket=listen_socket, timeout=timedelta(seconds=timeout_s))
+            return cls("gloo", pg=pg)
+        if backend == "nccl":
+            from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
+
+            if listen_socket is not None:
+                listen_socket.close()  # vLLM's rendezvous binds the port itself on group rank 0
+            comm = stateless_init_process_group(host, port, rank, world_size, device)
+            return cls("nccl", comm=comm, device=device)
+        raise ValueError(f"unknown weight-group backend {backend!r}")
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0):
+        """Starts the broadcast; returns something with `wait()`."""
+        if self.backend == "gloo":
+            import torch.distributed as dist
+
+            opts = dist.BroadcastOptions()
+            opts.rootRank, opts.rootTensor = root, 0
+            return self.pg.broadcast([tensor], opts)
+        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(self.stream):
+            self.comm.broadcast(tensor, src=root, stream=self.stream)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        tensor.record_stream(self.stream)
+        return _EventWait(event)
+
+    def close(self) -> None:
+        try:
+            if self.pg is not None:
+                self.pg.shutdown()
+            if self.comm is not None:
+                self.comm.destroy()
+        except Exception as err:  # noqa: BLE001 - the other side may be gone
+            log.debug("closing a weight group: %s", err)
+        self.pg = self.comm = None
+
+
+class _EventWait:
+    def __init__(self, event):
+        self.event = event
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+
+def _listen(host: str) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, 0))
+    s.listen()
+    return s
+
+
+class CollectiveTransport(Transport):
+    name = "collective"
+
+    def __init__(self, fleet):
+        super().__init__(fleet)
+        self.group: Optional[WeightGroup] = None
+        self.group_names: list[str] = []
+        self.slots: list = [None, None]
+        self.inflight: list = [None, None]  # the broadcast reading each slot
+        self.k = 0
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+    def _setup(self, ctx: SyncContext) -> None:
+        """Once per fleet (collective over the senders): every sender's group with every engine worker."""
+        if self.group is not None:
+            return
+        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+        host = node_ip()
+        sock = _listen(host)
+        port = sock.getsockname()[1]
+        spec = {"name": f"luffy-weights-stage{ctx.sender_index}-{host}:{port}", "host": host, "port": port,
+                "backend": backend, "timeout_s": ctx.timeout_s}
+        workers = None
+        if ctx.is_driver:
+            workers = [len(w) for w in ctx.engine_get(
+                [e.call.remote("worker_rpc", "luffy_worker_info") for e in self.fleet.engines], "luffy_worker_info")]
+        gathered = ctx.all_gather((spec, workers))
+        workers = gathered[0][1]
+        world = 1 + sum(workers)
+        groups = [dict(g, world_size=world) for g, _ in gathered]
+        offsets = [1 + sum(workers[:i]) for i in range(len(workers))]
+        joins = None
+        if ctx.is_driver:
+            joins = [e.call.remote("worker_rpc", "luffy_join_weight_groups", groups, offsets[i])
+                     for i, e in enumerate(self.fleet.engines)]
+        try:
+            self.group = WeightGroup.create(host=host, port=port, rank=0, world_size=world,
+                                            backend=backend, timeout_s=ctx.timeout_s, listen_socket=sock,
+                                            device=ctx.device if backend == "nccl" else None)
+        finally:
+            if backend == "gloo":
+                sock.close()  # the store took its own handle of the socket
+        if joins is not None:
+            ctx.engine_get(joins, "luffy_join_weight_groups")
+        self.group_names = [g["name"] for g in groups]
+        log.info("weight sync: %d collective group(s) of %d (%s)", len(groups), world, backend)
+
+    def buffer_for(self, bucket: FlatBucket) -> torch.Tensor:
+        slot = self.k % 2
+        if self.inflight[slot] is not None:  # the broadcast of the bucket two back
+            self.inflight[slot].wait()
+            self.inflight[slot] = None
+        return self.slots[slot]
+
+    def transfer(self, ctx: SyncContext, filling: Iterator) -> None:
+        plans = ctx.all_gather([[b.nbytes, b.wire_entries()] for b in ctx.buckets])
+        receives = None
+        if ctx.is_driver:
+            names = [e for plan in plans for _, entries in plan for e in entries]
+            receives = [e.call.remote("load_weights_rpc", "luffy_receive_collective", names, self.group_names, plans)
+                        for e in self.fleet.engines]
+        size = max((b.nbytes for b in ctx.buckets), default=0)
+        for i in range(2):
+            if size and (self.slots[i] is None or self.slots[i].numel() < size):
+                self.slots[i] = torch.empty(size, dtype=torch.uint8, device=ctx.device)
+        self.k = 0
+        try:
+            for bucket, buf in filling:
+                self.inflight[self.k % 2] = self.group.broadcast(buf[: bucket.nbytes])
+                self.k += 1
+        finally:
+            for slot in range(2):
+                if self.inflight[slot] is not None:
+                    self.inflight[slot].wait()
+                    self.inflight[slot] = None
+        if receives is not None:
+            ctx.engine_get(receives, "luffy_receive_collective")
+
+    def run(self, ctx: SyncContext) -> dict:
+        if ctx.is_sender:
+            self._setup(ctx)
+        return super().run(ctx)
+
+
+# ------------------------------------------------------------------------------- engine side (worker extension)
+
+
+def worker_join(worker, groups: list[dict], rank_offset: int) -> list[str]:
+    """In a vLLM worker: joins every sender's group (in the given order) as rank `rank_offset + worker rank`."""
+    joined = getattr(worker, "_luffy_weight_groups", {})
+    for g in joined.values():
+        g.close()
+    joined = {}
+    rank = int(rank_offset) + int(getattr(worker, "rank", 0))
+    device = worker.device if g_backend_is_nccl(groups) else None
+    for g in groups:
+        joined[g["name"]] = WeightGroup.create(host=g["host"], port=int(g["port"]), rank=rank,
+                                               world_size=int(g["world_size"]), backend=g["backend"],
+                                               timeout_s=float(g["timeout_s"]), device=device)
+    worker._luffy_weight_groups = joined
+    return list(joined)
+
+
+def g_backend_is_nccl(groups: list[dict]) -> bool:
+    return any(g["backend"] == "nccl" for g in groups)
+
+
+def worker_receive(worker, group_names: list[str], plans: list, load) -> int:
+    """In a vLLM worker: receives every sender's buckets (round robin over senders, each sender's in order) into
+    two buffers, and `load(buffer, entries)` each while the next one arrives. Returns the number of tensors."""
+    groups = [worker._luffy_weight_groups[n] for n in group_names]
+    order = []
+    longest = max((len(p) for p in plans), default=0)
+    for k in range(longest):
+        for s, plan in enumerate(plans):
+            if k < len(plan):
+                order.append((s, int(plan[k][0]), plan[k][1]))
+    if not order:
+        return 0
+    size = max(n for _, n, _ in order)
+    bufs = getattr(worker, "_luffy_recv_buffers", None)
+    if bufs is None or bufs[0].numel() < size or bufs[0].device != worker.device:
+        bufs = [torch.empty(size, dtype=torch.uint8, device=worker.device) for _ in range(2)]
+        worker._luffy_recv_buffers = bufs
+    count = 0
+    pending = groups[order[0][0]].broadcast(bufs[0][: order[0][1]])
+    for i, (s, nbytes, entries) in enumerate(order):
+        pending.wait()
+        if i + 1 < len(order):
+            ns, nn, _ = order[i + 1]
+            pending = groups[ns].broadcast(bufs[(i + 1) % 2][:nn])  # arrives while this one loads
+        count += load(bufs[i % 2], entries)
+    return count

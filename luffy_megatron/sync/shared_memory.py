@@ -1,0 +1,224 @@
+"""`shared_memory`: buckets are written once into memory the engine workers map; nothing is copied between
+processes.
+
+CPU (POSIX shared memory). Each stage's sender owns two /dev/shm files (`sync.shm.ShmBuffer`) as large as its
+largest bucket, kept between syncs. The export receives the TP shards straight into the file's mapping; the
+sender then asks every engine to load it (`luffy_load_flat_file`: each worker maps the file, once, and hands
+views of it to vLLM's loader). While the engines load bucket k from one file, bucket k+1 is exported into the
+other. Every engine must run on the sender's host (checked at the first sync, naming the engine and both
+nodes). Copies of every byte: the export into shared memory (1), then vLLM's load into the model.
+
+GPU (CUDA IPC, as verl and NeMo-RL do it). A CUDA IPC handle opens only on the GPU the memory lives on, so here
+every rank serves the engine worker on its own GPU (the colocated layout puts one on each): every rank builds
+every bucket (its TP group exchanges shards, each stage broadcasts its own buckets over the pipeline group:
+NVLink within a node), in one of two device buffers whose IPC handles (`torch.multiprocessing.reductions.
+reduce_tensor`) are exported once per sync. Per bucket the first rank of each engine's GPUs sends the
+handles of all of them (keyed by GPU UUID, as vLLM's `packed_ipc_consumer` expects) with the entry list; each
+worker opens the one of its own GPU (vLLM's `PackedBufferImporter`) and loads from it in place.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import pickle
+from typing import Iterator, Optional
+
+import torch
+
+from luffy_megatron.convert.export import FlatBucket
+from luffy_megatron.sync.weights import SyncContext, Transport
+
+log = logging.getLogger(__name__)
+
+
+def ray_node_id() -> Optional[str]:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class SharedMemoryTransport(Transport):
+    name = "shared_memory"
+
+    def __init__(self, fleet):
+        super().__init__(fleet)
+        self.slots: list = [None, None]  # ShmBuffer
+        self.pending: list[list] = [[], []]  # engine loads still reading each slot
+        self.k = 0
+        self._ctx: Optional[SyncContext] = None
+        self._checked_hosts = False
+        self._ipc: Optional[dict] = None
+
+    def close(self) -> None:
+        for s in self.slots:
+            if s is not None:
+                s.close()
+        self.slots = [None, None]
+
+    # ---------------------------------------------------------------- CPU: /dev/shm
+
+    def run(self, ctx: SyncContext) -> dict:
+        if ctx.device.type == "cuda":
+            return self._run_ipc(ctx)
+        self._ctx = ctx
+        return super().run(ctx)
+
+    def _check_hosts(self, ctx: SyncContext) -> None:
+        if self._checked_hosts:
+            return
+        mine = ray_node_id()
+        infos = ctx.engine_get([e.placement_info.remote() for e in self.fleet.engines], "placement_info")
+        away = [(i, info.get("node_id"), info.get("node_ip")) for i, info in enumerate(infos)
+                if mine is not None and info.get("node_id") != mine]
+        if away:
+            i, node, ip = away[0]
+            raise RuntimeError(
+                f"rollout.weight_sync_transport=shared_memory: engine {i} runs on node {ip} ({str(node)[:8]}) but the "
+                f"sender of pipeline stage {ctx.pp_rank} (rank {ctx.rank}) on node {str(mine)[:8]}; shared memory only "
+                f"reaches engines on the sender's node ({len(away)} of {len(infos)} engines are elsewhere). Use "
+                "rollout.weight_sync_transport=collective (or auto)")
+        self._checked_hosts = True
+
+    def _ensure_slots(self, nbytes: int) -> None:
+        from luffy_megatron.sync.shm import ShmBuffer
+
+        for i in range(2):
+            if self.slots[i] is None or self.slots[i].nbytes < nbytes:
+                self._wait(i)
+                if self.slots[i] is not None:
+                    self.slots[i].close()
+                self.slots[i] = ShmBuffer(nbytes, tag=f"stage{self._ctx.pp_rank}-slot{i}")
+
+    def _wait(self, slot: int) -> None:
+        if self.pending[slot]:
+            refs, self.pending[slot] = self.pending[slot], []
+            self._ctx.engine_get(refs, "luffy_load_flat_file")
+
+    def buffer_for(self, bucket: FlatBucket) -> torch.Tensor:
+        slot = self.k % 2
+        self._wait(slot)  # the engines are done with the bucket two back
+        return self.slots[slot].tensor
+
+    def transfer(self, ctx: SyncContext, filling: Iterator) -> None:
+        self._check_hosts(ctx)
+        if ctx.buckets:
+            self._ensure_slots(max(b.nbytes for b in ctx.buckets))
+        self.k = 0
+        try:
+            for bucket, buf in filling:
+                slot = self.k % 2
+                shm = self.slots[slot]
+                entries = bucket.wire_entries()
+                self.pending[slot] = [e.call.remote("load_weights_rpc", "luffy_load_flat_file", entries, shm.path,
+                                                    shm.nbytes, entries) for e in self.fleet.engines]
+                self.k += 1
+        finally:
+            for slot in range(2):
+                self._wait(slot)
+
+    # ---------------------------------------------------------------- GPU: CUDA IPC
+
+    def _ipc_setup(self, ctx: SyncContext) -> dict:
+        """Once per fleet: which rank serves which engine worker (same GPU UUID), and one process group per
+        engine of the ranks that serve it (their first rank talks to the engine)."""
+        import torch.distributed as dist
+
+        if self._ipc is not None:
+            return self._ipc
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        uuids: list = [None] * dist.get_world_size()
+        dist.all_gather_object(uuids, uuid)
+        plan = [None]
+        if dist.get_rank() == 0:
+            workers = ctx.engine_get([e.call.remote("worker_rpc", "luffy_worker_info") for e in self.fleet.engines],
+                                     "luffy_worker_info")
+            serving = []
+            for i, infos in enumerate(workers):
+                ranks = []
+                for w in infos:
+                    owners = [r for r, u in enumerate(uuids) if u == w["gpu_uuid"]]
+                    if not owners:
+                        plan[0] = (f"rollout.weight_sync_transport=shared_memory on GPUs: worker {w['rank']} of engine {i} "
+                                   f"is on GPU {w['gpu_uuid']}, which no Megatron rank uses. CUDA IPC reaches only "
+                                   "engines on the trainer's GPUs (cluster.layout=colocated); use collective")
+                        break
+                    ranks.append(owners[0])
+                serving.append(sorted(set(ranks)))
+            plan[0] = plan[0] or serving
+        dist.broadcast_object_list(plan, src=0)
+        if isinstance(plan[0], str):
+            raise RuntimeError(plan[0])
+        groups = [dist.new_group(ranks) for ranks in plan[0]]  # every rank, in the same order
+        me = dist.get_rank()
+        mine = [i for i, ranks in enumerate(plan[0]) if me in ranks]
+        self._ipc = {"serving": plan[0], "groups": groups, "engine": mine[0] if mine else None, "uuid": uuid}
+        return self._ipc
+
+    def _run_ipc(self, ctx: SyncContext) -> dict:
+        import torch.distributed as dist
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        from luffy_megatron.convert.export import export_flat_buckets, plan_flat_buckets
+
+        ipc = self._ipc_setup(ctx)
+        buckets = plan_flat_buckets(ctx.chunks, ctx.arch, bucket_bytes=ctx.bucket_bytes, dtype=ctx.dtype, all_stages=True)
+        size = max((b.nbytes for b in buckets), default=1)
+        slots = [torch.empty(size, dtype=torch.uint8, device=ctx.device) for _ in range(2)]
+        handles = [reduce_tensor(s)[1] for s in slots]
+        e = ipc["engine"]
+        group = ipc["groups"][e] if e is not None else None
+        leader = e is not None and dist.get_rank() == ipc["serving"][e][0]
+        by_uuid: list = [None] * (len(ipc["serving"][e]) if e is not None else 0)
+        if group is not None:
+            dist.all_gather_object(by_uuid, (ipc["uuid"], handles), group=group)
+        # pickled for the hop through vLLM's RPC encoder (as vLLM's own IPC engine does for HTTP)
+        slot_handles = [base64.b64encode(pickle.dumps({u: h[i] for u, h in by_uuid})).decode() for i in range(2)]
+
+        def world_agree(ok: bool, what: str) -> None:
+            oks: list = [None] * dist.get_world_size()
+            dist.all_gather_object(oks, ok)
+            if not all(oks):
+                raise RuntimeError(f"weight sync (CUDA IPC): {what} failed on rank(s) {[r for r, o in enumerate(oks) if not o]}")
+
+        err = None
+        try:
+            if ctx.rank == 0:
+                ctx.engine_get([x.begin_weight_update.remote() for x in self.fleet.engines], "begin_weight_update")
+        except BaseException as exc:  # noqa: BLE001
+            err = exc
+        world_agree(err is None, "opening the engines' update session")
+        pending, k = None, 0
+        try:
+            for bucket, buf in export_flat_buckets(buckets, ctx.arch, lambda b: slots[k % 2], everywhere=True,
+                                                   stats=ctx.stats):
+                torch.cuda.current_stream().synchronize()  # the bucket is complete before a worker reads it
+                if pending is not None:  # the engine finished bucket k-1: its slot is free for bucket k+1
+                    ctx.engine_get(pending, "luffy_load_ipc") if leader else None
+                    dist.barrier(group=group) if group is not None else None
+                    pending = None
+                if leader:
+                    entries = bucket.wire_entries()
+                    pending = self.fleet.engines[e].call.remote("load_weights_rpc", "luffy_load_ipc", entries,
+                                                                slot_handles[k % 2], k % 2, entries)
+                elif group is not None:
+                    pending = True
+                k += 1
+            if pending is not None:
+                ctx.engine_get(pending, "luffy_load_ipc") if leader else None
+                dist.barrier(group=group) if group is not None else None
+        except BaseException as exc:  # noqa: BLE001
+            err = exc
+        try:
+            world_agree(err is None, "sending weights")
+        except RuntimeError:
+            self.abort(ctx) if ctx.rank == 0 else None
+            raise err if err is not None else RuntimeError("weight sync (CUDA IPC) failed on another rank")
+        del slots
+        if ctx.rank != 0:
+            return {}
+        done = ctx.engine_get([x.finish_weight_update.remote() for x in self.fleet.engines], "finish_weight_update")
+        return {"weight_version": done[0]["weight_version"], "num_tensors": done[0]["num_tensors"]}
