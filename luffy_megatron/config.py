@@ -615,6 +615,15 @@ def validate(cfg: Config) -> None:
             "of parallel.nnodes * n_gpus_per_node"
         )
     # rollout.max_prefix_len > data.max_response_length is fine: the demonstration is cut to the response.
+    if r.max_logprob_diff is not None and r.max_logprob_diff <= 0:
+        errors.append(f"rollout.max_logprob_diff={r.max_logprob_diff} must be > 0 (a mean |engine - actor log-prob| "
+                      "limit, e.g. 0.05), or null to turn the check off")
+    if r.max_logprob_diff is None and r.logprob_diff_action == "error":
+        errors.append("rollout.logprob_diff_action=error has no limit to act on: set rollout.max_logprob_diff "
+                      "(e.g. 0.05), or logprob_diff_action=warn")
+    if r.request_timeout_s <= 0:
+        errors.append(f"rollout.request_timeout_s={r.request_timeout_s} must be > 0 (seconds a generation or weight "
+                      "sync may take before the engine counts as failed)")
 
     # cluster (the layout rules that need the Ray cluster, e.g. `auto`, are checked by cluster.placement.reserve)
     c = cfg.cluster

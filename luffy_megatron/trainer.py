@@ -5,6 +5,13 @@
 One driver process (this module) holds the data, the reward pool and the loop; Ray holds the Megatron
 ranks (`cluster.ActorGroup`) and the vLLM engines (`rollout.EngineFleet`), placed on the GPUs by the layout
 of `cluster.layout` (`cluster/`). Each box of the data flow in DESIGN.md is one call below.
+
+The ranks are called through `rollout.faults.GuardedRanks` and the engines through
+`rollout.faults.EngineSupervisor` (deadlines, named failures, engine restarts). The weight version is the
+step whose update made the actor's weights; every generated row carries the version of the engine that made
+it and is checked against the actor's, with the engines' log-probs against the actor's
+(`rollout/integrity.py`). A step that fails (an engine, stale or drifting rollouts) first checkpoints the
+healthy actor, then `luffy-train` reports it in one `luffy-train: error: ...` line.
 """
 
 from __future__ import annotations
@@ -22,7 +29,11 @@ import torch
 from luffy_megatron.actor.batching import RolloutBatch
 from luffy_megatron.algo import advantage_options, assemble_responses, compute_advantages, plan_rows, prefix_ratios
 from luffy_megatron.config import Config, ConfigError, load_config, parse_overrides_from_argv
+from luffy_megatron.data.errors import DataError
 from luffy_megatron.metrics_log import MetricsLogger, plot_results
+from luffy_megatron.rollout.faults import EngineFailure, EngineSupervisor, GuardedRanks, RankFailure, RunError, remote_cause
+from luffy_megatron.rollout.integrity import (RolloutIntegrityError, check_weight_versions, drift_metrics,
+                                              enforce_max_logprob_diff, logprob_drift, record_generations)
 from luffy_megatron.utils.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
 
 log = logging.getLogger("luffy.trainer")
@@ -50,47 +61,57 @@ def train(cfg: Config, workers=None) -> Path:
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
     stop = StopSignals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step, exit PREEMPTED_EXIT_CODE
 
-    owned = workers is None
-    if owned:
-        workers = start_workers(cfg, pad_token_id(tokenizer), use_gpu=use_gpu)
-    actors, fleet = workers.actors, workers.fleet
-    workers.write_report(out / "placement.json")
-    metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl", total_steps=total_steps, console=cfg.logging.console)
-    sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    step = resume(cfg, actors, fleet, sampler, out)
-    saved_step, preempted = step, None
-    rng = random.Random(cfg.trainer.seed + step)
+    owned, metrics_log = workers is None, None
+    try:
+        if owned:
+            workers = start_workers(cfg, pad_token_id(tokenizer), use_gpu=use_gpu, log_dir=out / "logs" / "workers")
+        ranks, engines = guard(cfg, workers)
+        workers.write_report(out / "placement.json")
+        metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl", total_steps=total_steps, console=cfg.logging.console)
+        sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        step = resume(cfg, ranks, engines, sampler, out)
+        saved_step, preempted = step, None
+        trained = (step, sampler.position)  # the newest state of the actor: after step trained[0], data position trained[1]
 
-    with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn) as rewards:
-        if cfg.trainer.val_before_train and step == 0 and val_set is not None:
-            metrics_log.log(0, validate(cfg, fleet, rewards, tokenizer, val_set))
-        while step < total_steps:
-            if stop.requested:  # the safe point: the previous step is complete
-                preempted = stop_with_checkpoint(stop, actors, cfg, out, step, sampler, saved=saved_step == step)
-                break
-            step += 1
-            t0 = time.time()
-            prompts = [train_set[i] for i in sampler.next_batch()]
-            batch, token_rewards, rollout_metrics = generate_and_mix(cfg, fleet, tokenizer, prompts, step, rng)
-            scores = grade(rewards, tokenizer, batch, prompts, cfg.rollout.n, token_rewards)
-            advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids, **advantage_options(cfg.algo.__dict__))
-            switches = workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
-            old_log_probs, _ = actors.call("compute_log_probs", batch)
-            actor_metrics = actors.call("update", batch, advantages=advantages, old_log_probs=old_log_probs)
-            switches.update(workers.rollout_phase())  # optimizer state to host (offload); engines wake for the sync
-            sync_seconds = actors.run(sync_weights, fleet, cfg.rollout.weight_sync_bucket_mb * 2**20)
-            metrics = {**rollout_metrics, **reward_metrics(scores, batch), **actor_metrics, **switches, "perf/sync_s": sync_seconds,
-                       "perf/step_s": time.time() - t0, "perf/tokens_per_s": sum(batch.sequence_lengths()) / (time.time() - t0)}
-            if val_set is not None and cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total_steps):
-                metrics.update(validate(cfg, fleet, rewards, tokenizer, val_set))
-            metrics_log.log(step, metrics)
-            if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total_steps):
-                saved_step = checkpoint_step(actors, cfg, out, step, sampler)
-    metrics_log.close()
-    plot_results(out / "metrics.jsonl", out / "results.png")
-    if owned:
-        workers.shutdown()
-    stop.uninstall()
+        with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn) as rewards:
+            if cfg.trainer.val_before_train and step == 0 and val_set is not None:
+                metrics_log.log(0, validate(cfg, engines, rewards, tokenizer, val_set))
+            while step < total_steps:
+                if stop.requested:  # the safe point: the previous step is complete
+                    preempted = stop_with_checkpoint(stop, ranks, cfg, out, step, sampler.position, saved=saved_step == step)
+                    break
+                step += 1
+                t0 = time.time()
+                prompts = [train_set[i] for i in sampler.next_batch()]
+                try:
+                    batch, token_rewards, rollout, rollout_metrics = generate_and_mix(cfg, engines, tokenizer, prompts, step, step_rng(cfg, step))
+                    scores = grade(rewards, tokenizer, batch, prompts, cfg.rollout.n, token_rewards)
+                    advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids, **advantage_options(cfg.algo.__dict__))
+                    switches = workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
+                    old_log_probs, _ = ranks.call("compute_log_probs", batch)
+                    integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)
+                    actor_metrics = ranks.call("update", batch, advantages=advantages, old_log_probs=old_log_probs)
+                    trained = (step, sampler.position)
+                    switches.update(workers.rollout_phase())  # optimizer state to host (offload); engines wake for the sync
+                    sync_seconds = engines.sync(version=step)
+                    metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **actor_metrics, **switches, "perf/sync_s": sync_seconds,
+                               "perf/step_s": time.time() - t0, "perf/tokens_per_s": sum(batch.sequence_lengths()) / (time.time() - t0)}
+                    if val_set is not None and cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total_steps):
+                        metrics.update(validate(cfg, engines, rewards, tokenizer, val_set))
+                except (EngineFailure, RolloutIntegrityError) as failure:
+                    raise checkpoint_after_failure(failure, ranks, cfg, out, trained, saved_step) from None
+                except RankFailure as failure:
+                    raise with_newest_checkpoint(failure, out) from None
+                metrics_log.log(step, metrics)
+                if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total_steps):
+                    saved_step = checkpoint_step(ranks, cfg, out, step, sampler.position)
+        plot_results(out / "metrics.jsonl", out / "results.png")
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
+        stop.uninstall()
+        if owned and workers is not None:
+            workers.shutdown()
     if preempted is not None:
         raise preempted
     return out
@@ -111,9 +132,10 @@ def check_megatron_settings(cfg: Config) -> None:
         raise ConfigError(str(err)) from None
 
 
-def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool):
+def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool, log_dir: Path | None = None):
     """GPUs reserved for the layout (bounded by cluster.placement_timeout_s, before any model loads), then the
-    Megatron ranks built in their bundles and the engines started beside them (`cluster.Workers`)."""
+    Megatron ranks built in their bundles and the engines started beside them (`cluster.Workers`; engine i
+    logs to `log_dir/engine_<i>.log`). A model the ranks cannot load or convert is a `ModelLoadError`."""
     from luffy_megatron.cluster.actor_group import ActorGroup
     from luffy_megatron.cluster.placement import reserve
     from luffy_megatron.cluster.workers import Workers
@@ -123,15 +145,41 @@ def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool):
     workers = Workers(placement, None, None, offload=cfg.actor.offload_during_rollout)
     try:
         workers.actors = ActorGroup(placement)
-        workers.actors.build(cfg, cfg.model.path, pad_id)
-        workers.fleet = start_engines(cfg, placement, use_gpu=use_gpu)
+        build_ranks(workers.actors, cfg, pad_id, log_dir)
+        workers.fleet = start_engines(cfg, placement, use_gpu=use_gpu, log_dir=log_dir)
+        # Engines and a fresh actor load the same model.path: both hold weight version 0 (no sync before
+        # step 1). An actor started from model.load_checkpoint holds other weights: sync them first.
+        workers.fleet.synced_version = None if cfg.model.load_checkpoint else 0
     except BaseException:
         workers.shutdown()
         raise
     return workers
 
 
-def start_engines(cfg: Config, placement, *, use_gpu: bool):
+class ModelLoadError(ConfigError):
+    """The Megatron ranks could not load (convert) the model of model.path / model.load_checkpoint."""
+
+
+def build_ranks(actors, cfg: Config, pad_id: int, log_dir: Path | None) -> None:
+    """Builds the Megatron model on every rank (HF -> Megatron conversion, or model.load_checkpoint). An error
+    raised there reaches the user as one line naming the model and the error; the rank's traceback goes to
+    `log_dir/model_load_error.log`."""
+    import ray
+
+    try:
+        actors.build(cfg, cfg.model.path, pad_id)
+    except ray.exceptions.RayTaskError as err:
+        cause = remote_cause(err)
+        where = f"model.path={cfg.model.path}" + (f", model.load_checkpoint={cfg.model.load_checkpoint}" if cfg.model.load_checkpoint else "")
+        saved = ""
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / "model_load_error.log").write_text(str(err))
+            saved = f" (the rank's traceback: {Path(log_dir) / 'model_load_error.log'})"
+        raise ModelLoadError(f"the Megatron ranks could not load the model ({where}): {type(cause).__name__}: {cause}{saved}") from None
+
+
+def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None = None):
     """The vLLM engines of the layout, started from the same HF weights the actor loaded (so no sync before
     step 1); colocated engines with vLLM sleep mode, so they can free their GPU memory for the update."""
     from luffy_megatron.rollout.ray_engine import EngineFleet
@@ -144,8 +192,17 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool):
         cfg.model.path, num_engines=len(layout.engines), launches=[placement.engine_launch(e) for e in range(len(layout.engines))],
         tensor_parallel_size=r.tensor_model_parallel_size, enable_sleep_mode=layout.mode == "colocated",
         max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length, enforce_eager=r.enforce_eager,
-        seed=cfg.trainer.seed, max_num_seqs=r.max_num_seqs, env=threads, **extra,
+        seed=cfg.trainer.seed, max_num_seqs=r.max_num_seqs, env=threads, log_dir=log_dir,
+        request_timeout_s=r.request_timeout_s, **extra,
     )
+
+
+def guard(cfg: Config, workers) -> tuple[GuardedRanks, EngineSupervisor]:
+    """The ranks and the engines as the loop calls them: bounded waits, named failures, engine restarts."""
+    ranks = GuardedRanks(workers.actors)
+    engines = EngineSupervisor(workers.fleet, ranks, push=sync_weights, bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20,
+                               request_timeout_s=cfg.rollout.request_timeout_s, on_engine_failure=cfg.rollout.on_engine_failure)
+    return ranks, engines
 
 
 def load_data(cfg: Config):
@@ -167,9 +224,10 @@ def load_data(cfg: Config):
     return tokenizer, train_set, val_set
 
 
-def generate_and_mix(cfg: Config, fleet, tokenizer, prompts: list, step: int, rng: random.Random):
+def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts: list, step: int, rng: random.Random):
     """Rows of one step: n slots per prompt, the first n_off_policy carry the demonstration (prefix),
-    the engines generate the rest. Returns the batch, an empty reward tensor to fill, and metrics."""
+    the engines generate the rest. Returns the batch, an empty reward tensor to fill, what the engines
+    reported per row (`RolloutRecord`: engine, weight version, log-probs) and metrics."""
     r, width = cfg.rollout, cfg.data.max_response_length
     ratios = prefix_ratios(strategy=r.prefix_strategy, num_prompts=len(prompts), n=r.n, n_off_policy=r.n_off_policy,
                            min_prefix_ratio=r.min_prefix_ratio, max_prefix_ratio=r.max_prefix_ratio,
@@ -179,19 +237,29 @@ def generate_and_mix(cfg: Config, fleet, tokenizer, prompts: list, step: int, rn
                      ratios=ratios, n=r.n, eos_token_id=tokenizer.eos_token_id, response_length=width)
     todo = [i for i, need in enumerate(plan.needs_generation) if need]
     t0 = time.time()
-    outputs = fleet.generate([plan.engine_inputs[i] for i in todo], [plan.max_new_tokens[i] for i in todo],
-                             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, group_size=r.n) if todo else []
-    generations: list[list[int]] = [[] for _ in plan.prefixes]
+    outputs = engines.generate_rollouts([plan.engine_inputs[i] for i in todo], [plan.max_new_tokens[i] for i in todo],
+                                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, group_size=r.n) if todo else []
+    generations: list = [None for _ in plan.prefixes]
     for i, gen in zip(todo, outputs):
         generations[i] = gen
-    responses, prefix_mask, response_mask = assemble_responses(prefixes=plan.prefixes, generations=generations, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), response_length=width)
+    responses, prefix_mask, response_mask = assemble_responses(prefixes=plan.prefixes, generations=[g.token_ids if g else [] for g in generations], eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), response_length=width)
     batch = RolloutBatch(prompts=[prompts[g].prompt_ids for g in plan.group_index], responses=responses, response_mask=response_mask,
                          prefix_mask=prefix_mask, group_ids=[f"{step}:{g}" for g in plan.group_index])
-    generated = sum(len(g) for g in generations)
-    metrics = {"rollout/generated_tokens": generated, "rollout/generate_s": time.time() - t0,
+    record = record_generations(prefixes=plan.prefixes, generations=generations, response_mask_BT=response_mask)
+    metrics = {"rollout/generated_tokens": sum(len(g.token_ids) for g in outputs), "rollout/generate_s": time.time() - t0,
                "rollout/response_length_mean": float(response_mask.sum(-1).float().mean()),
-               "rollout/off_policy_rows": float(prefix_mask.any(-1).sum())}
-    return batch, torch.zeros(responses.shape, dtype=torch.float32), metrics
+               "rollout/off_policy_rows": float(prefix_mask.any(-1).sum()), "rollout/engine_restarts": float(engines.restarts)}
+    return batch, torch.zeros(responses.shape, dtype=torch.float32), record, metrics
+
+
+def check_rollouts(cfg: Config, engines: EngineSupervisor, rollout, old_log_probs: torch.Tensor, *, actor_version: int, step: int) -> dict[str, float]:
+    """Before the update: the drift between the engines' and the actor's log-probs of the generated tokens,
+    the weight version of every row against the actor's (`StaleRolloutError`), and rollout.max_logprob_diff
+    (warn, or `LogprobDriftError`). Returns the `rollout/logprob_diff_*` and `rollout/weight_version` metrics."""
+    drift = logprob_drift(rollout, old_log_probs)
+    check_weight_versions(rollout, actor_version, old_log_prob_BT=old_log_probs, describe_engine=engines.fleet.describe_engine)
+    enforce_max_logprob_diff(drift, max_logprob_diff=cfg.rollout.max_logprob_diff, action=cfg.rollout.logprob_diff_action, step=step)
+    return drift_metrics(rollout, drift)
 
 
 def grade(rewards, tokenizer, batch: RolloutBatch, prompts: list, n: int, token_rewards: torch.Tensor) -> list[float]:
@@ -218,12 +286,12 @@ def reward_metrics(scores: list[float], batch: RolloutBatch) -> dict[str, float]
     return out
 
 
-def validate(cfg: Config, fleet, rewards, tokenizer, val_set: list) -> dict[str, float]:
+def validate(cfg: Config, engines: EngineSupervisor, rewards, tokenizer, val_set: list) -> dict[str, float]:
     """Greedy-ish validation (val_temperature, n_val samples) scored by the training reward:
     `val/test_score/<data_source>` as upstream."""
     n_val = cfg.rollout.n_val
     prompts = [ex.prompt_ids for ex in val_set for _ in range(n_val)]
-    outputs = fleet.generate(prompts, [cfg.data.max_response_length] * len(prompts), temperature=cfg.rollout.val_temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
+    outputs = engines.generate(prompts, [cfg.data.max_response_length] * len(prompts), temperature=cfg.rollout.val_temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
     texts = [tokenizer.decode(o) for o in outputs]
     golds = [ex.ground_truth for ex in val_set for _ in range(n_val)]
     scores = rewards.grade(list(zip(texts, golds)))
@@ -234,7 +302,8 @@ def validate(cfg: Config, fleet, rewards, tokenizer, val_set: list) -> dict[str,
 
 
 def sync_weights(actor, fleet, bucket_bytes: int) -> float:
-    """Runs on every Megatron rank (collective): stream HF-named weights into the engines."""
+    """Runs on every Megatron rank (collective): stream HF-named weights into the engines. The driver runs it
+    through `EngineSupervisor.sync`, which bounds it, handles engine failures and labels the weights."""
     from luffy_megatron.sync.weights import sync_actor_to_engines
 
     t0 = time.time()
@@ -248,19 +317,19 @@ def save_checkpoint(actor, root, step: int, trainer_state: dict, keep: int) -> s
     return str(checkpoint.save_checkpoint(actor, root, step=step, trainer_state=trainer_state, keep=keep))
 
 
-def checkpoint_step(actors, cfg: Config, out: Path, step: int, sampler: "PromptSampler") -> int:
+def checkpoint_step(ranks, cfg: Config, out: Path, step: int, data_position: int) -> int:
     """Checkpoint the state after `step` (model, optimizer, RNG, data position); returns `step`."""
-    actors.run(save_checkpoint, out / "checkpoints", step, {"data_position": sampler.position}, cfg.trainer.max_checkpoints_to_keep)
+    ranks.run(save_checkpoint, out / "checkpoints", step, {"data_position": data_position}, cfg.trainer.max_checkpoints_to_keep)
     return step
 
 
-def stop_with_checkpoint(stop: StopSignals, actors, cfg: Config, out: Path, step: int, sampler: "PromptSampler", *, saved: bool) -> Preempted:
+def stop_with_checkpoint(stop: StopSignals, ranks, cfg: Config, out: Path, step: int, data_position: int, *, saved: bool) -> Preempted:
     """A stop signal arrived: make sure the state after `step` is checkpointed (unless that step is saved
     already, or nothing was trained yet) and describe the stop for `main` (utils/preemption.py)."""
     from luffy_megatron.actor.checkpoint import find_latest
 
     if not saved:
-        checkpoint_step(actors, cfg, out, step, sampler)
+        checkpoint_step(ranks, cfg, out, step, data_position)
     latest = find_latest(out / "checkpoints")
     return Preempted(stop.signal_name, step, str(latest) if latest else "none (stopped before the first step)")
 
@@ -271,18 +340,60 @@ def load_checkpoint(actor, path) -> dict:
     return checkpoint.load_checkpoint(actor, path)
 
 
-def resume(cfg: Config, actors, fleet, sampler: "PromptSampler", out: Path) -> int:
-    """Continue from the newest complete checkpoint (trainer.resume=auto); returns the step reached."""
+def resume(cfg: Config, ranks: GuardedRanks, engines: EngineSupervisor, sampler: "PromptSampler", out: Path) -> int:
+    """Continue from the newest complete checkpoint (trainer.resume=auto); returns the step reached, which is
+    also the actor's weight version. The engines get the actor's weights first unless they are known to hold
+    them (`EngineFleet.synced_version`: fresh workers, or the last run on these workers ended synced)."""
     from luffy_megatron.actor.checkpoint import find_latest
 
     latest = find_latest(out / "checkpoints") if cfg.trainer.resume == "auto" else None
-    if latest is None:
-        return 0
-    state = actors.run(load_checkpoint, latest)
-    sampler.position = state.get("data_position", 0)
-    actors.run(sync_weights, fleet, cfg.rollout.weight_sync_bucket_mb * 2**20)
-    log.warning("resumed from %s (step %d)", latest, state["step"])
-    return int(state["step"])
+    step = 0
+    if latest is not None:
+        state = ranks.run(load_checkpoint, latest)
+        sampler.position = state.get("data_position", 0)
+        step = int(state["step"])
+    if latest is not None or engines.fleet.synced_version != step:
+        engines.sync(version=step)
+    engines.version = step
+    if latest is not None:
+        log.warning("resumed from %s (step %d)", latest, step)
+    return step
+
+
+def checkpoint_after_failure(failure: RunError, ranks: GuardedRanks, cfg: Config, out: Path, trained: tuple[int, int], saved_step: int) -> RunError:
+    """A step failed while the actor is healthy (an engine, stale or drifting rollouts): checkpoint the
+    actor's newest state `trained` = (step, data position) unless it is saved already, and add to the error
+    where the run can resume from. Returns the error to raise."""
+    from luffy_megatron.actor.checkpoint import find_latest
+
+    step, position = trained
+    if step == 0:
+        note = "nothing was trained yet, so there is no checkpoint to resume from"
+    elif step == saved_step:
+        note = f"the actor's state after step {step} is in checkpoint {find_latest(out / 'checkpoints')}; run the same command again to resume from it"
+    else:
+        try:
+            checkpoint_step(ranks, cfg, out, step, position)
+            note = f"wrote a checkpoint of the actor after step {step}: {find_latest(out / 'checkpoints')}; run the same command again to resume from it"
+        except Exception as err:
+            latest = find_latest(out / "checkpoints")
+            note = (f"writing a checkpoint after the failure failed too ({type(err).__name__}: {err}); the newest complete "
+                    f"checkpoint is {latest or 'none'}")
+    if isinstance(failure, EngineFailure) and cfg.rollout.on_engine_failure == "fail":
+        note += " (rollout.on_engine_failure=restart restarts a failed engine instead)"
+    failure.args = (f"{failure}\n{note}",)
+    return failure
+
+
+def with_newest_checkpoint(failure: RankFailure, out: Path) -> RankFailure:
+    """A rank died: nothing can be saved now; the newest complete checkpoint is untouched (a checkpoint is
+    renamed into place only once complete). Returns the error to raise."""
+    from luffy_megatron.actor.checkpoint import find_latest
+
+    latest = find_latest(out / "checkpoints")
+    resume_from = f"the newest complete checkpoint is {latest}: run the same command again to resume from it" if latest else "there is no checkpoint yet"
+    failure.args = (f"{failure}. The run stops; {resume_from}",)
+    return failure
 
 
 # ----------------------------------------------------------------------------------------- small pieces
@@ -311,6 +422,12 @@ class PromptSampler:
         return self._order(epoch)[offset : offset + self.batch_size]
 
 
+def step_rng(cfg: Config, step: int) -> random.Random:
+    """The prefix-ratio draws of `step`: a function of the seed and the step only, so a resumed run draws
+    what the uninterrupted run would have."""
+    return random.Random(cfg.trainer.seed * 1_000_003 + step)
+
+
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -329,9 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe, overrides = parse_overrides_from_argv(sys.argv[1:] if argv is None else argv)
         cfg = load_config(recipe, overrides)
         out = train(cfg)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:  # the recipe, the data or the model files (ModelLoadError)
         print(f"luffy-train: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:  # engines, ranks, stale or drifting rollouts (rollout/faults.py, rollout/integrity.py)
+        print(f"luffy-train: error: {err}", file=sys.stderr)
+        return 1
     except Preempted as stopped:
         print(f"luffy-train: {stopped}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

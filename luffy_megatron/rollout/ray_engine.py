@@ -5,6 +5,12 @@
 order; `update_weights_from_buckets` puts each weight bucket into the object store once and lets
 every engine pull it.
 
+Faults (see `rollout/faults.py`): with `request_timeout_s` set, no call waits longer; a call whose engine
+died or did not answer raises `EngineFailure` naming the engine, its node and the tail of its log
+(`log_dir/engine_<i>.log`: the actor's and its vLLM processes' stdout and stderr), or, given an
+`on_failure` callback, lets it restart the engine (`restart_engine`, same placement bundle) and runs the
+engine's rows again.
+
 Ray gotchas (platform_notes.md section 4) are the caller's: export `RAY_AUTH_MODE=disabled` and call
 `ray.init(address="local", ...)` (or the address of a cluster started on purpose), never a bare
 `ray.init()` that may join a stale cluster.
@@ -15,13 +21,16 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sys
 import time
-from typing import Any, Iterable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import ray
 import torch
 
-from luffy_megatron.rollout.engine import Bucket, Seed, VLLMEngine, bucketed, host_bucket, row_seeds
+from luffy_megatron.rollout.engine import Bucket, Generation, Seed, VLLMEngine, bucketed, host_bucket, row_seeds
+from luffy_megatron.rollout.faults import EngineFailure, engine_fault, log_tail
 
 log = logging.getLogger(__name__)
 EVENT_LOG_LENGTH = 256
@@ -43,9 +52,10 @@ class VLLMEngineActor:
     this actor (multiprocessing executor), on the same node as its bundles."""
 
     def __init__(self, model_dir: str, env: Optional[dict] = None, ray_bundles: Optional[list[int]] = None,
-                 worker_gpu_share: Optional[float] = None, **engine_kwargs):
+                 worker_gpu_share: Optional[float] = None, log_file: Optional[str] = None, **engine_kwargs):
         from luffy_megatron.cluster.actor_group import placement_info
 
+        self.log_file = _log_to_file(log_file) if log_file else None
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
         self.events: collections.deque = collections.deque(maxlen=EVENT_LOG_LENGTH)
         self.placement = placement_info()  # as Ray set it up, before vLLM touches the environment
@@ -70,7 +80,9 @@ class VLLMEngineActor:
                 engine_kwargs.setdefault("distributed_executor_backend", "ray")
         self.executor = engine_kwargs.get("distributed_executor_backend") or ("uni" if tp == 1 else "auto")
         t0 = time.time()
+        log.info("starting vLLM on %s (pid %d, node %s)", model_dir, os.getpid(), self.placement.get("node_ip"))
         self.engine = VLLMEngine(model_dir, **engine_kwargs)
+        log.info("vLLM up in %.1fs; engine-core pid(s) %s", time.time() - t0, self.engine.core_pids())
         self._event("start", t0)
 
     def _event(self, name: str, t0: float) -> None:
@@ -101,7 +113,8 @@ class VLLMEngineActor:
         e = self.engine
         return {"dtype": str(e.dtype).removeprefix("torch."), "weight_version": e.weight_version,
                 "start_s": e.start_s, "pid": os.getpid(), "num_generate_calls": e.num_generate_calls,
-                "num_generated_rows": e.num_generated_rows}
+                "num_generated_rows": e.num_generated_rows, "core_pids": e.core_pids(), "log_file": self.log_file,
+                "node_ip": self.placement.get("node_ip"), "hostname": self.placement.get("hostname")}
 
     def generate(self, prompts, max_new_tokens, **sampling) -> list[list[int]]:
         t0 = time.time()
@@ -109,6 +122,22 @@ class VLLMEngineActor:
             return self.engine.generate(prompts, max_new_tokens, **sampling)
         finally:
             self._event("generate", t0)
+
+    def generate_rollouts(self, prompts, max_new_tokens, **sampling) -> list[Generation]:
+        t0 = time.time()
+        log.info("generate_rollouts: %d rows, up to %d new tokens, weight version %d", len(prompts),
+                 max(max_new_tokens, default=0), self.engine.weight_version)
+        try:
+            return self.engine.generate_rollouts(prompts, max_new_tokens, **sampling)
+        finally:
+            self._event("generate", t0)
+            log.info("generate_rollouts: done in %.2fs", time.time() - t0)
+
+    def label_weights(self, version: int) -> bool:
+        return self.engine.label_weights(version)
+
+    def health(self) -> Optional[str]:
+        return self.engine.health()
 
     def update_weights(self, named_tensors, *, partial: bool = False) -> dict:
         return self.engine.update_weights(named_tensors, partial=partial)
@@ -152,15 +181,27 @@ class EngineFleet:
     """N engine actors behind one interface. Picklable (actor handles and plain fields), so it can be
     handed to every Megatron actor; only the one that sends weights uses the handles."""
 
-    def __init__(self, engines: Sequence[Any], *, dtype: Optional[torch.dtype] = None):
+    def __init__(self, engines: Sequence[Any], *, dtype: Optional[torch.dtype] = None,
+                 request_timeout_s: Optional[float] = None, infos: Optional[Sequence[dict]] = None,
+                 indices: Optional[Sequence[int]] = None):
         """`engines`: actor handles with `VLLMEngineActor`'s methods (use `EngineFleet.start` to make
-        them). `dtype`: the engines' compute dtype, asked from the first engine when not given."""
+        them). `dtype`: the engines' compute dtype, asked from the first engine when not given.
+        `request_timeout_s`: the longest any call waits for an engine (None = no bound). `infos`: each
+        engine's `info()` (node, pids, log file), kept to describe an engine after it died. `indices`: the
+        engines' numbers in messages (a `subset` keeps those of the full fleet)."""
         if not engines:
             raise ValueError("EngineFleet needs at least one engine")
         self.engines = list(engines)
+        self.request_timeout_s = request_timeout_s
         if dtype is None:
-            dtype = getattr(torch, ray.get(self.engines[0].info.remote())["dtype"])
+            dtype = getattr(torch, ray.get(self.engines[0].info.remote(), timeout=request_timeout_s)["dtype"])
         self.dtype = dtype
+        self.infos: list[dict] = list(infos) if infos is not None else [{} for _ in self.engines]
+        self.indices = list(indices) if indices is not None else list(range(len(self.engines)))
+        self._launch: Optional[dict] = None  # how `start` made the engines, for `restart_engine`
+        # The trainer's weight version every engine is known to hold (set after a sync that reached them all);
+        # None = unknown, so the next trainer run syncs before its first rollout.
+        self.synced_version: Optional[int] = None
 
     @classmethod
     def start(
@@ -171,6 +212,8 @@ class EngineFleet:
         launches: Optional[Sequence[dict]] = None,
         env: Optional[dict] = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        log_dir: Optional[str] = None,
+        request_timeout_s: Optional[float] = None,
         **engine_kwargs,
     ) -> "EngineFleet":
         """Starts `num_engines` actors (all at once; on CPU they share the cores) and waits until every engine is
@@ -180,26 +223,28 @@ class EngineFleet:
         `launches`: one per engine, from `cluster.placement.Placement.engine_launch`: Ray actor `options` (GPU
         share, placement-group bundle) and, for TP > 1, `ray_bundles` / `worker_gpu_share` of its vLLM workers.
         Without them each actor asks for `tensor_parallel_size` whole GPUs when the cluster has GPUs (vLLM's
-        workers then run inside the actor's GPU set), none otherwise."""
+        workers then run inside the actor's GPU set), none otherwise.
+
+        `log_dir`: engine i and its vLLM processes write their output to `log_dir/engine_<i>.log` (appended
+        to by a restarted engine), which failures quote. `request_timeout_s`: see `__init__`."""
         tp = int(engine_kwargs.get("tensor_parallel_size", 1))
         if launches is None:
             num_gpus = tp if ray.cluster_resources().get("GPU", 0) > 0 else 0
             launches = [{"options": {"num_cpus": 0, "num_gpus": num_gpus}}] * num_engines
         if len(launches) != num_engines:
             raise ValueError(f"got {len(launches)} engine launches for {num_engines} engines")
-        engines = [
-            VLLMEngineActor.options(**launch["options"]).remote(
-                str(model_dir), env=env, ray_bundles=launch.get("ray_bundles"),
-                worker_gpu_share=launch.get("worker_gpu_share"), **engine_kwargs)
-            for launch in launches
-        ]
+        spec = {"model_dir": str(model_dir), "env": env, "launches": list(launches), "engine_kwargs": engine_kwargs,
+                "start_timeout_s": start_timeout_s, "log_dir": str(log_dir) if log_dir else None}
+        engines = [_launch_engine(spec, i) for i in range(num_engines)]
         try:
             infos = _wait_started(engines, start_timeout_s)
         except BaseException:
             for e in engines:
                 ray.kill(e)
             raise
-        return cls(engines, dtype=getattr(torch, infos[0]["dtype"]))
+        fleet = cls(engines, dtype=getattr(torch, infos[0]["dtype"]), request_timeout_s=request_timeout_s, infos=infos)
+        fleet._launch = spec
+        return fleet
 
     @property
     def num_engines(self) -> int:
@@ -217,31 +262,96 @@ class EngineFleet:
         top_k: int = -1,
         seed: Seed = None,
         group_size: int = 1,
+        timeout_s: Optional[float] = None,
+        on_failure: Optional[Callable[[int, EngineFailure], None]] = None,
     ) -> list[list[int]]:
         """Like `VLLMEngine.generate`, over all engines. Rows that need generation are dealt out
         round-robin in runs of `group_size` consecutive rows (pass the group size n so the n samples of
         a prompt share one engine's prefix cache); results come back in input order. An int `seed`
-        gives row r the seed `seed + r` whatever the number of engines."""
+        gives row r the seed `seed + r` whatever the number of engines.
+
+        `timeout_s` (default `request_timeout_s`) bounds each engine's call; an engine that died or did not
+        answer raises `EngineFailure`, unless `on_failure(engine, failure)` is given: it must restart the
+        engine (see `restart_engine`), whose rows are then generated once more."""
+        return self._dispatch("generate", prompts, max_new_tokens, group_size, timeout_s, on_failure,
+                              dict(temperature=temperature, top_p=top_p, top_k=top_k), seed)
+
+    def generate_rollouts(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        seed: Seed = None,
+        group_size: int = 1,
+        timeout_s: Optional[float] = None,
+        on_failure: Optional[Callable[[int, EngineFailure], None]] = None,
+    ) -> list[Generation]:
+        """`generate` with each sampled token's log-prob and weight version (`VLLMEngine.generate_rollouts`);
+        every row's `Generation.engine` says which engine made it, `attempts` is 2 when it was made again on
+        a restarted engine."""
+        return self._dispatch("generate_rollouts", prompts, max_new_tokens, group_size, timeout_s, on_failure,
+                              dict(temperature=temperature, top_p=top_p, top_k=top_k), seed)
+
+    def _dispatch(self, method: str, prompts, max_new_tokens, group_size: int, timeout_s: Optional[float],
+                  on_failure: Optional[Callable], sampling: dict, seed: Seed) -> list:
         if len(prompts) != len(max_new_tokens):
             raise ValueError(f"got {len(prompts)} prompts but {len(max_new_tokens)} max_new_tokens")
         if group_size < 1:
             raise ValueError(f"group_size={group_size} must be at least 1")
+        timeout_s = self.request_timeout_s if timeout_s is None else timeout_s
         seeds = row_seeds(seed, len(prompts))
-        results: list[list[int]] = [[] for _ in prompts]
+        empty = (lambda: Generation([], [], ())) if method == "generate_rollouts" else list
+        results: list = [empty() for _ in prompts]
         todo = [i for i, budget in enumerate(max_new_tokens) if budget != 0]
         shards: list[list[int]] = [[] for _ in self.engines]
         for k, i in enumerate(todo):
             shards[(k // group_size) % len(self.engines)].append(i)
-        refs = []
-        for engine, rows in zip(self.engines, shards):
-            if not rows:
-                continue
-            refs.append((rows, engine.generate.remote(
-                [prompts[i] for i in rows], [max_new_tokens[i] for i in rows], temperature=temperature,
-                top_p=top_p, top_k=top_k, seed=None if seeds is None else [seeds[i] for i in rows])))
-        for rows, ref in refs:
-            for i, out in zip(rows, ray.get(ref)):
-                results[i] = out
+
+        def submit(e: int):
+            rows = shards[e]
+            ref = getattr(self.engines[e], method).remote(
+                [prompts[i] for i in rows], [max_new_tokens[i] for i in rows],
+                seed=None if seeds is None else [seeds[i] for i in rows], **sampling)
+            return ref, (time.monotonic() + timeout_s if timeout_s is not None else None)
+
+        attempts = {e: 1 for e, rows in enumerate(shards) if rows}
+        in_flight = {e: submit(e) for e in attempts}
+        while in_flight:
+            deadlines = [d for _, d in in_flight.values() if d is not None]
+            wait = min([60.0] + [max(d - time.monotonic(), 0.0) for d in deadlines])
+            ready, _ = ray.wait([ref for ref, _ in in_flight.values()], num_returns=1, timeout=wait)
+            for e in list(in_flight):
+                ref, deadline = in_flight[e]
+                if ref in ready:
+                    try:
+                        out = ray.get(ref)
+                    except Exception as err:
+                        cause = engine_fault(err)
+                        if cause is None:
+                            raise
+                        failure = self.failure(e, f"generation ({method})", cause)
+                    else:
+                        del in_flight[e]
+                        for i, row in zip(shards[e], out):
+                            if method == "generate_rollouts":
+                                row.engine, row.attempts = self.indices[e], attempts[e]
+                            results[i] = row
+                        continue
+                elif deadline is not None and time.monotonic() >= deadline:
+                    self.kill_engine(e)  # a hung engine would go on holding its GPU and its requests
+                    failure = self.failure(e, f"generation ({method})", f"no answer within rollout.request_timeout_s="
+                                           f"{timeout_s:g}s (the engine was killed)")
+                else:
+                    continue
+                del in_flight[e]
+                if on_failure is None or attempts[e] > 1:
+                    raise failure
+                on_failure(self.indices[e], failure)
+                attempts[e] += 1
+                in_flight[e] = submit(e)
         return results
 
     # ---------------------------------------------------------------- weights
@@ -281,22 +391,109 @@ class EngineFleet:
         return self.update_weights_from_buckets(bucketed(named_tensors, bucket_bytes), partial=partial)
 
     def weight_versions(self) -> list[int]:
-        return ray.get([e.weight_version.remote() for e in self.engines])
+        return self._get_all("weight_version", lambda e: e.weight_version.remote())
+
+    def label_weights(self, version: int) -> list[bool]:
+        """`VLLMEngine.label_weights` on every engine: True where the engine got new weights to label."""
+        return self._get_all("label_weights", lambda e: e.label_weights.remote(version))
 
     # ---------------------------------------------------------------- colocated GPUs
 
     def sleep(self, level: int = 1) -> None:
         """Every engine frees its GPU memory for the trainer (vLLM sleep mode; see `VLLMEngine.sleep`)."""
-        ray.get([e.sleep.remote(level) for e in self.engines])
+        self._get_all("sleep", lambda e: e.sleep.remote(level))
 
     def wake_up(self, tags: Optional[list[str]] = None) -> None:
-        ray.get([e.wake_up.remote(tags) for e in self.engines])
+        self._get_all("wake_up", lambda e: e.wake_up.remote(tags))
 
     def placement_infos(self) -> list[dict]:
-        return ray.get([e.placement_info.remote() for e in self.engines])
+        return self._get_all("placement_info", lambda e: e.placement_info.remote())
 
     def events(self) -> list[list[tuple[str, float, float]]]:
-        return ray.get([e.get_events.remote() for e in self.engines])
+        return self._get_all("get_events", lambda e: e.get_events.remote())
+
+    def _get_all(self, what: str, call: Callable) -> list:
+        """One call on every engine, each bounded by `request_timeout_s`; an engine fault -> `EngineFailure`."""
+        refs = [call(e) for e in self.engines]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=self.request_timeout_s))
+            except Exception as err:
+                cause = engine_fault(err)
+                if cause is None:
+                    raise
+                raise self.failure(i, what, cause) from None
+        return out
+
+    # ---------------------------------------------------------------- faults
+
+    def describe_engine(self, i: int) -> str:
+        """'engine 1 of 2 (node 10.0.0.2, host gpu07, pid 4242, vLLM engine-core pid 4250)' from what the
+        engine reported when it started (it may be dead now)."""
+        info = self.infos[i] if i < len(self.infos) else {}
+        parts = [f"node {info['node_ip']}" if info.get("node_ip") else "",
+                 f"host {info['hostname']}" if info.get("hostname") else "",
+                 f"pid {info['pid']}" if info.get("pid") else "",
+                 f"vLLM engine-core pid {', '.join(map(str, info['core_pids']))}" if info.get("core_pids") else ""]
+        where = ", ".join(p for p in parts if p)
+        total = len(self.infos) if self.indices == list(range(len(self.engines))) else None
+        name = f"engine {self.indices[i]}" + (f" of {total}" if total else "")
+        return name + (f" ({where})" if where else "")
+
+    def failure(self, i: int, phase: str, cause: str) -> EngineFailure:
+        """The `EngineFailure` of engine i (local index): who, where, what, and the tail of its log."""
+        log_file = (self.infos[i] if i < len(self.infos) else {}).get("log_file")
+        message = (f"{self.describe_engine(i)} failed during {phase}: {cause}. Last lines of its log "
+                   f"({log_file or 'none'}):\n{log_tail(log_file)}")
+        return EngineFailure(message, engine=self.indices[i], phase=phase, cause=cause)
+
+    def failed_engines(self, *, phase: str, timeout_s: float, cause: str = "") -> list[EngineFailure]:
+        """Asks every engine whether it can serve (`VLLMEngine.health`), waiting at most `timeout_s`: the
+        failures of engines that are dead, report a dead engine core, or do not answer."""
+        refs = [e.health.remote() for e in self.engines]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        failed = []
+        for i, ref in enumerate(refs):
+            try:
+                problem = ray.get(ref, timeout=0)
+            except ray.exceptions.GetTimeoutError:
+                problem = f"it did not answer a health check within {timeout_s:g}s"
+            except Exception as err:
+                problem = engine_fault(err) or f"its health check raised {type(err).__name__}: {err}"
+            if problem:
+                failed.append(self.failure(i, phase, f"{problem}{f' ({cause})' if cause else ''}"))
+        return failed
+
+    def kill_engine(self, i: int) -> None:
+        """Kills engine i's actor (and so its vLLM processes, which exit with their parent)."""
+        try:
+            ray.kill(self.engines[i], no_restart=True)
+        except Exception as err:  # already gone
+            log.warning("could not kill %s: %s", self.describe_engine(i), err)
+
+    def restart_engine(self, i: int) -> dict:
+        """Replaces engine i by a new one started as `start` started it (same placement bundle, GPU share,
+        settings; its log appended to the same file), from the model's files: sync weights into it before
+        generating. Waits at most the start timeout; returns the new engine's `info()`."""
+        if self._launch is None:
+            raise RuntimeError("restart_engine needs a fleet made by EngineFleet.start (it knows how to start engines)")
+        self.kill_engine(i)
+        # Ray frees the old actor's GPU share in the bundle asynchronously; the new actor waits for it.
+        engine = _launch_engine(self._launch, self.indices[i])
+        try:
+            (info,) = _wait_started([engine], self._launch["start_timeout_s"])
+        except BaseException:
+            ray.kill(engine)
+            raise
+        self.engines[i], self.infos[i] = engine, info
+        return info
+
+    def subset(self, indices: Sequence[int]) -> "EngineFleet":
+        """A fleet of some of these engines (same handles), e.g. to sync weights into a restarted engine."""
+        sub = EngineFleet([self.engines[i] for i in indices], dtype=self.dtype, request_timeout_s=self.request_timeout_s,
+                          infos=[self.infos[i] for i in indices], indices=[self.indices[i] for i in indices])
+        return sub
 
     # ---------------------------------------------------------------- lifetime
 
@@ -304,10 +501,43 @@ class EngineFleet:
         """Stops every engine (its vLLM processes) and its actor. Safe to call twice."""
         engines, self.engines = self.engines, []
         try:
-            ray.get([e.close.remote() for e in engines], timeout=120)
+            ray.wait([e.close.remote() for e in engines], num_returns=len(engines), timeout=120)
         finally:
             for e in engines:
                 ray.kill(e)
+
+
+def _launch_engine(spec: dict, index: int):
+    """Engine actor `index` as `EngineFleet.start` describes it in `spec`."""
+    launch = spec["launches"][index]
+    log_file = str(Path(spec["log_dir"]) / f"engine_{index}.log") if spec.get("log_dir") else None
+    return VLLMEngineActor.options(**launch["options"]).remote(
+        spec["model_dir"], env=spec["env"], ray_bundles=launch.get("ray_bundles"),
+        worker_gpu_share=launch.get("worker_gpu_share"), log_file=log_file, **spec["engine_kwargs"])
+
+
+def _log_to_file(path: str) -> str:
+    """Sends this process's stdout and stderr (file descriptors 1 and 2, so the vLLM processes it starts
+    inherit them) to `path`, appended, and logs this package's INFO messages there."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    package = logging.getLogger("luffy_megatron")
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    return path
 
 
 
