@@ -199,7 +199,7 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None
 
 def guard(cfg: Config, workers) -> tuple[GuardedRanks, EngineSupervisor]:
     """The ranks and the engines as the loop calls them: bounded waits, named failures, engine restarts."""
-    from functools import partial
+    from functools import partial, update_wrapper
 
     from luffy_megatron.sync.weights import resolve_transport
 
@@ -208,7 +208,10 @@ def guard(cfg: Config, workers) -> tuple[GuardedRanks, EngineSupervisor]:
     transport = resolve_transport(cfg.rollout.weight_sync_transport, workers.placement.mode)
     log.warning("weight sync: %s transport (rollout.weight_sync_transport=%s, %s layout)", transport,
                 cfg.rollout.weight_sync_transport, workers.placement.mode)
-    push = partial(sync_weights, transport=transport, timeout_s=cfg.rollout.request_timeout_s)
+    # auto on a colocated layout: shared memory, or the collective path where an engine cannot map it (CPU)
+    fallback = "collective" if cfg.rollout.weight_sync_transport == "auto" and transport == "shared_memory" else None
+    push = update_wrapper(partial(sync_weights, transport=transport, timeout_s=cfg.rollout.request_timeout_s,
+                                  fallback=fallback), sync_weights)  # the ranks log it as sync_weights
     engines = EngineSupervisor(workers.fleet, ranks, push=push, bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20,
                                request_timeout_s=cfg.rollout.request_timeout_s, on_engine_failure=cfg.rollout.on_engine_failure)
     return ranks, engines
@@ -310,14 +313,16 @@ def validate(cfg: Config, engines: EngineSupervisor, rewards, tokenizer, val_set
     return {f"val/test_score/{k}": sum(v) / len(v) for k, v in by_source.items()}
 
 
-def sync_weights(actor, fleet, bucket_bytes: int, *, transport: str = "object_store", timeout_s: float = 1800.0) -> float:
+def sync_weights(actor, fleet, bucket_bytes: int, *, transport: str = "object_store", timeout_s: float = 1800.0,
+                 fallback: str | None = None) -> float:
     """Runs on every Megatron rank (collective): stream HF-named weights into the engines through `transport`
     (sync/weights.py). The driver runs it through `EngineSupervisor.sync`, which bounds it, handles engine
     failures and labels the weights."""
     from luffy_megatron.sync.weights import sync_actor_to_engines
 
     t0 = time.time()
-    sync_actor_to_engines(actor, fleet, bucket_bytes=bucket_bytes, transport=transport, timeout_s=timeout_s)
+    sync_actor_to_engines(actor, fleet, bucket_bytes=bucket_bytes, transport=transport, timeout_s=timeout_s,
+                          fallback=fallback)
     return time.time() - t0
 
 

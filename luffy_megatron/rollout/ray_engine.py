@@ -163,12 +163,18 @@ class VLLMEngineActor:
 
     def call(self, method: str, *args, **kwargs) -> Any:
         """Any `VLLMEngine` method by name (the weight-sync transports' `load_weights_rpc`, `load_flat_bucket`,
-        `worker_rpc`); an ObjectRef passed as a top-level argument arrives resolved."""
+        `worker_rpc`); an ObjectRef passed as a top-level argument arrives resolved. Timed in `get_calls()`
+        (not in `events`, which keep the phases)."""
         t0 = time.time()
         try:
             return getattr(self.engine, method)(*args, **kwargs)
         finally:
-            self._event(method, t0)
+            if not hasattr(self, "calls"):
+                self.calls = collections.deque(maxlen=EVENT_LOG_LENGTH)
+            self.calls.append((method, t0, time.time()))
+
+    def get_calls(self) -> list[tuple[str, float, float]]:
+        return list(getattr(self, "calls", ()))
 
     def param_checksum(self) -> float:
         return self.engine.param_checksum()

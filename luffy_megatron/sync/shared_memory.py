@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import logging
 import pickle
+import socket
 from typing import Iterator, Optional
 
 import torch
@@ -30,6 +31,7 @@ from luffy_megatron.convert.export import FlatBucket
 from luffy_megatron.sync.weights import SyncContext, Transport
 
 log = logging.getLogger(__name__)
+ALIGN_PROBE = 4096  # the smallest bucket file (a stage with no tensors still probes its engines)
 
 
 def encode_ipc_handles(by_uuid: dict) -> str:
@@ -78,7 +80,7 @@ class SharedMemoryTransport(Transport):
         self.pending: list[list] = [[], []]  # engine loads still reading each slot
         self.k = 0
         self._ctx: Optional[SyncContext] = None
-        self._checked_hosts = False
+        self._unreachable: Optional[list[int]] = None
         self._ipc: Optional[dict] = None
 
     def close(self) -> None:
@@ -95,21 +97,30 @@ class SharedMemoryTransport(Transport):
         self._ctx = ctx
         return super().run(ctx)
 
-    def _check_hosts(self, ctx: SyncContext) -> None:
-        if self._checked_hosts:
-            return
-        mine = ray_node_id()
-        infos = ctx.engine_get([e.placement_info.remote() for e in self.fleet.engines], "placement_info")
-        away = [(i, info.get("node_id"), info.get("node_ip")) for i, info in enumerate(infos)
-                if mine is not None and info.get("node_id") != mine]
-        if away:
-            i, node, ip = away[0]
-            raise RuntimeError(
-                f"rollout.weight_sync_transport=shared_memory: engine {i} runs on node {ip} ({str(node)[:8]}) but the "
-                f"sender of pipeline stage {ctx.pp_rank} (rank {ctx.rank}) on node {str(mine)[:8]}; shared memory only "
-                f"reaches engines on the sender's node ({len(away)} of {len(infos)} engines are elsewhere). Use "
-                "rollout.weight_sync_transport=collective (or auto)")
-        self._checked_hosts = True
+    def reachable(self, ctx: SyncContext) -> list[int]:
+        """Senders, on CPU: the engines that cannot map this sender's bucket files (a token written into a file
+        is read back by every engine worker: the same /dev/shm, whatever Ray calls the node). Cached per fleet."""
+        import os
+
+        if self._unreachable is not None:
+            return self._unreachable
+        self._ctx = ctx
+        self._ensure_slots(max((b.nbytes for b in ctx.buckets), default=ALIGN_PROBE))
+        token = list(os.urandom(16))
+        self.slots[0].tensor[:16] = torch.tensor(token, dtype=torch.uint8)
+        heads = ctx.engine_get([e.call.remote("worker_rpc", "luffy_read_shm", self.slots[0].path, self.slots[0].nbytes, 16)
+                                for e in self.fleet.engines], "luffy_read_shm")
+        self._unreachable = [i for i, workers in enumerate(heads) if any(h != token for h in workers)]
+        return self._unreachable
+
+    def unreachable_message(self, ctx: SyncContext, engines: list[int]) -> str:
+        infos = ctx.engine_get([self.fleet.engines[i].placement_info.remote() for i in engines], "placement_info")
+        where = ", ".join(f"engine {i} on {info.get('node_ip')} ({info.get('hostname')})" for i, info in zip(engines, infos))
+        return (f"rollout.weight_sync_transport=shared_memory: {where} cannot map the bucket files of the sender of "
+                f"pipeline stage {ctx.pp_rank} (rank {ctx.rank} on {socket.gethostname()}, Ray node "
+                f"{str(ray_node_id())[:8]}): "
+                "shared memory reaches only engines on the sender's host. Use rollout.weight_sync_transport=collective "
+                "(or auto)")
 
     def _ensure_slots(self, nbytes: int) -> None:
         from luffy_megatron.sync.shm import ShmBuffer
@@ -132,7 +143,8 @@ class SharedMemoryTransport(Transport):
         return self.slots[slot].tensor
 
     def transfer(self, ctx: SyncContext, filling: Iterator) -> None:
-        self._check_hosts(ctx)
+        if self.reachable(ctx):
+            raise RuntimeError(self.unreachable_message(ctx, self._unreachable))
         if ctx.buckets:
             self._ensure_slots(max(b.nbytes for b in ctx.buckets))
         self.k = 0

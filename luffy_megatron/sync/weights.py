@@ -47,7 +47,11 @@ def resolve_transport(setting: str, layout_mode: str) -> str:
     """`rollout.weight_sync_transport` with `auto` decided by the cluster layout (`cluster.layout` resolved):
     colocated engines share their node (and GPU) with the ranks that send -> `shared_memory`; disaggregated
     engines sit on other nodes -> `collective`; the CPU layout (Ray actors without GPUs, possibly spread over
-    several Ray nodes) -> `object_store`, the path that needs no shared host and no process group."""
+    several Ray nodes) -> `object_store`, the path that needs no shared host and no process group.
+
+    On GPUs, colocated `shared_memory` means CUDA IPC (every rank serves the engine worker on its own GPU). Without
+    CUDA (CPU, or fake GPUs) it is /dev/shm, which the trainer runs with `fallback="collective"` under `auto`: where
+    a sender's files are not visible to every engine (another host), the sync takes the collective path."""
     if setting != "auto":
         if setting not in TRANSPORTS:
             raise ValueError(f"rollout.weight_sync_transport={setting!r} is not one of auto, {', '.join(TRANSPORTS)}")
@@ -344,14 +348,17 @@ def sync_actor_to_engines(
     dtype: Optional[torch.dtype] = None,
     transport: str = "object_store",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    fallback: Optional[str] = None,
 ) -> SyncStats:
     """Collective over the Megatron ranks of `actor` (a `MegatronActor`, or anything with `_unwrapped()` and
     `arch`): streams its current weights into the engines of `fleet` (an `EngineFleet`) through `transport`
     (a name of `TRANSPORTS`; `resolve_transport` decides `auto`).
 
     Tensors are exported in the engines' dtype (`fleet.dtype`, or `dtype`), cast on the owning rank before
-    anything moves. Waits on engines are bounded by `timeout_s`. Returns this rank's `SyncStats`; the driver's
-    (global rank 0) carries the engines' new `weight_version` and every sender's share in `senders`."""
+    anything moves. Waits on engines are bounded by `timeout_s`. `fallback`: the transport to use instead when
+    `shared_memory` cannot reach every engine from every sender on CPU (what `auto` asks for); without it that
+    is an error naming the engines. Returns this rank's `SyncStats`; the driver's (global rank 0) carries the
+    engines' new `weight_version` and every sender's share in `senders`."""
     if dtype is None:
         if fleet is None:
             raise ValueError("sync_actor_to_engines needs the fleet or an explicit dtype on every rank")
@@ -362,6 +369,15 @@ def sync_actor_to_engines(
     tr = transport_for(transport, fleet) if fleet is not None else None
     if tr is None and ctx.is_sender:
         raise ValueError("the senders of the weight sync need the EngineFleet")
+    if fallback and transport == "shared_memory" and ctx.is_sender and ctx.device.type == "cpu":
+        # every sender must see every engine, else all of them switch (the senders decide together)
+        if not all(ctx.all_gather(not tr.reachable(ctx))):
+            if not getattr(tr, "fell_back", False):
+                log.warning("weight sync: engines cannot map the senders' shared memory (another host); "
+                            "using the %s transport", fallback)
+            tr.fell_back = True
+            tr = transport_for(fallback, fleet)
+            stats.transport = fallback
     result = tr.run(ctx) if tr is not None else {}
     if ctx.is_sender:
         stats.sent = True

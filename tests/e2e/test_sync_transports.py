@@ -180,6 +180,35 @@ def test_sync_makes_engines_equal_a_fresh_engine_of_the_converted_checkpoint(wor
     assert roles == ["contributor", "contributor", "driver", "sender"], roles
 
 
+def test_shared_memory_names_an_engine_that_cannot_map_the_senders_files(world):
+    """An engine on another host (here a stand-in whose workers do not see the file) is refused before any
+    bytes move, naming it; the real engine's session is closed again and it still serves."""
+    from luffy_megatron.rollout.ray_engine import EngineFleet
+
+    ray = world.ray
+
+    @ray.remote(num_cpus=0)
+    class ElsewhereEngine:
+        def begin_weight_update(self):
+            return None
+
+        def finish_weight_update(self, partial=False):
+            return {"weight_version": 0, "num_tensors": 0}
+
+        def placement_info(self):
+            return {"node_ip": "10.9.9.9", "hostname": "elsewhere"}
+
+        def call(self, method, *args):
+            if method == "worker_rpc" and args[0] == "luffy_read_shm":
+                return [[]]  # the file does not exist where this engine's worker runs
+            raise AssertionError(f"{method}{args[:1]} must not reach an engine that cannot map the buckets")
+
+    fleet = EngineFleet([world.fleet.engines[0], ElsewhereEngine.remote()], dtype=torch.float32)
+    with pytest.raises(Exception, match=r"engine 1 on 10\.9\.9\.9 \(elsewhere\) cannot map the bucket files"):
+        ray.get([w.run.remote(_sync, fleet, "shared_memory") for w in world.actors.workers], timeout=300)
+    assert len(_engine_greedy(world.fleet.engines[0])) == len(PROMPTS)
+
+
 # ------------------------------------------------------------------------- choice of transport, shared memory
 
 

@@ -11,7 +11,10 @@ close of the update session, until the engines can generate with the new weights
 copies the same bytes once, memory to memory (the same tensor sizes, each into a new tensor): the baseline.
 
 The last output line is one JSON object: `<transport>_vs_copy_ratio` = copy seconds / sync seconds (larger is
-better), `<transport>_s`, `bytes`, and `copies` (what each transport does to every byte, counted in the code).
+better), `<transport>_s`, `bytes`, `copies` (what each transport does to every byte, counted in the code) and
+`<transport>_engine_side_s`: how long, in the last sync, the busiest engine spent in the calls that bring buckets
+in and load them (for shared_memory and object_store that is vLLM's own reload; for collective it includes
+receiving), so sync time minus it is what the transport adds on the critical path.
 """
 
 from __future__ import annotations
@@ -135,13 +138,17 @@ def main() -> int:
                 actors.run(run_sync, fleet, bucket, transport)
                 times.append(time.perf_counter() - t0)
             t0 = wall0
+            # the engines' own side of the last sync: their calls that receive and load buckets (vLLM's reload)
+            busy = [sum(b - a for name, a, b in events if a >= t0 and name in ("load_weights_rpc", "load_flat_bucket"))
+                    for events in ray.get([e.get_calls.remote() for e in fleet.engines])]
+            result[f"{transport}_engine_side_s"] = round(max(busy), 4)
             best = min(times)
             result[f"{transport}_s"] = round(best, 4)
             result[f"{transport}_vs_copy_ratio"] = round(copy_s / best, 3)
             result[f"{transport}_buckets"] = stats["buckets"]
             print(json.dumps({"transport": transport, "seconds": [round(t, 4) for t in times]}), flush=True)
             if args.timeline:
-                for i, events in enumerate(fleet.events()):
+                for i, events in enumerate(ray.get([e.get_calls.remote() for e in fleet.engines])):
                     last = [ev for ev in events if ev[1] >= t0]
                     print(json.dumps({"transport": transport, "engine": i, "calls": [
                         (name, round(a - t0, 4), round(b - t0, 4)) for name, a, b in last]}), flush=True)
