@@ -228,28 +228,40 @@ class SharedMemoryTransport(Transport):
         try:
             if ctx.rank == 0:
                 ctx.engine_get([x.begin_weight_update.remote() for x in self.fleet.engines], "begin_weight_update")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - re-raised once every rank knows
             err = exc
-        world_agree(err is None, "opening the engines' update session")
+        try:
+            world_agree(err is None, "opening the engines' update session")
+        except RuntimeError:
+            raise err if err is not None else RuntimeError("weight sync (CUDA IPC): rank 0 could not open the session")
+
+        def settle(pending) -> None:
+            """Bucket k-1 is loaded (the leader waits for its engine), then its engine group moves on together."""
+            nonlocal err
+            if pending is not True and err is None:
+                try:
+                    ctx.engine_get(pending, "luffy_load_ipc")
+                except BaseException as exc:  # noqa: BLE001 - the leader keeps taking part, sending nothing
+                    err = exc
+            dist.barrier(group=group)
+
         pending, k = None, 0
         try:
             for bucket, buf in export_flat_buckets(buckets, ctx.arch, lambda b: slots[k % 2], everywhere=True,
                                                    stats=ctx.stats):
                 torch.cuda.current_stream().synchronize()  # the bucket is complete before a worker reads it
                 if pending is not None:  # the engine finished bucket k-1: its slot is free for bucket k+1
-                    ctx.engine_get(pending, "luffy_load_ipc") if leader else None
-                    dist.barrier(group=group) if group is not None else None
+                    settle(pending)
                     pending = None
-                if leader:
+                if leader and err is None:
                     entries = bucket.wire_entries()
                     pending = self.fleet.engines[e].call.remote("load_weights_rpc", "luffy_load_ipc", entries,
                                                                 slot_handles[k % 2], k % 2, entries)
                 elif group is not None:
-                    pending = True
+                    pending = True  # the same barriers as the leader
                 k += 1
             if pending is not None:
-                ctx.engine_get(pending, "luffy_load_ipc") if leader else None
-                dist.barrier(group=group) if group is not None else None
+                settle(pending)
         except BaseException as exc:  # noqa: BLE001
             err = exc
         try:

@@ -119,6 +119,8 @@ class MappingCache:
 
     def get(self, path: str, nbytes: int) -> torch.Tensor:
         key = (path, int(nbytes))
+        for old in [k for k in self.maps if k != key and not os.path.exists(k[0])]:
+            del self.maps[old]  # its sender removed the file: unmap it so its memory goes back
         if key in self.maps:
             self.maps.move_to_end(key)
             return self.maps[key]
