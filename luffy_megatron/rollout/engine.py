@@ -426,7 +426,11 @@ class VLLMEngine:
     def load_flat_bucket(self, flat, entries: Sequence) -> int:
         """One flat bucket held by this process (e.g. read in place from Ray's object store): written into a
         /dev/shm file the workers map (`weight_handoff` "file"), or sent as bytes through vLLM's RPC."""
-        flat = torch.as_tensor(flat).view(torch.uint8).reshape(-1)
+        import warnings
+
+        with warnings.catch_warnings():  # Ray hands out the object read-only; it is only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            flat = torch.as_tensor(flat).view(torch.uint8).reshape(-1)
         if self.weight_handoff == "bytes":
             return self.load_weights_rpc("luffy_load_flat_bytes", entries, flat.numpy().tobytes(), list(entries))
         from luffy_megatron.sync.shm import ShmBuffer
