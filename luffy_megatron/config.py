@@ -206,6 +206,9 @@ class RewardConfig:
     fn: Literal["luffy_think", "math", "choice"] = "luffy_think"  # luffy_think = upstream reward_impl_version=3
     num_workers: int = 2
     timeout_s: float = 10.0  # per response; a timeout scores 0
+    # false = upstream: grade the decoded text with its trailing special tokens (math-verify reads
+    # "1/2<|endoftext|>" as 1); true = strip trailing special tokens first (luffy_think and math; choice always strips)
+    strip_special_tokens: bool = False
 
 
 @dataclass

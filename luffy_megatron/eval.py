@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: the model's own if its generation prompt ends with <think>\\n, else 'default'")
     parser.add_argument("--reward-workers", type=int, default=2)
     parser.add_argument("--reward-timeout-s", type=float, default=10.0)
+    parser.add_argument("--strip-special-tokens", action="store_true",
+                        help="strip trailing special-token text before grading (default: grade the text as is, as "
+                             "upstream; vLLM's text skips special tokens anyway)")
     parser.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float16, float32)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="vLLM context length (default: the longest prompt + --max-new-tokens)")
@@ -459,7 +462,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples_tmp = samples_path.with_name(f"{SAMPLES_JSONL}.tmp-{os.getpid()}")
     try:
         # The grader pool first: its workers fork from a clean forkserver before vLLM starts any threads.
-        with RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout_s, grader="math") as pool, \
+        with RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout_s, grader="math",
+                        strip_special_tokens=args.strip_special_tokens) as pool, \
                 open(samples_tmp, "w", encoding="utf-8") as samples_file:
             llm = start_engine(args, model_dir, max_model_len)
             for benchmark in benchmarks:

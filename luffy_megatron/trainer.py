@@ -73,7 +73,8 @@ def train(cfg: Config, workers=None) -> Path:
         saved_step, preempted = step, None
         trained = (step, sampler.position)  # the newest state of the actor: after step trained[0], data position trained[1]
 
-        with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn) as rewards:
+        with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn,
+                        strip_special_tokens=cfg.reward.strip_special_tokens) as rewards:
             if cfg.trainer.val_before_train and step == 0 and val_set is not None:
                 metrics_log.log(0, validate(cfg, engines, rewards, tokenizer, val_set))
             while step < total_steps:

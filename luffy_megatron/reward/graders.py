@@ -2,6 +2,17 @@
 
 Pure functions, meant to run inside the worker processes of `reward.pool.RewardPool`.
 
+Signature: `grader(response, ground_truth, *, strip_special_tokens=False) -> float`.
+
+Special tokens (`RewardConfig.strip_special_tokens`): upstream LUFFY decodes the valid response tokens
+without `skip_special_tokens`, so the end-of-sequence text (`<|endoftext|>`, `<|im_end|>`, ...) is part of
+the graded text, and math-verify sometimes reads it differently: `parse("1/2<|endoftext|>")` gives 1 (in
+0.6.0, upstream's pin, and in 0.9.0 alike), while `parse("1/2\n<|endoftext|>")` gives 1/2. By default the
+graders do what upstream does and grade the text as decoded; `strip_special_tokens=True` first removes
+trailing whitespace and special-token text (`strip_trailing_special_tokens`), which grades such a bare
+answer by its value. `score_luffy` and `score_math` honour the option; `score_choice` always strips (see
+its docstring).
+
 Contract: a grader returns 0.0 for anything the *model* wrote (no answer, garbage, a format failure,
 an expression math-verify cannot parse or compare in time). It raises only for what the *data* or the
 caller got wrong (an unusable ground truth, being called off the main thread).
@@ -26,7 +37,7 @@ THINK_CLOSE = "</think>"
 
 # End-of-sequence / pad token text that may trail a decoded response: upstream decodes the valid
 # response tokens without skip_special_tokens, so Qwen's `<|endoftext|>` (or `<|im_end|>`, `</s>`, ...)
-# is part of the text. math-verify's plain-expression extractor fails on "3<|endoftext|>", so strip it.
+# is part of the text, and math-verify's plain-expression extractor reads "1/2<|endoftext|>" as 1.
 _SPECIAL_TOKEN_AT_END = re.compile(r"(?:<\|[A-Za-z0-9_]{1,40}\|>|</s>|<eos>)\Z")
 
 
@@ -45,33 +56,40 @@ def _parse_gold(ground_truth: str) -> list:
     return parse("$" + ground_truth + "$")
 
 
-def _math_verify(solution: str, ground_truth: str) -> float:
+def _math_verify(solution: str, ground_truth: str, strip_special_tokens: bool) -> float:
     gold = _parse_gold(ground_truth)
     if not gold:
         return 0.0
-    return 1.0 if verify(gold, parse(strip_trailing_special_tokens(solution))) else 0.0
+    if strip_special_tokens:
+        solution = strip_trailing_special_tokens(solution)
+    return 1.0 if verify(gold, parse(solution)) else 0.0
 
 
-def score_luffy(response: str, ground_truth: str) -> float:
+def score_luffy(response: str, ground_truth: str, *, strip_special_tokens: bool = False) -> float:
     """LUFFY's training reward (upstream `reward_impl_version=3`, `reward_fn_math_verify`).
 
     The generation prompt ends with "<think>\\n", so the response starts inside the thought: prepend it,
     require a "</think>", and grade only the text between the first and the second "</think>"
     against "$gold$". No "</think>" is a format failure: 0.0 even if the answer is right.
+
+    By default that text is graded as decoded, trailing special tokens included, exactly as upstream:
+    "ok</think>1/2<|endoftext|>" scores 1.0 against "1" and 0.0 against "\\frac{1}{2}".
+    `strip_special_tokens=True` strips them from the graded part first (then it is the other way round).
     """
     text = THINK_OPEN + "\n" + response
     if THINK_OPEN not in text or THINK_CLOSE not in text:
         return 0.0
-    return _math_verify(text.split(THINK_CLOSE)[1], ground_truth)
+    return _math_verify(text.split(THINK_CLOSE)[1], ground_truth, strip_special_tokens)
 
 
-def score_math(response: str, ground_truth: str) -> float:
+def score_math(response: str, ground_truth: str, *, strip_special_tokens: bool = False) -> float:
     """math-verify without the think requirement (upstream version 4): grades the whole response.
 
     math-verify takes the last \\boxed{} (or, without one, the last parsable expression), so a final
-    answer after the thought wins over numbers inside it.
+    answer after the thought wins over numbers inside it. Special tokens: as `score_luffy` (upstream's
+    version 4 decodes the same way, so the default keeps them; luffy-eval's vLLM text has none anyway).
     """
-    return _math_verify(response, ground_truth)
+    return _math_verify(response, ground_truth, strip_special_tokens)
 
 
 _LETTERS = "ABCDEFGHIJ"
@@ -108,13 +126,20 @@ def _gold_letter(ground_truth: str) -> str:
     return gold
 
 
-def score_choice(response: str, ground_truth: str) -> float:
-    """Multiple-choice letter grading (ARC-c, MMLU-Pro, GPQA): 1.0 if the predicted letter is the gold."""
+def score_choice(response: str, ground_truth: str, *, strip_special_tokens: bool = True) -> float:
+    """Multiple-choice letter grading (ARC-c, MMLU-Pro, GPQA): 1.0 if the predicted letter is the gold.
+
+    Always strips trailing special tokens, whatever `strip_special_tokens` says (the parameter is accepted
+    so that every built-in grader takes the same options): upstream has no letter reward to match, its
+    evaluation of these sets grades vLLM's text, which has no special tokens, and a final "ANSWER: C" must
+    still end its line when the decoded text goes on with "<|im_end|>".
+    """
+    del strip_special_tokens  # always on, see above
     gold = _gold_letter(ground_truth)
     return 1.0 if extract_choice(response) == gold else 0.0
 
 
-Grader = Callable[[str, str], float]
+Grader = Callable[..., float]  # (response, ground_truth, *, strip_special_tokens=...) -> float; see the top
 
 GRADERS: dict[str, Grader] = {
     "luffy_think": score_luffy,
@@ -142,6 +167,29 @@ def resolve_grader(spec: str | Grader) -> Grader:
             raise ValueError(f"grader {spec!r}: {module_name} has no function {function_name!r}")
         return function
     raise ValueError(f"unknown grader {spec!r}; use one of {sorted(GRADERS)} or 'module:function'")
+
+
+def bind_options(grader: Grader, *, strip_special_tokens: bool) -> Callable[[str, str], float]:
+    """`grader` with the grading options fixed: a (response, ground_truth) -> float function.
+
+    A plug-in grader ("module:function") need not take `strip_special_tokens`: then it gets the text as
+    decoded, which is the default; asking it to strip is refused here, before any item is graded.
+    """
+    import inspect
+
+    try:
+        parameters = inspect.signature(grader).parameters
+    except (TypeError, ValueError):  # a builtin or C function without a signature
+        parameters = {}
+    takes_option = "strip_special_tokens" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if takes_option:
+        return functools.partial(grader, strip_special_tokens=strip_special_tokens)
+    if strip_special_tokens:
+        name = getattr(grader, "__qualname__", repr(grader))
+        raise ValueError(f"grader {name} takes no strip_special_tokens keyword, so reward.strip_special_tokens=true "
+                         "cannot apply to it: add `*, strip_special_tokens: bool = False` to it, or set the option false")
+    return grader
 
 
 def grader_spec(spec: str | Grader) -> str:

@@ -38,7 +38,7 @@ import time
 import traceback
 from typing import Callable, Sequence
 
-from luffy_megatron.reward.graders import Grader, grader_spec, resolve_grader
+from luffy_megatron.reward.graders import Grader, bind_options, grader_spec, resolve_grader
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class PoolStats:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
-    """Worker loop: (index, grader, response, gold) in, (index, score | None, error | None) out."""
+    """Worker loop: (index, grader, strip_special_tokens, response, gold) in, (index, score | None, error | None) out."""
     # Ctrl-C goes to the whole process group; the parent decides, and closes us through the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -79,7 +79,7 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
         conn.send(("init_error", traceback.format_exc()))
         return
     conn.send((_READY, os.getpid()))
-    resolved: dict[str, Grader] = {}
+    resolved: dict[tuple[str, bool], Callable[[str, str], float]] = {}
     while True:
         try:
             task = conn.recv()
@@ -87,11 +87,12 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
             return
         if task is None:
             return
-        index, spec, response, ground_truth = task
+        index, spec, strip_special_tokens, response, ground_truth = task
         try:
-            if spec not in resolved:
-                resolved[spec] = resolve_grader(spec)
-            conn.send((index, float(resolved[spec](response, ground_truth)), None))
+            key = (spec, strip_special_tokens)
+            if key not in resolved:
+                resolved[key] = bind_options(resolve_grader(spec), strip_special_tokens=strip_special_tokens)
+            conn.send((index, float(resolved[key](response, ground_truth)), None))
         except Exception as error:  # noqa: BLE001
             conn.send((index, None, f"{type(error).__name__}: {error}"))
 
@@ -134,10 +135,14 @@ class RewardPool:
 
     >>> with RewardPool(num_workers=2, timeout_s=10.0, grader="luffy_think") as pool:
     ...     rewards = pool.grade([(response, gold), ...])
+
+    `strip_special_tokens` (`RewardConfig.strip_special_tokens`) is passed to every grader this pool runs:
+    False (the default) grades the decoded text with its trailing special tokens, as upstream LUFFY does;
+    True strips them first (see `reward.graders`).
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, grader: str | Grader = "luffy_think",
-                 grace_s: float = 0.5, start_method: str | None = None) -> None:
+                 grace_s: float = 0.5, start_method: str | None = None, strip_special_tokens: bool = False) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if timeout_s <= 0:
@@ -145,7 +150,8 @@ class RewardPool:
         self.num_workers = num_workers
         self.timeout_s = timeout_s
         self.grace_s = grace_s
-        self.grader = grader_spec(grader)
+        self.strip_special_tokens = bool(strip_special_tokens)
+        self.grader = self._checked_spec(grader)
         self.stats = PoolStats()
         if start_method is None:
             start_method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -167,7 +173,7 @@ class RewardPool:
         `progress(num_done, num_total)` is called as items finish (at most ~10 times a second).
         Raises GradingError after the whole batch if a grader raised on some item.
         """
-        spec = self.grader if grader is None else grader_spec(grader)
+        spec = self.grader if grader is None else self._checked_spec(grader)
         if self.num_workers == 0:
             return self._grade_in_process(items, spec, progress)
         if self._workers is None:
@@ -211,8 +217,14 @@ class RewardPool:
 
     # -- internals ----------------------------------------------------------------------------------
 
+    def _checked_spec(self, grader: str | Grader) -> str:
+        """The grader's picklable name, refused here (not in a worker) if it cannot take this pool's options."""
+        spec = grader_spec(grader)
+        bind_options(resolve_grader(spec), strip_special_tokens=self.strip_special_tokens)
+        return spec
+
     def _grade_in_process(self, items, spec, progress) -> list[float]:
-        grade_one = resolve_grader(spec)
+        grade_one = bind_options(resolve_grader(spec), strip_special_tokens=self.strip_special_tokens)
         scores, errors = [], {}
         for index, (response, ground_truth) in enumerate(items):
             try:
@@ -235,7 +247,7 @@ class RewardPool:
                     break  # sent when this worker is idle instead
                 index = pending.popleft()
                 try:
-                    worker.conn.send((index, spec, response, ground_truth))
+                    worker.conn.send((index, spec, self.strip_special_tokens, response, ground_truth))
                 except OSError:  # it died; _collect sees that and accounts for its items
                     pending.appendleft(index)
                     break

@@ -5,8 +5,11 @@ import time
 
 import pytest
 
+from math_verify import parse, verify
+
 from luffy_megatron.reward import GRADERS, score_choice, score_luffy, score_math
-from luffy_megatron.reward.graders import extract_choice, grader_spec, resolve_grader, strip_trailing_special_tokens
+from luffy_megatron.reward.graders import (bind_options, extract_choice, grader_spec, resolve_grader,
+                                           strip_trailing_special_tokens)
 
 # (ground truth as stored in the data, i.e. bare LaTeX; final answer text; expected reward).
 # Cases of platform_notes.md section 7 / probes/mv_probe.py, plus the wrong-answer twins.
@@ -74,14 +77,96 @@ def test_response_starting_inside_the_thought_is_accepted():
     assert score_luffy("<think>2+1=3</think>\\boxed{3}", "3") == 1.0
 
 
-@pytest.mark.parametrize("eos", ["<|endoftext|>", "<|im_end|>", "<|im_end|><|endoftext|>", "</s>", "\n<|endoftext|>"])
-def test_trailing_eos_text_does_not_break_grading(eos):
-    assert score_luffy("ok</think>The answer is \\boxed{3}." + eos, "3") == 1.0
-    assert score_luffy("ok</think>The answer is 3" + eos, "3") == 1.0  # no \boxed: plain-expression fallback
-    assert score_math("The answer is 3" + eos, "3") == 1.0
-    # Without stripping, math-verify reads "1/2<|endoftext|>" as 1.
-    assert score_luffy("ok</think>So x = 1/2" + eos, "\\frac{1}{2}") == 1.0
-    assert score_luffy("ok</think>The answer is 4" + eos, "3") == 0.0
+# -- trailing special tokens: upstream's text by default, stripped on request ------------------------
+
+def upstream_reward(response: str, ground_truth: str) -> float:
+    """Upstream LUFFY's code path, written out from its source: RewardManager decodes the response without
+    skip_special_tokens and prepends "<think>\\n" (main_mix_ppo.py), reward_fn_math_verify splits on
+    "</think>" and returns verify(parse("$" + gold + "$"), parse(solution)) (math_verify_reward.py)."""
+    text = "<think>" + "\n" + response
+    if "<think>" not in text or "</think>" not in text:
+        return 0.0
+    return 1.0 if verify(parse("$" + ground_truth + "$"), parse(text.split("</think>")[1])) else 0.0
+
+
+def test_math_verify_reads_a_bare_fraction_before_a_special_token_as_its_numerator():
+    # The fact the default has to reproduce (math-verify 0.6.0, upstream's pin, gives the same).
+    assert [str(x) for x in parse("1/2<|endoftext|>")] == ["1", "1"]
+    assert [str(x) for x in parse("1/2")] == ["1/2", "1/2"]
+
+
+def test_default_grades_like_upstream_with_the_special_token_kept():
+    response = "ok</think>So x = 1/2<|endoftext|>"
+    assert upstream_reward(response, "\\frac{1}{2}") == 0.0 and upstream_reward(response, "1") == 1.0
+    assert score_luffy(response, "\\frac{1}{2}") == 0.0
+    assert score_luffy(response, "1") == 1.0
+    assert score_math("So x = 1/2<|endoftext|>", "\\frac{1}{2}") == 0.0
+    assert score_math("So x = 1/2<|endoftext|>", "1") == 1.0
+    # The option restores the stripping: the bare fraction is graded by its value.
+    assert score_luffy(response, "\\frac{1}{2}", strip_special_tokens=True) == 1.0
+    assert score_luffy(response, "1", strip_special_tokens=True) == 0.0
+    assert score_math("So x = 1/2<|endoftext|>", "\\frac{1}{2}", strip_special_tokens=True) == 1.0
+
+
+EOS_TEXTS = ["<|endoftext|>", "<|im_end|>", "<|im_end|><|endoftext|>", "</s>", "\n<|endoftext|>"]
+EOS_CASES = [  # (text after </think>, gold)
+    ("The answer is \\boxed{3}.", "3"),
+    ("The answer is 3", "3"),                 # no \boxed: the plain-expression fallback
+    ("So x = 1/2", "\\frac{1}{2}"),
+    ("So x = 1/2", "1"),
+    ("The answer is 4", "3"),
+    ("x = 0.5", "\\frac{1}{2}"),
+    ("The answer is 12", "12"),
+    ("so 2/3", "\\frac{2}{3}"),
+    ("we get 3/4", "3"),
+]
+
+
+@pytest.mark.parametrize("eos", EOS_TEXTS)
+@pytest.mark.parametrize("answer, gold", EOS_CASES)
+def test_default_equals_upstream_code_path(answer, gold, eos):
+    response = "Let me see.\n</think>\n" + answer + eos
+    assert score_luffy(response, gold) == upstream_reward(response, gold)
+
+
+@pytest.mark.parametrize("eos", EOS_TEXTS)
+def test_strip_option_grades_the_answer_without_its_trailing_special_tokens(eos):
+    strip = {"strip_special_tokens": True}
+    assert score_luffy("ok</think>The answer is \\boxed{3}." + eos, "3", **strip) == 1.0
+    assert score_luffy("ok</think>The answer is 3" + eos, "3", **strip) == 1.0  # no \boxed: plain-expression fallback
+    assert score_math("The answer is 3" + eos, "3", **strip) == 1.0
+    assert score_luffy("ok</think>So x = 1/2" + eos, "\\frac{1}{2}", **strip) == 1.0
+    assert score_luffy("ok</think>So x = 1/2" + eos, "1", **strip) == 0.0
+    assert score_luffy("ok</think>The answer is 4" + eos, "3", **strip) == 0.0
+    # Stripping is exactly grading the text without the special tokens.
+    for answer, gold in EOS_CASES:
+        assert score_luffy("ok</think>" + answer + eos, gold, **strip) == upstream_reward("ok</think>" + answer, gold)
+
+
+def test_the_two_settings_differ_only_where_the_special_token_changes_the_parse():
+    differing = [(answer, gold, eos) for answer, gold in EOS_CASES for eos in EOS_TEXTS
+                 if score_luffy("ok</think>" + answer + eos, gold)
+                 != score_luffy("ok</think>" + answer + eos, gold, strip_special_tokens=True)]
+    assert differing, "the option changed nothing: it is not applied"
+    assert all(not eos.startswith("\n") and "/" in answer for answer, gold, eos in differing), differing
+
+
+def test_choice_strips_always():
+    for strip in (False, True):
+        assert score_choice("Reasoning...\nANSWER: C<|im_end|>", "C", strip_special_tokens=strip) == 1.0
+        assert score_choice("Reasoning...\nANSWER: C<|im_end|>", "B", strip_special_tokens=strip) == 0.0
+
+
+def test_bind_options():
+    assert bind_options(score_luffy, strip_special_tokens=False)("ok</think>1/2<|endoftext|>", "1") == 1.0
+    assert bind_options(score_luffy, strip_special_tokens=True)("ok</think>1/2<|endoftext|>", "1") == 0.0
+
+    def plain(response, ground_truth):  # a plug-in grader without the option
+        return 1.0
+
+    assert bind_options(plain, strip_special_tokens=False) is plain
+    with pytest.raises(ValueError, match="strip_special_tokens"):
+        bind_options(plain, strip_special_tokens=True)
 
 
 def test_strip_trailing_special_tokens_only_strips_the_end():

@@ -162,6 +162,32 @@ def test_in_process_mode_grades_the_same():
         assert debug_pool.stats.graded == len(items)
 
 
+# The upstream case: math-verify reads "1/2<|endoftext|>" as 1 unless the special token is stripped.
+EOS_ITEMS = [("ok</think>So x = 1/2<|endoftext|>", "1"), ("ok</think>So x = 1/2<|endoftext|>", "\\frac{1}{2}"),
+             ("ok</think>\\boxed{3}<|im_end|>", "3")]
+
+
+def test_pool_grades_special_tokens_as_upstream_by_default_and_strips_on_request(pool):
+    assert pool.strip_special_tokens is False
+    assert pool.grade(EOS_ITEMS) == [1.0, 0.0, 1.0]
+    with RewardPool(num_workers=1, timeout_s=5.0, grader="luffy_think", strip_special_tokens=True) as strip_pool:
+        assert strip_pool.grade(EOS_ITEMS) == [0.0, 1.0, 1.0]  # in the worker process
+        # The option reaches a per-call grader too.
+        assert strip_pool.grade([("x = 1/2<|endoftext|>", "\\frac{1}{2}")], grader="math") == [1.0]
+    assert pool.grade([("x = 1/2<|endoftext|>", "\\frac{1}{2}")], grader="math") == [0.0]
+    with RewardPool(num_workers=0, grader="luffy_think", strip_special_tokens=True) as debug_pool:
+        assert debug_pool.grade(EOS_ITEMS) == [0.0, 1.0, 1.0]
+
+
+def test_strip_option_is_refused_for_a_grader_that_cannot_take_it(pool):
+    with pytest.raises(ValueError, match="strip_special_tokens"):
+        RewardPool(num_workers=1, grader=crash_on_marker, strip_special_tokens=True)
+    with RewardPool(num_workers=0, grader="luffy_think", strip_special_tokens=True) as debug_pool:
+        with pytest.raises(ValueError, match="strip_special_tokens"):
+            debug_pool.grade([("x", "1")], grader=hang_on_marker)
+    assert pool.grade([("\\boxed{4}", "4")], grader=hang_on_marker) == [1.0]  # without the option it is fine
+
+
 def test_a_worker_killed_during_start_up_is_replaced_not_misdiagnosed():
     """A signal during a worker's start-up (before it reported ready) is a crash to recover from, not
     the 'guard your main module' import failure."""
