@@ -132,3 +132,23 @@ def compute_advantages(
             weight = torch.where(prefix, prefix_reward_weight_alpha, prefix_reward_weight_beta).to(adv_BT.dtype)
             adv_BT = adv_BT * weight
     return adv_BT
+
+
+def zero_truncated_advantages(advantages_BT: Tensor, responses_BT: Tensor, response_mask_BT: Tensor, *,
+                              eos_token_id: int, max_response_length: int) -> Tensor:
+    """Upstream's `data.disable_truncation_advantage` (mix_trainer.py): rows that reached
+    max_response_length without an EOS token get advantage 0 (a cut-off answer is neither right nor wrong)."""
+    lengths = response_mask_BT.sum(-1)
+    has_eos = ((responses_BT == eos_token_id) & response_mask_BT.bool()).any(-1)
+    truncated = (lengths >= max_response_length) & ~has_eos
+    out = advantages_BT.clone()
+    out[truncated] = 0
+    return out
+
+
+def sft_prefix_advantages(advantages_BT: Tensor, prefix_mask_BT: Tensor, *, weight: float, n: int) -> Tensor:
+    """Upstream's `actor.use_sft_prefix_reward` (mix_trainer.py): every demonstration-prefix token gets the
+    fixed advantage `sft_prefix_reward_weight / n` (upstream requires n_prefix = -1, every row a prefix row)."""
+    out = advantages_BT.clone()
+    out[prefix_mask_BT.bool()] = weight / n
+    return out

@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Optional
 
 from luffy_megatron.models.hf_to_mcore import HFArch, padded_vocab_size, read_hf_arch
+from luffy_megatron.actor.batching import micro_batch_prompts
 
 __all__ = [
     "Assumptions",
@@ -226,6 +227,25 @@ def param_counts(arch: HFArch, *, tp: int = 1, pp: int = 1, vocab_divisible_by: 
         + arch.num_attention_heads * d * h + 3 * h * arch.ffn_hidden_size
     return ParamCounts(total=total, per_stage_rank=tuple(stages), matmul=num_layers * layer_matmul + embedding,
                        vocab_padded=vocab)
+
+
+def attention_coefficient(arch: HFArch) -> int:
+    """heads x head_dim x layers: the causal attention forward of one sequence of S tokens is
+    2 x this x S^2 FLOPs (QK^T and attention x V over the lower triangle), every layer together."""
+    return arch.num_attention_heads * arch.head_dim * arch.num_layers
+
+
+def forward_flops(matmul_params: int, attention_coef: int, *, tokens: float, squared_lengths: float) -> float:
+    """Model FLOPs of one forward over sequences holding `tokens` tokens in all, whose lengths squared sum
+    to `squared_lengths`: 2 x matmul params x tokens + causal attention (`attention_coefficient`)."""
+    return 2 * matmul_params * tokens + 2 * attention_coef * squared_lengths
+
+
+def update_flops(matmul_params: int, attention_coef: int, *, tokens: float, squared_lengths: float,
+                 epochs: int = 1) -> float:
+    """Model FLOPs of training on those sequences `epochs` times: forward + backward = 3 forwards
+    (6 x params x tokens + 3 x attention); full recompute's extra forward is not counted."""
+    return epochs * 3 * forward_flops(matmul_params, attention_coef, tokens=tokens, squared_lengths=squared_lengths)
 
 
 def trainer_state_bytes(num_params: int, *, bf16: bool, distributed_optimizer: bool, dp_cp: int) -> dict[str, int]:
@@ -385,7 +405,9 @@ def _trainer_phases_memory(cfg, arch: HFArch, lay: dict, params: ParamCounts, st
     tp, pp, vpp, cp = lay["tp"], lay["pp"], lay["vpp"], lay["cp"]
     dtype_bytes = 2 if m.dtype == "bf16" else 4
     max_seq = d.max_prompt_length + d.max_response_length
-    tokens = a.ppo_max_token_len_per_gpu if a.use_dynamic_bsz else a.ppo_micro_batch_size * max_seq
+    # fixed micro-batches: ppo_micro_batch_size prompts x rollout.n rows over the DP ranks (upstream's units)
+    rows = max(1, micro_batch_prompts(a) * cfg.rollout.n // max(lay.get("dp", 1), 1))
+    tokens = a.ppo_max_token_len_per_gpu if a.use_dynamic_bsz else rows * max_seq
     tokens = math.ceil(tokens / cp)
     unfused = m.transformer_impl == "local"
     full_b, attn_b = _layer_activation_bytes_per_token(arch, tp=tp, sp=p.sequence_parallel, seq_len=max_seq,
@@ -464,11 +486,11 @@ def _step_rows(cfg, asm: Assumptions) -> dict:
 def _flops_and_times(cfg, arch: HFArch, lay: dict, params: ParamCounts, eng: dict, rows: dict,
                      asm: Assumptions) -> tuple[dict, dict, dict]:
     n_mm = params.matmul
-    attn_coef = arch.num_attention_heads * arch.head_dim * arch.num_layers  # per layer-summed head dims
+    attn_coef = attention_coefficient(arch)
     seq = rows["prompt_len"] + rows["response_len"]
-    attention_fwd = rows["rows"] * 2 * attn_coef * seq * seq
-    logprob = 2 * n_mm * rows["tokens"] + attention_fwd
-    update = cfg.actor.ppo_epochs * (6 * n_mm * rows["tokens"] + 3 * attention_fwd)
+    squared = rows["rows"] * seq * seq
+    logprob = forward_flops(n_mm, attn_coef, tokens=rows["tokens"], squared_lengths=squared)
+    update = update_flops(n_mm, attn_coef, tokens=rows["tokens"], squared_lengths=squared, epochs=cfg.actor.ppo_epochs)
     ctx = rows["prompt_len"] + rows["response_len"] / 2  # mean context of a decode step
     generation = 2 * n_mm * (rows["decode_tokens"] + rows["prefill_tokens"]) \
         + 4 * attn_coef * ctx * rows["decode_tokens"]
@@ -822,7 +844,7 @@ def format_plan(plan: Plan) -> str:
 def _tokens_line(plan: Plan) -> str:
     a, lay = plan.cfg.actor, plan.layout
     per = f"{a.ppo_max_token_len_per_gpu} tokens per micro-batch" if a.use_dynamic_bsz else \
-        f"{a.ppo_micro_batch_size} rows per micro-batch"
+        f"{max(1, micro_batch_prompts(a) * plan.cfg.rollout.n // max(lay.get('dp', 1), 1))} rows per micro-batch"
     cp = f" (/{lay['cp']} per GPU under CP)" if lay["cp"] > 1 else ""
     return f"{per}{cp}, log-prob chunk {a.log_prob_chunk_tokens} tokens"
 

@@ -76,7 +76,11 @@ def main() -> int:
     lengths = batch.sequence_lengths()
     real = sum(lengths)
     rows = list(range(batch.num_rows))
-    mb_size = max(1, args.budget // (args.width + 100))
+    # fixed micro-batches of whole prompts (actor.ppo_micro_batch_size is in prompts, as upstream), as many
+    # rows as fit the token budget at the longest length, and dividing the mini-batch
+    fit = max(1, args.budget // (args.width + 100) // args.n)
+    micro_prompts = max(d for d in range(1, fit + 1) if args.prompts % d == 0)
+    mb_size = micro_prompts * args.n
     plans = {
         "baseline": split_mini_batches(rows, mb_size),
         "ours": plan_micro_batches(lengths, rows, max_tokens=args.budget, packed=False),
@@ -91,7 +95,7 @@ def main() -> int:
         "model.transformer_impl=local", f"rollout.n={args.n}", "rollout.tensor_model_parallel_size=1", f"data.train_batch_size={args.prompts}",
         "data.max_prompt_length=128", f"data.max_response_length={args.width}",
         f"actor.ppo_mini_batch_size={args.prompts}", f"actor.ppo_max_token_len_per_gpu={args.budget}",
-        f"actor.ppo_micro_batch_size={mb_size}", "trainer.total_training_steps=100",
+        f"actor.ppo_micro_batch_size={micro_prompts}", "trainer.total_training_steps=100",
     ]
     rewards = torch.zeros(batch.num_rows, args.width)
     for i, n in enumerate(batch.response_lengths()):
