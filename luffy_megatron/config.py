@@ -161,6 +161,8 @@ class AlgoConfig:
     off_policy_max_clip: float = -1.0  # -1 = off (upstream convention)
     off_policy_min_clip: float = -1.0  # -1 = off
     all_max_clip: float = -1.0  # -1 = off; else drop tokens whose p exceeds it
+    # off-policy ratio p / (teacher p + 1e-6) from the dataset's data.target_probs_key column instead of the
+    # shaped p / (p + 0.1) (off_policy_reshape is then unused, as upstream); needs use_off_policy_loss
     use_off_policy_probs: bool = False
     clip_ratio: float = 0.2
     clip_upper_bound: float = 1.0
@@ -196,6 +198,7 @@ class DataConfig:
     long_demo_policy: Literal["truncate", "drop"] = "truncate"  # demonstrations over rollout.max_prefix_len
     skip_bad_rows: bool = False  # skip malformed rows instead of failing
     chat_template: str | None = None  # None = the model's own; else a path to a Jinja template
+    target_probs_key: str = "target_ds_qwen_7b_probs"  # column of teacher token probabilities (algo.use_off_policy_probs)
     remove_system_prompt: bool = False
 
 
@@ -660,6 +663,12 @@ def validate(cfg: Config) -> None:
             f"algo.use_sft_multitask_loss=true needs algo.adv_estimator='grpo_split' (got {a.adv_estimator!r}), "
             "so demonstrations do not enter the on-policy baseline"
         )
+    if a.use_off_policy_probs and not a.use_off_policy_loss:
+        errors.append("algo.use_off_policy_probs=true needs algo.use_off_policy_loss=true: the teacher probabilities "
+                      "enter only the off-policy loss (upstream ignores them otherwise)")
+    if a.use_off_policy_probs and not d.target_probs_key:
+        errors.append("algo.use_off_policy_probs=true but data.target_probs_key is empty: name the parquet column of "
+                      "the teacher's token probabilities (upstream: target_ds_qwen_7b_probs)")
     if a.use_kl_loss and a.kl_loss_coef <= 0:
         errors.append(f"algo.use_kl_loss=true with algo.kl_loss_coef={a.kl_loss_coef}; set a coefficient > 0")
     if a.use_ppo_kl_loss and a.ppo_kl_loss_coef <= 0:

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from luffy_megatron.actor.batching import RolloutBatch
-from luffy_megatron.algo import advantage_options, assemble_responses, compute_advantages, plan_rows, prefix_ratios
+from luffy_megatron.algo import (advantage_options, assemble_responses, compute_advantages, plan_rows, prefix_ratios,
+                                 prefix_target_probs, uses_target_probs)
 from luffy_megatron.config import Config, ConfigError, load_config, parse_overrides_from_argv
 from luffy_megatron.data.errors import DataError
 from luffy_megatron.metrics_log import MetricsLogger, plot_results
@@ -229,7 +230,9 @@ def load_data(cfg: Config):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     common = dict(max_prompt_length=cfg.data.max_prompt_length, long_prompt_policy=cfg.data.long_prompt_policy,
                   skip_bad_rows=cfg.data.skip_bad_rows, remove_system=cfg.data.remove_system_prompt)
-    train_sets = [load_tokenized_dataset(p, tokenizer, require_target=True, max_prefix_len=cfg.rollout.max_prefix_len, long_demo_policy=cfg.data.long_demo_policy, **common) for p in cfg.data.train_files]
+    # algo.use_off_policy_probs: the teacher's token probabilities (data.target_probs_key) of every demonstration
+    probs = dict(target_probs_key=cfg.data.target_probs_key, require_target_probs=True) if uses_target_probs(cfg.algo.__dict__) else {}
+    train_sets = [load_tokenized_dataset(p, tokenizer, require_target=True, max_prefix_len=cfg.rollout.max_prefix_len, long_demo_policy=cfg.data.long_demo_policy, **probs, **common) for p in cfg.data.train_files]
     train_set = [ex for ds in train_sets for ex in ds]
     if len(train_set) < cfg.data.train_batch_size:
         raise ConfigError(f"data.train_files hold {len(train_set)} usable prompts, fewer than data.train_batch_size={cfg.data.train_batch_size}")
@@ -256,8 +259,11 @@ def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts:
     for i, gen in zip(todo, outputs):
         generations[i] = gen
     responses, prefix_mask, response_mask = assemble_responses(prefixes=plan.prefixes, generations=[g.token_ids if g else [] for g in generations], eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), response_length=width)
+    # algo.use_off_policy_probs: the teacher's probability of each demonstration token at its response position, -1 elsewhere
+    target_probs = prefix_target_probs(prefix_lengths=[len(x) for x in plan.prefixes], group_index=plan.group_index,
+                                       demonstration_probs=[p.demo_probs for p in prompts], response_length=width) if uses_target_probs(cfg.algo.__dict__) else None
     batch = RolloutBatch(prompts=[prompts[g].prompt_ids for g in plan.group_index], responses=responses, response_mask=response_mask,
-                         prefix_mask=prefix_mask, group_ids=[f"{step}:{g}" for g in plan.group_index])
+                         prefix_mask=prefix_mask, group_ids=[f"{step}:{g}" for g in plan.group_index], target_probs=target_probs)
     record = record_generations(prefixes=plan.prefixes, generations=generations, response_mask_BT=response_mask)
     metrics = {"rollout/generated_tokens": sum(len(g.token_ids) for g in outputs), "rollout/generate_s": time.time() - t0,
                "rollout/response_length_mean": float(response_mask.sum(-1).float().mean()),

@@ -20,13 +20,16 @@ class RolloutBatch:
     """The rows of one training step, as produced by rollout composition (`algo.composition`).
 
     `responses`, `response_mask` and `prefix_mask` are [B, L] with L = max_response_length.
-    `group_ids[i]` identifies row i's prompt group (upstream `uid`)."""
+    `group_ids[i]` identifies row i's prompt group (upstream `uid`). `target_probs` (only with
+    `algo.use_off_policy_probs`): [B, L] float32 teacher probabilities on the demonstration-prefix tokens,
+    -1 elsewhere (`algo.composition.prefix_target_probs`)."""
 
     prompts: list[list[int]]
     responses: torch.Tensor
     response_mask: torch.Tensor
     prefix_mask: torch.Tensor
     group_ids: list[Hashable]
+    target_probs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B = len(self.prompts)
@@ -34,6 +37,9 @@ class RolloutBatch:
             t = getattr(self, name)
             if t.dim() != 2 or t.shape[0] != B:
                 raise ValueError(f"RolloutBatch.{name} must be [B={B}, L], got {tuple(t.shape)}")
+        if self.target_probs is not None and tuple(self.target_probs.shape) != tuple(self.responses.shape):
+            raise ValueError(f"RolloutBatch.target_probs must be [B, L] = {tuple(self.responses.shape)} like responses, "
+                             f"got {tuple(self.target_probs.shape)}")
         if len(self.group_ids) != B:
             raise ValueError(f"RolloutBatch has {B} rows but {len(self.group_ids)} group ids")
         if any(len(p) == 0 for p in self.prompts):
@@ -52,6 +58,22 @@ class RolloutBatch:
 
     def sequence_lengths(self) -> list[int]:
         return [len(p) + n for p, n in zip(self.prompts, self.response_lengths())]
+
+    def check_target_probs(self, *, enabled: bool) -> None:
+        """With `enabled` (`algo.options.uses_target_probs`), refuse a batch without teacher probabilities,
+        so the option can never be ignored silently. Every rank calls it before any forward."""
+        if enabled and self.target_probs is None:
+            raise ValueError("algo.use_off_policy_probs=true but this RolloutBatch has no target_probs: build it with "
+                             "the teacher probabilities (trainer.generate_and_mix does, from data.target_probs_key)")
+
+    def loss_target_probs(self, rows: Sequence[int], width: int, *, enabled: bool,
+                          device: torch.device | str | None = None) -> torch.Tensor | None:
+        """`target_probs_BT` of the loss for `rows`, cut to `width` response tokens, when the off-policy ratio
+        uses teacher probabilities (`enabled`), else None."""
+        if not enabled:
+            return None
+        self.check_target_probs(enabled=True)
+        return self.target_probs[list(rows), :width].to(device)
 
 
 def balance_rows(lengths: Sequence[int], num_parts: int) -> list[list[int]]:

@@ -39,7 +39,7 @@ from luffy_megatron.actor.batching import (
 from luffy_megatron.actor.context_parallel import gather_tokens, shard_micro_batch
 from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
 from luffy_megatron.algo.loss import microbatch_policy_loss
-from luffy_megatron.algo.options import loss_options
+from luffy_megatron.algo.options import loss_options, uses_target_probs
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,7 @@ class MegatronActor:
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.step = 0  # optimizer steps taken
         self.loss_opts = loss_options(asdict(cfg.algo))
+        self.use_target_probs = uses_target_probs(asdict(cfg.algo))  # teacher probs in the off-policy ratio
 
     def _set_schedule_hooks(self) -> None:
         """The hooks megatron-core's schedules call, set as Megatron-LM's training sets them."""
@@ -460,6 +461,7 @@ class MegatronActor:
     def _backward(self, batch: RolloutBatch, rows_by_rank: list[list[int]], advantages: torch.Tensor,
                   old_log_probs: torch.Tensor) -> list[dict]:
         """Forward + backward of one mini-batch and the DP gradient reduction; returns the micro-batch metrics."""
+        batch.check_target_probs(enabled=self.use_target_probs)  # on every rank, before any forward
         micro = self._micro_batches(batch, rows_by_rank)
         for m in self.model:
             m.zero_grad_buffer()
@@ -480,6 +482,7 @@ class MegatronActor:
                 advantages_BT=advantages[mb.rows, :width].to(lp.device),
                 response_mask_BT=mb.resp_mask.to(lp.device),
                 prefix_mask_BT=batch.prefix_mask[mb.rows, :width].to(lp.device),
+                target_probs_BT=batch.loss_target_probs(mb.rows, width, enabled=self.use_target_probs, device=lp.device),
                 max_response_length=batch.response_width,
                 **self.loss_opts,
             )

@@ -7,6 +7,7 @@ from .composition import (
     assemble_responses,
     plan_rows,
     prefix_ratios,
+    prefix_target_probs,
     response_mask_from_eos,
 )
 from .loss import (
@@ -19,7 +20,7 @@ from .loss import (
     microbatch_policy_loss,
     mixed_policy_loss,
 )
-from .options import advantage_options, loss_options
+from .options import advantage_options, loss_options, uses_target_probs
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -41,5 +42,7 @@ __all__ = [
     "mixed_policy_loss",
     "plan_rows",
     "prefix_ratios",
+    "prefix_target_probs",
     "response_mask_from_eos",
+    "uses_target_probs",
 ]

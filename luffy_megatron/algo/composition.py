@@ -6,7 +6,9 @@ Upstream (`mix_vllm_rollout.generate_sequences`, luffy_algorithm.md section 3):
   * the demonstration gets `eos_token_id` appended (when non-empty); prefix = demo[:int(len * ratio)];
   * the engine continues `prompt + prefix`; response = prefix + generation, cut to the response
     width; `prefix_mask` is True on the prefix tokens (the appended EOS included);
-  * the response mask is 1 up to and including the first EOS.
+  * the response mask is 1 up to and including the first EOS;
+  * with `use_off_policy_probs`, the teacher's probability of each demonstration token (and of the
+    appended EOS) sits at that token's response position (`prefix_target_probs`; -1 elsewhere).
 
 The main run uses ratio 1.0: the whole demonstration (with its EOS) is the row, and there is nothing
 left to generate for it. Upstream still sends such rows to vLLM and masks the output away; we skip
@@ -185,3 +187,38 @@ def assemble_responses(
             responses[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         prefix_mask[i, : min(len(prefix), response_length)] = True
     return responses, prefix_mask, response_mask_from_eos(responses, eos_token_id)
+
+
+TARGET_PROBS_PAD = -1.0  # upstream pads target_probs with -1 (rl_dataset_with_target.py)
+
+
+def prefix_target_probs(
+    *,
+    prefix_lengths: Sequence[int],
+    group_index: Sequence[int],
+    demonstration_probs: Sequence[Sequence[float] | None],
+    response_length: int,
+) -> torch.Tensor:
+    """Teacher probabilities of the demonstration-prefix tokens of every row, [B, L] float32
+    (`algo.use_off_policy_probs`); `TARGET_PROBS_PAD` (-1, upstream's padding) everywhere else.
+
+    `demonstration_probs[p]` belongs to prompt p's demonstration and is aligned with its tokens plus the
+    appended EOS (`EncodedExample.demo_probs`): a row's prefix is `(demo + [eos])[:k]` (`plan_rows`), so its
+    response positions 0..k-1 get `demonstration_probs[p][:k]`, cut to the response width -- upstream's
+    placement (the dataset's target_probs sit on response positions 0.. of a row whose response starts with
+    the target). The loss reads them only where `prefix_mask` is set."""
+    if len(prefix_lengths) != len(group_index):
+        raise ValueError(f"{len(prefix_lengths)} prefix lengths but {len(group_index)} group indices")
+    out = torch.full((len(prefix_lengths), response_length), TARGET_PROBS_PAD, dtype=torch.float32)
+    for row, (k, p) in enumerate(zip(prefix_lengths, group_index)):
+        if k == 0:
+            continue
+        probs = demonstration_probs[p]
+        if probs is None:
+            raise ValueError(f"row {row} carries a demonstration prefix of {k} tokens but prompt {p} has no teacher probabilities")
+        if len(probs) < k:
+            raise ValueError(f"row {row}: prefix of {k} tokens but prompt {p} has only {len(probs)} teacher probabilities "
+                             "(expected one per demonstration token plus one for EOS)")
+        k = min(k, response_length)
+        out[row, :k] = torch.tensor(probs[:k], dtype=torch.float32)
+    return out

@@ -49,6 +49,12 @@ def loss_options(settings: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def uses_target_probs(settings: Mapping[str, Any]) -> bool:
+    """Whether the loss takes the teacher's token probabilities (`target_probs_BT`): upstream selects
+    `target_probs` only when both `use_off_policy_loss` and `use_off_policy_probs` are set (mix_actor.py)."""
+    return bool(settings.get("use_off_policy_loss", False) and settings.get("use_off_policy_probs", False))
+
+
 def advantage_options(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for `compute_advantages` (estimator, std, prefix reward weights)."""
     return {

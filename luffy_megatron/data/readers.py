@@ -6,7 +6,11 @@ Two kinds of input:
   ``data_source`` (str, may be ""), ``prompt`` = [{role, content}, ...] (LUFFY: [system, user]),
   ``target`` = [{"role": "assistant", "content": "<think>\\n..."}] (training rows only: the off-policy
   demonstration), ``ability``, ``reward_model`` = {ground_truth, style}, ``extra_info`` = {split, index}.
-  Validation files are the same without ``target``.
+  Validation files are the same without ``target``. Optional: a column of the teacher's token probabilities
+  (``data.target_probs_key``, upstream ``target_ds_qwen_7b_probs``): per row a list of floats in [0, 1], one
+  per token of the tokenized target (without its leading ``"<think>\\n"``) plus one for the EOS the rollout
+  appends, as upstream's ``rl_dataset_with_target.py`` asserts. Read by `read_luffy_parquet` only when asked
+  (``target_probs_key``): it is kept as one float32 array per row, not as Python lists.
 * Raw benchmark files (``read_benchmark``): each upstream file keeps its own answer field (AMC floats,
   Minerva's answer inside the solution's last ``\\boxed{}``, OlympiadBench's list of ``$...$`` answers,
   MMLU-Pro's option list and letter). The registry ``BENCHMARKS`` knows each file's rules; every reader
@@ -22,12 +26,13 @@ file is always a `DataError`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from luffy_megatron.data.answers import format_number, last_boxed, strip_dollars
 from luffy_megatron.data.errors import BadRowReport, DataError, row_error_message
@@ -73,8 +78,9 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: file is empty (0 bytes)")
 
 
-def load_parquet_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a parquet file as dicts (through ``datasets``); DataError if it is not readable parquet."""
+def load_parquet_rows(path: str | Path, *, exclude_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """All rows of a parquet file as dicts (through ``datasets``); DataError if it is not readable parquet.
+    ``exclude_columns`` are not loaded (e.g. the large per-token teacher probabilities, read apart)."""
     path = Path(path)
     _check_file(path)
     import datasets
@@ -85,8 +91,11 @@ def load_parquet_rows(path: str | Path) -> list[dict[str, Any]]:
         num_rows = pq.read_metadata(path).num_rows
         if num_rows == 0:
             return []
+        names = pq.read_schema(path).names
+        columns = [c for c in names if c not in set(exclude_columns)]
+        kwargs = {"columns": columns} if len(columns) < len(names) else {}
         with datasets_progress_bars_off():
-            dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            dataset = datasets.load_dataset("parquet", data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # pyarrow / datasets raise many types for a torn or foreign file
         cause = exc.__cause__ or exc  # datasets wraps the pyarrow error in a generic DatasetGenerationError
         raise DataError(f"{path}: cannot read as parquet ({type(cause).__name__}: {cause})") from exc
@@ -251,6 +260,9 @@ class Example:
     ability: str = ""
     extra_info: dict[str, Any] = field(default_factory=dict)
     row_index: int = -1
+    # the teacher's probability of each target token and of the EOS after it (float32, validated in [0, 1]),
+    # or None when not read (see `read_luffy_parquet`'s ``target_probs_key``) or null in the file
+    target_probs: Any = field(default=None, compare=False, repr=False)
 
     @property
     def problem(self) -> str:
@@ -296,20 +308,101 @@ def _parse_luffy_row(row: dict[str, Any], row_index: int, *, require_target: boo
     )
 
 
+TARGET_PROBS_SETTING = "algo.use_off_policy_probs"
+
+
+def load_target_probs_column(path: str | Path, key: str) -> list[Any] | None:
+    """Column ``key`` of a parquet file as one float32 numpy array per row (None for a null row), or None
+    when the file has no such column. Values are not range-checked here (`read_luffy_parquet` does, per
+    row); null elements become NaN. A column that is not a list of numbers is a DataError naming file and column."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        if key not in pq.read_schema(path).names:
+            return None
+        column = pq.read_table(path, columns=[key]).column(key).combine_chunks()
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read column '{key}' as parquet ({type(exc).__name__}: {exc})") from exc
+    kind = column.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not (
+        pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)
+    ):
+        raise DataError(
+            f"{path}: column '{key}' has type {kind}; expected a list of floats per row (the teacher's probability "
+            f"of each target token, then of EOS)"
+        )
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(column).cast(pa.float32()).to_numpy(zero_copy_only=False)  # nulls -> NaN
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return [values[starts[i] : starts[i + 1]] if valid[i] else None for i in range(len(column))]
+
+
+def _check_target_probs(probs: Any, key: str) -> Any:
+    """One row's teacher probabilities: every value a finite float in [0, 1]."""
+    import numpy as np
+
+    bad = np.flatnonzero(~(np.isfinite(probs) & (probs >= 0.0) & (probs <= 1.0)))
+    if bad.size:
+        j = int(bad[0])
+        value = "null or NaN" if np.isnan(probs[j]) else repr(float(probs[j]))
+        hint = " (-1 is upstream's in-memory padding: store exactly one probability per target token plus one for EOS)" \
+            if probs[j] == -1 else ""
+        raise _RowProblem(key, f"{bad.size} of {probs.size} values are not probabilities in [0, 1] (first: position {j}: {value}){hint}")
+    if probs.size == 0:
+        raise _RowProblem(key, "empty list (expected one probability per target token plus one for EOS)")
+    return probs
+
+
 def read_luffy_parquet(
-    path: str | Path, *, require_target: bool, skip_bad_rows: bool = False
+    path: str | Path,
+    *,
+    require_target: bool,
+    skip_bad_rows: bool = False,
+    target_probs_key: str | None = None,
+    require_target_probs: bool = False,
 ) -> tuple[list[Example], BadRowReport]:
     """Validated rows of a LUFFY-format parquet file (training: ``require_target=True``; validation: False).
+
+    ``target_probs_key``: the column of teacher token probabilities to read into `Example.target_probs` when
+    the file has it (rows with a target only; each value checked to be in [0, 1]). ``require_target_probs``
+    (``algo.use_off_policy_probs=true``): a file without that column, or a row with a target and no
+    probabilities, is an error. Without a key the column is not read at all.
 
     Raises DataError for a missing / empty / unreadable file, a file with no rows, and (unless
     ``skip_bad_rows``) the first malformed row. With ``skip_bad_rows`` the report counts skipped rows per reason.
     """
     path = Path(path)
-    rows = list(enumerate(load_parquet_rows(path)))
+    if require_target_probs and not target_probs_key:
+        raise ValueError("require_target_probs=True needs target_probs_key (data.target_probs_key)")
+    probs_by_row = None
+    if target_probs_key:
+        probs_by_row = load_target_probs_column(path, target_probs_key)
+        if probs_by_row is None and require_target_probs:
+            raise DataError(
+                f"{path}: no column '{target_probs_key}' (data.target_probs_key), but {TARGET_PROBS_SETTING}=true "
+                f"needs the teacher's token probabilities of every demonstration; add that column, point "
+                f"data.target_probs_key at the right one, or set {TARGET_PROBS_SETTING}=false"
+            )
+    rows = list(enumerate(load_parquet_rows(path, exclude_columns=[target_probs_key] if target_probs_key else ())))
     report = BadRowReport(path=str(path), num_rows_read=len(rows))
 
     def parse(row: dict[str, Any], row_index: int) -> Example:
-        return _parse_luffy_row(row, row_index, require_target=require_target)
+        example = _parse_luffy_row(row, row_index, require_target=require_target)
+        if probs_by_row is None or example.demo is None:
+            return example
+        probs = probs_by_row[row_index]
+        if probs is None:
+            if require_target_probs:
+                raise _RowProblem(target_probs_key, f"missing ({TARGET_PROBS_SETTING}=true needs the teacher's "
+                                                    "token probabilities of every demonstration)")
+            return example
+        return dataclasses.replace(example, target_probs=_check_target_probs(probs, target_probs_key))
 
     return _run_rows(path, rows, parse, report, skip_bad_rows), report
 

@@ -12,6 +12,15 @@ What a row becomes:
   boundary could differ).
 * **No EOS is appended here.** The rollout composition appends ``tokenizer.eos_token_id`` to a non-empty
   demonstration (upstream ``mix_vllm_rollout.py`` L162-165), and that EOS is trained as an off-policy token.
+* teacher probabilities (``algo.use_off_policy_probs``; `Example.target_probs`): upstream requires one per
+  token of the tokenized target (after the ``"<think>\\n"`` strip, before truncation) plus one for the EOS
+  the rollout appends, and puts probability j on response position j. Here they become
+  `EncodedExample.demo_probs`, aligned with ``demo_ids + [eos]`` -- exactly the tokens a full-trace row
+  holds -- so ``demo_probs[j]`` is the teacher's probability of that row's response token j. A length that
+  does not match is a DataError naming the file, the row and the column. A demonstration truncated to
+  ``max_prefix_len`` keeps the probabilities of its kept tokens; the EOS appended after the cut was never
+  the teacher's next token, so it gets probability 1.0 (what upstream assumes for every token without
+  teacher probabilities; upstream itself stops on the length assert for such a row).
 * lengths: a prompt longer than ``max_prompt_length`` tokens is dropped (``long_prompt_policy="drop"``,
   upstream's load-time filter) or is an error (``"error"``); a demonstration longer than ``max_prefix_len``
   is truncated to it (``long_demo_policy="truncate"``, upstream's silent truncation, counted here) or its row
@@ -21,11 +30,11 @@ What a row becomes:
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from luffy_megatron.data.errors import BadRowReport, DataError
+from luffy_megatron.data.errors import BadRowReport, DataError, row_error_message
 from luffy_megatron.data.readers import Example, read_luffy_parquet
 
 logger = logging.getLogger(__name__)
@@ -169,6 +178,8 @@ class EncodedExample:
     ``prompt_ids``: the templated prompt (no padding, no BOS added). ``demo_ids``: the demonstration without
     its leading ``"<think>\\n"`` and without EOS (appended by the rollout), at most ``max_prefix_len`` long;
     None for rows without a demonstration (validation). ``num_demo_tokens`` is its length before truncation.
+    ``demo_probs`` (when the row has teacher probabilities): ``demo_probs[j]`` is the teacher's probability of
+    ``(demo_ids + [eos])[j]``, i.e. of response token j of the row that carries this demonstration.
     """
 
     prompt_ids: list[int]
@@ -178,6 +189,8 @@ class EncodedExample:
     prompt_text: str
     row_index: int = -1
     num_demo_tokens: int = 0
+    # teacher probabilities aligned with demo_ids + [eos] (len(demo_ids) + 1 float32 values), or None
+    demo_probs: Any = field(default=None, compare=False, repr=False)
 
     @property
     def demo_truncated(self) -> bool:
@@ -199,6 +212,26 @@ def _check_options(max_prompt_length: int, max_prefix_len: int, long_prompt_poli
         raise ValueError(f"max_prompt_length={max_prompt_length} and max_prefix_len={max_prefix_len} must be > 0")
 
 
+def align_demo_probs(probs: Any, num_demo_tokens: int, kept: int, *, where: str, row_index: int, key: str) -> Any:
+    """The teacher probabilities of one demonstration aligned with ``demo_ids + [eos]`` (see the module doc).
+
+    ``probs`` as stored: one per target token plus one for EOS (``num_demo_tokens + 1``); ``kept``: the
+    number of demonstration tokens kept (``max_prefix_len`` when truncated). DataError when the length differs."""
+    import numpy as np
+
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.shape != (num_demo_tokens + 1,):
+        raise DataError(row_error_message(
+            where, row_index, key,
+            f"{probs.size} teacher probabilities, but the target tokenizes to {num_demo_tokens} tokens (after "
+            f"stripping a leading <think>\\n when the prompt ends with it), so {num_demo_tokens + 1} are expected "
+            f"(one per token, then one for EOS, as upstream); were they computed with this model's tokenizer "
+            f"and chat template?"))
+    if kept == num_demo_tokens:
+        return probs
+    return np.concatenate([probs[:kept], np.ones(1, dtype=np.float32)])  # the EOS after the cut: 1.0
+
+
 def _encode_batch(
     examples: Sequence[Example],
     tokenizer: Any,
@@ -208,6 +241,8 @@ def _encode_batch(
     max_prefix_len: int,
     long_demo_policy: str,
     remove_system: bool,
+    source: str = "",
+    target_probs_key: str = "target_probs",
 ) -> list[tuple[EncodedExample | None, str, int]]:
     """(encoded or None, outcome, prompt length) per example; prompts and demos are tokenized in two batches."""
     prompt_texts = [build_prompt_text(ex.prompt, tokenizer, remove_system, template) for ex in examples]
@@ -234,6 +269,10 @@ def _encode_batch(
                 results.append((None, DROPPED_LONG_DEMO, len(p_ids)))
                 continue
             d_ids, outcome = d_ids[:max_prefix_len], TRUNCATED_DEMO
+        demo_probs = None
+        if d_ids is not None and ex.target_probs is not None:
+            demo_probs = align_demo_probs(ex.target_probs, num_demo_tokens, len(d_ids), where=source or "<rows>",
+                                          row_index=ex.row_index, key=target_probs_key)
         encoded_example = EncodedExample(
             prompt_ids=list(p_ids),
             demo_ids=d_ids,
@@ -242,6 +281,7 @@ def _encode_batch(
             prompt_text=text,
             row_index=ex.row_index,
             num_demo_tokens=num_demo_tokens,
+            demo_probs=demo_probs,
         )
         results.append((encoded_example, outcome, len(p_ids)))
     return results
@@ -326,10 +366,13 @@ def tokenize_examples(
     source: str = "",
     batch_size: int = 256,
     progress: bool = False,
+    target_probs_key: str = "target_probs",
 ) -> TokenizedDataset:
     """Tokenize validated rows and apply the length policies; counts are logged and returned.
 
     ``bad_rows`` is the number of rows the reader already skipped (it goes into the counts).
+    Rows with teacher probabilities (`Example.target_probs`) get `EncodedExample.demo_probs`; a length that
+    does not fit the tokenized target is a DataError naming ``source``, the row and ``target_probs_key``.
     ``long_prompt_policy="error"`` raises a DataError that says how many prompts are too long.
     ``progress=True`` shows a progress bar (46k rows with 8k-token demonstrations take a while).
     """
@@ -351,6 +394,8 @@ def tokenize_examples(
             max_prefix_len=max_prefix_len,
             long_demo_policy=long_demo_policy,
             remove_system=remove_system,
+            source=source,
+            target_probs_key=target_probs_key,
         )
         for ex, (encoded, outcome, prompt_len) in zip(batch, results):
             if outcome == DROPPED_LONG_PROMPT:
@@ -405,12 +450,17 @@ def load_tokenized_dataset(
     *,
     require_target: bool,
     skip_bad_rows: bool = False,
+    target_probs_key: str | None = None,
+    require_target_probs: bool = False,
     **tokenize_kwargs: Any,
 ) -> TokenizedDataset:
-    """Read a LUFFY parquet file and tokenize it: `read_luffy_parquet` + `tokenize_examples`."""
-    examples, report = read_luffy_parquet(path, require_target=require_target, skip_bad_rows=skip_bad_rows)
+    """Read a LUFFY parquet file and tokenize it: `read_luffy_parquet` + `tokenize_examples`.
+    ``target_probs_key`` / ``require_target_probs``: the teacher probabilities (see `read_luffy_parquet`)."""
+    examples, report = read_luffy_parquet(path, require_target=require_target, skip_bad_rows=skip_bad_rows,
+                                          target_probs_key=target_probs_key, require_target_probs=require_target_probs)
     dataset = tokenize_examples(
-        examples, tokenizer, bad_rows=report.num_bad_rows, source=str(path), **tokenize_kwargs
+        examples, tokenizer, bad_rows=report.num_bad_rows, source=str(path),
+        target_probs_key=target_probs_key or "target_probs", **tokenize_kwargs
     )
     dataset.bad_row_report = report
     return dataset

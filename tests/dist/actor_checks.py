@@ -55,7 +55,7 @@ precision = {"bf16": actor.config.bf16, "pipeline_dtype": str(actor.config.pipel
 full_main_params = actor.half and not actor.ddp_config.use_distributed_optimizer  # else main params are shards
 main_params = ({k: v.clone() for k, v in actor.export_hf_weights(tensor_of=lambda p: p.main_param)}
                if full_main_params else None)
-batch = make_batch()
+batch = make_batch(with_target_probs=cfg.algo.use_off_policy_probs)
 old_lp, entropy = actor.compute_log_probs(batch)
 adv = reference_advantages(batch)
 # gradients() refuses under the distributed optimizer (its grad buffers hold reduced shards only)

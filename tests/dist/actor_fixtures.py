@@ -42,8 +42,9 @@ def actor_overrides(*, world: int, tp: int = 1, pp: int = 1) -> list[str]:
     ]
 
 
-def make_batch(vocab: int = 500, seed: int = 0) -> RolloutBatch:
-    """2 prompts x 4 rows; row 0 of each group is a full demonstration (prefix_mask on its tokens)."""
+def make_batch(vocab: int = 500, seed: int = 0, *, with_target_probs: bool = False) -> RolloutBatch:
+    """2 prompts x 4 rows; row 0 of each group is a full demonstration (prefix_mask on its tokens).
+    `with_target_probs`: teacher probabilities on the demonstration tokens, -1 elsewhere (algo.use_off_policy_probs)."""
     g = torch.Generator().manual_seed(seed)
     prompts, lengths = [], []
     for r in range(2 * N):
@@ -58,7 +59,13 @@ def make_batch(vocab: int = 500, seed: int = 0) -> RolloutBatch:
     # the prompts of a group are the same prompt
     for r in range(2 * N):
         prompts[r] = prompts[(r // N) * N]
-    return RolloutBatch(prompts=prompts, responses=responses * mask, response_mask=mask, prefix_mask=prefix, group_ids=[r // N for r in range(2 * N)])
+    target_probs = None
+    if with_target_probs:
+        # about as unlikely as the random tiny model finds its tokens (p ~ 1/vocab): the ratio p / teacher is O(1)
+        teacher = torch.rand(2 * N, WIDTH, generator=torch.Generator().manual_seed(seed + 1)) * 0.004 + 0.001
+        target_probs = torch.where(prefix, teacher, torch.full_like(teacher, -1.0))
+    return RolloutBatch(prompts=prompts, responses=responses * mask, response_mask=mask, prefix_mask=prefix,
+                        group_ids=[r // N for r in range(2 * N)], target_probs=target_probs)
 
 
 def reference_advantages(batch: RolloutBatch) -> torch.Tensor:
@@ -84,8 +91,10 @@ def hf_token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0):
     return lps, ents
 
 
-def reference_update(hf_dir, batch: RolloutBatch, advantages: torch.Tensor, old_lp: torch.Tensor, *, entropy_coeff: float = 0.01, dp_parts=None):
+def reference_update(hf_dir, batch: RolloutBatch, advantages: torch.Tensor, old_lp: torch.Tensor, *, entropy_coeff: float = 0.01, dp_parts=None,
+                     use_target_probs: bool = False):
     """One LUFFY step the plain way: transformers model, full logits, the algorithm core, torch AdamW.
+    `use_target_probs`: upstream's off-policy ratio with the batch's teacher probabilities.
 
     `dp_parts`: row sets of data-parallel ranks. Upstream semantics: each rank's loss is its own token
     sum / L (one micro-batch here), and gradients are AVERAGED over ranks, so with W ranks the step
@@ -105,7 +114,7 @@ def reference_update(hf_dir, batch: RolloutBatch, advantages: torch.Tensor, old_
         part_loss, metrics = microbatch_policy_loss(
             log_prob_BT=lp_BT[rows], entropy_BT=ent_BT[rows], old_log_prob_BT=old_lp[rows], advantages_BT=advantages[rows],
             response_mask_BT=batch.response_mask[rows], prefix_mask_BT=batch.prefix_mask[rows], max_response_length=L,
-            entropy_coeff=entropy_coeff,
+            entropy_coeff=entropy_coeff, target_probs_BT=batch.target_probs[rows] if use_target_probs else None,
         )
         loss = loss + part_loss / len(parts)
         pg += metrics["pg_loss"].item() / len(parts)

@@ -24,6 +24,8 @@ LAYOUTS = {
     "vpp2": (2, 1, 2, ["parallel.virtual_pipeline_model_parallel_size=2"]),
     # entropy off: its token mean per micro-batch depends on how rows are split (an upstream artefact)
     "dp2sum": (2, 1, 1, ["algo.dp_gradient_reduction=sum", "algo.entropy_coeff=0"]),
+    # the batch carries teacher probabilities (make_batch(with_target_probs=True)) and the loss uses them
+    "probs": (1, 1, 1, ["algo.use_off_policy_probs=true"]),
 }
 
 
@@ -130,3 +132,23 @@ def test_actor_starts_from_a_converted_megatron_checkpoint(runs):
     _, out = runs
     assert torch.allclose(out["from_ckpt"]["old_lp"], out["tp1"]["old_lp"], atol=1e-5)
     assert out["from_ckpt"]["metrics"]["actor/pg_loss"] == pytest.approx(out["tp1"]["metrics"]["actor/pg_loss"], rel=1e-5)
+
+
+def test_off_policy_probs_reach_the_actor_loss(runs):
+    """algo.use_off_policy_probs=true: the actor's step follows upstream's loss with the batch's teacher
+    probabilities (off ratio p / (teacher p + 1e-6) on demonstration tokens), and differs from the step on the
+    same batch without the option (tp1), which follows the shaped p / (p + 0.1)."""
+    hf_dir, out = runs
+    batch = make_batch(with_target_probs=True)
+    got, plain = out["probs"], out["tp1"]
+    assert torch.allclose(got["old_lp"], plain["old_lp"], atol=1e-6)  # same model, same rows
+    ref = reference_update(hf_dir, batch, reference_advantages(batch), got["old_lp"], use_target_probs=True)
+    assert got["metrics"]["actor/loss_backward"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert got["metrics"]["actor/pg_loss"] == pytest.approx(ref["pg_loss"], rel=1e-5)
+    assert _max_rel(got["grads"], ref["grads"]) < 1e-4
+    for k, w in ref["weights"].items():
+        assert (got["weights"][k] - w).abs().max() < 0.01 * LR, k
+    # the option is not ignored: another loss, another off-policy ratio, another gradient
+    for key in ("actor/pg_loss", "actor/off_pg_loss", "actor/off_ratio_mean", "actor/loss_backward"):
+        assert got["metrics"][key] != pytest.approx(plain["metrics"][key], rel=0.1), key
+    assert _max_rel(got["grads"], plain["grads"]) > 0.1
