@@ -173,9 +173,19 @@ class AlgoConfig:
     # loss, so the step scales with 1/DP); "sum" makes the step independent of the DP size.
     dp_gradient_reduction: Literal["mean", "sum"] = "mean"
     entropy_coeff: float = 0.001
-    use_kl_loss: bool = False
+    use_kl_loss: bool = False  # kl_loss_coef x token-mean KL(policy, reference) in the actor's loss (needs the reference)
     kl_loss_coef: float = 0.0
     kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"
+    # KL reward penalty (upstream algorithm.kl_penalty, algorithm.kl_ctrl.*; algo/kl.py), applied when not use_kl_loss:
+    # token rewards -= beta x kl_penalty(old log-prob, reference log-prob); beta starts at kl_ctrl_coef
+    kl_penalty: Literal["kl", "abs", "mse", "low_var_kl"] = "kl"
+    kl_ctrl_type: Literal["fixed", "adaptive"] = "fixed"  # adaptive: beta follows the KL towards kl_ctrl_target_kl
+    kl_ctrl_coef: float = 0.0  # upstream kl_ctrl.kl_coef; LUFFY's train.sh: 0.0 (no penalty, no reference model)
+    kl_ctrl_target_kl: float = 0.1  # adaptive only (upstream kl_ctrl.target_kl)
+    kl_ctrl_horizon: int = 10000  # adaptive only (upstream kl_ctrl.horizon)
+    # the frozen reference model (upstream actor_rollout_ref.ref.use_ref; algo/options.py uses_reference): null =
+    # built when use_kl_loss or kl_ctrl_coef > 0; true = also without them (critic/kl is then logged with beta 0)
+    use_ref: bool | None = None
     use_ppo_kl_loss: bool = False
     ppo_kl_loss_coef: float = 0.01
     prefix_reward_weight_alpha: float = 1.0
@@ -300,6 +310,10 @@ _RENAMED_UPSTREAM_KEYS = {
         "or algo.loss_agg_mode=token_mean (false)"
     ),
     "rollout.n_prefix": "use rollout.n_off_policy (same meaning; 0 = pure on-policy, -1 = every row)",
+    "algo.kl_ctrl": (
+        "upstream's algorithm.kl_ctrl section is flat here: algo.kl_ctrl_type (type), algo.kl_ctrl_coef (kl_coef), "
+        "algo.kl_ctrl_target_kl (target_kl), algo.kl_ctrl_horizon (horizon)"
+    ),
 }
 
 
@@ -671,6 +685,7 @@ def validate(cfg: Config) -> None:
                       "the teacher's token probabilities (upstream: target_ds_qwen_7b_probs)")
     if a.use_kl_loss and a.kl_loss_coef <= 0:
         errors.append(f"algo.use_kl_loss=true with algo.kl_loss_coef={a.kl_loss_coef}; set a coefficient > 0")
+    errors.extend(_kl_problems(a))
     if a.use_ppo_kl_loss and a.ppo_kl_loss_coef <= 0:
         errors.append(
             f"algo.use_ppo_kl_loss=true with algo.ppo_kl_loss_coef={a.ppo_kl_loss_coef}; set a coefficient > 0"
@@ -719,6 +734,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(errors[0])
     if errors:
         raise ConfigError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _kl_problems(a: AlgoConfig) -> list[str]:
+    """The reference model and the KL terms (algo/kl.py). Upstream builds the reference only with
+    actor_rollout_ref.ref.use_ref and then silently drops what cannot apply (the reward penalty under
+    use_kl_loss, any beta without a reference); here those combinations are errors."""
+    errors = []
+    if a.kl_ctrl_coef < 0:
+        errors.append(f"algo.kl_ctrl_coef={a.kl_ctrl_coef} must be >= 0 (0 = no KL reward penalty)")
+    if a.use_kl_loss and a.kl_ctrl_coef > 0:
+        errors.append(
+            f"algo.kl_ctrl_coef={a.kl_ctrl_coef} has no effect with algo.use_kl_loss=true: upstream applies the KL reward "
+            "penalty only without the KL loss; set algo.kl_ctrl_coef=0 or algo.use_kl_loss=false"
+        )
+    if a.use_ref is False and (a.use_kl_loss or a.kl_ctrl_coef > 0):
+        needs = "algo.use_kl_loss=true" if a.use_kl_loss else f"algo.kl_ctrl_coef={a.kl_ctrl_coef}"
+        errors.append(f"{needs} needs the reference model but algo.use_ref=false; set algo.use_ref=null (or true)")
+    if a.kl_ctrl_type == "adaptive":
+        if a.kl_ctrl_coef <= 0:
+            errors.append(
+                "algo.kl_ctrl_type=adaptive multiplies algo.kl_ctrl_coef, which is 0, so beta stays 0; "
+                "set algo.kl_ctrl_coef > 0 (the initial beta) or algo.kl_ctrl_type=fixed"
+            )
+        if a.kl_ctrl_horizon <= 0:
+            errors.append(f"algo.kl_ctrl_horizon={a.kl_ctrl_horizon} must be > 0 (upstream asserts it)")
+        if a.kl_ctrl_target_kl <= 0:
+            errors.append(f"algo.kl_ctrl_target_kl={a.kl_ctrl_target_kl} must be > 0 (beta follows the KL towards it)")
+    return errors
+
 
 
 # --------------------------------------------------------------------------------------------------------------

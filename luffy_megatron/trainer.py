@@ -29,6 +29,8 @@ import torch
 from luffy_megatron.actor.batching import RolloutBatch
 from luffy_megatron.algo import (advantage_options, assemble_responses, compute_advantages, plan_rows, prefix_ratios,
                                  prefix_target_probs, uses_target_probs)
+from luffy_megatron.algo.kl import apply_kl_penalty, make_kl_controller
+from luffy_megatron.algo.options import kl_controller_options, uses_reference
 from luffy_megatron.config import Config, ConfigError, load_config, parse_overrides_from_argv
 from luffy_megatron.data.errors import DataError
 from luffy_megatron.metrics_log import MetricsLogger, plot_results
@@ -70,7 +72,8 @@ def train(cfg: Config, workers=None) -> Path:
         workers.write_report(out / "placement.json")
         metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl", total_steps=total_steps, console=cfg.logging.console)
         sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        step = resume(cfg, ranks, engines, sampler, out)
+        kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo.__dict__))  # beta of the KL reward penalty (algo/kl.py)
+        step = resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
         saved_step, preempted = step, None
         trained = (step, sampler.position)  # the newest state of the actor: after step trained[0], data position trained[1]
 
@@ -80,7 +83,7 @@ def train(cfg: Config, workers=None) -> Path:
                 metrics_log.log(0, validate(cfg, engines, rewards, tokenizer, val_set))
             while step < total_steps:
                 if stop.requested:  # the safe point: the previous step is complete
-                    preempted = stop_with_checkpoint(stop, ranks, cfg, out, step, sampler.position, saved=saved_step == step)
+                    preempted = stop_with_checkpoint(stop, ranks, cfg, out, step, sampler.position, saved=saved_step == step, kl_ctrl=kl_ctrl)
                     break
                 step += 1
                 t0 = time.time()
@@ -88,25 +91,31 @@ def train(cfg: Config, workers=None) -> Path:
                 try:
                     batch, token_rewards, rollout, rollout_metrics = generate_and_mix(cfg, engines, tokenizer, prompts, step, step_rng(cfg, step))
                     scores = grade(rewards, tokenizer, batch, prompts, cfg.rollout.n, token_rewards)
-                    advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids, **advantage_options(cfg.algo.__dict__))
                     switches = workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
                     old_log_probs, _ = ranks.call("compute_log_probs", batch)
+                    ref_log_probs = None
+                    if uses_reference(cfg.algo.__dict__):  # the frozen initial model (algo.use_kl_loss, algo.kl_ctrl_coef)
+                        ref_log_probs = ranks.call("compute_ref_log_probs", batch)
                     integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)
-                    actor_metrics = ranks.call("update", batch, advantages=advantages, old_log_probs=old_log_probs)
+                    token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(cfg, kl_ctrl, batch, token_rewards, old_log_probs, ref_log_probs, tokenizer.eos_token_id)
+                    actor_metrics = ranks.call("update", batch, advantages=advantages, old_log_probs=old_log_probs,
+                                               ref_log_probs=ref_log_probs if cfg.algo.use_kl_loss else None)
                     trained = (step, sampler.position)
+                    if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
+                        kl_ctrl.update(kl_now, n_steps=batch.num_rows)
                     switches.update(workers.rollout_phase())  # optimizer state to host (offload); engines wake for the sync
                     sync_seconds = engines.sync(version=step)
-                    metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **actor_metrics, **switches, "perf/sync_s": sync_seconds,
+                    metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **kl_metrics, **actor_metrics, **switches, "perf/sync_s": sync_seconds,
                                "perf/step_s": time.time() - t0, "perf/tokens_per_s": sum(batch.sequence_lengths()) / (time.time() - t0)}
                     if val_set is not None and cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total_steps):
                         metrics.update(validate(cfg, engines, rewards, tokenizer, val_set))
                 except (EngineFailure, RolloutIntegrityError) as failure:
-                    raise checkpoint_after_failure(failure, ranks, cfg, out, trained, saved_step) from None
+                    raise checkpoint_after_failure(failure, ranks, cfg, out, trained, saved_step, kl_ctrl=kl_ctrl) from None
                 except RankFailure as failure:
                     raise with_newest_checkpoint(failure, out) from None
                 metrics_log.log(step, metrics)
                 if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total_steps):
-                    saved_step = checkpoint_step(ranks, cfg, out, step, sampler.position)
+                    saved_step = checkpoint_step(ranks, cfg, out, step, sampler.position, kl_ctrl=kl_ctrl)
         plot_results(out / "metrics.jsonl", out / "results.png")
     finally:
         if metrics_log is not None:
@@ -271,6 +280,24 @@ def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts:
     return batch, torch.zeros(responses.shape, dtype=torch.float32), record, metrics
 
 
+def rewards_and_advantages(cfg: Config, kl_ctrl, batch: RolloutBatch, token_scores: torch.Tensor, old_log_probs: torch.Tensor,
+                           ref_log_probs: torch.Tensor | None, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor, dict, float | None]:
+    """Upstream's order after the log-probs (mix_trainer.py): the KL reward penalty with the controller's beta
+    (algo/kl.py; skipped under algo.use_kl_loss, whose KL is in the loss instead), then the advantages of the
+    penalised rewards. Returns the token rewards, the advantages, `critic/kl` + `critic/kl_coeff`, and the KL
+    for the controller's update (None under use_kl_loss)."""
+    if cfg.algo.use_kl_loss:
+        token_rewards, kl_metrics, kl_now = token_scores, {}, None
+    else:
+        token_rewards, kl_metrics, kl_now = apply_kl_penalty(
+            token_level_scores_BT=token_scores, response_mask_BT=batch.response_mask, old_log_prob_BT=old_log_probs,
+            ref_log_prob_BT=ref_log_probs, beta=kl_ctrl.value, kind=cfg.algo.kl_penalty)
+    advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask,
+                                    group_ids=batch.group_ids, **advantage_options(cfg.algo.__dict__))
+    del eos_token_id  # the advantage edits that need it come after GRPO
+    return token_rewards, advantages, kl_metrics, kl_now
+
+
 def check_rollouts(cfg: Config, engines: EngineSupervisor, rollout, old_log_probs: torch.Tensor, *, actor_version: int, step: int) -> dict[str, float]:
     """Before the update: the drift between the engines' and the actor's log-probs of the generated tokens,
     the weight version of every row against the actor's (`StaleRolloutError`), and rollout.max_logprob_diff
@@ -339,19 +366,21 @@ def save_checkpoint(actor, root, step: int, trainer_state: dict, keep: int) -> s
     return str(checkpoint.save_checkpoint(actor, root, step=step, trainer_state=trainer_state, keep=keep))
 
 
-def checkpoint_step(ranks, cfg: Config, out: Path, step: int, data_position: int) -> int:
-    """Checkpoint the state after `step` (model, optimizer, RNG, data position); returns `step`."""
-    ranks.run(save_checkpoint, out / "checkpoints", step, {"data_position": data_position}, cfg.trainer.max_checkpoints_to_keep)
+def checkpoint_step(ranks, cfg: Config, out: Path, step: int, data_position: int, *, kl_ctrl=None) -> int:
+    """Checkpoint the state after `step` (model, optimizer, RNG, data position, the KL controller's beta);
+    returns `step`."""
+    state = {"data_position": data_position, **({"kl_ctrl": kl_ctrl.state_dict()} if kl_ctrl is not None else {})}
+    ranks.run(save_checkpoint, out / "checkpoints", step, state, cfg.trainer.max_checkpoints_to_keep)
     return step
 
 
-def stop_with_checkpoint(stop: StopSignals, ranks, cfg: Config, out: Path, step: int, data_position: int, *, saved: bool) -> Preempted:
+def stop_with_checkpoint(stop: StopSignals, ranks, cfg: Config, out: Path, step: int, data_position: int, *, saved: bool, kl_ctrl=None) -> Preempted:
     """A stop signal arrived: make sure the state after `step` is checkpointed (unless that step is saved
     already, or nothing was trained yet) and describe the stop for `main` (utils/preemption.py)."""
     from luffy_megatron.actor.checkpoint import find_latest
 
     if not saved:
-        checkpoint_step(ranks, cfg, out, step, data_position)
+        checkpoint_step(ranks, cfg, out, step, data_position, kl_ctrl=kl_ctrl)
     latest = find_latest(out / "checkpoints")
     return Preempted(stop.signal_name, step, str(latest) if latest else "none (stopped before the first step)")
 
@@ -362,7 +391,7 @@ def load_checkpoint(actor, path) -> dict:
     return checkpoint.load_checkpoint(actor, path)
 
 
-def resume(cfg: Config, ranks: GuardedRanks, engines: EngineSupervisor, sampler: "PromptSampler", out: Path) -> int:
+def resume(cfg: Config, ranks: GuardedRanks, engines: EngineSupervisor, sampler: "PromptSampler", out: Path, *, kl_ctrl=None) -> int:
     """Continue from the newest complete checkpoint (trainer.resume=auto); returns the step reached, which is
     also the actor's weight version. The engines get the actor's weights first unless they are known to hold
     them (`EngineFleet.synced_version`: fresh workers, or the last run on these workers ended synced)."""
@@ -373,6 +402,8 @@ def resume(cfg: Config, ranks: GuardedRanks, engines: EngineSupervisor, sampler:
     if latest is not None:
         state = ranks.run(load_checkpoint, latest)
         sampler.position = state.get("data_position", 0)
+        if kl_ctrl is not None and "kl_ctrl" in state:  # the adaptive beta continues (algo/kl.py)
+            kl_ctrl.load_state_dict(state["kl_ctrl"])
         step = int(state["step"])
     if latest is not None or engines.fleet.synced_version != step:
         engines.sync(version=step)
@@ -382,7 +413,8 @@ def resume(cfg: Config, ranks: GuardedRanks, engines: EngineSupervisor, sampler:
     return step
 
 
-def checkpoint_after_failure(failure: RunError, ranks: GuardedRanks, cfg: Config, out: Path, trained: tuple[int, int], saved_step: int) -> RunError:
+def checkpoint_after_failure(failure: RunError, ranks: GuardedRanks, cfg: Config, out: Path, trained: tuple[int, int], saved_step: int,
+                             *, kl_ctrl=None) -> RunError:
     """A step failed while the actor is healthy (an engine, stale or drifting rollouts): checkpoint the
     actor's newest state `trained` = (step, data position) unless it is saved already, and add to the error
     where the run can resume from. Returns the error to raise."""
@@ -395,7 +427,7 @@ def checkpoint_after_failure(failure: RunError, ranks: GuardedRanks, cfg: Config
         note = f"the actor's state after step {step} is in checkpoint {find_latest(out / 'checkpoints')}; run the same command again to resume from it"
     else:
         try:
-            checkpoint_step(ranks, cfg, out, step, position)
+            checkpoint_step(ranks, cfg, out, step, position, kl_ctrl=kl_ctrl)
             note = f"wrote a checkpoint of the actor after step {step}: {find_latest(out / 'checkpoints')}; run the same command again to resume from it"
         except Exception as err:
             latest = find_latest(out / "checkpoints")

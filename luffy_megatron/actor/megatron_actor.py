@@ -39,7 +39,7 @@ from luffy_megatron.actor.batching import (
 from luffy_megatron.actor.context_parallel import gather_tokens, shard_micro_batch
 from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
 from luffy_megatron.algo.loss import microbatch_policy_loss
-from luffy_megatron.algo.options import loss_options, uses_target_probs
+from luffy_megatron.algo.options import loss_options, uses_reference, uses_target_probs
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,12 @@ class MegatronActor:
         self.step = 0  # optimizer steps taken
         self.loss_opts = loss_options(asdict(cfg.algo))
         self.use_target_probs = uses_target_probs(asdict(cfg.algo))  # teacher probs in the off-policy ratio
+        # the frozen reference of the KL terms (algo.use_ref, use_kl_loss, kl_ctrl_coef): the initial weights again
+        self.reference = None
+        if uses_reference(asdict(cfg.algo)):
+            from luffy_megatron.actor.reference import ReferenceModel
+
+            self.reference = ReferenceModel(cfg, self.arch, settings, self.hf_dir)
 
     def _set_schedule_hooks(self) -> None:
         """The hooks megatron-core's schedules call, set as Megatron-LM's training sets them."""
@@ -317,10 +323,14 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _forward_backward(self, micro_batches: list[MicroBatch], loss_fn, *, forward_only: bool) -> list[dict]:
+    def _forward_backward(self, micro_batches: list[MicroBatch], loss_fn, *, forward_only: bool, model: Optional[list] = None) -> list[dict]:
         """Runs megatron-core's schedule over the micro-batches; `loss_fn(mb, shard, logits)` on the last
-        stage, where `shard` is this CP rank's part of the micro-batch (None without context parallelism)."""
+        stage, where `shard` is this CP rank's part of the micro-batch (None without context parallelism).
+        `model`: the chunks to run (default the policy's; the frozen reference's for its log-probs)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        model = self.model if model is None else model
+
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -346,8 +356,8 @@ class MegatronActor:
 
         return get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter(micro_batches) if len(self.model) == 1 else [iter(micro_batches) for _ in self.model],
-            model=self.model,
+            data_iterator=iter(micro_batches) if len(model) == 1 else [iter(micro_batches) for _ in model],
+            model=model,
             num_microbatches=len(micro_batches),
             seq_length=max(mb.input_ids.shape[1] for mb in micro_batches),
             micro_batch_size=max(mb.input_ids.shape[0] for mb in micro_batches),
@@ -432,7 +442,21 @@ class MegatronActor:
         actor rather than trusting the engine's numbers)."""
         for m in self.model:
             m.eval()
+        return self._log_probs(batch, self.model)
+
+    @torch.no_grad()
+    def compute_ref_log_probs(self, batch: RolloutBatch) -> torch.Tensor:
+        """The frozen reference policy's log-probs of every response token, [B, L] (0 where masked; upstream
+        `compute_ref_log_prob`): the initial weights (actor/reference.py), through the same micro-batches,
+        schedule and log-prob path as `compute_log_probs`. Needs the reference (algo/options.py uses_reference)."""
+        if self.reference is None:
+            raise ValueError("compute_ref_log_probs needs the reference model, which is built only when "
+                             "algo.use_kl_loss=true, algo.kl_ctrl_coef > 0 or algo.use_ref=true")
+        return self._log_probs(batch, self.reference.chunks)[0]
+
+    def _log_probs(self, batch: RolloutBatch, model: list) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.zeros(2, batch.num_rows, batch.response_width)
+
 
         def collect(mb, shard, logits):
             if not mb.rows:  # an empty micro-batch (equal counts across ranks)
@@ -441,7 +465,7 @@ class MegatronActor:
             return torch.zeros((), device=logits.device), {"rows": mb.rows, "lp": lp, "ent": ent}
 
         micro = self._micro_batches(batch, self._rows_by_rank(batch))
-        results = self._forward_backward(micro, collect, forward_only=True) if micro else []
+        results = self._forward_backward(micro, collect, forward_only=True, model=model) if micro else []
         if self.is_last_stage:  # every TP (and CP) rank of the last stage holds the same numbers
             for r in results:
                 if not r["rows"]:
@@ -459,8 +483,9 @@ class MegatronActor:
         return [list(minis) for minis in zip(*per_rank)]
 
     def _backward(self, batch: RolloutBatch, rows_by_rank: list[list[int]], advantages: torch.Tensor,
-                  old_log_probs: torch.Tensor) -> list[dict]:
-        """Forward + backward of one mini-batch and the DP gradient reduction; returns the micro-batch metrics."""
+                  old_log_probs: torch.Tensor, ref_log_probs: Optional[torch.Tensor] = None) -> list[dict]:
+        """Forward + backward of one mini-batch and the DP gradient reduction; returns the micro-batch metrics.
+        `ref_log_probs`: the reference model's, for algo.use_kl_loss."""
         batch.check_target_probs(enabled=self.use_target_probs)  # on every rank, before any forward
         micro = self._micro_batches(batch, rows_by_rank)
         for m in self.model:
@@ -479,6 +504,7 @@ class MegatronActor:
                 log_prob_BT=lp,
                 entropy_BT=ent,
                 old_log_prob_BT=old_log_probs[mb.rows, :width].to(lp.device),
+                ref_log_prob_BT=None if ref_log_probs is None else ref_log_probs[mb.rows, :width].to(lp.device),
                 advantages_BT=advantages[mb.rows, :width].to(lp.device),
                 response_mask_BT=mb.resp_mask.to(lp.device),
                 prefix_mask_BT=batch.prefix_mask[mb.rows, :width].to(lp.device),
@@ -490,16 +516,19 @@ class MegatronActor:
 
         return self._forward_backward(micro, loss_fn, forward_only=False) if micro else []
 
-    def update(self, batch: RolloutBatch, *, advantages: torch.Tensor, old_log_probs: torch.Tensor) -> dict[str, float]:
+    def update(self, batch: RolloutBatch, *, advantages: torch.Tensor, old_log_probs: torch.Tensor,
+               ref_log_probs: Optional[torch.Tensor] = None) -> dict[str, float]:
         """LUFFY's policy update on a rollout batch: mini-batches of this rank's rows, each one optimizer step.
 
         Returns upstream's metric names (`actor/pg_loss`, `actor/off_policy_prob`, `actor/grad_norm`, ...),
-        averaged over micro-batches and mini-batches (as upstream's trainer reduces them)."""
+        averaged over micro-batches and mini-batches (as upstream's trainer reduces them). With
+        algo.use_kl_loss, `ref_log_probs` (`compute_ref_log_probs`) add kl_loss_coef x KL to the loss
+        (`actor/kl_loss`, `actor/kl_coef`)."""
         for m in self.model:
             m.train()
         collected: dict[str, list[float]] = {}
         for rows_by_rank in self._mini_batches(batch):
-            results = self._backward(batch, rows_by_rank, advantages, old_log_probs)
+            results = self._backward(batch, rows_by_rank, advantages, old_log_probs, ref_log_probs)
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             self.step += 1
@@ -534,7 +563,8 @@ class MegatronActor:
             metrics = dict(zip(keys, (values / self.dp_size).cpu().tolist()))
         return metrics
 
-    def gradients(self, batch: RolloutBatch, *, advantages: torch.Tensor, old_log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def gradients(self, batch: RolloutBatch, *, advantages: torch.Tensor, old_log_probs: torch.Tensor,
+                  ref_log_probs: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """The DP-reduced gradient of one mini-batch holding every row, as HF-named full fp32 tensors,
         without stepping the optimizer (for parallel-invariance checks and debugging). Collective."""
         if self.ddp_config.use_distributed_optimizer:
@@ -546,7 +576,7 @@ class MegatronActor:
         for m in self.model:
             m.train()
         every_row = [list(rows) for rows in self._rows_by_rank(batch)]
-        self._backward(batch, every_row, advantages, old_log_probs)
+        self._backward(batch, every_row, advantages, old_log_probs, ref_log_probs)
         grads = {name: t.clone() for name, t in self.export_hf_weights(tensor_of=lambda p: p.main_grad)}
         for m in self.model:
             m.zero_grad_buffer()

@@ -346,6 +346,7 @@ def microbatch_policy_loss(
         kl_loss = masked_mean(kl_penalty(log_prob_BT, ref_log_prob_BT, kl_loss_type), mask)
         policy_loss = policy_loss + kl_loss * kl_loss_coef
         metrics["kl_loss"] = kl_loss.detach()
+        metrics["kl_coef"] = torch.full_like(metrics["kl_loss"], kl_loss_coef)  # upstream logs actor/kl_coef too
     if use_ppo_kl_loss:
         # |mean(old_logp - logp)| over the rows the policy loss used, with its gradient, as upstream.
         rows = ~prefix_mask_BT.bool().any(-1) if use_sft_multitask_loss else slice(None)

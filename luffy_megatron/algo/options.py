@@ -63,3 +63,24 @@ def advantage_options(settings: Mapping[str, Any]) -> dict[str, Any]:
         "prefix_reward_weight_alpha": settings.get("prefix_reward_weight_alpha", 1.0),
         "prefix_reward_weight_beta": settings.get("prefix_reward_weight_beta", 1.0),
     }
+
+
+def uses_reference(settings: Mapping[str, Any]) -> bool:
+    """Whether the actor builds the frozen reference model (actor/reference.py). `use_ref` (upstream
+    actor_rollout_ref.ref.use_ref) decides when set; null: exactly when something uses it, the KL loss
+    (`use_kl_loss`) or the KL reward penalty (`kl_ctrl_coef > 0`)."""
+    use_ref = settings.get("use_ref")
+    if use_ref is not None:
+        return bool(use_ref)
+    return bool(settings.get("use_kl_loss", False)) or settings.get("kl_ctrl_coef", 0.0) > 0
+
+
+def kl_controller_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for `algo.kl.make_kl_controller` (upstream algorithm.kl_ctrl.*)."""
+    return {
+        "kl_ctrl_type": settings.get("kl_ctrl_type", "fixed"),
+        "kl_coef": settings.get("kl_ctrl_coef", 0.0),
+        "target_kl": settings.get("kl_ctrl_target_kl", 0.1),
+        "horizon": settings.get("kl_ctrl_horizon", 10000),
+        "has_reference": uses_reference(settings),
+    }

@@ -64,8 +64,9 @@ that each read the engine's weight shard and the live KV cache at `gen_bandwidth
 bandwidth (or compute at `mfu`, whichever is slower), for max(decode tokens / concurrency,
 data.max_response_length) steps (the step waits for the longest response), plus prefill at `mfu`.
 Rows per step are data.train_batch_size x rollout.n; lengths are the stated fractions of the maxima.
-Not modeled: reward grading, the weight-sync transfer, offload copies, FP8 (bf16 is assumed), a reference
-model (algo.use_kl_loss).
+The frozen reference model (algo.use_kl_loss, algo.kl_ctrl_coef > 0 or algo.use_ref; actor/reference.py) adds
+one more copy of the trainer weights in every phase (it is not offloaded) and one more log-prob forward.
+Not modeled: reward grading, the weight-sync transfer, offload copies, FP8 (bf16 is assumed).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ from typing import Optional
 
 from luffy_megatron.models.hf_to_mcore import HFArch, padded_vocab_size, read_hf_arch
 from luffy_megatron.actor.batching import micro_batch_prompts
+from luffy_megatron.algo.options import uses_reference
 
 __all__ = [
     "Assumptions",
@@ -497,6 +499,8 @@ def _flops_and_times(cfg, arch: HFArch, lay: dict, params: ParamCounts, eng: dic
     peak = asm.peak_tflops * 1e12
     train_rate = lay["train_gpus"] * peak * asm.mfu
     times = {"old_log_probs": logprob / train_rate, "update": update / train_rate}
+    ref = logprob if uses_reference(cfg.algo.__dict__) else 0.0  # the reference model's log-prob forward
+    times["ref_log_probs"] = ref / train_rate
 
     etp, engines = lay["etp"], lay["num_engines"]
     gen: dict = {}
@@ -523,8 +527,8 @@ def _flops_and_times(cfg, arch: HFArch, lay: dict, params: ParamCounts, eng: dic
         times["generation"] = decode_s + prefill_s
     else:
         times["generation"] = 0.0
-    times["step"] = times["generation"] + times["old_log_probs"] + times["update"]
-    return {"generation": generation, "old_log_probs": logprob, "update": update}, times, gen
+    times["step"] = times["generation"] + times["old_log_probs"] + times["ref_log_probs"] + times["update"]
+    return {"generation": generation, "old_log_probs": logprob, "ref_log_probs": ref, "update": update}, times, gen
 
 
 def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = "") -> Plan:
@@ -554,6 +558,8 @@ def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = ""
 
         def trainer_state(ph: Phase, on_host: bool) -> None:
             ph.add("weights", f"trainer weights ({wdt})", state["weights"])
+            if uses_reference(cfg.algo.__dict__):  # actor/reference.py: a frozen copy, on the GPU throughout
+                ph.add("ref_weights", f"reference model weights ({wdt})", state["weights"])
             where = "host" if on_host else ""
             # cluster/offload.py releases the grad buffers (re-zeroed before each update) and copies the
             # optimizer state to host
@@ -637,8 +643,6 @@ def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = ""
         )
     if m.fp8 is not None:
         notes.append(f"model.fp8={m.fp8} is not modeled: memory and FLOPs are for bf16")
-    if cfg.algo.use_kl_loss:
-        notes.append("algo.use_kl_loss: the reference model's weights and forward are not modeled")
 
     # pinned host memory per node for what sleeps or is offloaded (colocated): engine weights at sleep level 1,
     # and with actor.offload_during_rollout the optimizer state while the engines are awake (each process keeps
@@ -709,7 +713,7 @@ def _reservation_advice(cfg, ph: Phase, usable: float, gpu_bytes: float, eng: di
 
 
 _WIDTH = 112  # report lines fit a README code block
-_TERM_ORDER = ["weights", "grads", "main_params", "moments", "activations", "forward_workspace", "logits",
+_TERM_ORDER = ["weights", "ref_weights", "grads", "main_params", "moments", "activations", "forward_workspace", "logits",
                "logprob_chunk", "slack", "trainer_process", "engine_weights", "engine_kv", "engine_activations",
                "sync_buckets", "engine_process"]
 
@@ -812,6 +816,9 @@ def format_plan(plan: Plan) -> str:
          plan.times_s["old_log_probs"]),
         ("update", f"6 x params x tokens + attention, {epochs}", plan.flops["update"], plan.times_s["update"]),
     ]
+    if plan.flops["ref_log_probs"]:
+        rows_fmt.insert(2, ("ref log-probs", "the reference model, as old log-probs", plan.flops["ref_log_probs"],
+                            plan.times_s["ref_log_probs"]))
     for name, how, fl, t in rows_fmt:
         out.append(f"  {name:<15}{how:<48}{fl / 1e15:10.1f} PFLOP{t:9.1f} s")
     out.append(f"  {'step':<15}{'without reward grading, weight sync, offload copies':<48}{'':16}"

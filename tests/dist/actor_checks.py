@@ -68,6 +68,31 @@ if dist.get_rank() == 0:
     torch.save({"old_lp": old_lp, "entropy": entropy, "metrics": metrics, "grads": grads, "weights": weights,
                 "precision": precision, "main_params": main_params, "main_params_after": main_after}, out)
     report({"out": out, "metrics": metrics})
+kl_checks = None
+if actor.reference is not None:
+    # algo.use_ref=true (test_actor.py): the frozen reference after the update has moved the policy; the actor's
+    # KL loss (its loss options as built with algo.use_kl_loss=true) against the same actor without it; and the
+    # trainer's KL reward penalty (algo.kl_ctrl_coef > 0) on these log-probs
+    from dataclasses import asdict, replace
+
+    from luffy_megatron.algo.kl import make_kl_controller
+    from luffy_megatron.algo.options import kl_controller_options, loss_options
+    from luffy_megatron.trainer import rewards_and_advantages
+    from tests.dist.actor_fixtures import KL_LOSS_COEF, reference_token_scores
+
+    ref_lp = actor.compute_ref_log_probs(batch)
+    new_lp, _ = actor.compute_log_probs(batch)
+    grads_plain = actor.gradients(batch, advantages=adv, old_log_probs=new_lp)
+    actor.loss_opts.update(loss_options(asdict(replace(cfg.algo, use_kl_loss=True, kl_loss_coef=KL_LOSS_COEF))))
+    grads_kl = actor.gradients(batch, advantages=adv, old_log_probs=new_lp, ref_log_probs=ref_lp)
+    metrics_kl = actor.update(batch, advantages=adv, old_log_probs=new_lp, ref_log_probs=ref_lp)
+    penalty_cfg = replace(cfg, algo=replace(cfg.algo, kl_ctrl_coef=0.5))
+    kl_ctrl = make_kl_controller(**kl_controller_options(asdict(penalty_cfg.algo)))
+    scores = reference_token_scores(batch)
+    rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(penalty_cfg, kl_ctrl, batch, scores, new_lp, ref_lp, eos_token_id=0)
+    kl_checks = {"ref_lp": ref_lp, "new_lp": new_lp, "grads_plain": grads_plain, "grads_kl": grads_kl,
+                 "metrics_kl": metrics_kl, "scores": scores, "rewards": rewards, "advantages": advantages,
+                 "kl_metrics": kl_metrics, "kl_now": kl_now}
 p2p_all = [None] * dist.get_world_size()
 dist.all_gather_object(p2p_all, sorted(p2p_dtypes))
 logits_all = [None] * dist.get_world_size()
@@ -77,6 +102,7 @@ if dist.get_rank() == 0:
     saved = torch.load(out)
     saved["p2p_dtypes"] = sorted({x for rank in p2p_all for x in rank})
     saved["logits_dtypes"] = sorted(logits_dtypes)
+    saved["kl"] = kl_checks
 
     torch.save(saved, out)
 dist.destroy_process_group()

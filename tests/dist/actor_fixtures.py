@@ -14,6 +14,7 @@ LR = 1e-3
 # Adam's first step is lr * g / (|g| + eps): for elements with |g| near eps it amplifies fp32 round-off of
 # the gradient. A larger eps keeps the weight comparison well-conditioned; it changes nothing checked.
 ADAM_EPS = 1e-4
+KL_LOSS_COEF = 1.0  # the KL-loss checks (algo.use_kl_loss, low_var_kl) in actor_checks.py
 
 
 def actor_overrides(*, world: int, tp: int = 1, pp: int = 1) -> list[str]:
@@ -68,11 +69,17 @@ def make_batch(vocab: int = 500, seed: int = 0, *, with_target_probs: bool = Fal
                         group_ids=[r // N for r in range(2 * N)], target_probs=target_probs)
 
 
-def reference_advantages(batch: RolloutBatch) -> torch.Tensor:
+def reference_token_scores(batch: RolloutBatch) -> torch.Tensor:
+    """Fixed 0/1 scores of the rows, on each row's last valid token (as the trainer's grading puts them)."""
     rewards = torch.zeros(batch.num_rows, batch.response_width)
     scores = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     for i, n in enumerate(batch.response_lengths()):
         rewards[i, n - 1] = scores[i]
+    return rewards
+
+
+def reference_advantages(batch: RolloutBatch) -> torch.Tensor:
+    rewards = reference_token_scores(batch)
     return compute_advantages(token_level_rewards_BT=rewards, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids)
 
 

@@ -31,9 +31,11 @@ actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=0)
 def train(step: int) -> float:
     batch = make_batch(seed=step)
     old_lp, _ = actor.compute_log_probs(batch)
+    # algo.use_kl_loss: the KL to the frozen reference, which stays the initial model across a resume
+    ref_lp = actor.compute_ref_log_probs(batch) if actor.reference is not None else None
     # dropout-free model: add a draw from the torch RNG so resuming must restore it too
     noise = torch.rand(()).item() * 1e-3
-    metrics = actor.update(batch, advantages=reference_advantages(batch) + noise, old_log_probs=old_lp)
+    metrics = actor.update(batch, advantages=reference_advantages(batch) + noise, old_log_probs=old_lp, ref_log_probs=ref_lp)
     return metrics["actor/pg_loss"]
 
 

@@ -20,8 +20,9 @@ LAYOUTS = {
     "pp2": (2, 1, 2, []),
     "dp2": (2, 1, 1, []),
     # interleaved pipeline: 2 stages x 2 virtual chunks of one layer each; the one-micro-batch plan is padded
-    # with an empty micro-batch (the schedule runs micro-batches in groups of PP)
-    "vpp2": (2, 1, 2, ["parallel.virtual_pipeline_model_parallel_size=2"]),
+    # with an empty micro-batch (the schedule runs micro-batches in groups of PP). With the frozen reference
+    # model (algo.use_ref, which changes nothing of the update): actor_checks.py then runs the KL checks
+    "vpp2": (2, 1, 2, ["parallel.virtual_pipeline_model_parallel_size=2", "algo.use_ref=true"]),
     # entropy off: its token mean per micro-batch depends on how rows are split (an upstream artefact)
     "dp2sum": (2, 1, 1, ["algo.dp_gradient_reduction=sum", "algo.entropy_coeff=0"]),
     # the batch carries teacher probabilities (make_batch(with_target_probs=True)) and the loss uses them
@@ -42,7 +43,7 @@ def runs(tmp_path_factory):
     ckpt = root / "mcore"
     subprocess.run([sys.executable, "-c", f"from luffy_megatron.convert.tools import hf_to_megatron; hf_to_megatron({str(hf_dir)!r}, {str(ckpt)!r}, quiet=True)"], check=True, cwd=REPO)
     path = root / "from_ckpt.pt"
-    run_torchrun(HERE / "actor_checks.py", str(hf_dir), str(path), "2", "1", f"model.load_checkpoint={ckpt}", nproc=2)
+    run_torchrun(HERE / "actor_checks.py", str(hf_dir), str(path), "2", "1", f"model.load_checkpoint={ckpt}", "algo.use_ref=true", nproc=2)
     out["from_ckpt"] = torch.load(path)
     return hf_dir, out
 
@@ -152,3 +153,73 @@ def test_off_policy_probs_reach_the_actor_loss(runs):
     for key in ("actor/pg_loss", "actor/off_pg_loss", "actor/off_ratio_mean", "actor/loss_backward"):
         assert got["metrics"][key] != pytest.approx(plain["metrics"][key], rel=0.1), key
     assert _max_rel(got["grads"], plain["grads"]) > 0.1
+
+# ----- the frozen reference model and the KL terms (algo.use_ref on vpp2 and from_ckpt; actor_checks.py)
+
+
+@pytest.mark.parametrize("run", ["vpp2", "from_ckpt"])
+def test_reference_log_probs_stay_the_initial_models_after_an_update(runs, run):
+    """The reference (built from model.path on vpp2, from model.load_checkpoint on from_ckpt) gives the initial
+    policy's log-probs after the update has moved the policy; those equal transformers' (tp1 old_lp)."""
+    _, out = runs
+    kl = out[run]["kl"]
+    initial = out[run]["old_lp"]  # the policy before its update
+    assert torch.allclose(initial, out["tp1"]["old_lp"], atol=1e-5)
+    assert torch.allclose(kl["ref_lp"], initial, atol=1e-6, rtol=0)
+    moved = (kl["new_lp"] - initial).abs().max().item()
+    assert moved > 1e-3, moved  # the policy did change, so a reference that followed it would fail above
+
+
+def test_kl_loss_adds_coef_times_kl_to_the_update(runs):
+    """algo.use_kl_loss: the loss gains kl_loss_coef x token-mean low_var_kl(policy, reference) (upstream
+    mix_actor.py): `actor/kl_loss` is that KL, the logged loss identity holds, and the gradient differs from the
+    same actor's without the KL loss by exactly the gradient of the KL term (transformers + autograd)."""
+    from transformers import AutoModelForCausalLM
+
+    from luffy_megatron.algo import masked_mean
+    from luffy_megatron.algo.kl import kl_penalty
+    from tests.dist.actor_fixtures import KL_LOSS_COEF
+
+    hf_dir, out = runs
+    got, kl = out["vpp2"], out["vpp2"]["kl"]
+    batch = make_batch()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.load_state_dict(got["weights"])  # the policy after its update, where the KL checks ran
+    lps, _ = hf_token_logprobs(model, batch)
+    width = batch.response_width
+    lp = torch.stack([torch.cat([x, x.new_zeros(width - n)]) for _, n, x in lps])
+    assert torch.allclose(lp.detach(), kl["new_lp"], atol=1e-5)
+    kl_loss = masked_mean(kl_penalty(lp, kl["ref_lp"], "low_var_kl"), batch.response_mask.float())
+    (KL_LOSS_COEF * kl_loss).backward()
+    expected = {k: p.grad for k, p in model.named_parameters()}
+
+    m = kl["metrics_kl"]
+    assert m["actor/kl_loss"] > 1e-6 and m["actor/kl_coef"] == KL_LOSS_COEF
+    assert m["actor/kl_loss"] == pytest.approx(kl_loss.item(), rel=1e-3)
+    assert m["actor/policy_loss"] == pytest.approx(
+        m["actor/pg_loss"] - 0.01 * m["actor/entropy_loss"] + KL_LOSS_COEF * m["actor/kl_loss"], rel=1e-5)
+    difference = {k: kl["grads_kl"][k] - kl["grads_plain"][k] for k in expected}
+    assert max(v.abs().max().item() for v in difference.values()) > 1e-6  # the KL loss changed the gradient
+    assert _max_rel(difference, expected) < 1e-3
+
+
+def test_kl_reward_penalty_reaches_the_advantages(runs):
+    """algo.kl_ctrl_coef > 0: the trainer's rewards_and_advantages penalises the token rewards by
+    beta x (old - reference log-prob) on valid tokens (upstream apply_kl_penalty, kl estimator) and computes the
+    advantages from them, so they differ from those of the raw scores."""
+    from luffy_megatron.algo import compute_advantages
+
+    _, out = runs
+    kl = out["vpp2"]["kl"]
+    batch = make_batch()
+    mask = batch.response_mask.float()
+    expected = kl["scores"] - 0.5 * (kl["new_lp"] - kl["ref_lp"]) * mask
+    assert torch.allclose(kl["rewards"], expected, atol=1e-7)
+    assert (kl["rewards"] - kl["scores"]).abs().max() > 1e-4
+    per_row = ((kl["new_lp"] - kl["ref_lp"]) * mask).sum(-1) / mask.sum(-1)
+    assert kl["kl_metrics"] == {"critic/kl": pytest.approx(per_row.mean().item(), rel=1e-5), "critic/kl_coeff": 0.5}
+    assert kl["kl_now"] == pytest.approx(kl["kl_metrics"]["critic/kl"])
+    assert torch.allclose(kl["advantages"], compute_advantages(
+        token_level_rewards_BT=expected, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask,
+        group_ids=batch.group_ids), atol=1e-6)
+    assert (kl["advantages"] - reference_advantages(batch)).abs().max() > 1e-4

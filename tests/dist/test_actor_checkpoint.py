@@ -22,10 +22,13 @@ def hf_dir(tmp_path_factory):
     return make_tiny_model("qwen2_tied", tmp_path_factory.mktemp("ckpt") / "model")
 
 
-# (TP, PP, overrides): TP=2, and the interleaved pipeline (PP=2 x 2 virtual chunks), whose chunks' state
-# dicts use local layer numbers (a flat merge of them would lose layers)
-@pytest.mark.parametrize("layout", [("2", "1"), ("1", "2", "parallel.virtual_pipeline_model_parallel_size=2")],
-                         ids=["tp2", "pp2_vpp2"])
+# (TP, PP, overrides): TP=2 with the KL loss (the frozen reference is rebuilt from the initial weights on resume,
+# not from the checkpoint: a reference that followed the policy would change steps 4-5), and the interleaved
+# pipeline (PP=2 x 2 virtual chunks), whose chunks' state dicts use local layer numbers (a flat merge of them
+# would lose layers)
+@pytest.mark.parametrize("layout", [("2", "1", "algo.use_kl_loss=true", "algo.kl_loss_coef=0.5"),
+                                    ("1", "2", "parallel.virtual_pipeline_model_parallel_size=2")],
+                         ids=["tp2_kl_loss", "pp2_vpp2"])
 def test_resume_continues_exactly(hf_dir, tmp_path, layout):
     root = tmp_path / "ckpts"
     straight = run_torchrun(HERE / "actor_resume.py", str(hf_dir), str(root), str(tmp_path / "a.pt"), "straight", *layout, nproc=2)
