@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements/cpu.txt requirements/cpu-constraints.txt pyproject.toml
 CUDA_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: setup test test-fast demo bench clean-venv
+.PHONY: setup test test-fast demo bench tensorboard-screenshot clean-venv
 
 setup: $(STAMP)
 
@@ -41,6 +41,18 @@ demo: setup
 
 bench: setup
 	@set -e; for b in tools/bench/*.py; do echo "== $$b"; $(PY) $$b; done
+
+# A picture of a run's TensorBoard scalars (default: the demo run's; RUN=<trainer.output_dir>, OUT=<png>),
+# rendered by headless Chromium (Debian's chromium, installed here with apt-get when missing).
+tensorboard-screenshot: setup
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "[tensorboard-screenshot] headless Chromium is not installed: installing Debian's chromium with apt-get (needs root)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { timeout 900 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { timeout 300 apt-get update -qq && timeout 900 apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; } || \
+	  { echo "[tensorboard-screenshot] error: apt-get could not install chromium; install it yourself" \
+	         "(sudo apt-get install --no-install-recommends chromium) and run 'make tensorboard-screenshot' again" >&2; exit 1; }; }
+	$(PY) tools/tensorboard_screenshot.py $(if $(RUN),--run "$(RUN)") $(if $(OUT),--out "$(OUT)")
 
 clean-venv:
 	rm -rf $(VENV)

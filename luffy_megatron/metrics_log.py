@@ -1,5 +1,6 @@
-"""Where a run's numbers go: TensorBoard scalars, a JSON-lines file, one console line per step, and a
-results plot at the end. Metric names follow upstream LUFFY (`actor/pg_loss`, `val/test_score/<source>`)."""
+"""Where a run's numbers go: TensorBoard scalars (and the run's whole config as text), a JSON-lines file,
+one console line per step, and a results plot at the end. Metric names follow upstream LUFFY / verl
+(`critic/score/mean`, `actor/pg_loss`, `val/test_score/<source>`, `timing_s/<phase>`; see monitoring.py)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,44 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-CONSOLE_KEYS = ("rollout/reward_mean", "rollout/on_policy_reward", "actor/pg_loss", "actor/off_policy_prob", "actor/grad_norm")
+# (metric, label) of the console line
+CONSOLE_KEYS = (("critic/score/mean", "score"), ("on_off_metrics/on_score", "on_score"), ("actor/pg_loss", "pg_loss"),
+                ("actor/off_policy_prob", "off_prob"), ("actor/entropy", "entropy"), ("actor/grad_norm", "grad_norm"),
+                ("response_length/mean", "resp_len"))
+CONFIG_TAG = "config"  # TensorBoard text tag of the run's config (stored as "config/text_summary")
+
+
+def config_text(cfg) -> str:
+    """The whole config as `luffy_megatron.config.dump_yaml` writes it (a recipe that loads back), under a
+    comment naming logging.project_name / logging.experiment_name, indented four spaces so TensorBoard's
+    markdown shows it as a code block."""
+    import tempfile
+
+    from luffy_megatron.config import dump_yaml
+
+    with tempfile.TemporaryDirectory(prefix="luffy-config-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        dump_yaml(cfg, path)
+        text = f"# {cfg.logging.project_name} / {cfg.logging.experiment_name}\n" + path.read_text()
+    return "\n".join("    " + line for line in text.splitlines())
 
 
 class MetricsLogger:
-    def __init__(self, tensorboard_dir: str | Path, jsonl_path: str | Path, *, total_steps: int, console: bool = True):
+    def __init__(self, tensorboard_dir: str | Path, jsonl_path: str | Path, *, total_steps: int, console: bool = True,
+                 config=None, config_step: int = 0):
+        """`config`: the run's `Config`, written as TensorBoard text (`CONFIG_TAG`) at `config_step`; its
+        logging.log_every_steps spaces the console lines (every step still goes to TensorBoard and the jsonl)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+        if config is not None:
+            self.writer.add_text(CONFIG_TAG, config_text(config), config_step)
+            self.writer.flush()
         self.jsonl = Path(jsonl_path)
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
         self.console = console
+        self.every = max(1, config.logging.log_every_steps) if config is not None else 1
         self.t0 = time.time()
         self.first_step: int | None = None
 
@@ -38,9 +65,11 @@ class MetricsLogger:
             done = step - self.first_step + 1
             per_step = (time.time() - self.t0) / max(done, 1)
             eta = per_step * max(self.total_steps - step, 0)
-            shown = "  ".join(f"{k.split('/')[-1]}={clean[k]:.4g}" for k in CONSOLE_KEYS if k in clean)
-            tps = clean.get("perf/tokens_per_s")
-            rate = f"  {tps:.0f} tok/s" if tps else ""
+            if step % self.every and step < self.total_steps:
+                return
+            shown = "  ".join(f"{label}={clean[k]:.4g}" for k, label in CONSOLE_KEYS if k in clean)
+            tps = clean.get("perf/throughput")
+            rate = f"  {tps:.0f} tok/s/GPU" if tps else ""
             print(f"[step {step}/{self.total_steps}] {shown}{rate}  {per_step:.1f}s/step  ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -54,6 +83,11 @@ def read_metrics(jsonl_path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def first_logged(rows: list[dict], names: tuple[str, ...]) -> str | None:
+    """The first of `names` that some row holds (a metric under today's name, else its older name)."""
+    return next((k for k in names if any(k in r for r in rows)), None)
+
+
 def plot_results(jsonl_path: str | Path, out_png: str | Path) -> Path:
     """Training curves of a run: rewards (on-policy and demonstrations), the off-policy token probability,
     the policy loss and validation scores. Written to a temporary name, then renamed."""
@@ -63,18 +97,24 @@ def plot_results(jsonl_path: str | Path, out_png: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(jsonl_path)
+    # (label, metric names: today's first, then the name older runs logged)
+    val = [(k.split("/", 1)[-1], (k,)) for k in sorted({k for r in rows for k in r if k.startswith("val/")})]
     panels = [
-        ("reward", ["rollout/on_policy_reward", "rollout/off_policy_reward", "rollout/reward_mean"]),
-        ("off-policy token prob", ["actor/off_policy_prob", "actor/on_policy_prob"]),
-        ("policy loss", ["actor/pg_loss"]),
-        ("validation score", sorted({k for r in rows for k in r if k.startswith("val/")})),
+        ("reward", [("on-policy", ("on_off_metrics/on_score", "rollout/on_policy_reward")),
+                    ("demonstrations", ("on_off_metrics/off_score", "rollout/off_policy_reward")),
+                    ("all rows", ("critic/score/mean", "rollout/reward_mean"))]),
+        ("token probability", [("off_policy_prob", ("actor/off_policy_prob",)), ("on_policy_prob", ("actor/on_policy_prob",))]),
+        ("policy loss", [("pg_loss", ("actor/pg_loss",))]),
+        ("entropy", [("entropy", ("actor/entropy", "actor/entropy_loss"))]),
+        ("validation score", val),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
+    for ax, (title, series) in zip(axes, panels):
+        for label, names in series:
+            key = first_logged(rows, names)
+            pts = [(r["step"], r[key]) for r in rows if key in r] if key else []
             if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3, label=key.split("/", 1)[-1])
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.has_data():

@@ -34,6 +34,7 @@ from luffy_megatron.algo.options import kl_controller_options, uses_reference
 from luffy_megatron.config import Config, ConfigError, load_config, parse_overrides_from_argv
 from luffy_megatron.data.errors import DataError
 from luffy_megatron.metrics_log import MetricsLogger, plot_results
+from luffy_megatron.monitoring import RunPerf, StepTimer, data_metrics
 from luffy_megatron.rollout.faults import EngineFailure, EngineSupervisor, GuardedRanks, RankFailure, RunError, remote_cause
 from luffy_megatron.rollout.integrity import (RolloutIntegrityError, check_weight_versions, drift_metrics,
                                               enforce_max_logprob_diff, logprob_drift, record_generations)
@@ -70,7 +71,8 @@ def train(cfg: Config, workers=None) -> Path:
             workers = start_workers(cfg, pad_token_id(tokenizer), use_gpu=use_gpu, log_dir=out / "logs" / "workers")
         ranks, engines = guard(cfg, workers)
         workers.write_report(out / "placement.json")
-        metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl", total_steps=total_steps, console=cfg.logging.console)
+        metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl", total_steps=total_steps, console=cfg.logging.console, config=cfg)
+        perf = RunPerf.of_run(cfg, workers.placement.layout, workers.actors.infos()[0]["cuda_device_name"])  # perf/throughput, perf/mfu
         sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo.__dict__))  # beta of the KL reward penalty (algo/kl.py)
         step = resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
@@ -87,35 +89,49 @@ def train(cfg: Config, workers=None) -> Path:
                     break
                 step += 1
                 t0 = time.time()
+                timer = StepTimer()  # timing_s/<phase> (monitoring.py)
                 prompts = [train_set[i] for i in sampler.next_batch()]
                 try:
-                    batch, token_rewards, rollout, rollout_metrics = generate_and_mix(cfg, engines, tokenizer, prompts, step, step_rng(cfg, step))
-                    scores = grade(rewards, tokenizer, batch, prompts, cfg.rollout.n, token_rewards)
+                    with timer("gen"):
+                        batch, token_rewards, rollout, rollout_metrics = generate_and_mix(cfg, engines, tokenizer, prompts, step, step_rng(cfg, step))
+                    with timer("reward"):
+                        scores = grade(rewards, tokenizer, batch, prompts, cfg.rollout.n, token_rewards)
+                    token_scores = token_rewards.clone()  # critic/score/*: the verifier's scores, before any KL penalty
                     switches = workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
-                    old_log_probs, _ = ranks.call("compute_log_probs", batch)
+                    with timer("old_log_prob"):
+                        old_log_probs, _ = ranks.call("compute_log_probs", batch)
                     ref_log_probs = None
                     if uses_reference(cfg.algo.__dict__):  # the frozen initial model (algo.use_kl_loss, algo.kl_ctrl_coef)
-                        ref_log_probs = ranks.call("compute_ref_log_probs", batch)
+                        with timer("ref"):
+                            ref_log_probs = ranks.call("compute_ref_log_probs", batch)
                     integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)
-                    token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(cfg, kl_ctrl, batch, token_rewards, old_log_probs, ref_log_probs, tokenizer.eos_token_id)
-                    actor_metrics = ranks.call("update", batch, advantages=advantages, old_log_probs=old_log_probs,
-                                               ref_log_probs=ref_log_probs if cfg.algo.use_kl_loss else None)
+                    token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(cfg, kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, tokenizer.eos_token_id)
+                    with timer("update_actor"):
+                        actor_metrics = ranks.call("update", batch, advantages=advantages, old_log_probs=old_log_probs,
+                                                   ref_log_probs=ref_log_probs if cfg.algo.use_kl_loss else None)
                     trained = (step, sampler.position)
                     if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
                         kl_ctrl.update(kl_now, n_steps=batch.num_rows)
                     switches.update(workers.rollout_phase())  # optimizer state to host (offload); engines wake for the sync
-                    sync_seconds = engines.sync(version=step)
+                    with timer("sync"):
+                        sync_seconds = engines.sync(version=step)
                     metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **kl_metrics, **actor_metrics, **switches, "perf/sync_s": sync_seconds,
                                "perf/step_s": time.time() - t0, "perf/tokens_per_s": sum(batch.sequence_lengths()) / (time.time() - t0)}
+                    metrics.update(data_metrics(token_scores_BT=token_scores, token_rewards_BT=token_rewards, advantages_BT=advantages,
+                                                response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask,
+                                                prompt_lengths=[len(p) for p in batch.prompts], max_prompt_length=cfg.data.max_prompt_length,
+                                                max_response_length=cfg.data.max_response_length))
                     if val_set is not None and cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total_steps):
-                        metrics.update(validate(cfg, engines, rewards, tokenizer, val_set))
+                        with timer("testing"):
+                            metrics.update(validate(cfg, engines, rewards, tokenizer, val_set))
                 except (EngineFailure, RolloutIntegrityError) as failure:
                     raise checkpoint_after_failure(failure, ranks, cfg, out, trained, saved_step, kl_ctrl=kl_ctrl) from None
                 except RankFailure as failure:
                     raise with_newest_checkpoint(failure, out) from None
-                metrics_log.log(step, metrics)
                 if cfg.trainer.save_freq > 0 and (step % cfg.trainer.save_freq == 0 or step == total_steps):
-                    saved_step = checkpoint_step(ranks, cfg, out, step, sampler.position, kl_ctrl=kl_ctrl)
+                    with timer("save_checkpoint"):  # before the step's metrics: timing_s/step includes it, as upstream
+                        saved_step = checkpoint_step(ranks, cfg, out, step, sampler.position, kl_ctrl=kl_ctrl)
+                metrics_log.log(step, {**metrics, **perf.step_metrics(batch, timer)})
         plot_results(out / "metrics.jsonl", out / "results.png")
     finally:
         if metrics_log is not None:

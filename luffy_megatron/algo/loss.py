@@ -357,6 +357,7 @@ def microbatch_policy_loss(
     metrics.update(
         pg_loss=pg_loss.detach(),
         entropy_loss=entropy_loss.detach(),
+        entropy=entropy_loss.detach(),  # verl's `actor/entropy`: the token-mean entropy of the micro-batch
         policy_loss=policy_loss.detach(),
         loss_backward=loss.detach(),
     )

@@ -79,8 +79,12 @@ class _RankWorker:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
 
     def info(self) -> dict[str, Any]:
+        import torch
+
         env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        return {"rank": self.rank, **placement_info(), "env": env}
+        # the GPU model once the actor has set up CUDA (build); asked no earlier, to create no context of its own
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return {"rank": self.rank, **placement_info(), "env": env, "cuda_device_name": device}
 
     def build(self, cfg, hf_dir: str, pad_token_id: int) -> int:
         import torch

@@ -14,9 +14,24 @@ from tests.helpers import REPO
 
 pytestmark = pytest.mark.e2e
 
+# Issue 12 item 5: the upstream/verl names a LUFFY user reads (val/test_score/<source> and perf/mfu apart)
+UPSTREAM_SCALARS = (
+    "critic/score/mean", "critic/score/max", "critic/score/min", "critic/rewards/mean", "critic/rewards/max",
+    "critic/rewards/min", "critic/advantages/mean", "critic/advantages/max", "critic/advantages/min",
+    "response_length/mean", "response_length/max", "response_length/min", "response_length/clip_ratio",
+    "prompt_length/mean", "prompt_length/max", "prompt_length/min", "prompt_length/clip_ratio",
+    "actor/pg_loss", "actor/off_pg_loss", "actor/on_pg_loss", "actor/off_policy_prob", "actor/on_policy_prob",
+    "actor/entropy", "actor/ppo_kl", "actor/pg_clipfrac", "actor/grad_norm", "actor/lr",
+    *(f"timing_s/{p}" for p in ("gen", "reward", "old_log_prob", "update_actor", "sync", "testing", "save_checkpoint", "step")),
+    "perf/throughput",
+)
+# names our users had before, kept beside the upstream ones
+OUR_SCALARS = ("rollout/reward_mean", "rollout/on_policy_reward", "rollout/off_policy_reward", "perf/step_s",
+               "perf/tokens_per_s", "perf/sync_s", "rollout/response_length_mean")
 
-def _run_demo(out: Path, data: Path, steps: int) -> subprocess.CompletedProcess:
-    overrides = [
+
+def _overrides(out: Path, data: Path, steps: int) -> list[str]:
+    return [
         f"model.path={smollm2_hf_dir()}",
         f"trainer.output_dir={out}",
         f"data.train_files=[{data}/train.parquet]",
@@ -29,6 +44,10 @@ def _run_demo(out: Path, data: Path, steps: int) -> subprocess.CompletedProcess:
         "data.max_response_length=96",  # the synthetic demonstrations are ~70 tokens
         "rollout.max_prefix_len=96",
     ]
+
+
+def _run_demo(out: Path, data: Path, steps: int) -> subprocess.CompletedProcess:
+    overrides = _overrides(out, data, steps)
     cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--num-train=8", "--num-val=2"] + [f"--set={o}" for o in overrides]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
@@ -60,6 +79,7 @@ def test_metrics_tensorboard_checkpoint_and_plot(run):
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("actor/pg_loss")] == [1, 2]
+    _check_upstream_names(out, rows, acc)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
     assert (out / "results.png").stat().st_size > 10_000
     assert "[step 2/2]" in proc.stderr  # console progress
@@ -73,3 +93,42 @@ def test_resume_continues_from_the_checkpoint(run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]  # no step repeated, none lost
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+def _check_upstream_names(out: Path, rows: list[dict], acc) -> None:
+    """Every item-5 name is in the TensorBoard events (and metrics.jsonl), with values that agree with the
+    names they stand beside; no MFU on a CPU; the run's whole config as text."""
+    import textwrap
+
+    import torch
+
+    from luffy_megatron.config import load_config
+
+    tags = set(acc.Tags()["scalars"])
+    missing = [name for name in UPSTREAM_SCALARS + OUR_SCALARS if name not in tags]
+    assert not missing, f"not in the TensorBoard events: {missing}"
+    assert any(t.startswith("val/test_score/") and t != "val/test_score/avg" for t in tags), sorted(tags)
+    if not torch.cuda.is_available():  # no GPU peak to divide by: no MFU rather than a made-up one
+        assert "perf/mfu" not in tags and "mfu/actor" not in tags
+    for r in rows[1:]:
+        assert r["critic/score/mean"] == pytest.approx(r["rollout/reward_mean"])
+        assert r["critic/rewards/mean"] == pytest.approx(r["critic/score/mean"])  # no KL penalty in this run
+        assert r["response_length/mean"] == pytest.approx(r["rollout/response_length_mean"])
+        assert r["on_off_metrics/off_score"] == pytest.approx(r["rollout/off_policy_reward"])
+        assert r["actor/entropy"] == pytest.approx(r["actor/entropy_loss"]) and r["actor/entropy"] > 0
+        assert 0.0 <= r["response_length/clip_ratio"] <= 1.0 and r["prompt_length/max"] <= 256
+        phases = sum(r.get(f"timing_s/{p}", 0.0) for p in ("gen", "reward", "old_log_prob", "update_actor", "sync",
+                                                           "testing", "save_checkpoint"))
+        assert phases <= r["timing_s/step"]
+        # tokens/s/GPU: the CPU layout has one Megatron rank standing in for the GPU
+        assert r["perf/throughput"] == pytest.approx(r["perf/total_num_tokens"] / r["timing_s/step"])
+    assert "timing_s/save_checkpoint" in rows[2] and "timing_s/testing" in rows[2]  # save_freq = test_freq = 2
+    assert "timing_s/save_checkpoint" not in rows[1]
+    first_scores = [e.value for e in acc.Scalars("critic/score/mean")]
+    assert first_scores == pytest.approx([r["critic/score/mean"] for r in rows[1:]])
+
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    logged = out / "config_from_tensorboard.yaml"
+    logged.write_text(textwrap.dedent(text))
+    cfg = load_config(str(logged))
+    assert cfg == load_config(str(REPO / "recipes" / "cpu_demo.yaml"), _overrides(out, out.parent / "data", 2))
