@@ -154,6 +154,7 @@ def test_off_policy_probs_reach_the_actor_loss(runs):
         assert got["metrics"][key] != pytest.approx(plain["metrics"][key], rel=0.1), key
     assert _max_rel(got["grads"], plain["grads"]) > 0.1
 
+
 # ----- the frozen reference model and the KL terms (algo.use_ref on vpp2 and from_ckpt; actor_checks.py)
 
 

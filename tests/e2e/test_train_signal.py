@@ -21,11 +21,15 @@ from tests.helpers import REPO
 pytestmark = pytest.mark.e2e
 
 BATCH = 2  # data.train_batch_size of recipes/slurm_cpu_test.yaml
+ROWS = BATCH * 4  # x rollout.n
 START_TIMEOUT_S = 300
+# the KL reward penalty with upstream's adaptive controller (algo/kl.py): its beta is trainer state that the
+# signal's checkpoint must carry into the rerun
+KL = ["algo.kl_ctrl_type=adaptive", "algo.kl_ctrl_coef=0.1", "algo.kl_ctrl_target_kl=0.1", "algo.kl_ctrl_horizon=10"]
 
 
 def _command(out: Path, data: Path, steps: int) -> list[str]:
-    overrides = tiny_overrides(tiny_llama_dir(), data, out, steps) + ["parallel.nnodes=1", "trainer.save_freq=-1"]
+    overrides = tiny_overrides(tiny_llama_dir(), data, out, steps) + ["parallel.nnodes=1", "trainer.save_freq=-1"] + KL
     return [str(REPO / ".venv" / "bin" / "luffy-train"), "--config", str(REPO / "recipes" / "slurm_cpu_test.yaml")] + \
         [a for o in overrides for a in ("--set", o)]
 
@@ -74,6 +78,9 @@ def test_a_signal_checkpoints_after_the_current_step_and_exits_75(stopped):
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{last:06d}"
     state = json.loads((out / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").read_text())
     assert state["step"] == last and state["data_position"] == last * BATCH
+    rows = _metrics(out)
+    assert rows[0]["critic/kl"] == 0.0  # step 1: the policy is still the reference
+    assert state["kl_ctrl"] == {"type": "adaptive", "value": pytest.approx(_next_beta(rows[-1]))}
     assert "SIGUSR1 received while already stopping" in text and "ignored" in text
     assert f"stopped by SIGTERM after step {last}" in text and f"exit code {PREEMPTED_EXIT_CODE}" in text
     assert metrics_steps(out) == list(range(1, last + 1))
@@ -90,3 +97,19 @@ def test_the_rerun_resumes_at_the_next_step(stopped):
     assert metrics_steps(out) == list(range(1, last + 2))  # no step repeated, none lost
     state = json.loads((out / "checkpoints" / f"step_{last + 1:06d}" / "trainer_state.json").read_text())
     assert state["data_position"] == (last + 1) * BATCH  # the data continued where the stopped run left it
+    rows = _metrics(out)
+    for before, after in zip(rows, rows[1:]):  # upstream's adaptive rule, across the stop and the rerun too
+        assert after["critic/kl_coeff"] == pytest.approx(_next_beta(before), rel=1e-9), (before["step"], after["step"])
+    resumed = rows[-1]  # a step after the policy moved: a KL, and the rewards moved off the scores by beta x KL
+    assert resumed["critic/kl"] != 0.0
+    assert resumed["critic/rewards/mean"] != pytest.approx(resumed["critic/score/mean"], abs=1e-9)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _next_beta(row: dict) -> float:
+    """Upstream AdaptiveKLController.update after a step logged `row` (target 0.1, horizon 10, n_steps = rows)."""
+    error = min(max(row["critic/kl"] / 0.1 - 1, -0.2), 0.2)
+    return row["critic/kl_coeff"] * (1 + error * ROWS / 10)
