@@ -487,28 +487,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _log_to_stderr() -> None:
-    """Our own log lines (and the data readers' counts) as "[luffy-eval] ..."; vLLM keeps its own format."""
-    package_logger = logging.getLogger("luffy_megatron")
-    if not package_logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[luffy-eval] %(message)s"))
-        package_logger.addHandler(handler)
-        package_logger.propagate = False
-    package_logger.setLevel(logging.INFO)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stderr()
     from luffy_megatron.data import DataError
     from luffy_megatron.reward import GradingError
+    from luffy_megatron.utils.logs import console_logging
 
-    try:
-        run(args)
-    except (EvalError, DataError, GradingError) as error:
-        print(f"luffy-eval: error: {error}", file=sys.stderr)
-        return 2
+    # our own log lines (and the data readers' counts) as "[luffy-eval] ..."; vLLM keeps its own format
+    with console_logging("luffy_megatron", fmt="[luffy-eval] %(message)s", level=logging.INFO, propagate=False):
+        try:
+            run(args)
+        except (EvalError, DataError, GradingError) as error:
+            print(f"luffy-eval: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -16,6 +16,7 @@ healthy actor, then `luffy-train` reports it in one `luffy-train: error: ...` li
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -58,7 +59,9 @@ def train(cfg: Config, workers=None) -> Path:
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, train_set, val_set = load_data(cfg)
+    # the real step count, as upstream injects it into the optimizer config: the actor's LR warmup counts from it
     total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * (len(train_set) // cfg.data.train_batch_size)
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, total_training_steps=total_steps))
     use_gpu = resolve_device(cfg) == "cuda"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
@@ -81,8 +84,12 @@ def train(cfg: Config, workers=None) -> Path:
 
         with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn,
                         strip_special_tokens=cfg.reward.strip_special_tokens) as rewards:
-            if cfg.trainer.val_before_train and step == 0 and val_set is not None:
-                metrics_log.log(0, validate(cfg, engines, rewards, tokenizer, val_set))
+            if cfg.trainer.val_only or (cfg.trainer.val_before_train and step == 0 and val_set is not None):
+                if val_set is None:
+                    raise ConfigError("trainer.val_only=true but data.val_files is empty: give the validation parquet files")
+                metrics_log.log(step, validate(cfg, engines, rewards, tokenizer, val_set))
+                if cfg.trainer.val_only:  # upstream: validate the loaded weights and stop
+                    total_steps = step
             while step < total_steps:
                 if stop.requested:  # the safe point: the previous step is complete
                     preempted = stop_with_checkpoint(stop, ranks, cfg, out, step, sampler.position, saved=saved_step == step, kl_ctrl=kl_ctrl)
@@ -124,6 +131,8 @@ def train(cfg: Config, workers=None) -> Path:
                     if val_set is not None and cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total_steps):
                         with timer("testing"):
                             metrics.update(validate(cfg, engines, rewards, tokenizer, val_set))
+                        if cfg.trainer.save_best_hf:
+                            save_best_hf(ranks, out, metrics["val/test_score/avg"], step)
                 except (EngineFailure, RolloutIntegrityError) as failure:
                     raise checkpoint_after_failure(failure, ranks, cfg, out, trained, saved_step, kl_ctrl=kl_ctrl) from None
                 except RankFailure as failure:
@@ -248,13 +257,14 @@ def load_data(cfg: Config):
     """Tokenizer, tokenized training set (with demonstrations) and validation set (or None)."""
     from transformers import AutoTokenizer
 
-    from luffy_megatron.data.tokenization import load_tokenized_dataset
+    from luffy_megatron.data.tokenization import load_tokenized_dataset, resolve_chat_template
 
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: give at least one LUFFY-format parquet file")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     common = dict(max_prompt_length=cfg.data.max_prompt_length, long_prompt_policy=cfg.data.long_prompt_policy,
-                  skip_bad_rows=cfg.data.skip_bad_rows, remove_system=cfg.data.remove_system_prompt)
+                  skip_bad_rows=cfg.data.skip_bad_rows, remove_system=cfg.data.remove_system_prompt,
+                  chat_template=resolve_chat_template(tokenizer, cfg.data.chat_template))
     # algo.use_off_policy_probs: the teacher's token probabilities (data.target_probs_key) of every demonstration
     probs = dict(target_probs_key=cfg.data.target_probs_key, require_target_probs=True) if uses_target_probs(cfg.algo.__dict__) else {}
     train_sets = [load_tokenized_dataset(p, tokenizer, require_target=True, max_prefix_len=cfg.rollout.max_prefix_len, long_demo_policy=cfg.data.long_demo_policy, **probs, **common) for p in cfg.data.train_files]
@@ -274,7 +284,7 @@ def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts:
                            min_prefix_ratio=r.min_prefix_ratio, max_prefix_ratio=r.max_prefix_ratio,
                            share_across_samples=r.prefix_share_across_samples, global_step=step,
                            prefix_steps=r.prefix_steps, linear_max_ratio=r.prefix_linear_max_ratio, rng=rng)
-    plan = plan_rows(prompts=[p.prompt_ids for p in prompts], demonstrations=[p.demo_ids or [] for p in prompts],
+    plan = plan_rows(prompts=[p.prompt_ids for p in prompts], demonstrations=sampled_demonstrations(cfg, prompts, step),
                      ratios=ratios, n=r.n, eos_token_id=tokenizer.eos_token_id, response_length=width)
     todo = [i for i, need in enumerate(plan.needs_generation) if need]
     t0 = time.time()
@@ -296,6 +306,17 @@ def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts:
     return batch, torch.zeros(responses.shape, dtype=torch.float32), record, metrics
 
 
+def sampled_demonstrations(cfg: Config, prompts: list, step: int) -> list[list[int]]:
+    """Each prompt's demonstration, or none (its rows are all generated) with probability 1 - data.sample_target_ratio
+    (upstream's dataset draws `np.random.rand() < sample_target_ratio` per example; 1.0 in LUFFY). The draws are a
+    function of trainer.seed and the step, so a resumed run draws the same."""
+    ratio = cfg.data.sample_target_ratio
+    if ratio >= 1.0:
+        return [p.demo_ids or [] for p in prompts]
+    rng = random.Random(f"sample_target_ratio:{cfg.trainer.seed}:{step}")
+    return [(p.demo_ids or []) if rng.random() < ratio else [] for p in prompts]
+
+
 def rewards_and_advantages(cfg: Config, kl_ctrl, batch: RolloutBatch, token_scores: torch.Tensor, old_log_probs: torch.Tensor,
                            ref_log_probs: torch.Tensor | None, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor, dict, float | None]:
     """Upstream's order after the log-probs (mix_trainer.py): the KL reward penalty with the controller's beta
@@ -310,8 +331,21 @@ def rewards_and_advantages(cfg: Config, kl_ctrl, batch: RolloutBatch, token_scor
             ref_log_prob_BT=ref_log_probs, beta=kl_ctrl.value, kind=cfg.algo.kl_penalty)
     advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask,
                                     group_ids=batch.group_ids, **advantage_options(cfg.algo.__dict__))
-    del eos_token_id  # the advantage edits that need it come after GRPO
-    return token_rewards, advantages, kl_metrics, kl_now
+    return token_rewards, upstream_advantage_options(cfg, batch, advantages, eos_token_id), kl_metrics, kl_now
+
+
+def upstream_advantage_options(cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """The advantage edits upstream applies after GRPO (mix_trainer.py), both off in LUFFY's runs:
+    algo.disable_truncation_advantage and algo.use_sft_prefix_reward."""
+    from luffy_megatron.algo import sft_prefix_advantages, zero_truncated_advantages
+
+    a = cfg.algo
+    if a.disable_truncation_advantage:
+        advantages = zero_truncated_advantages(advantages, batch.responses, batch.response_mask, eos_token_id=eos_token_id,
+                                               max_response_length=cfg.data.max_response_length)
+    if a.use_sft_prefix_reward:
+        advantages = sft_prefix_advantages(advantages, batch.prefix_mask, weight=a.sft_prefix_reward_weight, n=cfg.rollout.n)
+    return advantages
 
 
 def check_rollouts(cfg: Config, engines: EngineSupervisor, rollout, old_log_probs: torch.Tensor, *, actor_version: int, step: int) -> dict[str, float]:
@@ -349,18 +383,85 @@ def reward_metrics(scores: list[float], batch: RolloutBatch) -> dict[str, float]
 
 
 def validate(cfg: Config, engines: EngineSupervisor, rewards, tokenizer, val_set: list) -> dict[str, float]:
-    """Greedy-ish validation (val_temperature, n_val samples) scored by the training reward:
-    `val/test_score/<data_source>` as upstream."""
+    """Validation as upstream's `_validate`: n_val samples per prompt at val_temperature with top_p=1 and
+    top_k=-1 (upstream's validation sampling, whatever the training sampling), scored by the training reward;
+    `val/test_score/<data_source>` (rows without a source: `unknown`) and their mean `val/test_score/avg`
+    (upstream's avg_score, which picks the best checkpoint). data.val_batch_size prompts per generate call
+    (None: all at once); the scores do not depend on it."""
     n_val = cfg.rollout.n_val
-    prompts = [ex.prompt_ids for ex in val_set for _ in range(n_val)]
-    outputs = engines.generate(prompts, [cfg.data.max_response_length] * len(prompts), temperature=cfg.rollout.val_temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
-    texts = [tokenizer.decode(o) for o in outputs]
+    chunk = cfg.data.val_batch_size or len(val_set)
+    texts: list[str] = []
+    for start in range(0, len(val_set), chunk):
+        part = val_set[start : start + chunk]
+        prompts = [ex.prompt_ids for ex in part for _ in range(n_val)]
+        outputs = engines.generate(prompts, [cfg.data.max_response_length] * len(prompts),
+                                   temperature=cfg.rollout.val_temperature, top_p=1.0, top_k=-1)
+        texts += [tokenizer.decode(o) for o in outputs]
     golds = [ex.ground_truth for ex in val_set for _ in range(n_val)]
     scores = rewards.grade(list(zip(texts, golds)))
+    return validation_metrics(scores, [val_set[i // n_val].data_source for i in range(len(scores))])
+
+
+def validation_metrics(scores: list[float], sources: list[str | None]) -> dict[str, float]:
+    """Per-source means (`val/test_score/<source>`, `unknown` for rows without one) and their mean over the
+    sources, `val/test_score/avg` (upstream: np.mean over the val/test_score/* values)."""
     by_source: dict[str, list[float]] = {}
-    for ex_i, s in enumerate(scores):
-        by_source.setdefault(val_set[ex_i // n_val].data_source or "all", []).append(s)
-    return {f"val/test_score/{k}": sum(v) / len(v) for k, v in by_source.items()}
+    for score, source in zip(scores, sources):
+        by_source.setdefault(source or "unknown", []).append(score)
+    out = {f"val/test_score/{k}": sum(v) / len(v) for k, v in by_source.items()}
+    out["val/test_score/avg"] = sum(out.values()) / len(out)
+    return out
+
+
+def save_best_hf(ranks, out: Path, score: float, step: int) -> bool:
+    """Upstream's `maybe_save_best_hf`: when `score` (val/test_score/avg) beats the best so far (recorded in
+    <out>/best/actor/metrics.json), export the actor as an HF model there, replacing the previous best
+    atomically. Returns whether it saved."""
+    import json
+
+    best_dir = out / "best" / "actor"
+    record = best_dir / "metrics.json"
+    best = json.loads(record.read_text())["best_avg_score"] if record.exists() else -float("inf")
+    if not score > best:
+        return False
+    ranks.run(export_hf, best_dir, {"best_avg_score": score, "global_step": step})
+    log.warning("new best val/test_score/avg %.4f at step %d: HF model in %s", score, step, best_dir)
+    return True
+
+
+def export_hf(actor, out_dir, record: dict | None = None) -> str:
+    """Runs on every Megatron rank (collective): the actor's current weights as an HF model directory
+    (safetensors in the model's dtype, config and tokenizer from model.path), written by global rank 0
+    into a temporary directory renamed into place; `record` goes to metrics.json beside it."""
+    import json
+
+    import torch.distributed as dist
+
+    from luffy_megatron.convert.hf_io import copy_side_files, write_hf_safetensors
+    from luffy_megatron.utils.fs import atomic_dir
+
+    weights = actor.export_hf_weights()
+    if dist.get_rank() != 0:
+        for _ in weights:  # every rank takes part in the gathers
+            pass
+        dist.barrier()
+        return str(out_dir)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    dtypes: set = set()
+
+    def on_host():
+        for name, t in weights:
+            dtypes.add(t.dtype)
+            yield name, t.detach().to("cpu")
+
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        write_hf_safetensors(tmp, on_host())
+        copy_side_files(actor.hf_dir, tmp, dtype=str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else None)
+        if record is not None:
+            (tmp / "metrics.json").write_text(json.dumps(record) + "\n")
+    dist.barrier()
+    return str(out_dir)
 
 
 def sync_weights(actor, fleet, bucket_bytes: int, *, transport: str = "object_store", timeout_s: float = 1800.0,
@@ -408,12 +509,16 @@ def load_checkpoint(actor, path) -> dict:
 
 
 def resume(cfg: Config, ranks: GuardedRanks, engines: EngineSupervisor, sampler: "PromptSampler", out: Path, *, kl_ctrl=None) -> int:
-    """Continue from the newest complete checkpoint (trainer.resume=auto); returns the step reached, which is
-    also the actor's weight version. The engines get the actor's weights first unless they are known to hold
-    them (`EngineFleet.synced_version`: fresh workers, or the last run on these workers ended synced)."""
+    """Continue from trainer.resume_from (`luffy-train --resume PATH`), else from the newest complete checkpoint
+    (trainer.resume=auto); returns the step reached, which is also the actor's weight version. The engines get
+    the actor's weights first unless they are known to hold them (`EngineFleet.synced_version`: fresh workers,
+    or the last run on these workers ended synced)."""
     from luffy_megatron.actor.checkpoint import find_latest
 
-    latest = find_latest(out / "checkpoints") if cfg.trainer.resume == "auto" else None
+    if cfg.trainer.resume_from:
+        latest = resume_path(cfg.trainer.resume_from)
+    else:
+        latest = find_latest(out / "checkpoints") if cfg.trainer.resume == "auto" else None
     step = 0
     if latest is not None:
         state = ranks.run(load_checkpoint, latest)
@@ -427,6 +532,22 @@ def resume(cfg: Config, ranks: GuardedRanks, engines: EngineSupervisor, sampler:
     if latest is not None:
         log.warning("resumed from %s (step %d)", latest, step)
     return step
+
+
+def resume_path(path: str) -> Path:
+    """The checkpoint that trainer.resume_from names: a checkpoint directory (step_N, with trainer_state.json)
+    or a checkpoints directory (its newest complete checkpoint). Anything else is a ConfigError."""
+    from luffy_megatron.actor.checkpoint import find_latest
+
+    given = Path(path)
+    if (given / "trainer_state.json").is_file():
+        return given
+    found = find_latest(given) if given.is_dir() else None
+    if found is None:
+        what = "does not exist" if not given.exists() else "holds no complete checkpoint (no trainer_state.json)"
+        raise ConfigError(f"trainer.resume_from={path} {what}; give a checkpoint directory such as "
+                          "<output_dir>/checkpoints/step_000050 or the checkpoints directory")
+    return found
 
 
 def checkpoint_after_failure(failure: RunError, ranks: GuardedRanks, cfg: Config, out: Path, trained: tuple[int, int], saved_step: int,
@@ -471,7 +592,11 @@ def with_newest_checkpoint(failure: RankFailure, out: Path) -> RankFailure:
 
 @dataclass
 class PromptSampler:
-    """Epochs of shuffled prompt indices; `position` counts prompts consumed (saved in checkpoints)."""
+    """Upstream's prompt order (`ResumableRandomSampler` in rl_dataset_with_target.py, DataLoader with
+    drop_last=True): a torch.Generator seeded with data.seed (upstream: 47) draws `torch.randperm(size)` for the
+    first epoch and the next permutation from the same generator for each later epoch; batches are consecutive
+    slices, the last partial one dropped. `position` counts prompts consumed (saved in checkpoints), so a
+    resumed run continues the same order. data.shuffle=false: the dataset order (upstream's SequentialSampler)."""
 
     size: int
     batch_size: int
@@ -479,11 +604,19 @@ class PromptSampler:
     shuffle: bool = True
     position: int = 0
 
+    def __post_init__(self):
+        self._perms: list[list[int]] = []
+        self._generator = None
+
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(self.size))
-        if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
-        return order
+        if not self.shuffle:
+            return list(range(self.size))
+        if self._generator is None:
+            self._generator = torch.Generator()
+            self._generator.manual_seed(self.seed)
+        while len(self._perms) <= epoch:
+            self._perms.append(torch.randperm(self.size, generator=self._generator).tolist())
+        return self._perms[epoch]
 
     def next_batch(self) -> list[int]:
         per_epoch = self.size - self.size % self.batch_size  # drop the last partial batch, as upstream
@@ -511,7 +644,13 @@ def resolve_device(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from luffy_megatron.utils.logs import console_logging
+
+    with console_logging("", fmt="%(asctime)s %(name)s %(levelname)s %(message)s", level=logging.WARNING):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         recipe, overrides = parse_overrides_from_argv(sys.argv[1:] if argv is None else argv)
         cfg = load_config(recipe, overrides)

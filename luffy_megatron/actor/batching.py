@@ -92,6 +92,37 @@ def balance_rows(lengths: Sequence[int], num_parts: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
+def contiguous_rows(num_rows: int, num_parts: int) -> list[list[int]]:
+    """The rows cut into `num_parts` equal consecutive parts, in batch order (actor.balance_batch=false:
+    upstream's data-parallel dispatch without `_balance_batch`)."""
+    if num_rows % num_parts:
+        raise ValueError(f"{num_rows} rows cannot be split evenly over {num_parts} data-parallel ranks")
+    per_part = num_rows // num_parts
+    return [list(range(k * per_part, (k + 1) * per_part)) for k in range(num_parts)]
+
+
+def rows_per_rank(prompts: int, n: int, dp_size: int) -> int:
+    """Upstream's batch-size normalisation (mix_fsdp_worker): a size in prompts becomes rows per data-parallel
+    rank, `prompts * n // dp`; used for ppo_mini_batch_size and ppo_micro_batch_size."""
+    rows = prompts * n
+    if rows % dp_size:
+        raise ValueError(f"{prompts} prompts x rollout.n={n} = {rows} rows do not split over {dp_size} data-parallel ranks")
+    return rows // dp_size
+
+
+def gradient_accumulation(cfg) -> int:
+    """The divisor upstream applies to every micro-batch loss: ppo_mini_batch_size // ppo_micro_batch_size
+    (both in prompts, so n and the DP size cancel), also under dynamic batch sizes."""
+    a = cfg.actor
+    return max(a.ppo_mini_batch_size // micro_batch_prompts(a), 1)
+
+
+def micro_batch_prompts(actor_cfg) -> int:
+    """actor.ppo_micro_batch_size in prompts (None: the whole mini-batch)."""
+    a = actor_cfg
+    return a.ppo_micro_batch_size if a.ppo_micro_batch_size is not None else a.ppo_mini_batch_size
+
+
 def split_mini_batches(rows: Sequence[int], rows_per_mini_batch: int) -> list[list[int]]:
     """Consecutive mini-batches of a rank's rows (upstream `batch.split(ppo_mini_batch_size)`)."""
     if rows_per_mini_batch <= 0:

@@ -30,13 +30,18 @@ from luffy_megatron.actor.batching import (
     balance_rows,
     build_micro_batch,
     build_packed_micro_batch,
+    contiguous_rows,
     empty_micro_batch,
+    gradient_accumulation,
+    micro_batch_prompts,
     micro_batch_counts,
     padding_multiples,
     plan_micro_batches,
+    rows_per_rank,
     split_mini_batches,
 )
 from luffy_megatron.actor.context_parallel import gather_tokens, shard_micro_batch
+from luffy_megatron.actor.schedule import make_lr_scheduler
 from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
 from luffy_megatron.algo.loss import microbatch_policy_loss
 from luffy_megatron.algo.options import loss_options, uses_reference, uses_target_probs
@@ -193,7 +198,6 @@ class MegatronActor:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from luffy_megatron.convert.weights import load_hf_weights
         from luffy_megatron.models.cpu_shim import apply_cpu_shim, seed_everything
@@ -259,21 +263,9 @@ class MegatronActor:
         )
         seed_main_params(self.optimizer, originals)
         del originals
-        total_steps = max(cfg.trainer.total_training_steps or 1, 1)
-        warmup = int(a.lr_warmup_steps_ratio * total_steps)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if warmup else a.lr,
-            max_lr=a.lr,
-            min_lr=a.lr,
-            lr_warmup_steps=warmup,
-            lr_decay_steps=total_steps,
-            lr_decay_style="constant",
-            start_wd=a.weight_decay,
-            end_wd=a.weight_decay,
-            wd_incr_steps=total_steps,
-            wd_incr_style="constant",
-        )
+        # LR schedule in upstream's units (actor/schedule.py): one scheduler step per trainer step, warmup over
+        # int(lr_warmup_steps_ratio x total trainer steps); the trainer fills in the real total.
+        self.scheduler = make_lr_scheduler(self.optimizer, a, cfg.trainer.total_training_steps or 1)
         self._set_schedule_hooks()
 
         self.tp_group = ps.get_tensor_model_parallel_group()
@@ -301,6 +293,9 @@ class MegatronActor:
         self.step = 0  # optimizer steps taken
         self.loss_opts = loss_options(asdict(cfg.algo))
         self.use_target_probs = uses_target_probs(asdict(cfg.algo))  # teacher probs in the off-policy ratio
+        # upstream divides every micro-batch loss by ppo_mini_batch_size // ppo_micro_batch_size (its units),
+        # with or without dynamic batch sizes (luffy_algorithm.md 1.4)
+        self.loss_opts["gradient_accumulation"] = gradient_accumulation(cfg)
         # the frozen reference of the KL terms (algo.use_ref, use_kl_loss, kl_ctrl_coef): the initial weights again
         self.reference = None
         if uses_reference(asdict(cfg.algo)):
@@ -330,7 +325,6 @@ class MegatronActor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         model = self.model if model is None else model
-
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -386,7 +380,11 @@ class MegatronActor:
         return torch.where(mask, lp, 0.0), torch.where(mask, ent, 0.0)
 
     def _rows_by_rank(self, batch: RolloutBatch) -> list[list[int]]:
-        return balance_rows(batch.sequence_lengths(), self.dp_size)
+        """The rows of each data-parallel rank: balanced by tokens (actor.balance_batch, upstream's
+        _balance_batch), or the batch cut into equal contiguous parts in its order."""
+        if self.cfg.actor.balance_batch:
+            return balance_rows(batch.sequence_lengths(), self.dp_size)
+        return contiguous_rows(batch.num_rows, self.dp_size)
 
     def _plan(self, batch: RolloutBatch, rows: list[int]) -> list[list[int]]:
         a = self.cfg.actor
@@ -394,7 +392,7 @@ class MegatronActor:
             return []
         if a.use_dynamic_bsz:
             return plan_micro_batches(batch.sequence_lengths(), rows, max_tokens=a.ppo_max_token_len_per_gpu, packed=self.packed)
-        return split_mini_batches(rows, a.ppo_micro_batch_size)
+        return split_mini_batches(rows, rows_per_rank(micro_batch_prompts(a), self.cfg.rollout.n, self.dp_size))
 
     def _micro_batches(self, batch: RolloutBatch, rows_by_rank: list[list[int]]) -> list[MicroBatch]:
         """This rank's micro-batches for the rows of every DP rank (`rows_by_rank[dp_rank]` are its own),
@@ -457,7 +455,6 @@ class MegatronActor:
     def _log_probs(self, batch: RolloutBatch, model: list) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.zeros(2, batch.num_rows, batch.response_width)
 
-
         def collect(mb, shard, logits):
             if not mb.rows:  # an empty micro-batch (equal counts across ranks)
                 return torch.zeros((), device=logits.device), {"rows": [], "lp": None, "ent": None}
@@ -478,7 +475,7 @@ class MegatronActor:
 
     def _mini_batches(self, batch: RolloutBatch) -> list[list[list[int]]]:
         """For each mini-batch (one optimizer step), the rows of every DP rank."""
-        rows_per_mini = self.cfg.actor.ppo_mini_batch_size * self.cfg.rollout.n // self.dp_size
+        rows_per_mini = rows_per_rank(self.cfg.actor.ppo_mini_batch_size, self.cfg.rollout.n, self.dp_size)
         per_rank = [split_mini_batches(rows, rows_per_mini) for rows in self._rows_by_rank(batch)]
         return [list(minis) for minis in zip(*per_rank)]
 
@@ -527,10 +524,11 @@ class MegatronActor:
         for m in self.model:
             m.train()
         collected: dict[str, list[float]] = {}
-        for rows_by_rank in self._mini_batches(batch):
+        # actor.ppo_epochs passes over the same mini-batches in the same order, as upstream
+        passes = [rows for _ in range(self.cfg.actor.ppo_epochs) for rows in self._mini_batches(batch)]
+        for rows_by_rank in passes:
             results = self._backward(batch, rows_by_rank, advantages, old_log_probs, ref_log_probs)
             ok, grad_norm, _ = self.optimizer.step()
-            self.scheduler.step(increment=1)
             self.step += 1
             for r in results:
                 for k, v in r.items():
@@ -539,6 +537,8 @@ class MegatronActor:
             collected.setdefault("actor/lr", []).append(self.optimizer.param_groups[0]["lr"])
             if not ok:
                 log.warning("optimizer step %d skipped (non-finite gradients)", self.step)
+        collected["actor/optimizer_steps"] = [float(len(passes))]
+        self.scheduler.step(increment=1)  # one LR step per trainer step, as upstream's update_actor
         if self.ddp_config.overlap_param_gather:
             # The updated shards are all-gathered by the next forward's pre-hooks; the weight export
             # reads the parameters before that, so gather them now (megatron's training does the same

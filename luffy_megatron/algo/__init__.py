@@ -1,6 +1,7 @@
 """The LUFFY algorithm core as pure tensor functions: advantages, the shaped loss, rollout composition."""
 
-from .advantage import ADVANTAGE_ESTIMATORS, compute_advantages, grpo_advantages, grpo_split_advantages
+from .advantage import (ADVANTAGE_ESTIMATORS, compute_advantages, grpo_advantages, grpo_split_advantages,
+                        sft_prefix_advantages, zero_truncated_advantages)
 from .composition import (
     PREFIX_STRATEGIES,
     GroupPlan,
@@ -36,6 +37,8 @@ __all__ = [
     "compute_advantages",
     "grpo_advantages",
     "grpo_split_advantages",
+    "sft_prefix_advantages",
+    "zero_truncated_advantages",
     "loss_options",
     "masked_mean",
     "microbatch_policy_loss",

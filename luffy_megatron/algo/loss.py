@@ -281,6 +281,7 @@ def microbatch_policy_loss(
     use_ppo_kl_loss: bool = False,
     ppo_kl_loss_coef: float = 0.01,
     gradient_accumulation: int = 1,
+    mode: str = "rl",
     **shaping,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The value upstream's actor calls `.backward()` on for one micro-batch, and its metrics.
@@ -290,9 +291,18 @@ def microbatch_policy_loss(
     `gradient_accumulation` is 1 in LUFFY's main run, so micro-batch losses are summed over a
     mini-batch. `shaping` are the keyword options of `mixed_policy_loss` (reshapes, clips, teacher
     probabilities). Metric names are upstream's, without the `actor/` prefix.
+
+    mode="sft" (algo.mode): pg_loss is the token-mean NLL of every row (demonstrations only), without the
+    entropy bonus; the policy-gradient options are unused.
     """
     mask = response_mask_BT.to(log_prob_BT.dtype)
-    if use_sft_multitask_loss:
+    if mode not in ("rl", "sft"):
+        raise ValueError(f"mode={mode!r} is not one of: rl, sft")
+    if mode == "sft":
+        pg_loss = sft_loss(log_prob_BT=log_prob_BT, response_mask_BT=mask)
+        metrics = {"sft_loss": pg_loss.detach()}
+        entropy_coeff = 0.0
+    elif use_sft_multitask_loss:
         if use_off_policy_loss:
             raise ValueError("use_sft_multitask_loss and use_off_policy_loss cannot both be true")
         off_rows = prefix_mask_BT.bool().any(-1)

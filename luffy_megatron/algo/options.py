@@ -20,6 +20,7 @@ _SHAPING_KEYS = (
     "on_policy_reshape_pow_exp",
 )
 _LOSS_KEYS = (
+    "mode",  # rl | sft (algo.mode)
     "use_off_policy_loss",
     "use_sft_multitask_loss",
     "sft_loss_coef",

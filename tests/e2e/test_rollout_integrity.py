@@ -329,6 +329,45 @@ def test_synced_engines_sample_with_the_actors_log_probs(cluster):
           "max", [r["rollout/logprob_diff_max"] for r in rows])
 
 
+def test_best_validation_hf_export_then_val_only_resumed_from_a_path(cluster):
+    """Upstream's maybe_save_best_hf (the best val/test_score/avg as an HF model in <out>/best/actor) and
+    trainer.val_only with `luffy-train --resume PATH` (trainer.resume_from): validate the weights of another
+    run's checkpoint and stop, training nothing."""
+    from safetensors.torch import load_file
+
+    from luffy_megatron.trainer import train
+
+    root, workers = cluster
+    val = f"data.val_files=[{root}/data/train.parquet]"  # the training prompts double as validation rows
+    with time_limit(TEST_TIME_LIMIT_S):
+        best_run = train(job_config(root, "best", 1, val, "trainer.test_freq=1"), workers=workers)
+    (row,) = metrics(best_run)
+    assert 0.0 <= row["val/test_score/avg"] <= 1.0 and "timing_s/testing" in row
+    best = best_run / "best" / "actor"
+    record = json.loads((best / "metrics.json").read_text())
+    assert record == {"best_avg_score": row["val/test_score/avg"], "global_step": 1}
+    exported = load_file(str(best / "model.safetensors"))
+    actor_now = dict(workers.actors.run(lambda actor: {k: v.clone() for k, v in actor.export_hf_weights()}))
+    assert set(exported) == set(actor_now) and all(torch_equal(exported[k], actor_now[k]) for k in exported)
+    assert (best / "config.json").exists() and (best / "tokenizer_config.json").exists()
+
+    with time_limit(TEST_TIME_LIMIT_S):
+        out = train(job_config(root, "val_only", 5, val, "trainer.val_only=true",
+                               f"trainer.resume_from={best_run / 'checkpoints' / 'step_000001'}"), workers=workers)
+    (only,) = metrics(out)
+    assert only["step"] == 1  # the step of the checkpoint it validated
+    assert {"val/test_score/avg", "val/test_score/unknown"} <= set(only), only  # the rows have no data_source
+    assert not [k for k in only if k.startswith(("actor/", "critic/"))]  # nothing trained
+    assert checkpoint_steps(out) == []
+    assert workers.fleet.synced_version == 1  # the engines hold the resumed weights
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a.to(b.dtype), b)
+
+
 def test_a_lost_sync_shows_as_drift_and_the_stale_batch_is_refused(cluster, monkeypatch):
     from luffy_megatron.rollout import faults
     from luffy_megatron.rollout.integrity import StaleRolloutError

@@ -230,3 +230,22 @@ def test_sft_prefix_reward_sets_demonstration_tokens_to_weight_over_n():
     assert torch.equal(got[prefix], torch.full((3,), 0.25)) and torch.equal(got[~prefix], torch.full((3,), -0.3))
     with pytest.raises(ConfigError, match="use_sft_prefix_reward=true needs rollout.n_off_policy=-1"):
         load_config(None, ["algo.use_sft_prefix_reward=true"])
+
+
+def test_sample_target_ratio_drops_demonstrations_deterministically():
+    from types import SimpleNamespace
+
+    from luffy_megatron.trainer import sampled_demonstrations
+
+    prompts = [SimpleNamespace(demo_ids=[i + 1, i + 2]) for i in range(200)]
+    keep_all = load_config(None, [])
+    assert sampled_demonstrations(keep_all, prompts, 3) == [p.demo_ids for p in prompts]
+    half = load_config(None, ["data.sample_target_ratio=0.5"])
+    got = sampled_demonstrations(half, prompts, 3)
+    kept = sum(1 for g, p in zip(got, prompts) if g == p.demo_ids)
+    assert 70 < kept < 130 and all(g in ([], p.demo_ids) for g, p in zip(got, prompts))
+    assert sampled_demonstrations(half, prompts, 3) == got  # same seed and step: same draws (resume)
+    assert sampled_demonstrations(half, prompts, 4) != got
+    assert all(g == [] for g in sampled_demonstrations(load_config(None, ["data.sample_target_ratio=0"]), prompts, 1))
+    with pytest.raises(ConfigError, match="sample_target_ratio=1.5 must be in"):
+        load_config(None, ["data.sample_target_ratio=1.5"])
