@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements/cpu.txt requirements/cpu-constraints.txt pyproject.toml
 CUDA_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: setup test test-fast demo bench tensorboard-screenshot clean-venv
+.PHONY: setup test test-fast demo experiment experiment-quick bench tensorboard-screenshot clean-venv
 
 setup: $(STAMP)
 
@@ -38,6 +38,15 @@ test-fast: setup
 
 demo: setup
 	RAY_AUTH_MODE=disabled $(PY) tools/demo.py
+
+# LUFFY vs on-policy GRPO vs unshaped LUFFY vs SFT on a weak model, 3 seeds (~30 min on 2 cores): the table and
+# plots land in docs/experiment/. Runs live in outputs/experiment/; an interrupted run resumes, a finished one is kept.
+experiment: setup
+	RAY_AUTH_MODE=disabled $(PY) tools/experiment.py
+
+# The same comparison with 1 seed and 10 steps (~5 min): docs/experiment/quick/.
+experiment-quick: setup
+	RAY_AUTH_MODE=disabled $(PY) tools/experiment.py --quick
 
 bench: setup
 	@set -e; for b in tools/bench/*.py; do echo "== $$b"; $(PY) $$b; done
