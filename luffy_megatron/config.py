@@ -194,6 +194,9 @@ class AlgoConfig:
     ppo_kl_loss_coef: float = 0.01
     prefix_reward_weight_alpha: float = 1.0
     prefix_reward_weight_beta: float = 1.0
+    disable_truncation_advantage: bool = False  # upstream data.disable_truncation_advantage: no advantage for cut-off rows
+    use_sft_prefix_reward: bool = False  # upstream actor.use_sft_prefix_reward: demonstration tokens get weight / n
+    sft_prefix_reward_weight: float = 1.0
 
 
 @dataclass
@@ -211,7 +214,8 @@ class DataConfig:
     long_prompt_policy: Literal["drop", "error"] = "drop"  # prompts over max_prompt_length
     long_demo_policy: Literal["truncate", "drop"] = "truncate"  # demonstrations over rollout.max_prefix_len
     skip_bad_rows: bool = False  # skip malformed rows instead of failing
-    chat_template: str | None = None  # None = the model's own; else a path to a Jinja template
+    chat_template: str | None = None  # None = the model's own (or LUFFY's default when it lacks <think>); default; model; a Jinja file
+    sample_target_ratio: float = 1.0  # fraction of prompts that keep their demonstration each step (upstream data.sample_target_ratio)
     target_probs_key: str = "target_ds_qwen_7b_probs"  # column of teacher token probabilities (algo.use_off_policy_probs)
     remove_system_prompt: bool = False
 
@@ -238,13 +242,16 @@ class ActorConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
-    lr_warmup_steps_ratio: float = 0.0
-    lr_warmup_style: Literal["constant"] = "constant"
-    ppo_mini_batch_size: int = 64  # prompts per optimiser step (each brings rollout.n rows)
+    lr_warmup_steps_ratio: float = 0.0  # warmup over int(ratio x total trainer steps), as upstream (actor/schedule.py)
+    zero_lr_first_step: bool = False  # true = upstream's LambdaLR quirk: lr 0 on the first trainer step even without warmup
+    ppo_mini_batch_size: int = 64  # prompts per optimiser step (each brings rollout.n rows; x n / DP rows per rank)
     ppo_epochs: int = 1
     use_dynamic_bsz: bool = True  # micro-batches packed up to a token budget instead of a row count
     ppo_max_token_len_per_gpu: int = 32768  # the token budget when use_dynamic_bsz
-    ppo_micro_batch_size: int = 64  # sequences per micro-batch when not use_dynamic_bsz
+    # prompts per micro-batch when not use_dynamic_bsz (upstream's units: x rollout.n / DP rows per rank); with or
+    # without dynamic batch sizes every micro-batch loss is divided by ppo_mini_batch_size // ppo_micro_batch_size.
+    # None = ppo_mini_batch_size (divisor 1: micro-batch losses summed, as LUFFY's train.sh with 64 / 64)
+    ppo_micro_batch_size: int | None = None
     log_prob_chunk_tokens: int = 4096  # tokens per chunk when computing log-probs over the vocab
     use_sequence_packing: bool = True  # upstream use_remove_padding
     balance_batch: bool = True  # balance tokens across data-parallel ranks
@@ -269,9 +276,12 @@ class TrainerConfig:
     save_freq: int = 50  # steps; -1 = never
     test_freq: int = 10  # steps; -1 = never
     val_before_train: bool = True
+    val_only: bool = False  # validate once (the resumed or initial weights) and exit, as upstream's trainer.val_only
+    save_best_hf: bool = True  # HF export of the best val/test_score/avg to <output_dir>/best/actor (upstream maybe_save_best_hf)
     output_dir: str = "outputs/luffy"
     max_checkpoints_to_keep: int = 3
     resume: Literal["auto", "disable"] = "auto"  # auto: continue from the latest checkpoint in output_dir
+    resume_from: str | None = None  # a checkpoint dir (checkpoints/step_N) to resume from; `luffy-train --resume PATH`
     seed: int = 1
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
@@ -314,6 +324,10 @@ _RENAMED_UPSTREAM_KEYS = {
         "or algo.loss_agg_mode=token_mean (false)"
     ),
     "rollout.n_prefix": "use rollout.n_off_policy (same meaning; 0 = pure on-policy, -1 = every row)",
+    "actor.lr_warmup_style": "the schedule is always upstream's constant-with-warmup; remove the key "
+                             "(actor.lr_warmup_steps_ratio sets the warmup)",
+    "data.disable_truncation_advantage": "use algo.disable_truncation_advantage",
+    "actor.use_sft_prefix_reward": "use algo.use_sft_prefix_reward (and algo.sft_prefix_reward_weight)",
     "algo.kl_ctrl": (
         "upstream's algorithm.kl_ctrl section is flat here: algo.kl_ctrl_type (type), algo.kl_ctrl_coef (kl_coef), "
         "algo.kl_ctrl_target_kl (target_kl), algo.kl_ctrl_horizon (horizon)"
@@ -382,16 +396,17 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 
 
 def parse_overrides_from_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """`--config PATH` (once) and repeated `--set a.b=v` (argv without the program name)."""
+    """`--config PATH` (once), repeated `--set a.b=v` and `--resume CHECKPOINT` (= `--set trainer.resume_from=...`)
+    (argv without the program name)."""
     recipe: str | None = None
     overrides: list[str] = []
-    usage = "usage: [--config RECIPE.yaml] [--set section.key=value ...]"
+    usage = "usage: [--config RECIPE.yaml] [--set section.key=value ...] [--resume CHECKPOINT_DIR]"
     args = list(argv)
     i = 0
     while i < len(args):
         arg = args[i]
         flag, eq, inline = arg.partition("=")
-        if flag in ("--config", "--set"):
+        if flag in ("--config", "--set", "--resume"):
             if eq:
                 value = inline
             elif i + 1 < len(args):
@@ -403,6 +418,8 @@ def parse_overrides_from_argv(argv: Sequence[str]) -> tuple[str | None, list[str
                 if recipe is not None:
                     raise ConfigError(f"--config given twice ({recipe!r} and {value!r}); {usage}")
                 recipe = value
+            elif flag == "--resume":
+                overrides.append(f"trainer.resume_from={value}")
             else:
                 overrides.append(value)
         elif "=" in arg and not arg.startswith("-"):
@@ -694,6 +711,9 @@ def validate(cfg: Config) -> None:
         errors.append(
             f"algo.use_ppo_kl_loss=true with algo.ppo_kl_loss_coef={a.ppo_kl_loss_coef}; set a coefficient > 0"
         )
+    if a.use_sft_prefix_reward and r.n_off_policy != -1:
+        errors.append(f"algo.use_sft_prefix_reward=true needs rollout.n_off_policy=-1 (every row a demonstration "
+                      f"prefix, as upstream asserts n_prefix == -1); got {r.n_off_policy}")
     if not 0.0 < a.clip_ratio < 1.0:
         errors.append(f"algo.clip_ratio={a.clip_ratio} must be in (0, 1)")
     if a.sft_loss_coef < 0:
@@ -708,6 +728,9 @@ def validate(cfg: Config) -> None:
     # data
     at_least(1, "data.max_prompt_length", "data.max_response_length", "data.train_batch_size",
              "data.val_batch_size")
+
+    if not 0.0 <= d.sample_target_ratio <= 1.0:
+        errors.append(f"data.sample_target_ratio={d.sample_target_ratio} must be in [0, 1]")
 
     # reward
     if cfg.reward.timeout_s <= 0:
@@ -727,6 +750,12 @@ def validate(cfg: Config) -> None:
         errors.append(
             f"actor.ppo_max_token_len_per_gpu={act.ppo_max_token_len_per_gpu} is smaller than one sequence "
             f"(data.max_prompt_length + data.max_response_length = {max_seq_len}); raise it"
+        )
+    if act.ppo_micro_batch_size is not None and act.ppo_micro_batch_size >= 1 and act.ppo_mini_batch_size % act.ppo_micro_batch_size:
+        errors.append(
+            f"actor.ppo_mini_batch_size={act.ppo_mini_batch_size} is not a multiple of "
+            f"actor.ppo_micro_batch_size={act.ppo_micro_batch_size} (both in prompts, as upstream, which asserts it); "
+            "the micro-batch losses are divided by their ratio"
         )
     if act.lr <= 0:
         errors.append(f"actor.lr={act.lr} must be > 0")
@@ -772,7 +801,6 @@ def _kl_problems(a: AlgoConfig) -> list[str]:
         if a.kl_ctrl_target_kl <= 0:
             errors.append(f"algo.kl_ctrl_target_kl={a.kl_ctrl_target_kl} must be > 0 (beta follows the KL towards it)")
     return errors
-
 
 
 # --------------------------------------------------------------------------------------------------------------
