@@ -39,12 +39,12 @@ test-fast: setup
 demo: setup
 	RAY_AUTH_MODE=disabled $(PY) tools/demo.py
 
-# LUFFY vs on-policy GRPO vs unshaped LUFFY vs SFT on a weak model, 3 seeds (~30 min on 2 cores): the table and
+# LUFFY vs on-policy GRPO vs unshaped LUFFY vs SFT on a weak model, 3 seeds x 70 steps (~30-35 min on 2 cores): the table and
 # plots land in docs/experiment/. Runs live in outputs/experiment/; an interrupted run resumes, a finished one is kept.
 experiment: setup
 	RAY_AUTH_MODE=disabled $(PY) tools/experiment.py
 
-# The same comparison with 1 seed and 10 steps (~5 min): docs/experiment/quick/.
+# The same comparison with 1 seed and 10 steps (~4-5 min): docs/experiment/quick/.
 experiment-quick: setup
 	RAY_AUTH_MODE=disabled $(PY) tools/experiment.py --quick
 

@@ -65,7 +65,7 @@ EVAL_TEMPERATURE = 0.6  # luffy-eval's default (LUFFY's final protocol)
 
 # full and quick presets; every field can be overridden on the command line
 PRESETS = {
-    "full": dict(seeds=[0, 1, 2], steps=60, eval_every=10, format_steps=120, num_train=800, num_eval=64,
+    "full": dict(seeds=[0, 1, 2], steps=70, eval_every=10, format_steps=120, num_train=800, num_eval=64,
                  work="outputs/experiment/full", out="docs/experiment"),
     "quick": dict(seeds=[0], steps=10, eval_every=5, format_steps=120, num_train=800, num_eval=32,
                   work="outputs/experiment/quick", out="docs/experiment/quick"),
