@@ -59,6 +59,8 @@ def train(cfg: Config, workers=None) -> Path:
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, train_set, val_set = load_data(cfg)
+    if cfg.trainer.val_only and val_set is None:
+        raise ConfigError("trainer.val_only=true but data.val_files is empty: give the validation parquet files")
     # the real step count, as upstream injects it into the optimizer config: the actor's LR warmup counts from it
     total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * (len(train_set) // cfg.data.train_batch_size)
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, total_training_steps=total_steps))
@@ -82,11 +84,13 @@ def train(cfg: Config, workers=None) -> Path:
         saved_step, preempted = step, None
         trained = (step, sampler.position)  # the newest state of the actor: after step trained[0], data position trained[1]
 
+        def trained_at(step_done: int, position: int) -> None:
+            nonlocal trained
+            trained = (step_done, position)
+
         with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn,
                         strip_special_tokens=cfg.reward.strip_special_tokens) as rewards:
-            if cfg.trainer.val_only or (cfg.trainer.val_before_train and step == 0 and val_set is not None):
-                if val_set is None:
-                    raise ConfigError("trainer.val_only=true but data.val_files is empty: give the validation parquet files")
+            if val_set is not None and (cfg.trainer.val_only or (cfg.trainer.val_before_train and step == 0)):
                 metrics_log.log(step, validate(cfg, engines, rewards, tokenizer, val_set))
                 if cfg.trainer.val_only:  # upstream: validate the loaded weights and stop
                     total_steps = step
@@ -95,39 +99,11 @@ def train(cfg: Config, workers=None) -> Path:
                     preempted = stop_with_checkpoint(stop, ranks, cfg, out, step, sampler.position, saved=saved_step == step, kl_ctrl=kl_ctrl)
                     break
                 step += 1
-                t0 = time.time()
                 timer = StepTimer()  # timing_s/<phase> (monitoring.py)
                 prompts = [train_set[i] for i in sampler.next_batch()]
+                box = StepBox(cfg, workers, ranks, engines, rewards, tokenizer, kl_ctrl, timer)
                 try:
-                    with timer("gen"):
-                        batch, token_rewards, rollout, rollout_metrics = generate_and_mix(cfg, engines, tokenizer, prompts, step, step_rng(cfg, step))
-                    with timer("reward"):
-                        scores = grade(rewards, tokenizer, batch, prompts, cfg.rollout.n, token_rewards)
-                    token_scores = token_rewards.clone()  # critic/score/*: the verifier's scores, before any KL penalty
-                    switches = workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
-                    with timer("old_log_prob"):
-                        old_log_probs, _ = ranks.call("compute_log_probs", batch)
-                    ref_log_probs = None
-                    if uses_reference(cfg.algo.__dict__):  # the frozen initial model (algo.use_kl_loss, algo.kl_ctrl_coef)
-                        with timer("ref"):
-                            ref_log_probs = ranks.call("compute_ref_log_probs", batch)
-                    integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)
-                    token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(cfg, kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, tokenizer.eos_token_id)
-                    with timer("update_actor"):
-                        actor_metrics = ranks.call("update", batch, advantages=advantages, old_log_probs=old_log_probs,
-                                                   ref_log_probs=ref_log_probs if cfg.algo.use_kl_loss else None)
-                    trained = (step, sampler.position)
-                    if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
-                        kl_ctrl.update(kl_now, n_steps=batch.num_rows)
-                    switches.update(workers.rollout_phase())  # optimizer state to host (offload); engines wake for the sync
-                    with timer("sync"):
-                        sync_seconds = engines.sync(version=step)
-                    metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **kl_metrics, **actor_metrics, **switches, "perf/sync_s": sync_seconds,
-                               "perf/step_s": time.time() - t0, "perf/tokens_per_s": sum(batch.sequence_lengths()) / (time.time() - t0)}
-                    metrics.update(data_metrics(token_scores_BT=token_scores, token_rewards_BT=token_rewards, advantages_BT=advantages,
-                                                response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask,
-                                                prompt_lengths=[len(p) for p in batch.prompts], max_prompt_length=cfg.data.max_prompt_length,
-                                                max_response_length=cfg.data.max_response_length))
+                    batch, metrics = train_step(box, prompts, step, on_trained=lambda: trained_at(step, sampler.position))
                     if val_set is not None and cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total_steps):
                         with timer("testing"):
                             metrics.update(validate(cfg, engines, rewards, tokenizer, val_set))
@@ -151,6 +127,61 @@ def train(cfg: Config, workers=None) -> Path:
     if preempted is not None:
         raise preempted
     return out
+
+
+# ----------------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepBox:
+    """What one training step talks to."""
+
+    cfg: Config
+    workers: object  # cluster.Workers
+    ranks: GuardedRanks
+    engines: EngineSupervisor
+    rewards: object  # reward.pool.RewardPool
+    tokenizer: object
+    kl_ctrl: object  # algo.kl controller (beta of the KL reward penalty)
+    timer: StepTimer
+
+
+def train_step(box: StepBox, prompts: list, step: int, *, on_trained) -> tuple[RolloutBatch, dict]:
+    """One LUFFY step, the boxes of DESIGN.md in order: generate and mix -> reward -> old (and reference)
+    log-probs -> rollout checks -> KL penalty and advantages -> update -> weight sync. `on_trained()` is called
+    as soon as the update has changed the actor (what a failure afterwards must checkpoint). Returns the batch
+    and the step's metrics."""
+    cfg, ranks, engines, timer = box.cfg, box.ranks, box.engines, box.timer
+    t0 = time.time()
+    with timer("gen"):
+        batch, token_scores, rollout, rollout_metrics = generate_and_mix(cfg, engines, box.tokenizer, prompts, step, step_rng(cfg, step))
+    with timer("reward"):
+        scores = grade(box.rewards, box.tokenizer, batch, prompts, cfg.rollout.n, token_scores)  # critic/score/*: before any KL penalty
+    switches = box.workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
+    with timer("old_log_prob"):
+        old_log_probs, _ = ranks.call("compute_log_probs", batch)
+    ref_log_probs = None
+    if uses_reference(cfg.algo.__dict__):  # the frozen initial model (algo.use_kl_loss, algo.kl_ctrl_coef)
+        with timer("ref"):
+            ref_log_probs = ranks.call("compute_ref_log_probs", batch)
+    integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)
+    token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(cfg, box.kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, box.tokenizer.eos_token_id)
+    with timer("update_actor"):
+        actor_metrics = ranks.call("update", batch, advantages=advantages, old_log_probs=old_log_probs,
+                                   ref_log_probs=ref_log_probs if cfg.algo.use_kl_loss else None)
+    on_trained()
+    if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
+        box.kl_ctrl.update(kl_now, n_steps=batch.num_rows)
+    switches.update(box.workers.rollout_phase())  # optimizer state to host (offload); engines wake for the sync
+    with timer("sync"):
+        sync_seconds = engines.sync(version=step)
+    metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **kl_metrics, **actor_metrics, **switches, "perf/sync_s": sync_seconds,
+               "perf/step_s": time.time() - t0, "perf/tokens_per_s": sum(batch.sequence_lengths()) / (time.time() - t0)}
+    metrics.update(data_metrics(token_scores_BT=token_scores, token_rewards_BT=token_rewards, advantages_BT=advantages,
+                                response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask,
+                                prompt_lengths=[len(p) for p in batch.prompts], max_prompt_length=cfg.data.max_prompt_length,
+                                max_response_length=cfg.data.max_response_length))
+    return batch, metrics
 
 
 # ----------------------------------------------------------------------------------------- the boxes
