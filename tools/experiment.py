@@ -17,7 +17,7 @@ Stages (each idempotent; a finished stage or run is not redone, an interrupted r
    operands, an out-of-distribution split with 4 operands (longer chains than any training problem), all without
    a system prompt (luffy-eval's protocol removes it); and *format-only* demonstrations: the same text with every
    computed number replaced by a random one;
-2. the weak model (`<work>/weak_model`): a randomly initialised Llama (~0.9M parameters, a 512-token BPE
+2. the weak model (`<work>/weak_model`): a randomly initialised Llama (~1.1M parameters, a byte-level BPE
    tokenizer trained on the task's text)
    fine-tuned by `trainer.train` in algo.mode=sft on the format-only demonstrations, so it writes the format but
    its answers are right only by chance; exported as an HF model;
@@ -148,10 +148,11 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer of `vocab_size` tokens trained on the task's text (digits always single
-    tokens; <|im_start|>/<|im_end|> special, <|im_end|> the EOS, as SmolLM2's), with no chat template of its
-    own, so the trainer and luffy-eval use the default ChatML + <think> template. With a 512-token vocabulary
-    the LM head costs about what the transformer does, instead of 100x more with a 49k one."""
+    """A byte-level BPE tokenizer of at most `vocab_size` tokens trained on the task's text (350 on this corpus;
+    digits always single tokens; <|im_start|>/<|im_end|> special, <|im_end|> the EOS, as SmolLM2's), with no
+    chat template of its own, so the trainer and luffy-eval use the default ChatML + <think> template. With a
+    few hundred tokens the LM head costs about what the transformer does, instead of ~100x more with a 49k
+    vocabulary (a step took ~20 s with SmolLM2's tokenizer, ~1.5 s with this one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -167,7 +168,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512):
 
 
 def build_random_model(out_dir: Path, corpus: list[str], seed: int = 0) -> Path:
-    """A randomly initialised 4-layer Llama (hidden 128, 4 heads of 32, ~0.9M parameters) with the task
+    """A randomly initialised 4-layer Llama (hidden 128, 4 heads of 32, ~1.1M parameters) with the task
     tokenizer of `build_tokenizer`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -294,7 +295,7 @@ def build_weak_model(work: Path, paths: dict[str, Path], *, format_steps: int) -
                       f"trainer.total_training_steps={format_steps}", f"trainer.save_freq={format_steps}",
                       "trainer.seed=0", "data.seed=0"])
     t0 = time.time()
-    say(f"weak model: {format_steps} SFT steps of a random ~0.9M-parameter Llama on format-only demonstrations")
+    say(f"weak model: {format_steps} SFT steps of a random ~1.1M-parameter Llama on format-only demonstrations")
     workers = start(cfg, out / "logs" / "workers")
     try:
         train(cfg, workers=workers)
