@@ -84,27 +84,18 @@ def say(msg: str) -> None:
 def _addition_solution(problem, result_of) -> str:
     """synthetic.worked_solution's text for an all-'+' problem, with each step's result given by
     `result_of(upper bound)` (the true sums when `result_of` is None)."""
-    from luffy_megatron.data.synthetic import _expression
+    from luffy_megatron.data.synthetic import worked_solution
 
     if any(op != "+" for op in problem.ops):
         raise ValueError(f"format-only demonstrations are made for additions only, got {problem.text()}")
-    values, ops = list(problem.operands), list(problem.ops)
-    lines = [f"We need to evaluate {_expression(values, ops)}."]
-    step, bound = 0, values[0]
-    while ops:
-        step += 1
-        bound += values[1]
-        result = values[0] + values[1] if result_of is None else result_of(bound if bound > 0 else 9)
-        line = f"Step {step}: {values[0]} + {values[1]} = {result}."
-        values[0:2], ops[0:1] = [result], []
-        if ops:
-            line += f" The expression becomes {_expression(values, ops)}."
-        lines.append(line)
-    answer = values[0]
-    lines.append(f"So the value of the expression is {answer}.")
-    return ("<think>\n" + "\n".join(lines) + "\n</think>\n"
-            f"The value of ${problem.text(latex=True)}$ is ${answer}$.\n"
-            f"The final answer is $\\boxed{{{answer}}}$.")
+    if result_of is None:
+        return worked_solution(problem)
+
+    def noise(_true: int, step: int) -> int:
+        bound = sum(problem.operands[: step + 1])  # the largest the running sum can be after `step` additions
+        return result_of(bound if bound > 0 else 9)
+
+    return worked_solution(problem, step_result=noise)
 
 
 def build_data(data_dir: Path, *, num_train: int, num_eval: int, seed: int = 0) -> dict[str, Path]:
@@ -266,24 +257,9 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def export_weights(actor, out_dir: str, record: dict) -> str:
-    """Runs on the (single) Megatron rank: its current weights as an HF model directory (the actor's HF-named
-    export, convert/hf_io.py's writer, config and tokenizer from the model it was built from), written to a
-    temporary directory renamed into place."""
-    from luffy_megatron.convert.hf_io import copy_side_files, write_hf_safetensors
-    from luffy_megatron.utils.fs import atomic_dir
-
-    out = Path(out_dir)
-    with atomic_dir(out, overwrite=True) as tmp:
-        write_hf_safetensors(tmp, ((name, t.detach().to("cpu")) for name, t in actor.export_hf_weights()))
-        copy_side_files(actor.hf_dir, tmp)
-        (tmp / "format_sft.json").write_text(json.dumps(record) + "\n")
-    return str(out)
-
-
 def build_weak_model(work: Path, paths: dict[str, Path], *, format_steps: int) -> Path:
     """Stage 2: the random model fine-tuned on format-only demonstrations with algo.mode=sft, exported to HF."""
-    from luffy_megatron.trainer import train
+    from luffy_megatron.trainer import export_hf, train
 
     weak = work / "weak_model"
     if (weak / "config.json").exists():
@@ -299,7 +275,7 @@ def build_weak_model(work: Path, paths: dict[str, Path], *, format_steps: int) -
     workers = start(cfg, out / "logs" / "workers")
     try:
         train(cfg, workers=workers)
-        workers.actors.run(export_weights, str(weak), {"format_sft_steps": format_steps, "wall_s": round(time.time() - t0, 1)})
+        workers.actors.run(export_hf, str(weak), {"format_sft_steps": format_steps, "wall_s": round(time.time() - t0, 1)})
     finally:
         workers.shutdown()
     say(f"weak model ready in {weak} ({time.time() - t0:.0f}s)")
@@ -309,7 +285,7 @@ def build_weak_model(work: Path, paths: dict[str, Path], *, format_steps: int) -
 def run_arm(arm: str, seed: int, *, work: Path, weak: Path, paths: dict[str, Path], steps: int, eval_every: int,
             held_out: HeldOut, pool) -> dict:
     """One (arm, seed) run; resumes from its checkpoint and skips evaluations already recorded."""
-    from luffy_megatron.trainer import train
+    from luffy_megatron.trainer import export_hf, train
 
     out = work / "runs" / arm / f"seed_{seed}"
     done = out / "done.json"

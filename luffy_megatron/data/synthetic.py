@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from luffy_megatron.data.prompts import LUFFY_SYSTEM_PROMPT, make_prompt
 
@@ -100,8 +100,11 @@ def _multiplication_step(a: int, b: int) -> str:
     return f"{a} * {b} = {split} = {partial} = {product}"
 
 
-def worked_solution(problem: ArithmeticProblem) -> str:
-    """The demonstration: ``"<think>\\n"`` + one line per operation + ``"</think>\\n"`` + the boxed answer."""
+def worked_solution(problem: ArithmeticProblem, step_result: Callable[[int, int], int] | None = None) -> str:
+    """The demonstration: ``"<think>\\n"`` + one line per operation + ``"</think>\\n"`` + the boxed answer.
+
+    `step_result(true_result, step)`, if given, writes another number as the result of each addition or
+    subtraction step (format-only demonstrations: the same text, numbers that need not be right)."""
     values, ops = list(problem.operands), list(problem.ops)
     lines = [f"We need to evaluate {_expression(values, ops)}."]
     if "*" in ops and any(op != "*" for op in ops):
@@ -119,13 +122,15 @@ def worked_solution(problem: ArithmeticProblem) -> str:
     while ops:  # additions and subtractions, left to right
         step += 1
         result = _apply(values[0], ops[0], values[1])
+        if step_result is not None:
+            result = step_result(result, step)
         line = f"Step {step}: {values[0]} {ops[0]} {values[1]} = {result}."
         values[0:2], ops[0:1] = [result], []
         if ops:
             line += f" The expression becomes {_expression(values, ops)}."
         lines.append(line)
     answer = values[0]
-    assert answer == problem.answer, (problem, answer)
+    assert step_result is not None or answer == problem.answer, (problem, answer)
     lines.append(f"So the value of the expression is {answer}.")
     return (
         "<think>\n" + "\n".join(lines) + "\n</think>\n"
