@@ -19,12 +19,15 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import sys
 import time
 from typing import Any, Optional
 
 import ray
 
 EVENT_LOG_LENGTH = 256
+# bound on the ranks' exit barrier at shutdown: they are closed together, after their last call has returned
+CLOSE_TIMEOUT_S = 15.0
 
 
 def free_port(host: str = "") -> int:
@@ -159,6 +162,28 @@ class _RankWorker:
     def get_events(self) -> list[tuple[str, float, float]]:
         return list(self.events)
 
+    # ---------------------------------------------------------------- teardown
+
+    def close(self, timeout_s: float) -> dict[str, Any]:
+        """End this rank's torch.distributed in order (`models.parallel.shutdown_distributed`: barrier with the
+        other ranks, megatron's groups and the world destroyed, gloo's worker threads joined or idle) before
+        the process is killed. Every rank is called at once (`ActorGroup.shutdown`). Returns whether it
+        completed and this process's gloo worker threads before and after."""
+        t0 = time.time()
+        # the model, optimizer and buffers hold groups too: drop them so the groups can be freed (threads joined)
+        self.actor = None
+        self.offloaded = None
+        if "torch.distributed" not in sys.modules:  # never built: no groups (and no torch import just for this)
+            return {"ok": True, "gloo_workers_before": 0, "gloo_workers_after": 0}
+        from luffy_megatron.models.parallel import gloo_worker_states, shutdown_distributed
+
+        before = len(gloo_worker_states())
+        try:
+            ok = shutdown_distributed(timeout_s)
+        finally:
+            self._event("close", t0)
+        return {"ok": ok, "gloo_workers_before": before, "gloo_workers_after": len(gloo_worker_states())}
+
 
 class ActorGroup:
     """The Megatron ranks of a `cluster.placement.Placement`, one Ray actor each, in their GPU bundles."""
@@ -174,7 +199,7 @@ class ActorGroup:
             self.master_addr, self.master_port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=timeout)
             ray.get([w.set_rendezvous.remote(self.master_addr, self.master_port) for w in self.workers], timeout=timeout)
         except BaseException as err:
-            self.shutdown()
+            self.shutdown(close=False)  # nothing built yet: no process groups, and the actors may not even run
             if isinstance(err, ray.exceptions.GetTimeoutError):
                 raise TimeoutError(f"the {world} Megatron rank actors did not start within {timeout:g}s "
                                    "(cluster.placement_timeout_s) although their GPUs were granted") from None
@@ -204,7 +229,21 @@ class ActorGroup:
     def events(self) -> list[list[tuple[str, float, float]]]:
         return ray.get([w.get_events.remote() for w in self.workers])
 
-    def shutdown(self) -> None:
+    def shutdown(self, close: bool = True, close_timeout_s: float = CLOSE_TIMEOUT_S) -> list:
+        """Close every rank's process groups together (bounded: a rank that does not answer within
+        `close_timeout_s` + 15 s is killed as it is), then kill the actors. Returns each rank's `close` result
+        (or the error a dead or stuck rank gave); [] when there were no ranks or `close` is False."""
+        results: list = []
+        if close and self.workers:
+            refs = [w.close.remote(close_timeout_s) for w in self.workers]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=close_timeout_s + 15)
+            for ref in refs:
+                try:
+                    results.append(ray.get(ref, timeout=0) if ref in ready else TimeoutError(
+                        f"no answer within {close_timeout_s + 15:g}s"))
+                except Exception as err:  # a rank that died before: nothing to close there
+                    results.append(err)
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+        return results

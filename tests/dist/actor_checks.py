@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel import p2p_communication
 
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.config import load_config
+from luffy_megatron.models.parallel import shutdown_distributed
 from tests.dist.actor_fixtures import actor_overrides, make_batch, reference_advantages
 from tests.dist.launcher import report
 
@@ -105,4 +106,4 @@ if dist.get_rank() == 0:
     saved["kl"] = kl_checks
 
     torch.save(saved, out)
-dist.destroy_process_group()
+shutdown_distributed()  # barrier, then megatron's groups and the world, workers joined or idle

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from luffy_megatron.actor import checkpoint as ckpt
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.config import load_config
+from luffy_megatron.models.parallel import shutdown_distributed
 from tests.dist.actor_fixtures import actor_overrides, make_batch, reference_advantages
 from tests.dist.launcher import report
 
@@ -72,4 +73,4 @@ weights = {k: v.clone() for k, v in actor.export_hf_weights()}
 if dist.get_rank() == 0:
     torch.save(weights, out)
     report({"losses": losses, "lr": actor.optimizer.param_groups[0]["lr"], "step": actor.step})
-dist.destroy_process_group()
+shutdown_distributed()  # barrier, then megatron's groups and the world, workers joined or idle

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.config import load_config
+from luffy_megatron.models.parallel import shutdown_distributed
 from tests.dist.actor_fixtures import actor_overrides, make_batch, reference_advantages
 from tests.dist.launcher import report
 
@@ -77,4 +78,4 @@ for name, extra in {"warmup3": ["actor.lr_warmup_steps_ratio=0.3"], "zero_first"
     result[name] = {"lrs": lrs, "steps": steps}
 
 report(result)
-dist.destroy_process_group()
+shutdown_distributed()  # barrier, then megatron's groups and the world, workers joined or idle

@@ -36,7 +36,7 @@ def main() -> int:
     from luffy_megatron.convert.hf_io import HFWeightReader
     from luffy_megatron.convert.weights import load_hf_weights
     from luffy_megatron.models.hf_to_mcore import build_model_chunks, read_hf_arch
-    from luffy_megatron.models.parallel import init_model_parallel
+    from luffy_megatron.models.parallel import init_model_parallel, shutdown_distributed
     from megatron.core import parallel_state as ps
 
     models = sorted(p.name for p in (workdir / "hf").iterdir())
@@ -166,8 +166,7 @@ def main() -> int:
             world=dist.get_world_size(),
         )
         print(json.dumps(merged))
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

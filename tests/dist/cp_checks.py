@@ -16,7 +16,7 @@ from luffy_megatron.actor.batching import build_micro_batch, build_packed_micro_
 from luffy_megatron.actor.context_parallel import shard_micro_batch
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.algo.loss import microbatch_policy_loss
-from luffy_megatron.models.parallel import init_model_parallel
+from luffy_megatron.models.parallel import init_model_parallel, shutdown_distributed
 from tests.dist.actor_fixtures import make_batch, reference_advantages
 from tests.dist.launcher import report
 
@@ -77,4 +77,4 @@ for layout, mb in (("bshd", build_micro_batch(batch, rows, pad_token_id=0, pad_m
     }
 if dist.get_rank() == 0:
     report(out)
-dist.destroy_process_group()
+shutdown_distributed()  # barrier, then megatron's groups and the world, workers joined or idle

@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from luffy_megatron.algo.logprob import naive_logprob_entropy, vocab_parallel_logprob_entropy
+from luffy_megatron.models.parallel import shutdown_distributed
 from tests.dist.launcher import report
 
 dist.init_process_group("gloo")
@@ -33,4 +34,4 @@ for temperature in (1.0, 0.6):
     }
 if rank == 0:
     report({"world": world, "checks": checks})
-dist.destroy_process_group()
+shutdown_distributed()  # barrier, then megatron's groups and the world, workers joined or idle

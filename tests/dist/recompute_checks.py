@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.config import load_config
+from luffy_megatron.models.parallel import shutdown_distributed
 from tests.dist.actor_fixtures import actor_overrides, make_batch, reference_advantages
 from tests.dist.launcher import report
 
@@ -45,4 +46,4 @@ for name, extra in (("none", []), ("full", ["model.recompute_granularity=full", 
         "grad_scale": max(base[k].abs().max().item() for k in base),
     }
 report(out)
-dist.destroy_process_group()
+shutdown_distributed()  # barrier, then megatron's groups and the world, workers joined or idle

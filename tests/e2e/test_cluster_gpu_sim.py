@@ -330,7 +330,11 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
             assert not back["offloaded"] and back["grad_buffer_bytes"] > 0
             assert back["optimizer_state_abs_sum"] == state["optimizer_state_abs_sum"] > 0
             assert back["optimizer_state_bytes"] == state["optimizer_state_bytes"]
-        print(f"colocated: workers started in {started:.1f}s, one step in {trained:.1f}s")
+        # before the actors are killed the ranks end torch.distributed together: barrier, groups freed, gloo idle
+        closed = workers.actors.shutdown()
+        assert [c["ok"] for c in closed] == [True] * 4, closed
+        assert all(c["gloo_workers_after"] < c["gloo_workers_before"] for c in closed), closed
+        print(f"colocated: workers started in {started:.1f}s, one step in {trained:.1f}s; closed: {closed}")
     finally:
         workers.shutdown()
 

@@ -62,7 +62,7 @@ def child(args) -> int:
     dist.init_process_group("gloo")
     from luffy_megatron.convert.export import ExportStats, export_flat_buckets, iter_hf_weight_buckets, plan_flat_buckets
     from luffy_megatron.models.hf_to_mcore import build_model_chunks, read_hf_arch
-    from luffy_megatron.models.parallel import init_model_parallel
+    from luffy_megatron.models.parallel import init_model_parallel, shutdown_distributed
 
     tp = dist.get_world_size()
     init_model_parallel(tp, 1)
@@ -132,8 +132,7 @@ def child(args) -> int:
             "export_vs_copy_ratio": round(best_copy / best_sync, 3),
             "iter_export_vs_copy_ratio": round(best_copy / best_iter, 3),
         }))
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 
