@@ -188,6 +188,11 @@ class _RankWorker:
 class ActorGroup:
     """The Megatron ranks of a `cluster.placement.Placement`, one Ray actor each, in their GPU bundles."""
 
+    # Why the ranks cannot end together (a rank died, or a call hung: the others may be stuck in a collective
+    # with it, their `close` queued behind it), set by `rollout.faults.GuardedRanks`; `shutdown` then kills
+    # them without the exit barrier.
+    broken: Optional[str] = None
+
     def __init__(self, placement, *, start_timeout_s: Optional[float] = None):
         world = placement.layout.world_size
         self.placement = placement
@@ -232,9 +237,10 @@ class ActorGroup:
     def shutdown(self, close: bool = True, close_timeout_s: float = CLOSE_TIMEOUT_S) -> list:
         """Close every rank's process groups together (bounded: a rank that does not answer within
         `close_timeout_s` + 15 s is killed as it is), then kill the actors. Returns each rank's `close` result
-        (or the error a dead or stuck rank gave); [] when there were no ranks or `close` is False."""
+        (or the error a dead or stuck rank gave); [] when there were no ranks, `close` is False or the group is
+        `broken` (a rank died or hung: the others are killed as they are)."""
         results: list = []
-        if close and self.workers:
+        if close and self.workers and self.broken is None:
             refs = [w.close.remote(close_timeout_s) for w in self.workers]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=close_timeout_s + 15)
             for ref in refs:

@@ -153,6 +153,7 @@ class GuardedRanks:
             left = deadline - time.monotonic()
             if left <= 0:
                 late = sorted(index[ref] for ref in pending)
+                self.actors.broken = f"{what} timed out on rank(s) {late}"
                 raise RankCallTimeout(f"{what} did not finish on Megatron rank(s) {late} within {timeout_s:g}s "
                                       f"({self.describe(late[0])})", what=what, refs=pending)
             ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, POLL_S))
@@ -161,6 +162,7 @@ class GuardedRanks:
                 try:
                     results[rank] = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                    self.actors.broken = f"rank {rank} died during {what}"
                     raise RankFailure(f"{self.describe(rank)} died during {what}: {_first_lines(str(err), 3)}",
                                       rank=rank, what=what) from None
         return results[0]

@@ -268,10 +268,19 @@ def test_a_dead_rank_is_named_at_once(ray_up):
         assert time.monotonic() - t0 < 20
     assert died.value.rank == 1 and str(died.value).startswith("Megatron rank 1 of 2 (node 10.1.1.1")
     assert "died during update" in str(died.value)
+    # the group is marked broken: its shutdown kills the survivors without the exit barrier (rank 0 is still
+    # inside `call`, so a `close` would wait behind it until the close timeout)
+    assert ranks.actors.broken == "rank 1 died during update"
     with time_limit(30), pytest.raises(RankFailure, match="did not finish on Megatron rank"):
-        GuardedRanks(Group()).wait("update", [Group.workers[0].call.remote("update")], timeout_s=1.0)
-    for w in Group.workers:
-        ray_up.kill(w)
+        hung = GuardedRanks(Group())
+        hung.wait("update", [Group.workers[0].call.remote("update")], timeout_s=1.0)
+    assert hung.actors.broken == "update timed out on rank(s) [0]"
+    from luffy_megatron.cluster.actor_group import ActorGroup
+
+    group = ActorGroup.__new__(ActorGroup)  # the real shutdown over the stand-in ranks (no `close` method)
+    group.workers, group.broken = list(Group.workers), ranks.actors.broken
+    with time_limit(30):
+        assert group.shutdown() == [] and group.workers == []
 
 
 # ----------------------------------------------------------------------------------- real engines and rank
