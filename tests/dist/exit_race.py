@@ -10,7 +10,7 @@ race: a subgroup held in a module global (as megatron-core holds its groups) and
     exit hook that `ensure_process_group` registers stands between the two.
 megatron: megatron-core's groups (TP=2), then `shutdown_distributed`; reports the gloo worker threads before
     and after and which parallel_state globals still hold a group.
-late_peer: rank 1 reaches the shutdown 3 s after rank 0, whose barrier is bounded to 1 s: rank 0 must give up
+late_peer: rank 1 reaches the shutdown 8 s after rank 0, whose barrier is bounded to 1 s: rank 0 must give up
     within its bound and say so, not wait.
 """
 
@@ -50,7 +50,7 @@ elif mode == "late_peer":
     ensure_process_group()
     rank = dist.get_rank()
     if rank == 1:
-        time.sleep(3.0)
+        time.sleep(8.0)
     t0 = time.monotonic()
     ok = shutdown_distributed(timeout_s=1.0)
     if rank == 0:
