@@ -31,7 +31,7 @@ $(STAMP): $(SETUP_INPUTS)
 	@echo "[setup] done: $(VENV)"
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit

@@ -25,7 +25,7 @@ COLUMNS = ["arm", "seeds", "final ID accuracy %", "final OOD accuracy %", "on-po
 
 
 def _run(work, out, timeout):
-    cmd = [sys.executable, str(REPO / "tools" / "experiment.py"), "--quick", "--steps", str(STEPS), "--eval-every", "1",
+    cmd = [sys.executable, str(REPO / "tools" / "experiment.py"), "--quick", "--steps", str(STEPS), "--eval-every", str(STEPS),
            "--format-steps", "2", "--num-train", "40", "--num-eval", "4", "--arms", ",".join(ARMS),
            "--work", str(work), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env_for_runs(), capture_output=True, text=True, timeout=timeout)
@@ -65,7 +65,7 @@ def test_quick_experiment_writes_table_and_plots_and_resumes(tmp_path):
     for arm in ARMS:
         run = results["arms"][arm]["0"]
         assert run["steps"] == [1, 2]
-        assert [e["step"] for e in run["evals"]] == [0, 1, 2]
+        assert [e["step"] for e in run["evals"]] == [0, STEPS]
         assert all(0.0 <= e["id_accuracy"] <= 100.0 and 0.0 <= e["ood_accuracy"] <= 100.0 for e in run["evals"])
     # the arms really differ in the trainer: SFT's loss is the NLL of the demonstrations and it generates
     # nothing; LUFFY's batch holds generations and the shaped off-policy term
@@ -86,6 +86,6 @@ def test_quick_experiment_writes_table_and_plots_and_resumes(tmp_path):
     assert "sft seed 0: done already" in log
     assert (work / "runs" / "sft" / "seed_0" / "done.json").stat().st_mtime_ns == sft_done
     assert [json.loads(line)["step"] for line in (luffy / "metrics.jsonl").read_text().splitlines()] == [1, 2]  # not retrained
-    assert [json.loads(line)["step"] for line in (luffy / "evals.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert [json.loads(line)["step"] for line in (luffy / "evals.jsonl").read_text().splitlines()] == [0, STEPS]
     assert (luffy / "done.json").exists()
     assert _table((out / "results.md").read_text())[0] == COLUMNS

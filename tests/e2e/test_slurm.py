@@ -3,7 +3,8 @@
 with NNODES=2 and recipes/slurm_cpu_test.yaml (tiny model, CPU compute, one Megatron rank per node):
 
 - a job completes its training steps with exit code 0, its ranks on both nodes (their host names, as the
-  trainer records them in placement.json), one log under the output directory, and no process left behind;
+  trainer records them in placement.json), one log under the output directory, and no process left behind
+  (the same job as the preemption check below: it is preempted once on the way);
 - a broken recipe, or one for another node count, fails the job before any Ray process starts, with the error
   in the job's log;
 - SIGUSR1 to the batch shell mid-run (as `--signal=B:USR1@<s>` sends it) makes luffy-train checkpoint and exit
@@ -98,29 +99,50 @@ def _assert_nothing_left(cluster):
     assert not left, f"the job's processes outlived it: {details}"
 
 
+STEPS = 3
+
+
 @pytest.fixture(scope="module")
-def finished_job(cluster, tiny):
-    out = cluster[1] / "ok"
-    proc = _sbatch(cluster, _job_env(cluster, tiny, out, steps=2), "--wait")
-    return out, proc
+def preempted_job(cluster, tiny):
+    """One job of STEPS steps, sent SIGUSR1 after its first step: it checkpoints, requeues itself and its second
+    run finishes. (One job serves both the normal-run and the preemption checks: each job costs a Ray cluster
+    on two nodes, a Megatron rank per node and an engine, about 100 s here.)"""
+    slurm = cluster[0]
+    out = cluster[1] / "preempted"
+    # save_freq above the run length: the checkpoints are the signal's and the last step's
+    proc = _sbatch(cluster, _job_env(cluster, tiny, out, steps=STEPS, save_freq=100), "--parsable")
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    log = out / "logs" / f"luffy-7b-{job_id}.log"
+    deadline = time.time() + JOB_TIMEOUT_S
+    while not (log.exists() and f"[step 1/{STEPS}]" in log.read_text()):
+        assert time.time() < deadline, "the job never logged its first step"
+        assert slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), (slurm.job(job_id), log.read_text()[-4000:])
+        time.sleep(0.5)
+    slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # what --signal=B:USR1@<s> sends near the time limit
+    # polled rather than `sbatch --wait` (which checks every 10 s or so): the requeue and the second run
+    deadline = time.time() + JOB_TIMEOUT_S
+    while (job := slurm.job(job_id))["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        assert time.time() < deadline, (job, log.read_text()[-4000:])
+        time.sleep(0.5)
+    return out, job_id, job, log.read_text()
 
 
-def test_the_job_trains_on_both_nodes_and_exits_0(cluster, finished_job):
-    out, proc = finished_job
-    text = _job_log(out) if (out / "logs").exists() else ""
-    assert proc.returncode == 0, proc.stdout + proc.stderr + text[-6000:]
-    job = cluster[0].job(_job_id(proc.stdout))
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
-    assert [int(m.group(1)) for m in STEP_LINE.finditer(text)] == [1, 2]
-    assert metrics_steps(out) == [1, 2] and checkpoint_steps(out)[-1] == 2
-    assert "ray: lnode2 joined (2/2 nodes)" in text and "luffy-train exited with 0" in text
+def test_the_job_trains_on_both_nodes_and_exits_0(cluster, preempted_job):
+    out, job_id, job, text = preempted_job
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", (job, text[-6000:])
+    assert sorted({int(m.group(1)) for m in STEP_LINE.finditer(text)}) == list(range(1, STEPS + 1))
+    assert metrics_steps(out) == list(range(1, STEPS + 1)) and checkpoint_steps(out)[-1] == STEPS
+    for run in text.split(f"=== job {job_id} run 2 on", 1):  # both runs: a Ray cluster over both nodes
+        assert "ray: lnode2 joined (2/2 nodes)" in run, run[-3000:]
+    assert text.rstrip().count("luffy-train exited with 0") == 1
     placement = json.loads((out / "placement.json").read_text())
     hosts = {r["rank"]: r["hostname"] for r in placement["ranks"]}
     assert sorted(hosts) == [0, 1], placement
     assert sorted(hosts.values()) == ["lnode1", "lnode2"], f"Megatron ranks not on both nodes: {hosts}"
 
 
-def test_the_job_leaves_no_process_behind(cluster, finished_job):
+def test_the_job_leaves_no_process_behind(cluster, preempted_job):
     _assert_nothing_left(cluster)
 
 
@@ -143,36 +165,17 @@ def test_a_recipe_for_another_node_count_fails_before_ray(cluster, tiny):
     assert "runs on 1 nodes" in text and "this job has 2" in text and "ray: head" not in text, text[-3000:]
 
 
-def test_preemption_checkpoints_requeues_and_resumes(cluster, tiny):
-    slurm = cluster[0]
-    out = cluster[1] / "preempted"
-    steps = 3
-    # save_freq above the run length: the checkpoints are the signal's and the last step's
-    proc = _sbatch(cluster, _job_env(cluster, tiny, out, steps=steps, save_freq=100), "--parsable")
-    assert proc.returncode == 0, proc.stderr
-    job_id = proc.stdout.strip().split(";")[0]
-    log = out / "logs" / f"luffy-7b-{job_id}.log"
-    deadline = time.time() + JOB_TIMEOUT_S
-    while not (log.exists() and f"[step 1/{steps}]" in log.read_text()):
-        assert time.time() < deadline, "the job never logged its first step"
-        assert slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), (slurm.job(job_id), log.read_text()[-4000:])
-        time.sleep(0.5)
-    slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # what --signal=B:USR1@<s> sends near the time limit
-    # polled rather than `sbatch --wait` (which checks every 10 s or so): the requeue and the second run
-    deadline = time.time() + JOB_TIMEOUT_S
-    while (job := slurm.job(job_id))["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-        assert time.time() < deadline, (job, log.read_text()[-4000:])
-        time.sleep(0.5)
-    text = log.read_text()
+def test_preemption_checkpoints_requeues_and_resumes(cluster, preempted_job):
+    out, job_id, job, text = preempted_job
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["ExitCode"] == "0:0", (job, text[-6000:])
-
     first, second = text.split(f"=== job {job_id} run 2", 1)
     assert "SIGUSR1 received: forwarded to luffy-train" in first
     assert "luffy-train exited with 75" in first and f"requeueing job {job_id}" in first
     stopped_at = [int(m.group(1)) for m in STEP_LINE.finditer(first)][-1]
-    assert 1 <= stopped_at < steps and f"stopped by SIGUSR1 after step {stopped_at}" in first
+    assert 1 <= stopped_at < STEPS and f"stopped by SIGUSR1 after step {stopped_at}" in first
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:06d}'} (step {stopped_at})" in second
-    assert [int(m.group(1)) for m in STEP_LINE.finditer(second)] == list(range(stopped_at + 1, steps + 1))
-    assert metrics_steps(out) == list(range(1, steps + 1))  # no step repeated, none lost
-    assert checkpoint_steps(out) == [stopped_at, steps]
+    assert [int(m.group(1)) for m in STEP_LINE.finditer(second)] == list(range(stopped_at + 1, STEPS + 1))
+    assert "luffy-train exited with 0" in second
+    assert metrics_steps(out) == list(range(1, STEPS + 1))  # no step repeated, none lost
+    assert checkpoint_steps(out) == [stopped_at, STEPS]
     _assert_nothing_left(cluster)
