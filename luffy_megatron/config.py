@@ -284,6 +284,9 @@ class TrainerConfig:
     resume_from: str | None = None  # a checkpoint dir (checkpoints/step_N) to resume from; `luffy-train --resume PATH`
     seed: int = 1
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # a call on the Megatron ranks (log-probs, update, checkpoint, optimizer offload/reload) that takes longer
+    # counts as a hang: the step fails naming the late rank(s)
+    rank_call_timeout_s: float = 4 * 3600.0
 
 
 @dataclass
@@ -665,6 +668,10 @@ def validate(cfg: Config) -> None:
     if r.request_timeout_s <= 0:
         errors.append(f"rollout.request_timeout_s={r.request_timeout_s} must be > 0 (seconds a generation or weight "
                       "sync may take before the engine counts as failed)")
+
+    if cfg.trainer.rank_call_timeout_s <= 0:
+        errors.append(f"trainer.rank_call_timeout_s={cfg.trainer.rank_call_timeout_s} must be > 0 (seconds one call "
+                      "on the Megatron ranks, e.g. an update, may take before it counts as a hang)")
 
     # cluster (the layout rules that need the Ray cluster, e.g. `auto`, are checked by cluster.placement.reserve)
     c = cfg.cluster

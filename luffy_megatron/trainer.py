@@ -270,7 +270,8 @@ def guard(cfg: Config, workers) -> tuple[GuardedRanks, EngineSupervisor]:
 
     from luffy_megatron.sync.weights import resolve_transport
 
-    ranks = GuardedRanks(workers.actors)
+    ranks = GuardedRanks(workers.actors, timeout_s=cfg.trainer.rank_call_timeout_s)
+    workers.ranks = ranks  # the optimizer offload/reload of a step go through the same bounded calls
     # rollout.weight_sync_transport (auto: by the layout, see sync.weights.resolve_transport)
     transport = resolve_transport(cfg.rollout.weight_sync_transport, workers.placement.mode)
     log.warning("weight sync: %s transport (rollout.weight_sync_transport=%s, %s layout)", transport,

@@ -32,6 +32,9 @@ class Workers:
     actors: Any  # cluster.actor_group.ActorGroup
     fleet: Any  # rollout.ray_engine.EngineFleet
     offload: bool = False  # actor.offload_during_rollout
+    # rollout.faults.GuardedRanks (set by trainer.guard): the offload/reload calls bounded by
+    # trainer.rank_call_timeout_s, a dead rank named; without it they are plain calls on the ActorGroup
+    ranks: Any = None
 
     @property
     def colocated(self) -> bool:
@@ -46,7 +49,7 @@ class Workers:
             timings["perf/engine_sleep_s"] = time.perf_counter() - t0
         if self.offload:
             t0 = time.perf_counter()
-            self.actors.reload_to_device()
+            self._on_ranks("reload_to_device")
             timings["perf/optimizer_reload_s"] = time.perf_counter() - t0
         return timings
 
@@ -55,13 +58,19 @@ class Workers:
         timings: dict[str, float] = {}
         if self.offload:
             t0 = time.perf_counter()
-            self.actors.offload_to_host()
+            self._on_ranks("offload_to_host")
             timings["perf/optimizer_offload_s"] = time.perf_counter() - t0
         if self.colocated:
             t0 = time.perf_counter()
             self.fleet.wake_up()
             timings["perf/engine_wake_s"] = time.perf_counter() - t0
         return timings
+
+    def _on_ranks(self, method: str) -> Any:
+        """Rank 0's result of `method` on every rank: bounded and named through `ranks` when set."""
+        if self.ranks is not None:
+            return self.ranks.wait(method, [getattr(w, method).remote() for w in self.actors.workers])
+        return getattr(self.actors, method)()
 
     def report(self) -> dict[str, Any]:
         """Where everything runs, as the actors themselves see it (node, IP, CUDA_VISIBLE_DEVICES, bundles)."""

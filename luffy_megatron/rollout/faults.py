@@ -28,7 +28,7 @@ log = logging.getLogger("luffy.trainer")
 LOG_TAIL_LINES = 20
 HEALTH_TIMEOUT_S = 15.0  # an engine that does not answer a health check this long after a failed sync is hung
 DRAIN_TIMEOUT_S = 120.0  # after a failed sync: how long the ranks get to finish their part before the checkpoint
-RANK_CALL_TIMEOUT_S = 4 * 3600.0  # one rank call (log-probs, update, checkpoint) longer than this is a hang
+RANK_CALL_TIMEOUT_S = 4 * 3600.0  # default of trainer.rank_call_timeout_s: one rank call longer than this is a hang
 POLL_S = 1.0
 
 
