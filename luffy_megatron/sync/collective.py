@@ -119,7 +119,7 @@ class CollectiveTransport(Transport):
 
     def _setup(self, ctx: SyncContext) -> None:
         """Once per fleet (collective over the senders): every sender's group with every engine worker."""
-        if self.group is not None:
+        if not self._needs_setup(ctx):
             return
         backend = "nccl" if ctx.device.type == "cuda" else "gloo"
         host = node_ip()
@@ -152,6 +152,16 @@ class CollectiveTransport(Transport):
         self.group_names = [g["name"] for g in groups]
         log.info("weight sync: %d collective group(s) of %d (%s)", len(groups), world, backend)
 
+    def _needs_setup(self, ctx: SyncContext) -> bool:
+        """All senders build their groups together (the set-up is collective over them): when any sender lacks
+        its group (the first sync, or a failed broadcast closed it), every sender closes its own and all build
+        anew, the engine workers rejoining them all."""
+        missing = ctx.all_gather(self.group is None)
+        if not any(missing):
+            return False
+        self.close()
+        return True
+
     def buffer_for(self, bucket: FlatBucket) -> torch.Tensor:
         slot = self.k % 2
         if self.inflight[slot] is not None:  # the broadcast of the bucket two back
@@ -175,11 +185,17 @@ class CollectiveTransport(Transport):
             for bucket, buf in filling:
                 self.inflight[self.k % 2] = self.group.broadcast(buf[: bucket.nbytes])
                 self.k += 1
-        finally:
             for slot in range(2):
                 if self.inflight[slot] is not None:
                     self.inflight[slot].wait()
                     self.inflight[slot] = None
+        except BaseException:
+            # A member died (gloo fails this sender's broadcast at once) or this sender failed: the other engine
+            # workers wait on this group's next broadcast until its timeout (rollout.request_timeout_s), their
+            # engines busy meanwhile. Closing the group fails their receive now; the next sync builds a new one.
+            self.inflight = [None, None]
+            self.close()
+            raise
         if receives is not None:
             ctx.engine_get(receives, "luffy_receive_collective")
 
