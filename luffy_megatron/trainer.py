@@ -74,6 +74,7 @@ def train(cfg: Config, workers=None) -> Path:
     try:
         if owned:
             workers = start_workers(cfg, pad_token_id(tokenizer), use_gpu=use_gpu, log_dir=out / "logs" / "workers")
+        take_over(cfg, workers, out, pad_token_id(tokenizer))  # reused workers: the actor of another run is rebuilt
         ranks, engines = guard(cfg, workers)
         workers.write_report(out / "placement.json")
         metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl", total_steps=total_steps, console=cfg.logging.console, config=cfg)
@@ -227,14 +228,14 @@ class ModelLoadError(ConfigError):
     """The Megatron ranks could not load (convert) the model of model.path / model.load_checkpoint."""
 
 
-def build_ranks(actors, cfg: Config, pad_id: int, log_dir: Path | None) -> None:
+def build_ranks(actors, cfg: Config, pad_id: int, log_dir: Path | None, *, fresh: bool = False) -> None:
     """Builds the Megatron model on every rank (HF -> Megatron conversion, or model.load_checkpoint). An error
     raised there reaches the user as one line naming the model and the error; the rank's traceback goes to
     `log_dir/model_load_error.log`."""
     import ray
 
     try:
-        actors.build(cfg, cfg.model.path, pad_id)
+        actors.build(cfg, cfg.model.path, pad_id, fresh)
     except ray.exceptions.RayTaskError as err:
         cause = remote_cause(err)
         where = f"model.path={cfg.model.path}" + (f", model.load_checkpoint={cfg.model.load_checkpoint}" if cfg.model.load_checkpoint else "")
@@ -244,6 +245,20 @@ def build_ranks(actors, cfg: Config, pad_id: int, log_dir: Path | None) -> None:
             (Path(log_dir) / "model_load_error.log").write_text(str(err))
             saved = f" (the rank's traceback: {Path(log_dir) / 'model_load_error.log'})"
         raise ModelLoadError(f"the Megatron ranks could not load the model ({where}): {type(cause).__name__}: {cause}{saved}") from None
+
+
+def take_over(cfg: Config, workers, out: Path, pad_id: int) -> bool:
+    """Workers passed to `train` may hold the actor of another run (its trained weights, optimizer state, LR
+    schedule, step): that actor is rebuilt from model.path (or model.load_checkpoint), as new workers would
+    have it, and the engines are synced from it before they generate. Returns whether it rebuilt; the workers
+    then hold this run (`Workers.actor_run`)."""
+    rebuilt = workers.actor_run is not None and workers.actor_run != str(out)
+    if rebuilt:
+        log.warning("these workers' Megatron ranks hold the run in %s: rebuilding the actor for %s", workers.actor_run, out)
+        build_ranks(workers.actors, cfg, pad_id, out / "logs" / "workers", fresh=True)
+        workers.fleet.synced_version = None  # the engines hold the other run's weights
+    workers.actor_run = str(out)
+    return rebuilt
 
 
 def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None = None):

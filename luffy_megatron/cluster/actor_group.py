@@ -89,7 +89,10 @@ class _RankWorker:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         return {"rank": self.rank, **placement_info(), "env": env, "cuda_device_name": device}
 
-    def build(self, cfg, hf_dir: str, pad_token_id: int) -> int:
+    def build(self, cfg, hf_dir: str, pad_token_id: int, fresh: bool = False) -> int:
+        """Builds this rank's actor (once); `fresh`: drop the one it has first (a new run on these ranks)."""
+        import gc
+
         import torch
 
         from luffy_megatron.actor.megatron_actor import MegatronActor
@@ -97,6 +100,9 @@ class _RankWorker:
         t0 = time.time()
         if not torch.cuda.is_available():  # Ray gives CPU-less actors one thread; ranks take turns with the engines
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+        if fresh and self.actor is not None:
+            self.actor = self.offloaded = None
+            gc.collect()  # the old model, optimizer and buffers are freed before the new ones are made
         if self.actor is None:
             self.actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=pad_token_id)
         self._event("build", t0)
@@ -210,8 +216,8 @@ class ActorGroup:
                                    "(cluster.placement_timeout_s) although their GPUs were granted") from None
             raise
 
-    def build(self, cfg, hf_dir: str, pad_token_id: int) -> int:
-        return ray.get([w.build.remote(cfg, hf_dir, pad_token_id) for w in self.workers])[0]
+    def build(self, cfg, hf_dir: str, pad_token_id: int, fresh: bool = False) -> int:
+        return ray.get([w.build.remote(cfg, hf_dir, pad_token_id, fresh) for w in self.workers])[0]
 
     def call(self, method: str, *args, **kwargs) -> Any:
         return ray.get([w.call.remote(method, *args, **kwargs) for w in self.workers])[0]

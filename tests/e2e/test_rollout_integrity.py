@@ -100,6 +100,7 @@ def cluster(ray_up, tmp_path_factory):
     workers = start_workers(cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), use_gpu=False,
                             log_dir=root / "logs")
     print(f"rank + {NUM_ENGINES} engines up in {time.monotonic() - t0:.1f}s")
+    INITIAL_WEIGHTS["checksum"] = workers.actors.run(weights_checksum)
     try:
         yield root, workers
     finally:
@@ -320,6 +321,14 @@ class CoreKiller:
             time.sleep(0.01)
 
 
+INITIAL_WEIGHTS: dict = {}  # the freshly built actor's weights_checksum (module fixture)
+
+
+def weights_checksum(actor) -> float:
+    """On a rank: sum of |w| over the actor's parameters, in float64."""
+    return float(sum(p.detach().double().abs().sum() for chunk in actor.model for p in chunk.parameters()))
+
+
 def test_synced_engines_sample_with_the_actors_log_probs(cluster):
     from luffy_megatron.trainer import train
 
@@ -336,6 +345,27 @@ def test_synced_engines_sample_with_the_actors_log_probs(cluster):
     assert workers.fleet.weight_versions() == [2, 2] and workers.fleet.synced_version == 2
     print("synced: logprob_diff_mean", [r["rollout/logprob_diff_mean"] for r in rows],
           "max", [r["rollout/logprob_diff_max"] for r in rows])
+
+
+def test_a_new_run_on_reused_workers_starts_from_the_models_weights(cluster):
+    """The workers hold the "synced" run's trained actor: a run in another output directory rebuilds it from
+    model.path (new weights, optimizer, schedule) and syncs the engines from it; the same run keeps it."""
+    from transformers import AutoTokenizer
+
+    from luffy_megatron.trainer import pad_token_id, take_over
+
+    root, workers = cluster
+    assert workers.actor_run == str(root / "synced")
+    assert workers.actors.run(weights_checksum) != INITIAL_WEIGHTS["checksum"]  # two updates at lr 1e-2
+    cfg = job_config(root, "fresh", 1)
+    pad = pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path))
+    with time_limit(TEST_TIME_LIMIT_S):
+        assert take_over(cfg, workers, root / "fresh", pad) is True
+    assert workers.actors.run(weights_checksum) == INITIAL_WEIGHTS["checksum"]
+    (state,) = workers.actors.training_states()
+    assert state["step"] == 0 and state["optimizer_state_abs_sum"] == 0  # a new optimizer: no Adam moments yet
+    assert workers.fleet.synced_version is None and workers.actor_run == str(root / "fresh")
+    assert take_over(cfg, workers, root / "fresh", pad) is False
 
 
 def test_best_validation_hf_export_then_val_only_resumed_from_a_path(cluster):
