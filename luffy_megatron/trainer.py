@@ -235,7 +235,7 @@ def build_ranks(actors, cfg: Config, pad_id: int, log_dir: Path | None, *, fresh
     import ray
 
     try:
-        actors.build(cfg, cfg.model.path, pad_id, fresh)
+        actors.build(cfg, cfg.model.path, pad_id, fresh=fresh)
     except ray.exceptions.RayTaskError as err:
         cause = remote_cause(err)
         where = f"model.path={cfg.model.path}" + (f", model.load_checkpoint={cfg.model.load_checkpoint}" if cfg.model.load_checkpoint else "")

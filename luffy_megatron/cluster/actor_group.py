@@ -217,7 +217,7 @@ class ActorGroup:
             raise
 
     def build(self, cfg, hf_dir: str, pad_token_id: int, fresh: bool = False) -> int:
-        return ray.get([w.build.remote(cfg, hf_dir, pad_token_id, fresh) for w in self.workers])[0]
+        return ray.get([w.build.remote(cfg, hf_dir, pad_token_id, fresh=fresh) for w in self.workers])[0]
 
     def call(self, method: str, *args, **kwargs) -> Any:
         return ray.get([w.call.remote(method, *args, **kwargs) for w in self.workers])[0]

@@ -174,7 +174,7 @@ def test_a_model_the_ranks_cannot_convert_is_one_line_naming_it(tmp_path, monkey
     from luffy_megatron.config import load_config
 
     class Ranks:
-        def build(self, cfg, hf_dir, pad_token_id):  # what ActorGroup.build raises when a rank's conversion fails
+        def build(self, cfg, hf_dir, pad_token_id, fresh=False):  # what ActorGroup.build raises when a rank's conversion fails
             raise ray.exceptions.RayTaskError("build", "Traceback (most recent call last):\n  File \"hf_to_mcore.py\"\n"
                                               "ValueError: llama: hidden_act='gelu' is not supported",
                                               ValueError("llama: hidden_act='gelu' is not supported (only SwiGLU with 'silu')"))
