@@ -190,9 +190,10 @@ class CollectiveTransport(Transport):
                     self.inflight[slot].wait()
                     self.inflight[slot] = None
         except BaseException:
-            # A member died (gloo fails this sender's broadcast at once) or this sender failed: the other engine
-            # workers wait on this group's next broadcast until its timeout (rollout.request_timeout_s), their
-            # engines busy meanwhile. Closing the group fails their receive now; the next sync builds a new one.
+            # A member died (gloo fails this sender's broadcast at once) or this sender failed: the group has a
+            # dead member, so the next sync builds new ones (`_needs_setup`). Closing it also ends the other
+            # workers' wait for this group's next broadcast, but not always (measured on gloo: `shutdown()` does
+            # not always close the connections; such a worker waits out rollout.request_timeout_s).
             self.inflight = [None, None]
             self.close()
             raise

@@ -1,7 +1,6 @@
 """`sync.collective.CollectiveTransport` on a failed broadcast (an engine worker died mid-sync): it closes its
-weight group so the other workers' receives fail at once instead of waiting out the group's timeout, and the
-next sync makes every sender build its group anew (the set-up is collective over the senders). The gloo side
-of this, with real processes, is tests/dist/test_weight_group_faults.py."""
+weight group (a group with a dead member) and the next sync makes every sender build its group anew (the set-up
+is collective over the senders). The gloo side, with real processes, is tests/dist/test_weight_group_faults.py."""
 
 from __future__ import annotations
 
