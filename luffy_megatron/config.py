@@ -137,6 +137,9 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 512  # size of the buckets streamed from the actor to the engines
     # how buckets reach the engines: auto = shared_memory for colocated engines, collective for disaggregated ones
     weight_sync_transport: Literal["auto", "collective", "shared_memory", "object_store"] = "auto"
+    # CPU engines: load synced weights straight into vLLM's kernel format (rollout/direct_load.py) where the
+    # model qualifies; false = always vLLM's own layerwise reload
+    engine_direct_load: bool = True
     max_logprob_diff: float | None = None  # mean |engine - actor old log-prob| over generated tokens; None = no check
     logprob_diff_action: Literal["warn", "error"] = "warn"  # what exceeding rollout.max_logprob_diff does
     request_timeout_s: float = 1800.0  # a generation or sync call that takes longer fails naming the engine

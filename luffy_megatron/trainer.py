@@ -275,7 +275,7 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None
         tensor_parallel_size=r.tensor_model_parallel_size, enable_sleep_mode=layout.mode == "colocated",
         max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length, enforce_eager=r.enforce_eager,
         seed=cfg.trainer.seed, max_num_seqs=r.max_num_seqs, env=threads, log_dir=log_dir,
-        request_timeout_s=r.request_timeout_s, **extra,
+        request_timeout_s=r.request_timeout_s, direct_load=r.engine_direct_load, **extra,
     )
 
 

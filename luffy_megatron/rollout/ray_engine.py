@@ -139,8 +139,8 @@ class VLLMEngineActor:
     def health(self) -> Optional[str]:
         return self.engine.health()
 
-    def update_weights(self, named_tensors, *, partial: bool = False) -> dict:
-        return self.engine.update_weights(named_tensors, partial=partial)
+    def update_weights(self, named_tensors, *, partial: bool = False, direct=None) -> dict:
+        return self.engine.update_weights(named_tensors, partial=partial, direct=direct)
 
     def begin_weight_update(self) -> None:
         t0 = time.time()
@@ -389,7 +389,9 @@ class EngineFleet:
             raise
         finished = ray.get([e.finish_weight_update.remote(partial=partial) for e in self.engines])
         return {"weight_version": finished[0]["weight_version"], "num_tensors": finished[0]["num_tensors"],
-                "bytes": num_bytes, "buckets": num_buckets, "seconds": time.perf_counter() - t0}
+                "bytes": num_bytes, "buckets": num_buckets, "seconds": time.perf_counter() - t0,
+                "load": "+".join(sorted({f.get("load", "") for f in finished})),
+                "packed_from_copy": sum(f.get("packed_from_copy", 0) for f in finished)}
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
                        bucket_bytes: int = 256 * 1024**2, partial: bool = False) -> dict:

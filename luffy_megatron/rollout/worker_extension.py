@@ -77,22 +77,62 @@ def keep_heap_for_reloads(limit: int = RELOAD_HEAP_BYTES) -> bool:
 class LuffyWorkerExtension:
     """Mixed into vLLM's Worker; `self.model_runner.model` is this rank's vLLM model."""
 
-    def luffy_begin_weight_update(self) -> None:
+    def luffy_begin_weight_update(self, direct: bool = True) -> str:
+        """Opens an update session; returns how this worker loads in it: "direct" (`direct_load`: CPU engines
+        whose model qualifies, when `direct`) or "layerwise" (vLLM's own reload)."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         if self.device.type == "cpu" and not getattr(self, "_luffy_heap_kept", False):
             self._luffy_heap_kept = keep_heap_for_reloads()
+        self._luffy_direct_session = None
+        if direct:
+            loader = self._luffy_direct_loader()
+            if loader is not None:
+                loader.begin()
+                self._luffy_direct_session = loader
+                return "direct"
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.model)
+        return "layerwise"
 
-    def luffy_finish_weight_update(self) -> None:
+    def _luffy_direct_loader(self):
+        """The model's `DirectLoader`, planned once; None (with the reason logged once) when it does not qualify."""
+        if not hasattr(self, "_luffy_direct_plan"):
+            import logging
+
+            from luffy_megatron.rollout.direct_load import plan_direct_load
+            from luffy_megatron.rollout.engine import checkpoint_tensor_shapes
+
+            loader, why = plan_direct_load(self.model_runner.model,
+                                           checkpoint_tensor_shapes(self.vllm_config.model_config.model))
+            if loader is None and self.device.type == "cpu":
+                logging.getLogger(__name__).warning("weight updates use vLLM's layerwise reload: %s", why)
+            self._luffy_direct_plan = (loader, why)
+        return self._luffy_direct_plan[0]
+
+    def luffy_direct_load_plan(self) -> str:
+        """"" when this worker's model qualifies for direct loads, else the reason it does not."""
+        self._luffy_direct_loader()
+        return self._luffy_direct_plan[1]
+
+    def luffy_finish_weight_update(self) -> dict:
+        """Closes the session. Returns how it loaded: {"load": "direct" | "layerwise", "incomplete": the linear
+        layers that got some but not all of their tensors in a direct session (they keep their old weights),
+        "in_place" / "concatenated": linear layers packed straight from the received buffer / from a copy}."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        session, self._luffy_direct_session = getattr(self, "_luffy_direct_session", None), None
         with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(self.model_runner.model, self.model_runner.model_config)
+            if session is not None:
+                done = {"load": "direct", "in_place": session.in_place, "concatenated": session.concatenated,
+                        "incomplete": session.finish()}
+            else:
+                done = {"load": "layerwise", "in_place": 0, "concatenated": 0, "incomplete": []}
+                finalize_layerwise_reload(self.model_runner.model, self.model_runner.model_config)
             self._luffy_refresh_tied_lm_head()
+        return done
 
     def _luffy_refresh_tied_lm_head(self) -> None:
         """Tied embeddings: vLLM's `lm_head` shares `embed_tokens.weight` but keeps kernel state of its own. On
@@ -115,8 +155,12 @@ class LuffyWorkerExtension:
     def _luffy_load(self, named) -> int:
         from vllm.config import set_current_vllm_config
 
+        session = getattr(self, "_luffy_direct_session", None)
         with set_current_vllm_config(self.vllm_config):
-            self.model_runner.model.load_weights(weights=named)
+            if session is not None:
+                session.load(named)
+            else:
+                self.model_runner.model.load_weights(weights=named)
         return len(named)
 
     def luffy_load_hf_weights(self, blob: bytes) -> int:
@@ -142,7 +186,11 @@ class LuffyWorkerExtension:
         if flat.device != self.device:
             flat = flat.to(self.device)
         n = self._luffy_load(views_of(flat, entries))
-        detach_pending(flat)
+        session = getattr(self, "_luffy_direct_session", None)
+        if session is not None:
+            session.detach(flat)
+        else:
+            detach_pending(flat)
         return n
 
     def luffy_load_flat_file(self, path: str, nbytes: int, entries: list) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import pickle
 import socket
 from typing import Iterator, Optional
@@ -28,7 +29,7 @@ from typing import Iterator, Optional
 import torch
 
 from luffy_megatron.convert.export import FlatBucket
-from luffy_megatron.sync.weights import SyncContext, Transport
+from luffy_megatron.sync.weights import SyncContext, Transport, closed
 
 log = logging.getLogger(__name__)
 ALIGN_PROBE = 4096  # the smallest bucket file (a stage with no tensors still probes its engines)
@@ -82,6 +83,9 @@ class SharedMemoryTransport(Transport):
         self._ctx: Optional[SyncContext] = None
         self._unreachable: Optional[list[int]] = None
         self._ipc: Optional[dict] = None
+        self.slots_made = 0  # random id of the sender's current bucket files (new files: its TP peers map them again)
+        self._shared: Optional[tuple] = None  # (slots_made, _share_slots' result) of the last exchange
+        self._peer_maps = None  # contributor: its mappings of the sender's files
 
     def close(self) -> None:
         for s in self.slots:
@@ -95,7 +99,73 @@ class SharedMemoryTransport(Transport):
         if ctx.device.type == "cuda":
             return self._run_ipc(ctx)
         self._ctx = ctx
-        return super().run(ctx)
+        if ctx.role == "idle":
+            return {}
+        contributor_slots = self._share_slots(ctx)
+        if contributor_slots is None:
+            return super().run(ctx)
+        if ctx.role == "contributor":  # writes its shards straight into the sender's bucket files
+            count = iter(range(1 << 62))
+            for _ in ctx.fill(lambda bucket: contributor_slots[next(count) % 2], shared=True):
+                pass
+            return {}
+        filling = ctx.fill(self.buffer_for, shared=True)
+        try:
+            return self.send(ctx, filling)
+        finally:
+            ctx.drain(filling)
+
+    def _share_slots(self, ctx: SyncContext) -> Optional[list]:
+        """CPU, TP > 1: the sender hands its TP peers the paths of its two bucket files; when every peer can map
+        them (the same host), each TP rank writes its own shards into the files itself (one copy per byte, no
+        socket hop through the sender). Collective over the stage's TP group; returns on a contributor its
+        mappings of the two files, on the sender [], and None everywhere when the files are not shared. The
+        exchange runs again only when the sender made new files (`slots_made`) or a peer has none mapped; other
+        syncs cost two one-number collectives."""
+        import os
+
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from luffy_megatron.sync.shm import MappingCache
+
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            return None
+        group = ps.get_tensor_model_parallel_group()
+        root = dist.get_process_group_ranks(group)[0]
+        made = torch.zeros(1, dtype=torch.int64)
+        if ctx.is_sender:
+            self._ensure_slots(max((b.nbytes for b in ctx.buckets), default=ALIGN_PROBE))
+            made[0] = self.slots_made
+        dist.broadcast(made, src=root, group=group)
+        cached = self._shared
+        need = torch.tensor([int(cached is None or cached[0] != int(made[0]))], dtype=torch.int64)
+        dist.all_reduce(need, op=dist.ReduceOp.MAX, group=group)
+        if not int(need[0]):
+            return cached[1]
+        spec = [None]
+        if ctx.is_sender:  # no engine reads the files between syncs: a token in the first one proves the mapping
+            token = list(os.urandom(16))
+            self.slots[0].tensor[:16] = torch.tensor(token, dtype=torch.uint8)
+            spec = [([(s.path, s.nbytes) for s in self.slots], token)]
+        dist.broadcast_object_list(spec, src=root, group=group)
+        mapped = None
+        if not ctx.is_sender:
+            files, token = spec[0]
+            if all(os.path.exists(path) for path, _ in files):
+                if self._peer_maps is None:
+                    self._peer_maps = MappingCache(size=2)
+                mapped = [self._peer_maps.get(path, nbytes) for path, nbytes in files]
+                if mapped[0][:16].tolist() != token:  # a file of the same name on another host
+                    mapped = None
+        ok: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(ok, ctx.is_sender or mapped is not None, group=group)
+        if not all(ok):
+            log.warning("weight sync: TP rank(s) %s of stage %d cannot map the sender's bucket files; their shards "
+                        "go through the sender", [i for i, good in enumerate(ok) if not good], ctx.pp_rank)
+        result = ([] if ctx.is_sender else mapped) if all(ok) else None
+        self._shared = (int(made[0]), result)
+        return result
 
     def reachable(self, ctx: SyncContext) -> list[int]:
         """Senders, on CPU: the engines that cannot map this sender's bucket files (a token written into a file
@@ -131,6 +201,7 @@ class SharedMemoryTransport(Transport):
                 if self.slots[i] is not None:
                     self.slots[i].close()
                 self.slots[i] = ShmBuffer(nbytes, tag=f"stage{self._ctx.pp_rank}-slot{i}")
+                self.slots_made = int.from_bytes(os.urandom(7), "little") + 1
 
     def _wait(self, slot: int) -> None:
         if self.pending[slot]:
@@ -272,5 +343,5 @@ class SharedMemoryTransport(Transport):
         del slots
         if ctx.rank != 0:
             return {}
-        done = ctx.engine_get([x.finish_weight_update.remote() for x in self.fleet.engines], "finish_weight_update")
-        return {"weight_version": done[0]["weight_version"], "num_tensors": done[0]["num_tensors"]}
+        return closed(ctx.engine_get([x.finish_weight_update.remote() for x in self.fleet.engines],
+                                     "finish_weight_update"))

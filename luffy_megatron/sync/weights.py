@@ -71,6 +71,9 @@ class SyncStats:
     role: str = ""  # driver | sender | contributor | idle
     stage: int = 0  # pipeline stage of this rank
     senders: list = field(default_factory=list)  # driver: per sender {rank, stage, bytes, buckets, tensors}
+    engine_load: str = ""  # how the engines loaded (driver): direct | layerwise (rollout/direct_load.py)
+    fill: str = ""  # gather: TP shards sent to TP rank 0 | shared: each TP rank wrote its own into shared memory
+    engine_packed_from_copy: int = 0  # direct loads: linear layers packed from a copy, not the bucket in place
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +85,13 @@ class SyncStats:
 def object_store_transport(fleet, buckets: Iterable[Bucket]) -> dict:
     """Lists of named tensors through the Ray object store (`EngineFleet.update_weights_from_buckets`)."""
     return fleet.update_weights_from_buckets(buckets)
+
+
+def closed(done: list) -> dict:
+    """What the driver reports of the engines' `finish_weight_update` results."""
+    return {"weight_version": done[0]["weight_version"], "num_tensors": done[0]["num_tensors"],
+            "load": "+".join(sorted({d.get("load", "") for d in done})),
+            "packed_from_copy": sum(d.get("packed_from_copy", 0) for d in done)}
 
 
 def _counted(buckets: Iterable[Bucket], stats: SyncStats) -> Iterator[Bucket]:
@@ -103,6 +113,8 @@ def stream_buckets(buckets: Iterable[Bucket], fleet, *, send: bool,
         if send:
             result = transport(fleet, counted)
             stats.weight_version = (result or {}).get("weight_version")
+            stats.engine_load = (result or {}).get("load", "")
+            stats.engine_packed_from_copy = (result or {}).get("packed_from_copy", 0)
     finally:
         # The generator may be collective: even when the transport stopped early or failed, this rank runs
         # it to its end so the other ranks are not left waiting.
@@ -167,6 +179,7 @@ class SyncContext:
             plan_flat_buckets(self.chunks, arch=self.arch, bucket_bytes=bucket_bytes, dtype=dtype, all_stages=False)
             if self.role != "idle" else [])
         self._buffer_for: Callable = lambda bucket: None
+        self.fill_mode = ""  # how the stage's TP group filled its buckets: gather (shards to TP rank 0) | shared
         params = [p for c in self.chunks for p in c.parameters()]
         self.device = params[0].device if params else torch.device("cpu")
 
@@ -182,14 +195,17 @@ class SyncContext:
     def sender_index(self) -> int:
         return self.pp_rank
 
-    def fill(self, buffer_for: Callable[[FlatBucket], Optional[torch.Tensor]]) -> Iterator[tuple[FlatBucket, Any]]:
+    def fill(self, buffer_for: Callable[[FlatBucket], Optional[torch.Tensor]], *,
+             shared: bool = False) -> Iterator[tuple[FlatBucket, Any]]:
         """This stage's buckets, filled one by one into `buffer_for(bucket)` (on the sender; None elsewhere).
-        Collective over the stage's TP group."""
+        Collective over the stage's TP group. `shared`: every TP rank's `buffer_for` maps the same shared memory
+        and each writes its own shards into it (`export_flat_buckets(shared=True)`)."""
         from luffy_megatron.convert.export import export_flat_buckets
 
         self._buffer_for = buffer_for
+        self.fill_mode = "shared" if shared else "gather"
         return export_flat_buckets(self.buckets, self.arch, lambda b: self._buffer_for(b), everywhere=False,
-                                   stats=self.stats)
+                                   stats=self.stats, shared=shared)
 
     def drain(self, filling: Iterator) -> None:
         """Runs the rest of a `fill` generator into a scratch buffer (after a failure: the TP peers are in the
@@ -275,8 +291,8 @@ class Transport:
         self._step(ctx, "sending weights", lambda: self.transfer(ctx, filling), abort=True)
         if not ctx.is_driver:
             return {}
-        done = ctx.engine_get([e.finish_weight_update.remote() for e in self.fleet.engines], "finish_weight_update")
-        return {"weight_version": done[0]["weight_version"], "num_tensors": done[0]["num_tensors"]}
+        return closed(ctx.engine_get([e.finish_weight_update.remote() for e in self.fleet.engines],
+                                     "finish_weight_update"))
 
     def _step(self, ctx: SyncContext, what: str, fn: Callable, abort: bool = False) -> None:
         """Runs `fn` on every sender, then all agree that it worked; raises this sender's own error, or a
@@ -379,6 +395,7 @@ def sync_actor_to_engines(
             tr = transport_for(fallback, fleet)
             stats.transport = fallback
     result = tr.run(ctx) if tr is not None else {}
+    stats.fill = ctx.fill_mode
     if ctx.is_sender:
         stats.sent = True
         stats.buckets = len(ctx.buckets)
@@ -393,5 +410,7 @@ def sync_actor_to_engines(
             stats.buckets = sum(s["buckets"] for s in everyone)
             stats.tensors = sum(s["tensors"] for s in everyone)
             stats.weight_version = result.get("weight_version")
+            stats.engine_load = result.get("load", "")
+            stats.engine_packed_from_copy = result.get("packed_from_copy", 0)
     stats.seconds = time.perf_counter() - t0
     return stats

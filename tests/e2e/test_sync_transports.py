@@ -170,6 +170,10 @@ def test_sync_makes_engines_equal_a_fresh_engine_of_the_converted_checkpoint(wor
     assert fleet.weight_versions() == [v + 1 for v in versions]
     driver = next(s for s in stats if s["role"] == "driver")
     assert driver["weight_version"] == versions[0] + 1 and driver["transport"] == transport
+    # the engines loaded straight into vLLM's kernel format (rollout/direct_load.py) and equal the reference engine,
+    # which vLLM's own loader loaded; every linear layer was packed from the bucket in place (a Megatron
+    # parameter's HF tensors, q/k/v or gate/up, always travel together and back to back)
+    assert driver["engine_load"] == "direct" and driver["engine_packed_from_copy"] == 0
     # every pipeline stage sent its own layers (no funnel through rank 0), and together all of the model
     senders = sorted(driver["senders"], key=lambda s: s["stage"])
     total = sum(t.numel() * t.element_size() for t in world.updated.values())
@@ -178,6 +182,9 @@ def test_sync_makes_engines_equal_a_fresh_engine_of_the_converted_checkpoint(wor
     assert senders[0]["bytes"] < total and senders[1]["bytes"] < total
     roles = sorted(s["role"] for s in stats)
     assert roles == ["contributor", "contributor", "driver", "sender"], roles
+    # shared memory on one host: each TP rank wrote its own shards into its sender's bucket files
+    fills = {s["fill"] for s in stats}
+    assert fills == ({"shared"} if transport == "shared_memory" else {"gather"}), fills
 
 
 def test_shared_memory_names_an_engine_that_cannot_map_the_senders_files(world):

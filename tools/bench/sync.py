@@ -13,8 +13,10 @@ copies the same bytes once, memory to memory (the same tensor sizes, each into a
 The last output line is one JSON object: `<transport>_vs_copy_ratio` = copy seconds / sync seconds (larger is
 better), `<transport>_s`, `bytes`, `copies` (what each transport does to every byte, counted in the code) and
 `<transport>_engine_side_s`: how long, in the last sync, the busiest engine spent in the calls that bring buckets
-in and load them (for shared_memory and object_store that is vLLM's own reload; for collective it includes
-receiving), so sync time minus it is what the transport adds on the critical path.
+in and load them (for collective that includes receiving), so sync time minus it is what the transport adds on
+the critical path. The engines load directly into vLLM's kernel format (rollout/direct_load.py, `engine_load`);
+`--layerwise` also times `shared_memory` with vLLM's own layerwise reload (`shared_memory_layerwise_*`, and
+`direct_vs_layerwise_ratio` = layerwise seconds / direct seconds).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def parse():
     p.add_argument("--engines", type=int, default=2)
     p.add_argument("--transports", default=",".join(TRANSPORTS))
     p.add_argument("--timeline", action="store_true", help="print each engine's calls during the last sync")
+    p.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time shared_memory with vLLM's layerwise reload instead of the direct load")
     return p.parse_args()
 
 
@@ -129,8 +133,14 @@ def main() -> int:
                   "bytes": sum(tensor_bytes), "num_tensors": len(sizes)}
         copy_s = actors.run(plain_copy, tensor_bytes, max(3, args.repeat))
         result["copy_s"] = round(copy_s, 4)
-        for transport in args.transports.split(","):
+        runs = [(t, True) for t in args.transports.split(",")]
+        if args.layerwise and "shared_memory" in args.transports.split(","):
+            runs.append(("shared_memory", False))
+        for transport, direct in runs:
+            ray.get([e.call.remote("set_direct_load", direct) for e in fleet.engines])
+            key = transport if direct else f"{transport}_layerwise"
             stats = actors.run(run_sync, fleet, bucket, transport)  # set-up: groups, shared buffers
+            assert stats["engine_load"] == ("direct" if direct else "layerwise"), stats["engine_load"]
             assert stats["bytes"] == result["bytes"], (stats["bytes"], result["bytes"])
             times = []
             for _ in range(args.repeat):
@@ -141,12 +151,13 @@ def main() -> int:
             # the engines' own side of the last sync: their calls that receive and load buckets (vLLM's reload)
             busy = [sum(b - a for name, a, b in events if a >= t0 and name in ("load_weights_rpc", "load_flat_bucket"))
                     for events in ray.get([e.get_calls.remote() for e in fleet.engines])]
-            result[f"{transport}_engine_side_s"] = round(max(busy), 4)
+            result[f"{key}_engine_side_s"] = round(max(busy), 4)
             best = min(times)
-            result[f"{transport}_s"] = round(best, 4)
-            result[f"{transport}_vs_copy_ratio"] = round(copy_s / best, 3)
-            result[f"{transport}_buckets"] = stats["buckets"]
-            print(json.dumps({"transport": transport, "seconds": [round(t, 4) for t in times]}), flush=True)
+            result[f"{key}_s"] = round(best, 4)
+            result[f"{key}_vs_copy_ratio"] = round(copy_s / best, 3)
+            result[f"{key}_buckets"] = stats["buckets"]
+            result["engine_load"] = stats["engine_load"] if direct else result.get("engine_load", "")
+            print(json.dumps({"transport": key, "seconds": [round(t, 4) for t in times]}), flush=True)
             if args.timeline:
                 for i, events in enumerate(ray.get([e.get_calls.remote() for e in fleet.engines])):
                     last = [ev for ev in events if ev[1] >= t0]
@@ -154,6 +165,8 @@ def main() -> int:
                         (name, round(a - t0, 4), round(b - t0, 4)) for name, a, b in last]}), flush=True)
         ratios = {t: result[f"{t}_vs_copy_ratio"] for t in args.transports.split(",")}
         result["best_transport"] = max(ratios, key=ratios.get)
+        if "shared_memory_layerwise_s" in result:
+            result["direct_vs_layerwise_ratio"] = round(result["shared_memory_layerwise_s"] / result["shared_memory_s"], 3)
         result["copies"] = {t: COPIES[t] for t in ratios}
         print(json.dumps(result), flush=True)
     finally:
