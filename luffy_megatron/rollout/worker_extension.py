@@ -14,12 +14,15 @@ reload (`Worker.reload_weights` -> `model_loader.reload.layerwise`) restores che
 layers, buffers incoming tensors per layer, and re-runs the post-processing of each layer once all of
 its tensors arrived, copying the result into the original storage (CUDA graphs stay valid). We use
 the same three calls, split so that buckets can arrive one by one between `begin` and `finish`.
-Layers that receive no tensor in a session keep their old weights.
+Layers that receive no tensor in a session keep their old weights. On CPU, where that post-processing
+packs each linear weight away, a session loads directly instead when the model qualifies
+(`direct_load.py`: vLLM's own post-processing run on the received tensors, no fresh layers;
+`rollout.engine_direct_load`, on by default).
 
 How buckets arrive (the transports are in `luffy_megatron/sync/`):
 
-* flat buckets: one uint8 buffer + a list of (name, dtype, shape, offset); the worker hands vLLM's loader views
-  of the buffer, so the only copy is the loader's own into the model. The buffer is a /dev/shm file mapped by
+* flat buckets: one uint8 buffer + a list of (name, dtype, shape, offset); the worker loads views of the
+  buffer, so the only copy is the load's own into the model (on CPU the packing, reading the buffer in place). The buffer is a /dev/shm file mapped by
   path (`luffy_load_flat_file`: the shared-memory transport, and the object store's handoff on the engine's
   host), a CUDA IPC handle opened on this worker's GPU (`luffy_load_ipc`), a buffer received from a
   dedicated process group (`luffy_join_weight_groups`, `luffy_receive_collective`), or bytes through the RPC

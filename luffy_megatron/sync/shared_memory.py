@@ -2,11 +2,15 @@
 processes.
 
 CPU (POSIX shared memory). Each stage's sender owns two /dev/shm files (`sync.shm.ShmBuffer`) as large as its
-largest bucket, kept between syncs. The export receives the TP shards straight into the file's mapping; the
-sender then asks every engine to load it (`luffy_load_flat_file`: each worker maps the file, once, and hands
-views of it to vLLM's loader). While the engines load bucket k from one file, bucket k+1 is exported into the
-other. Every engine must run on the sender's host (checked at the first sync, naming the engine and both
-nodes). Copies of every byte: the export into shared memory (1), then vLLM's load into the model.
+largest bucket, kept between syncs. Its TP peers map the same files (`_share_slots`, checked with a token) and
+every TP rank writes its own shards straight into place (`fill_flat_bucket(shared=True)`; where a peer cannot
+map them, the shards go to the sender over gloo and it writes them); the sender then asks every engine to load
+the bucket (`luffy_load_flat_file`: each worker maps the file, once, and loads views of it; on CPU straight into
+vLLM's kernel format, `rollout/direct_load.py`). While the engines load bucket k from one file, bucket k+1 is
+exported into the other. Every engine must run on the sender's host (checked at the first sync, naming the
+engine and both nodes). Copies of every byte: the export into shared memory (1), then the engine's load (on CPU
+the packing of the linear layers reads the file in place: 1; embeddings and norms are copied into their
+parameters).
 
 GPU (CUDA IPC, as verl and NeMo-RL do it). A CUDA IPC handle opens only on the GPU the memory lives on, so here
 every rank serves the engine worker on its own GPU (the colocated layout puts one on each): every rank builds

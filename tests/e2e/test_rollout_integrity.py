@@ -161,8 +161,8 @@ def test_a_hung_engine_fails_at_the_deadline_and_a_restarted_one_gets_its_rows_a
 
 def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray_up, monkeypatch):
     """EngineSupervisor.sync with stand-in ranks and engines: the sending rank's sync fails because engine 1
-    died (fail: named; restart: restarted, synced again, labelled), or hangs on it (killed after the health
-    check, so the rank is freed)."""
+    died (fail: named; restart: restarted, synced again, labelled; a survivor left blocked is restarted too), or
+    hangs on it (killed after the health check, so the rank is freed)."""
     import torch
 
     from luffy_megatron.rollout import faults
@@ -231,6 +231,19 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
         sup.sync(version=3)
         assert restarted == [1] and sup.restarts == 1
         assert sup.fleet.weight_versions() == [3, 3] and sup.fleet.synced_version == 3
+
+        # engine 1 dies mid-sync and engine 0 is left blocked in its receive (a collective sync whose group close
+        # did not free it): the health check names both, and restart mode restarts both
+        how["value"] = "dies"
+        dead, stuck = Engine.remote(), Engine.remote(hang=True)
+        ray_up.kill(dead)
+        sup = supervisor("restart", [stuck, dead])
+        restarted = []
+        monkeypatch.setattr(sup.fleet, "restart_engine", restart_engine)
+        sup.sync(version=5)
+        assert restarted == [0, 1] and sup.restarts == 2
+        assert sup.fleet.weight_versions() == [5, 5] and sup.fleet.synced_version == 5
+        ray_up.kill(stuck)
 
         how["value"] = "hangs"
         sup = supervisor("fail", [Engine.remote(), Engine.remote(hang=True)], timeout_s=1.0)

@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 TRANSPORTS = ("object_store", "shared_memory", "collective")
-# Per byte of the model, before vLLM's own load (which, in its layerwise reload, copies each tensor into a
-# fresh layer, re-runs the layer's post-processing, and copies the result into the engine's original storage).
+# Per byte of the model, before the engine's load (the direct load packs each linear weight from the received
+# buffer in place: one more copy per engine; embeddings, lm_head and norms are also copied into their parameters).
 COPIES = {
-    "shared_memory": "1 write per byte into the sender's /dev/shm bucket (the TP peer's half arrives over gloo "
-                     "point-to-point: socket write + read), then each engine worker reads the mapping in place",
+    "shared_memory": "1 write per byte into the sender's /dev/shm bucket (each TP rank writes its own shards into "
+                     "the mapped file), then each engine worker reads the mapping in place",
     "collective": "1 write into the sender's bucket, then per engine worker 1 gloo broadcast into its receive "
                   "buffer (socket write + read), read in place",
     "object_store": "1 write into the sender's bucket, 1 copy into Ray's object store, per engine 1 copy into "
