@@ -15,9 +15,10 @@ optimizer state and no gradients (`requires_grad=False`, eval mode).
 
 Memory: it doubles the model weights on every GPU (one more copy of `trainer weights` per rank, e.g.
 7.1 GiB per GPU for the 7B recipe at TP=2; `tools/plan.py` counts it), but adds no gradient or optimizer
-state. It stays on the GPU while colocated engines generate (`actor.offload_during_rollout` moves only
-the optimizer state and gradient buffers; upstream offloads its reference parameters instead). While it is
-built the fp32 construction holds 4 bytes per parameter of this rank for a moment.
+state. With `actor.offload_during_rollout` its weights go to host with the optimizer state while colocated
+engines generate (`cluster/offload.py`; upstream offloads its reference parameters too), and come back before
+the log-probs of the step. While it is built the fp32 construction holds 4 bytes per parameter of this rank
+for a moment.
 """
 
 from __future__ import annotations

@@ -128,12 +128,15 @@ class _RankWorker:
     # ---------------------------------------------------------------- actor.offload_during_rollout
 
     def offload_to_host(self) -> dict[str, int]:
-        """Optimizer state to host, gradient buffers released (see `cluster.offload`). No-op when already out."""
+        """Optimizer state (and the KL reference's weights) to host, gradient buffers released (see
+        `cluster.offload`). No-op when already out."""
         from luffy_megatron.cluster.offload import offload_to_host
 
         t0 = time.time()
         if self.offloaded is None:
-            self.offloaded = offload_to_host(self.actor.optimizer, self.actor.model)
+            reference = getattr(self.actor, "reference", None)
+            self.offloaded = offload_to_host(self.actor.optimizer, self.actor.model,
+                                             reference.chunks if reference is not None else ())
         self._event("offload_to_host", t0)
         return {"host_bytes": self.offloaded.host_bytes, "freed_bytes": self.offloaded.freed_bytes}
 
@@ -161,9 +164,14 @@ class _RankWorker:
                         devices.add(str(t.device))
                         state_bytes += t.numel() * t.element_size()
         grad_bytes = sum(b.grad_data.untyped_storage().nbytes() for b in _grad_buffers(self.actor.model))
+        reference = getattr(self.actor, "reference", None)
+        ref = [p for c in reference.chunks for p in c.parameters()] if reference is not None else []
         return {"optimizer_state_abs_sum": state_sum, "optimizer_state_bytes": state_bytes,
                 "optimizer_state_devices": sorted(devices), "grad_buffer_bytes": grad_bytes,
-                "offloaded": self.offloaded is not None, "step": self.actor.step}
+                "offloaded": self.offloaded is not None, "step": self.actor.step,
+                # the KL reference's weights: where they live (their storages) and their values
+                "reference_ptrs": [p.data_ptr() for p in ref],
+                "reference_abs_sum": sum(float(p.detach().double().abs().sum()) for p in ref)}
 
     def get_events(self) -> list[tuple[str, float, float]]:
         return list(self.events)

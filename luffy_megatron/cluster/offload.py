@@ -1,5 +1,6 @@
-"""`actor.offload_during_rollout`: a Megatron rank's optimizer state and gradients leave the GPU while the
-colocated engine generates, and come back before the update.
+"""`actor.offload_during_rollout`: a Megatron rank's optimizer state and gradients (and the KL reference's
+weights, when there is one) leave the GPU while the colocated engine generates, and come back before the
+update.
 
 What moves is what megatron-core 0.16's own RL offload moves (`MegatronOptimizer.offload_to_cpu`,
 `DistributedDataParallel.offload_grad_buffers`), with two differences:
@@ -52,9 +53,11 @@ def _grad_buffers(model_chunks) -> Iterator[Any]:
         yield from getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", [])
 
 
-def offload_to_host(optimizer, model_chunks) -> Offloaded:
+def offload_to_host(optimizer, model_chunks, frozen_chunks=()) -> Offloaded:
     """Moves the optimizer state of `optimizer` (a megatron-core optimizer) to host and releases the gradient
-    buffers of `model_chunks` (megatron-core DDP modules). Returns what to give `reload_to_device`."""
+    buffers of `model_chunks` (megatron-core DDP modules). `frozen_chunks`: modules read only after the rollout
+    (the KL reference, `actor/reference.py`), whose parameters all move to host too, as upstream offloads its
+    reference. Returns what to give `reload_to_device`."""
     weights = {_storage_key(p) for chunk in model_chunks for p in chunk.parameters()}
     pin = torch.cuda.is_available()
     out = Offloaded()
@@ -79,6 +82,11 @@ def offload_to_host(optimizer, model_chunks) -> Offloaded:
                 if movable(t):
                     out.moved.append((state, key, t.device))
                     state[key] = to_host(t)
+    for chunk in frozen_chunks:
+        for p in chunk.parameters():
+            if movable(p):
+                out.moved.append((_ParamData(p), None, p.device))
+                p.data = to_host(p.data)
     for buffer in _grad_buffers(model_chunks):
         grad = getattr(buffer, "grad_data", None)
         param_data = getattr(buffer, "param_data", None)

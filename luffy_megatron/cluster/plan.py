@@ -65,7 +65,8 @@ bandwidth (or compute at `mfu`, whichever is slower), for max(decode tokens / co
 data.max_response_length) steps (the step waits for the longest response), plus prefill at `mfu`.
 Rows per step are data.train_batch_size x rollout.n; lengths are the stated fractions of the maxima.
 The frozen reference model (algo.use_kl_loss, algo.kl_ctrl_coef > 0 or algo.use_ref; actor/reference.py) adds
-one more copy of the trainer weights in every phase (it is not offloaded) and one more log-prob forward.
+one more copy of the trainer weights (on the host while the engines generate when actor.offload_during_rollout
+moves the optimizer state there too) and one more log-prob forward.
 Not modeled: reward grading, the weight-sync transfer, offload copies, FP8 (bf16 is assumed).
 """
 
@@ -558,9 +559,9 @@ def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = ""
 
         def trainer_state(ph: Phase, on_host: bool) -> None:
             ph.add("weights", f"trainer weights ({wdt})", state["weights"])
-            if uses_reference(cfg.algo.__dict__):  # actor/reference.py: a frozen copy, on the GPU throughout
-                ph.add("ref_weights", f"reference model weights ({wdt})", state["weights"])
             where = "host" if on_host else ""
+            if uses_reference(cfg.algo.__dict__):  # actor/reference.py: a frozen copy, offloaded with the optimizer
+                ph.add("ref_weights", f"reference model weights ({wdt})", None if on_host else state["weights"], where)
             # cluster/offload.py releases the grad buffers (re-zeroed before each update) and copies the
             # optimizer state to host
             ph.add("grads", "trainer grad buffer (fp32)", None if on_host else state["grads"],

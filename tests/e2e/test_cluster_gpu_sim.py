@@ -263,12 +263,13 @@ def test_busy_gpus_fail_within_the_timeout_naming_what_was_asked_and_what_is_fre
 
 def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_cls):
     """TP=2 x DP=2 over 2 nodes x 2 GPUs, two engines of TP=2 on the GPUs of ranks (0,1) and (2,3); the
-    optimizer state leaves the GPUs during rollout (actor.offload_during_rollout)."""
+    optimizer state and the KL reference's weights leave the GPUs during rollout (actor.offload_during_rollout)."""
     from luffy_megatron.trainer import pad_token_id, start_workers, train
     from transformers import AutoTokenizer
 
     cfg = job_config(tiny, tmp_path / "out", "parallel.nnodes=2", "parallel.n_gpus_per_node=2",
-                     "cluster.layout=colocated", "actor.offload_during_rollout=true")
+                     "cluster.layout=colocated", "actor.offload_during_rollout=true", "algo.use_kl_loss=true",
+                     "algo.kl_loss_coef=0.001")
     t0 = time.monotonic()
     workers = start_workers(cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), use_gpu=False)
     try:
@@ -314,8 +315,8 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
         woke = min(t0_ for ev in engine_events for t0_, t1 in calls(ev, "wake_up"))
         for ev in rank_events:
             names = [n for n, _, _ in ev]
-            assert names == ["build", "reload_to_device", "compute_log_probs", "update", "offload_to_host",
-                             "sync_weights", "save_checkpoint"], names
+            assert names == ["build", "reload_to_device", "compute_log_probs", "compute_ref_log_probs", "update",
+                             "offload_to_host", "sync_weights", "save_checkpoint"], names
             assert slept <= calls(ev, "reload_to_device")[0][0]  # the engines freed the GPU first
             assert calls(ev, "offload_to_host")[0][1] <= woke  # and got it back only after the update
             assert calls(ev, "update")[0][1] <= woke
@@ -330,6 +331,9 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
             assert not back["offloaded"] and back["grad_buffer_bytes"] > 0
             assert back["optimizer_state_abs_sum"] == state["optimizer_state_abs_sum"] > 0
             assert back["optimizer_state_bytes"] == state["optimizer_state_bytes"]
+            # the reference's weights were away too (in other storages) and came back with the same values
+            assert back["reference_ptrs"] and all(b != a for a, b in zip(state["reference_ptrs"], back["reference_ptrs"]))
+            assert back["reference_abs_sum"] == state["reference_abs_sum"] > 0
         # before the actors are killed the ranks end torch.distributed together: barrier, groups freed, gloo idle
         closed = workers.actors.shutdown()
         assert [c["ok"] for c in closed] == [True] * 4, closed

@@ -110,3 +110,28 @@ def test_optimizer_stepping_the_model_weights_leaves_them_in_place():
     assert off.host_bytes == moments + 2 * 4  # exp_avg + exp_avg_sq per weight, plus the two step counters
     reload_to_device(off)
     assert all(torch.equal(p, w[1]) for p, w in zip(chunk.parameters(), weights))
+
+
+def test_the_kl_reference_moves_to_host_and_comes_back_bit_for_bit():
+    """A frozen chunk (the KL reference) passed as `frozen_chunks`: every weight goes to a fresh host tensor while
+    the engines generate, and comes back unchanged; the policy's weights stay put."""
+    chunk, mains, opt = mixed_precision()
+    reference = Chunk(5)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    values = [p.detach().clone() for p in reference.parameters()]
+    held = [p.data for p in reference.parameters()]  # keep the originals alive: addresses stay meaningful
+    policy = [p.data_ptr() for p in chunk.parameters()]
+
+    off = offload_to_host(opt, [chunk], frozen_chunks=[reference])
+
+    moved = [p.data_ptr() for p in reference.parameters()]
+    assert not set(moved) & {t.data_ptr() for t in held}
+    assert all(torch.equal(p, v) for p, v in zip(reference.parameters(), values))
+    assert [p.data_ptr() for p in chunk.parameters()] == policy
+    state = sum(t.numel() * t.element_size() for t in state_tensors(opt)) + sum(m.numel() * 4 for m in mains)
+    assert off.host_bytes == state + sum(v.numel() * 4 for v in values)
+
+    reload_to_device(off)
+    assert all(torch.equal(p, v) for p, v in zip(reference.parameters(), values))
+    assert all(p.device == v.device for p, v in zip(reference.parameters(), values))

@@ -222,6 +222,16 @@ def test_offload_and_utilization_decide_the_generate_phase():
     assert engine == pytest.approx(0.8 * 80 * GIB, abs=4)
 
 
+def test_the_kl_reference_is_on_the_gpu_for_the_update_and_offloaded_with_the_optimizer():
+    recipe = str(REPO / "recipes/luffy_main.yaml")
+    kl = make_plan(load_config(recipe, ["algo.use_kl_loss=true", "algo.kl_loss_coef=0.001"]))
+    weights = kl.phase("update").get("weights")
+    assert kl.phase("update").get("ref_weights") == weights
+    assert kl.phase("sync+generate").get("ref_weights") is None  # cluster/offload.py moves it to host
+    kept = make_plan(load_config(recipe, ["algo.use_kl_loss=true", "algo.kl_loss_coef=0.001", "actor.offload_during_rollout=false"]))
+    assert kept.phase("sync+generate").get("ref_weights") == weights
+
+
 def test_disaggregated_layout_plans_trainer_and_rollout_gpus_apart():
     """parallel.nnodes training nodes plus cluster.rollout_nnodes rollout nodes (cluster.layout.plan_layout)."""
     disaggregated = ["cluster.layout=disaggregated", "actor.offload_during_rollout=false", "parallel.nnodes=6"]
