@@ -65,6 +65,7 @@ class DirectLoader:
     def __init__(self, model: torch.nn.Module, groups: dict, copies: dict, tied_lm_head: bool):
         self.model = model
         self.groups = groups  # HF name -> _Group (shared by the group's members)
+        self._distinct = list({id(g): g for g in groups.values()}.values())  # each group once
         self.copies = copies  # HF name -> _Copy
         self.tied_lm_head = tied_lm_head
         self.repack: dict = {}  # id(module) -> module whose GEMM state must be rebuilt at finish
@@ -123,10 +124,7 @@ class DirectLoader:
     # ------------------------------------------------------------------ steps
 
     def _unique_groups(self):
-        seen = {}
-        for g in self.groups.values():
-            seen.setdefault(id(g), g)
-        return list(seen.values())
+        return self._distinct
 
     def _copy(self, name: str, target: _Copy, tensor: torch.Tensor) -> None:
         param = getattr(target.module, target.param)

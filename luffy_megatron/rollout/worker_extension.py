@@ -22,7 +22,8 @@ packs each linear weight away, a session loads directly instead when the model q
 How buckets arrive (the transports are in `luffy_megatron/sync/`):
 
 * flat buckets: one uint8 buffer + a list of (name, dtype, shape, offset); the worker loads views of the
-  buffer, so the only copy is the load's own into the model (on CPU the packing, reading the buffer in place). The buffer is a /dev/shm file mapped by
+  buffer, so the only copy is the load's own into the model (on CPU the packing, reading the buffer in
+  place). The buffer is a /dev/shm file mapped by
   path (`luffy_load_flat_file`: the shared-memory transport, and the object store's handoff on the engine's
   host), a CUDA IPC handle opened on this worker's GPU (`luffy_load_ipc`), a buffer received from a
   dedicated process group (`luffy_join_weight_groups`, `luffy_receive_collective`), or bytes through the RPC
@@ -115,7 +116,7 @@ class LuffyWorkerExtension:
         return self._luffy_direct_plan[0]
 
     def luffy_direct_load_plan(self) -> str:
-        """"" when this worker's model qualifies for direct loads, else the reason it does not."""
+        """An empty string when this worker's model qualifies for direct loads, else the reason it does not."""
         self._luffy_direct_loader()
         return self._luffy_direct_plan[1]
 
