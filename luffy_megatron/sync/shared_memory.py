@@ -125,7 +125,7 @@ class SharedMemoryTransport(Transport):
         socket hop through the sender). Collective over the stage's TP group; returns on a contributor its
         mappings of the two files, on the sender [], and None everywhere when the files are not shared. The
         exchange runs again only when the sender made new files (`slots_made`) or a peer has none mapped; other
-        syncs cost two one-number collectives."""
+        syncs cost one all-gather of one number per rank."""
         import os
 
         import torch.distributed as dist
@@ -137,25 +137,27 @@ class SharedMemoryTransport(Transport):
             return None
         group = ps.get_tensor_model_parallel_group()
         root = dist.get_process_group_ranks(group)[0]
-        made = torch.zeros(1, dtype=torch.int64)
+        cached = self._shared
         if ctx.is_sender:
             self._ensure_slots(max((b.nbytes for b in ctx.buckets), default=ALIGN_PROBE))
-            made[0] = self.slots_made
-        dist.broadcast(made, src=root, group=group)
-        cached = self._shared
-        need = torch.tensor([int(cached is None or cached[0] != int(made[0]))], dtype=torch.int64)
-        dist.all_reduce(need, op=dist.ReduceOp.MAX, group=group)
-        if not int(need[0]):
+        # one collective: the sender's file id, and the id every peer mapped last (-1: none)
+        have = self.slots_made if ctx.is_sender else (cached[0] if cached is not None else -1)
+        if ctx.is_sender and (cached is None or cached[0] != self.slots_made):
+            have = -2  # the sender's own record is stale
+        ids = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(ids, torch.tensor([have], dtype=torch.int64), group=group)
+        made = int(ids[dist.get_group_rank(group, root)][0])
+        if made > 0 and all(int(i[0]) == made for i in ids):
             return cached[1]
         spec = [None]
         if ctx.is_sender:  # no engine reads the files between syncs: a token in the first one proves the mapping
             token = list(os.urandom(16))
             self.slots[0].tensor[:16] = torch.tensor(token, dtype=torch.uint8)
-            spec = [([(s.path, s.nbytes) for s in self.slots], token)]
+            spec = [([(s.path, s.nbytes) for s in self.slots], token, self.slots_made)]
         dist.broadcast_object_list(spec, src=root, group=group)
+        files, token, made = spec[0]
         mapped = None
         if not ctx.is_sender:
-            files, token = spec[0]
             if all(os.path.exists(path) for path, _ in files):
                 if self._peer_maps is None:
                     self._peer_maps = MappingCache(size=2)
@@ -168,7 +170,7 @@ class SharedMemoryTransport(Transport):
             log.warning("weight sync: TP rank(s) %s of stage %d cannot map the sender's bucket files; their shards "
                         "go through the sender", [i for i, good in enumerate(ok) if not good], ctx.pp_rank)
         result = ([] if ctx.is_sender else mapped) if all(ok) else None
-        self._shared = (int(made[0]), result)
+        self._shared = (int(made), result)
         return result
 
     def reachable(self, ctx: SyncContext) -> list[int]:
@@ -217,12 +219,22 @@ class SharedMemoryTransport(Transport):
         self._wait(slot)  # the engines are done with the bucket two back
         return self.slots[slot].tensor
 
-    def transfer(self, ctx: SyncContext, filling: Iterator) -> None:
-        if self.reachable(ctx):
-            raise RuntimeError(self.unreachable_message(ctx, self._unreachable))
+    def ahead(self, ctx: SyncContext, filling: Iterator) -> Iterator:
+        """The first bucket is exported into slot 0 while the engines open their session."""
+        from luffy_megatron.sync.weights import FilledAhead
+
         if ctx.buckets:
             self._ensure_slots(max(b.nbytes for b in ctx.buckets))
         self.k = 0
+        try:  # the first sync's probe writes a token into slot 0: before the bucket goes there
+            unreachable = self.reachable(ctx)
+        except Exception:  # noqa: BLE001 - `transfer` asks again and fails inside the senders' agreement
+            return filling
+        return filling if unreachable else FilledAhead(filling)
+
+    def transfer(self, ctx: SyncContext, filling: Iterator) -> None:
+        if self.reachable(ctx):
+            raise RuntimeError(self.unreachable_message(ctx, self._unreachable))
         try:
             for bucket, buf in filling:
                 slot = self.k % 2

@@ -147,14 +147,31 @@ def engine_key(fleet) -> tuple:
     return tuple(getattr(e, "_actor_id", None).hex() if hasattr(e, "_actor_id") else id(e) for e in fleet.engines)
 
 
+def _cached_plan(actor, chunks, arch, bucket_bytes: int, dtype: torch.dtype) -> list[FlatBucket]:
+    """This stage's bucket plan (`plan_flat_buckets(all_stages=False)`), kept on the actor (it holds views of
+    the actor's parameters) and made again only when a parameter, its storage, shape or dtype, the bucket size
+    or the export dtype changed."""
+    from luffy_megatron.convert.export import plan_flat_buckets
+
+    key = (id(arch), bucket_bytes, dtype, tuple((id(p), p.data_ptr(), p.dtype, tuple(p.shape))
+                                                 for c in chunks for p in c.parameters()))
+    cached = getattr(actor, "_luffy_sync_plan", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    buckets = plan_flat_buckets(chunks, arch=arch, bucket_bytes=bucket_bytes, dtype=dtype, all_stages=False)
+    try:
+        actor._luffy_sync_plan = (key, buckets)
+    except AttributeError:  # an actor that takes no attributes: plan every time
+        pass
+    return buckets
+
+
 class SyncContext:
     """What one rank knows about the sync in progress (made by `sync_actor_to_engines`)."""
 
     def __init__(self, actor, fleet, *, bucket_bytes: int, dtype: torch.dtype, timeout_s: float):
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
-
-        from luffy_megatron.convert.export import plan_flat_buckets
 
         self.actor, self.fleet, self.dtype, self.timeout_s = actor, fleet, dtype, timeout_s
         self.bucket_bytes = bucket_bytes
@@ -175,9 +192,7 @@ class SyncContext:
         self.sender_ranks = (dist.get_process_group_ranks(self.senders_group) if self.senders_group is not None
                              else [self.rank])
         self.stats = ExportStats()
-        self.buckets: list[FlatBucket] = (
-            plan_flat_buckets(self.chunks, arch=self.arch, bucket_bytes=bucket_bytes, dtype=dtype, all_stages=False)
-            if self.role != "idle" else [])
+        self.buckets: list[FlatBucket] = _cached_plan(actor, self.chunks, self.arch, bucket_bytes, dtype) if self.role != "idle" else []
         self._buffer_for: Callable = lambda bucket: None
         self.fill_mode = ""  # how the stage's TP group filled its buckets: gather (shards to TP rank 0) | shared
         params = [p for c in self.chunks for p in c.parameters()]
@@ -253,6 +268,30 @@ class SyncContext:
         return out if isinstance(refs, list) else out[0]
 
 
+class FilledAhead:
+    """An iterator whose first item is produced at once (an error doing so is raised when it is asked for)."""
+
+    def __init__(self, it: Iterator):
+        self.it, self.first, self.error = it, [], None
+        try:
+            self.first = [next(it)]
+        except StopIteration:
+            pass
+        except Exception as e:  # noqa: BLE001 - raised to whoever iterates, inside its error handling
+            self.error = e
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+        if self.first:
+            return self.first.pop()
+        return next(self.it)
+
+
 class Transport:
     """Sender side of one transport; one instance per process and fleet (it may keep process groups and
     buffers between syncs). A transport implements `transfer` (move this stage's buckets, driving the `fill`
@@ -284,10 +323,17 @@ class Transport:
         finally:
             ctx.drain(filling)  # a no-op after a full send; after a failure it frees the TP peers
 
+    def ahead(self, ctx: SyncContext, filling: Iterator) -> Iterator:
+        """Called while the engines open their update session: a transport whose buffers are ready may fill
+        its first bucket meanwhile (returns the iterator `transfer` then gets). Default: nothing."""
+        return filling
+
     def send(self, ctx: SyncContext, filling: Iterator) -> dict:
         """Open the session (driver) -> every sender transfers -> all agree -> close the session (driver)."""
-        self._step(ctx, "opening the engines' update session", lambda: ctx.is_driver and ctx.engine_get(
-            [e.begin_weight_update.remote() for e in self.fleet.engines], "begin_weight_update"))
+        opening = [e.begin_weight_update.remote() for e in self.fleet.engines] if ctx.is_driver else None
+        filling = self.ahead(ctx, filling)
+        self._step(ctx, "opening the engines' update session",
+                   lambda: opening is None or ctx.engine_get(opening, "begin_weight_update"))
         self._step(ctx, "sending weights", lambda: self.transfer(ctx, filling), abort=True)
         if not ctx.is_driver:
             return {}
