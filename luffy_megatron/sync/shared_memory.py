@@ -140,10 +140,10 @@ class SharedMemoryTransport(Transport):
         cached = self._shared
         if ctx.is_sender:
             self._ensure_slots(max((b.nbytes for b in ctx.buckets), default=ALIGN_PROBE))
-        # one collective: the sender's file id, and the id every peer mapped last (-1: none)
-        have = self.slots_made if ctx.is_sender else (cached[0] if cached is not None else -1)
-        if ctx.is_sender and (cached is None or cached[0] != self.slots_made):
-            have = -2  # the sender's own record is stale
+        # one collective: the file id each rank exchanged last (-1: none; the sender: -2 if it made new files since)
+        have = cached[0] if cached is not None else -1
+        if ctx.is_sender and have != self.slots_made:
+            have = -2
         ids = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
         dist.all_gather(ids, torch.tensor([have], dtype=torch.int64), group=group)
         made = int(ids[dist.get_group_rank(group, root)][0])
