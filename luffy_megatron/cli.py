@@ -2,7 +2,7 @@
 
 
 def train_main() -> int:
-    from luffy_megatron.trainer import main
+    from luffy_megatron.train.loop import main
 
     return main()
 

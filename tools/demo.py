@@ -30,7 +30,7 @@ def main() -> int:
 
     from luffy_megatron.config import load_config
     from luffy_megatron.models.demo_models import build_smollm2_hf
-    from luffy_megatron.trainer import main as train_main
+    from luffy_megatron.train.loop import main as train_main
 
     cfg = load_config(args.config, args.overrides)
     data_dir = Path(cfg.data.train_files[0]).parent

@@ -2,7 +2,7 @@
 """`make experiment` / `make experiment-quick`: LUFFY's headline comparison in miniature on a CPU.
 
 The same weak model, task, seeds and step budget for four arms, all trained by `luffy-train`'s loop
-(`trainer.train`: Megatron actor, vLLM engine and reward pool on Ray) and graded with `luffy-eval`'s grading:
+(`train.loop.train`: Megatron actor, vLLM engine and reward pool on Ray) and graded with `luffy-eval`'s grading:
 
 * on_policy         on-policy GRPO: 8 generations per prompt, no demonstrations (PPO clip on, as upstream's
                     train_on_policy.sh);
@@ -19,9 +19,9 @@ Stages (each idempotent; a finished stage or run is not redone, an interrupted r
    computed number replaced by a random one;
 2. the weak model (`<work>/weak_model`): a randomly initialised Llama (~1.1M parameters, a byte-level BPE
    tokenizer trained on the task's text)
-   fine-tuned by `trainer.train` in algo.mode=sft on the format-only demonstrations, so it writes the format but
+   fine-tuned by `train.loop.train` in algo.mode=sft on the format-only demonstrations, so it writes the format but
    its answers are right only by chance; exported as an HF model;
-3. the arms x seeds (`<work>/runs/<arm>/seed_<s>`): `trainer.train` in chunks of --eval-every steps on one set
+3. the arms x seeds (`<work>/runs/<arm>/seed_<s>`): `train.loop.train` in chunks of --eval-every steps on one set
    of workers per run; after each chunk (and before the first) the engine, holding the actor's weights, answers
    the held-out splits at luffy-eval's temperature 0.6, graded as `luffy-eval` grades (`eval.grading_text` +
    the `math` grader in a `RewardPool`, `eval.aggregate`); `evals.jsonl`, the trainer's `metrics.jsonl`, and
@@ -243,7 +243,7 @@ def with_steps(cfg, steps: int):
 def start(cfg, log_dir: Path):
     from transformers import AutoTokenizer
 
-    from luffy_megatron.trainer import pad_token_id, start_workers
+    from luffy_megatron.train.setup import pad_token_id, start_workers
 
     return start_workers(cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), use_gpu=False, log_dir=log_dir)
 
@@ -259,7 +259,8 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 def build_weak_model(work: Path, paths: dict[str, Path], *, format_steps: int) -> Path:
     """Stage 2: the random model fine-tuned on format-only demonstrations with algo.mode=sft, exported to HF."""
-    from luffy_megatron.trainer import export_hf, train
+    from luffy_megatron.actor.remote import export_hf
+    from luffy_megatron.train.loop import train
 
     weak = work / "weak_model"
     if (weak / "config.json").exists():
@@ -285,7 +286,8 @@ def build_weak_model(work: Path, paths: dict[str, Path], *, format_steps: int) -
 def run_arm(arm: str, seed: int, *, work: Path, weak: Path, paths: dict[str, Path], steps: int, eval_every: int,
             held_out: HeldOut, pool) -> dict:
     """One (arm, seed) run; resumes from its checkpoint and skips evaluations already recorded."""
-    from luffy_megatron.trainer import export_hf, train
+    from luffy_megatron.actor.remote import export_hf
+    from luffy_megatron.train.loop import train
 
     out = work / "runs" / arm / f"seed_{seed}"
     done = out / "done.json"
@@ -349,7 +351,7 @@ def _mean_spread(values: list[float], fmt: str = "{:.1f}") -> str:
 
 def collect(work: Path, arms: list[str], seeds: list[int], last_n: int) -> dict[str, Any]:
     """Per arm and seed: the evaluations, the trainer's per-step reward and entropy, and the summary."""
-    from luffy_megatron.metrics_log import read_metrics
+    from luffy_megatron.metrics.sinks import read_metrics
 
     results: dict[str, Any] = {}
     for arm in arms:

@@ -203,7 +203,7 @@ class ActorGroup:
     """The Megatron ranks of a `cluster.placement.Placement`, one Ray actor each, in their GPU bundles."""
 
     # Why the ranks cannot end together (a rank died, or a call hung: the others may be stuck in a collective
-    # with it, their `close` queued behind it), set by `rollout.faults.GuardedRanks`; `shutdown` then kills
+    # with it, their `close` queued behind it), set by `cluster.supervision.GuardedRanks`; `shutdown` then kills
     # them without the exit barrier.
     broken: Optional[str] = None
 

@@ -32,11 +32,11 @@ class Workers:
     actors: Any  # cluster.actor_group.ActorGroup
     fleet: Any  # rollout.ray_engine.EngineFleet
     offload: bool = False  # actor.offload_during_rollout
-    # rollout.faults.GuardedRanks (set by trainer.guard): the offload/reload calls bounded by
+    # cluster.supervision.GuardedRanks (set by train.setup.supervise): the offload/reload calls bounded by
     # trainer.rank_call_timeout_s, a dead rank named; without it they are plain calls on the ActorGroup
     ranks: Any = None
     # the output directory of the run whose training state the ranks hold (None: as built, nothing trained);
-    # `trainer.train` rebuilds the actor for another run, so a new run starts from model.path as on new workers
+    # `train.loop.train` rebuilds the actor for another run, so a new run starts from model.path as on new workers
     actor_run: Any = None
 
     @property

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from luffy_megatron.rollout.faults import RunError
+from luffy_megatron.cluster.supervision import RunError
 
 log = logging.getLogger("luffy.trainer")
 

@@ -78,7 +78,7 @@ if actor.reference is not None:
 
     from luffy_megatron.algo.kl import make_kl_controller
     from luffy_megatron.algo.options import kl_controller_options, loss_options
-    from luffy_megatron.trainer import rewards_and_advantages
+    from luffy_megatron.train.step_parts import rewards_and_advantages
     from tests.dist.actor_fixtures import KL_LOSS_COEF, reference_token_scores
 
     ref_lp = actor.compute_ref_log_probs(batch)

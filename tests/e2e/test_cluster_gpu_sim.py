@@ -2,8 +2,8 @@
 (separate raylets at 127.0.1.1 and 127.0.1.2, platform_notes.md sections 4 and 9). Ray really places the
 actors and sets CUDA_VISIBLE_DEVICES; torch sees no CUDA, so the compute runs on the CPU.
 
-For each layout the test starts the trainer's own workers (`trainer.start_workers`), reads back from every
-rank and engine where it runs, then runs one training step through `trainer.train` on those workers and reads
+For each layout the test starts the trainer's own workers (`train.setup.start_workers`), reads back from every
+rank and engine where it runs, then runs one training step through `train.loop.train` on those workers and reads
 the call log of every actor. The driver is attached to 127.0.1.2 on purpose: rank 0 lands on 127.0.1.1, so a
 rendezvous taken from the driver's node would be caught.
 
@@ -212,7 +212,7 @@ def test_impossible_placement_fails_before_any_model_loads(cluster, tiny, tmp_pa
     rank or engine exists."""
     import ray
 
-    from luffy_megatron.trainer import main
+    from luffy_megatron.train.loop import main
 
     out = tmp_path / "out"
     overrides = tiny_overrides(tiny, out) + ["parallel.nnodes=3", "parallel.n_gpus_per_node=4", "rollout.num_engines=null",
@@ -264,7 +264,8 @@ def test_busy_gpus_fail_within_the_timeout_naming_what_was_asked_and_what_is_fre
 def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_cls):
     """TP=2 x DP=2 over 2 nodes x 2 GPUs, two engines of TP=2 on the GPUs of ranks (0,1) and (2,3); the
     optimizer state and the KL reference's weights leave the GPUs during rollout (actor.offload_during_rollout)."""
-    from luffy_megatron.trainer import pad_token_id, start_workers, train
+    from luffy_megatron.train.setup import pad_token_id, start_workers
+    from luffy_megatron.train.loop import train
     from transformers import AutoTokenizer
 
     cfg = job_config(tiny, tmp_path / "out", "parallel.nnodes=2", "parallel.n_gpus_per_node=2",
@@ -344,7 +345,8 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
 
 
 def test_disaggregated_one_node_trains_the_other_generates(cluster, tiny, tmp_path, probe_cls):
-    from luffy_megatron.trainer import pad_token_id, start_workers, train
+    from luffy_megatron.train.setup import pad_token_id, start_workers
+    from luffy_megatron.train.loop import train
     from transformers import AutoTokenizer
 
     cfg = job_config(tiny, tmp_path / "out", "parallel.nnodes=1", "parallel.n_gpus_per_node=4",

@@ -1,5 +1,5 @@
 """`make experiment-quick` at a tiny scale: tools/experiment.py builds its data and weak model, trains two arms
-(LUFFY and SFT) for 2 steps with one seed through the real stack (trainer.train: Megatron rank, vLLM engine,
+(LUFFY and SFT) for 2 steps with one seed through the real stack (train.loop.train: Megatron rank, vLLM engine,
 reward pool on Ray), grades the held-out splits with luffy-eval's grading and writes the table and plots.
 What is asserted is that the outputs exist and are well formed, and that a second invocation after an
 interruption resumes (a finished run is not redone, an interrupted one continues from its checkpoint without

@@ -2,7 +2,7 @@
 random Llama: the engines' log-probs against the actor's, the staleness guard, and engine faults.
 
 One set of workers (1 Megatron rank, 2 vLLM engines) is started for the module; each test runs
-`trainer.train` on it with its own output directory and settings:
+`train.loop.train` on it with its own output directory and settings:
 
 * with the weight sync after every update, the engines' log-prob of every generated token equals the actor's
   old log-prob within `TOLERANCE` (`rollout/logprob_diff_mean`), and `rollout/weight_version` follows the steps;
@@ -91,7 +91,7 @@ def ray_up():
 def cluster(ray_up, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from luffy_megatron.trainer import pad_token_id, start_workers
+    from luffy_megatron.train.setup import pad_token_id, start_workers
 
     root = tmp_path_factory.mktemp("integrity")
     synthetic_data(root / "data")
@@ -165,6 +165,7 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
     hangs on it (killed after the health check, so the rank is freed)."""
     import torch
 
+    from luffy_megatron.cluster import supervision
     from luffy_megatron.rollout import faults
     from luffy_megatron.rollout.ray_engine import EngineFleet
 
@@ -200,13 +201,13 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
         workers = [Rank.remote()]
 
     how = {"value": "dies"}
-    monkeypatch.setattr(faults.GuardedRanks, "run", lambda self, fn, *a, timeout_s=None: self.wait(
+    monkeypatch.setattr(supervision.GuardedRanks, "run", lambda self, fn, *a, timeout_s=None: self.wait(
         "sync_weights", [w.run.remote(fn, *a, how=how["value"]) for w in self.actors.workers], timeout_s))
     monkeypatch.setattr(faults, "HEALTH_TIMEOUT_S", 1.0)
 
     def supervisor(mode, engines, timeout_s=30.0):
         fleet = EngineFleet(engines, dtype=torch.float32, infos=[{"node_ip": f"10.2.2.{i}"} for i in range(len(engines))])
-        return faults.EngineSupervisor(fleet, faults.GuardedRanks(Group()), push=lambda *a: None, bucket_bytes=1,
+        return faults.EngineSupervisor(fleet, supervision.GuardedRanks(Group()), push=lambda *a: None, bucket_bytes=1,
                                        request_timeout_s=timeout_s, on_engine_failure=mode)
 
     with time_limit(60):
@@ -256,7 +257,7 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
 
 def test_a_dead_rank_is_named_at_once(ray_up):
     """GuardedRanks with stand-in ranks: rank 1 dies while rank 0 waits (as in a collective with it)."""
-    from luffy_megatron.rollout.faults import GuardedRanks, RankFailure
+    from luffy_megatron.cluster.supervision import GuardedRanks, RankFailure
 
     @ray_up.remote(num_cpus=0)
     class Rank:
@@ -343,7 +344,7 @@ def weights_checksum(actor) -> float:
 
 
 def test_synced_engines_sample_with_the_actors_log_probs(cluster):
-    from luffy_megatron.trainer import train
+    from luffy_megatron.train.loop import train
 
     root, workers = cluster
     with time_limit(TEST_TIME_LIMIT_S):
@@ -393,7 +394,7 @@ def test_a_new_run_on_reused_workers_starts_from_the_models_weights(cluster):
     model.path (new weights, optimizer, schedule) and syncs the engines from it; the same run keeps it."""
     from transformers import AutoTokenizer
 
-    from luffy_megatron.trainer import pad_token_id, take_over
+    from luffy_megatron.train.setup import pad_token_id, adopt_workers
 
     root, workers = cluster
     assert workers.actor_run == str(root / "synced")
@@ -401,12 +402,12 @@ def test_a_new_run_on_reused_workers_starts_from_the_models_weights(cluster):
     cfg = job_config(root, "fresh", 1)
     pad = pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path))
     with time_limit(TEST_TIME_LIMIT_S):
-        assert take_over(cfg, workers, root / "fresh", pad) is True
+        assert adopt_workers(cfg, workers, root / "fresh", pad) is True
     assert workers.actors.run(weights_checksum) == INITIAL_WEIGHTS["checksum"]
     (state,) = workers.actors.training_states()
     assert state["step"] == 0 and state["optimizer_state_abs_sum"] == 0  # a new optimizer: no Adam moments yet
     assert workers.fleet.synced_version is None and workers.actor_run == str(root / "fresh")
-    assert take_over(cfg, workers, root / "fresh", pad) is False
+    assert adopt_workers(cfg, workers, root / "fresh", pad) is False
 
 
 def test_best_validation_hf_export_then_val_only_resumed_from_a_path(cluster):
@@ -415,7 +416,7 @@ def test_best_validation_hf_export_then_val_only_resumed_from_a_path(cluster):
     run's checkpoint and stop, training nothing."""
     from safetensors.torch import load_file
 
-    from luffy_megatron.trainer import train
+    from luffy_megatron.train.loop import train
 
     root, workers = cluster
     val = f"data.val_files=[{root}/data/train.parquet]"  # the training prompts double as validation rows
@@ -451,7 +452,7 @@ def torch_equal(a, b) -> bool:
 def test_a_lost_sync_shows_as_drift_and_the_stale_batch_is_refused(cluster, monkeypatch):
     from luffy_megatron.rollout import faults
     from luffy_megatron.rollout.integrity import StaleRolloutError
-    from luffy_megatron.trainer import train
+    from luffy_megatron.train.loop import train
 
     root, workers = cluster
     transfer = faults.EngineSupervisor.push_weights
@@ -475,7 +476,7 @@ def test_a_lost_sync_shows_as_drift_and_the_stale_batch_is_refused(cluster, monk
 
 
 def test_restart_mode_restarts_a_killed_engine_and_completes_the_step(cluster):
-    from luffy_megatron.trainer import train
+    from luffy_megatron.train.loop import train
 
     root, workers = cluster
     old_pids = workers.fleet.infos[KILLED]["core_pids"]
@@ -492,7 +493,7 @@ def test_restart_mode_restarts_a_killed_engine_and_completes_the_step(cluster):
 
 
 def test_fail_mode_names_the_dead_engine_after_a_checkpoint(cluster, monkeypatch, capsys):
-    from luffy_megatron import trainer
+    from luffy_megatron.train import loop
     from luffy_megatron.rollout.faults import EngineFailure
 
     root, workers = cluster
@@ -500,7 +501,7 @@ def test_fail_mode_names_the_dead_engine_after_a_checkpoint(cluster, monkeypatch
     with time_limit(TEST_TIME_LIMIT_S), pytest.raises(EngineFailure) as failed:
         cfg = job_config(root, "fail", 2, "trainer.save_freq=-1")
         killer = CoreKiller(workers.fleet, KILLED, occurrence=2)  # during the generation of step 2
-        trainer.train(cfg, workers=workers)
+        loop.train(cfg, workers=workers)
     reported = time.monotonic()
     err = failed.value
     text = str(err)
@@ -516,8 +517,8 @@ def test_fail_mode_names_the_dead_engine_after_a_checkpoint(cluster, monkeypatch
     def failing_train(cfg):
         raise err
 
-    monkeypatch.setattr(trainer, "train", failing_train)
+    monkeypatch.setattr(loop, "train", failing_train)
     capsys.readouterr()  # what the run printed so far
-    assert trainer.main(["--config", str(REPO / "recipes" / "slurm_cpu_test.yaml")]) == 1
+    assert loop.main(["--config", str(REPO / "recipes" / "slurm_cpu_test.yaml")]) == 1
     stderr = capsys.readouterr().err
     assert stderr.startswith(f"luffy-train: error: engine {KILLED} of 2") and "Traceback" not in stderr

@@ -21,7 +21,7 @@ def served(tmp_path_factory):
     import time
 
     from luffy_megatron.config import load_config
-    from luffy_megatron.metrics_log import MetricsLogger
+    from luffy_megatron.metrics.sinks import MetricsLogger
 
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(None, ["trainer.total_training_steps=4", f"trainer.output_dir={out}"])

@@ -1,4 +1,4 @@
-"""Checkpoint-on-signal of a running `luffy-train` (utils/preemption.py, trainer.py), on the CPU with real Ray,
+"""Checkpoint-on-signal of a running `luffy-train` (utils/preemption.py, train/progress.py), on the CPU with real Ray,
 vLLM and Megatron and a tiny model: SIGTERM mid-run (and a second signal while it stops) ends the run after the
 current step with a complete checkpoint and exit code 75; running the same command again resumes at the next
 step with the same data position. The same path under Slurm (SIGUSR1, requeue) is in test_slurm.py."""

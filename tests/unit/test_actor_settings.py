@@ -112,12 +112,12 @@ def test_gradients_refuses_the_distributed_optimizers_partial_buffers():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's refusal")
 def test_luffy_train_with_fp8_and_no_transformer_engine_fails_at_start(tmp_path, capsys):
     """Exit 2 with the setting named, before Ray, data or any model (no model path, data or cluster exists here)."""
-    from luffy_megatron import trainer
+    from luffy_megatron.train import loop
 
     recipe = tmp_path / "fp8.yaml"
     recipe.write_text("model:\n  fp8: hybrid\nparallel:\n  n_gpus_per_node: 1\n  use_distributed_optimizer: false\n"
                       "rollout:\n  tensor_model_parallel_size: 1\ntrainer:\n  output_dir: " + str(tmp_path / "out") + "\n")
-    assert trainer.main(["--config", str(recipe)]) == 2
+    assert loop.main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "model.fp8=hybrid needs Transformer Engine" in err
     assert not (tmp_path / "out").exists()  # nothing was started or written

@@ -172,7 +172,7 @@ def test_bad_tp_fails_at_start_before_ray_or_data(tmp_path, capsys):
     nor the (missing) data files were touched."""
     import ray
 
-    from luffy_megatron.trainer import main
+    from luffy_megatron.train.loop import main
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", **HEADS}))
     assert not ray.is_initialized()

@@ -1,4 +1,4 @@
-"""monitoring.py against numbers computed by hand and by upstream's own formulas (LUFFY
+"""metrics/compute.py against numbers computed by hand and by upstream's own formulas (LUFFY
 `mix_trainer.compute_data_metrics_ours` / `compute_timing_metrics`, verl `flops_counter`), and the
 MetricsLogger's config text and console line."""
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from luffy_megatron.monitoring import (ModelFlops, RunPerf, StepTimer, data_metrics, peak_flops, perf_metrics,
+from luffy_megatron.metrics.compute import (ModelFlops, RunPerf, StepTimer, data_metrics, peak_flops, perf_metrics,
                                        run_gpus)
 
 # Three rows, response width 4 (= data.max_response_length), prompt limit 5:
@@ -264,7 +264,7 @@ def test_metrics_logger_writes_the_whole_config_as_text(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from luffy_megatron.config import load_config
-    from luffy_megatron.metrics_log import MetricsLogger
+    from luffy_megatron.metrics.sinks import MetricsLogger
 
     cfg = load_config(None, ["trainer.total_training_steps=3", "actor.lr=2.5e-6", "data.train_files=[a.parquet]"])
     logger = MetricsLogger(tmp_path / "tb", tmp_path / "metrics.jsonl", total_steps=3, config=cfg)
@@ -286,7 +286,7 @@ def test_metrics_logger_writes_the_whole_config_as_text(tmp_path, capsys):
 
 def test_console_line_every_log_every_steps_and_the_last_step(tmp_path, capsys):
     from luffy_megatron.config import load_config
-    from luffy_megatron.metrics_log import MetricsLogger, read_metrics
+    from luffy_megatron.metrics.sinks import MetricsLogger, read_metrics
 
     cfg = load_config(None, ["logging.log_every_steps=3", "logging.experiment_name=try", "data.train_files=[a.parquet]"])
     logger = MetricsLogger(tmp_path / "tb", tmp_path / "metrics.jsonl", total_steps=7, config=cfg)
@@ -299,7 +299,7 @@ def test_console_line_every_log_every_steps_and_the_last_step(tmp_path, capsys):
 
 
 def test_results_plot_reads_todays_and_older_metric_names(tmp_path):
-    from luffy_megatron.metrics_log import first_logged, plot_results
+    from luffy_megatron.metrics.sinks import first_logged, plot_results
 
     old = [{"step": 1, "rollout/reward_mean": 0.25, "actor/entropy_loss": 1.0}]  # a run from before the rename
     new = [{"step": 1, "critic/score/mean": 0.5, "rollout/reward_mean": 0.5, "actor/entropy": 1.0}]

@@ -1,5 +1,5 @@
 """trainer.rank_call_timeout_s: every bounded call on the Megatron ranks uses it (GuardedRanks, built by
-`trainer.guard`), including the optimizer offload/reload that a step makes through `cluster.workers.Workers`;
+`train.setup.supervise`), including the optimizer offload/reload that a step makes through `cluster.workers.Workers`;
 a non-positive value is refused by the config."""
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ def placement(mode: str):
 
 
 def test_guard_builds_the_rank_guard_with_the_configured_timeout_and_hands_it_to_the_workers():
-    from luffy_megatron.trainer import guard
+    from luffy_megatron.train.setup import supervise
 
     cfg = load_config(None, ["trainer.rank_call_timeout_s=90"])
     actors = SimpleNamespace(workers=[])
     workers = Workers(placement("cpu"), actors, SimpleNamespace(), offload=True)
-    ranks, engines = guard(cfg, workers)
+    ranks, engines = supervise(cfg, workers)
     assert ranks.timeout_s == 90.0
     assert workers.ranks is ranks and engines.ranks is ranks
 

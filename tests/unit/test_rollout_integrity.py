@@ -156,7 +156,7 @@ def _tiny_args(tmp_path, train_file):
 
 
 def test_a_data_error_is_one_line_not_a_traceback(tmp_path, capsys):
-    from luffy_megatron.trainer import main
+    from luffy_megatron.train.loop import main
 
     broken = tmp_path / "train.parquet"
     broken.write_bytes(b"PAR1 this is not parquet")
@@ -170,8 +170,8 @@ def test_a_data_error_is_one_line_not_a_traceback(tmp_path, capsys):
 def test_a_model_the_ranks_cannot_convert_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     import ray
 
-    from luffy_megatron import trainer
     from luffy_megatron.config import load_config
+    from luffy_megatron.train import loop, setup
 
     class Ranks:
         def build(self, cfg, hf_dir, pad_token_id, fresh=False):  # what ActorGroup.build raises when a rank's conversion fails
@@ -180,8 +180,8 @@ def test_a_model_the_ranks_cannot_convert_is_one_line_naming_it(tmp_path, monkey
                                               ValueError("llama: hidden_act='gelu' is not supported (only SwiGLU with 'silu')"))
 
     cfg = load_config(None, [f"model.path={tmp_path / 'model'}"])
-    with pytest.raises(trainer.ModelLoadError) as bad:
-        trainer.build_ranks(Ranks(), cfg, 0, tmp_path / "logs")
+    with pytest.raises(setup.ModelLoadError) as bad:
+        setup.build_ranks(Ranks(), cfg, 0, tmp_path / "logs")
     assert str(bad.value).startswith(f"the Megatron ranks could not load the model (model.path={tmp_path / 'model'}): "
                                      "ValueError: llama: hidden_act='gelu' is not supported")
     assert "hf_to_mcore.py" in (tmp_path / "logs" / "model_load_error.log").read_text()
@@ -189,21 +189,21 @@ def test_a_model_the_ranks_cannot_convert_is_one_line_naming_it(tmp_path, monkey
     def failing_train(cfg):
         raise bad.value
 
-    monkeypatch.setattr(trainer, "train", failing_train)
-    assert trainer.main([]) == 2
+    monkeypatch.setattr(loop, "train", failing_train)
+    assert loop.main([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("luffy-train: error: the Megatron ranks could not load the model") and "Traceback" not in err
 
 
 def test_run_errors_are_one_line_with_exit_code_1(monkeypatch, capsys):
-    from luffy_megatron import trainer
-    from luffy_megatron.rollout.faults import RankFailure
+    from luffy_megatron.cluster.supervision import RankFailure
+    from luffy_megatron.train import loop
 
     def failing_train(cfg):
         raise RankFailure("Megatron rank 1 of 2 (node 10.0.0.2) died during update: ...", rank=1, what="update")
 
-    monkeypatch.setattr(trainer, "train", failing_train)
-    assert trainer.main([]) == 1
+    monkeypatch.setattr(loop, "train", failing_train)
+    assert loop.main([]) == 1
     assert capsys.readouterr().err == "luffy-train: error: Megatron rank 1 of 2 (node 10.0.0.2) died during update: ...\n"
 
 
@@ -214,7 +214,8 @@ def test_a_resumed_sampler_and_prefix_draws_are_the_uninterrupted_ones():
     """What a run resumed after step k draws at step k+1 (prompts: PromptSampler at the saved data position;
     prefix ratios: step_rng) is what the run that never stopped draws, across an epoch boundary too."""
     from luffy_megatron.config import load_config
-    from luffy_megatron.trainer import PromptSampler, step_rng
+    from luffy_megatron.data.sampler import PromptSampler
+    from luffy_megatron.train.step_parts import step_rng
 
     cfg = load_config(None, [])
     uninterrupted = PromptSampler(10, 4, seed=5)

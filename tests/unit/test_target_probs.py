@@ -177,7 +177,9 @@ def test_trainer_batch_carries_teacher_probs_on_the_demonstration_tokens(qwen_to
     """parquet -> trainer.load_data -> trainer.generate_and_mix -> RolloutBatch.target_probs -> the loss input."""
     import random
 
-    from luffy_megatron.trainer import generate_and_mix, load_data
+    from luffy_megatron.train.step_parts import generate_and_mix
+
+    from luffy_megatron.train.setup import load_data
 
     tokenizer_dir = Path(qwen_tokenizer.name_or_path)
     counts = [num_target_tokens(qwen_tokenizer, i) for i in range(2)]
@@ -212,7 +214,7 @@ def test_trainer_batch_carries_teacher_probs_on_the_demonstration_tokens(qwen_to
 
 
 def test_trainer_refuses_a_file_without_the_column(qwen_tokenizer, tmp_path):
-    from luffy_megatron.trainer import load_data
+    from luffy_megatron.train.setup import load_data
 
     path = write(tmp_path / "train.parquet", [row(0), row(1)])
     cfg = trainer_config(Path(qwen_tokenizer.name_or_path), path, "algo.use_off_policy_probs=true")

@@ -9,7 +9,9 @@ import torch
 from luffy_megatron.actor.batching import contiguous_rows, gradient_accumulation, micro_batch_prompts, rows_per_rank
 from luffy_megatron.actor.schedule import lr_warmup_steps, make_lr_scheduler, upstream_lr_factor
 from luffy_megatron.config import ConfigError, load_config, parse_overrides_from_argv
-from luffy_megatron.trainer import PromptSampler, resume_path, validation_metrics
+from luffy_megatron.data.sampler import PromptSampler
+from luffy_megatron.train.progress import resume_path
+from luffy_megatron.train.validation import validation_metrics
 
 
 # ------------------------------------------------------------------ prompt order
@@ -194,7 +196,7 @@ def test_resume_flag_and_paths(tmp_path):
 
 def test_disable_truncation_advantage_zeroes_cut_off_rows_as_upstream():
     from luffy_megatron.actor.batching import RolloutBatch
-    from luffy_megatron.trainer import upstream_advantage_options
+    from luffy_megatron.train.step_parts import apply_upstream_advantage_edits
 
     eos, pad, L = 2, 0, 4
     responses = torch.tensor([[5, 6, 7, 8],    # full length, no EOS: truncated
@@ -210,15 +212,15 @@ def test_disable_truncation_advantage_zeroes_cut_off_rows_as_upstream():
     truncated = ((responses != pad).sum(-1) >= L) & ~((responses == eos).any(-1))
     up[truncated] = 0
     on = load_config(None, [f"data.max_response_length={L}", "algo.disable_truncation_advantage=true"])
-    assert torch.equal(upstream_advantage_options(on, batch, adv, eos), up)
+    assert torch.equal(apply_upstream_advantage_edits(on, batch, adv, eos), up)
     assert up[0].abs().sum() == 0 and not torch.equal(up, adv)
     off = load_config(None, [f"data.max_response_length={L}"])
-    assert torch.equal(upstream_advantage_options(off, batch, adv, eos), adv)
+    assert torch.equal(apply_upstream_advantage_edits(off, batch, adv, eos), adv)
 
 
 def test_sft_prefix_reward_sets_demonstration_tokens_to_weight_over_n():
     from luffy_megatron.actor.batching import RolloutBatch
-    from luffy_megatron.trainer import upstream_advantage_options
+    from luffy_megatron.train.step_parts import apply_upstream_advantage_edits
 
     prefix = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     batch = RolloutBatch(prompts=[[1]] * 2, responses=torch.ones(2, 3, dtype=torch.long), response_mask=torch.ones(2, 3, dtype=torch.long),
@@ -226,7 +228,7 @@ def test_sft_prefix_reward_sets_demonstration_tokens_to_weight_over_n():
     adv = torch.full((2, 3), -0.3)
     cfg = load_config(None, ["rollout.n=2", "rollout.n_off_policy=-1", "data.train_batch_size=2", "actor.ppo_mini_batch_size=2",
                              "algo.use_sft_prefix_reward=true", "algo.sft_prefix_reward_weight=0.5"])
-    got = upstream_advantage_options(cfg, batch, adv, eos_token_id=2)
+    got = apply_upstream_advantage_edits(cfg, batch, adv, eos_token_id=2)
     assert torch.equal(got[prefix], torch.full((3,), 0.25)) and torch.equal(got[~prefix], torch.full((3,), -0.3))
     with pytest.raises(ConfigError, match="use_sft_prefix_reward=true needs rollout.n_off_policy=-1"):
         load_config(None, ["algo.use_sft_prefix_reward=true"])
@@ -235,7 +237,7 @@ def test_sft_prefix_reward_sets_demonstration_tokens_to_weight_over_n():
 def test_sample_target_ratio_drops_demonstrations_deterministically():
     from types import SimpleNamespace
 
-    from luffy_megatron.trainer import sampled_demonstrations
+    from luffy_megatron.train.step_parts import sampled_demonstrations
 
     prompts = [SimpleNamespace(demo_ids=[i + 1, i + 2]) for i in range(200)]
     keep_all = load_config(None, [])

@@ -1,6 +1,6 @@
 """Where a run's numbers go: TensorBoard scalars (and the run's whole config as text), a JSON-lines file,
 one console line per step, and a results plot at the end. Metric names follow upstream LUFFY / verl
-(`critic/score/mean`, `actor/pg_loss`, `val/test_score/<source>`, `timing_s/<phase>`; see monitoring.py)."""
+(`critic/score/mean`, `actor/pg_loss`, `val/test_score/<source>`, `timing_s/<phase>`; see metrics/compute.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,187 @@
+"""The LUFFY training loop: generate -> mix -> reward -> advantage -> log-probs -> update -> sync -> log/save.
+
+    luffy-train --config recipes/luffy_main.yaml [--set key=value ...]
+
+One driver process (this package) holds the data, the reward pool and the loop; Ray holds the Megatron ranks
+(`cluster.ActorGroup`) and the vLLM engines (`rollout.EngineFleet`), placed on the GPUs by `cluster.layout`.
+The ranks are called through `cluster.supervision.GuardedRanks` and the engines through
+`rollout.faults.EngineSupervisor` (deadlines, named failures, engine restarts). The weight version is the step
+whose update made the actor's weights; every generated row carries the version of the engine that made it and
+is checked against the actor's, with the engines' log-probs against the actor's (`rollout/integrity.py`). A
+step that fails (an engine, stale or drifting rollouts) first checkpoints the healthy actor
+(`train/progress.py`), then `luffy-train` reports it in one `luffy-train: error: ...` line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from luffy_megatron.actor.batching import RolloutBatch
+from luffy_megatron.algo.kl import make_kl_controller
+from luffy_megatron.algo.options import kl_controller_options, uses_reference
+from luffy_megatron.cluster.layout import preflight
+from luffy_megatron.cluster.supervision import GuardedRanks, RankFailure, RunError
+from luffy_megatron.config import Config, ConfigError, load_config, parse_overrides_from_argv
+from luffy_megatron.data.errors import DataError
+from luffy_megatron.data.sampler import PromptSampler
+from luffy_megatron.metrics.compute import RunPerf, StepTimer, data_metrics
+from luffy_megatron.metrics.sinks import MetricsLogger, plot_results
+from luffy_megatron.reward.pool import RewardPool
+from luffy_megatron.rollout.faults import EngineFailure, EngineSupervisor
+from luffy_megatron.rollout.integrity import RolloutIntegrityError
+from luffy_megatron.train.progress import RunProgress
+from luffy_megatron.train.setup import (adopt_workers, check_megatron_settings, connect_ray, load_data, pad_token_id,
+                                        resolve_device, start_workers, supervise, with_total_steps)
+from luffy_megatron.train.step_parts import (check_rollouts, generate_and_mix, grade, reward_metrics,
+                                             rewards_and_advantages, step_rng)
+from luffy_megatron.train.validation import validate, validate_after_step
+from luffy_megatron.utils.logs import console_logging
+from luffy_megatron.utils.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
+
+
+def train(cfg: Config, workers=None) -> Path:
+    """Run (or resume) a training job; returns its output directory. `workers`: an already started
+    `cluster.Workers` (see `train.setup.start_workers`), left running at the end; by default started here and
+    stopped."""
+    preflight(cfg)  # the model's heads vs TP, an explicit cluster.layout: before Ray and before any data or model
+    check_megatron_settings(cfg)  # FP8 / TE / CP / distributed optimizer against what this machine can run
+    out = Path(cfg.trainer.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, train_set, val_set = load_data(cfg)
+    cfg = with_total_steps(cfg, len(train_set))
+    total_steps, pad_id = cfg.trainer.total_training_steps, pad_token_id(tokenizer)
+    use_gpu = resolve_device(cfg) == "cuda"
+    connect_ray()
+    stop = StopSignals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step, exit PREEMPTED_EXIT_CODE
+    owned, metrics_log, preempted = workers is None, None, None
+    try:
+        if owned:
+            workers = start_workers(cfg, pad_id, use_gpu=use_gpu, log_dir=out / "logs" / "workers")
+        adopt_workers(cfg, workers, out, pad_id)  # reused workers: the actor of another run is rebuilt
+        ranks, engines = supervise(cfg, workers)
+        workers.write_report(out / "placement.json")
+        metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl",
+                                    total_steps=total_steps, console=cfg.logging.console, config=cfg)
+        perf = RunPerf.of_run(cfg, workers.placement.layout, workers.actors.infos()[0]["cuda_device_name"])
+        sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo.__dict__))  # beta of the KL reward penalty
+        progress = RunProgress.resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
+        with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn,
+                        strip_special_tokens=cfg.reward.strip_special_tokens) as rewards:
+            deps = StepDeps(cfg, workers, ranks, engines, rewards, tokenizer, kl_ctrl)
+            if val_set is not None and (cfg.trainer.val_only or (cfg.trainer.val_before_train and progress.step == 0)):
+                metrics_log.log(progress.step, validate(cfg, engines, rewards, tokenizer, val_set))
+            last_step = progress.step if cfg.trainer.val_only else total_steps  # val_only: validate and stop
+            while progress.step < last_step:
+                if stop.requested:  # the safe point: the previous step is complete
+                    preempted = progress.stop(stop)
+                    break
+                step, timer = progress.step + 1, StepTimer()  # timing_s/<phase> (metrics/compute.py)
+                prompts = [train_set[i] for i in sampler.next_batch()]
+                try:
+                    batch, metrics = train_step(deps, prompts, step, timer, on_trained=lambda: progress.trained(step))
+                    metrics.update(validate_after_step(cfg, engines, rewards, tokenizer, val_set, ranks, out, step,
+                                                       total_steps, timer))
+                except (EngineFailure, RolloutIntegrityError, RankFailure) as failure:
+                    raise progress.after_failure(failure) from None
+                if progress.save_due(total_steps):
+                    with timer("save_checkpoint"):  # before the step's metrics: timing_s/step includes it, as upstream
+                        progress.save()
+                metrics_log.log(step, {**metrics, **perf.step_metrics(batch, timer)})
+        plot_results(out / "metrics.jsonl", out / "results.png")
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
+        stop.uninstall()
+        if owned and workers is not None:
+            workers.shutdown()
+    if preempted is not None:
+        raise preempted
+    return out
+
+
+@dataclass
+class StepDeps:
+    """What one training step talks to."""
+
+    cfg: Config
+    workers: object  # cluster.Workers
+    ranks: GuardedRanks
+    engines: EngineSupervisor
+    rewards: object  # reward.pool.RewardPool
+    tokenizer: object
+    kl_ctrl: object  # algo.kl controller (beta of the KL reward penalty)
+
+
+def train_step(deps: StepDeps, prompts: list, step: int, timer: StepTimer, *,
+               on_trained: Callable[[], None]) -> tuple[RolloutBatch, dict]:
+    """One LUFFY step, its data flow in order: generate and mix -> reward -> old (and reference) log-probs ->
+    rollout checks -> KL penalty and advantages -> update -> weight sync. `on_trained()` is called as soon as
+    the update has changed the actor (what a failure afterwards must checkpoint). Returns the batch and the
+    step's metrics."""
+    cfg, ranks, engines = deps.cfg, deps.ranks, deps.engines
+    t0 = time.time()
+    with timer("gen"):
+        batch, token_scores, rollout, rollout_metrics = generate_and_mix(cfg, engines, deps.tokenizer, prompts, step,
+                                                                         step_rng(cfg, step))
+    with timer("reward"):  # critic/score/*: before any KL penalty
+        scores = grade(deps.rewards, deps.tokenizer, batch, prompts, cfg.rollout.n, token_scores)
+    switches = deps.workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
+    with timer("old_log_prob"):
+        old_log_probs, _ = ranks.call("compute_log_probs", batch)
+    ref_log_probs = None
+    if uses_reference(cfg.algo.__dict__):  # the frozen initial model (algo.use_kl_loss, algo.kl_ctrl_coef)
+        with timer("ref"):
+            ref_log_probs = ranks.call("compute_ref_log_probs", batch)
+    integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)
+    token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(
+        cfg, deps.kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, deps.tokenizer.eos_token_id)
+    with timer("update_actor"):
+        actor_metrics = ranks.call("update", batch, advantages=advantages, old_log_probs=old_log_probs,
+                                   ref_log_probs=ref_log_probs if cfg.algo.use_kl_loss else None)
+    on_trained()
+    if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
+        deps.kl_ctrl.update(kl_now, n_steps=batch.num_rows)
+    switches.update(deps.workers.rollout_phase())  # optimizer state to host (offload); engines wake for the sync
+    with timer("sync"):
+        sync_seconds = engines.sync(version=step)
+    seconds = time.time() - t0
+    metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **kl_metrics, **actor_metrics,
+               **switches, "perf/sync_s": sync_seconds, "perf/step_s": seconds,
+               "perf/tokens_per_s": sum(batch.sequence_lengths()) / seconds}
+    metrics.update(data_metrics(token_scores_BT=token_scores, token_rewards_BT=token_rewards, advantages_BT=advantages,
+                                response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask,
+                                prompt_lengths=[len(p) for p in batch.prompts], max_prompt_length=cfg.data.max_prompt_length,
+                                max_response_length=cfg.data.max_response_length))
+    return batch, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    with console_logging("", fmt="%(asctime)s %(name)s %(levelname)s %(message)s", level=logging.WARNING):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        recipe, overrides = parse_overrides_from_argv(sys.argv[1:] if argv is None else argv)
+        out = train(load_config(recipe, overrides))
+    except (ConfigError, DataError) as err:  # the recipe, the data or the model files (ModelLoadError)
+        print(f"luffy-train: error: {err}", file=sys.stderr)
+        return 2
+    except RunError as err:  # engines, ranks, stale or drifting rollouts (cluster/supervision.py, rollout/faults.py, rollout/integrity.py)
+        print(f"luffy-train: error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as stopped:
+        print(f"luffy-train: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    print(f"luffy-train: done; results in {out} (metrics.jsonl, results.png, tensorboard/, checkpoints/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

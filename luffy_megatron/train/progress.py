@@ -1,0 +1,135 @@
+"""Where a run stands, and the checkpoint policy that follows from it: resume, periodic saves, the save on a
+stop signal, and what a failure leaves to resume from."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from luffy_megatron.actor.checkpoint import find_latest
+from luffy_megatron.actor.remote import load_checkpoint, save_checkpoint
+from luffy_megatron.cluster.supervision import GuardedRanks, RankFailure, RunError
+from luffy_megatron.config import Config, ConfigError
+from luffy_megatron.data.sampler import PromptSampler
+from luffy_megatron.rollout.faults import EngineFailure, EngineSupervisor
+from luffy_megatron.utils.preemption import Preempted, StopSignals
+
+log = logging.getLogger("luffy.trainer")
+
+
+@dataclass
+class RunProgress:
+    """The actor's newest state (after `step`, with the sampler at `data_position`) and the newest step that is
+    checkpointed. The loop reports each update (`trained`); the policy methods decide what to save."""
+
+    cfg: Config
+    ranks: GuardedRanks
+    out: Path
+    sampler: PromptSampler
+    kl_ctrl: object = None  # algo.kl controller: its beta is saved with the step
+    step: int = 0
+    data_position: int = 0
+    saved_step: int = 0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @classmethod
+    def resume(cls, cfg: Config, ranks: GuardedRanks, engines: EngineSupervisor, sampler: PromptSampler, out: Path,
+               *, kl_ctrl=None) -> RunProgress:
+        """Continue from trainer.resume_from (`luffy-train --resume PATH`), else from the newest complete
+        checkpoint (trainer.resume=auto); the step reached is also the actor's weight version. The engines get
+        the actor's weights first unless they are known to hold them (`EngineFleet.synced_version`: fresh
+        workers, or the last run on these workers ended synced)."""
+        if cfg.trainer.resume_from:
+            latest = resume_path(cfg.trainer.resume_from)
+        else:
+            latest = find_latest(out / "checkpoints") if cfg.trainer.resume == "auto" else None
+        step = 0
+        if latest is not None:
+            state = ranks.run(load_checkpoint, latest)
+            sampler.position = state.get("data_position", 0)
+            if kl_ctrl is not None and "kl_ctrl" in state:  # the adaptive beta continues (algo/kl.py)
+                kl_ctrl.load_state_dict(state["kl_ctrl"])
+            step = int(state["step"])
+        if latest is not None or engines.fleet.synced_version != step:
+            engines.sync(version=step)
+        engines.version = step
+        if latest is not None:
+            log.warning("resumed from %s (step %d)", latest, step)
+        return cls(cfg, ranks, out, sampler, kl_ctrl, step=step, data_position=sampler.position, saved_step=step)
+
+    def trained(self, step: int) -> None:
+        """The update of `step` has changed the actor (what a failure afterwards must checkpoint)."""
+        self.step, self.data_position = step, self.sampler.position
+
+    def save(self) -> int:
+        """Checkpoint the state after the newest step (model, optimizer, RNG, data position, the KL
+        controller's beta); returns that step."""
+        state = {"data_position": self.data_position}
+        if self.kl_ctrl is not None:
+            state["kl_ctrl"] = self.kl_ctrl.state_dict()
+        self.ranks.run(save_checkpoint, self.checkpoints, self.step, state, self.cfg.trainer.max_checkpoints_to_keep)
+        self.saved_step = self.step
+        return self.step
+
+    def save_due(self, total_steps: int) -> bool:
+        freq = self.cfg.trainer.save_freq
+        return freq > 0 and (self.step % freq == 0 or self.step == total_steps)
+
+    def stop(self, signals: StopSignals) -> Preempted:
+        """A stop signal arrived: make sure the state after the newest step is checkpointed (unless it is saved
+        already) and describe the stop for `main` (utils/preemption.py)."""
+        if self.saved_step != self.step:
+            self.save()
+        latest = find_latest(self.checkpoints)
+        return Preempted(signals.signal_name, self.step, str(latest) if latest else "none (stopped before the first step)")
+
+    def after_failure(self, failure: RunError) -> RunError:
+        """A step failed while the actor is healthy (an engine, stale or drifting rollouts): checkpoint the
+        actor's newest state unless it is saved already, and add to the error where the run can resume from.
+        A rank died (`RankFailure`): nothing can be saved now; the newest complete checkpoint is untouched (a
+        checkpoint is renamed into place only once complete). Returns the error to raise."""
+        if isinstance(failure, RankFailure):
+            latest = find_latest(self.checkpoints)
+            resume_from = (f"the newest complete checkpoint is {latest}: run the same command again to resume from it"
+                           if latest else "there is no checkpoint yet")
+            failure.args = (f"{failure}. The run stops; {resume_from}",)
+            return failure
+        if self.step == 0:
+            note = "nothing was trained yet, so there is no checkpoint to resume from"
+        elif self.step == self.saved_step:
+            note = (f"the actor's state after step {self.step} is in checkpoint {find_latest(self.checkpoints)}; "
+                    "run the same command again to resume from it")
+        else:
+            note = self._save_after_failure()
+        if isinstance(failure, EngineFailure) and self.cfg.rollout.on_engine_failure == "fail":
+            note += " (rollout.on_engine_failure=restart restarts a failed engine instead)"
+        failure.args = (f"{failure}\n{note}",)
+        return failure
+
+    def _save_after_failure(self) -> str:
+        try:
+            self.save()
+            return (f"wrote a checkpoint of the actor after step {self.step}: {find_latest(self.checkpoints)}; "
+                    "run the same command again to resume from it")
+        except Exception as err:
+            latest = find_latest(self.checkpoints)
+            return (f"writing a checkpoint after the failure failed too ({type(err).__name__}: {err}); the newest "
+                    f"complete checkpoint is {latest or 'none'}")
+
+
+def resume_path(path: str) -> Path:
+    """The checkpoint that trainer.resume_from names: a checkpoint directory (step_N, with trainer_state.json)
+    or a checkpoints directory (its newest complete checkpoint). Anything else is a ConfigError."""
+    given = Path(path)
+    if (given / "trainer_state.json").is_file():
+        return given
+    found = find_latest(given) if given.is_dir() else None
+    if found is None:
+        what = "does not exist" if not given.exists() else "holds no complete checkpoint (no trainer_state.json)"
+        raise ConfigError(f"trainer.resume_from={path} {what}; give a checkpoint directory such as "
+                          "<output_dir>/checkpoints/step_000050 or the checkpoints directory")
+    return found

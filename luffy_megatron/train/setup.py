@@ -1,0 +1,185 @@
+"""Before the first step: the data, Ray, the workers (placement, Megatron ranks, vLLM engines) and the
+supervised handles the loop calls them through."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from functools import partial, update_wrapper
+from pathlib import Path
+
+import ray  # the driver runs the job on Ray
+import torch
+from transformers import AutoTokenizer
+
+from luffy_megatron.actor.remote import sync_weights
+from luffy_megatron.algo import uses_target_probs
+from luffy_megatron.cluster.actor_group import ActorGroup
+from luffy_megatron.cluster.placement import reserve
+from luffy_megatron.cluster.supervision import GuardedRanks, remote_cause
+from luffy_megatron.cluster.workers import Workers
+from luffy_megatron.config import Config, ConfigError
+from luffy_megatron.data.tokenization import load_tokenized_dataset, resolve_chat_template
+from luffy_megatron.rollout.faults import EngineSupervisor
+from luffy_megatron.rollout.ray_engine import EngineFleet
+from luffy_megatron.sync.weights import resolve_transport
+
+log = logging.getLogger("luffy.trainer")
+
+
+class ModelLoadError(ConfigError):
+    """The Megatron ranks could not load (convert) the model of model.path / model.load_checkpoint."""
+
+
+def check_megatron_settings(cfg: Config) -> None:
+    """The actor's refusals (FP8 or CP without Transformer Engine, the distributed optimizer without CUDA, ...),
+    raised by the driver at start instead of by every rank after the cluster is up. The driver runs on a node
+    of the job (the Slurm batch step), so it sees the same CUDA and Transformer Engine as the ranks."""
+    from luffy_megatron.actor.megatron_actor import megatron_settings  # lazy: it probes Megatron and TE
+
+    try:
+        megatron_settings(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def load_data(cfg: Config):
+    """Tokenizer, tokenized training set (with demonstrations) and validation set (or None)."""
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files is empty: give at least one LUFFY-format parquet file")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    common = dict(max_prompt_length=cfg.data.max_prompt_length, long_prompt_policy=cfg.data.long_prompt_policy,
+                  skip_bad_rows=cfg.data.skip_bad_rows, remove_system=cfg.data.remove_system_prompt,
+                  chat_template=resolve_chat_template(tokenizer, cfg.data.chat_template))
+    # algo.use_off_policy_probs: the teacher's token probabilities (data.target_probs_key) of every demonstration
+    probs = {}
+    if uses_target_probs(cfg.algo.__dict__):
+        probs = dict(target_probs_key=cfg.data.target_probs_key, require_target_probs=True)
+    train_set = [ex for path in cfg.data.train_files
+                 for ex in load_tokenized_dataset(path, tokenizer, require_target=True,
+                                                  max_prefix_len=cfg.rollout.max_prefix_len,
+                                                  long_demo_policy=cfg.data.long_demo_policy, **probs, **common)]
+    if len(train_set) < cfg.data.train_batch_size:
+        raise ConfigError(f"data.train_files hold {len(train_set)} usable prompts, fewer than "
+                          f"data.train_batch_size={cfg.data.train_batch_size}")
+    val_set = [ex for p in cfg.data.val_files
+               for ex in load_tokenized_dataset(p, tokenizer, require_target=False, **common)] or None
+    if cfg.trainer.val_only and val_set is None:
+        raise ConfigError("trainer.val_only=true but data.val_files is empty: give the validation parquet files")
+    return tokenizer, train_set, val_set
+
+
+def with_total_steps(cfg: Config, num_prompts: int) -> Config:
+    """The real step count, as upstream injects it into the optimizer config: the actor's LR warmup counts
+    from it."""
+    total = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * (num_prompts // cfg.data.train_batch_size)
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, total_training_steps=total))
+
+
+def connect_ray() -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
+
+
+def resolve_device(cfg: Config) -> str:
+    if cfg.trainer.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible")
+    return cfg.trainer.device
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool, log_dir: Path | None = None) -> Workers:
+    """GPUs reserved for the layout (bounded by cluster.placement_timeout_s, before any model loads), then the
+    Megatron ranks built in their bundles and the engines started beside them (`cluster.Workers`; engine i
+    logs to `log_dir/engine_<i>.log`). A model the ranks cannot load or convert is a `ModelLoadError`."""
+    placement = reserve(cfg)
+    log.warning("%s", placement.describe())
+    workers = Workers(placement, None, None, offload=cfg.actor.offload_during_rollout)
+    try:
+        workers.actors = ActorGroup(placement)
+        build_ranks(workers.actors, cfg, pad_id, log_dir)
+        workers.fleet = start_engines(cfg, placement, use_gpu=use_gpu, log_dir=log_dir)
+        # Engines and a fresh actor load the same model.path: both hold weight version 0 (no sync before
+        # step 1). An actor started from model.load_checkpoint holds other weights: sync them first.
+        workers.fleet.synced_version = None if cfg.model.load_checkpoint else 0
+    except BaseException:
+        workers.shutdown()
+        raise
+    return workers
+
+
+def build_ranks(actors, cfg: Config, pad_id: int, log_dir: Path | None, *, fresh: bool = False) -> None:
+    """Builds the Megatron model on every rank (HF -> Megatron conversion, or model.load_checkpoint). An error
+    raised there reaches the user as one line naming the model and the error; the rank's traceback goes to
+    `log_dir/model_load_error.log`."""
+    try:
+        actors.build(cfg, cfg.model.path, pad_id, fresh=fresh)
+    except ray.exceptions.RayTaskError as err:
+        cause = remote_cause(err)
+        where = f"model.path={cfg.model.path}"
+        if cfg.model.load_checkpoint:
+            where += f", model.load_checkpoint={cfg.model.load_checkpoint}"
+        saved = ""
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / "model_load_error.log").write_text(str(err))
+            saved = f" (the rank's traceback: {Path(log_dir) / 'model_load_error.log'})"
+        raise ModelLoadError(f"the Megatron ranks could not load the model ({where}): "
+                             f"{type(cause).__name__}: {cause}{saved}") from None
+
+
+def adopt_workers(cfg: Config, workers: Workers, out: Path, pad_id: int) -> bool:
+    """Workers passed to `train` may hold the actor of another run (its trained weights, optimizer state, LR
+    schedule, step): that actor is rebuilt from model.path (or model.load_checkpoint), as new workers would
+    have it, and the engines are synced from it before they generate. Returns whether it rebuilt; the workers
+    then hold this run (`Workers.actor_run`)."""
+    rebuilt = workers.actor_run is not None and workers.actor_run != str(out)
+    if rebuilt:
+        log.warning("these workers' Megatron ranks hold the run in %s: rebuilding the actor for %s",
+                    workers.actor_run, out)
+        build_ranks(workers.actors, cfg, pad_id, out / "logs" / "workers", fresh=True)
+        workers.fleet.synced_version = None  # the engines hold the other run's weights
+    workers.actor_run = str(out)
+    return rebuilt
+
+
+def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None = None) -> EngineFleet:
+    """The vLLM engines of the layout, started from the same HF weights the actor loaded (so no sync before
+    step 1); colocated engines with vLLM sleep mode, so they can free their GPU memory for the update."""
+    r, layout = cfg.rollout, placement.layout
+    extra = {"gpu_memory_utilization": r.gpu_memory_utilization} if use_gpu else {}
+    # Ray gives actors without CPUs one thread; generation and training take turns, so use all cores.
+    threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    return EngineFleet.start(
+        cfg.model.path, num_engines=len(layout.engines),
+        launches=[placement.engine_launch(e) for e in range(len(layout.engines))],
+        tensor_parallel_size=r.tensor_model_parallel_size, enable_sleep_mode=layout.mode == "colocated",
+        max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length, enforce_eager=r.enforce_eager,
+        seed=cfg.trainer.seed, max_num_seqs=r.max_num_seqs, env=threads, log_dir=log_dir,
+        request_timeout_s=r.request_timeout_s, direct_load=r.engine_direct_load, **extra,
+    )
+
+
+def supervise(cfg: Config, workers: Workers) -> tuple[GuardedRanks, EngineSupervisor]:
+    """The ranks and the engines as the loop calls them: bounded waits, named failures, engine restarts."""
+    ranks = GuardedRanks(workers.actors, timeout_s=cfg.trainer.rank_call_timeout_s)
+    workers.ranks = ranks  # the optimizer offload/reload of a step go through the same bounded calls
+    # rollout.weight_sync_transport (auto: by the layout, see sync.weights.resolve_transport)
+    transport = resolve_transport(cfg.rollout.weight_sync_transport, workers.placement.mode)
+    log.warning("weight sync: %s transport (rollout.weight_sync_transport=%s, %s layout)", transport,
+                cfg.rollout.weight_sync_transport, workers.placement.mode)
+    # auto on a colocated layout: shared memory, or the collective path where an engine cannot map it (CPU)
+    fallback = "collective" if cfg.rollout.weight_sync_transport == "auto" and transport == "shared_memory" else None
+    push = partial(sync_weights, transport=transport, timeout_s=cfg.rollout.request_timeout_s, fallback=fallback)
+    update_wrapper(push, sync_weights)  # the ranks' logs and GuardedRanks name the call sync_weights
+    engines = EngineSupervisor(workers.fleet, ranks, push=push, bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20,
+                               request_timeout_s=cfg.rollout.request_timeout_s,
+                               on_engine_failure=cfg.rollout.on_engine_failure)
+    return ranks, engines

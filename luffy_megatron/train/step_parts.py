@@ -1,0 +1,148 @@
+"""The boxes of one training step between the engines and the update: mixing demonstrations into the
+generated groups, grading, the KL penalty and advantages, and the rollout checks."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from luffy_megatron.actor.batching import RolloutBatch
+from luffy_megatron.algo import (advantage_options, assemble_responses, compute_advantages, plan_rows, prefix_ratios,
+                                 prefix_target_probs, sft_prefix_advantages, uses_target_probs,
+                                 zero_truncated_advantages)
+from luffy_megatron.algo.kl import apply_kl_penalty
+from luffy_megatron.config import Config
+from luffy_megatron.rollout.faults import EngineSupervisor
+from luffy_megatron.rollout.integrity import (check_weight_versions, drift_metrics, enforce_max_logprob_diff,
+                                              logprob_drift, record_generations)
+from luffy_megatron.train.setup import pad_token_id
+
+
+def step_rng(cfg: Config, step: int) -> random.Random:
+    """The prefix-ratio draws of `step`: a function of the seed and the step only, so a resumed run draws
+    what the uninterrupted run would have."""
+    return random.Random(cfg.trainer.seed * 1_000_003 + step)
+
+
+def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts: list, step: int, rng: random.Random):
+    """Rows of one step: n slots per prompt, the first n_off_policy carry the demonstration (prefix),
+    the engines generate the rest. Returns the batch, an empty reward tensor to fill, what the engines
+    reported per row (`RolloutRecord`: engine, weight version, log-probs) and metrics."""
+    r, width = cfg.rollout, cfg.data.max_response_length
+    ratios = prefix_ratios(strategy=r.prefix_strategy, num_prompts=len(prompts), n=r.n, n_off_policy=r.n_off_policy,
+                           min_prefix_ratio=r.min_prefix_ratio, max_prefix_ratio=r.max_prefix_ratio,
+                           share_across_samples=r.prefix_share_across_samples, global_step=step,
+                           prefix_steps=r.prefix_steps, linear_max_ratio=r.prefix_linear_max_ratio, rng=rng)
+    plan = plan_rows(prompts=[p.prompt_ids for p in prompts], demonstrations=sampled_demonstrations(cfg, prompts, step),
+                     ratios=ratios, n=r.n, eos_token_id=tokenizer.eos_token_id, response_length=width)
+    todo = [i for i, need in enumerate(plan.needs_generation) if need]
+    t0 = time.time()
+    outputs = []
+    if todo:
+        outputs = engines.generate_rollouts([plan.engine_inputs[i] for i in todo], [plan.max_new_tokens[i] for i in todo],
+                                            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, group_size=r.n)
+    generations: list = [None for _ in plan.prefixes]
+    for i, gen in zip(todo, outputs):
+        generations[i] = gen
+    responses, prefix_mask, response_mask = assemble_responses(
+        prefixes=plan.prefixes, generations=[g.token_ids if g else [] for g in generations],
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), response_length=width)
+    target_probs = None
+    if uses_target_probs(cfg.algo.__dict__):
+        # algo.use_off_policy_probs: the teacher's probability of each demonstration token at its response
+        # position, -1 elsewhere
+        target_probs = prefix_target_probs(prefix_lengths=[len(x) for x in plan.prefixes], group_index=plan.group_index,
+                                           demonstration_probs=[p.demo_probs for p in prompts], response_length=width)
+    batch = RolloutBatch(prompts=[prompts[g].prompt_ids for g in plan.group_index], responses=responses,
+                         response_mask=response_mask, prefix_mask=prefix_mask,
+                         group_ids=[f"{step}:{g}" for g in plan.group_index], target_probs=target_probs)
+    record = record_generations(prefixes=plan.prefixes, generations=generations, response_mask_BT=response_mask)
+    metrics = {"rollout/generated_tokens": sum(len(g.token_ids) for g in outputs), "rollout/generate_s": time.time() - t0,
+               "rollout/response_length_mean": float(response_mask.sum(-1).float().mean()),
+               "rollout/off_policy_rows": float(prefix_mask.any(-1).sum()),
+               "rollout/engine_restarts": float(engines.restarts)}
+    return batch, torch.zeros(responses.shape, dtype=torch.float32), record, metrics
+
+
+def sampled_demonstrations(cfg: Config, prompts: list, step: int) -> list[list[int]]:
+    """Each prompt's demonstration, or none (its rows are all generated) with probability 1 - data.sample_target_ratio
+    (upstream's dataset draws `np.random.rand() < sample_target_ratio` per example; 1.0 in LUFFY). The draws are a
+    function of trainer.seed and the step, so a resumed run draws the same."""
+    ratio = cfg.data.sample_target_ratio
+    if ratio >= 1.0:
+        return [p.demo_ids or [] for p in prompts]
+    rng = random.Random(f"sample_target_ratio:{cfg.trainer.seed}:{step}")
+    return [(p.demo_ids or []) if rng.random() < ratio else [] for p in prompts]
+
+
+def grade(rewards, tokenizer, batch: RolloutBatch, prompts: list, n: int, token_rewards: torch.Tensor) -> list[float]:
+    """Reward every row, demonstrations included (upstream verifies them too), on its valid response
+    text (EOS text included, as upstream decodes it); the score sits on the last valid token."""
+    lengths = batch.response_lengths()
+    texts = [tokenizer.decode(batch.responses[i, : lengths[i]].tolist()) for i in range(batch.num_rows)]
+    golds = [prompts[i // n].ground_truth for i in range(batch.num_rows)]
+    scores = rewards.grade(list(zip(texts, golds)))
+    for i, (score, length) in enumerate(zip(scores, lengths)):
+        token_rewards[i, max(length, 1) - 1] = score
+    return scores
+
+
+def reward_metrics(scores: list[float], batch: RolloutBatch) -> dict[str, float]:
+    off = batch.prefix_mask.any(-1).tolist()
+    on_scores = [s for s, o in zip(scores, off) if not o]
+    off_scores = [s for s, o in zip(scores, off) if o]
+    out = {"rollout/reward_mean": sum(scores) / len(scores)}
+    if on_scores:
+        out["rollout/on_policy_reward"] = sum(on_scores) / len(on_scores)
+    if off_scores:
+        out["rollout/off_policy_reward"] = sum(off_scores) / len(off_scores)
+    return out
+
+
+def rewards_and_advantages(cfg: Config, kl_ctrl, batch: RolloutBatch, token_scores: torch.Tensor,
+                           old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None,
+                           eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor, dict, float | None]:
+    """Upstream's order after the log-probs (mix_trainer.py): the KL reward penalty with the controller's beta
+    (algo/kl.py; skipped under algo.use_kl_loss, whose KL is in the loss instead), then the advantages of the
+    penalised rewards. Returns the token rewards, the advantages, `critic/kl` + `critic/kl_coeff`, and the KL
+    for the controller's update (None under use_kl_loss)."""
+    if cfg.algo.use_kl_loss:
+        token_rewards, kl_metrics, kl_now = token_scores, {}, None
+    else:
+        token_rewards, kl_metrics, kl_now = apply_kl_penalty(
+            token_level_scores_BT=token_scores, response_mask_BT=batch.response_mask, old_log_prob_BT=old_log_probs,
+            ref_log_prob_BT=ref_log_probs, beta=kl_ctrl.value, kind=cfg.algo.kl_penalty)
+    advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask,
+                                    prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids,
+                                    **advantage_options(cfg.algo.__dict__))
+    return token_rewards, apply_upstream_advantage_edits(cfg, batch, advantages, eos_token_id), kl_metrics, kl_now
+
+
+def apply_upstream_advantage_edits(cfg: Config, batch: RolloutBatch, advantages: torch.Tensor,
+                                   eos_token_id: int) -> torch.Tensor:
+    """The advantage edits upstream applies after GRPO (mix_trainer.py), both off in LUFFY's runs:
+    algo.disable_truncation_advantage and algo.use_sft_prefix_reward."""
+    a = cfg.algo
+    if a.disable_truncation_advantage:
+        advantages = zero_truncated_advantages(advantages, batch.responses, batch.response_mask,
+                                               eos_token_id=eos_token_id,
+                                               max_response_length=cfg.data.max_response_length)
+    if a.use_sft_prefix_reward:
+        advantages = sft_prefix_advantages(advantages, batch.prefix_mask, weight=a.sft_prefix_reward_weight,
+                                           n=cfg.rollout.n)
+    return advantages
+
+
+def check_rollouts(cfg: Config, engines: EngineSupervisor, rollout, old_log_probs: torch.Tensor, *, actor_version: int,
+                   step: int) -> dict[str, float]:
+    """Before the update: the drift between the engines' and the actor's log-probs of the generated tokens,
+    the weight version of every row against the actor's (`StaleRolloutError`), and rollout.max_logprob_diff
+    (warn, or `LogprobDriftError`). Returns the `rollout/logprob_diff_*` and `rollout/weight_version` metrics."""
+    drift = logprob_drift(rollout, old_log_probs)
+    check_weight_versions(rollout, actor_version, old_log_prob_BT=old_log_probs,
+                          describe_engine=engines.fleet.describe_engine)
+    enforce_max_logprob_diff(drift, max_logprob_diff=cfg.rollout.max_logprob_diff,
+                             action=cfg.rollout.logprob_diff_action, step=step)
+    return drift_metrics(rollout, drift)
