@@ -41,6 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from luffy_megatron.data import (BENCHMARKS, LUFFY_SYSTEM_PROMPT, DataError, build_prompt_text, make_prompt, read_benchmark,
+                                 resolve_chat_template)
+from luffy_megatron.data.readers import resolve_benchmark
+from luffy_megatron.reward import GradingError, RewardPool
+from luffy_megatron.utils.logs import console_logging
+
 logger = logging.getLogger("luffy_megatron.eval")
 
 DEFAULT_N_SAMPLES = "aime24=32,aime25=32,amc=32"
@@ -200,9 +206,6 @@ def load_benchmarks(
     names: Sequence[str], *, data_root: str | None, limit: int | None, n_samples: str
 ) -> list[Benchmark]:
     """The benchmarks asked for, each cut to its first ``limit`` problems. Raises EvalError for unknown names."""
-    from luffy_megatron.data import BENCHMARKS, read_benchmark
-    from luffy_megatron.data.readers import resolve_benchmark
-
     if not names:
         raise EvalError("--benchmarks is empty")
     for name in names:
@@ -250,8 +253,6 @@ def load_benchmarks(
 def build_prompts(benchmarks: list[Benchmark], tokenizer: Any, *, keep_system_prompt: bool,
                   chat_template: str | None) -> Any:
     """Fill each benchmark's prompts (text and token ids); returns the resolved ChatTemplate."""
-    from luffy_megatron.data import LUFFY_SYSTEM_PROMPT, build_prompt_text, make_prompt, resolve_chat_template
-
     template = resolve_chat_template(tokenizer, chat_template)
     system_prompt = LUFFY_SYSTEM_PROMPT if keep_system_prompt else ""
     for benchmark in benchmarks:
@@ -455,8 +456,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise EvalError(f"--max-model-len={max_model_len} < the longest prompt ({longest_prompt} tokens) + "
                         f"--max-new-tokens={args.max_new_tokens}")
 
-    from luffy_megatron.reward import RewardPool
-
     per_benchmark: dict[str, dict[str, Any]] = {}
     samples_path = out_dir / SAMPLES_JSONL
     samples_tmp = samples_path.with_name(f"{SAMPLES_JSONL}.tmp-{os.getpid()}")
@@ -489,9 +488,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from luffy_megatron.data import DataError
-    from luffy_megatron.reward import GradingError
-    from luffy_megatron.utils.logs import console_logging
 
     # our own log lines (and the data readers' counts) as "[luffy-eval] ..."; vLLM keeps its own format
     with console_logging("luffy_megatron", fmt="[luffy-eval] %(message)s", level=logging.INFO, propagate=False):

@@ -28,15 +28,16 @@ from pathlib import Path
 
 import torch
 
+from luffy_megatron.convert.checkpoint import load_checkpoint as load_model_checkpoint
+from luffy_megatron.convert.weights import load_hf_weights
+from luffy_megatron.models.hf_to_mcore import build_model_chunks
+
 
 class ReferenceModel:
     """This rank's chunks of the frozen reference policy (`chunks`: what the schedule runs, one per
     virtual pipeline stage)."""
 
     def __init__(self, cfg, arch, settings: dict, hf_dir: str | os.PathLike):
-        from luffy_megatron.convert.weights import load_hf_weights
-        from luffy_megatron.models.hf_to_mcore import build_model_chunks
-
         dtype = settings["params_dtype"]
         overrides = dict(settings["config_overrides"])
         # no backward ever runs through it; the weights are loaded, so no initialization either (which
@@ -48,8 +49,6 @@ class ReferenceModel:
                                         vocab_divisible_by=cfg.model.make_vocab_size_divisible_by,
                                         use_te=settings["use_te"], **overrides)
         if cfg.model.load_checkpoint:
-            from luffy_megatron.convert.checkpoint import load_checkpoint as load_model_checkpoint
-
             load_model_checkpoint(chunks, cfg.model.load_checkpoint)
             self.source = str(cfg.model.load_checkpoint)
         else:

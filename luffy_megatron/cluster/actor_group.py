@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import ray
 
+from luffy_megatron.cluster.offload import _grad_buffers, _torch_optimizers, offload_to_host, reload_to_device
+
 EVENT_LOG_LENGTH = 256
 # bound on the ranks' exit barrier at shutdown: they are closed together, after their last call has returned
 CLOSE_TIMEOUT_S = 15.0
@@ -95,6 +97,7 @@ class _RankWorker:
 
         import torch
 
+        # lazy: a rank loads torch.distributed only when it builds the actor (`close` relies on it)
         from luffy_megatron.actor.megatron_actor import MegatronActor
 
         t0 = time.time()
@@ -130,8 +133,6 @@ class _RankWorker:
     def offload_to_host(self) -> dict[str, int]:
         """Optimizer state (and the KL reference's weights) to host, gradient buffers released (see
         `cluster.offload`). No-op when already out."""
-        from luffy_megatron.cluster.offload import offload_to_host
-
         t0 = time.time()
         if self.offloaded is None:
             reference = getattr(self.actor, "reference", None)
@@ -141,8 +142,6 @@ class _RankWorker:
         return {"host_bytes": self.offloaded.host_bytes, "freed_bytes": self.offloaded.freed_bytes}
 
     def reload_to_device(self) -> None:
-        from luffy_megatron.cluster.offload import reload_to_device
-
         t0 = time.time()
         if self.offloaded is not None:
             reload_to_device(self.offloaded)
@@ -152,8 +151,6 @@ class _RankWorker:
     def training_state(self) -> dict[str, Any]:
         """Fingerprints of this rank's optimizer state and gradient buffers, and where they are (for tests)."""
         import torch
-
-        from luffy_megatron.cluster.offload import _grad_buffers, _torch_optimizers
 
         state_sum, devices, state_bytes = 0.0, set(), 0
         for opt in _torch_optimizers(self.actor.optimizer):
@@ -189,7 +186,7 @@ class _RankWorker:
         self.offloaded = None
         if "torch.distributed" not in sys.modules:  # never built: no groups (and no torch import just for this)
             return {"ok": True, "gloo_workers_before": 0, "gloo_workers_after": 0}
-        from luffy_megatron.models.parallel import gloo_worker_states, shutdown_distributed
+        from luffy_megatron.models.parallel import gloo_worker_states, shutdown_distributed  # lazy: see above
 
         before = len(gloo_worker_states())
         try:

@@ -38,7 +38,7 @@ import time
 import traceback
 from typing import Callable, Sequence
 
-from luffy_megatron.reward.graders import Grader, bind_options, grader_spec, resolve_grader
+from luffy_megatron.reward.graders import GRADERS, Grader, bind_options, grader_spec, resolve_grader
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,6 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     # Ctrl-C goes to the whole process group; the parent decides, and closes us through the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        from luffy_megatron.reward.graders import GRADERS
-
         # Pay the math-verify/sympy imports and lazy parser set-up (~0.5 s) before reporting ready, so
         # that no item's deadline is charged with them.
         GRADERS["math"]("\\boxed{\\frac{1}{2}}", "0.5")
