@@ -80,7 +80,7 @@ def train(cfg: Config, workers=None) -> Path:
         metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl", total_steps=total_steps, console=cfg.logging.console, config=cfg)
         perf = RunPerf.of_run(cfg, workers.placement.layout, workers.actors.infos()[0]["cuda_device_name"])  # perf/throughput, perf/mfu
         sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo.__dict__))  # beta of the KL reward penalty (algo/kl.py)
+        kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo))  # beta of the KL reward penalty (algo/kl.py)
         step = resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
         saved_step, preempted = step, None
         trained = (step, sampler.position)  # the newest state of the actor: after step trained[0], data position trained[1]
@@ -162,7 +162,7 @@ def train_step(box: StepBox, prompts: list, step: int, *, on_trained) -> tuple[R
     with timer("old_log_prob"):
         old_log_probs, _ = ranks.call("compute_log_probs", batch)
     ref_log_probs = None
-    if uses_reference(cfg.algo.__dict__):  # the frozen initial model (algo.use_kl_loss, algo.kl_ctrl_coef)
+    if uses_reference(cfg.algo):  # the frozen initial model (algo.use_kl_loss, algo.kl_ctrl_coef)
         with timer("ref"):
             ref_log_probs = ranks.call("compute_ref_log_probs", batch)
     integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)
@@ -313,7 +313,7 @@ def load_data(cfg: Config):
                   skip_bad_rows=cfg.data.skip_bad_rows, remove_system=cfg.data.remove_system_prompt,
                   chat_template=resolve_chat_template(tokenizer, cfg.data.chat_template))
     # algo.use_off_policy_probs: the teacher's token probabilities (data.target_probs_key) of every demonstration
-    probs = dict(target_probs_key=cfg.data.target_probs_key, require_target_probs=True) if uses_target_probs(cfg.algo.__dict__) else {}
+    probs = dict(target_probs_key=cfg.data.target_probs_key, require_target_probs=True) if uses_target_probs(cfg.algo) else {}
     train_sets = [load_tokenized_dataset(p, tokenizer, require_target=True, max_prefix_len=cfg.rollout.max_prefix_len, long_demo_policy=cfg.data.long_demo_policy, **probs, **common) for p in cfg.data.train_files]
     train_set = [ex for ds in train_sets for ex in ds]
     if len(train_set) < cfg.data.train_batch_size:
@@ -343,7 +343,7 @@ def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts:
     responses, prefix_mask, response_mask = assemble_responses(prefixes=plan.prefixes, generations=[g.token_ids if g else [] for g in generations], eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), response_length=width)
     # algo.use_off_policy_probs: the teacher's probability of each demonstration token at its response position, -1 elsewhere
     target_probs = prefix_target_probs(prefix_lengths=[len(x) for x in plan.prefixes], group_index=plan.group_index,
-                                       demonstration_probs=[p.demo_probs for p in prompts], response_length=width) if uses_target_probs(cfg.algo.__dict__) else None
+                                       demonstration_probs=[p.demo_probs for p in prompts], response_length=width) if uses_target_probs(cfg.algo) else None
     batch = RolloutBatch(prompts=[prompts[g].prompt_ids for g in plan.group_index], responses=responses, response_mask=response_mask,
                          prefix_mask=prefix_mask, group_ids=[f"{step}:{g}" for g in plan.group_index], target_probs=target_probs)
     record = record_generations(prefixes=plan.prefixes, generations=generations, response_mask_BT=response_mask)
@@ -377,7 +377,7 @@ def rewards_and_advantages(cfg: Config, kl_ctrl, batch: RolloutBatch, token_scor
             token_level_scores_BT=token_scores, response_mask_BT=batch.response_mask, old_log_prob_BT=old_log_probs,
             ref_log_prob_BT=ref_log_probs, beta=kl_ctrl.value, kind=cfg.algo.kl_penalty)
     advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask,
-                                    group_ids=batch.group_ids, **advantage_options(cfg.algo.__dict__))
+                                    group_ids=batch.group_ids, **advantage_options(cfg.algo))
     return token_rewards, upstream_advantage_options(cfg, batch, advantages, eos_token_id), kl_metrics, kl_now
 
 
