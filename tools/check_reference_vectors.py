@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from luffy_megatron.algo import advantage_options, compute_advantages, loss_options, microbatch_policy_loss  # noqa: E402
+from luffy_megatron.config import AlgoConfig  # noqa: E402
 
 RTOL = 1e-5
 ATOL = 1e-7  # float32 round-off on values that are exactly 0 in the reference
@@ -55,7 +56,9 @@ def _tensors(inputs: dict) -> dict:
 
 
 def run_one(inputs: dict, settings: dict, *, use_target_probs: bool) -> dict:
-    """Advantages, loss and gradients for one (case, config), with the project's functions."""
+    """Advantages, loss and gradients for one (case, config), with the project's functions; `settings` is the
+    config's upstream flat option dict."""
+    algo = AlgoConfig.from_upstream(settings)
     t = _tensors(inputs)
     width = t["response_mask"].shape[-1]
     advantages = compute_advantages(
@@ -63,7 +66,7 @@ def run_one(inputs: dict, settings: dict, *, use_target_probs: bool) -> dict:
         response_mask_BT=t["response_mask"],
         prefix_mask_BT=t["prefix_mask"],
         group_ids=t["index"],
-        **advantage_options(settings),
+        **advantage_options(algo),
     )
     log_prob = t["log_prob"].clone().requires_grad_(True)
     entropy = t["entropy"].clone().requires_grad_(True)
@@ -77,7 +80,7 @@ def run_one(inputs: dict, settings: dict, *, use_target_probs: bool) -> dict:
         max_response_length=width,
         ref_log_prob_BT=t.get("ref_log_prob"),
         target_probs_BT=t["target_probs"] if use_target_probs else None,
-        **loss_options(settings),
+        **loss_options(algo),
     )
     loss.backward()
     return {

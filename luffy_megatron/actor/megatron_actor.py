@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
@@ -291,14 +291,14 @@ class MegatronActor:
         self.micro_batch_multiple = self.pp_size if len(self.model) > 1 else 1
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.step = 0  # optimizer steps taken
-        self.loss_opts = loss_options(asdict(cfg.algo))
-        self.use_target_probs = uses_target_probs(asdict(cfg.algo))  # teacher probs in the off-policy ratio
+        self.loss_opts = loss_options(cfg.algo)
+        self.use_target_probs = uses_target_probs(cfg.algo)  # teacher probs in the off-policy ratio
         # upstream divides every micro-batch loss by ppo_mini_batch_size // ppo_micro_batch_size (its units),
         # with or without dynamic batch sizes (luffy_algorithm.md 1.4)
         self.loss_opts["gradient_accumulation"] = gradient_accumulation(cfg)
         # the frozen reference of the KL terms (algo.use_ref, use_kl_loss, kl_ctrl_coef): the initial weights again
         self.reference = None
-        if uses_reference(asdict(cfg.algo)):
+        if uses_reference(cfg.algo):
             from luffy_megatron.actor.reference import ReferenceModel
 
             self.reference = ReferenceModel(cfg, self.arch, settings, self.hf_dir)

@@ -1,9 +1,12 @@
-"""The one boundary where algorithm settings (our `algo` config section, or an upstream LUFFY flat
-option dict) become keyword arguments of the pure loss and advantage functions."""
+"""The one boundary where the algorithm settings (the typed `algo` config section) become keyword arguments of
+the pure loss and advantage functions. An upstream LUFFY flat option dict enters through
+`AlgoConfig.from_upstream`."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+
+from luffy_megatron.config import AlgoConfig
 
 from .loss import upstream_clip
 
@@ -21,6 +24,7 @@ _SHAPING_KEYS = (
 )
 _LOSS_KEYS = (
     "mode",  # rl | sft (algo.mode)
+    "loss_agg_mode",
     "use_off_policy_loss",
     "use_sft_multitask_loss",
     "sft_loss_coef",
@@ -33,55 +37,46 @@ _LOSS_KEYS = (
 )
 
 
-def loss_agg_mode_of(settings: Mapping[str, Any]) -> str:
-    """Our `loss_agg_mode`, or upstream's `loss_remove_token_mean` (True = constant_length)."""
-    if "loss_agg_mode" in settings:
-        return settings["loss_agg_mode"]
-    return "constant_length" if settings.get("loss_remove_token_mean", False) else "token_mean"
-
-
-def loss_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+def loss_options(algo: AlgoConfig) -> dict[str, Any]:
     """Keyword arguments for `microbatch_policy_loss` (everything except tensors and lengths)."""
-    opts: dict[str, Any] = {k: settings[k] for k in _SHAPING_KEYS + _LOSS_KEYS if k in settings}
-    opts["loss_agg_mode"] = loss_agg_mode_of(settings)
-    opts["off_policy_max_clip"] = upstream_clip(settings.get("off_policy_max_clip", -1))
-    opts["off_policy_min_clip"] = upstream_clip(settings.get("off_policy_min_clip", -1))
-    opts["all_max_clip"] = upstream_clip(settings.get("all_max_clip", -1))
+    opts: dict[str, Any] = {key: getattr(algo, key) for key in _SHAPING_KEYS + _LOSS_KEYS}
+    opts["off_policy_max_clip"] = upstream_clip(algo.off_policy_max_clip)
+    opts["off_policy_min_clip"] = upstream_clip(algo.off_policy_min_clip)
+    opts["all_max_clip"] = upstream_clip(algo.all_max_clip)
     return opts
 
 
-def uses_target_probs(settings: Mapping[str, Any]) -> bool:
+def uses_target_probs(algo: AlgoConfig) -> bool:
     """Whether the loss takes the teacher's token probabilities (`target_probs_BT`): upstream selects
     `target_probs` only when both `use_off_policy_loss` and `use_off_policy_probs` are set (mix_actor.py)."""
-    return bool(settings.get("use_off_policy_loss", False) and settings.get("use_off_policy_probs", False))
+    return algo.use_off_policy_loss and algo.use_off_policy_probs
 
 
-def advantage_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+def advantage_options(algo: AlgoConfig) -> dict[str, Any]:
     """Keyword arguments for `compute_advantages` (estimator, std, prefix reward weights)."""
     return {
-        "estimator": settings.get("adv_estimator", "grpo"),
-        "use_std": settings.get("grpo_use_std", False),
-        "prefix_reward_weight_alpha": settings.get("prefix_reward_weight_alpha", 1.0),
-        "prefix_reward_weight_beta": settings.get("prefix_reward_weight_beta", 1.0),
+        "estimator": algo.adv_estimator,
+        "use_std": algo.grpo_use_std,
+        "prefix_reward_weight_alpha": algo.prefix_reward_weight_alpha,
+        "prefix_reward_weight_beta": algo.prefix_reward_weight_beta,
     }
 
 
-def uses_reference(settings: Mapping[str, Any]) -> bool:
+def uses_reference(algo: AlgoConfig) -> bool:
     """Whether the actor builds the frozen reference model (actor/reference.py). `use_ref` (upstream
     actor_rollout_ref.ref.use_ref) decides when set; null: exactly when something uses it, the KL loss
     (`use_kl_loss`) or the KL reward penalty (`kl_ctrl_coef > 0`)."""
-    use_ref = settings.get("use_ref")
-    if use_ref is not None:
-        return bool(use_ref)
-    return bool(settings.get("use_kl_loss", False)) or settings.get("kl_ctrl_coef", 0.0) > 0
+    if algo.use_ref is not None:
+        return algo.use_ref
+    return algo.use_kl_loss or algo.kl_ctrl_coef > 0
 
 
-def kl_controller_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+def kl_controller_options(algo: AlgoConfig) -> dict[str, Any]:
     """Keyword arguments for `algo.kl.make_kl_controller` (upstream algorithm.kl_ctrl.*)."""
     return {
-        "kl_ctrl_type": settings.get("kl_ctrl_type", "fixed"),
-        "kl_coef": settings.get("kl_ctrl_coef", 0.0),
-        "target_kl": settings.get("kl_ctrl_target_kl", 0.1),
-        "horizon": settings.get("kl_ctrl_horizon", 10000),
-        "has_reference": uses_reference(settings),
+        "kl_ctrl_type": algo.kl_ctrl_type,
+        "kl_coef": algo.kl_ctrl_coef,
+        "target_kl": algo.kl_ctrl_target_kl,
+        "horizon": algo.kl_ctrl_horizon,
+        "has_reference": uses_reference(algo),
     }

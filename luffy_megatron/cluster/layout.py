@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
-from luffy_megatron.config import Config, ConfigError
+from luffy_megatron.config.errors import ConfigError
+from luffy_megatron.config.sections import Config
 
 Mode = Literal["cpu", "colocated", "disaggregated"]
 
@@ -152,11 +153,11 @@ def megatron_coordinates(rank: int, *, tp: int, cp: int, dp: int, pp: int) -> tu
 
 def layout_problems(cfg: Config, mode: Mode) -> list[str]:
     """Why the ranks and engines of `cfg` cannot be placed in GPU mode `mode` (empty when they can). Also used by
-    `config.validate` for an explicit `cluster.layout`."""
+    `config.checks` for an explicit `cluster.layout`."""
     p, r = cfg.parallel, cfg.rollout
     tp, world, gpn, etp = p.tensor_model_parallel_size, p.world_size, p.n_gpus_per_node, r.tensor_model_parallel_size
     if min(tp, gpn, etp, p.nnodes) < 1:
-        return []  # config.validate reports the sizes themselves
+        return []  # the config's own checks report the sizes themselves
     errors: list[str] = []
     if gpn % tp:
         errors.append(f"parallel.tensor_model_parallel_size={tp} does not divide parallel.n_gpus_per_node={gpn}: "
@@ -196,10 +197,9 @@ def plan_layout(cfg: Config, mode: Mode) -> ClusterLayout:
     p, r = cfg.parallel, cfg.rollout
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     world, gpn, etp = p.world_size, p.n_gpus_per_node, r.tensor_model_parallel_size
-    if world % (tp * pp * cp):
-        raise ConfigError(f"parallel.tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size = "
-                          f"{tp}*{pp}*{cp} must divide the world size parallel.nnodes * n_gpus_per_node = "
-                          f"{p.nnodes}*{gpn} = {world}")
+    world_size_problem = p.world_size_problem()
+    if world_size_problem:
+        raise ConfigError(world_size_problem)
     dp = world // (tp * pp * cp)
 
     def coords(rank: int) -> tuple[int, int, int, int]:

@@ -500,7 +500,7 @@ def _flops_and_times(cfg, arch: HFArch, lay: dict, params: ParamCounts, eng: dic
     peak = asm.peak_tflops * 1e12
     train_rate = lay["train_gpus"] * peak * asm.mfu
     times = {"old_log_probs": logprob / train_rate, "update": update / train_rate}
-    ref = logprob if uses_reference(cfg.algo.__dict__) else 0.0  # the reference model's log-prob forward
+    ref = logprob if uses_reference(cfg.algo) else 0.0  # the reference model's log-prob forward
     times["ref_log_probs"] = ref / train_rate
 
     etp, engines = lay["etp"], lay["num_engines"]
@@ -560,7 +560,7 @@ def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = ""
         def trainer_state(ph: Phase, on_host: bool) -> None:
             ph.add("weights", f"trainer weights ({wdt})", state["weights"])
             where = "host" if on_host else ""
-            if uses_reference(cfg.algo.__dict__):  # actor/reference.py: a frozen copy, offloaded with the optimizer
+            if uses_reference(cfg.algo):  # actor/reference.py: a frozen copy, offloaded with the optimizer
                 ph.add("ref_weights", f"reference model weights ({wdt})", None if on_host else state["weights"], where)
             # cluster/offload.py releases the grad buffers (re-zeroed before each update) and copies the
             # optimizer state to host

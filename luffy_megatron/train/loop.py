@@ -69,7 +69,7 @@ def train(cfg: Config, workers=None) -> Path:
                                     total_steps=total_steps, console=cfg.logging.console, config=cfg)
         perf = RunPerf.of_run(cfg, workers.placement.layout, workers.actors.infos()[0]["cuda_device_name"])
         sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo.__dict__))  # beta of the KL reward penalty
+        kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo))  # beta of the KL reward penalty
         progress = RunProgress.resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
         with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn,
                         strip_special_tokens=cfg.reward.strip_special_tokens) as rewards:
@@ -135,7 +135,7 @@ def train_step(deps: StepDeps, prompts: list, step: int, timer: StepTimer, *,
     with timer("old_log_prob"):
         old_log_probs, _ = ranks.call("compute_log_probs", batch)
     ref_log_probs = None
-    if uses_reference(cfg.algo.__dict__):  # the frozen initial model (algo.use_kl_loss, algo.kl_ctrl_coef)
+    if uses_reference(cfg.algo):  # the frozen initial model (algo.use_kl_loss, algo.kl_ctrl_coef)
         with timer("ref"):
             ref_log_probs = ranks.call("compute_ref_log_probs", batch)
     integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)

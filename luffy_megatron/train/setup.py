@@ -54,7 +54,7 @@ def load_data(cfg: Config):
                   chat_template=resolve_chat_template(tokenizer, cfg.data.chat_template))
     # algo.use_off_policy_probs: the teacher's token probabilities (data.target_probs_key) of every demonstration
     probs = {}
-    if uses_target_probs(cfg.algo.__dict__):
+    if uses_target_probs(cfg.algo):
         probs = dict(target_probs_key=cfg.data.target_probs_key, require_target_probs=True)
     train_set = [ex for path in cfg.data.train_files
                  for ex in load_tokenized_dataset(path, tokenizer, require_target=True,

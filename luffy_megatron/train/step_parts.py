@@ -50,7 +50,7 @@ def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts:
         prefixes=plan.prefixes, generations=[g.token_ids if g else [] for g in generations],
         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), response_length=width)
     target_probs = None
-    if uses_target_probs(cfg.algo.__dict__):
+    if uses_target_probs(cfg.algo):
         # algo.use_off_policy_probs: the teacher's probability of each demonstration token at its response
         # position, -1 elsewhere
         target_probs = prefix_target_probs(prefix_lengths=[len(x) for x in plan.prefixes], group_index=plan.group_index,
@@ -116,7 +116,7 @@ def rewards_and_advantages(cfg: Config, kl_ctrl, batch: RolloutBatch, token_scor
             ref_log_prob_BT=ref_log_probs, beta=kl_ctrl.value, kind=cfg.algo.kl_penalty)
     advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask,
                                     prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids,
-                                    **advantage_options(cfg.algo.__dict__))
+                                    **advantage_options(cfg.algo))
     return token_rewards, apply_upstream_advantage_edits(cfg, batch, advantages, eos_token_id), kl_metrics, kl_now
 
 

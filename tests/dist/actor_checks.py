@@ -74,7 +74,7 @@ if actor.reference is not None:
     # algo.use_ref=true (test_actor.py): the frozen reference after the update has moved the policy; the actor's
     # KL loss (its loss options as built with algo.use_kl_loss=true) against the same actor without it; and the
     # trainer's KL reward penalty (algo.kl_ctrl_coef > 0) on these log-probs
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     from luffy_megatron.algo.kl import make_kl_controller
     from luffy_megatron.algo.options import kl_controller_options, loss_options
@@ -84,11 +84,11 @@ if actor.reference is not None:
     ref_lp = actor.compute_ref_log_probs(batch)
     new_lp, _ = actor.compute_log_probs(batch)
     grads_plain = actor.gradients(batch, advantages=adv, old_log_probs=new_lp)
-    actor.loss_opts.update(loss_options(asdict(replace(cfg.algo, use_kl_loss=True, kl_loss_coef=KL_LOSS_COEF))))
+    actor.loss_opts.update(loss_options(replace(cfg.algo, use_kl_loss=True, kl_loss_coef=KL_LOSS_COEF)))
     grads_kl = actor.gradients(batch, advantages=adv, old_log_probs=new_lp, ref_log_probs=ref_lp)
     metrics_kl = actor.update(batch, advantages=adv, old_log_probs=new_lp, ref_log_probs=ref_lp)
     penalty_cfg = replace(cfg, algo=replace(cfg.algo, kl_ctrl_coef=0.5))
-    kl_ctrl = make_kl_controller(**kl_controller_options(asdict(penalty_cfg.algo)))
+    kl_ctrl = make_kl_controller(**kl_controller_options(penalty_cfg.algo))
     scores = reference_token_scores(batch)
     rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(penalty_cfg, kl_ctrl, batch, scores, new_lp, ref_lp, eos_token_id=0)
     kl_checks = {"ref_lp": ref_lp, "new_lp": new_lp, "grads_plain": grads_plain, "grads_kl": grads_kl,

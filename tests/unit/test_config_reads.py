@@ -1,7 +1,7 @@
 """No setting is silently ignored: every dotted config path is read somewhere in the product's code.
 
 "Read" means an attribute access `.key` or the string "key" used as a value (a settings-dict lookup such as
-`settings.get("use_off_policy_probs")` or a tuple of option names), in luffy_megatron/ outside config.py
+`settings.get("use_off_policy_probs")` or a tuple of option names), in luffy_megatron/ outside config/
 (which declares and validates settings but does not act on them). Docstrings and comments do not count.
 """
 
@@ -19,7 +19,7 @@ DELIBERATE: dict[str, str] = {}
 def _names_read() -> set[str]:
     names: set[str] = set()
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "config.py" and path.parent == PACKAGE:
+        if PACKAGE / "config" in path.parents:
             continue
         tree = ast.parse(path.read_text(), filename=str(path))
         docstrings = set()

@@ -224,20 +224,18 @@ def test_errors_name_the_settings():
 
 
 def test_config_decides_the_reference_and_rejects_what_upstream_would_ignore():
-    from dataclasses import asdict
-
     from luffy_megatron.algo.options import kl_controller_options, uses_reference
     from luffy_megatron.config import ConfigError, load_config
 
     def ref(*overrides):
-        return uses_reference(asdict(load_config(None, list(overrides)).algo))
+        return uses_reference(load_config(None, list(overrides)).algo)
 
     assert not ref()  # LUFFY's main run: no reference model
     assert ref("algo.kl_ctrl_coef=0.01")
     assert ref("algo.use_kl_loss=true", "algo.kl_loss_coef=0.001")
     assert ref("algo.use_ref=true")  # critic/kl monitoring with beta 0
     adaptive = load_config(None, ["algo.kl_ctrl_type=adaptive", "algo.kl_ctrl_coef=0.2", "algo.kl_ctrl_horizon=7"])
-    ctrl = make_kl_controller(**kl_controller_options(asdict(adaptive.algo)))
+    ctrl = make_kl_controller(**kl_controller_options(adaptive.algo))
     assert isinstance(ctrl, AdaptiveKLController) and (ctrl.value, ctrl.target, ctrl.horizon) == (0.2, 0.1, 7)
     for overrides, named in [
         (["algo.use_kl_loss=true", "algo.kl_loss_coef=0.1", "algo.kl_ctrl_coef=0.1"], "algo.kl_ctrl_coef"),

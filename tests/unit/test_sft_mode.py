@@ -57,11 +57,9 @@ def test_unknown_mode_is_refused():
 
 
 def test_config_mode_reaches_the_loss_options():
-    from dataclasses import asdict
-
     cfg = load_config(None, ["algo.mode=sft", "rollout.n=1", "rollout.n_off_policy=-1"])
-    assert loss_options(asdict(cfg.algo))["mode"] == "sft"
-    assert loss_options(asdict(load_config(None, []).algo))["mode"] == "rl"
+    assert loss_options(cfg.algo)["mode"] == "sft"
+    assert loss_options(load_config(None, []).algo)["mode"] == "rl"
 
 
 @pytest.mark.parametrize("overrides, words", [

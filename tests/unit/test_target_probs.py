@@ -4,7 +4,6 @@ batch, and handed to the loss as the actor does -- where it reproduces upstream'
 reference vectors (the real actor: tests/dist/test_actor.py::test_off_policy_probs_reach_the_actor_loss)."""
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +199,7 @@ def test_trainer_batch_carries_teacher_probs_on_the_demonstration_tokens(qwen_to
             assert k == 0
         assert (batch.target_probs[r, k:] == -1).all()  # upstream's padding everywhere else
     # what the actor hands the loss for some rows (MegatronActor._backward's loss_fn)
-    enabled = uses_target_probs(asdict(cfg.algo))
+    enabled = uses_target_probs(cfg.algo)
     assert enabled and torch.equal(batch.loss_target_probs([4, 0], 20, enabled=enabled), batch.target_probs[[4, 0], :20])
 
     off_cfg = trainer_config(tokenizer_dir, path)
@@ -208,7 +207,7 @@ def test_trainer_batch_carries_teacher_probs_on_the_demonstration_tokens(qwen_to
     assert all(ex.demo_probs is None for ex in plain_set)  # the column is not even read
     plain, *_ = generate_and_mix(off_cfg, FakeEngines(eos), tokenizer, plain_set, 1, random.Random(0))
     assert plain.target_probs is None and torch.equal(plain.responses, batch.responses)
-    assert plain.loss_target_probs([0], 20, enabled=uses_target_probs(asdict(off_cfg.algo))) is None
+    assert plain.loss_target_probs([0], 20, enabled=uses_target_probs(off_cfg.algo)) is None
     with pytest.raises(ValueError, match="algo.use_off_policy_probs=true but this RolloutBatch has no target_probs"):
         plain.check_target_probs(enabled=True)
 
@@ -255,17 +254,17 @@ def vector_batch(inputs: dict) -> RolloutBatch:
 def actor_loss(cfg, batch: RolloutBatch, inputs: dict):
     """The loss as MegatronActor computes it for one micro-batch of all rows: its options (loss_options of the
     config; gradient accumulation 1, as the vectors), the batch's masks and target probabilities."""
-    opts = loss_options(asdict(cfg.algo))
+    opts = loss_options(cfg.algo)
     f32 = lambda k: torch.tensor(inputs[k], dtype=torch.float32)  # noqa: E731
     advantages = compute_advantages(token_level_rewards_BT=f32("token_level_rewards"), response_mask_BT=batch.response_mask,
                                     prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids,
-                                    **advantage_options(asdict(cfg.algo)))
+                                    **advantage_options(cfg.algo))
     log_prob, entropy = f32("log_prob").requires_grad_(True), f32("entropy").requires_grad_(True)
     rows, width = list(range(batch.num_rows)), batch.response_width
     loss, metrics = microbatch_policy_loss(
         log_prob_BT=log_prob, entropy_BT=entropy, old_log_prob_BT=f32("old_log_prob"),
         advantages_BT=advantages, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask[rows, :width],
-        target_probs_BT=batch.loss_target_probs(rows, width, enabled=uses_target_probs(asdict(cfg.algo))),
+        target_probs_BT=batch.loss_target_probs(rows, width, enabled=uses_target_probs(cfg.algo)),
         max_response_length=batch.response_width, **opts)
     loss.backward()
     return {"outputs": {k: float(v) for k, v in metrics.items()}, "advantages_col0": advantages[:, 0].tolist(),
