@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from luffy_megatron.config import AlgoConfig
+from luffy_megatron.config.algo_section import AlgoConfig
 
 from .loss import upstream_clip
 
