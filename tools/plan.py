@@ -8,7 +8,7 @@
 The recipe is loaded as luffy-train loads it (luffy_megatron.config.load_config), so --set overrides work;
 its parallel.nnodes is replaced by --nodes. Exit status: 0 when every phase fits, 1 when one does not (the
 last lines name the largest term and what to change), 2 for a recipe or setting that cannot be planned.
-What is modeled and assumed: luffy_megatron/cluster/plan.py.
+What is modeled and assumed: docs/plan.md.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from luffy_megatron.cluster.plan import Assumptions, PlanError, format_plan, plan_with_suggestions  # noqa: E402
 from luffy_megatron.config import ConfigError, load_config  # noqa: E402
+from luffy_megatron.perf.flops import PlanError  # noqa: E402
+from luffy_megatron.perf.memory_plan import Assumptions  # noqa: E402
+from luffy_megatron.perf.report import format_plan, plan_with_suggestions  # noqa: E402
 
 DEFAULTS = Assumptions()
 
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.recipe, [f"parallel.nnodes={args.nodes}", *args.overrides])
         assumptions = Assumptions(
-            gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, mfu=args.mfu, peak_tflops=args.peak_tflops, hbm_tbs=args.hbm_tbs,
+            gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, mfu=args.mfu,
+            peak_tflops=args.peak_tflops, hbm_tbs=args.hbm_tbs,
             gen_bandwidth_util=args.gen_bandwidth_util, mean_prompt_frac=args.mean_prompt_frac,
             mean_response_frac=args.mean_response_frac,
         )

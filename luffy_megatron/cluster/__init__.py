@@ -5,5 +5,4 @@ placement.py  the layout on Ray: one STRICT_PACK placement group per node, a bun
 actor_group.py the Megatron ranks as Ray actors in their bundles (rendezvous at rank 0's node)
 offload.py    actor.offload_during_rollout: optimizer state to host and back
 workers.py    placement + ranks + engines of one job, and the colocated phase switches (sleep / wake)
-plan.py       memory and step-time estimate of a recipe (tools/plan.py)
 """

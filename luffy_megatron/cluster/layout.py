@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
@@ -117,8 +117,6 @@ class ClusterLayout:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -191,6 +189,13 @@ def layout_problems(cfg: Config, mode: Mode) -> list[str]:
     return errors
 
 
+def problems_error(errors: list[str]) -> ConfigError:
+    """One ConfigError for a non-empty list of problems: the problem itself, or "N problems:" and a line each."""
+    if len(errors) == 1:
+        return ConfigError(errors[0])
+    return ConfigError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
 def plan_layout(cfg: Config, mode: Mode) -> ClusterLayout:
     """The layout of `cfg` in `mode` (see `resolve_mode`). Raises ConfigError naming the settings when the
     ranks or engines cannot be placed as the mode requires."""
@@ -213,7 +218,7 @@ def plan_layout(cfg: Config, mode: Mode) -> ClusterLayout:
 
     errors = layout_problems(cfg, mode)
     if errors:
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+        raise problems_error(errors)
 
     ranks = tuple(RankSlot(rank, rank // gpn, rank % gpn, *coords(rank)) for rank in range(world))
     if mode == "colocated":
@@ -255,8 +260,15 @@ def read_model_config(model_dir: str | os.PathLike) -> Optional[dict]:
 
 
 def check_model_parallelism(cfg: Config, hf_config: Mapping[str, Any]) -> None:
+    """`model_parallelism_problems` as one ConfigError, when there are any."""
+    errors = model_parallelism_problems(cfg, hf_config)
+    if errors:
+        raise problems_error(errors)
+
+
+def model_parallelism_problems(cfg: Config, hf_config: Mapping[str, Any]) -> list[str]:
     """Trainer TP/PP and engine TP against the model's heads, query groups and layers (megatron-core's and vLLM's
-    own rules), so a bad combination fails at config load instead of inside every rank."""
+    own rules), so a bad combination fails at config load instead of inside every rank. Empty when they fit."""
     p, etp = cfg.parallel, cfg.rollout.tensor_model_parallel_size
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
     heads = hf_config.get("num_attention_heads")
@@ -300,8 +312,7 @@ def check_model_parallelism(cfg: Config, hf_config: Mapping[str, Any]) -> None:
         if cfg.model.recompute_method == "block" and n > per_chunk:
             errors.append(f"model.recompute_num_layers={n} exceeds the {per_chunk} layers of each model chunk ({where}) "
                           "(model.recompute_method=block recomputes the first n of them)")
-    if errors:
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+    return errors
 
 
 def preflight(cfg: Config) -> Optional[ClusterLayout]:

@@ -14,7 +14,7 @@ Phases of a step (upstream `_timer` / `compute_timing_metrics`): `StepTimer` -> 
 Speed (`perf_metrics`): `perf/throughput` = prompt + response tokens of the batch / step seconds / GPUs of
 the run (on a CPU run: per Megatron rank), `perf/total_num_tokens`, and on a GPU whose bf16 peak is known
 (`peak_flops`) `perf/mfu` = the model FLOPs of the old-log-prob forward and the update (`ModelFlops`, counted
-as `cluster/plan.py` counts them) / the seconds of those two phases / the trainer's GPUs / the peak, and
+as `perf/flops.py` counts them) / the seconds of those two phases / the trainer's GPUs / the peak, and
 upstream's `mfu/actor` (the update alone). No MFU on a CPU: there is no peak to divide by.
 """
 
@@ -26,6 +26,15 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+
+from luffy_megatron.perf.flops import (
+    PlanError,
+    attention_coefficient,
+    forward_flops,
+    param_counts,
+    resolve_arch,
+    update_flops,
+)
 
 Tensor = torch.Tensor
 
@@ -131,7 +140,7 @@ class StepTimer:
 
 @dataclass(frozen=True)
 class ModelFlops:
-    """Model FLOPs of the actor's passes over a batch, from the architecture (`cluster/plan.py`'s counting:
+    """Model FLOPs of the actor's passes over a batch, from the architecture (`perf/flops.py`'s counting:
     matmul params = every linear weight with the output layer; causal attention 2 x heads x head_dim x
     layers x S^2 per sequence forward)."""
 
@@ -141,23 +150,17 @@ class ModelFlops:
     @classmethod
     def of_model(cls, model_path: str, *, tensor_parallel: int = 1) -> "ModelFlops":
         """From the HF config.json at `model_path` (megatron's vocabulary padding at this TP);
-        `cluster.plan.PlanError` for a model it cannot read."""
-        from luffy_megatron.cluster.plan import attention_coefficient, param_counts, resolve_arch
-
+        `perf.flops.PlanError` for a model it cannot read."""
         arch, _ = resolve_arch(model_path)
         return cls(param_counts(arch, tp=tensor_parallel).matmul, attention_coefficient(arch))
 
     def forward(self, sequence_lengths: Sequence[int]) -> float:
         """One forward over sequences of these lengths (prompt + response each): the old log-probs."""
-        from luffy_megatron.cluster.plan import forward_flops
-
         return forward_flops(self.matmul_params, self.attention_coef, tokens=float(sum(sequence_lengths)),
                              squared_lengths=float(sum(n * n for n in sequence_lengths)))
 
     def update(self, sequence_lengths: Sequence[int], *, epochs: int = 1) -> float:
         """Forward + backward over these sequences, `epochs` times (6 x params x tokens + attention)."""
-        from luffy_megatron.cluster.plan import update_flops
-
         return update_flops(self.matmul_params, self.attention_coef, tokens=float(sum(sequence_lengths)),
                             squared_lengths=float(sum(n * n for n in sequence_lengths)), epochs=epochs)
 
@@ -219,7 +222,7 @@ class RunPerf:
     def of_run(cls, cfg, layout, device_name: Optional[str]) -> "RunPerf":
         """From the config, the run's `ClusterLayout` and the GPU model of the ranks
         (`cuda_device_name` of `ActorGroup.infos()`, None on CPU ranks). A model whose FLOPs
-        cannot be counted (`cluster.plan` cannot read its config) logs no MFU, with a warning."""
+        cannot be counted (`perf.flops` cannot read its config) logs no MFU, with a warning."""
         import logging
 
         num_gpus, train_gpus = run_gpus(layout)
@@ -230,8 +233,6 @@ class RunPerf:
                 "no bf16 peak known for GPU %r (known: %s): perf/mfu is not logged", device_name,
                 ", ".join(p for p, _ in PEAK_BF16_FLOPS))
         if peak is not None:
-            from luffy_megatron.cluster.plan import PlanError
-
             try:
                 flops = ModelFlops.of_model(cfg.model.path, tensor_parallel=cfg.parallel.tensor_model_parallel_size)
             except PlanError as err:

@@ -9,6 +9,7 @@ import pytest
 from luffy_megatron.cluster.layout import (
     check_model_parallelism,
     megatron_coordinates,
+    model_parallelism_problems,
     plan_layout,
     preflight,
     resolve_mode,
@@ -156,6 +157,20 @@ HEADS = {"num_attention_heads": 12, "num_key_value_heads": 4, "num_hidden_layers
 def test_tp_against_heads_and_query_groups(overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_model_parallelism(cfg_of(*overrides), HEADS)
+
+
+def test_model_parallelism_problems_are_a_list_the_check_raises_as_one_error():
+    """Each problem is its own item (no message text to parse back); the raising check joins them."""
+    cfg = cfg_of("parallel.n_gpus_per_node=8", "parallel.tensor_model_parallel_size=8",
+                 "rollout.tensor_model_parallel_size=4")
+    problems = model_parallelism_problems(cfg, HEADS)
+    assert len(problems) == 2 and all("\n" not in p for p in problems)
+    assert "12 attention heads" in problems[0] and "4 query groups" in problems[1]
+    with pytest.raises(ConfigError) as err:
+        check_model_parallelism(cfg, HEADS)
+    assert str(err.value) == "2 problems:\n" + "\n".join(f"  - {p}" for p in problems)
+    assert model_parallelism_problems(cfg_of("parallel.n_gpus_per_node=4", "parallel.tensor_model_parallel_size=4",
+                                             "rollout.tensor_model_parallel_size=4"), HEADS) == []
 
 
 def test_tp_that_fits_the_heads_passes_including_vllm_kv_replication():

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from luffy_megatron.cluster.plan import (GIB, Assumptions, format_plan, make_plan, param_counts, resolve_arch,
-                                         trainer_state_bytes)
 from luffy_megatron.config import ConfigError, load_config
 from luffy_megatron.models.hf_to_mcore import padded_vocab_size
+from luffy_megatron.perf.flops import TrainerStateBytes, param_counts, resolve_arch, trainer_state_bytes
+from luffy_megatron.perf.memory_plan import GIB, Assumptions, make_plan
+from luffy_megatron.perf.report import format_plan
 from tests.dist.actor_fixtures import actor_overrides, make_batch, reference_advantages
 from tests.dist.tiny_models import make_tiny_model
 from tests.helpers import REPO
@@ -129,11 +130,11 @@ def test_params_and_state_bytes_match_a_real_actor(name, dtype, tmp_path):
 def test_bf16_and_distributed_optimizer_bytes_per_param():
     """bf16 weights, fp32 grads, fp32 main params and two fp32 moments; the distributed optimizer shards the
     last three's optimizer part over DP x CP, never the grad buffer."""
-    assert trainer_state_bytes(1000, bf16=True, distributed_optimizer=False, dp_cp=8) == dict(
+    assert trainer_state_bytes(1000, bf16=True, distributed_optimizer=False, dp_cp=8) == TrainerStateBytes(
         weights=2000, grads=4000, main_params=4000, moments=8000)
-    assert trainer_state_bytes(1000, bf16=True, distributed_optimizer=True, dp_cp=8) == dict(
+    assert trainer_state_bytes(1000, bf16=True, distributed_optimizer=True, dp_cp=8) == TrainerStateBytes(
         weights=2000, grads=4000, main_params=500, moments=1000)
-    assert trainer_state_bytes(1000, bf16=False, distributed_optimizer=True, dp_cp=8)["main_params"] == 0
+    assert trainer_state_bytes(1000, bf16=False, distributed_optimizer=True, dp_cp=8).main_params == 0
 
 
 def test_builtin_table_matches_the_published_parameter_counts():
@@ -237,8 +238,8 @@ def test_disaggregated_layout_plans_trainer_and_rollout_gpus_apart():
     disaggregated = ["cluster.layout=disaggregated", "actor.offload_during_rollout=false", "parallel.nnodes=6"]
     cfg = load_config(str(REPO / "recipes/luffy_main.yaml"), disaggregated + ["cluster.rollout_nnodes=2"])
     plan = make_plan(cfg)
-    assert (plan.layout["train_gpus"], plan.layout["rollout_gpus"], plan.layout["num_engines"]) == (48, 16, 8)
-    assert plan.layout["dp"] == 24 and plan.fits
+    assert (plan.layout.train_gpus, plan.layout.rollout_gpus, plan.layout.num_engines) == (48, 16, 8)
+    assert plan.layout.dp == 24 and plan.fits
     assert format_plan(plan).startswith("plan for (config) on 8 nodes (6 training + 2 rollout) x 8 GPUs")
     generate = plan.phase("generate")
     assert generate.gpus == "rollout" and {t.key for t in generate.terms}.isdisjoint({"weights", "grads"})
@@ -252,14 +253,13 @@ def test_flops_scale_with_the_batch_and_update_is_three_forwards():
     recipe = str(REPO / "recipes/luffy_main.yaml")
     one = make_plan(load_config(recipe))
     two = make_plan(load_config(recipe, ["data.train_batch_size=256"]))
-    assert one.flops["update"] == pytest.approx(3 * one.flops["old_log_probs"])
+    assert one.flops.update == pytest.approx(3 * one.flops.old_log_probs)
     for key in ("generation", "old_log_probs", "update"):
-        assert two.flops[key] == pytest.approx(2 * one.flops[key])
+        assert getattr(two.flops, key) == pytest.approx(2 * getattr(one.flops, key))
     # 6 x params x tokens dominates the update; the attention term is the rest
-    assert 6 * one.params.matmul * one.step["tokens"] < one.flops["update"] < 1.1 * 6 * one.params.matmul * \
-        one.step["tokens"]
+    assert 6 * one.params.matmul * one.step.tokens < one.flops.update < 1.1 * 6 * one.params.matmul * one.step.tokens
     slower = make_plan(load_config(recipe), Assumptions(mfu=0.175))
-    assert slower.times_s["update"] == pytest.approx(2 * one.times_s["update"])
+    assert slower.times_s.update == pytest.approx(2 * one.times_s.update)
 
 
 # ----- (c) refusal of a 32B recipe at TP=1 on one node -----------------------------------------------------------
