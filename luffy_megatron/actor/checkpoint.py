@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from luffy_megatron.compat.megatron import in_process_results_queue
 from luffy_megatron.utils.fs import atomic_write_text
 
 LATEST = "latest"
@@ -86,8 +87,6 @@ def save_checkpoint(actor, root: str | os.PathLike, *, step: int, trainer_state:
     """Collective over all ranks of the actor. Returns the final checkpoint directory."""
     from megatron.core import dist_checkpointing
 
-    from luffy_megatron.convert.checkpoint import _in_process_results_queue
-
     root = Path(root)
     final = root / step_dir_name(step)
     name = [f"{final.name}.tmp-{os.getpid()}"] if dist.get_rank() == 0 else [None]
@@ -98,7 +97,7 @@ def save_checkpoint(actor, root: str | os.PathLike, *, step: int, trainer_state:
         (tmp / "model_optim").mkdir(parents=True)
         (tmp / "rng").mkdir()
     dist.barrier()
-    with _in_process_results_queue():
+    with in_process_results_queue():
         dist_checkpointing.save(_model_optim_state(actor, is_loading=False), str(tmp / "model_optim"))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
     dist.barrier()
