@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from luffy_megatron.compat.megatron import in_process_results_queue
+from luffy_megatron.convert.checkpoint import load_sharded
 from luffy_megatron.utils.fs import atomic_write_text
 
 LATEST = "latest"
@@ -134,8 +135,6 @@ def prune(root: str | os.PathLike, *, keep: int) -> list[Path]:
 def load_checkpoint(actor, ckpt: str | os.PathLike) -> dict[str, Any]:
     """Collective. Restores model, optimizer, scheduler, RNG (this rank's, when the world size is the
     same) and the actor's step; returns the trainer state saved with it."""
-    from luffy_megatron.convert.checkpoint import load_sharded
-
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     loaded = load_sharded(_model_optim_state(actor, is_loading=True), ckpt / "model_optim")

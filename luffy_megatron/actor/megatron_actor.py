@@ -4,7 +4,7 @@ Every rank of the TP x PP x DP world builds a `MegatronActor` from the same conf
 methods with the same `RolloutBatch` (SPMD: under torchrun, or one Ray actor per rank). Each data-parallel
 rank takes its share of the rows (balanced by tokens); results are returned complete on every rank.
 
-Loss scaling, as upstream (luffy_algorithm.md section 1.4): each micro-batch's loss is its token sum /
+Loss scaling, as upstream: each micro-batch's loss is its token sum /
 max_response_length (plus the entropy token-mean term), micro-batch losses are SUMMED within a mini-batch
 (megatron-core's schedules divide by the number of micro-batches; we multiply it back), gradients are
 AVERAGED over data-parallel ranks (megatron DDP), clipped to `grad_clip`, then one Adam(W) step.

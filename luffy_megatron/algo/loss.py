@@ -1,8 +1,8 @@
 """LUFFY's shaped mixed-policy loss, as pure tensor functions.
 
 Everything here follows upstream LUFFY (`mix_core_alg.compute_token_on_off_policy_loss`,
-`core_algos.compute_policy_loss`, `mix_actor.update_policy`, commit 01f4ae06) option for option;
-see `shared/reference/luffy_algorithm.md` section 1. Shapes: `_BT` = [rows, response tokens].
+`core_algos.compute_policy_loss`, `mix_actor.update_policy`, commit 01f4ae06) option for option.
+Shapes: `_BT` = [rows, response tokens].
 No config object enters these functions: the actor maps its config to keyword arguments once.
 
 The main LUFFY run, per token (off-policy = demonstration token, `prefix_mask` True):

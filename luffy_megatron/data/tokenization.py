@@ -1,5 +1,5 @@
 """Chat template, prompt and demonstration tokenization, and the length policies (LUFFY's
-``rl_dataset_with_target.py`` L100-157; reference/luffy_algorithm.md sections 3 and 10 items 9-10).
+``rl_dataset_with_target.py`` L100-157).
 
 What a row becomes:
 
