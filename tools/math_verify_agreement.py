@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import select
 import subprocess
@@ -119,8 +120,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _select(rows: list, limit: int, seed: int) -> list:
     """The first `limit` of a seeded shuffle (all rows, in order, when limit <= 0 or >= len)."""
-    import random
-
     if limit <= 0 or limit >= len(rows):
         return list(rows)
     order = list(range(len(rows)))
@@ -164,71 +163,13 @@ def build_corpus(data_root: Path, limit_per_source: int = 150, seed: int = 0) ->
     `response` is what the trainer decodes (the prompt ends with "<think>\\n", so it starts inside the thought).
     """
     _sys_path()
-    from luffy_megatron.data import read_benchmark
-    from luffy_megatron.data.answers import last_boxed, normalize_problem
-    from luffy_megatron.data.math_train import math_demonstration
-    from luffy_megatron.data.readers import load_parquet_rows
-    from luffy_megatron.data.synthetic import ArithmeticConfig, generate_problems, worked_solution
-
     eval_root = data_root / "eval"
-    problems: list[dict] = []  # {source, key, gold, responses: [(style, whole response)]}
-
-    def add(source: str, key, gold: str, responses: list[tuple[str, str]] = ()) -> None:
-        problems.append({"source": source, "key": key, "gold": gold, "responses": list(responses)})
-
-    raw_solutions = {
-        "math500": ("math500.jsonl", lambda row: row["solution"]),
-        "minerva": ("minerva_math.jsonl", lambda row: row["solution"]),
-        "aime24": ("aime24.jsonl", lambda row: row["solution"]),
-        "olympiadbench": ("olympiadbench.jsonl", lambda row: row["solution"][0] if row["solution"] else ""),
-    }
-    raw_golds: set[str] = set()
-    for name in ("aime24", "aime25", "amc", "amc23", "math500", "minerva", "olympiadbench"):
-        rows = read_benchmark(name, data_root=eval_root)
-        raw = None
-        if name in raw_solutions:
-            raw = _read_jsonl(eval_root / raw_solutions[name][0])
-        for row in _select(rows, limit_per_source, seed):
-            solutions = []
-            if raw is not None:
-                text = raw_solutions[name][1](raw[row["index"]])
-                if text:
-                    solutions = _solution_styles(text)
-            add(name, row["index"], row["answer"], solutions)
-        raw_golds.update(row["answer"] for row in rows)
-
-    # LUFFY's own ground truths whose text no raw benchmark answer has (aime25's 336^\circ, other spellings).
-    first_row: dict[str, int] = {}
-    for index, row in enumerate(load_parquet_rows(eval_root / "luffy" / "valid.all.parquet")):
-        gold = str(row["reward_model"]["ground_truth"])
-        if gold not in raw_golds:
-            first_row.setdefault(gold, index)
-    for gold, index in _select(sorted(first_row.items()), limit_per_source, seed):
-        add("luffy_valid_all", index, gold)
-
-    # MATH (train-side; MATH-500 problems removed) with its reference solutions and our demonstrations.
-    math500 = {normalize_problem(row["problem"]) for row in read_benchmark("math500", data_root=eval_root)}
-    math_rows = [row for row in _read_jsonl(data_root / "train" / "math_test5000.jsonl")
-                 if normalize_problem(row["problem"]) not in math500 and last_boxed(row["solution"])]
-    for row in _select(math_rows, limit_per_source, seed):
-        gold = last_boxed(row["solution"])
-        demo = math_demonstration(row["solution"], gold).removeprefix("<think>\n")
-        add("math_train", row["idx"], gold, _solution_styles(row["solution"]) + [("our_demo+im_end", demo + "<|im_end|>")])
-
-    gsm_rows = _read_jsonl(data_root / "train" / "gsm8k_test1319.jsonl")
-    for row in _select(gsm_rows, limit_per_source, seed):
-        rationale, _, answer = row["answer"].rpartition("####")
-        rationale = re.sub(r"<<[^>]*>>", "", rationale).strip()
-        add("gsm8k", row["idx"], answer.strip(), _solution_styles(rationale + "\n#### " + answer.strip()))
-
-    # Our synthetic arithmetic task: the demonstration as the trainer sees it, with an EOS as a model writes it.
-    import random
-
-    config = ArithmeticConfig(min_digits=1, max_digits=4, min_operands=2, max_operands=5)
-    count = limit_per_source if limit_per_source > 0 else 1000
-    for index, problem in enumerate(generate_problems(count, config, random.Random(seed))):
-        demo = worked_solution(problem).removeprefix("<think>\n")
-        add("synthetic_arith", index, str(problem.answer), [("our_demo+im_end", demo + "<|im_end|>")])
+    # {source, key, gold, responses: [(style, whole response)]}, in this order of sources
+    problems, raw_golds = _benchmark_problems(eval_root, limit_per_source, seed)
+    problems += _luffy_valid_problems(eval_root, raw_golds, limit_per_source, seed)
+    problems += _math_train_problems(data_root, limit_per_source, seed)
+    problems += _gsm8k_problems(data_root, limit_per_source, seed)
+    problems += _synthetic_problems(limit_per_source, seed)
 
     # Model-written styles for every gold; the wrong answer is the next problem's gold in the same source.
     corpus: list[dict] = []
@@ -245,6 +186,97 @@ def build_corpus(data_root: Path, limit_per_source: int = 150, seed: int = 0) ->
                 corpus.append({"id": f"{source}/{problem['key']}/{style}", "source": source, "style": style,
                                "response": response, "gold": problem["gold"]})
     return corpus
+
+
+# The corpus sources import luffy_megatron inside the functions (lazy): `--worker` runs this file under the other
+# venv's python, which has only the standard library and math-verify.
+
+
+def _problem(source: str, key, gold: str, responses: list[tuple[str, str]] = ()) -> dict:
+    return {"source": source, "key": key, "gold": gold, "responses": list(responses)}
+
+
+def _benchmark_problems(eval_root: Path, limit: int, seed: int) -> tuple[list[dict], set[str]]:
+    """The shared benchmarks' golds, with their reference solutions where the raw files have them; and every
+    benchmark gold (selected or not)."""
+    from luffy_megatron.data import read_benchmark
+
+    raw_solutions = {
+        "math500": ("math500.jsonl", lambda row: row["solution"]),
+        "minerva": ("minerva_math.jsonl", lambda row: row["solution"]),
+        "aime24": ("aime24.jsonl", lambda row: row["solution"]),
+        "olympiadbench": ("olympiadbench.jsonl", lambda row: row["solution"][0] if row["solution"] else ""),
+    }
+    problems: list[dict] = []
+    raw_golds: set[str] = set()
+    for name in ("aime24", "aime25", "amc", "amc23", "math500", "minerva", "olympiadbench"):
+        rows = read_benchmark(name, data_root=eval_root)
+        raw = None
+        if name in raw_solutions:
+            raw = _read_jsonl(eval_root / raw_solutions[name][0])
+        for row in _select(rows, limit, seed):
+            solutions = []
+            if raw is not None:
+                text = raw_solutions[name][1](raw[row["index"]])
+                if text:
+                    solutions = _solution_styles(text)
+            problems.append(_problem(name, row["index"], row["answer"], solutions))
+        raw_golds.update(row["answer"] for row in rows)
+    return problems, raw_golds
+
+
+def _luffy_valid_problems(eval_root: Path, raw_golds: set[str], limit: int, seed: int) -> list[dict]:
+    """LUFFY's own ground truths whose text no raw benchmark answer has (aime25's 336^\\circ, other spellings)."""
+    from luffy_megatron.data.readers import load_parquet_rows
+
+    first_row: dict[str, int] = {}
+    for index, row in enumerate(load_parquet_rows(eval_root / "luffy" / "valid.all.parquet")):
+        gold = str(row["reward_model"]["ground_truth"])
+        if gold not in raw_golds:
+            first_row.setdefault(gold, index)
+    return [_problem("luffy_valid_all", index, gold) for gold, index in _select(sorted(first_row.items()), limit, seed)]
+
+
+def _math_train_problems(data_root: Path, limit: int, seed: int) -> list[dict]:
+    """MATH (train-side; MATH-500 problems removed) with its reference solutions and our demonstrations."""
+    from luffy_megatron.data import read_benchmark
+    from luffy_megatron.data.answers import last_boxed, normalize_problem
+    from luffy_megatron.data.math_train import math_demonstration
+
+    math500 = {normalize_problem(row["problem"]) for row in read_benchmark("math500", data_root=data_root / "eval")}
+    math_rows = [row for row in _read_jsonl(data_root / "train" / "math_test5000.jsonl")
+                 if normalize_problem(row["problem"]) not in math500 and last_boxed(row["solution"])]
+    problems = []
+    for row in _select(math_rows, limit, seed):
+        gold = last_boxed(row["solution"])
+        demo = math_demonstration(row["solution"], gold).removeprefix("<think>\n")
+        styles = _solution_styles(row["solution"]) + [("our_demo+im_end", demo + "<|im_end|>")]
+        problems.append(_problem("math_train", row["idx"], gold, styles))
+    return problems
+
+
+def _gsm8k_problems(data_root: Path, limit: int, seed: int) -> list[dict]:
+    problems = []
+    for row in _select(_read_jsonl(data_root / "train" / "gsm8k_test1319.jsonl"), limit, seed):
+        rationale, _, answer = row["answer"].rpartition("####")
+        rationale = re.sub(r"<<[^>]*>>", "", rationale).strip()
+        problems.append(_problem("gsm8k", row["idx"], answer.strip(),
+                                 _solution_styles(rationale + "\n#### " + answer.strip())))
+    return problems
+
+
+def _synthetic_problems(limit: int, seed: int) -> list[dict]:
+    """Our synthetic arithmetic task: the demonstration as the trainer sees it, with an EOS as a model writes it."""
+    from luffy_megatron.data.synthetic import ArithmeticConfig, generate_problems, worked_solution
+
+    config = ArithmeticConfig(min_digits=1, max_digits=4, min_operands=2, max_operands=5)
+    count = limit if limit > 0 else 1000
+    problems = []
+    for index, problem in enumerate(generate_problems(count, config, random.Random(seed))):
+        demo = worked_solution(problem).removeprefix("<think>\n")
+        styles = [("our_demo+im_end", demo + "<|im_end|>")]
+        problems.append(_problem("synthetic_arith", index, str(problem.answer), styles))
+    return problems
 
 
 def with_stripped_solutions(corpus: list[dict]) -> list[dict]:

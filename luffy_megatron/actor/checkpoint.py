@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from luffy_megatron.compat.megatron import in_process_results_queue
+from luffy_megatron.convert.checkpoint import load_sharded
 from luffy_megatron.utils.fs import atomic_write_text
 
 LATEST = "latest"
@@ -86,8 +88,6 @@ def save_checkpoint(actor, root: str | os.PathLike, *, step: int, trainer_state:
     """Collective over all ranks of the actor. Returns the final checkpoint directory."""
     from megatron.core import dist_checkpointing
 
-    from luffy_megatron.convert.checkpoint import _in_process_results_queue
-
     root = Path(root)
     final = root / step_dir_name(step)
     name = [f"{final.name}.tmp-{os.getpid()}"] if dist.get_rank() == 0 else [None]
@@ -98,7 +98,7 @@ def save_checkpoint(actor, root: str | os.PathLike, *, step: int, trainer_state:
         (tmp / "model_optim").mkdir(parents=True)
         (tmp / "rng").mkdir()
     dist.barrier()
-    with _in_process_results_queue():
+    with in_process_results_queue():
         dist_checkpointing.save(_model_optim_state(actor, is_loading=False), str(tmp / "model_optim"))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
     dist.barrier()
@@ -135,8 +135,6 @@ def prune(root: str | os.PathLike, *, keep: int) -> list[Path]:
 def load_checkpoint(actor, ckpt: str | os.PathLike) -> dict[str, Any]:
     """Collective. Restores model, optimizer, scheduler, RNG (this rank's, when the world size is the
     same) and the actor's step; returns the trainer state saved with it."""
-    from luffy_megatron.convert.checkpoint import load_sharded
-
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     loaded = load_sharded(_model_optim_state(actor, is_loading=True), ckpt / "model_optim")

@@ -4,7 +4,7 @@ Every rank of the TP x PP x DP world builds a `MegatronActor` from the same conf
 methods with the same `RolloutBatch` (SPMD: under torchrun, or one Ray actor per rank). Each data-parallel
 rank takes its share of the rows (balanced by tokens); results are returned complete on every rank.
 
-Loss scaling, as upstream (luffy_algorithm.md section 1.4): each micro-batch's loss is its token sum /
+Loss scaling, as upstream: each micro-batch's loss is its token sum /
 max_response_length (plus the entropy token-mean term), micro-batch losses are SUMMED within a mini-batch
 (megatron-core's schedules divide by the number of micro-batches; we multiply it back), gradients are
 AVERAGED over data-parallel ranks (megatron DDP), clipped to `grad_clip`, then one Adam(W) step.
@@ -13,6 +13,7 @@ Averaging makes the step scale with 1/DP on the same rows; `algo.dp_gradient_red
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -41,10 +42,26 @@ from luffy_megatron.actor.batching import (
     split_mini_batches,
 )
 from luffy_megatron.actor.context_parallel import gather_tokens, shard_micro_batch
+from luffy_megatron.actor.reference import ReferenceModel
 from luffy_megatron.actor.schedule import make_lr_scheduler
 from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
 from luffy_megatron.algo.loss import microbatch_policy_loss
 from luffy_megatron.algo.options import loss_options, uses_reference, uses_target_probs
+from luffy_megatron.compat.megatron import apply_mcore_patches
+from luffy_megatron.compat.megatron_cpu import apply_cpu_shim, seed_everything
+from luffy_megatron.convert.checkpoint import load_checkpoint as load_model_checkpoint
+from luffy_megatron.convert.export import iter_hf_weights
+from luffy_megatron.convert.weights import load_hf_weights
+from luffy_megatron.models.hf_to_mcore import (
+    build_model_chunks,
+    padded_vocab_size,
+    read_hf_arch,
+    transformer_engine_available,
+)
+from luffy_megatron.models.parallel import init_model_parallel
+
+# megatron-core is imported inside the methods (lazy): the driver imports this module for `megatron_settings`
+# and never imports megatron.
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +78,6 @@ class Kernels:
 
     @classmethod
     def detect(cls) -> "Kernels":
-        import importlib.util
-
-        from luffy_megatron.models.hf_to_mcore import transformer_engine_available
-
         cuda = torch.cuda.is_available()
         return cls(cuda=cuda, te=transformer_engine_available(),
                    apex_wgrad=cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None)
@@ -114,7 +127,7 @@ def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
         variable_seq_lengths=p.pipeline_model_parallel_size > 1,
         # The interleaved schedule sends both directions at once; megatron-core's batched p2p posts them
         # in an order that pairs them wrongly with two stages. Megatron-LM's default for interleaving:
-        # overlapped, unbatched p2p (`_p2p_ops`, ordered for two stages; see models/mcore_patches.py).
+        # overlapped, unbatched p2p (`_p2p_ops`, ordered for two stages; see compat/megatron.py).
         **(dict(overlap_p2p_comm=True, batch_p2p_comm=False) if p.virtual_pipeline_model_parallel_size else {}),
         moe_token_dispatcher_type="alltoall",
         attention_dropout=cfg.model.attention_dropout,
@@ -195,16 +208,6 @@ class MegatronActor:
     """This rank's share of the policy model, its optimizer and its LR schedule."""
 
     def __init__(self, cfg, *, hf_dir: str | os.PathLike, pad_token_id: int, load_weights: bool = True):
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        from luffy_megatron.convert.weights import load_hf_weights
-        from luffy_megatron.models.cpu_shim import apply_cpu_shim, seed_everything
-        from luffy_megatron.models.mcore_patches import apply_mcore_patches
-        from luffy_megatron.models.hf_to_mcore import build_model_chunks, padded_vocab_size, read_hf_arch
-        from luffy_megatron.models.parallel import init_model_parallel
-
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         settings = megatron_settings(cfg)
@@ -217,6 +220,47 @@ class MegatronActor:
 
         self.hf_dir = Path(hf_dir)
         self.arch = read_hf_arch(self.hf_dir / "config.json")
+        originals = self._build_model(settings, load_weights=load_weights)
+        self.optimizer = self._build_optimizer(settings["params_dtype"])
+        seed_main_params(self.optimizer, originals)
+        del originals
+        # LR schedule in upstream's units (actor/schedule.py): one scheduler step per trainer step, warmup over
+        # int(lr_warmup_steps_ratio x total trainer steps); the trainer fills in the real total.
+        self.scheduler = make_lr_scheduler(self.optimizer, cfg.actor, cfg.trainer.total_training_steps or 1)
+        self._set_schedule_hooks()
+
+        self._parallel_coords()
+        self.vocab_padded = padded_vocab_size(self.arch.vocab_size, p.tensor_model_parallel_size,
+                                              cfg.model.make_vocab_size_divisible_by)
+        self.vocab_local = self.vocab_padded // p.tensor_model_parallel_size
+        # THD packing needs Transformer Engine attention; the local (CPU) spec pads instead.
+        self.packed = settings["use_te"] and cfg.actor.use_sequence_packing
+        self.row_multiple, self.total_multiple = padding_multiples(
+            tp=p.tensor_model_parallel_size, sequence_parallel=p.sequence_parallel, cp=p.context_parallel_size,
+            fp8=settings["fp8"], packed=self.packed)
+        self.equal_micro_batches = settings["equal_micro_batches"]
+        # the interleaved schedule runs micro-batches in groups of PP (microbatch_group_size_per_vp_stage)
+        self.micro_batch_multiple = self.pp_size if len(self.model) > 1 else 1
+        self._device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                        else torch.device("cpu"))
+        self.step = 0  # optimizer steps taken
+        self.loss_opts = loss_options(cfg.algo)
+        self.use_target_probs = uses_target_probs(cfg.algo)  # teacher probs in the off-policy ratio
+        # upstream divides every micro-batch loss by ppo_mini_batch_size // ppo_micro_batch_size (its units),
+        # with or without dynamic batch sizes (upstream's dp_actor)
+        self.loss_opts["gradient_accumulation"] = gradient_accumulation(cfg)
+        # the frozen reference of the KL terms (algo.use_ref, use_kl_loss, kl_ctrl_coef): the initial weights again
+        self.reference = None
+        if uses_reference(cfg.algo):
+            self.reference = ReferenceModel(cfg, self.arch, settings, self.hf_dir)
+
+    def _build_model(self, settings: dict, *, load_weights: bool) -> dict:
+        """This rank's model chunks, loaded, cast and wrapped in megatron's DDP (`self.model`, `self.config`,
+        `self.ddp_config`, `self.half`). Returns the exact fp32 values the bf16 cast rounds
+        (`exact_fp32_copies`), for the optimizer's main params."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        cfg = self.cfg
         dtype = settings["params_dtype"]
         # The config says bf16 from the start, as megatron's own bf16 training (softmax upcast, bf16
         # pipeline buffers); the parameters are made in fp32 so the weights load exactly, then cast.
@@ -230,8 +274,6 @@ class MegatronActor:
         )
         if load_weights and cfg.model.load_checkpoint:
             # a converted Megatron checkpoint (luffy-convert hf-to-megatron), written under any TP/PP
-            from luffy_megatron.convert.checkpoint import load_checkpoint as load_model_checkpoint
-
             load_model_checkpoint(chunks, cfg.model.load_checkpoint)
         elif load_weights:
             load_hf_weights(chunks, self.arch, self.hf_dir)
@@ -244,8 +286,14 @@ class MegatronActor:
             chunks = [Float16Module(self.config, c) for c in chunks]
         self.ddp_config = DistributedDataParallelConfig(**settings["ddp"])
         self.model = [DistributedDataParallel(self.config, self.ddp_config, c) for c in chunks]
-        a = cfg.actor
-        self.optimizer = get_megatron_optimizer(
+        return originals
+
+    def _build_optimizer(self, dtype: torch.dtype):
+        """megatron's Adam(W) over `self.model`, with the actor's settings."""
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        a = self.cfg.actor
+        return get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
                 lr=a.lr,
@@ -256,52 +304,28 @@ class MegatronActor:
                 clip_grad=a.grad_clip,
                 bf16=dtype == torch.bfloat16,
                 params_dtype=dtype,
-                use_distributed_optimizer=p.use_distributed_optimizer,
+                use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
             ),
             self.model,
             config_overrides={},  # upstream applies weight decay to every parameter (torch AdamW over all)
         )
-        seed_main_params(self.optimizer, originals)
-        del originals
-        # LR schedule in upstream's units (actor/schedule.py): one scheduler step per trainer step, warmup over
-        # int(lr_warmup_steps_ratio x total trainer steps); the trainer fills in the real total.
-        self.scheduler = make_lr_scheduler(self.optimizer, a, cfg.trainer.total_training_steps or 1)
-        self._set_schedule_hooks()
 
+    def _parallel_coords(self) -> None:
+        """This rank's groups, ranks and sizes in megatron's parallel_state."""
+        from megatron.core import parallel_state as ps
+
+        cp_size = self.cfg.parallel.context_parallel_size
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.dp_group = ps.get_data_parallel_group()
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
-        self.cp_group = ps.get_context_parallel_group() if p.context_parallel_size > 1 else None
+        self.cp_group = ps.get_context_parallel_group() if cp_size > 1 else None
         self.cp_rank = ps.get_context_parallel_rank()
-        self.cp_size = p.context_parallel_size
+        self.cp_size = cp_size
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-        self.vocab_padded = padded_vocab_size(self.arch.vocab_size, p.tensor_model_parallel_size, cfg.model.make_vocab_size_divisible_by)
-        self.vocab_local = self.vocab_padded // p.tensor_model_parallel_size
-        # THD packing needs Transformer Engine attention; the local (CPU) spec pads instead.
-        self.packed = settings["use_te"] and cfg.actor.use_sequence_packing
-        self.row_multiple, self.total_multiple = padding_multiples(
-            tp=p.tensor_model_parallel_size, sequence_parallel=p.sequence_parallel, cp=p.context_parallel_size,
-            fp8=settings["fp8"], packed=self.packed)
-        self.equal_micro_batches = settings["equal_micro_batches"]
-        # the interleaved schedule runs micro-batches in groups of PP (microbatch_group_size_per_vp_stage)
-        self.micro_batch_multiple = self.pp_size if len(self.model) > 1 else 1
-        self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.step = 0  # optimizer steps taken
-        self.loss_opts = loss_options(cfg.algo)
-        self.use_target_probs = uses_target_probs(cfg.algo)  # teacher probs in the off-policy ratio
-        # upstream divides every micro-batch loss by ppo_mini_batch_size // ppo_micro_batch_size (its units),
-        # with or without dynamic batch sizes (luffy_algorithm.md 1.4)
-        self.loss_opts["gradient_accumulation"] = gradient_accumulation(cfg)
-        # the frozen reference of the KL terms (algo.use_ref, use_kl_loss, kl_ctrl_coef): the initial weights again
-        self.reference = None
-        if uses_reference(cfg.algo):
-            from luffy_megatron.actor.reference import ReferenceModel
-
-            self.reference = ReferenceModel(cfg, self.arch, settings, self.hf_dir)
 
     def _set_schedule_hooks(self) -> None:
         """The hooks megatron-core's schedules call, set as Megatron-LM's training sets them."""
@@ -584,8 +608,6 @@ class MegatronActor:
 
     def export_hf_weights(self, **kwargs):
         """(hf_name, full tensor) pairs of the current weights, on every rank (collective)."""
-        from luffy_megatron.convert.export import iter_hf_weights
-
         return iter_hf_weights(self._unwrapped(), self.arch, **kwargs)
 
     def _unwrapped(self) -> list:

@@ -1,8 +1,8 @@
 """LUFFY's shaped mixed-policy loss, as pure tensor functions.
 
 Everything here follows upstream LUFFY (`mix_core_alg.compute_token_on_off_policy_loss`,
-`core_algos.compute_policy_loss`, `mix_actor.update_policy`, commit 01f4ae06) option for option;
-see `shared/reference/luffy_algorithm.md` section 1. Shapes: `_BT` = [rows, response tokens].
+`core_algos.compute_policy_loss`, `mix_actor.update_policy`, commit 01f4ae06) option for option.
+Shapes: `_BT` = [rows, response tokens].
 No config object enters these functions: the actor maps its config to keyword arguments once.
 
 The main LUFFY run, per token (off-policy = demonstration token, `prefix_mask` True):
@@ -112,6 +112,40 @@ LOSS_AGG_MODES = ("constant_length", "token_mean", "seq_mean")
 # --------------------------------------------------------------------------- the LUFFY loss
 
 
+def _clipped_on_policy_losses(ratio: Tensor, adv: Tensor, mask: Tensor, *, loss_remove_clip: bool,
+                              clip_ratio: float, clip_upper_bound: float) -> tuple[Tensor, Tensor]:
+    """-A * ratio per token, PPO-clipped to [1 - clip_ratio, max(clip_upper_bound, 1 + clip_ratio)] unless
+    `loss_remove_clip`; and the fraction of valid tokens the clip changed."""
+    on_losses = -adv * ratio
+    if loss_remove_clip:
+        return on_losses, torch.zeros((), dtype=mask.dtype)
+    upper = max(clip_upper_bound, 1.0 + clip_ratio)
+    clipped_losses = -adv * torch.clamp(ratio, 1.0 - clip_ratio, upper)
+    on_clipfrac = masked_mean(torch.gt(clipped_losses, on_losses).to(mask.dtype), mask)
+    return torch.maximum(on_losses, clipped_losses), on_clipfrac
+
+
+def _off_policy_ratio(log_prob_BT: Tensor, prefix_f: Tensor, off_mask: Tensor, *, target_probs_BT: Tensor | None,
+                      reshape: str, weight: float, pow_exp: float, max_clip: float | None,
+                      min_clip: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The shaped off-policy ratio (`reshape` of the current policy's p, or p / (teacher p + 1e-6) with
+    `target_probs_BT`), clamped to [min_clip, max_clip] (None: that side unclipped); and the fractions of
+    off-policy tokens at each bound (0 for a bound that is off)."""
+    if target_probs_BT is None:
+        off_ratio = _lookup(OFF_POLICY_RESHAPES, reshape, "off_policy_reshape")(log_prob_BT, weight, pow_exp)
+    else:
+        off_ratio = torch.exp(log_prob_BT) / (target_probs_BT + 1e-6) * prefix_f
+    zero = torch.zeros((), dtype=off_mask.dtype)
+    max_clipfrac = min_clipfrac = zero
+    if max_clip is not None:
+        off_ratio = torch.clamp(off_ratio, max=max_clip)
+        max_clipfrac = masked_mean((off_ratio == max_clip).to(off_mask.dtype), off_mask)
+    if min_clip is not None:
+        off_ratio = torch.clamp(off_ratio, min=min_clip)
+        min_clipfrac = masked_mean((off_ratio == min_clip).to(off_mask.dtype), off_mask)
+    return off_ratio, max_clipfrac, min_clipfrac
+
+
 def mixed_policy_loss(
     *,
     log_prob_BT: Tensor,
@@ -155,32 +189,17 @@ def mixed_policy_loss(
     ratio = _lookup(ON_POLICY_RESHAPES, on_policy_reshape, "on_policy_reshape")(
         log_prob_BT, old_log_prob_BT, on_policy_reshape_weight, on_policy_reshape_pow_exp
     )
-    on_losses = -adv * ratio
-    if loss_remove_clip:
-        on_clipfrac = torch.zeros((), dtype=mask.dtype)
-    else:
-        upper = max(clip_upper_bound, 1.0 + clip_ratio)
-        clipped_losses = -adv * torch.clamp(ratio, 1.0 - clip_ratio, upper)
-        on_clipfrac = masked_mean(torch.gt(clipped_losses, on_losses).to(mask.dtype), mask)
-        on_losses = torch.maximum(on_losses, clipped_losses)
+    on_losses, on_clipfrac = _clipped_on_policy_losses(ratio, adv, mask, loss_remove_clip=loss_remove_clip,
+                                                       clip_ratio=clip_ratio, clip_upper_bound=clip_upper_bound)
     on_pg_loss = masked_mean(on_losses, on_mask)
 
     # Off-policy (demonstration) tokens: shaped current-policy probability.
-    if target_probs_BT is None:
-        off_ratio = _lookup(OFF_POLICY_RESHAPES, off_policy_reshape, "off_policy_reshape")(
-            log_prob_BT, off_policy_reshape_weight, off_policy_reshape_pow_exp
-        )
-    else:
-        off_ratio = torch.exp(log_prob_BT) / (target_probs_BT + 1e-6) * prefix_f
-    zero = torch.zeros((), dtype=mask.dtype)
-    off_max_clipfrac = off_min_clipfrac = zero
-    if off_policy_max_clip is not None:
-        off_ratio = torch.clamp(off_ratio, max=off_policy_max_clip)
-        off_max_clipfrac = masked_mean((off_ratio == off_policy_max_clip).to(mask.dtype), off_mask)
-    if off_policy_min_clip is not None:
-        off_ratio = torch.clamp(off_ratio, min=off_policy_min_clip)
-        off_min_clipfrac = masked_mean((off_ratio == off_policy_min_clip).to(mask.dtype), off_mask)
+    off_ratio, off_max_clipfrac, off_min_clipfrac = _off_policy_ratio(
+        log_prob_BT, prefix_f, off_mask, target_probs_BT=target_probs_BT, reshape=off_policy_reshape,
+        weight=off_policy_reshape_weight, pow_exp=off_policy_reshape_pow_exp, max_clip=off_policy_max_clip,
+        min_clip=off_policy_min_clip)
     off_losses = -adv * off_ratio
+    zero = torch.zeros((), dtype=mask.dtype)
 
     # where() rather than upstream's `off*prefix + on*(1-prefix)`: equal for finite values, and an
     # inf in the unused branch cannot turn into NaN.
@@ -298,29 +317,39 @@ def microbatch_policy_loss(
     mask = response_mask_BT.to(log_prob_BT.dtype)
     if mode not in ("rl", "sft"):
         raise ValueError(f"mode={mode!r} is not one of: rl, sft")
+    pg_loss, metrics = _policy_term(
+        mode, log_prob_BT=log_prob_BT, old_log_prob_BT=old_log_prob_BT, advantages_BT=advantages_BT, mask=mask,
+        prefix_mask_BT=prefix_mask_BT, max_response_length=max_response_length, loss_agg_mode=loss_agg_mode,
+        use_off_policy_loss=use_off_policy_loss, use_sft_multitask_loss=use_sft_multitask_loss,
+        sft_loss_coef=sft_loss_coef, shaping=shaping)
+    entropy_loss = masked_mean(entropy_BT, mask)
+    policy_loss = pg_loss - entropy_loss * (entropy_coeff if mode == "rl" else 0.0)
+    policy_loss = _regularizers(
+        policy_loss, metrics, log_prob_BT=log_prob_BT, old_log_prob_BT=old_log_prob_BT, mask=mask,
+        policy_rows=~prefix_mask_BT.bool().any(-1) if use_sft_multitask_loss else slice(None),
+        use_kl_loss=use_kl_loss, kl_loss_coef=kl_loss_coef, kl_loss_type=kl_loss_type,
+        ref_log_prob_BT=ref_log_prob_BT, use_ppo_kl_loss=use_ppo_kl_loss, ppo_kl_loss_coef=ppo_kl_loss_coef)
+    loss = policy_loss / gradient_accumulation
+    metrics.update(
+        pg_loss=pg_loss.detach(),
+        entropy_loss=entropy_loss.detach(),
+        entropy=entropy_loss.detach(),  # verl's `actor/entropy`: the token-mean entropy of the micro-batch
+        policy_loss=policy_loss.detach(),
+        loss_backward=loss.detach(),
+    )
+    return loss, metrics
+
+
+def _policy_term(mode: str, *, log_prob_BT: Tensor, old_log_prob_BT: Tensor, advantages_BT: Tensor, mask: Tensor,
+                 prefix_mask_BT: Tensor, max_response_length: int, loss_agg_mode: str, use_off_policy_loss: bool,
+                 use_sft_multitask_loss: bool, sft_loss_coef: float,
+                 shaping: dict) -> tuple[Tensor, dict[str, Tensor]]:
+    """(pg_loss, its metrics) of one micro-batch: the NLL (mode="sft"), NLL on the demonstration rows plus PPO
+    on the others (SFT multitask), LUFFY's mixed-policy loss (off-policy loss), or plain PPO."""
     if mode == "sft":
         pg_loss = sft_loss(log_prob_BT=log_prob_BT, response_mask_BT=mask)
-        metrics = {"sft_loss": pg_loss.detach()}
-        entropy_coeff = 0.0
-    elif use_sft_multitask_loss:
-        if use_off_policy_loss:
-            raise ValueError("use_sft_multitask_loss and use_off_policy_loss cannot both be true")
-        off_rows = prefix_mask_BT.bool().any(-1)
-        sft = sft_loss(log_prob_BT=log_prob_BT[off_rows], response_mask_BT=mask[off_rows])
-        on_rows = ~off_rows
-        ppo = ppo_policy_loss(
-            log_prob_BT=log_prob_BT[on_rows],
-            old_log_prob_BT=old_log_prob_BT[on_rows],
-            advantages_BT=advantages_BT[on_rows],
-            response_mask_BT=mask[on_rows],
-            clip_ratio=shaping.get("clip_ratio", 0.2),
-            loss_remove_clip=shaping.get("loss_remove_clip", True),
-            loss_agg_mode=loss_agg_mode,
-            max_response_length=max_response_length,
-        )
-        pg_loss = sft * sft_loss_coef + ppo["pg_loss"]
-        metrics = {"sft_loss": sft.detach(), "pg_clipfrac": ppo["pg_clipfrac"], "ppo_kl": ppo["ppo_kl"]}
-    elif use_off_policy_loss:
+        return pg_loss, {"sft_loss": pg_loss.detach()}
+    if use_off_policy_loss and not use_sft_multitask_loss:
         out = mixed_policy_loss(
             log_prob_BT=log_prob_BT,
             old_log_prob_BT=old_log_prob_BT,
@@ -332,24 +361,35 @@ def microbatch_policy_loss(
             **shaping,
         )
         pg_loss = out.pop("pg_loss")
-        metrics = dict(out)
-        metrics["pg_clipfrac"] = out["on_pg_clipfrac"]
-    else:
-        ppo = ppo_policy_loss(
-            log_prob_BT=log_prob_BT,
-            old_log_prob_BT=old_log_prob_BT,
-            advantages_BT=advantages_BT,
-            response_mask_BT=mask,
-            clip_ratio=shaping.get("clip_ratio", 0.2),
-            loss_remove_clip=shaping.get("loss_remove_clip", True),
-            loss_agg_mode=loss_agg_mode,
-            max_response_length=max_response_length,
-        )
-        pg_loss = ppo["pg_loss"]
-        metrics = {"pg_clipfrac": ppo["pg_clipfrac"], "ppo_kl": ppo["ppo_kl"]}
+        return pg_loss, {**out, "pg_clipfrac": out["on_pg_clipfrac"]}
+    metrics: dict[str, Tensor] = {}
+    rows = slice(None)
+    if use_sft_multitask_loss:
+        if use_off_policy_loss:
+            raise ValueError("use_sft_multitask_loss and use_off_policy_loss cannot both be true")
+        off_rows = prefix_mask_BT.bool().any(-1)
+        sft = sft_loss(log_prob_BT=log_prob_BT[off_rows], response_mask_BT=mask[off_rows])
+        metrics["sft_loss"] = sft.detach()
+        rows = ~off_rows
+    ppo = ppo_policy_loss(
+        log_prob_BT=log_prob_BT[rows],
+        old_log_prob_BT=old_log_prob_BT[rows],
+        advantages_BT=advantages_BT[rows],
+        response_mask_BT=mask[rows],
+        clip_ratio=shaping.get("clip_ratio", 0.2),
+        loss_remove_clip=shaping.get("loss_remove_clip", True),
+        loss_agg_mode=loss_agg_mode,
+        max_response_length=max_response_length,
+    )
+    pg_loss = sft * sft_loss_coef + ppo["pg_loss"] if use_sft_multitask_loss else ppo["pg_loss"]
+    return pg_loss, {**metrics, "pg_clipfrac": ppo["pg_clipfrac"], "ppo_kl": ppo["ppo_kl"]}
 
-    entropy_loss = masked_mean(entropy_BT, mask)
-    policy_loss = pg_loss - entropy_loss * entropy_coeff
+
+def _regularizers(policy_loss: Tensor, metrics: dict[str, Tensor], *, log_prob_BT: Tensor, old_log_prob_BT: Tensor,
+                  mask: Tensor, policy_rows, use_kl_loss: bool, kl_loss_coef: float, kl_loss_type: str,
+                  ref_log_prob_BT: Tensor | None, use_ppo_kl_loss: bool, ppo_kl_loss_coef: float) -> Tensor:
+    """`policy_loss` plus the KL penalty to the reference and the |PPO KL| term when they are on; their
+    metrics go into `metrics`. `policy_rows`: the rows the policy loss used (an index of the batch)."""
     if use_kl_loss:
         if ref_log_prob_BT is None:
             raise ValueError("use_kl_loss=True needs reference log-probs (ref_log_prob_BT)")
@@ -359,19 +399,10 @@ def microbatch_policy_loss(
         metrics["kl_coef"] = torch.full_like(metrics["kl_loss"], kl_loss_coef)  # upstream logs actor/kl_coef too
     if use_ppo_kl_loss:
         # |mean(old_logp - logp)| over the rows the policy loss used, with its gradient, as upstream.
-        rows = ~prefix_mask_BT.bool().any(-1) if use_sft_multitask_loss else slice(None)
-        ppo_kl_grad = masked_mean(old_log_prob_BT[rows] - log_prob_BT[rows], mask[rows])
+        ppo_kl_grad = masked_mean(old_log_prob_BT[policy_rows] - log_prob_BT[policy_rows], mask[policy_rows])
         policy_loss = policy_loss + ppo_kl_grad.abs() * ppo_kl_loss_coef
         metrics["ppo_kl_loss"] = ppo_kl_grad.abs().detach()
-    loss = policy_loss / gradient_accumulation
-    metrics.update(
-        pg_loss=pg_loss.detach(),
-        entropy_loss=entropy_loss.detach(),
-        entropy=entropy_loss.detach(),  # verl's `actor/entropy`: the token-mean entropy of the micro-batch
-        policy_loss=policy_loss.detach(),
-        loss_backward=loss.detach(),
-    )
-    return loss, metrics
+    return policy_loss
 
 
 def upstream_clip(value: float) -> float | None:

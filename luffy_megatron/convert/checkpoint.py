@@ -9,10 +9,8 @@ padded vocabulary, dtype and the layout it was written under.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import queue
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from luffy_megatron.compat.megatron import in_process_results_queue
 from luffy_megatron.models.hf_to_mcore import HFArch
 
 META_NAME = "luffy_meta.json"
@@ -34,23 +33,6 @@ def _sharded_state_dict(chunks: list) -> dict:
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-@contextlib.contextmanager
-def _in_process_results_queue():
-    """megatron-core 0.16.1's torch_dist writer (strategies/filesystem_async.py) collects write
-    results through a queue made by `mp.get_context("spawn").Manager()`: the first save of a
-    process starts a manager process that re-imports `__main__` (seconds, and a trap for scripts
-    without a main guard). A synchronous save puts and gets that queue in the calling process, so
-    a plain queue.Queue serves; it is swapped in only for the duration of our (sync) save."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    previous = filesystem_async._results_queue
-    filesystem_async._results_queue = queue.Queue()
-    try:
-        yield
-    finally:
-        filesystem_async._results_queue = previous
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -82,7 +64,7 @@ def save_checkpoint(model, ckpt_dir: str | os.PathLike, arch: HFArch,
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    with _in_process_results_queue():
+    with in_process_results_queue():
         dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:

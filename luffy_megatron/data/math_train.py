@@ -44,6 +44,31 @@ class MathConversionStats:
         }
 
 
+def _bad_field(row: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, what is wrong) for the first of ``problem``/``solution`` that is not a non-empty string."""
+    for name in ("problem", "solution"):
+        value = row.get(name)
+        if value is None:
+            return name, "missing"
+        if not isinstance(value, str):
+            return name, f"wrong type: expected str, got {type(value).__name__}"
+        if not value.strip():
+            return name, "empty string"
+    return None
+
+
+def _training_row(problem: str, demo: str, answer: str, system_prompt: str,
+                  extra_info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "data_source": "",  # as LUFFY's training rows
+        "prompt": make_prompt(problem, system_prompt),
+        "target": [{"role": "assistant", "content": demo}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": answer},
+        "extra_info": extra_info,
+    }
+
+
 def convert_math(
     src: str | Path,
     math500: str | Path | None,
@@ -73,17 +98,7 @@ def convert_math(
     stats.num_source_rows = len(rows) + report.num_bad_rows
     out: list[dict[str, Any]] = []
     for row_index, row in rows:
-        bad = None
-        for name in ("problem", "solution"):
-            value = row.get(name)
-            if value is None:
-                bad = (name, "missing")
-            elif not isinstance(value, str):
-                bad = (name, f"wrong type: expected str, got {type(value).__name__}")
-            elif not value.strip():
-                bad = (name, "empty string")
-            if bad:
-                break
+        bad = _bad_field(row)
         if bad:
             if not skip_bad_rows:
                 raise DataError(row_error_message(src, row_index, *bad))
@@ -102,16 +117,7 @@ def convert_math(
             stats.skipped["demonstration fails the reward against its own answer"] += 1
             continue
         extra_info = {"split": "train", "index": len(out), "source_index": row.get("idx", row_index)}
-        out.append(
-            {
-                "data_source": "",  # as LUFFY's training rows
-                "prompt": make_prompt(problem, system_prompt),
-                "target": [{"role": "assistant", "content": demo}],
-                "ability": "math",
-                "reward_model": {"style": "rule", "ground_truth": answer},
-                "extra_info": extra_info,
-            }
-        )
+        out.append(_training_row(problem, demo, answer, system_prompt, extra_info))
     if report.num_bad_rows:
         report.log()
         stats.skipped.update({f"malformed: {reason}": n for reason, n in report.reasons.items()})

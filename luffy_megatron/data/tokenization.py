@@ -1,5 +1,5 @@
 """Chat template, prompt and demonstration tokenization, and the length policies (LUFFY's
-``rl_dataset_with_target.py`` L100-157; reference/luffy_algorithm.md sections 3 and 10 items 9-10).
+``rl_dataset_with_target.py`` L100-157).
 
 What a row becomes:
 
@@ -33,6 +33,9 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
 
 from luffy_megatron.data.errors import BadRowReport, DataError, row_error_message
 from luffy_megatron.data.readers import Example, read_luffy_parquet
@@ -217,8 +220,6 @@ def align_demo_probs(probs: Any, num_demo_tokens: int, kept: int, *, where: str,
 
     ``probs`` as stored: one per target token plus one for EOS (``num_demo_tokens + 1``); ``kept``: the
     number of demonstration tokens kept (``max_prefix_len`` when truncated). DataError when the length differs."""
-    import numpy as np
-
     probs = np.asarray(probs, dtype=np.float32)
     if probs.shape != (num_demo_tokens + 1,):
         raise DataError(row_error_message(
@@ -381,8 +382,6 @@ def tokenize_examples(
     counts = TokenizeCounts(num_rows=len(examples) + bad_rows, bad_rows=bad_rows)
     kept: list[EncodedExample] = []
     long_prompts: list[tuple[int, int]] = []  # (row index, length)
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(examples), desc=f"tokenizing {source or 'rows'}", unit="row", disable=not progress)
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
@@ -411,10 +410,30 @@ def tokenize_examples(
     bar.close()
 
     where = f"{source}: " if source else ""
+    _report_length_filters(counts, long_prompts, where=where, num_examples=len(examples),
+                           long_prompt_policy=long_prompt_policy, max_prompt_length=max_prompt_length,
+                           max_prefix_len=max_prefix_len)
+    if not kept:
+        raise DataError(f"{where}no rows left after the length filters: {counts.as_dict()}")
+    return TokenizedDataset(
+        examples=kept,
+        counts=counts,
+        chat_template=template,
+        source=source,
+        max_prompt_length=max_prompt_length,
+        max_prefix_len=max_prefix_len,
+    )
+
+
+def _report_length_filters(counts: TokenizeCounts, long_prompts: list[tuple[int, int]], *, where: str,
+                           num_examples: int, long_prompt_policy: str, max_prompt_length: int,
+                           max_prefix_len: int) -> None:
+    """Logs what the length policies did; a DataError for too-long prompts under long_prompt_policy=error.
+    `long_prompts`: (row index, templated prompt length) of the prompts over max_prompt_length."""
     if long_prompts and long_prompt_policy == "error":
         rows = ", ".join(f"row {i} ({n} tokens)" for i, n in long_prompts[:5])
         raise DataError(
-            f"{where}max_prompt_length={max_prompt_length} but {len(long_prompts)} of {len(examples)} templated "
+            f"{where}max_prompt_length={max_prompt_length} but {len(long_prompts)} of {num_examples} templated "
             f"prompts are longer (first: {rows}); raise max_prompt_length or set long_prompt_policy=drop"
         )
     if counts.dropped_long_prompt:
@@ -432,16 +451,6 @@ def tokenize_examples(
             where, counts.dropped_long_demo, max_prefix_len,
         )
     logger.info("%s%s", where, counts.as_dict())
-    if not kept:
-        raise DataError(f"{where}no rows left after the length filters: {counts.as_dict()}")
-    return TokenizedDataset(
-        examples=kept,
-        counts=counts,
-        chat_template=template,
-        source=source,
-        max_prompt_length=max_prompt_length,
-        max_prefix_len=max_prefix_len,
-    )
 
 
 def load_tokenized_dataset(

@@ -1,4 +1,4 @@
-"""HF config -> megatron-core TransformerConfig / GPTModel, layer spec choice, CPU shim."""
+"""HF config -> megatron-core TransformerConfig / GPTModel, layer spec choice."""
 
 from luffy_megatron.models.hf_to_mcore import (  # noqa: F401
     SUPPORTED_MODEL_TYPES,

