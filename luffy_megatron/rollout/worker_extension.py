@@ -199,7 +199,7 @@ class LuffyWorkerExtension:
 
     def luffy_load_flat_file(self, path: str, nbytes: int, entries: list) -> int:
         """A flat bucket in a /dev/shm file (mapped once per path, read in place)."""
-        from luffy_megatron.sync.shm import MappingCache
+        from luffy_megatron.sync.shm_buffer import MappingCache
 
         cache = getattr(self, "_luffy_shm_maps", None)
         if cache is None:
@@ -211,7 +211,7 @@ class LuffyWorkerExtension:
         the shared-memory transport); [] when the file is not visible here."""
         import os
 
-        from luffy_megatron.sync.shm import MappingCache
+        from luffy_megatron.sync.shm_buffer import MappingCache
 
         if not os.path.exists(path):
             return []

@@ -235,11 +235,11 @@ def test_auto_transport_follows_the_layout_and_explicit_choices_are_checked():
 
 
 def test_shared_memory_bucket_is_mapped_in_place_by_another_process_and_stale_files_go(tmp_path):
-    from luffy_megatron.sync.shm import ShmBuffer, remove_stale
+    from luffy_megatron.sync.shm_buffer import ShmBuffer, remove_stale
 
     buf = ShmBuffer(1 << 20, tag="test", directory=str(tmp_path))
     buf.tensor[:8] = torch.arange(8, dtype=torch.uint8)
-    reader = ("import sys, torch; from luffy_megatron.sync.shm import map_shm; t = map_shm(sys.argv[1], 1 << 20); "
+    reader = ("import sys, torch; from luffy_megatron.sync.shm_buffer import map_shm; t = map_shm(sys.argv[1], 1 << 20); "
               "print(t[:8].tolist()); t[8] = 99")
     out = subprocess.run([sys.executable, "-c", reader, buf.path], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
