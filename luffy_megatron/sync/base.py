@@ -83,7 +83,8 @@ class SyncContext:
         self.sender_ranks = (dist.get_process_group_ranks(self.senders_group) if self.senders_group is not None
                              else [self.rank])
         self.stats = ExportStats()
-        self.buckets: list[FlatBucket] = _cached_plan(actor, self.chunks, self.arch, bucket_bytes, dtype) if self.role != "idle" else []
+        self.buckets: list[FlatBucket] = (_cached_plan(actor, self.chunks, self.arch, bucket_bytes, dtype)
+                                          if self.role != "idle" else [])
         self._buffer_for: Callable = lambda bucket: None
         self.fill_mode = ""  # how the stage's TP group filled its buckets: gather (shards to TP rank 0) | shared
         params = [p for c in self.chunks for p in c.parameters()]
