@@ -286,7 +286,6 @@ def build_weak_model(work: Path, paths: dict[str, Path], *, format_steps: int) -
 def run_arm(arm: str, seed: int, *, work: Path, weak: Path, paths: dict[str, Path], steps: int, eval_every: int,
             held_out: HeldOut, pool) -> dict:
     """One (arm, seed) run; resumes from its checkpoint and skips evaluations already recorded."""
-    from luffy_megatron.actor.remote import export_hf
     from luffy_megatron.train.loop import train
 
     out = work / "runs" / arm / f"seed_{seed}"

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from luffy_megatron.compat.megatron import in_process_results_queue
 from luffy_megatron.convert.checkpoint import load_sharded
-from luffy_megatron.utils.fs import atomic_write_text
+from luffy_megatron.utils.fs import atomic_write_text, collective_atomic_dir
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -86,34 +86,25 @@ def _model_optim_state(actor, *, is_loading: bool) -> dict:
 
 def save_checkpoint(actor, root: str | os.PathLike, *, step: int, trainer_state: dict[str, Any] | None = None, keep: int = 3) -> Path:
     """Collective over all ranks of the actor. Returns the final checkpoint directory."""
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # lazy: the driver imports this module, never megatron
 
     root = Path(root)
     final = root / step_dir_name(step)
-    name = [f"{final.name}.tmp-{os.getpid()}"] if dist.get_rank() == 0 else [None]
-    dist.broadcast_object_list(name, src=0)
-    tmp = root / name[0]
+    with collective_atomic_dir(final, subdirs=("model_optim", "rng")) as tmp:
+        with in_process_results_queue():
+            dist_checkpointing.save(_model_optim_state(actor, is_loading=False), str(tmp / "model_optim"))
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
+        if dist.get_rank() == 0:
+            state = {
+                "step": step,
+                "actor_step": actor.step,
+                "scheduler": actor.scheduler.state_dict(),
+                "world_size": dist.get_world_size(),
+                **(trainer_state or {}),
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    # the checkpoint is complete from here on
     if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "model_optim").mkdir(parents=True)
-        (tmp / "rng").mkdir()
-    dist.barrier()
-    with in_process_results_queue():
-        dist_checkpointing.save(_model_optim_state(actor, is_loading=False), str(tmp / "model_optim"))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        state = {
-            "step": step,
-            "actor_step": actor.step,
-            "scheduler": actor.scheduler.state_dict(),
-            "world_size": dist.get_world_size(),
-            **(trainer_state or {}),
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # the checkpoint is complete from here on
         atomic_write_text(root / LATEST, final.name)  # and only now does anyone resume from it
         prune(root, keep=keep)
     dist.barrier()

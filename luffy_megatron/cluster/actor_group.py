@@ -236,9 +236,6 @@ class ActorGroup:
     def reload_to_device(self) -> None:
         ray.get([w.reload_to_device.remote() for w in self.workers])
 
-    def training_states(self) -> list[dict[str, Any]]:
-        return ray.get([w.training_state.remote() for w in self.workers])
-
     def infos(self) -> list[dict[str, Any]]:
         return ray.get([w.info.remote() for w in self.workers])
 

@@ -95,13 +95,6 @@ class ClusterLayout:
     def uses_gpus(self) -> bool:
         return self.mode != "cpu"
 
-    def tp_groups(self) -> list[list[int]]:
-        """Megatron TP groups (rank lists), from the coordinates."""
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for r in self.ranks:
-            groups.setdefault((r.cp_rank, r.dp_rank, r.pp_rank), []).append(r.rank)
-        return sorted(groups.values())
-
     def describe(self) -> str:
         """A few lines a user can read: which node does what."""
         if self.mode == "cpu":

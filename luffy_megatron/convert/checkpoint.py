@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
 
 from luffy_megatron.compat.megatron import in_process_results_queue
 from luffy_megatron.models.hf_to_mcore import HFArch
+from luffy_megatron.utils.fs import collective_atomic_dir
 
 META_NAME = "luffy_meta.json"
 FORMAT = "luffy-mcore-dist-v1"
@@ -35,11 +34,6 @@ def _sharded_state_dict(chunks: list) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / "metadata.json").exists() and (p / META_NAME).exists()
-
-
 def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
     p = Path(ckpt_dir) / META_NAME
     if not p.exists():
@@ -50,42 +44,29 @@ def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
 def save_checkpoint(model, ckpt_dir: str | os.PathLike, arch: HFArch,
                     extra_meta: Optional[dict[str, Any]] = None) -> Path:
     """Collective over all ranks. Writes to `<ckpt_dir>.tmp-<pid of rank 0>`, then rank 0 renames
-    it into place, so a crash never leaves a complete-looking checkpoint."""
-    from megatron.core import dist_checkpointing
+    it into place (`utils.fs.collective_atomic_dir`), so a crash never leaves a complete-looking checkpoint."""
+    from megatron.core import dist_checkpointing  # lazy: the driver imports this module, never megatron
     from megatron.core import parallel_state as ps
 
     chunks = _chunks(model)
-    final = Path(ckpt_dir)
-    name = [f"{final.name}.tmp-{os.getpid()}"] if dist.get_rank() == 0 else [None]
-    dist.broadcast_object_list(name, src=0)
-    tmp = final.with_name(name[0])
-    if dist.get_rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    with in_process_results_queue():
-        dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        emb = chunks[0].embedding.word_embeddings.weight if hasattr(chunks[0], "embedding") else None
-        meta = {
-            "format": FORMAT,
-            "hf_arch": arch.to_dict(),
-            "dtype": str(next(chunks[0].parameters()).dtype).replace("torch.", ""),
-            "vocab_size_padded": (emb.shape[0] * ps.get_tensor_model_parallel_world_size()
-                                  if emb is not None else None),
-            "tp": ps.get_tensor_model_parallel_world_size(),
-            "pp": ps.get_pipeline_model_parallel_world_size(),
-            "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
-            **(extra_meta or {}),
-        }
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    dist.barrier()
-    return final
+    with collective_atomic_dir(ckpt_dir) as tmp:
+        with in_process_results_queue():
+            dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp))
+        if dist.get_rank() == 0:
+            emb = chunks[0].embedding.word_embeddings.weight if hasattr(chunks[0], "embedding") else None
+            meta = {
+                "format": FORMAT,
+                "hf_arch": arch.to_dict(),
+                "dtype": str(next(chunks[0].parameters()).dtype).replace("torch.", ""),
+                "vocab_size_padded": (emb.shape[0] * ps.get_tensor_model_parallel_world_size()
+                                      if emb is not None else None),
+                "tp": ps.get_tensor_model_parallel_world_size(),
+                "pp": ps.get_pipeline_model_parallel_world_size(),
+                "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+                **(extra_meta or {}),
+            }
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
+    return Path(ckpt_dir)
 
 
 def load_sharded(sharded_state_dict: dict, ckpt_dir: str | os.PathLike) -> dict:

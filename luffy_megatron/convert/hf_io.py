@@ -6,9 +6,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -26,8 +28,6 @@ class HFWeightReader:
     Only the requested tensor is read (safetensors memory-maps the file)."""
 
     def __init__(self, model_dir: str | os.PathLike):
-        from safetensors import safe_open
-
         self.dir = Path(model_dir)
         index = self.dir / INDEX_NAME
         if index.exists():
@@ -80,8 +80,6 @@ def write_hf_safetensors(
     (a larger single tensor gets its own shard). One shard -> `model.safetensors`; more ->
     `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`. Only the current
     shard is held in memory. Returns the weight map."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     shard_files: list[list[str]] = []
     pending: dict[str, torch.Tensor] = {}
@@ -142,7 +140,3 @@ def copy_side_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
         copied.append(name)
     return copied
 
-
-def iter_hf_tensors(reader: HFWeightReader, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in names:
-        yield name, reader.get(name)

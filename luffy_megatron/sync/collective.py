@@ -26,9 +26,10 @@ from datetime import timedelta
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from luffy_megatron.convert.export import FlatBucket
-from luffy_megatron.sync.weights import SyncContext, Transport, node_ip
+from luffy_megatron.sync.base import SyncContext, Transport, node_ip
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,14 @@ class WeightGroup:
     def create(cls, *, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float,
                listen_socket: Optional[socket.socket] = None, device=None) -> "WeightGroup":
         if backend == "gloo":
+            # lazy: vLLM only where a group is made (the engine workers, the senders)
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
             pg = stateless_init_torch_distributed_process_group(
                 host, port, rank, world_size, "gloo", listen_socket=listen_socket, timeout=timedelta(seconds=timeout_s))
             return cls("gloo", pg=pg)
         if backend == "nccl":
-            from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
+            from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group  # lazy: as above
 
             if listen_socket is not None:
                 listen_socket.close()  # vLLM's rendezvous binds the port itself on group rank 0
@@ -61,8 +63,6 @@ class WeightGroup:
     def broadcast(self, tensor: torch.Tensor, root: int = 0):
         """Starts the broadcast; returns something with `wait()`."""
         if self.backend == "gloo":
-            import torch.distributed as dist
-
             opts = dist.BroadcastOptions()
             opts.rootRank, opts.rootTensor = root, 0
             return self.pg.broadcast([tensor], opts)

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from luffy_megatron.convert.export import FlatBucket
-from luffy_megatron.sync.weights import SyncContext, Transport
+from luffy_megatron.sync.base import SyncContext, Transport
 
 
 class ObjectStoreTransport(Transport):
@@ -45,7 +45,7 @@ class ObjectStoreTransport(Transport):
         return super().run(ctx)
 
     def transfer(self, ctx: SyncContext, filling: Iterator) -> None:
-        import ray
+        import ray  # lazy: the driver imports this module without Ray started
 
         in_flight: list = []
         for bucket, buf in filling:

@@ -1,7 +1,7 @@
 """`shared_memory`: buckets are written once into memory the engine workers map; nothing is copied between
 processes.
 
-CPU (POSIX shared memory). Each stage's sender owns two /dev/shm files (`sync.shm.ShmBuffer`) as large as its
+CPU (POSIX shared memory). Each stage's sender owns two /dev/shm files (`sync.shm_buffer.ShmBuffer`) as large as its
 largest bucket, kept between syncs. Its TP peers map the same files (`_share_slots`, checked with a token) and
 every TP rank writes its own shards straight into place (`fill_flat_bucket(shared=True)`; where a peer cannot
 map them, the shards go to the sender over gloo and it writes them); the sender then asks every engine to load
@@ -31,9 +31,12 @@ import socket
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
+from torch.multiprocessing.reductions import reduce_tensor
 
-from luffy_megatron.convert.export import FlatBucket
-from luffy_megatron.sync.weights import SyncContext, Transport, closed
+from luffy_megatron.convert.export import FlatBucket, export_flat_buckets, plan_flat_buckets
+from luffy_megatron.sync.base import FilledAhead, SyncContext, Transport, finish_summary
+from luffy_megatron.sync.shm_buffer import MappingCache, ShmBuffer
 
 log = logging.getLogger(__name__)
 ALIGN_PROBE = 4096  # the smallest bucket file (a stage with no tensors still probes its engines)
@@ -53,7 +56,7 @@ def gpu_uuid(device) -> str:
 def open_ipc_bucket(handles_b64: str, slot: int, device, importers: dict) -> torch.Tensor:
     """Consumer side: the bucket buffer of `slot` from the handle of `device`'s GPU, mapped once per export
     (vLLM's `PackedBufferImporter` pairs one open with one release); `importers` keeps one per slot."""
-    from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter
+    from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter  # lazy: engine workers only
 
     handles = pickle.loads(base64.b64decode(handles_b64))
     uuid = gpu_uuid(device)
@@ -69,7 +72,7 @@ def open_ipc_bucket(handles_b64: str, slot: int, device, importers: dict) -> tor
 
 def ray_node_id() -> Optional[str]:
     try:
-        import ray
+        import ray  # lazy: outside Ray there may be none
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # noqa: BLE001
@@ -126,12 +129,7 @@ class SharedMemoryTransport(Transport):
         mappings of the two files, on the sender [], and None everywhere when the files are not shared. The
         exchange runs again only when the sender made new files (`slots_made`) or a peer has none mapped; other
         syncs cost one all-gather of one number per rank."""
-        import os
-
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        from luffy_megatron.sync.shm import MappingCache
+        from megatron.core import parallel_state as ps  # lazy: the driver imports this module, never megatron
 
         if ps.get_tensor_model_parallel_world_size() == 1:
             return None
@@ -176,8 +174,6 @@ class SharedMemoryTransport(Transport):
     def reachable(self, ctx: SyncContext) -> list[int]:
         """Senders, on CPU: the engines that cannot map this sender's bucket files (a token written into a file
         is read back by every engine worker: the same /dev/shm, whatever Ray calls the node). Cached per fleet."""
-        import os
-
         if self._unreachable is not None:
             return self._unreachable
         self._ctx = ctx
@@ -199,8 +195,6 @@ class SharedMemoryTransport(Transport):
                 "(or auto)")
 
     def _ensure_slots(self, nbytes: int) -> None:
-        from luffy_megatron.sync.shm import ShmBuffer
-
         for i in range(2):
             if self.slots[i] is None or self.slots[i].nbytes < nbytes:
                 self._wait(i)
@@ -221,8 +215,6 @@ class SharedMemoryTransport(Transport):
 
     def ahead(self, ctx: SyncContext, filling: Iterator) -> Iterator:
         """The first bucket is exported into slot 0 while the engines open their session."""
-        from luffy_megatron.sync.weights import FilledAhead
-
         if ctx.buckets:
             self._ensure_slots(max(b.nbytes for b in ctx.buckets))
         self.k = 0
@@ -252,8 +244,6 @@ class SharedMemoryTransport(Transport):
     def _ipc_setup(self, ctx: SyncContext) -> dict:
         """Once per fleet: which rank serves which engine worker (same GPU UUID), and one process group per
         engine of the ranks that serve it (their first rank talks to the engine)."""
-        import torch.distributed as dist
-
         if self._ipc is not None:
             return self._ipc
         uuid = gpu_uuid(ctx.device)
@@ -286,11 +276,6 @@ class SharedMemoryTransport(Transport):
         return self._ipc
 
     def _run_ipc(self, ctx: SyncContext) -> dict:
-        import torch.distributed as dist
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        from luffy_megatron.convert.export import export_flat_buckets, plan_flat_buckets
-
         ipc = self._ipc_setup(ctx)
         torch.cuda.ipc_collect()  # the last sync's buffers, once the workers' importers let go of them
         buckets = plan_flat_buckets(ctx.chunks, ctx.arch, bucket_bytes=ctx.bucket_bytes, dtype=ctx.dtype, all_stages=True)
@@ -334,7 +319,7 @@ class SharedMemoryTransport(Transport):
 
         pending, k = None, 0
         try:
-            for bucket, buf in export_flat_buckets(buckets, ctx.arch, lambda b: slots[k % 2], everywhere=True,
+            for bucket, buf in export_flat_buckets(buckets, ctx.arch, lambda b: slots[k % 2], everywhere=True,  # noqa: F821 (deleted after the loop)
                                                    stats=ctx.stats):
                 torch.cuda.current_stream().synchronize()  # the bucket is complete before a worker reads it
                 if pending is not None:  # the engine finished bucket k-1: its slot is free for bucket k+1
@@ -359,5 +344,5 @@ class SharedMemoryTransport(Transport):
         del slots
         if ctx.rank != 0:
             return {}
-        return closed(ctx.engine_get([x.finish_weight_update.remote() for x in self.fleet.engines],
+        return finish_summary(ctx.engine_get([x.finish_weight_update.remote() for x in self.fleet.engines],
                                      "finish_weight_update"))

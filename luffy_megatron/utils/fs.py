@@ -6,7 +6,9 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
+
+import torch.distributed as dist
 
 
 @contextlib.contextmanager
@@ -35,6 +37,27 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+
+
+@contextlib.contextmanager
+def collective_atomic_dir(path: str | os.PathLike, *, subdirs: Sequence[str] = ()) -> Iterator[Path]:
+    """`atomic_dir(path, overwrite=True)` that every rank of torch.distributed's default group writes into.
+
+    Rank 0 makes `path.tmp-<its pid>` (and `subdirs` in it); every rank then gets that path to write into. Once
+    every rank left the block, rank 0 swaps it into place (an existing `path` is renamed aside first, then
+    removed), and every rank returns only after that. An exception on rank 0 removes the temporary directory."""
+    final = Path(path)
+    first = dist.get_rank() == 0
+    with atomic_dir(final, overwrite=True) if first else contextlib.nullcontext() as mine:
+        if first:
+            for sub in subdirs:
+                (mine / sub).mkdir()
+        name = [mine.name if first else None]
+        dist.broadcast_object_list(name, src=0)
+        dist.barrier()
+        yield final.with_name(name[0])
+        dist.barrier()  # every rank finished writing
+    dist.barrier()  # the directory is in place
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

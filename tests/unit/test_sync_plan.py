@@ -1,12 +1,12 @@
-"""The sync's per-actor bucket plan cache and the first bucket filled ahead (`sync/weights.py`)."""
+"""The sync's per-actor bucket plan cache and the first bucket filled ahead (`sync/base.py`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from luffy_megatron.convert import export
-from luffy_megatron.sync.weights import FilledAhead, _cached_plan
+from luffy_megatron.sync import base
+from luffy_megatron.sync.base import FilledAhead, _cached_plan
 
 
 class _Actor:
@@ -15,7 +15,7 @@ class _Actor:
 
 def test_the_plan_is_made_again_only_when_the_parameters_or_settings_change(monkeypatch):
     made = []
-    monkeypatch.setattr(export, "plan_flat_buckets", lambda chunks, **kw: made.append(kw) or [object()])
+    monkeypatch.setattr(base, "plan_flat_buckets", lambda chunks, **kw: made.append(kw) or [object()])
     actor, chunks, arch = _Actor(), [torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)], object()
     first = _cached_plan(actor, chunks, arch, 1024, torch.float32)
     assert _cached_plan(actor, chunks, arch, 1024, torch.float32) is first and len(made) == 1

@@ -17,7 +17,6 @@ import re
 import threading
 import uuid
 import weakref
-from pathlib import Path
 
 import torch
 
@@ -65,10 +64,6 @@ def remove_stale(directory: str = SHM_DIR) -> list[str]:
             except FileNotFoundError:
                 pass
     return removed
-
-
-def shm_available(directory: str = SHM_DIR) -> bool:
-    return Path(directory).is_dir() and os.access(directory, os.W_OK)
 
 
 class ShmBuffer:
