@@ -41,8 +41,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from luffy_megatron.data import (BENCHMARKS, LUFFY_SYSTEM_PROMPT, DataError, build_prompt_text, make_prompt, read_benchmark,
-                                 resolve_chat_template)
+import torch
+from transformers import AutoTokenizer
+
+from luffy_megatron.data import (
+    BENCHMARKS,
+    LUFFY_SYSTEM_PROMPT,
+    DataError,
+    build_prompt_text,
+    make_prompt,
+    read_benchmark,
+    resolve_chat_template,
+)
 from luffy_megatron.data.readers import resolve_benchmark
 from luffy_megatron.reward import GradingError, RewardPool
 from luffy_megatron.utils.logs import console_logging
@@ -270,16 +280,17 @@ def build_prompts(benchmarks: list[Benchmark], tokenizer: Any, *, keep_system_pr
 
 def _on_cpu() -> bool:
     try:
+        # lazy: vLLM is imported only in the engine processes
         from vllm.platforms import current_platform
 
         return current_platform.is_cpu()
     except Exception:  # noqa: BLE001 -- an odd vLLM build: decide by torch
-        import torch
 
         return not torch.cuda.is_available()
 
 
 def start_engine(args: argparse.Namespace, model_dir: Path, max_model_len: int) -> Any:
+    # lazy: vLLM is imported only in the engine processes
     from vllm import LLM
 
     on_cpu = _on_cpu()
@@ -308,6 +319,7 @@ class Generation:
 
 def generate(llm: Any, benchmark: Benchmark, args: argparse.Namespace) -> list[list[Generation]]:
     """k samples for every row (vLLM's n=k), in row order; vLLM's tqdm bar shows the progress."""
+    # lazy: vLLM is imported only in the engine processes
     from vllm import SamplingParams
 
     params = SamplingParams(n=benchmark.k, temperature=args.temperature, top_p=args.top_p,
@@ -441,8 +453,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     benchmarks = load_benchmarks(names, data_root=args.data_root, limit=args.limit, n_samples=args.n_samples)
     out_dir = Path(args.out) if args.out else Path("eval_results") / model_dir.resolve().name
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = build_prompts(benchmarks, tokenizer, keep_system_prompt=args.keep_system_prompt,

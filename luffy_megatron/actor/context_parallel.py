@@ -43,6 +43,7 @@ class _FixedGroup:
 def bshd_shard(tensors: dict[str, Tensor], cp_size: int, cp_rank: int) -> dict[str, Tensor]:
     """CP rank `cp_rank`'s part of [b, s, ...] tensors (s divisible by 2 x cp_size): megatron-core's
     `get_batch_on_this_cp_rank`, asked for that rank."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     if cp_size == 1:
@@ -73,6 +74,7 @@ def thd_partitioned_indices(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: in
 
 def _thd_indices(cu_seqlens_padded: Tensor, total: int, cp_size: int, cp_rank: int, device) -> Tensor:
     try:  # Transformer Engine's kernel, where it exists (GPU)
+        # lazy: Transformer Engine exists only on GPU nodes
         import transformer_engine_torch as tex
 
         return tex.thd_get_partitioned_indices(cu_seqlens_padded.to(device, torch.int32), total, cp_size, cp_rank).long()

@@ -34,8 +34,8 @@ from luffy_megatron.actor.batching import (
     contiguous_rows,
     empty_micro_batch,
     gradient_accumulation,
-    micro_batch_prompts,
     micro_batch_counts,
+    micro_batch_prompts,
     padding_multiples,
     plan_micro_batches,
     rows_per_rank,
@@ -258,6 +258,7 @@ class MegatronActor:
         """This rank's model chunks, loaded, cast and wrapped in megatron's DDP (`self.model`, `self.config`,
         `self.ddp_config`, `self.half`). Returns the exact fp32 values the bf16 cast rounds
         (`exact_fp32_copies`), for the optimizer's main params."""
+        # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         cfg = self.cfg
@@ -281,6 +282,7 @@ class MegatronActor:
         originals = exact_fp32_copies(chunks, dtype)
         self.half = dtype != torch.float32
         if self.half:
+            # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
             from megatron.core.transformer.module import Float16Module
 
             chunks = [Float16Module(self.config, c) for c in chunks]
@@ -290,6 +292,7 @@ class MegatronActor:
 
     def _build_optimizer(self, dtype: torch.dtype):
         """megatron's Adam(W) over `self.model`, with the actor's settings."""
+        # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         a = self.cfg.actor
@@ -312,6 +315,7 @@ class MegatronActor:
 
     def _parallel_coords(self) -> None:
         """This rank's groups, ranks and sizes in megatron's parallel_state."""
+        # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
         from megatron.core import parallel_state as ps
 
         cp_size = self.cfg.parallel.context_parallel_size
@@ -329,6 +333,7 @@ class MegatronActor:
 
     def _set_schedule_hooks(self) -> None:
         """The hooks megatron-core's schedules call, set as Megatron-LM's training sets them."""
+        # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
         from megatron.core.distributed import finalize_model_grads
 
         one = len(self.model) == 1
@@ -346,6 +351,7 @@ class MegatronActor:
         """Runs megatron-core's schedule over the micro-batches; `loss_fn(mb, shard, logits)` on the last
         stage, where `shard` is this CP rank's part of the micro-batch (None without context parallelism).
         `model`: the chunks to run (default the policy's; the frozen reference's for its log-probs)."""
+        # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         model = self.model if model is None else model
@@ -360,6 +366,7 @@ class MegatronActor:
                                           cp_rank=self.cp_rank, cu_seqlens=mb.cu_seqlens)
                 input_ids, position_ids = shard.input_ids, shard.position_ids
             if mb.cu_seqlens is not None:  # packed rows (THD): attention stays within each row
+                # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
                 from megatron.core.packed_seq_params import PackedSeqParams
 
                 cu = mb.cu_seqlens.to(device)
@@ -446,6 +453,7 @@ class MegatronActor:
             return out
         out = out.to(self._device)
         if self.pp_size > 1:
+            # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
             from megatron.core import parallel_state as ps
 
             last = ps.get_pipeline_model_parallel_last_rank()
@@ -575,6 +583,7 @@ class MegatronActor:
         """Loss metrics exist on the last pipeline stage: send them to every stage, then average over
         data-parallel ranks (upstream's trainer averages the workers' metrics)."""
         if self.pp_size > 1:
+            # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
             from megatron.core import parallel_state as ps
 
             box = [sorted(metrics.items()) if self.is_last_stage else None]

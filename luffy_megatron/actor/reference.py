@@ -55,6 +55,7 @@ class ReferenceModel:
             load_hf_weights(chunks, arch, Path(hf_dir))
             self.source = str(hf_dir)
         if dtype != torch.float32:
+            # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
             from megatron.core.transformer.module import Float16Module
 
             chunks = [Float16Module(chunks[0].config, c) for c in chunks]

@@ -29,6 +29,7 @@ def upstream_lr_factor(scheduler_step: int, warmup_steps: int) -> float:
 def make_lr_scheduler(optimizer, actor_cfg, total_steps: int):
     """megatron-core's scheduler over `optimizer` with upstream's constant-with-warmup schedule; step it once
     per trainer step (`scheduler.step(increment=1)` after the update's mini-batches)."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     a = actor_cfg

@@ -5,4 +5,6 @@ placement.py  the layout on Ray: one STRICT_PACK placement group per node, a bun
 actor_group.py the Megatron ranks as Ray actors in their bundles (rendezvous at rank 0's node)
 offload.py    actor.offload_during_rollout: optimizer state to host and back
 workers.py    placement + ranks + engines of one job, and the colocated phase switches (sleep / wake)
+supervision.py the ranks as the loop calls them: bounded waits, a dead rank named (`GuardedRanks`, `RankFailure`)
+cpu_cores.py  CPU engines' cores of their own (vLLM-CPU's thread binding knows nothing of other engines)
 """

@@ -24,6 +24,7 @@ import time
 from typing import Any, Optional
 
 import ray
+import torch
 
 from luffy_megatron.cluster.offload import _grad_buffers, _torch_optimizers, offload_to_host, reload_to_device
 
@@ -84,8 +85,6 @@ class _RankWorker:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
 
     def info(self) -> dict[str, Any]:
-        import torch
-
         env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
         # the GPU model once the actor has set up CUDA (build); asked no earlier, to create no context of its own
         device = torch.cuda.get_device_name() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -150,8 +149,6 @@ class _RankWorker:
 
     def training_state(self) -> dict[str, Any]:
         """Fingerprints of this rank's optimizer state and gradient buffers, and where they are (for tests)."""
-        import torch
-
         state_sum, devices, state_bytes = 0.0, set(), 0
         for opt in _torch_optimizers(self.actor.optimizer):
             for state in opt.state.values():

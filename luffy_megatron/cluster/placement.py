@@ -50,9 +50,11 @@ class RayNode:
 
 def cluster_nodes() -> list[RayNode]:
     """The alive Ray nodes with their GPUs (total and currently free), sorted by IP then node id."""
+    # lazy: Ray is imported only where the job runs on Ray
     import ray
 
     try:
+        # lazy: Ray is imported only where the job runs on Ray
         from ray._private.state import available_resources_per_node  # what vLLM's ray_utils uses too
 
         free = available_resources_per_node()
@@ -128,6 +130,7 @@ class Placement:
         return self.layout.mode
 
     def _strategy(self, node: int, gpu: int, *, capture_child_tasks: bool = False):
+        # lazy: Ray is imported only where the job runs on Ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         return PlacementGroupSchedulingStrategy(placement_group=self.groups[node], placement_group_bundle_index=gpu,
@@ -167,6 +170,7 @@ class Placement:
 
     def release(self) -> None:
         """Removes the placement groups (their actors should be gone first). Safe to call twice."""
+        # lazy: Ray is imported only where the job runs on Ray
         from ray.util.placement_group import remove_placement_group
 
         groups, self.groups = self.groups, []
@@ -179,6 +183,7 @@ class Placement:
 
 def reserve(cfg: Config, *, timeout_s: Optional[float] = None) -> Placement:
     """Plans the layout for the connected Ray cluster and reserves its GPUs (see the module docstring)."""
+    # lazy: Ray is imported only where the job runs on Ray
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 

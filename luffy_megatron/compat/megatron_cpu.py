@@ -60,6 +60,7 @@ def _rng_tracker_fork_is_noop() -> None:
     weight init; it raises "cuda rng state ... is not added" because `model_parallel_cuda_manual_seed` cannot
     run without CUDA. A no-op context keeps the default CPU generator (dropout is 0 in every model built
     here, so nothing differs)."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.tensor_parallel import random as mcore_random
 
     mcore_random.CudaRNGStatesTracker.fork = (  # type: ignore[method-assign]
@@ -76,6 +77,7 @@ def _causal_mask_on_cpu() -> None:
     """transformer/utils.py:get_default_causal_mask builds the causal mask with `device="cuda"`; the torch
     softmax path (fusions/fused_softmax.py:FusedScaleMaskSoftmax.forward_torch_softmax, which imported the
     function by name) calls it whenever no mask is passed. Same mask, on the CPU, rebound in both modules."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as mcore_utils
 
@@ -96,6 +98,7 @@ def _tied_embeddings_stay_on_cpu() -> None:
     models/common/language_module/language_module.py:LanguageModule.setup_embeddings_and_output_layer moves
     the shared weight with `weight.data.cuda()` before all-reducing it over the embedding group. During that
     call only, `Tensor.cuda` returns the tensor itself, so the all-reduce runs on the CPU copy."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
     original_setup = LanguageModule.setup_embeddings_and_output_layer
@@ -170,6 +173,7 @@ def _clip_grads_on_cpu() -> None:
     """optimizer/clip_grads.py:clip_grad_by_total_norm_fp32 asserts `grad.type() == 'torch.cuda.FloatTensor'`
     before scaling the grads by max_norm / (total_norm + 1e-6) when that is below 1. Same rule, on CPU
     tensors (also rebound in optimizer/optimizer.py, which imported it by name)."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.optimizer import clip_grads, optimizer
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
@@ -182,6 +186,7 @@ def _float16_optimizer_takes_cpu_params() -> None:
     TypeError for CPU tensors, so bf16 training could not run on a CPU at all. During that constructor only,
     a CPU tensor's `type()` reports the CUDA name of its dtype; everything after (fp32 main params as
     `param.detach().clone().float()`, the step) is unchanged."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.optimizer import optimizer
 
     init = optimizer.Float16OptimizerWithFloat16Params.__init__
@@ -211,6 +216,7 @@ def _recompute_without_cuda_rng() -> None:
     (`_get_all_rng_states` / `_set_all_rng_states`); the CUDA half (`_get_cuda_rng_state` /
     `_set_cuda_rng_state`) raises "Torch not compiled with CUDA enabled". Without CUDA there is no CUDA
     generator to keep: the CPU state is still saved and restored by the same functions."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.tensor_parallel import random as mcore_random
 
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: None

@@ -74,6 +74,7 @@ def load_sharded(sharded_state_dict: dict, ckpt_dir: str | os.PathLike) -> dict:
     `_extra_state` entries (FP8 metadata) that the model asks for and the checkpoint lacks, as when a
     checkpoint written with megatron-core's local layers (CPU, `luffy-convert` without TE) is loaded into a
     TE model. Any other tensor the model needs and the checkpoint lacks is an error naming it."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 

@@ -166,6 +166,7 @@ def plan_flat_buckets(
 
     `all_stages`: every stage's buckets, the same list on every rank (collective over the pipeline group, an
     exchange of names and shapes only); otherwise only this stage's own buckets (no communication)."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
 
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -271,6 +272,7 @@ def fill_flat_bucket(bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFAr
     otherwise every TP rank gets the whole bucket. `shared`: `out` is, on every TP rank, its own mapping of the
     same shared memory; each rank writes its own shards into place (TP rank 0 the replicated tensors too), with
     no exchange, between two barriers of the TP group (the buffer is free; every part is in)."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
@@ -401,6 +403,7 @@ def export_flat_buckets(
     called there only, and other TP ranks get (bucket, None) after contributing their shards. `shared` (with
     this stage's own buckets): `buffer_for` is called on every TP rank and gives each its mapping of the same
     shared memory, into which each writes its own shards (`fill_flat_bucket(shared=True)`)."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
 
     stats = stats if stats is not None else ExportStats()

@@ -20,15 +20,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch.distributed as dist
 
 from luffy_megatron.convert.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from luffy_megatron.convert.export import iter_hf_weights
-from luffy_megatron.convert.hf_io import (DEFAULT_MAX_SHARD_BYTES, HFWeightReader, copy_side_files,
-                                          write_hf_safetensors)
+from luffy_megatron.convert.hf_io import DEFAULT_MAX_SHARD_BYTES, HFWeightReader, copy_side_files, write_hf_safetensors
 from luffy_megatron.convert.weights import load_hf_weights
-from luffy_megatron.models.hf_to_mcore import (DEFAULT_VOCAB_DIVISIBLE_BY, build_model_chunks,
-                                               padded_vocab_size, read_hf_arch, torch_dtype,
-                                               validate_parallelism)
+from luffy_megatron.models.hf_to_mcore import (
+    DEFAULT_VOCAB_DIVISIBLE_BY,
+    build_model_chunks,
+    padded_vocab_size,
+    read_hf_arch,
+    torch_dtype,
+    validate_parallelism,
+)
 from luffy_megatron.models.parallel import init_model_parallel
 from luffy_megatron.utils.fs import atomic_dir
 
@@ -53,8 +58,6 @@ class _Progress:
 
 
 def _single_process_guard() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError("the converters run as one process; call them outside torchrun")
 

@@ -22,6 +22,7 @@ def load_hf_weights(
     """Copies HF tensors into every parameter of this rank's chunks (each rank reads only the
     HF tensors it needs, one at a time). Not collective. Returns the number of parameters set.
     Raises ValueError naming the tensor on a shape mismatch and KeyError for a missing one."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
 
     reader = hf_dir if isinstance(hf_dir, HFWeightReader) else HFWeightReader(hf_dir)

@@ -36,6 +36,11 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from luffy_megatron.data.answers import format_number, last_boxed, strip_dollars
 from luffy_megatron.data.errors import BadRowReport, DataError, row_error_message
+import datasets
+import pyarrow.parquet as pq
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +63,6 @@ def default_eval_root() -> Path:
 @contextlib.contextmanager
 def datasets_progress_bars_off() -> Iterator[None]:
     # datasets prints a "Generating train split" bar per file; our callers print their own counts.
-    import datasets
 
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -83,9 +87,6 @@ def load_parquet_rows(path: str | Path, *, exclude_columns: Sequence[str] = ()) 
     ``exclude_columns`` are not loaded (e.g. the large per-token teacher probabilities, read apart)."""
     path = Path(path)
     _check_file(path)
-    import datasets
-    import pyarrow.parquet as pq
-
     try:
         # The footer first: it names a torn or foreign file clearly, and datasets fails on 0-row files.
         num_rows = pq.read_metadata(path).num_rows
@@ -315,11 +316,6 @@ def load_target_probs_column(path: str | Path, key: str) -> list[Any] | None:
     """Column ``key`` of a parquet file as one float32 numpy array per row (None for a null row), or None
     when the file has no such column. Values are not range-checked here (`read_luffy_parquet` does, per
     row); null elements become NaN. A column that is not a list of numbers is a DataError naming file and column."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     path = Path(path)
     _check_file(path)
     try:
@@ -345,8 +341,6 @@ def load_target_probs_column(path: str | Path, key: str) -> list[Any] | None:
 
 def _check_target_probs(probs: Any, key: str) -> Any:
     """One row's teacher probabilities: every value a finite float in [0, 1]."""
-    import numpy as np
-
     bad = np.flatnonzero(~(np.isfinite(probs) & (probs >= 0.0) & (probs <= 1.0)))
     if bad.size:
         j = int(bad[0])

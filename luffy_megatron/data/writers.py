@@ -8,6 +8,7 @@ from typing import Any
 
 from luffy_megatron.data.errors import DataError
 from luffy_megatron.data.readers import datasets_progress_bars_off
+import datasets
 
 
 def write_luffy_parquet(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -15,7 +16,6 @@ def write_luffy_parquet(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ``path`` through a temporary file in the same folder and ``os.replace``. Returns the path."""
     if not rows:
         raise DataError(f"{path}: refusing to write a parquet file with no rows")
-    import datasets
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ upstream's `mfu/actor` (the update alone). No MFU on a CPU: there is no peak to 
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -223,8 +224,6 @@ class RunPerf:
         """From the config, the run's `ClusterLayout` and the GPU model of the ranks
         (`cuda_device_name` of `ActorGroup.infos()`, None on CPU ranks). A model whose FLOPs
         cannot be counted (`perf.flops` cannot read its config) logs no MFU, with a warning."""
-        import logging
-
         num_gpus, train_gpus = run_gpus(layout)
         peak = peak_flops(device_name)
         flops = None

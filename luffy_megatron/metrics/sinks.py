@@ -7,9 +7,14 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Mapping
+
+from torch.utils.tensorboard import SummaryWriter
+
+from luffy_megatron.config import dump_yaml
 
 # (metric, label) of the console line
 CONSOLE_KEYS = (("critic/score/mean", "score"), ("on_off_metrics/on_score", "on_score"), ("actor/pg_loss", "pg_loss"),
@@ -22,10 +27,6 @@ def config_text(cfg) -> str:
     """The whole config as `luffy_megatron.config.dump_yaml` writes it (a recipe that loads back), under a
     comment naming logging.project_name / logging.experiment_name, indented four spaces so TensorBoard's
     markdown shows it as a code block."""
-    import tempfile
-
-    from luffy_megatron.config import dump_yaml
-
     with tempfile.TemporaryDirectory(prefix="luffy-config-") as tmp:
         path = Path(tmp) / "config.yaml"
         dump_yaml(cfg, path)
@@ -38,8 +39,6 @@ class MetricsLogger:
                  config=None, config_step: int = 0):
         """`config`: the run's `Config`, written as TensorBoard text (`CONFIG_TAG`) at `config_step`; its
         logging.log_every_steps spaces the console lines (every step still goes to TensorBoard and the jsonl)."""
-        from torch.utils.tensorboard import SummaryWriter
-
         self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
         if config is not None:
             self.writer.add_text(CONFIG_TAG, config_text(config), config_step)
@@ -91,10 +90,10 @@ def first_logged(rows: list[dict], names: tuple[str, ...]) -> str | None:
 def plot_results(jsonl_path: str | Path, out_png: str | Path) -> Path:
     """Training curves of a run: rewards (on-policy and demonstrations), the off-policy token probability,
     the policy loss and validation scores. Written to a temporary name, then renamed."""
-    import matplotlib
+    import matplotlib  # lazy: only the end-of-run plot needs matplotlib (slow to import)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use('Agg')
 
     rows = read_metrics(jsonl_path)
     # (label, metric names: today's first, then the name older runs logged)

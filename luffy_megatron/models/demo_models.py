@@ -14,6 +14,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def build_smollm2_hf(out_dir: str | Path) -> Path:
     """Dequantize the packaged GGUF into `out_dir` (written atomically; ~15 s on 2 cores). Returns it."""
+    # lazy: only the demo builds this model; transformers' GGUF reader needs the optional gguf package
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

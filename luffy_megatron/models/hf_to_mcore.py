@@ -158,6 +158,7 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = DEFAULT_VOCA
 
 def transformer_engine_available() -> bool:
     try:
+        # lazy: Transformer Engine exists only on GPU nodes
         import transformer_engine  # noqa: F401
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means "use the local spec"
@@ -197,6 +198,7 @@ def build_transformer_config(
 
     Dropout is 0 (RL fine-tuning default); fusions that need CUDA kernels are off on CPU.
     `overrides` go straight to TransformerConfig (e.g. recompute settings from the trainer)."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     validate_parallelism(arch, tp, pp, vpp)
@@ -240,6 +242,7 @@ def build_transformer_config(
 def layer_spec(arch: HFArch, use_te: Optional[bool] = None):
     """The Transformer Engine layer spec when TE imports, megatron-core's local spec otherwise.
     Both give the same checkpoint keys (the local spec maps its norms onto TE's names)."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
@@ -264,6 +267,7 @@ def build_gpt_model(
     """One GPTModel (one pipeline chunk). Requires megatron-core's parallel_state to be initialized
     (see luffy_megatron.models.parallel). `config` defaults to `build_transformer_config` at the
     current parallel_state sizes."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -307,6 +311,7 @@ def build_model_chunks(
     megatron's own bf16 training). `construct_dtype` (e.g. fp32) makes the parameters in another dtype for
     the time of loading weights; the caller then casts them (megatron's `Float16Module`). Every module
     built reads the dtype switches (softmax upcast, p2p buffers) from the one shared config."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()

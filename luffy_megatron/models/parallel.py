@@ -92,6 +92,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp:
     """Initializes megatron-core parallel_state (and the process group if needed). If it is
     already initialized with other sizes it is rebuilt. Rank order is megatron's default
     (tp-cp-ep-dp-pp: TP fastest); data parallel is what TP x CP x PP leaves."""
+    # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
 
     apply_cpu_shim()

@@ -27,6 +27,8 @@ Never pass `timeout=None` here: pathological answers such as `\\boxed{9^{9^{9^{9
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import re
 from typing import Callable
 
@@ -159,8 +161,6 @@ def resolve_grader(spec: str | Grader) -> Grader:
     if spec in GRADERS:
         return GRADERS[spec]
     if ":" in spec:
-        import importlib
-
         module_name, _, function_name = spec.partition(":")
         function = getattr(importlib.import_module(module_name), function_name, None)
         if not callable(function):
@@ -175,8 +175,6 @@ def bind_options(grader: Grader, *, strip_special_tokens: bool) -> Callable[[str
     A plug-in grader ("module:function") need not take `strip_special_tokens`: then it gets the text as
     decoded, which is the default; asking it to strip is refused here, before any item is graded.
     """
-    import inspect
-
     try:
         parameters = inspect.signature(grader).parameters
     except (TypeError, ValueError):  # a builtin or C function without a signature

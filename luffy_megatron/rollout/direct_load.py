@@ -199,12 +199,14 @@ def _pack_on_first_use(module: torch.nn.Module) -> None:
 def plan_direct_load(model: torch.nn.Module, checkpoint_shapes: dict) -> tuple[Optional[DirectLoader], str]:
     """(loader, "") when `model` qualifies for direct loads of `checkpoint_shapes` (HF name -> shape), else
     (None, the reason)."""
+    # lazy: vLLM is imported only in the engine processes
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return None, "not a CPU platform (vLLM's reload keeps GPU storage and CUDA graphs valid)"
     if current_platform.is_zen_cpu():
         return None, "zentorch GEMMs may keep a reference to the loaded weight"
+    # lazy: vLLM is imported only in the engine processes
     from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
     from vllm.model_executor.layers.linear import LinearBase
 

@@ -22,8 +22,15 @@ from typing import Callable, Optional
 
 import ray  # the engines are Ray actors: this module is only imported where Ray runs
 
-from luffy_megatron.cluster.supervision import (DRAIN_TIMEOUT_S, GuardedRanks, RankCallTimeout, RankFailure, RunError,
-                                                first_lines, remote_cause)
+from luffy_megatron.cluster.supervision import (
+    DRAIN_TIMEOUT_S,
+    GuardedRanks,
+    RankCallTimeout,
+    RankFailure,
+    RunError,
+    first_lines,
+    remote_cause,
+)
 
 log = logging.getLogger("luffy.trainer")
 

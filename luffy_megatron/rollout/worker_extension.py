@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 def detach_pending(flat) -> int:
     """Copies the loader arguments of not-yet-complete layers (vLLM's layerwise reload buffers them until a
     layer has all of its tensors) that are views of `flat`, which is about to be reused. Returns how many."""
+    # lazy: vLLM is imported only in the engine processes
     from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
     ptr = flat.untyped_storage().data_ptr()
@@ -97,6 +98,7 @@ class LuffyWorkerExtension:
     def luffy_begin_weight_update(self, direct: bool = True) -> str:
         """Opens an update session; returns how this worker loads in it: "direct" (`direct_load`: CPU engines
         whose model qualifies, when `direct`) or "layerwise" (vLLM's own reload)."""
+        # lazy: vLLM is imported only in the engine processes
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
@@ -127,6 +129,7 @@ class LuffyWorkerExtension:
         """Closes the session. Returns how it loaded: {"load": "direct" | "layerwise", "incomplete": the linear
         layers that got some but not all of their tensors in a direct session (they keep their old weights),
         "in_place" / "concatenated": linear layers packed straight from the received buffer / from a copy}."""
+        # lazy: vLLM is imported only in the engine processes
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
@@ -160,6 +163,7 @@ class LuffyWorkerExtension:
     # ---------------------------------------------------------------- flat buckets
 
     def _luffy_load(self, named) -> int:
+        # lazy: vLLM is imported only in the engine processes
         from vllm.config import set_current_vllm_config
 
         session = getattr(self, "_luffy_direct_session", None)

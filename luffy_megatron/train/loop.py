@@ -35,10 +35,25 @@ from luffy_megatron.reward.pool import RewardPool
 from luffy_megatron.rollout.faults import EngineFailure, EngineSupervisor
 from luffy_megatron.rollout.integrity import RolloutIntegrityError
 from luffy_megatron.train.progress import RunProgress
-from luffy_megatron.train.setup import (adopt_workers, check_megatron_settings, connect_ray, load_data, pad_token_id,
-                                        resolve_device, start_workers, supervise, with_total_steps)
-from luffy_megatron.train.step_parts import (check_rollouts, generate_and_mix, grade, reward_metrics,
-                                             rewards_and_advantages, step_rng)
+from luffy_megatron.train.setup import (
+    adopt_workers,
+    check_megatron_settings,
+    connect_ray,
+    load_data,
+    pad_token_id,
+    resolve_device,
+    start_workers,
+    supervise,
+    with_total_steps,
+)
+from luffy_megatron.train.step_parts import (
+    check_rollouts,
+    generate_and_mix,
+    grade,
+    reward_metrics,
+    rewards_and_advantages,
+    step_rng,
+)
 from luffy_megatron.train.validation import validate, validate_after_step
 from luffy_megatron.utils.logs import console_logging
 from luffy_megatron.utils.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals

@@ -9,14 +9,27 @@ import time
 import torch
 
 from luffy_megatron.actor.batching import RolloutBatch
-from luffy_megatron.algo import (advantage_options, assemble_responses, compute_advantages, plan_rows, prefix_ratios,
-                                 prefix_target_probs, sft_prefix_advantages, uses_target_probs,
-                                 zero_truncated_advantages)
+from luffy_megatron.algo import (
+    advantage_options,
+    assemble_responses,
+    compute_advantages,
+    plan_rows,
+    prefix_ratios,
+    prefix_target_probs,
+    sft_prefix_advantages,
+    uses_target_probs,
+    zero_truncated_advantages,
+)
 from luffy_megatron.algo.kl import apply_kl_penalty
 from luffy_megatron.config import Config
 from luffy_megatron.rollout.faults import EngineSupervisor
-from luffy_megatron.rollout.integrity import (check_weight_versions, drift_metrics, enforce_max_logprob_diff,
-                                              logprob_drift, record_generations)
+from luffy_megatron.rollout.integrity import (
+    check_weight_versions,
+    drift_metrics,
+    enforce_max_logprob_diff,
+    logprob_drift,
+    record_generations,
+)
 from luffy_megatron.train.setup import pad_token_id
 
 
