@@ -162,8 +162,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     names = list(benchmarks)
     header = ["Model", *names, "Avg"]
     average = results.get("average")
-    row = [results.get("model_name", "model"), *(f"{benchmarks[n]['accuracy']:.1f}" for n in names),
-           "-" if average is None else f"{average:.1f}"]
+    row = [
+        results.get("model_name", "model"),
+        *(f"{benchmarks[n]['accuracy']:.1f}" for n in names),
+        "-" if average is None else f"{average:.1f}",
+    ]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -253,22 +256,32 @@ def load_benchmarks(
             first_index: dict[Any, int] = {}
             for row, problem_id in members:
                 first_index.setdefault(problem_id, row["index"])
-            benchmarks.append(Benchmark(
-                name=column, kind=kind, k=k, rows=[row for row, _ in members],
-                problem_ids=[first_index[problem_id] for _, problem_id in members],
-            ))
+            benchmarks.append(
+                Benchmark(
+                    name=column,
+                    kind=kind,
+                    k=k,
+                    rows=[row for row, _ in members],
+                    problem_ids=[first_index[problem_id] for _, problem_id in members],
+                )
+            )
     return benchmarks
 
 
-def build_prompts(benchmarks: list[Benchmark], tokenizer: Any, *, keep_system_prompt: bool,
-                  chat_template: str | None) -> Any:
+def build_prompts(
+    benchmarks: list[Benchmark], tokenizer: Any, *, keep_system_prompt: bool, chat_template: str | None
+) -> Any:
     """Fill each benchmark's prompts (text and token ids); returns the resolved ChatTemplate."""
     template = resolve_chat_template(tokenizer, chat_template)
     system_prompt = LUFFY_SYSTEM_PROMPT if keep_system_prompt else ""
     for benchmark in benchmarks:
         for row in benchmark.rows:
-            text = build_prompt_text(make_prompt(row["problem"], system_prompt), tokenizer,
-                                     remove_system=not keep_system_prompt, chat_template=template)
+            text = build_prompt_text(
+                make_prompt(row["problem"], system_prompt),
+                tokenizer,
+                remove_system=not keep_system_prompt,
+                chat_template=template,
+            )
             benchmark.prompts.append(text)
             # The template holds the special tokens already (as in data.tokenization): no BOS added again.
             benchmark.prompt_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -285,7 +298,6 @@ def _on_cpu() -> bool:
 
         return current_platform.is_cpu()
     except Exception:  # noqa: BLE001 -- an odd vLLM build: decide by torch
-
         return not torch.cuda.is_available()
 
 
@@ -298,12 +310,20 @@ def start_engine(args: argparse.Namespace, model_dir: Path, max_model_len: int) 
     # default (0.9) fails on a shared machine. VLLM_CPU_KVCACHE_SPACE (GiB) sizes the KV cache when set.
     memory_share = args.gpu_memory_utilization or (0.1 if on_cpu else 0.9)
     kwargs = dict(
-        model=str(model_dir), tokenizer=str(model_dir), dtype=args.dtype, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size, max_model_len=max_model_len,
-        enforce_eager=args.enforce_eager or on_cpu, gpu_memory_utilization=memory_share,
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        dtype=args.dtype,
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_model_len=max_model_len,
+        enforce_eager=args.enforce_eager or on_cpu,
+        gpu_memory_utilization=memory_share,
     )
-    logger.info("starting vLLM (%s): %s", "CPU" if on_cpu else "GPU",
-                ", ".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("model", "tokenizer")))
+    logger.info(
+        "starting vLLM (%s): %s",
+        "CPU" if on_cpu else "GPU",
+        ", ".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("model", "tokenizer")),
+    )
     start = time.monotonic()
     llm = LLM(**kwargs)
     logger.info("vLLM engine up in %.1f s", time.monotonic() - start)
@@ -322,14 +342,16 @@ def generate(llm: Any, benchmark: Benchmark, args: argparse.Namespace) -> list[l
     # lazy: vLLM is imported only in the engine processes
     from vllm import SamplingParams
 
-    params = SamplingParams(n=benchmark.k, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_new_tokens)
+    params = SamplingParams(
+        n=benchmark.k, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens
+    )
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in benchmark.prompt_ids], params, use_tqdm=True)
     return [[Generation(c.text, len(c.token_ids), c.finish_reason) for c in out.outputs] for out in outputs]
 
 
-def evaluate_benchmark(llm: Any, pool: Any, benchmark: Benchmark, args: argparse.Namespace,
-                       samples_file: Any) -> dict[str, Any]:
+def evaluate_benchmark(
+    llm: Any, pool: Any, benchmark: Benchmark, args: argparse.Namespace, samples_file: Any
+) -> dict[str, Any]:
     """Generate, grade, write the samples and return the benchmark's summary (see `aggregate`)."""
     start = time.monotonic()
     generations = generate(llm, benchmark, args)
@@ -337,16 +359,29 @@ def evaluate_benchmark(llm: Any, pool: Any, benchmark: Benchmark, args: argparse
     num_tokens = sum(g.num_tokens for row in generations for g in row)
     flat = [(row_index, g) for row_index, row in enumerate(generations) for g in row]
     start = time.monotonic()
-    scores = pool.grade([(grading_text(g.text), benchmark.rows[i]["answer"]) for i, g in flat],
-                        grader=GRADERS_BY_KIND[benchmark.kind])
+    scores = pool.grade(
+        [(grading_text(g.text), benchmark.rows[i]["answer"]) for i, g in flat], grader=GRADERS_BY_KIND[benchmark.kind]
+    )
     grade_s = time.monotonic() - start
     for (row_index, g), score in zip(flat, scores):
         row = benchmark.rows[row_index]
-        samples_file.write(json.dumps({
-            "benchmark": benchmark.name, "data_source": row["data_source"], "index": row["index"],
-            "prompt": benchmark.prompts[row_index], "response": g.text, "gold": row["answer"],
-            "score": score, "num_tokens": g.num_tokens, "finish_reason": g.finish_reason,
-        }, ensure_ascii=False) + "\n")
+        samples_file.write(
+            json.dumps(
+                {
+                    "benchmark": benchmark.name,
+                    "data_source": row["data_source"],
+                    "index": row["index"],
+                    "prompt": benchmark.prompts[row_index],
+                    "response": g.text,
+                    "gold": row["answer"],
+                    "score": score,
+                    "num_tokens": g.num_tokens,
+                    "finish_reason": g.finish_reason,
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
     summary = aggregate([benchmark.problem_ids[i] for i, _ in flat], scores)
     summary.update(
         grader=GRADERS_BY_KIND[benchmark.kind],
@@ -354,10 +389,20 @@ def evaluate_benchmark(llm: Any, pool: Any, benchmark: Benchmark, args: argparse
         mean_response_tokens=num_tokens / len(flat),
         num_truncated=sum(g.finish_reason == "length" for _, g in flat),
     )
-    logger.info("%s: %d problems x k=%s = %d samples, %d tokens in %.1f s (%.0f tokens/s), graded in %.1f s: "
-                "accuracy %.1f%% (%d hit the token limit)", benchmark.name, summary["num_problems"],
-                summary["k"], len(flat), num_tokens, gen_s, num_tokens / max(gen_s, 1e-9), grade_s,
-                summary["accuracy"], summary["num_truncated"])
+    logger.info(
+        "%s: %d problems x k=%s = %d samples, %d tokens in %.1f s (%.0f tokens/s), graded in %.1f s: "
+        "accuracy %.1f%% (%d hit the token limit)",
+        benchmark.name,
+        summary["num_problems"],
+        summary["k"],
+        len(flat),
+        num_tokens,
+        gen_s,
+        num_tokens / max(gen_s, 1e-9),
+        grade_s,
+        summary["accuracy"],
+        summary["num_truncated"],
+    )
     return summary
 
 
@@ -378,10 +423,14 @@ def _results(args: argparse.Namespace, model_dir: Path, template: Any, per_bench
         "benchmarks": per_benchmark,
         "average": average_accuracy(per_benchmark),
         "protocol": {
-            "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens,
             "system_prompt": "luffy" if args.keep_system_prompt else "removed",
-            "chat_template": template.source, "generation_prompt_ends_with_think": template.ends_with_think,
-            "seed": args.seed, "grading": "text after the first </think> if present, else the whole response",
+            "chat_template": template.source,
+            "generation_prompt_ends_with_think": template.ends_with_think,
+            "seed": args.seed,
+            "grading": "text after the first </think> if present, else the whole response",
             "limit": args.limit,
         },
     }
@@ -394,12 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="luffy-eval",
         description="Evaluate an HF model on math / multiple-choice benchmarks under LUFFY's final protocol "
-                    "(vLLM sampling, avg@k, math-verify / letter grading).",
+        "(vLLM sampling, avg@k, math-verify / letter grading).",
     )
     parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json + tokenizer)")
-    parser.add_argument("--benchmarks", required=True,
-                        help="comma-separated benchmark names (aime24,aime25,amc,amc23,math500,minerva,"
-                             "olympiadbench,arc_c,mmlu_pro,luffy_valid,luffy_valid_all) or file paths")
+    parser.add_argument(
+        "--benchmarks",
+        required=True,
+        help="comma-separated benchmark names (aime24,aime25,amc,amc23,math500,minerva,"
+        "olympiadbench,arc_c,mmlu_pro,luffy_valid,luffy_valid_all) or file paths",
+    )
     parser.add_argument("--data-root", default=None, help="folder of the benchmark files (default: shared/data/eval)")
     parser.add_argument("--out", default=None, help="output folder (default: eval_results/<model dir name>)")
     parser.add_argument("--name", default=None, help="model name in the table (default: the model dir's name)")
@@ -407,34 +459,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=8192)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--n-samples", default=DEFAULT_N_SAMPLES,
-                        help=f"samples per problem, NAME=K[,NAME=K][,K for the rest] (default {DEFAULT_N_SAMPLES}; "
-                             "others 1)")
+    parser.add_argument(
+        "--n-samples",
+        default=DEFAULT_N_SAMPLES,
+        help=f"samples per problem, NAME=K[,NAME=K][,K for the rest] (default {DEFAULT_N_SAMPLES}; others 1)",
+    )
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep-system-prompt", action="store_true",
-                        help="keep LUFFY's system prompt (the final protocol removes it)")
-    parser.add_argument("--chat-template", default=None,
-                        help="PATH to a .jinja file, 'default' (ChatML + <think>) or 'model' (the model's own); "
-                             "default: the model's own if its generation prompt ends with <think>\\n, else 'default'")
+    parser.add_argument(
+        "--keep-system-prompt", action="store_true", help="keep LUFFY's system prompt (the final protocol removes it)"
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="PATH to a .jinja file, 'default' (ChatML + <think>) or 'model' (the model's own); "
+        "default: the model's own if its generation prompt ends with <think>\\n, else 'default'",
+    )
     parser.add_argument("--reward-workers", type=int, default=2)
     parser.add_argument("--reward-timeout-s", type=float, default=10.0)
-    parser.add_argument("--strip-special-tokens", action="store_true",
-                        help="strip trailing special-token text before grading (default: grade the text as is, as "
-                             "upstream; vLLM's text skips special tokens anyway)")
+    parser.add_argument(
+        "--strip-special-tokens",
+        action="store_true",
+        help="strip trailing special-token text before grading (default: grade the text as is, as "
+        "upstream; vLLM's text skips special tokens anyway)",
+    )
     parser.add_argument("--dtype", default="auto", help="vLLM dtype (auto, bfloat16, float16, float32)")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="vLLM context length (default: the longest prompt + --max-new-tokens)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
-                        help="vLLM memory share (default 0.9 on GPU, 0.1 of host memory on CPU)")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="vLLM context length (default: the longest prompt + --max-new-tokens)",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vLLM memory share (default 0.9 on GPU, 0.1 of host memory on CPU)",
+    )
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (always on for CPU)")
     return parser
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for option, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                               ("--tensor-parallel-size", args.tensor_parallel_size, 1),
-                               ("--reward-workers", args.reward_workers, 0)):
+    for option, value, low in (
+        ("--limit", args.limit, 1),
+        ("--max-new-tokens", args.max_new_tokens, 1),
+        ("--tensor-parallel-size", args.tensor_parallel_size, 1),
+        ("--reward-workers", args.reward_workers, 0),
+    ):
         if value is not None and value < low:
             raise EvalError(f"{option}={value}: must be >= {low}")
     if args.temperature < 0:
@@ -455,34 +527,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = build_prompts(benchmarks, tokenizer, keep_system_prompt=args.keep_system_prompt,
-                             chat_template=args.chat_template)
-    logger.info("chat template: %s; system prompt %s; %s", template.source,
-                "kept" if args.keep_system_prompt else "removed",
-                ", ".join(f"{b.name}: {len(b.rows)} prompts x k={b.k}" for b in benchmarks))
+    template = build_prompts(
+        benchmarks, tokenizer, keep_system_prompt=args.keep_system_prompt, chat_template=args.chat_template
+    )
+    logger.info(
+        "chat template: %s; system prompt %s; %s",
+        template.source,
+        "kept" if args.keep_system_prompt else "removed",
+        ", ".join(f"{b.name}: {len(b.rows)} prompts x k={b.k}" for b in benchmarks),
+    )
     longest_prompt = max(len(ids) for b in benchmarks for ids in b.prompt_ids)
     max_model_len = args.max_model_len or longest_prompt + args.max_new_tokens
     if longest_prompt + args.max_new_tokens > max_model_len:
-        raise EvalError(f"--max-model-len={max_model_len} < the longest prompt ({longest_prompt} tokens) + "
-                        f"--max-new-tokens={args.max_new_tokens}")
+        raise EvalError(
+            f"--max-model-len={max_model_len} < the longest prompt ({longest_prompt} tokens) + "
+            f"--max-new-tokens={args.max_new_tokens}"
+        )
 
     per_benchmark: dict[str, dict[str, Any]] = {}
     samples_path = out_dir / SAMPLES_JSONL
     samples_tmp = samples_path.with_name(f"{SAMPLES_JSONL}.tmp-{os.getpid()}")
     try:
         # The grader pool first: its workers fork from a clean forkserver before vLLM starts any threads.
-        with RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout_s, grader="math",
-                        strip_special_tokens=args.strip_special_tokens) as pool, \
-                open(samples_tmp, "w", encoding="utf-8") as samples_file:
+        with (
+            RewardPool(
+                num_workers=args.reward_workers,
+                timeout_s=args.reward_timeout_s,
+                grader="math",
+                strip_special_tokens=args.strip_special_tokens,
+            ) as pool,
+            open(samples_tmp, "w", encoding="utf-8") as samples_file,
+        ):
             llm = start_engine(args, model_dir, max_model_len)
             for benchmark in benchmarks:
                 per_benchmark[benchmark.name] = evaluate_benchmark(llm, pool, benchmark, args, samples_file)
                 # After each benchmark, so a crash late in a long run keeps what finished.
-                _write_atomic(out_dir / RESULTS_JSON,
-                              json.dumps(_results(args, model_dir, template, per_benchmark, False), indent=2))
+                _write_atomic(
+                    out_dir / RESULTS_JSON,
+                    json.dumps(_results(args, model_dir, template, per_benchmark, False), indent=2),
+                )
             if pool.stats.timed_out or pool.stats.crashed:
-                logger.warning("grading: %d items timed out and %d crashed a worker (scored 0)",
-                               pool.stats.timed_out, pool.stats.crashed)
+                logger.warning(
+                    "grading: %d items timed out and %d crashed a worker (scored 0)",
+                    pool.stats.timed_out,
+                    pool.stats.crashed,
+                )
     except BaseException:
         samples_tmp.unlink(missing_ok=True)
         raise
@@ -490,8 +579,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = _results(args, model_dir, template, per_benchmark, True)
     _write_atomic(out_dir / RESULTS_MD, render_markdown(results))
     _write_atomic(out_dir / RESULTS_JSON, json.dumps(results, indent=2))
-    logger.info("average %.1f%% over %d benchmarks; wrote %s, %s, %s in %s", results["average"],
-                len(per_benchmark), RESULTS_JSON, RESULTS_MD, SAMPLES_JSONL, out_dir)
+    logger.info(
+        "average %.1f%% over %d benchmarks; wrote %s, %s, %s in %s",
+        results["average"],
+        len(per_benchmark),
+        RESULTS_JSON,
+        RESULTS_MD,
+        SAMPLES_JSONL,
+        out_dir,
+    )
     print(render_markdown(results))
     return results
 

@@ -41,8 +41,9 @@ def flat_buckets(named_tensors, bucket_bytes: int):
             held += size
 
 
-def push_weights(engines, named_tensors, *, bucket_bytes: int = 64 * 1024**2, partial: bool = False,
-                 direct=None) -> dict:
+def push_weights(
+    engines, named_tensors, *, bucket_bytes: int = 64 * 1024**2, partial: bool = False, direct=None
+) -> dict:
     """One weight-update session on every engine (`VLLMEngineActor` handles) through the engines' flat-bucket entry
     (`VLLMEngine.load_flat_bucket`, what the object-store transport calls): begin (`direct` as
     `VLLMEngine.begin_weight_update`), each bucket `ray.put` once and loaded by every engine, finish. On an error

@@ -113,7 +113,9 @@ def compare(name: str, got: dict, want: dict) -> list[str]:
         bad = [i for i, (a, b) in enumerate(zip(g, w)) if not _close(a, b)]
         if bad:
             i = bad[0]
-            problems.append(f"{name}: {field} differs at {len(bad)} of {len(w)} positions (first: index {i}: {g[i]!r} vs {w[i]!r})")
+            problems.append(
+                f"{name}: {field} differs at {len(bad)} of {len(w)} positions (first: index {i}: {g[i]!r} vs {w[i]!r})"
+            )
     return problems
 
 
@@ -136,7 +138,7 @@ def check_file(path: str | Path) -> tuple[int, int, list[str]]:
             continue
         try:
             got = run_one(inputs[case], settings, use_target_probs=use_target_probs)
-        except Exception as exc:  # report and go on: one broken case must not hide the others
+        except Exception as exc:  # noqa: BLE001 - report and go on: one broken case must not hide the others
             problems.append(f"{name}: raised {type(exc).__name__}: {exc}")
             continue
         mismatches = compare(name, got, want)

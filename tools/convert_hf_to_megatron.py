@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """HF -> megatron-core checkpoint. Same as `luffy-convert hf-to-megatron ...`."""
+
 import sys
 
 from luffy_megatron.convert.cli import main

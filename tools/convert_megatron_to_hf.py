@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """megatron-core checkpoint -> HF safetensors. Same as `luffy-convert megatron-to-hf ...`."""
+
 import sys
 
 from luffy_megatron.convert.cli import main

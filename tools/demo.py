@@ -36,9 +36,30 @@ def main() -> int:
     data_dir = Path(cfg.data.train_files[0]).parent
     if not all(Path(p).exists() for p in cfg.data.train_files + cfg.data.val_files):
         print(f"[demo] writing synthetic LUFFY-format data to {data_dir}", flush=True)
-        subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(data_dir),
-                        "--num-train", str(args.num_train), "--num-val", str(args.num_val), "--digits", "1", "--operands", "2", "--ops", "+",
-                        "--system-prompt", "short", "--seed", "0"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "prepare_data.py"),
+                "synthetic",
+                "--out",
+                str(data_dir),
+                "--num-train",
+                str(args.num_train),
+                "--num-val",
+                str(args.num_val),
+                "--digits",
+                "1",
+                "--operands",
+                "2",
+                "--ops",
+                "+",
+                "--system-prompt",
+                "short",
+                "--seed",
+                "0",
+            ],
+            check=True,
+        )
     if not (Path(cfg.model.path) / "config.json").exists():
         print(f"[demo] building SmolLM2-135M-Instruct (fp32 HF files) in {cfg.model.path}", flush=True)
         build_smollm2_hf(cfg.model.path)

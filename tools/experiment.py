@@ -58,17 +58,37 @@ ARMS: dict[str, list[str]] = {
     "luffy_no_reshape": ["algo.off_policy_reshape=no_reshape"],
     "sft": ["algo.mode=sft", "rollout.n=1", "rollout.n_off_policy=-1"],
 }
-ARM_LABELS = {"on_policy": "On-policy GRPO", "luffy": "LUFFY (p/(p+0.1))", "luffy_no_reshape": "LUFFY, no shaping",
-              "sft": "SFT"}
+ARM_LABELS = {
+    "on_policy": "On-policy GRPO",
+    "luffy": "LUFFY (p/(p+0.1))",
+    "luffy_no_reshape": "LUFFY, no shaping",
+    "sft": "SFT",
+}
 SPLITS = ("id", "ood")
 EVAL_TEMPERATURE = 0.6  # luffy-eval's default (LUFFY's final protocol)
 
 # full and quick presets; every field can be overridden on the command line
 PRESETS = {
-    "full": dict(seeds=[0, 1, 2], steps=70, eval_every=10, format_steps=120, num_train=800, num_eval=64,
-                 work="outputs/experiment/full", out="docs/experiment"),
-    "quick": dict(seeds=[0], steps=10, eval_every=5, format_steps=120, num_train=800, num_eval=32,
-                  work="outputs/experiment/quick", out="docs/experiment/quick"),
+    "full": dict(
+        seeds=[0, 1, 2],
+        steps=70,
+        eval_every=10,
+        format_steps=120,
+        num_train=800,
+        num_eval=64,
+        work="outputs/experiment/full",
+        out="docs/experiment",
+    ),
+    "quick": dict(
+        seeds=[0],
+        steps=10,
+        eval_every=5,
+        format_steps=120,
+        num_train=800,
+        num_eval=32,
+        work="outputs/experiment/quick",
+        out="docs/experiment/quick",
+    ),
 }
 
 log = logging.getLogger("experiment")
@@ -119,8 +139,10 @@ def build_data(data_dir: Path, *, num_train: int, num_eval: int, seed: int = 0) 
         assert _addition_solution(p, None) == worked_solution(p), p
 
     def rows(problems, split, source, with_target):
-        return [luffy_row(p, i, split=split, with_target=with_target, system_prompt="", data_source=source)
-                for i, p in enumerate(problems)]
+        return [
+            luffy_row(p, i, split=split, with_target=with_target, system_prompt="", data_source=source)
+            for i, p in enumerate(problems)
+        ]
 
     format_rows = rows(fmt, "train", "", True)
     noise = random.Random(seed + 1)
@@ -130,8 +152,11 @@ def build_data(data_dir: Path, *, num_train: int, num_eval: int, seed: int = 0) 
     write_luffy_parquet(format_rows, paths["format"])
     write_luffy_parquet(rows(held_id, "test", "arith_id", False), paths["id"])
     write_luffy_parquet(rows(held_ood, "test", "arith_ood", False), paths["ood"])
-    say(f"data: {len(train)} training problems (1-digit additions, 2-3 operands), {len(fmt)} format-only "
-        f"demonstrations, {num_eval} held-out in-distribution and {num_eval} out-of-distribution (4 operands) in {data_dir}")
+    say(
+        f"data: {len(train)} training problems (1-digit additions, 2-3 operands), {len(fmt)} format-only "
+        f"demonstrations, {num_eval} held-out in-distribution and {num_eval} out-of-distribution (4 operands) "
+        f"in {data_dir}"
+    )
     return paths
 
 
@@ -148,14 +173,27 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
 
 
 def build_random_model(out_dir: Path, corpus: list[str], seed: int = 0) -> Path:
@@ -169,10 +207,19 @@ def build_random_model(out_dir: Path, corpus: list[str], seed: int = 0) -> Path:
     if (out_dir / "config.json").exists():
         return out_dir
     tokenizer = build_tokenizer(corpus)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float32)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -207,23 +254,39 @@ class HeldOut:
         from luffy_megatron import eval as luffy_eval
 
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
-        self.benchmarks = dict(zip(SPLITS, luffy_eval.load_benchmarks([str(paths[s]) for s in SPLITS], data_root=None,
-                                                                       limit=None, n_samples="1")))
-        luffy_eval.build_prompts(list(self.benchmarks.values()), tokenizer, keep_system_prompt=False, chat_template=None)
+        self.benchmarks = dict(
+            zip(
+                SPLITS,
+                luffy_eval.load_benchmarks([str(paths[s]) for s in SPLITS], data_root=None, limit=None, n_samples="1"),
+            )
+        )
+        luffy_eval.build_prompts(
+            list(self.benchmarks.values()), tokenizer, keep_system_prompt=False, chat_template=None
+        )
 
     def evaluate(self, fleet, pool, *, seed: int) -> tuple[dict[str, float], list[dict]]:
         from luffy_megatron import eval as luffy_eval
 
         scores_by_split, samples = {}, []
         for split, bench in self.benchmarks.items():
-            outputs = fleet.generate(bench.prompt_ids, [self.max_new_tokens] * len(bench.prompt_ids),
-                                     temperature=EVAL_TEMPERATURE, top_p=1.0, top_k=-1, seed=seed)
+            outputs = fleet.generate(
+                bench.prompt_ids,
+                [self.max_new_tokens] * len(bench.prompt_ids),
+                temperature=EVAL_TEMPERATURE,
+                top_p=1.0,
+                top_k=-1,
+                seed=seed,
+            )
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]  # vLLM's text
-            scores = pool.grade([(luffy_eval.grading_text(t), row["answer"]) for t, row in zip(texts, bench.rows)],
-                                grader=luffy_eval.GRADERS_BY_KIND[bench.kind])
+            scores = pool.grade(
+                [(luffy_eval.grading_text(t), row["answer"]) for t, row in zip(texts, bench.rows)],
+                grader=luffy_eval.GRADERS_BY_KIND[bench.kind],
+            )
             scores_by_split[split] = luffy_eval.aggregate(bench.problem_ids, scores)["accuracy"]
-            samples += [{"split": split, "problem": row["problem"], "gold": row["answer"], "response": t, "score": s}
-                        for t, row, s in zip(texts, bench.rows, scores)]
+            samples += [
+                {"split": split, "problem": row["problem"], "gold": row["answer"], "response": t, "score": s}
+                for t, row, s in zip(texts, bench.rows, scores)
+            ]
         return scores_by_split, samples
 
 
@@ -245,7 +308,9 @@ def start(cfg, log_dir: Path):
 
     from luffy_megatron.train.setup import pad_token_id, start_workers
 
-    return start_workers(cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), use_gpu=False, log_dir=log_dir)
+    return start_workers(
+        cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), use_gpu=False, log_dir=log_dir
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -267,24 +332,47 @@ def build_weak_model(work: Path, paths: dict[str, Path], *, format_steps: int) -
         return weak
     init = build_random_model(work / "random_init", corpus_of(paths))
     out = work / "format_sft"
-    cfg = run_config([f"model.path={init}", f"data.train_files=[{paths['format']}]", f"trainer.output_dir={out}",
-                      *ARMS["sft"], "data.train_batch_size=32", "actor.ppo_mini_batch_size=32", "actor.lr=2e-3",
-                      f"trainer.total_training_steps={format_steps}", f"trainer.save_freq={format_steps}",
-                      "trainer.seed=0", "data.seed=0"])
+    cfg = run_config(
+        [
+            f"model.path={init}",
+            f"data.train_files=[{paths['format']}]",
+            f"trainer.output_dir={out}",
+            *ARMS["sft"],
+            "data.train_batch_size=32",
+            "actor.ppo_mini_batch_size=32",
+            "actor.lr=2e-3",
+            f"trainer.total_training_steps={format_steps}",
+            f"trainer.save_freq={format_steps}",
+            "trainer.seed=0",
+            "data.seed=0",
+        ]
+    )
     t0 = time.time()
     say(f"weak model: {format_steps} SFT steps of a random ~1.1M-parameter Llama on format-only demonstrations")
     workers = start(cfg, out / "logs" / "workers")
     try:
         train(cfg, workers=workers)
-        workers.actors.run(export_hf, str(weak), {"format_sft_steps": format_steps, "wall_s": round(time.time() - t0, 1)})
+        workers.actors.run(
+            export_hf, str(weak), {"format_sft_steps": format_steps, "wall_s": round(time.time() - t0, 1)}
+        )
     finally:
         workers.shutdown()
     say(f"weak model ready in {weak} ({time.time() - t0:.0f}s)")
     return weak
 
 
-def run_arm(arm: str, seed: int, *, work: Path, weak: Path, paths: dict[str, Path], steps: int, eval_every: int,
-            held_out: HeldOut, pool) -> dict:
+def run_arm(
+    arm: str,
+    seed: int,
+    *,
+    work: Path,
+    weak: Path,
+    paths: dict[str, Path],
+    steps: int,
+    eval_every: int,
+    held_out: HeldOut,
+    pool,
+) -> dict:
     """One (arm, seed) run; resumes from its checkpoint and skips evaluations already recorded."""
     from luffy_megatron.train.loop import train
 
@@ -299,11 +387,24 @@ def run_arm(arm: str, seed: int, *, work: Path, weak: Path, paths: dict[str, Pat
     evals_path = out / "evals.jsonl"
     evaluated = {row["step"] for row in read_jsonl(evals_path)}
     timing_path = out / "timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "start_s": 0.0}
+    timing = (
+        json.loads(timing_path.read_text())
+        if timing_path.exists()
+        else {"wall_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "start_s": 0.0}
+    )
     points = sorted({0, *range(eval_every, steps + 1, eval_every), steps})
-    cfg = run_config([f"model.path={weak}", f"data.train_files=[{paths['train']}]", f"trainer.output_dir={out}",
-                      f"trainer.seed={seed}", f"data.seed={seed}", f"trainer.total_training_steps={steps}",
-                      f"trainer.save_freq={eval_every}", *ARMS[arm]])
+    cfg = run_config(
+        [
+            f"model.path={weak}",
+            f"data.train_files=[{paths['train']}]",
+            f"trainer.output_dir={out}",
+            f"trainer.seed={seed}",
+            f"data.seed={seed}",
+            f"trainer.total_training_steps={steps}",
+            f"trainer.save_freq={eval_every}",
+            *ARMS[arm],
+        ]
+    )
     t_run = time.time()
     t0 = time.time()
     workers = start(cfg, out / "logs" / "workers")
@@ -321,8 +422,10 @@ def run_arm(arm: str, seed: int, *, work: Path, weak: Path, paths: dict[str, Pat
             timing["eval_s"] += time.time() - t0
             append_jsonl(evals_path, {"step": point, **{f"{s}_accuracy": accuracy[s] for s in SPLITS}})
             (out / "samples_last_eval.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-            say(f"{arm} seed {seed} step {point}/{steps}: held-out accuracy ID {accuracy['id']:.1f}% "
-                f"OOD {accuracy['ood']:.1f}%")
+            say(
+                f"{arm} seed {seed} step {point}/{steps}: held-out accuracy ID {accuracy['id']:.1f}% "
+                f"OOD {accuracy['ood']:.1f}%"
+            )
             timing["wall_s_partial"] = timing["wall_s"] + time.time() - t_run
             timing_path.write_text(json.dumps(timing))
     finally:
@@ -345,7 +448,8 @@ def _mean_spread(values: list[float], fmt: str = "{:.1f}") -> str:
     mean = statistics.fmean(values)
     if len(values) == 1:
         return fmt.format(mean)
-    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+    spread = f"{fmt.format(min(values))}–{fmt.format(max(values))}"
+    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values))} ({spread})"
 
 
 def collect(work: Path, arms: list[str], seeds: list[int], last_n: int) -> dict[str, Any]:
@@ -371,8 +475,12 @@ def collect(work: Path, arms: list[str], seeds: list[int], last_n: int) -> dict[
             final = max(evals, key=lambda r: r["step"])
             tail = [r for r in reward[-last_n:] if r is not None]
             per_seed[seed] = {
-                "steps": steps, "reward": reward, "entropy": entropy, "evals": evals,
-                "final_id": final["id_accuracy"], "final_ood": final["ood_accuracy"],
+                "steps": steps,
+                "reward": reward,
+                "entropy": entropy,
+                "evals": evals,
+                "final_id": final["id_accuracy"],
+                "final_ood": final["ood_accuracy"],
                 "last_reward": statistics.fmean(tail) if tail else None,
                 "final_entropy": entropy[-1] if entropy else None,
                 **{k: v for k, v in json.loads(done.read_text()).items() if k.endswith("_s")},
@@ -383,39 +491,73 @@ def collect(work: Path, arms: list[str], seeds: list[int], last_n: int) -> dict[
 
 def write_report(results: dict[str, Any], out_dir: Path, *, settings: dict[str, Any], last_n: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = ["arm", "seeds", "final ID accuracy %", "final OOD accuracy %", f"on-policy reward, last {last_n} steps",
-              "final entropy", "wall time per seed (s)", "wall time, all seeds (s)"]
+    header = [
+        "arm",
+        "seeds",
+        "final ID accuracy %",
+        "final OOD accuracy %",
+        f"on-policy reward, last {last_n} steps",
+        "final entropy",
+        "wall time per seed (s)",
+        "wall time, all seeds (s)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, per_seed in results.items():
         runs = list(per_seed.values())
         if not runs:
             continue
-        lines.append("| " + " | ".join([
-            ARM_LABELS.get(arm, arm), ",".join(str(s) for s in per_seed),
-            _mean_spread([r["final_id"] for r in runs]), _mean_spread([r["final_ood"] for r in runs]),
-            _mean_spread([r["last_reward"] for r in runs], "{:.3f}") if arm != "sft" else "n/a (generates nothing)",
-            _mean_spread([r["final_entropy"] for r in runs], "{:.3f}"),
-            _mean_spread([r["wall_s"] for r in runs], "{:.0f}"), f"{sum(r['wall_s'] for r in runs):.0f}",
-        ]) + " |")
-    start_rows = [r["evals"][0] for per_seed in results.values() for r in per_seed.values() if r["evals"] and r["evals"][0]["step"] == 0]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    ARM_LABELS.get(arm, arm),
+                    ",".join(str(s) for s in per_seed),
+                    _mean_spread([r["final_id"] for r in runs]),
+                    _mean_spread([r["final_ood"] for r in runs]),
+                    _mean_spread([r["last_reward"] for r in runs], "{:.3f}")
+                    if arm != "sft"
+                    else "n/a (generates nothing)",
+                    _mean_spread([r["final_entropy"] for r in runs], "{:.3f}"),
+                    _mean_spread([r["wall_s"] for r in runs], "{:.0f}"),
+                    f"{sum(r['wall_s'] for r in runs):.0f}",
+                ]
+            )
+            + " |"
+        )
+    start_rows = [
+        r["evals"][0]
+        for per_seed in results.values()
+        for r in per_seed.values()
+        if r["evals"] and r["evals"][0]["step"] == 0
+    ]
     start_line = ""
     if start_rows:
-        start_line = (f"Before training (the weak model, every arm): ID {_mean_spread([r['id_accuracy'] for r in start_rows])}%, "
-                      f"OOD {_mean_spread([r['ood_accuracy'] for r in start_rows])}%.\n\n")
-    md = (f"# LUFFY's comparison in miniature ({settings['preset']})\n\n"
-          f"Generated by `python tools/experiment.py{' --quick' if settings['preset'] == 'quick' else ''}` "
-          f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).\n\n"
-          + "\n".join(lines) + "\n\n" + start_line +
-          "Accuracy: held-out problems answered at temperature 0.6 and graded as `luffy-eval` grades (text after "
-          "`</think>`, math-verify on the last `\\boxed{}`), after the last step; mean ± sample std over seeds "
-          "(min–max). Reward: the trainer's `rollout/on_policy_reward` (generated rows only). Entropy: the "
-          "trainer's `actor/entropy` (token mean over the rows trained on, demonstrations included) at the last "
-          "step. Wall time: worker start-up, training and evaluation of one run.\n\n"
-          "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + "\n\n"
-          "![reward](reward.png)\n\n![held-out accuracy](accuracy.png)\n\n![entropy](entropy.png)\n")
+        start_line = (
+            f"Before training (the weak model, every arm): ID {_mean_spread([r['id_accuracy'] for r in start_rows])}%, "
+            f"OOD {_mean_spread([r['ood_accuracy'] for r in start_rows])}%.\n\n"
+        )
+    md = (
+        f"# LUFFY's comparison in miniature ({settings['preset']})\n\n"
+        f"Generated by `python tools/experiment.py{' --quick' if settings['preset'] == 'quick' else ''}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + start_line
+        + "Accuracy: held-out problems answered at temperature 0.6 and graded as `luffy-eval` grades (text after "
+        "`</think>`, math-verify on the last `\\boxed{}`), after the last step; mean ± sample std over seeds "
+        "(min–max). Reward: the trainer's `rollout/on_policy_reward` (generated rows only). Entropy: the "
+        "trainer's `actor/entropy` (token mean over the rows trained on, demonstrations included) at the last "
+        "step. Wall time: worker start-up, training and evaluation of one run.\n\n"
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + "\n\n"
+        "![reward](reward.png)\n\n![held-out accuracy](accuracy.png)\n\n![entropy](entropy.png)\n"
+    )
     written = [out_dir / "results.md", out_dir / "results.json"]
     written[0].write_text(md)
-    written[1].write_text(json.dumps({"settings": settings, "arms": {a: {str(s): r for s, r in v.items()} for a, v in results.items()}}, indent=1))
+    written[1].write_text(
+        json.dumps(
+            {"settings": settings, "arms": {a: {str(s): r for s, r in v.items()} for a, v in results.items()}}, indent=1
+        )
+    )
     written += plot(results, out_dir)
     return written
 
@@ -427,20 +569,29 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     def band(ax, xs_by_seed, ys_by_seed, label, style="-", color=None):
-        common = sorted(set.intersection(*[set(x for x, y in zip(xs, ys) if y is not None)
-                                           for xs, ys in zip(xs_by_seed, ys_by_seed)])) if xs_by_seed else []
+        common = (
+            sorted(
+                set.intersection(
+                    *[set(x for x, y in zip(xs, ys) if y is not None) for xs, ys in zip(xs_by_seed, ys_by_seed)]
+                )
+            )
+            if xs_by_seed
+            else []
+        )
         if not common:
             return
         table = [dict(zip(xs, ys)) for xs, ys in zip(xs_by_seed, ys_by_seed)]
         vals = [[t[x] for t in table] for x in common]
         mean = [statistics.fmean(v) for v in vals]
-        line, = ax.plot(common, mean, style, label=label, color=color, marker="o" if len(common) < 12 else None, ms=3)
+        (line,) = ax.plot(common, mean, style, label=label, color=color, marker="o" if len(common) < 12 else None, ms=3)
         if len(table) > 1:
             ax.fill_between(common, [min(v) for v in vals], [max(v) for v in vals], alpha=0.15, color=line.get_color())
 
     paths = []
-    for name, key, ylabel in (("reward", "reward", "on-policy reward (mean of generated rows)"),
-                              ("entropy", "entropy", "actor/entropy (token mean)")):
+    for name, key, ylabel in (
+        ("reward", "reward", "on-policy reward (mean of generated rows)"),
+        ("entropy", "entropy", "actor/entropy (token mean)"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4))
         for arm, per_seed in results.items():
             runs = list(per_seed.values())
@@ -460,8 +611,12 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         for arm, per_seed in results.items():
             runs = list(per_seed.values())
             if runs:
-                band(ax, [[e["step"] for e in r["evals"]] for r in runs],
-                     [[e[f"{split}_accuracy"] for e in r["evals"]] for r in runs], ARM_LABELS.get(arm, arm))
+                band(
+                    ax,
+                    [[e["step"] for e in r["evals"]] for r in runs],
+                    [[e[f"{split}_accuracy"] for e in r["evals"]] for r in runs],
+                    ARM_LABELS.get(arm, arm),
+                )
         ax.set_title(f"held-out accuracy, {title}", fontsize=9)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
@@ -478,7 +633,9 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="1 seed, 8 steps (under 10 minutes on 2 cores)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (full: 0,1,2)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (the same for every arm)")
@@ -523,22 +680,48 @@ def main(argv=None) -> int:
     # the grader pool before Ray and vLLM start threads (as luffy-eval does)
     with RewardPool(num_workers=1, timeout_s=10.0, grader="math") as pool:
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}})
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS", "local"),
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={
+                    "env_vars": {
+                        "PYTHONPATH": str(REPO),
+                        "VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
+                    }
+                },
+            )
         try:
             weak = build_weak_model(work, paths, format_steps=args.format_steps)
             cfg = run_config([f"model.path={weak}"])
             held_out = HeldOut(paths, AutoTokenizer.from_pretrained(weak), max_new_tokens=cfg.data.max_response_length)
             for seed in args.seeds:  # seed-major: a partial run still covers every arm
                 for arm in args.arms:
-                    run_arm(arm, seed, work=work, weak=weak, paths=paths, steps=args.steps, eval_every=args.eval_every,
-                            held_out=held_out, pool=pool)
+                    run_arm(
+                        arm,
+                        seed,
+                        work=work,
+                        weak=weak,
+                        paths=paths,
+                        steps=args.steps,
+                        eval_every=args.eval_every,
+                        held_out=held_out,
+                        pool=pool,
+                    )
         finally:
             ray.shutdown()
     last_n = max(1, min(5, args.steps // 2))
-    settings = {"preset": args.preset, "seeds": args.seeds, "steps": args.steps, "eval_every": args.eval_every,
-                "format_sft_steps": args.format_steps, "train_problems": args.num_train, "held_out_problems": args.num_eval,
-                "recipe": str(RECIPE.relative_to(REPO)), "total_wall_s": round(time.time() - t0)}
+    settings = {
+        "preset": args.preset,
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "format_sft_steps": args.format_steps,
+        "train_problems": args.num_train,
+        "held_out_problems": args.num_eval,
+        "recipe": str(RECIPE.relative_to(REPO)),
+        "total_wall_s": round(time.time() - t0),
+    }
     written = write_report(collect(work, args.arms, args.seeds, last_n), out, settings=settings, last_n=last_n)
     say(f"done in {time.time() - t0:.0f}s: " + ", ".join(str(p) for p in written))
     return 0

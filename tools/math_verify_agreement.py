@@ -183,8 +183,15 @@ def build_corpus(data_root: Path, limit_per_source: int = 150, seed: int = 0) ->
                 wrong = problem["gold"] + "+1"
             entries = [(style, _after_thought(text)) for style, text in _answer_styles(problem["gold"], wrong)]
             for style, response in entries + problem["responses"]:
-                corpus.append({"id": f"{source}/{problem['key']}/{style}", "source": source, "style": style,
-                               "response": response, "gold": problem["gold"]})
+                corpus.append(
+                    {
+                        "id": f"{source}/{problem['key']}/{style}",
+                        "source": source,
+                        "style": style,
+                        "response": response,
+                        "gold": problem["gold"],
+                    }
+                )
     return corpus
 
 
@@ -244,8 +251,11 @@ def _math_train_problems(data_root: Path, limit: int, seed: int) -> list[dict]:
     from luffy_megatron.data.math_train import math_demonstration
 
     math500 = {normalize_problem(row["problem"]) for row in read_benchmark("math500", data_root=data_root / "eval")}
-    math_rows = [row for row in _read_jsonl(data_root / "train" / "math_test5000.jsonl")
-                 if normalize_problem(row["problem"]) not in math500 and last_boxed(row["solution"])]
+    math_rows = [
+        row
+        for row in _read_jsonl(data_root / "train" / "math_test5000.jsonl")
+        if normalize_problem(row["problem"]) not in math500 and last_boxed(row["solution"])
+    ]
     problems = []
     for row in _select(math_rows, limit, seed):
         gold = last_boxed(row["solution"])
@@ -260,8 +270,9 @@ def _gsm8k_problems(data_root: Path, limit: int, seed: int) -> list[dict]:
     for row in _select(_read_jsonl(data_root / "train" / "gsm8k_test1319.jsonl"), limit, seed):
         rationale, _, answer = row["answer"].rpartition("####")
         rationale = re.sub(r"<<[^>]*>>", "", rationale).strip()
-        problems.append(_problem("gsm8k", row["idx"], answer.strip(),
-                                 _solution_styles(rationale + "\n#### " + answer.strip())))
+        problems.append(
+            _problem("gsm8k", row["idx"], answer.strip(), _solution_styles(rationale + "\n#### " + answer.strip()))
+        )
     return problems
 
 
@@ -295,16 +306,22 @@ def with_stripped_solutions(corpus: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def grade_with(python: str, items_path: Path, num_items: int, item_timeout_s: float, start_timeout_s: float,
-               log_path: Path) -> dict:
+def grade_with(
+    python: str, items_path: Path, num_items: int, item_timeout_s: float, start_timeout_s: float, log_path: Path
+) -> dict:
     """Run `python this_file --worker` over the items; restart past a silent item. Returns versions, results."""
     results: dict[int, dict] = {}
     versions: dict | None = None
     next_index, restarts = 0, 0
     with open(log_path, "ab") as log:
         while next_index < num_items:
-            proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", str(items_path), str(next_index)],
-                                    stdout=subprocess.PIPE, stderr=log, cwd="/", env={**os.environ, "PYTHONPATH": ""})
+            proc = subprocess.Popen(
+                [python, str(Path(__file__).resolve()), "--worker", str(items_path), str(next_index)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd="/",
+                env={**os.environ, "PYTHONPATH": ""},
+            )
             buffer = b""
             deadline = time.monotonic() + start_timeout_s  # imports first, then one item at a time
             try:
@@ -312,7 +329,9 @@ def grade_with(python: str, items_path: Path, num_items: int, item_timeout_s: fl
                     ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
                     if not ready:
                         if versions is None:
-                            raise RuntimeError(f"{python} --worker printed nothing in {start_timeout_s:.0f} s; see {log_path}")
+                            raise RuntimeError(
+                                f"{python} --worker printed nothing in {start_timeout_s:.0f} s; see {log_path}"
+                            )
                         results[next_index] = {"i": next_index, "score": None, "error": "timed out", "timed_out": True}
                         next_index += 1
                         restarts += 1
@@ -321,9 +340,15 @@ def grade_with(python: str, items_path: Path, num_items: int, item_timeout_s: fl
                     if not chunk:
                         proc.wait()
                         if versions is None:
-                            raise RuntimeError(f"{python} --worker exited with {proc.returncode} before grading; "
-                                               f"is math-verify installed there? see {log_path}")
-                        results[next_index] = {"i": next_index, "score": None, "error": f"worker died ({proc.returncode})"}
+                            raise RuntimeError(
+                                f"{python} --worker exited with {proc.returncode} before grading; "
+                                f"is math-verify installed there? see {log_path}"
+                            )
+                        results[next_index] = {
+                            "i": next_index,
+                            "score": None,
+                            "error": f"worker died ({proc.returncode})",
+                        }
                         next_index += 1
                         restarts += 1
                         break
@@ -342,7 +367,12 @@ def grade_with(python: str, items_path: Path, num_items: int, item_timeout_s: fl
                     proc.kill()
                 proc.wait()
                 proc.stdout.close()
-    return {"python": python, "versions": versions, "results": [results[i] for i in range(num_items)], "restarts": restarts}
+    return {
+        "python": python,
+        "versions": versions,
+        "results": [results[i] for i in range(num_items)],
+        "restarts": restarts,
+    }
 
 
 def summarize(corpus: list[dict], runs: dict[str, dict], num_examples: int) -> tuple[dict, list[str]]:
@@ -376,15 +406,21 @@ def summarize(corpus: list[dict], runs: dict[str, dict], num_examples: int) -> t
     with_strip = sum(item.get("solution_stripped") is not None for item in corpus)
     lines.append(f"corpus: {num} graded responses ({len(totals_source)} sources, {len(totals_style)} styles)")
     for name, run in runs.items():
-        lines.append(f"  {name}: {run['versions']} via {run['python']}: {correct[name]} correct, "
-                     f"{num - correct[name] - failed[name]} wrong, {failed[name]} errors/timeouts, "
-                     f"{run['restarts']} worker restarts")
-    lines.append(f"disagreements: {len(disagree)} of {num} ({100.0 * len(disagree) / num:.2f}%); "
-                 + ", ".join(f"{k}: {v}" for k, v in kinds.items()))
+        lines.append(
+            f"  {name}: {run['versions']} via {run['python']}: {correct[name]} correct, "
+            f"{num - correct[name] - failed[name]} wrong, {failed[name]} errors/timeouts, "
+            f"{run['restarts']} worker restarts"
+        )
+    lines.append(
+        f"disagreements: {len(disagree)} of {num} ({100.0 * len(disagree) / num:.2f}%); "
+        + ", ".join(f"{k}: {v}" for k, v in kinds.items())
+    )
     lines.append("  by source: " + ", ".join(f"{s} {by_source[s]}/{totals_source[s]}" for s in totals_source))
     lines.append("  by style:  " + ", ".join(f"{s} {by_style[s]}/{totals_style[s]}" for s in totals_style))
-    lines.append(f"stripping trailing special tokens changes {', '.join(f'{n}: {c}' for n, c in strip_changes.items())} "
-                 f"of the {with_strip} items it applies to; the versions disagree on {strip_disagree} stripped items")
+    lines.append(
+        f"stripping trailing special tokens changes {', '.join(f'{n}: {c}' for n, c in strip_changes.items())} "
+        f"of the {with_strip} items it applies to; the versions disagree on {strip_disagree} stripped items"
+    )
     # Examples: spread over styles (one per style first).
     shown, seen_styles = [], set()
     for entry in disagree:
@@ -396,13 +432,23 @@ def summarize(corpus: list[dict], runs: dict[str, dict], num_examples: int) -> t
     for item, a, b in shown[:num_examples]:
         solution = upstream_solution(item["response"]) or ""
         tail = solution[-EXAMPLE_CHARS:] if len(solution) > EXAMPLE_CHARS else solution
-        examples.append({"id": item["id"], "gold": item["gold"], "graded_text_tail": tail,
-                         **{name: {key: result.get(key) for key in ("score", "pred", "gold_parsed", "error")}
-                            for name, result in ((name_a, a), (name_b, b))}})
+        examples.append(
+            {
+                "id": item["id"],
+                "gold": item["gold"],
+                "graded_text_tail": tail,
+                **{
+                    name: {key: result.get(key) for key in ("score", "pred", "gold_parsed", "error")}
+                    for name, result in ((name_a, a), (name_b, b))
+                },
+            }
+        )
         lines.append(f"  e.g. {item['id']}: gold {item['gold']!r}; graded text ...{tail[-100:]!r}")
         for name, result in ((name_a, a), (name_b, b)):
-            lines.append(f"       {name}: score {result.get('score')}, answer {result.get('pred') or result.get('error')!r}, "
-                         f"gold {result.get('gold_parsed')!r}")
+            lines.append(
+                f"       {name}: score {result.get('score')}, answer {result.get('pred') or result.get('error')!r}, "
+                f"gold {result.get('gold_parsed')!r}"
+            )
     summary = {
         "num_items": num,
         "disagreements": len(disagree),
@@ -413,8 +459,11 @@ def summarize(corpus: list[dict], runs: dict[str, dict], num_examples: int) -> t
         "errors_or_timeouts": failed,
         "by_source": {s: [by_source[s], totals_source[s]] for s in totals_source},
         "by_style": {s: [by_style[s], totals_style[s]] for s in totals_style},
-        "strip_special_tokens": {"items_it_changes_the_text_of": with_strip, "score_changes": strip_changes,
-                                 "version_disagreements_when_stripped": strip_disagree},
+        "strip_special_tokens": {
+            "items_it_changes_the_text_of": with_strip,
+            "score_changes": strip_changes,
+            "version_disagreements_when_stripped": strip_disagree,
+        },
         "examples": examples,
     }
     return summary, lines
@@ -425,11 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1], int(argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--other-python", required=True, help="a python with the other math-verify (e.g. /tmp/mv060/bin/python)")
+    parser.add_argument(
+        "--other-python", required=True, help="a python with the other math-verify (e.g. /tmp/mv060/bin/python)"
+    )
     parser.add_argument("--this-python", default=sys.executable, help="the python with ours (default: this one)")
     parser.add_argument("--data-root", default=None, help="the shared data folder (default: <shared>/data)")
-    parser.add_argument("--limit-per-source", type=int, default=150,
-                        help="problems per source, a seeded choice (0 = all; default 150)")
+    parser.add_argument(
+        "--limit-per-source", type=int, default=150, help="problems per source, a seeded choice (0 = all; default 150)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--item-timeout-s", type=float, default=30.0, help="a worker silent this long is killed")
     parser.add_argument("--examples", type=int, default=8)
@@ -456,13 +508,16 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(name: str, python: str) -> None:
             try:
-                runs[name] = grade_with(python, items_path, len(corpus), args.item_timeout_s, 120.0,
-                                        Path(tmp) / f"{name}.log")
+                runs[name] = grade_with(
+                    python, items_path, len(corpus), args.item_timeout_s, 120.0, Path(tmp) / f"{name}.log"
+                )
             except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
                 errors.append(error)
 
-        threads = [threading.Thread(target=run, args=(name, python))
-                   for name, python in (("this", args.this_python), ("other", args.other_python))]
+        threads = [
+            threading.Thread(target=run, args=(name, python))
+            for name, python in (("this", args.this_python), ("other", args.other_python))
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

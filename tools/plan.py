@@ -38,6 +38,7 @@ def _positive(kind):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
+
     return parse
 
 
@@ -59,32 +60,75 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="tools/plan.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
-    ap.add_argument("--nodes", type=_positive(int), required=True,
-                    help="nodes of the trainer (replaces parallel.nnodes; cluster.layout=disaggregated adds "
-                         "cluster.rollout_nnodes)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, as for luffy-train (repeatable)")
-    ap.add_argument("--gpu-memory-gib", type=_positive(float), default=DEFAULTS.gpu_memory_gib,
-                    help=f"memory per GPU (default {DEFAULTS.gpu_memory_gib:g})")
-    ap.add_argument("--reserve-gib", type=_nonnegative, default=DEFAULTS.reserve_gib,
-                    help="memory per GPU kept free: an 80 GB H100 shows CUDA ~79.6 GiB, and some allocations are "
-                         f"not modeled (default {DEFAULTS.reserve_gib:g})")
-    ap.add_argument("--mfu", type=_fraction, default=DEFAULTS.mfu,
-                    help=f"model-FLOPs utilization of training, log-probs and prefill (default {DEFAULTS.mfu:g})")
-    ap.add_argument("--peak-tflops", type=_positive(float), default=DEFAULTS.peak_tflops,
-                    help=f"dense bf16 TFLOP/s per GPU (default {DEFAULTS.peak_tflops:g}, H100 SXM)")
-    ap.add_argument("--hbm-tbs", type=_positive(float), default=DEFAULTS.hbm_tbs,
-                    help=f"HBM bandwidth per GPU, TB/s (default {DEFAULTS.hbm_tbs:g}, H100 SXM)")
-    ap.add_argument("--gen-bandwidth-util", type=_fraction, default=DEFAULTS.gen_bandwidth_util,
-                    help=f"share of the HBM bandwidth a decode step achieves (default {DEFAULTS.gen_bandwidth_util:g})")
-    ap.add_argument("--mean-prompt-frac", type=_fraction, default=DEFAULTS.mean_prompt_frac,
-                    help=f"mean prompt length / data.max_prompt_length (default {DEFAULTS.mean_prompt_frac:g})")
-    ap.add_argument("--mean-response-frac", type=_fraction, default=DEFAULTS.mean_response_frac,
-                    help="mean response (generated or demonstration) length / data.max_response_length "
-                         f"(default {DEFAULTS.mean_response_frac:g})")
+    ap.add_argument(
+        "--nodes",
+        type=_positive(int),
+        required=True,
+        help="nodes of the trainer (replaces parallel.nnodes; cluster.layout=disaggregated adds "
+        "cluster.rollout_nnodes)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, as for luffy-train (repeatable)",
+    )
+    ap.add_argument(
+        "--gpu-memory-gib",
+        type=_positive(float),
+        default=DEFAULTS.gpu_memory_gib,
+        help=f"memory per GPU (default {DEFAULTS.gpu_memory_gib:g})",
+    )
+    ap.add_argument(
+        "--reserve-gib",
+        type=_nonnegative,
+        default=DEFAULTS.reserve_gib,
+        help="memory per GPU kept free: an 80 GB H100 shows CUDA ~79.6 GiB, and some allocations are "
+        f"not modeled (default {DEFAULTS.reserve_gib:g})",
+    )
+    ap.add_argument(
+        "--mfu",
+        type=_fraction,
+        default=DEFAULTS.mfu,
+        help=f"model-FLOPs utilization of training, log-probs and prefill (default {DEFAULTS.mfu:g})",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=_positive(float),
+        default=DEFAULTS.peak_tflops,
+        help=f"dense bf16 TFLOP/s per GPU (default {DEFAULTS.peak_tflops:g}, H100 SXM)",
+    )
+    ap.add_argument(
+        "--hbm-tbs",
+        type=_positive(float),
+        default=DEFAULTS.hbm_tbs,
+        help=f"HBM bandwidth per GPU, TB/s (default {DEFAULTS.hbm_tbs:g}, H100 SXM)",
+    )
+    ap.add_argument(
+        "--gen-bandwidth-util",
+        type=_fraction,
+        default=DEFAULTS.gen_bandwidth_util,
+        help=f"share of the HBM bandwidth a decode step achieves (default {DEFAULTS.gen_bandwidth_util:g})",
+    )
+    ap.add_argument(
+        "--mean-prompt-frac",
+        type=_fraction,
+        default=DEFAULTS.mean_prompt_frac,
+        help=f"mean prompt length / data.max_prompt_length (default {DEFAULTS.mean_prompt_frac:g})",
+    )
+    ap.add_argument(
+        "--mean-response-frac",
+        type=_fraction,
+        default=DEFAULTS.mean_response_frac,
+        help="mean response (generated or demonstration) length / data.max_response_length "
+        f"(default {DEFAULTS.mean_response_frac:g})",
+    )
     return ap
 
 
@@ -96,15 +140,23 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.recipe, [f"parallel.nnodes={args.nodes}", *args.overrides])
         assumptions = Assumptions(
-            gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, mfu=args.mfu,
-            peak_tflops=args.peak_tflops, hbm_tbs=args.hbm_tbs,
-            gen_bandwidth_util=args.gen_bandwidth_util, mean_prompt_frac=args.mean_prompt_frac,
+            gpu_memory_gib=args.gpu_memory_gib,
+            reserve_gib=args.reserve_gib,
+            mfu=args.mfu,
+            peak_tflops=args.peak_tflops,
+            hbm_tbs=args.hbm_tbs,
+            gen_bandwidth_util=args.gen_bandwidth_util,
+            mean_prompt_frac=args.mean_prompt_frac,
             mean_response_frac=args.mean_response_frac,
         )
         plan = plan_with_suggestions(cfg, assumptions, recipe=args.recipe)
     except (ConfigError, PlanError) as err:
-        print(f"tools/plan.py: error: {args.recipe}: {err}" if isinstance(err, PlanError)
-              else f"tools/plan.py: error: {err}", file=sys.stderr)
+        print(
+            f"tools/plan.py: error: {args.recipe}: {err}"
+            if isinstance(err, PlanError)
+            else f"tools/plan.py: error: {err}",
+            file=sys.stderr,
+        )
         return 2
     print(format_plan(plan))
     return 0 if plan.fits else 1

@@ -112,19 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--operands", type=int_range, default=(2, 3), help="operands per problem, N or MIN..MAX")
     syn.add_argument("--ops", nargs="+", default=["+", "-", "*"], help="operators: + - '*' (or '+,-,*')")
     syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--system-prompt", choices=sorted(SYSTEM_PROMPTS), default="luffy",
-                     help="luffy: LUFFY's system prompt (default); short: one line for tiny models; none")
+    syn.add_argument(
+        "--system-prompt",
+        choices=sorted(SYSTEM_PROMPTS),
+        default="luffy",
+        help="luffy: LUFFY's system prompt (default); short: one line for tiny models; none",
+    )
     syn.set_defaults(func=cmd_synthetic)
 
     default_shared = shared_dir() / "data"
     mth = sub.add_parser("math", help="MATH problems with the human solution as demonstration")
     mth.add_argument("--src", default=str(default_shared / "train" / "math_test5000.jsonl"))
-    mth.add_argument("--math500", default=str(default_shared / "eval" / "math500.jsonl"),
-                     help="MATH-500 jsonl whose problems are excluded ('none' to exclude nothing)")
+    mth.add_argument(
+        "--math500",
+        default=str(default_shared / "eval" / "math500.jsonl"),
+        help="MATH-500 jsonl whose problems are excluded ('none' to exclude nothing)",
+    )
     mth.add_argument("--out", required=True, help="output folder (train.parquet)")
     mth.add_argument("--system-prompt", choices=sorted(SYSTEM_PROMPTS), default="luffy")
-    mth.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                     help="keep only rows whose demonstration passes LUFFY's reward against its own answer")
+    mth.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep only rows whose demonstration passes LUFFY's reward against its own answer",
+    )
     mth.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed source rows")
     mth.set_defaults(func=cmd_math)
     return parser

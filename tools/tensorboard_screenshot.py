@@ -27,8 +27,10 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TAGS = ("^(critic/score/mean|critic/advantages/mean|response_length/mean|actor/pg_loss|actor/entropy|"
-                "actor/off_policy_prob|actor/grad_norm|val/test_score/.*|timing_s/step|perf/throughput|perf/mfu)$")
+DEFAULT_TAGS = (
+    "^(critic/score/mean|critic/advantages/mean|response_length/mean|actor/pg_loss|actor/entropy|"
+    "actor/off_policy_prob|actor/grad_norm|val/test_score/.*|timing_s/step|perf/throughput|perf/mfu)$"
+)
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -66,9 +68,22 @@ class TensorBoard:
         if not exe.exists():
             raise ScreenshotError(f"{exe} does not exist: run `make setup` (requirements.txt installs tensorboard)")
         self._log = tempfile.NamedTemporaryFile("w+", prefix="tensorboard-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([str(exe), "--logdir", str(self.logdir), "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--reload_interval", "1"], stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "--logdir",
+                str(self.logdir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--reload_interval",
+                "1",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             self.wait_ready()
         except BaseException:
@@ -92,8 +107,10 @@ class TensorBoard:
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
             time.sleep(0.2)
-        raise ScreenshotError(f"tensorboard on {self.base} listed no run of {self.logdir} within "
-                              f"{self.ready_timeout_s:g} s: {self.log_tail()}")
+        raise ScreenshotError(
+            f"tensorboard on {self.base} listed no run of {self.logdir} within "
+            f"{self.ready_timeout_s:g} s: {self.log_tail()}"
+        )
 
     def log_tail(self, chars: int = 2000) -> str:
         if self._log is None:
@@ -120,23 +137,39 @@ def find_chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise ScreenshotError("no headless Chromium found (looked for " + ", ".join(CHROMIUM_NAMES) + "); on Debian: "
-                          "`sudo apt-get install --no-install-recommends chromium` (`make tensorboard-screenshot` "
-                          "installs it when run as root)")
+    raise ScreenshotError(
+        "no headless Chromium found (looked for " + ", ".join(CHROMIUM_NAMES) + "); on Debian: "
+        "`sudo apt-get install --no-install-recommends chromium` (`make tensorboard-screenshot` "
+        "installs it when run as root)"
+    )
 
 
-def screenshot(url: str, out_png: Path, *, chromium: str, size: tuple[int, int], budget_ms: int = 15000,
-               timeout_s: float = 120.0) -> Path:
+def screenshot(
+    url: str, out_png: Path, *, chromium: str, size: tuple[int, int], budget_ms: int = 15000, timeout_s: float = 120.0
+) -> Path:
     """Headless Chromium as platform notes section 6 runs it (throw-away profile, no network beyond loopback),
     written to a temporary name and renamed into place."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
-               f"--virtual-time-budget={budget_ms}", f"--screenshot={tmp}", url]
+        cmd = [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--window-size={size[0]},{size[1]}",
+            f"--virtual-time-budget={budget_ms}",
+            f"--screenshot={tmp}",
+            url,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -149,12 +182,16 @@ def screenshot(url: str, out_png: Path, *, chromium: str, size: tuple[int, int],
 
 def dashboard_url(base: str, tag_filter: str) -> str:
     """The scalars dashboard, tag filter set, no smoothing and no outlier clipping (a short run has few points)."""
-    return f"{base}/#scalars&_smoothingWeight=0&_ignoreYOutliers=false&tagFilter={urllib.parse.quote(tag_filter, safe='')}"
+    return (
+        f"{base}/#scalars&_smoothingWeight=0&_ignoreYOutliers=false&tagFilter={urllib.parse.quote(tag_filter, safe='')}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--run", default=None, help="a run's output directory (default: the demo run's, recipes/cpu_demo.yaml)")
+    ap.add_argument(
+        "--run", default=None, help="a run's output directory (default: the demo run's, recipes/cpu_demo.yaml)"
+    )
     ap.add_argument("--out", default=str(REPO / "docs" / "tensorboard.png"))
     ap.add_argument("--tags", default=DEFAULT_TAGS, help="the dashboard's tag filter (a regular expression)")
     ap.add_argument("--size", default="1600,1400", help="window width,height in pixels")
@@ -163,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(args.run) if args.run else default_run_dir()
         events = sorted(run.rglob("events.out.tfevents.*")) if run.is_dir() else []
         if not events:
-            raise ScreenshotError(f"no TensorBoard events under {run}: run `make demo` first, or pass RUN=<a run's "
-                                  "trainer.output_dir>")
+            raise ScreenshotError(
+                f"no TensorBoard events under {run}: run `make demo` first, or pass RUN=<a run's trainer.output_dir>"
+            )
         chromium = find_chromium()
         width, height = (int(v) for v in args.size.split(","))
         with TensorBoard(run) as tb:

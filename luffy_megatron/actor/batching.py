@@ -38,8 +38,10 @@ class RolloutBatch:
             if t.dim() != 2 or t.shape[0] != B:
                 raise ValueError(f"RolloutBatch.{name} must be [B={B}, L], got {tuple(t.shape)}")
         if self.target_probs is not None and tuple(self.target_probs.shape) != tuple(self.responses.shape):
-            raise ValueError(f"RolloutBatch.target_probs must be [B, L] = {tuple(self.responses.shape)} like responses, "
-                             f"got {tuple(self.target_probs.shape)}")
+            raise ValueError(
+                f"RolloutBatch.target_probs must be [B, L] = {tuple(self.responses.shape)} like responses, "
+                f"got {tuple(self.target_probs.shape)}"
+            )
         if len(self.group_ids) != B:
             raise ValueError(f"RolloutBatch has {B} rows but {len(self.group_ids)} group ids")
         if any(len(p) == 0 for p in self.prompts):
@@ -63,11 +65,14 @@ class RolloutBatch:
         """With `enabled` (`algo.options.uses_target_probs`), refuse a batch without teacher probabilities,
         so the option can never be ignored silently. Every rank calls it before any forward."""
         if enabled and self.target_probs is None:
-            raise ValueError("algo.use_off_policy_probs=true but this RolloutBatch has no target_probs: build it with "
-                             "the teacher probabilities (trainer.generate_and_mix does, from data.target_probs_key)")
+            raise ValueError(
+                "algo.use_off_policy_probs=true but this RolloutBatch has no target_probs: build it with "
+                "the teacher probabilities (trainer.generate_and_mix does, from data.target_probs_key)"
+            )
 
-    def loss_target_probs(self, rows: Sequence[int], width: int, *, enabled: bool,
-                          device: torch.device | str | None = None) -> torch.Tensor | None:
+    def loss_target_probs(
+        self, rows: Sequence[int], width: int, *, enabled: bool, device: torch.device | str | None = None
+    ) -> torch.Tensor | None:
         """`target_probs_BT` of the loss for `rows`, cut to `width` response tokens, when the off-policy ratio
         uses teacher probabilities (`enabled`), else None."""
         if not enabled:
@@ -106,7 +111,9 @@ def rows_per_rank(prompts: int, n: int, dp_size: int) -> int:
     rank, `prompts * n // dp`; used for ppo_mini_batch_size and ppo_micro_batch_size."""
     rows = prompts * n
     if rows % dp_size:
-        raise ValueError(f"{prompts} prompts x rollout.n={n} = {rows} rows do not split over {dp_size} data-parallel ranks")
+        raise ValueError(
+            f"{prompts} prompts x rollout.n={n} = {rows} rows do not split over {dp_size} data-parallel ranks"
+        )
     return rows // dp_size
 
 
@@ -130,7 +137,9 @@ def split_mini_batches(rows: Sequence[int], rows_per_mini_batch: int) -> list[li
     return [list(rows[i : i + rows_per_mini_batch]) for i in range(0, len(rows), rows_per_mini_batch)]
 
 
-def plan_micro_batches(lengths: dict[int, int] | Sequence[int], rows: Sequence[int], *, max_tokens: int, packed: bool) -> list[list[int]]:
+def plan_micro_batches(
+    lengths: dict[int, int] | Sequence[int], rows: Sequence[int], *, max_tokens: int, packed: bool
+) -> list[list[int]]:
     """Group `rows` into micro-batches whose cost fits `max_tokens` (dynamic batch size).
 
     Padding path: rows sorted by length, longest first, cut into the fewest contiguous micro-batches
@@ -203,7 +212,9 @@ def padding_multiples(*, tp: int, sequence_parallel: bool, cp: int, fp8: bool, p
     return math.lcm(chunks, cp * local), 1
 
 
-def padded_cost(lengths: Sequence[int], micro_batches: Sequence[Sequence[int]], *, packed: bool, multiple: int = 1) -> int:
+def padded_cost(
+    lengths: Sequence[int], micro_batches: Sequence[Sequence[int]], *, packed: bool, multiple: int = 1
+) -> int:
     """Tokens actually computed for a micro-batch plan (to compare with sum of real lengths)."""
     total = 0
     for mb in micro_batches:
@@ -238,10 +249,14 @@ class MicroBatch:
 
 def _sequences(batch: RolloutBatch, rows: Sequence[int]) -> tuple[list[list[int]], list[int]]:
     lengths = batch.response_lengths()
-    return [list(batch.prompts[i]) + batch.responses[i, : lengths[i]].tolist() for i in rows], [lengths[i] for i in rows]
+    return [list(batch.prompts[i]) + batch.responses[i, : lengths[i]].tolist() for i in rows], [
+        lengths[i] for i in rows
+    ]
 
 
-def _response_layout(starts: torch.Tensor, prompt_lens: torch.Tensor, resp_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _response_layout(
+    starts: torch.Tensor, prompt_lens: torch.Tensor, resp_lens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat index of the logits predicting response token j of each row, and the valid-token mask."""
     l_mb = max(int(resp_lens.max()), 1)
     j = torch.arange(l_mb)
@@ -251,7 +266,9 @@ def _response_layout(starts: torch.Tensor, prompt_lens: torch.Tensor, resp_lens:
     return resp_index, resp_mask
 
 
-def build_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id: int, pad_multiple: int = 1) -> MicroBatch:
+def build_micro_batch(
+    batch: RolloutBatch, rows: Sequence[int], *, pad_token_id: int, pad_multiple: int = 1
+) -> MicroBatch:
     seqs, resp_lens = _sequences(batch, rows)
     s = max(len(x) for x in seqs)
     s = -(-s // pad_multiple) * pad_multiple
@@ -274,8 +291,9 @@ def build_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id:
     )
 
 
-def build_packed_micro_batch(batch: RolloutBatch, rows: Sequence[int], *, pad_token_id: int, pad_multiple: int = 1,
-                             total_multiple: int = 1) -> MicroBatch:
+def build_packed_micro_batch(
+    batch: RolloutBatch, rows: Sequence[int], *, pad_token_id: int, pad_multiple: int = 1, total_multiple: int = 1
+) -> MicroBatch:
     """Rows concatenated into one sequence of length sum(len_i) (each length rounded up to
     `pad_multiple`, e.g. 2 x context-parallel size), positions restarting at 0 per row, and
     `cu_seqlens` for THD attention: no token attends across rows and no padding is computed.

@@ -84,7 +84,9 @@ def _model_optim_state(actor, *, is_loading: bool) -> dict:
     return {**model_sd, "optimizer": actor.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
 
 
-def save_checkpoint(actor, root: str | os.PathLike, *, step: int, trainer_state: dict[str, Any] | None = None, keep: int = 3) -> Path:
+def save_checkpoint(
+    actor, root: str | os.PathLike, *, step: int, trainer_state: dict[str, Any] | None = None, keep: int = 3
+) -> Path:
     """Collective over all ranks of the actor. Returns the final checkpoint directory."""
     from megatron.core import dist_checkpointing  # lazy: the driver imports this module, never megatron
 

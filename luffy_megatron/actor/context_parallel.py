@@ -77,7 +77,9 @@ def _thd_indices(cu_seqlens_padded: Tensor, total: int, cp_size: int, cp_rank: i
         # lazy: Transformer Engine exists only on GPU nodes
         import transformer_engine_torch as tex
 
-        return tex.thd_get_partitioned_indices(cu_seqlens_padded.to(device, torch.int32), total, cp_size, cp_rank).long()
+        return tex.thd_get_partitioned_indices(
+            cu_seqlens_padded.to(device, torch.int32), total, cp_size, cp_rank
+        ).long()
     except ImportError:
         return thd_partitioned_indices(cu_seqlens_padded, cp_size, cp_rank).to(device)
 
@@ -94,8 +96,15 @@ class CPShard:
     total_tokens: int  # numel of the full micro-batch
 
 
-def shard_micro_batch(input_ids: Tensor, position_ids: Tensor, targets: Tensor, *, cp_size: int, cp_rank: int,
-                      cu_seqlens: Optional[Tensor] = None) -> CPShard:
+def shard_micro_batch(
+    input_ids: Tensor,
+    position_ids: Tensor,
+    targets: Tensor,
+    *,
+    cp_size: int,
+    cp_rank: int,
+    cu_seqlens: Optional[Tensor] = None,
+) -> CPShard:
     """This CP rank's part of a micro-batch. `cu_seqlens` (padded offsets) marks a packed (THD) row."""
     b, s = input_ids.shape
     flat = torch.arange(b * s, device=input_ids.device).view(b, s)

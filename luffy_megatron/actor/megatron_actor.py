@@ -79,8 +79,11 @@ class Kernels:
     @classmethod
     def detect(cls) -> "Kernels":
         cuda = torch.cuda.is_available()
-        return cls(cuda=cuda, te=transformer_engine_available(),
-                   apex_wgrad=cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None)
+        return cls(
+            cuda=cuda,
+            te=transformer_engine_available(),
+            apex_wgrad=cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
+        )
 
 
 def fusion_settings(kernels: Kernels, *, use_te: bool) -> dict[str, Any]:
@@ -105,19 +108,27 @@ def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
     kernels = kernels or Kernels.detect()
     impl = cfg.model.transformer_impl
     if impl == "transformer_engine" and not kernels.te:
-        raise ValueError("model.transformer_impl=transformer_engine but transformer_engine does not import; "
-                         "install it (NGC PyTorch container) or set model.transformer_impl=local")
+        raise ValueError(
+            "model.transformer_impl=transformer_engine but transformer_engine does not import; "
+            "install it (NGC PyTorch container) or set model.transformer_impl=local"
+        )
     use_te = kernels.te if impl == "auto" else impl == "transformer_engine"
     if cfg.model.fp8 is not None and not use_te:
-        raise ValueError(f"model.fp8={cfg.model.fp8} needs Transformer Engine, which is not available here "
-                         "(it needs CUDA); unset model.fp8 or run in the NGC container on H100s")
+        raise ValueError(
+            f"model.fp8={cfg.model.fp8} needs Transformer Engine, which is not available here "
+            "(it needs CUDA); unset model.fp8 or run in the NGC container on H100s"
+        )
     p = cfg.parallel
     if p.context_parallel_size > 1 and not use_te:
-        raise ValueError("parallel.context_parallel_size>1 needs Transformer Engine attention (GPU); "
-                         "set parallel.context_parallel_size=1 on CPU")
+        raise ValueError(
+            "parallel.context_parallel_size>1 needs Transformer Engine attention (GPU); "
+            "set parallel.context_parallel_size=1 on CPU"
+        )
     if p.use_distributed_optimizer and not kernels.cuda:
-        raise ValueError("parallel.use_distributed_optimizer=true needs CUDA (megatron-core 0.16's DistributedOptimizer "
-                         "only accepts torch.cuda tensors); set parallel.use_distributed_optimizer=false on CPU")
+        raise ValueError(
+            "parallel.use_distributed_optimizer=true needs CUDA (megatron-core 0.16's DistributedOptimizer "
+            "only accepts torch.cuda tensors); set parallel.use_distributed_optimizer=false on CPU"
+        )
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     overrides: dict[str, Any] = dict(
         sequence_parallel=p.sequence_parallel,
@@ -136,14 +147,22 @@ def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
     )
     m = cfg.model
     if m.recompute_granularity == "full":
-        overrides.update(recompute_granularity="full", recompute_method=m.recompute_method,
-                         recompute_num_layers=m.recompute_num_layers)
+        overrides.update(
+            recompute_granularity="full",
+            recompute_method=m.recompute_method,
+            recompute_num_layers=m.recompute_num_layers,
+        )
     elif m.recompute_granularity == "selective":
         overrides.update(recompute_granularity="selective")  # megatron-core's default module: core_attn
     if m.fp8 is not None:
-        overrides.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe, fp8_margin=m.fp8_margin,
-                         fp8_amax_history_len=m.fp8_amax_history_len,
-                         fp8_amax_compute_algo=m.fp8_amax_compute_algo, tp_only_amax_red=m.tp_only_amax_red)
+        overrides.update(
+            fp8=m.fp8,
+            fp8_recipe=m.fp8_recipe,
+            fp8_margin=m.fp8_margin,
+            fp8_amax_history_len=m.fp8_amax_history_len,
+            fp8_amax_compute_algo=m.fp8_amax_compute_algo,
+            tp_only_amax_red=m.tp_only_amax_red,
+        )
     overlap = kernels.cuda and p.use_distributed_optimizer
     ddp = dict(
         grad_reduce_in_fp32=True,
@@ -214,8 +233,12 @@ class MegatronActor:
         apply_cpu_shim()
         apply_mcore_patches()
         p = cfg.parallel
-        init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                            p.virtual_pipeline_model_parallel_size, p.context_parallel_size)
+        init_model_parallel(
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            p.virtual_pipeline_model_parallel_size,
+            p.context_parallel_size,
+        )
         seed_everything(cfg.trainer.seed)
 
         self.hf_dir = Path(hf_dir)
@@ -230,19 +253,25 @@ class MegatronActor:
         self._set_schedule_hooks()
 
         self._parallel_coords()
-        self.vocab_padded = padded_vocab_size(self.arch.vocab_size, p.tensor_model_parallel_size,
-                                              cfg.model.make_vocab_size_divisible_by)
+        self.vocab_padded = padded_vocab_size(
+            self.arch.vocab_size, p.tensor_model_parallel_size, cfg.model.make_vocab_size_divisible_by
+        )
         self.vocab_local = self.vocab_padded // p.tensor_model_parallel_size
         # THD packing needs Transformer Engine attention; the local (CPU) spec pads instead.
         self.packed = settings["use_te"] and cfg.actor.use_sequence_packing
         self.row_multiple, self.total_multiple = padding_multiples(
-            tp=p.tensor_model_parallel_size, sequence_parallel=p.sequence_parallel, cp=p.context_parallel_size,
-            fp8=settings["fp8"], packed=self.packed)
+            tp=p.tensor_model_parallel_size,
+            sequence_parallel=p.sequence_parallel,
+            cp=p.context_parallel_size,
+            fp8=settings["fp8"],
+            packed=self.packed,
+        )
         self.equal_micro_batches = settings["equal_micro_batches"]
         # the interleaved schedule runs micro-batches in groups of PP (microbatch_group_size_per_vp_stage)
         self.micro_batch_multiple = self.pp_size if len(self.model) > 1 else 1
-        self._device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                        else torch.device("cpu"))
+        self._device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         self.step = 0  # optimizer steps taken
         self.loss_opts = loss_options(cfg.algo)
         self.use_target_probs = uses_target_probs(cfg.algo)  # teacher probs in the off-policy ratio
@@ -341,13 +370,19 @@ class MegatronActor:
         self.config.no_sync_func = self.model[0].no_sync if one else [m.no_sync for m in self.model]
         self.config.grad_scale_func = self.optimizer.scale_loss
         if self.ddp_config.overlap_grad_reduce:
-            self.config.grad_sync_func = self.model[0].start_grad_sync if one else [m.start_grad_sync for m in self.model]
+            self.config.grad_sync_func = (
+                self.model[0].start_grad_sync if one else [m.start_grad_sync for m in self.model]
+            )
         if self.ddp_config.overlap_param_gather and self.ddp_config.align_param_gather:
-            self.config.param_sync_func = self.model[0].start_param_sync if one else [m.start_param_sync for m in self.model]
+            self.config.param_sync_func = (
+                self.model[0].start_param_sync if one else [m.start_param_sync for m in self.model]
+            )
 
     # ------------------------------------------------------------------ plumbing
 
-    def _forward_backward(self, micro_batches: list[MicroBatch], loss_fn, *, forward_only: bool, model: Optional[list] = None) -> list[dict]:
+    def _forward_backward(
+        self, micro_batches: list[MicroBatch], loss_fn, *, forward_only: bool, model: Optional[list] = None
+    ) -> list[dict]:
         """Runs megatron-core's schedule over the micro-batches; `loss_fn(mb, shard, logits)` on the last
         stage, where `shard` is this CP rank's part of the micro-batch (None without context parallelism).
         `model`: the chunks to run (default the policy's; the frozen reference's for its log-probs)."""
@@ -362,8 +397,14 @@ class MegatronActor:
             kwargs = {}
             input_ids, position_ids, shard = mb.input_ids, mb.position_ids, None
             if self.cp_size > 1:
-                shard = shard_micro_batch(mb.input_ids, mb.position_ids, mb.targets, cp_size=self.cp_size,
-                                          cp_rank=self.cp_rank, cu_seqlens=mb.cu_seqlens)
+                shard = shard_micro_batch(
+                    mb.input_ids,
+                    mb.position_ids,
+                    mb.targets,
+                    cp_size=self.cp_size,
+                    cp_rank=self.cp_rank,
+                    cu_seqlens=mb.cu_seqlens,
+                )
                 input_ids, position_ids = shard.input_ids, shard.position_ids
             if mb.cu_seqlens is not None:  # packed rows (THD): attention stays within each row
                 # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
@@ -371,8 +412,13 @@ class MegatronActor:
 
                 cu = mb.cu_seqlens.to(device)
                 kwargs["packed_seq_params"] = PackedSeqParams(
-                    qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-                    cu_seqlens_kv_padded=cu, max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen,
+                    qkv_format="thd",
+                    cu_seqlens_q=cu,
+                    cu_seqlens_kv=cu,
+                    cu_seqlens_q_padded=cu,
+                    cu_seqlens_kv_padded=cu,
+                    max_seqlen_q=mb.max_seqlen,
+                    max_seqlen_kv=mb.max_seqlen,
                 )
             if self.half:  # keep the logits in bf16: the log-prob path upcasts one chunk at a time
                 kwargs["fp32_output"] = False
@@ -422,7 +468,9 @@ class MegatronActor:
         if not rows:
             return []
         if a.use_dynamic_bsz:
-            return plan_micro_batches(batch.sequence_lengths(), rows, max_tokens=a.ppo_max_token_len_per_gpu, packed=self.packed)
+            return plan_micro_batches(
+                batch.sequence_lengths(), rows, max_tokens=a.ppo_max_token_len_per_gpu, packed=self.packed
+            )
         return split_mini_batches(rows, rows_per_rank(micro_batch_prompts(a), self.cfg.rollout.n, self.dp_size))
 
     def _micro_batches(self, batch: RolloutBatch, rows_by_rank: list[list[int]]) -> list[MicroBatch]:
@@ -433,8 +481,9 @@ class MegatronActor:
         else:
             plans = [[] for _ in rows_by_rank]
             plans[self.dp_rank] = self._plan(batch, rows_by_rank[self.dp_rank])
-        counts = micro_batch_counts([len(pl) for pl in plans], equal_across_ranks=self.equal_micro_batches,
-                                    multiple=self.micro_batch_multiple)
+        counts = micro_batch_counts(
+            [len(pl) for pl in plans], equal_across_ranks=self.equal_micro_batches, multiple=self.micro_batch_multiple
+        )
         plan = plans[self.dp_rank]
         if self.packed:
             build = partial(build_packed_micro_batch, total_multiple=self.total_multiple)
@@ -442,8 +491,10 @@ class MegatronActor:
             build = build_micro_batch
         out = [build(batch, mb, pad_token_id=self.pad_token_id, pad_multiple=self.row_multiple) for mb in plan]
         empty_length = math.lcm(self.row_multiple, self.total_multiple)
-        out += [empty_micro_batch(pad_token_id=self.pad_token_id, length=empty_length, packed=self.packed)
-                for _ in range(counts[self.dp_rank] - len(plan))]
+        out += [
+            empty_micro_batch(pad_token_id=self.pad_token_id, length=empty_length, packed=self.packed)
+            for _ in range(counts[self.dp_rank] - len(plan))
+        ]
         return out
 
     def _share(self, out: torch.Tensor) -> torch.Tensor:
@@ -480,8 +531,10 @@ class MegatronActor:
         `compute_ref_log_prob`): the initial weights (actor/reference.py), through the same micro-batches,
         schedule and log-prob path as `compute_log_probs`. Needs the reference (algo/options.py uses_reference)."""
         if self.reference is None:
-            raise ValueError("compute_ref_log_probs needs the reference model, which is built only when "
-                             "algo.use_kl_loss=true, algo.kl_ctrl_coef > 0 or algo.use_ref=true")
+            raise ValueError(
+                "compute_ref_log_probs needs the reference model, which is built only when "
+                "algo.use_kl_loss=true, algo.kl_ctrl_coef > 0 or algo.use_ref=true"
+            )
         return self._log_probs(batch, self.reference.chunks)[0]
 
     def _log_probs(self, batch: RolloutBatch, model: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,8 +564,14 @@ class MegatronActor:
         per_rank = [split_mini_batches(rows, rows_per_mini) for rows in self._rows_by_rank(batch)]
         return [list(minis) for minis in zip(*per_rank)]
 
-    def _backward(self, batch: RolloutBatch, rows_by_rank: list[list[int]], advantages: torch.Tensor,
-                  old_log_probs: torch.Tensor, ref_log_probs: Optional[torch.Tensor] = None) -> list[dict]:
+    def _backward(
+        self,
+        batch: RolloutBatch,
+        rows_by_rank: list[list[int]],
+        advantages: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        ref_log_probs: Optional[torch.Tensor] = None,
+    ) -> list[dict]:
         """Forward + backward of one mini-batch and the DP gradient reduction; returns the micro-batch metrics.
         `ref_log_probs`: the reference model's, for algo.use_kl_loss."""
         batch.check_target_probs(enabled=self.use_target_probs)  # on every rank, before any forward
@@ -537,7 +596,9 @@ class MegatronActor:
                 advantages_BT=advantages[mb.rows, :width].to(lp.device),
                 response_mask_BT=mb.resp_mask.to(lp.device),
                 prefix_mask_BT=batch.prefix_mask[mb.rows, :width].to(lp.device),
-                target_probs_BT=batch.loss_target_probs(mb.rows, width, enabled=self.use_target_probs, device=lp.device),
+                target_probs_BT=batch.loss_target_probs(
+                    mb.rows, width, enabled=self.use_target_probs, device=lp.device
+                ),
                 max_response_length=batch.response_width,
                 **self.loss_opts,
             )
@@ -545,8 +606,14 @@ class MegatronActor:
 
         return self._forward_backward(micro, loss_fn, forward_only=False) if micro else []
 
-    def update(self, batch: RolloutBatch, *, advantages: torch.Tensor, old_log_probs: torch.Tensor,
-               ref_log_probs: Optional[torch.Tensor] = None) -> dict[str, float]:
+    def update(
+        self,
+        batch: RolloutBatch,
+        *,
+        advantages: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        ref_log_probs: Optional[torch.Tensor] = None,
+    ) -> dict[str, float]:
         """LUFFY's policy update on a rollout batch: mini-batches of this rank's rows, each one optimizer step.
 
         Returns upstream's metric names (`actor/pg_loss`, `actor/off_policy_prob`, `actor/grad_norm`, ...),
@@ -565,7 +632,9 @@ class MegatronActor:
             for r in results:
                 for k, v in r.items():
                     collected.setdefault(f"actor/{k}", []).append(float(v))
-            collected.setdefault("actor/grad_norm", []).append(float(grad_norm) if grad_norm is not None else float("nan"))
+            collected.setdefault("actor/grad_norm", []).append(
+                float(grad_norm) if grad_norm is not None else float("nan")
+            )
             collected.setdefault("actor/lr", []).append(self.optimizer.param_groups[0]["lr"])
             if not ok:
                 log.warning("optimizer step %d skipped (non-finite gradients)", self.step)
@@ -596,8 +665,14 @@ class MegatronActor:
             metrics = dict(zip(keys, (values / self.dp_size).cpu().tolist()))
         return metrics
 
-    def gradients(self, batch: RolloutBatch, *, advantages: torch.Tensor, old_log_probs: torch.Tensor,
-                  ref_log_probs: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def gradients(
+        self,
+        batch: RolloutBatch,
+        *,
+        advantages: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        ref_log_probs: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
         """The DP-reduced gradient of one mini-batch holding every row, as HF-named full fp32 tensors,
         without stepping the optimizer (for parallel-invariance checks and debugging). Collective."""
         if self.ddp_config.use_distributed_optimizer:
@@ -605,7 +680,8 @@ class MegatronActor:
                 "MegatronActor.gradients() reads the full reduced gradient, but with "
                 "parallel.use_distributed_optimizer=true each data-parallel rank holds only its reduced shard "
                 "(the rest of its grad buffer is unreduced); run gradient checks with "
-                "parallel.use_distributed_optimizer=false")
+                "parallel.use_distributed_optimizer=false"
+            )
         for m in self.model:
             m.train()
         every_row = [list(rows) for rows in self._rows_by_rank(batch)]

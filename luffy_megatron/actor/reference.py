@@ -45,9 +45,14 @@ class ReferenceModel:
         overrides.update(gradient_accumulation_fusion=False, perform_initialization=False)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            chunks = build_model_chunks(arch, params_dtype=dtype, construct_dtype=torch.float32,
-                                        vocab_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                                        use_te=settings["use_te"], **overrides)
+            chunks = build_model_chunks(
+                arch,
+                params_dtype=dtype,
+                construct_dtype=torch.float32,
+                vocab_divisible_by=cfg.model.make_vocab_size_divisible_by,
+                use_te=settings["use_te"],
+                **overrides,
+            )
         if cfg.model.load_checkpoint:
             load_model_checkpoint(chunks, cfg.model.load_checkpoint)
             self.source = str(cfg.model.load_checkpoint)

@@ -44,13 +44,21 @@ def export_hf(actor, out_dir, record: dict | None = None) -> str:
     return str(out_dir)
 
 
-def sync_weights(actor, fleet, bucket_bytes: int, *, transport: str = "object_store", timeout_s: float = 1800.0,
-                 fallback: str | None = None) -> float:
+def sync_weights(
+    actor,
+    fleet,
+    bucket_bytes: int,
+    *,
+    transport: str = "object_store",
+    timeout_s: float = 1800.0,
+    fallback: str | None = None,
+) -> float:
     """Stream HF-named weights into the engines through `transport` (sync/weights.py). The driver runs it
     through `EngineSupervisor.sync`, which bounds it, handles engine failures and labels the weights."""
     t0 = time.time()
-    sync_actor_to_engines(actor, fleet, bucket_bytes=bucket_bytes, transport=transport, timeout_s=timeout_s,
-                          fallback=fallback)
+    sync_actor_to_engines(
+        actor, fleet, bucket_bytes=bucket_bytes, transport=transport, timeout_s=timeout_s, fallback=fallback
+    )
     return time.time() - t0
 
 

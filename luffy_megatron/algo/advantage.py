@@ -82,7 +82,8 @@ def grpo_split_advantages(
         if on_idx.numel() == 0:
             raise ValueError(
                 f"adv_estimator=grpo_split: group {group!r} has no on-policy row to take a baseline from; "
-                "use adv_estimator=grpo or give every prompt at least one on-policy sample (rollout.n_off_policy < rollout.n)"
+                "use adv_estimator=grpo or give every prompt at least one on-policy sample "
+                "(rollout.n_off_policy < rollout.n)"
             )
         mean, std = _mean_std(scores_B[on_idx])
         if std.item() == 0:
@@ -134,8 +135,14 @@ def compute_advantages(
     return adv_BT
 
 
-def zero_truncated_advantages(advantages_BT: Tensor, responses_BT: Tensor, response_mask_BT: Tensor, *,
-                              eos_token_id: int, max_response_length: int) -> Tensor:
+def zero_truncated_advantages(
+    advantages_BT: Tensor,
+    responses_BT: Tensor,
+    response_mask_BT: Tensor,
+    *,
+    eos_token_id: int,
+    max_response_length: int,
+) -> Tensor:
     """Upstream's `data.disable_truncation_advantage` (mix_trainer.py): rows that reached
     max_response_length without an EOS token get advantage 0 (a cut-off answer is neither right nor wrong)."""
     lengths = response_mask_BT.sum(-1)

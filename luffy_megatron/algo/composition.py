@@ -215,10 +215,14 @@ def prefix_target_probs(
             continue
         probs = demonstration_probs[p]
         if probs is None:
-            raise ValueError(f"row {row} carries a demonstration prefix of {k} tokens but prompt {p} has no teacher probabilities")
+            raise ValueError(
+                f"row {row} carries a demonstration prefix of {k} tokens but prompt {p} has no teacher probabilities"
+            )
         if len(probs) < k:
-            raise ValueError(f"row {row}: prefix of {k} tokens but prompt {p} has only {len(probs)} teacher probabilities "
-                             "(expected one per demonstration token plus one for EOS)")
+            raise ValueError(
+                f"row {row}: prefix of {k} tokens but prompt {p} has only {len(probs)} teacher probabilities "
+                "(expected one per demonstration token plus one for EOS)"
+            )
         k = min(k, response_length)
         out[row, :k] = torch.tensor(probs[:k], dtype=torch.float32)
     return out

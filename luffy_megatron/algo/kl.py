@@ -126,9 +126,11 @@ def apply_kl_penalty(
         if old_log_prob_BT is None:
             raise ValueError("apply_kl_penalty: reference log-probs need the old log-probs they are compared with")
         if old_log_prob_BT.shape != ref_log_prob_BT.shape or ref_log_prob_BT.shape != token_level_scores_BT.shape:
-            raise ValueError(f"apply_kl_penalty: scores {tuple(token_level_scores_BT.shape)}, old log-probs "
-                             f"{tuple(old_log_prob_BT.shape)} and reference log-probs {tuple(ref_log_prob_BT.shape)} "
-                             "must have the same [rows, tokens] shape")
+            raise ValueError(
+                f"apply_kl_penalty: scores {tuple(token_level_scores_BT.shape)}, old log-probs "
+                f"{tuple(old_log_prob_BT.shape)} and reference log-probs {tuple(ref_log_prob_BT.shape)} "
+                "must have the same [rows, tokens] shape"
+            )
         kld = kl_penalty(old_log_prob_BT.to(mask.dtype), ref_log_prob_BT.to(mask.dtype), kind) * mask
     token_level_rewards_BT = token_level_scores_BT - beta * kld
     per_row = (kld * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # upstream masked_mean(kld, mask, axis=-1)

@@ -128,12 +128,20 @@ def vocab_parallel_logprob_entropy(
     backward overwrite the logits buffer with its gradient: set it False if the logits are used again.
     """
     if logits_TV.dim() != 2 or target_T.shape != logits_TV.shape[:1]:
-        raise ValueError(f"expected logits [T, V] and target [T], got {tuple(logits_TV.shape)} and {tuple(target_T.shape)}")
+        raise ValueError(
+            f"expected logits [T, V] and target [T], got {tuple(logits_TV.shape)} and {tuple(target_T.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     pad_from = logits_TV.shape[-1] if valid_vocab_size is None else valid_vocab_size - vocab_start
     return _VocabParallelLogProbEntropy.apply(
-        logits_TV, target_T, float(temperature), int(chunk_tokens), int(vocab_start), int(pad_from), tp_group,
+        logits_TV,
+        target_T,
+        float(temperature),
+        int(chunk_tokens),
+        int(vocab_start),
+        int(pad_from),
+        tp_group,
         bool(inplace_backward),
     )
 

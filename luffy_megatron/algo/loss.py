@@ -112,8 +112,9 @@ LOSS_AGG_MODES = ("constant_length", "token_mean", "seq_mean")
 # --------------------------------------------------------------------------- the LUFFY loss
 
 
-def _clipped_on_policy_losses(ratio: Tensor, adv: Tensor, mask: Tensor, *, loss_remove_clip: bool,
-                              clip_ratio: float, clip_upper_bound: float) -> tuple[Tensor, Tensor]:
+def _clipped_on_policy_losses(
+    ratio: Tensor, adv: Tensor, mask: Tensor, *, loss_remove_clip: bool, clip_ratio: float, clip_upper_bound: float
+) -> tuple[Tensor, Tensor]:
     """-A * ratio per token, PPO-clipped to [1 - clip_ratio, max(clip_upper_bound, 1 + clip_ratio)] unless
     `loss_remove_clip`; and the fraction of valid tokens the clip changed."""
     on_losses = -adv * ratio
@@ -125,9 +126,18 @@ def _clipped_on_policy_losses(ratio: Tensor, adv: Tensor, mask: Tensor, *, loss_
     return torch.maximum(on_losses, clipped_losses), on_clipfrac
 
 
-def _off_policy_ratio(log_prob_BT: Tensor, prefix_f: Tensor, off_mask: Tensor, *, target_probs_BT: Tensor | None,
-                      reshape: str, weight: float, pow_exp: float, max_clip: float | None,
-                      min_clip: float | None) -> tuple[Tensor, Tensor, Tensor]:
+def _off_policy_ratio(
+    log_prob_BT: Tensor,
+    prefix_f: Tensor,
+    off_mask: Tensor,
+    *,
+    target_probs_BT: Tensor | None,
+    reshape: str,
+    weight: float,
+    pow_exp: float,
+    max_clip: float | None,
+    min_clip: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The shaped off-policy ratio (`reshape` of the current policy's p, or p / (teacher p + 1e-6) with
     `target_probs_BT`), clamped to [min_clip, max_clip] (None: that side unclipped); and the fractions of
     off-policy tokens at each bound (0 for a bound that is off)."""
@@ -189,15 +199,23 @@ def mixed_policy_loss(
     ratio = _lookup(ON_POLICY_RESHAPES, on_policy_reshape, "on_policy_reshape")(
         log_prob_BT, old_log_prob_BT, on_policy_reshape_weight, on_policy_reshape_pow_exp
     )
-    on_losses, on_clipfrac = _clipped_on_policy_losses(ratio, adv, mask, loss_remove_clip=loss_remove_clip,
-                                                       clip_ratio=clip_ratio, clip_upper_bound=clip_upper_bound)
+    on_losses, on_clipfrac = _clipped_on_policy_losses(
+        ratio, adv, mask, loss_remove_clip=loss_remove_clip, clip_ratio=clip_ratio, clip_upper_bound=clip_upper_bound
+    )
     on_pg_loss = masked_mean(on_losses, on_mask)
 
     # Off-policy (demonstration) tokens: shaped current-policy probability.
     off_ratio, off_max_clipfrac, off_min_clipfrac = _off_policy_ratio(
-        log_prob_BT, prefix_f, off_mask, target_probs_BT=target_probs_BT, reshape=off_policy_reshape,
-        weight=off_policy_reshape_weight, pow_exp=off_policy_reshape_pow_exp, max_clip=off_policy_max_clip,
-        min_clip=off_policy_min_clip)
+        log_prob_BT,
+        prefix_f,
+        off_mask,
+        target_probs_BT=target_probs_BT,
+        reshape=off_policy_reshape,
+        weight=off_policy_reshape_weight,
+        pow_exp=off_policy_reshape_pow_exp,
+        max_clip=off_policy_max_clip,
+        min_clip=off_policy_min_clip,
+    )
     off_losses = -adv * off_ratio
     zero = torch.zeros((), dtype=mask.dtype)
 
@@ -318,17 +336,35 @@ def microbatch_policy_loss(
     if mode not in ("rl", "sft"):
         raise ValueError(f"mode={mode!r} is not one of: rl, sft")
     pg_loss, metrics = _policy_term(
-        mode, log_prob_BT=log_prob_BT, old_log_prob_BT=old_log_prob_BT, advantages_BT=advantages_BT, mask=mask,
-        prefix_mask_BT=prefix_mask_BT, max_response_length=max_response_length, loss_agg_mode=loss_agg_mode,
-        use_off_policy_loss=use_off_policy_loss, use_sft_multitask_loss=use_sft_multitask_loss,
-        sft_loss_coef=sft_loss_coef, shaping=shaping)
+        mode,
+        log_prob_BT=log_prob_BT,
+        old_log_prob_BT=old_log_prob_BT,
+        advantages_BT=advantages_BT,
+        mask=mask,
+        prefix_mask_BT=prefix_mask_BT,
+        max_response_length=max_response_length,
+        loss_agg_mode=loss_agg_mode,
+        use_off_policy_loss=use_off_policy_loss,
+        use_sft_multitask_loss=use_sft_multitask_loss,
+        sft_loss_coef=sft_loss_coef,
+        shaping=shaping,
+    )
     entropy_loss = masked_mean(entropy_BT, mask)
     policy_loss = pg_loss - entropy_loss * (entropy_coeff if mode == "rl" else 0.0)
     policy_loss = _regularizers(
-        policy_loss, metrics, log_prob_BT=log_prob_BT, old_log_prob_BT=old_log_prob_BT, mask=mask,
+        policy_loss,
+        metrics,
+        log_prob_BT=log_prob_BT,
+        old_log_prob_BT=old_log_prob_BT,
+        mask=mask,
         policy_rows=~prefix_mask_BT.bool().any(-1) if use_sft_multitask_loss else slice(None),
-        use_kl_loss=use_kl_loss, kl_loss_coef=kl_loss_coef, kl_loss_type=kl_loss_type,
-        ref_log_prob_BT=ref_log_prob_BT, use_ppo_kl_loss=use_ppo_kl_loss, ppo_kl_loss_coef=ppo_kl_loss_coef)
+        use_kl_loss=use_kl_loss,
+        kl_loss_coef=kl_loss_coef,
+        kl_loss_type=kl_loss_type,
+        ref_log_prob_BT=ref_log_prob_BT,
+        use_ppo_kl_loss=use_ppo_kl_loss,
+        ppo_kl_loss_coef=ppo_kl_loss_coef,
+    )
     loss = policy_loss / gradient_accumulation
     metrics.update(
         pg_loss=pg_loss.detach(),
@@ -340,10 +376,21 @@ def microbatch_policy_loss(
     return loss, metrics
 
 
-def _policy_term(mode: str, *, log_prob_BT: Tensor, old_log_prob_BT: Tensor, advantages_BT: Tensor, mask: Tensor,
-                 prefix_mask_BT: Tensor, max_response_length: int, loss_agg_mode: str, use_off_policy_loss: bool,
-                 use_sft_multitask_loss: bool, sft_loss_coef: float,
-                 shaping: dict) -> tuple[Tensor, dict[str, Tensor]]:
+def _policy_term(
+    mode: str,
+    *,
+    log_prob_BT: Tensor,
+    old_log_prob_BT: Tensor,
+    advantages_BT: Tensor,
+    mask: Tensor,
+    prefix_mask_BT: Tensor,
+    max_response_length: int,
+    loss_agg_mode: str,
+    use_off_policy_loss: bool,
+    use_sft_multitask_loss: bool,
+    sft_loss_coef: float,
+    shaping: dict,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """(pg_loss, its metrics) of one micro-batch: the NLL (mode="sft"), NLL on the demonstration rows plus PPO
     on the others (SFT multitask), LUFFY's mixed-policy loss (off-policy loss), or plain PPO."""
     if mode == "sft":
@@ -385,9 +432,21 @@ def _policy_term(mode: str, *, log_prob_BT: Tensor, old_log_prob_BT: Tensor, adv
     return pg_loss, {**metrics, "pg_clipfrac": ppo["pg_clipfrac"], "ppo_kl": ppo["ppo_kl"]}
 
 
-def _regularizers(policy_loss: Tensor, metrics: dict[str, Tensor], *, log_prob_BT: Tensor, old_log_prob_BT: Tensor,
-                  mask: Tensor, policy_rows, use_kl_loss: bool, kl_loss_coef: float, kl_loss_type: str,
-                  ref_log_prob_BT: Tensor | None, use_ppo_kl_loss: bool, ppo_kl_loss_coef: float) -> Tensor:
+def _regularizers(
+    policy_loss: Tensor,
+    metrics: dict[str, Tensor],
+    *,
+    log_prob_BT: Tensor,
+    old_log_prob_BT: Tensor,
+    mask: Tensor,
+    policy_rows,
+    use_kl_loss: bool,
+    kl_loss_coef: float,
+    kl_loss_type: str,
+    ref_log_prob_BT: Tensor | None,
+    use_ppo_kl_loss: bool,
+    ppo_kl_loss_coef: float,
+) -> Tensor:
     """`policy_loss` plus the KL penalty to the reference and the |PPO KL| term when they are on; their
     metrics go into `metrics`. `policy_rows`: the rows the policy loss used (an index of the batch)."""
     if use_kl_loss:

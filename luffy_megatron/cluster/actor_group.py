@@ -135,8 +135,9 @@ class _RankWorker:
         t0 = time.time()
         if self.offloaded is None:
             reference = getattr(self.actor, "reference", None)
-            self.offloaded = offload_to_host(self.actor.optimizer, self.actor.model,
-                                             reference.chunks if reference is not None else ())
+            self.offloaded = offload_to_host(
+                self.actor.optimizer, self.actor.model, reference.chunks if reference is not None else ()
+            )
         self._event("offload_to_host", t0)
         return {"host_bytes": self.offloaded.host_bytes, "freed_bytes": self.offloaded.freed_bytes}
 
@@ -160,12 +161,17 @@ class _RankWorker:
         grad_bytes = sum(b.grad_data.untyped_storage().nbytes() for b in _grad_buffers(self.actor.model))
         reference = getattr(self.actor, "reference", None)
         ref = [p for c in reference.chunks for p in c.parameters()] if reference is not None else []
-        return {"optimizer_state_abs_sum": state_sum, "optimizer_state_bytes": state_bytes,
-                "optimizer_state_devices": sorted(devices), "grad_buffer_bytes": grad_bytes,
-                "offloaded": self.offloaded is not None, "step": self.actor.step,
-                # the KL reference's weights: where they live (their storages) and their values
-                "reference_ptrs": [p.data_ptr() for p in ref],
-                "reference_abs_sum": sum(float(p.detach().double().abs().sum()) for p in ref)}
+        return {
+            "optimizer_state_abs_sum": state_sum,
+            "optimizer_state_bytes": state_bytes,
+            "optimizer_state_devices": sorted(devices),
+            "grad_buffer_bytes": grad_bytes,
+            "offloaded": self.offloaded is not None,
+            "step": self.actor.step,
+            # the KL reference's weights: where they live (their storages) and their values
+            "reference_ptrs": [p.data_ptr() for p in ref],
+            "reference_abs_sum": sum(float(p.detach().double().abs().sum()) for p in ref),
+        }
 
     def get_events(self) -> list[tuple[str, float, float]]:
         return list(self.events)
@@ -204,18 +210,23 @@ class ActorGroup:
     def __init__(self, placement, *, start_timeout_s: Optional[float] = None):
         world = placement.layout.world_size
         self.placement = placement
-        self.workers = [ray.remote(_RankWorker).options(**placement.rank_options(r)).remote(r, world)
-                        for r in range(world)]
+        self.workers = [
+            ray.remote(_RankWorker).options(**placement.rank_options(r)).remote(r, world) for r in range(world)
+        ]
         timeout = start_timeout_s if start_timeout_s is not None else placement.timeout_s
         try:
             # Rank 0's own node and port: it may sit on any node.
             self.master_addr, self.master_port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=timeout)
-            ray.get([w.set_rendezvous.remote(self.master_addr, self.master_port) for w in self.workers], timeout=timeout)
+            ray.get(
+                [w.set_rendezvous.remote(self.master_addr, self.master_port) for w in self.workers], timeout=timeout
+            )
         except BaseException as err:
             self.shutdown(close=False)  # nothing built yet: no process groups, and the actors may not even run
             if isinstance(err, ray.exceptions.GetTimeoutError):
-                raise TimeoutError(f"the {world} Megatron rank actors did not start within {timeout:g}s "
-                                   "(cluster.placement_timeout_s) although their GPUs were granted") from None
+                raise TimeoutError(
+                    f"the {world} Megatron rank actors did not start within {timeout:g}s "
+                    "(cluster.placement_timeout_s) although their GPUs were granted"
+                ) from None
             raise
 
     def build(self, cfg, hf_dir: str, pad_token_id: int, fresh: bool = False) -> int:
@@ -250,9 +261,12 @@ class ActorGroup:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=close_timeout_s + 15)
             for ref in refs:
                 try:
-                    results.append(ray.get(ref, timeout=0) if ref in ready else TimeoutError(
-                        f"no answer within {close_timeout_s + 15:g}s"))
-                except Exception as err:  # a rank that died before: nothing to close there
+                    results.append(
+                        ray.get(ref, timeout=0)
+                        if ref in ready
+                        else TimeoutError(f"no answer within {close_timeout_s + 15:g}s")
+                    )
+                except Exception as err:  # noqa: BLE001 - a rank that died before: nothing to close there
                     results.append(err)
         for w in self.workers:
             ray.kill(w)

@@ -98,15 +98,21 @@ class ClusterLayout:
     def describe(self) -> str:
         """A few lines a user can read: which node does what."""
         if self.mode == "cpu":
-            return (f"cpu layout: {self.world_size} Megatron ranks and {len(self.engines)} engine(s) of TP "
-                    f"{self.engine_tp} as Ray actors without GPUs")
-        lines = [f"{self.mode} layout: {self.num_gpus} GPUs on {len(self.nodes)} node(s) of {self.gpus_per_node}; "
-                 f"{self.world_size} Megatron ranks, {len(self.engines)} engine(s) of TP {self.engine_tp}"]
+            return (
+                f"cpu layout: {self.world_size} Megatron ranks and {len(self.engines)} engine(s) of TP "
+                f"{self.engine_tp} as Ray actors without GPUs"
+            )
+        lines = [
+            f"{self.mode} layout: {self.num_gpus} GPUs on {len(self.nodes)} node(s) of {self.gpus_per_node}; "
+            f"{self.world_size} Megatron ranks, {len(self.engines)} engine(s) of TP {self.engine_tp}"
+        ]
         for node in self.nodes:
             ranks = [r.rank for r in self.ranks if r.node == node.index]
             engines = [e.index for e in self.engines if e.node == node.index]
-            lines.append(f"  node {node.index} ({node.role}, {node.num_gpus} GPUs): ranks {_span(ranks)}, "
-                         f"engines {_span(engines)}")
+            lines.append(
+                f"  node {node.index} ({node.role}, {node.num_gpus} GPUs): ranks {_span(ranks)}, "
+                f"engines {_span(engines)}"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,8 +133,10 @@ def resolve_mode(cfg: Config, *, cluster_has_gpus: bool) -> Mode:
     if layout == "auto":
         return "colocated" if cluster_has_gpus else "cpu"
     if not cluster_has_gpus:
-        raise ConfigError(f"cluster.layout={layout} places the ranks and engines on GPUs, but the Ray cluster has "
-                          "no GPUs; use cluster.layout=auto (plain CPU actors) or start Ray with GPUs")
+        raise ConfigError(
+            f"cluster.layout={layout} places the ranks and engines on GPUs, but the Ray cluster has "
+            "no GPUs; use cluster.layout=auto (plain CPU actors) or start Ray with GPUs"
+        )
     return layout  # type: ignore[return-value]
 
 
@@ -151,32 +159,46 @@ def layout_problems(cfg: Config, mode: Mode) -> list[str]:
         return []  # the config's own checks report the sizes themselves
     errors: list[str] = []
     if gpn % tp:
-        errors.append(f"parallel.tensor_model_parallel_size={tp} does not divide parallel.n_gpus_per_node={gpn}: "
-                      "a tensor-parallel group would straddle two nodes; pick a TP that divides the GPUs per node")
+        errors.append(
+            f"parallel.tensor_model_parallel_size={tp} does not divide parallel.n_gpus_per_node={gpn}: "
+            "a tensor-parallel group would straddle two nodes; pick a TP that divides the GPUs per node"
+        )
     if etp > gpn:
-        errors.append(f"rollout.tensor_model_parallel_size={etp} is larger than parallel.n_gpus_per_node={gpn}: an "
-                      "engine's tensor-parallel workers must share one node")
+        errors.append(
+            f"rollout.tensor_model_parallel_size={etp} is larger than parallel.n_gpus_per_node={gpn}: an "
+            "engine's tensor-parallel workers must share one node"
+        )
     if mode == "colocated":
         if cfg.cluster.rollout_nnodes:
-            errors.append(f"cluster.rollout_nnodes={cfg.cluster.rollout_nnodes} is for cluster.layout=disaggregated; "
-                          "colocated engines share the training GPUs (set it to 0)")
+            errors.append(
+                f"cluster.rollout_nnodes={cfg.cluster.rollout_nnodes} is for cluster.layout=disaggregated; "
+                "colocated engines share the training GPUs (set it to 0)"
+            )
         if etp <= gpn and gpn % etp:
-            errors.append(f"rollout.tensor_model_parallel_size={etp} does not divide parallel.n_gpus_per_node={gpn}: "
-                          "colocated engines must tile each node's GPUs exactly")
+            errors.append(
+                f"rollout.tensor_model_parallel_size={etp} does not divide parallel.n_gpus_per_node={gpn}: "
+                "colocated engines must tile each node's GPUs exactly"
+            )
         if r.num_engines is not None and r.num_engines * etp != world:
             fit = f"{world // etp} or null" if world % etp == 0 else "null"
-            errors.append(f"colocated engines must exactly cover the trainer's GPUs: rollout.num_engines={r.num_engines} "
-                          f"x rollout.tensor_model_parallel_size={etp} = {r.num_engines * etp} GPUs, but the trainer "
-                          f"has {world} (parallel.nnodes={p.nnodes} x n_gpus_per_node={gpn}); set rollout.num_engines={fit}")
+            errors.append(
+                f"colocated engines must exactly cover the trainer's GPUs: rollout.num_engines={r.num_engines} "
+                f"x rollout.tensor_model_parallel_size={etp} = {r.num_engines * etp} GPUs, but the trainer "
+                f"has {world} (parallel.nnodes={p.nnodes} x n_gpus_per_node={gpn}); set rollout.num_engines={fit}"
+            )
     elif mode == "disaggregated":
         if cfg.cluster.rollout_nnodes < 1:
-            errors.append("cluster.layout=disaggregated needs cluster.rollout_nnodes >= 1 (whole nodes that only "
-                          f"generate); got {cfg.cluster.rollout_nnodes}")
+            errors.append(
+                "cluster.layout=disaggregated needs cluster.rollout_nnodes >= 1 (whole nodes that only "
+                f"generate); got {cfg.cluster.rollout_nnodes}"
+            )
         capacity = cfg.cluster.rollout_nnodes * (gpn // etp) if etp <= gpn else 0
         if r.num_engines is not None and etp <= gpn and r.num_engines > capacity:
-            errors.append(f"rollout.num_engines={r.num_engines} engines of rollout.tensor_model_parallel_size={etp} do "
-                          f"not fit on cluster.rollout_nnodes={cfg.cluster.rollout_nnodes} node(s) of {gpn} GPUs "
-                          f"(at most {capacity})")
+            errors.append(
+                f"rollout.num_engines={r.num_engines} engines of rollout.tensor_model_parallel_size={etp} do "
+                f"not fit on cluster.rollout_nnodes={cfg.cluster.rollout_nnodes} node(s) of {gpn} GPUs "
+                f"(at most {capacity})"
+            )
     else:
         raise ValueError(f"unknown GPU layout mode {mode!r}")
     return errors
@@ -217,11 +239,17 @@ def plan_layout(cfg: Config, mode: Mode) -> ClusterLayout:
     if mode == "colocated":
         nodes = tuple(NodeSlot(n, gpn, "train+rollout") for n in range(p.nnodes))
         engines = tuple(
-            EngineSlot(e, (e * etp) // gpn, tuple((e * etp + i) % gpn for i in range(etp)),
-                       tuple(range(e * etp, (e + 1) * etp)))
+            EngineSlot(
+                e,
+                (e * etp) // gpn,
+                tuple((e * etp + i) % gpn for i in range(etp)),
+                tuple(range(e * etp, (e + 1) * etp)),
+            )
             for e in range(world // etp)
         )
-        return ClusterLayout(mode, gpn, nodes, ranks, engines, etp, COLOCATED_RANK_GPU_SHARE, COLOCATED_ENGINE_GPU_SHARE)
+        return ClusterLayout(
+            mode, gpn, nodes, ranks, engines, etp, COLOCATED_RANK_GPU_SHARE, COLOCATED_ENGINE_GPU_SHARE
+        )
 
     per_node = gpn // etp
     num_engines = r.num_engines if r.num_engines is not None else cfg.cluster.rollout_nnodes * per_node
@@ -233,8 +261,9 @@ def plan_layout(cfg: Config, mode: Mode) -> ClusterLayout:
         engines_list.append(EngineSlot(e, p.nnodes + k, tuple(slot * etp + i for i in range(etp)), ()))
         rollout_gpus[k] = (slot + 1) * etp
     # Rollout nodes are whole nodes in the pool; only the GPUs the engines use are reserved.
-    nodes += tuple(NodeSlot(p.nnodes + k, rollout_gpus[k], "rollout") for k in range(cfg.cluster.rollout_nnodes)
-                   if rollout_gpus[k])
+    nodes += tuple(
+        NodeSlot(p.nnodes + k, rollout_gpus[k], "rollout") for k in range(cfg.cluster.rollout_nnodes) if rollout_gpus[k]
+    )
     return ClusterLayout(mode, gpn, nodes, ranks, tuple(engines_list), etp, 1.0, 1.0)
 
 
@@ -271,40 +300,61 @@ def model_parallelism_problems(cfg: Config, hf_config: Mapping[str, Any]) -> lis
     errors = []
     if heads:
         if heads % tp:
-            errors.append(f"parallel.tensor_model_parallel_size={tp} does not divide the model's {heads} attention heads "
-                          f"({where}); megatron-core splits heads evenly over TP ranks")
+            errors.append(
+                f"parallel.tensor_model_parallel_size={tp} does not divide the model's {heads} attention heads "
+                f"({where}); megatron-core splits heads evenly over TP ranks"
+            )
         if groups % tp:
-            errors.append(f"parallel.tensor_model_parallel_size={tp} does not divide the model's {groups} query groups "
-                          f"(num_key_value_heads, {where}); megatron-core needs num_query_groups % TP == 0")
+            errors.append(
+                f"parallel.tensor_model_parallel_size={tp} does not divide the model's {groups} query groups "
+                f"(num_key_value_heads, {where}); megatron-core needs num_query_groups % TP == 0"
+            )
         if heads % etp:
-            errors.append(f"rollout.tensor_model_parallel_size={etp} does not divide the model's {heads} attention heads "
-                          f"({where}); vLLM needs num_attention_heads % TP == 0")
-        # vLLM (QKVParallelLinear, seen in 0.32) shards KV heads when TP < KV heads, replicates them when TP >= KV heads.
+            errors.append(
+                f"rollout.tensor_model_parallel_size={etp} does not divide the model's {heads} attention heads "
+                f"({where}); vLLM needs num_attention_heads % TP == 0"
+            )
+        # vLLM (QKVParallelLinear, seen in 0.32) shards KV heads when TP < KV heads, replicates them when
+        # TP >= KV heads.
         if etp < groups and groups % etp:
-            errors.append(f"rollout.tensor_model_parallel_size={etp} does not divide the model's {groups} KV heads "
-                          f"({where}); vLLM shards KV heads evenly when TP is smaller than their number")
+            errors.append(
+                f"rollout.tensor_model_parallel_size={etp} does not divide the model's {groups} KV heads "
+                f"({where}); vLLM shards KV heads evenly when TP is smaller than their number"
+            )
         if etp >= groups and etp % groups:
-            errors.append(f"rollout.tensor_model_parallel_size={etp} is not a multiple of the model's {groups} KV heads "
-                          f"({where}); vLLM replicates KV heads only by a whole factor when TP exceeds them")
+            errors.append(
+                f"rollout.tensor_model_parallel_size={etp} is not a multiple of the model's {groups} KV heads "
+                f"({where}); vLLM replicates KV heads only by a whole factor when TP exceeds them"
+            )
     ffn = hf_config.get("intermediate_size")
     if ffn and ffn % tp:
-        errors.append(f"parallel.tensor_model_parallel_size={tp} does not divide the model's intermediate_size={ffn} "
-                      f"({where}); megatron-core splits the MLP evenly over TP ranks")
+        errors.append(
+            f"parallel.tensor_model_parallel_size={tp} does not divide the model's intermediate_size={ffn} "
+            f"({where}); megatron-core splits the MLP evenly over TP ranks"
+        )
     if layers and layers % pp:
-        errors.append(f"parallel.pipeline_model_parallel_size={pp} does not divide the model's {layers} layers ({where})")
+        errors.append(
+            f"parallel.pipeline_model_parallel_size={pp} does not divide the model's {layers} layers ({where})"
+        )
     elif layers and vpp and (layers // pp) % vpp:
-        errors.append(f"parallel.virtual_pipeline_model_parallel_size={vpp} does not divide the {layers // pp} layers "
-                      f"of each pipeline stage ({where})")
+        errors.append(
+            f"parallel.virtual_pipeline_model_parallel_size={vpp} does not divide the {layers // pp} layers "
+            f"of each pipeline stage ({where})"
+        )
     elif layers and cfg.model.recompute_granularity == "full":
         # megatron-core's TransformerBlock._checkpointed_forward (0.16.1) walks each model chunk's layers in units of
         # recompute_num_layers (uniform; a last unit past the end fails) or recomputes the first n (block)
         per_chunk, n = layers // (pp * (vpp or 1)), cfg.model.recompute_num_layers
         if cfg.model.recompute_method == "uniform" and per_chunk % n:
-            errors.append(f"model.recompute_num_layers={n} does not divide the {per_chunk} layers of each model chunk "
-                          f"({where}); with model.recompute_method=uniform choose a divisor (1 recomputes every layer)")
+            errors.append(
+                f"model.recompute_num_layers={n} does not divide the {per_chunk} layers of each model chunk "
+                f"({where}); with model.recompute_method=uniform choose a divisor (1 recomputes every layer)"
+            )
         if cfg.model.recompute_method == "block" and n > per_chunk:
-            errors.append(f"model.recompute_num_layers={n} exceeds the {per_chunk} layers of each model chunk ({where}) "
-                          "(model.recompute_method=block recomputes the first n of them)")
+            errors.append(
+                f"model.recompute_num_layers={n} exceeds the {per_chunk} layers of each model chunk ({where}) "
+                "(model.recompute_method=block recomputes the first n of them)"
+            )
     return errors
 
 

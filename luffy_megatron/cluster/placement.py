@@ -58,15 +58,21 @@ def cluster_nodes() -> list[RayNode]:
         from ray._private.state import available_resources_per_node  # what vLLM's ray_utils uses too
 
         free = available_resources_per_node()
-    except Exception:  # a private API: without it, report totals only
+    except Exception:  # noqa: BLE001 - a private API: without it, report totals only
         free = {}
     nodes = []
     for n in ray.nodes():
         if not n.get("Alive"):
             continue
         total = float(n["Resources"].get("GPU", 0))
-        nodes.append(RayNode(n["NodeID"], n["NodeManagerAddress"], total,
-                             float(free.get(n["NodeID"], {}).get("GPU", total if not free else 0))))
+        nodes.append(
+            RayNode(
+                n["NodeID"],
+                n["NodeManagerAddress"],
+                total,
+                float(free.get(n["NodeID"], {}).get("GPU", total if not free else 0)),
+            )
+        )
     return sorted(nodes, key=lambda x: (_ip_key(x.ip), x.node_id))
 
 
@@ -90,11 +96,15 @@ def _asked(layout: ClusterLayout, cfg: Config) -> str:
         how = f"colocated: parallel.nnodes={p.nnodes} x parallel.n_gpus_per_node={p.n_gpus_per_node}"
     else:
         rollout = layout.num_gpus - p.world_size
-        how = (f"disaggregated: parallel.nnodes={p.nnodes} x parallel.n_gpus_per_node={p.n_gpus_per_node} training "
-               f"+ {rollout} on cluster.rollout_nnodes={cfg.cluster.rollout_nnodes} node(s) for "
-               f"{len(layout.engines)} engine(s) of rollout.tensor_model_parallel_size={layout.engine_tp}")
+        how = (
+            f"disaggregated: parallel.nnodes={p.nnodes} x parallel.n_gpus_per_node={p.n_gpus_per_node} training "
+            f"+ {rollout} on cluster.rollout_nnodes={cfg.cluster.rollout_nnodes} node(s) for "
+            f"{len(layout.engines)} engine(s) of rollout.tensor_model_parallel_size={layout.engine_tp}"
+        )
     need = ", ".join(str(n.num_gpus) for n in layout.nodes)
-    return f"the layout asks for {layout.num_gpus} GPUs ({how}) on {len(layout.nodes)} distinct node(s) with [{need}] GPUs"
+    return (
+        f"the layout asks for {layout.num_gpus} GPUs ({how}) on {len(layout.nodes)} distinct node(s) with [{need}] GPUs"
+    )
 
 
 def choose_nodes(layout: ClusterLayout, nodes: list[RayNode], cfg: Config) -> list[RayNode]:
@@ -102,15 +112,19 @@ def choose_nodes(layout: ClusterLayout, nodes: list[RayNode], cfg: Config) -> li
     PlacementError at once when the cluster does not have the GPUs at all (waiting could not help)."""
     total = sum(n.total_gpus for n in nodes)
     if layout.num_gpus > total:
-        raise PlacementError(f"{_asked(layout, cfg)}, but {describe_cluster(nodes)}; lower parallel.nnodes / "
-                             "n_gpus_per_node (or cluster.rollout_nnodes), or add nodes")
+        raise PlacementError(
+            f"{_asked(layout, cfg)}, but {describe_cluster(nodes)}; lower parallel.nnodes / "
+            "n_gpus_per_node (or cluster.rollout_nnodes), or add nodes"
+        )
     chosen: list[RayNode] = []
     for slot in layout.nodes:  # in layout order: node 0 (rank 0) gets the first fitting node by IP
         candidates = [n for n in nodes if n not in chosen and n.total_gpus >= slot.num_gpus]
         if not candidates:
-            raise PlacementError(f"{_asked(layout, cfg)}, but {describe_cluster(nodes)}: no node left with "
-                                 f"{slot.num_gpus} GPUs for layout node {slot.index}; match parallel.n_gpus_per_node "
-                                 "to the GPUs of your nodes")
+            raise PlacementError(
+                f"{_asked(layout, cfg)}, but {describe_cluster(nodes)}: no node left with "
+                f"{slot.num_gpus} GPUs for layout node {slot.index}; match parallel.n_gpus_per_node "
+                "to the GPUs of your nodes"
+            )
         chosen.append(min(candidates, key=lambda n: (n.free_gpus < slot.num_gpus, _ip_key(n.ip), n.node_id)))
     return chosen
 
@@ -133,15 +147,22 @@ class Placement:
         # lazy: Ray is imported only where the job runs on Ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        return PlacementGroupSchedulingStrategy(placement_group=self.groups[node], placement_group_bundle_index=gpu,
-                                                placement_group_capture_child_tasks=capture_child_tasks)
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.groups[node],
+            placement_group_bundle_index=gpu,
+            placement_group_capture_child_tasks=capture_child_tasks,
+        )
 
     def rank_options(self, rank: int) -> dict[str, Any]:
         """Ray actor options of Megatron rank `rank` (`.options(**...)`)."""
         if not self.layout.uses_gpus:
             return {"num_cpus": 0, "num_gpus": 0}
         slot = self.layout.ranks[rank]
-        return {"num_cpus": 0, "num_gpus": self.layout.rank_gpu_share, "scheduling_strategy": self._strategy(slot.node, slot.gpu)}
+        return {
+            "num_cpus": 0,
+            "num_gpus": self.layout.rank_gpu_share,
+            "scheduling_strategy": self._strategy(slot.node, slot.gpu),
+        }
 
     def engine_launch(self, index: int) -> dict[str, Any]:
         """How engine `index` starts: Ray actor `options`, and for TP > 1 the bundles of its vLLM workers in the
@@ -151,13 +172,25 @@ class Placement:
             return {"options": {"num_cpus": 0, "num_gpus": 0}, "ray_bundles": None, "worker_gpu_share": None}
         slot = layout.engines[index]
         if layout.engine_tp == 1:  # vLLM runs in the actor itself: the actor holds the GPU share
-            return {"options": {"num_cpus": 0, "num_gpus": layout.engine_gpu_share,
-                                "scheduling_strategy": self._strategy(slot.node, slot.gpus[0])},
-                    "ray_bundles": None, "worker_gpu_share": None}
+            return {
+                "options": {
+                    "num_cpus": 0,
+                    "num_gpus": layout.engine_gpu_share,
+                    "scheduling_strategy": self._strategy(slot.node, slot.gpus[0]),
+                },
+                "ray_bundles": None,
+                "worker_gpu_share": None,
+            }
         # as vLLM's examples/offline_inference/rlhf_colocate.py: the engine actor holds no GPU, its workers do
-        return {"options": {"num_cpus": 0, "num_gpus": 0,
-                            "scheduling_strategy": self._strategy(slot.node, slot.gpus[0], capture_child_tasks=True)},
-                "ray_bundles": list(slot.gpus), "worker_gpu_share": layout.engine_gpu_share}
+        return {
+            "options": {
+                "num_cpus": 0,
+                "num_gpus": 0,
+                "scheduling_strategy": self._strategy(slot.node, slot.gpus[0], capture_child_tasks=True),
+            },
+            "ray_bundles": list(slot.gpus),
+            "worker_gpu_share": layout.engine_gpu_share,
+        }
 
     def group_id(self, node: int) -> Optional[str]:
         return self.groups[node].id.hex() if self.groups else None
@@ -177,7 +210,7 @@ class Placement:
         for pg in groups:
             try:
                 remove_placement_group(pg)
-            except Exception as err:  # the cluster may already be gone
+            except Exception as err:  # noqa: BLE001 - the cluster may already be gone
                 log.warning("could not remove placement group %s: %s", pg.id.hex(), err)
 
 
@@ -197,8 +230,14 @@ def reserve(cfg: Config, *, timeout_s: Optional[float] = None) -> Placement:
     groups = []
     for slot, node in zip(layout.nodes, chosen):
         bundles = [{"GPU": 1.0, "CPU": BUNDLE_CPU} for _ in range(slot.num_gpus)]
-        groups.append(placement_group(bundles, strategy="STRICT_PACK", name="",
-                                      bundle_label_selector=[{NODE_ID_LABEL: node.node_id}] * slot.num_gpus))
+        groups.append(
+            placement_group(
+                bundles,
+                strategy="STRICT_PACK",
+                name="",
+                bundle_label_selector=[{NODE_ID_LABEL: node.node_id}] * slot.num_gpus,
+            )
+        )
     t0 = time.monotonic()
     pending = {pg.ready(): i for i, pg in enumerate(groups)}
     while pending:
@@ -209,18 +248,25 @@ def reserve(cfg: Config, *, timeout_s: Optional[float] = None) -> Placement:
         for ref in ready:
             pending.pop(ref)
         if pending and time.monotonic() - t0 < timeout_s:
-            log.warning("waiting for GPUs: %d of %d node groups granted after %.0fs (cluster.placement_timeout_s=%g); %s",
-                        len(groups) - len(pending), len(groups), time.monotonic() - t0, timeout_s,
-                        describe_cluster(cluster_nodes()))
+            log.warning(
+                "waiting for GPUs: %d of %d node groups granted after %.0fs (cluster.placement_timeout_s=%g); %s",
+                len(groups) - len(pending),
+                len(groups),
+                time.monotonic() - t0,
+                timeout_s,
+                describe_cluster(cluster_nodes()),
+            )
     if pending:
         waiting = sorted(pending.values())
         for pg in groups:
             remove_placement_group(pg)
         asked = "; ".join(f"node {i}: {layout.nodes[i].num_gpus} GPUs on {chosen[i].ip}" for i in waiting)
-        raise PlacementError(f"{_asked(layout, cfg)}; after cluster.placement_timeout_s={timeout_s:g}s Ray has not "
-                             f"granted {asked}. Now {describe_cluster(cluster_nodes())} (ray.available_resources() "
-                             f"GPU={ray.available_resources().get('GPU', 0):g}). Free the GPUs (other jobs, leftover "
-                             "actors) or raise cluster.placement_timeout_s")
+        raise PlacementError(
+            f"{_asked(layout, cfg)}; after cluster.placement_timeout_s={timeout_s:g}s Ray has not "
+            f"granted {asked}. Now {describe_cluster(cluster_nodes())} (ray.available_resources() "
+            f"GPU={ray.available_resources().get('GPU', 0):g}). Free the GPUs (other jobs, leftover "
+            "actors) or raise cluster.placement_timeout_s"
+        )
     placement = Placement(layout, groups, chosen, wait_s=time.monotonic() - t0, timeout_s=timeout_s)
     log.info("placement granted in %.1fs:\n%s", placement.wait_s, placement.describe())
     return placement

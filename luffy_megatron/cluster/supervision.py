@@ -23,7 +23,6 @@ class RunError(RuntimeError):
     """A failure of the running job that `luffy-train` reports as one `luffy-train: error: ...` line."""
 
 
-
 class RankFailure(RunError):
     def __init__(self, message: str, *, rank: Optional[int], what: str):
         super().__init__(message)
@@ -38,7 +37,6 @@ class RankCallTimeout(RankFailure):
         self.refs = refs
 
 
-
 def remote_cause(err: BaseException) -> BaseException:
     """The exception raised inside a Ray task/actor (for a `RayTaskError`), else `err`."""
     while isinstance(err, ray.exceptions.RayTaskError) and getattr(err, "cause", None) is not None:
@@ -51,7 +49,6 @@ def first_lines(text: str, n: int) -> str:
     return " ".join(lines[:n])
 
 
-
 class GuardedRanks:
     """The Megatron ranks of an `ActorGroup`, called like `ActorGroup.call`/`run` (result of rank 0), with
     a bounded, polled wait: the first rank whose actor died is reported at once as a `RankFailure` naming it."""
@@ -60,14 +57,20 @@ class GuardedRanks:
         self.actors, self.timeout_s = actors, timeout_s
         try:
             self.infos = ray.get([w.info.remote() for w in actors.workers], timeout=120)
-        except Exception:  # only for the messages
+        except Exception:  # noqa: BLE001 - only for the messages
             self.infos = [{} for _ in actors.workers]
 
     def describe(self, rank: int) -> str:
         info = self.infos[rank] if rank < len(self.infos) else {}
-        where = ", ".join(x for x in (f"node {info.get('node_ip')}" if info.get("node_ip") else "",
-                                      f"host {info.get('hostname')}" if info.get("hostname") else "",
-                                      f"pid {info.get('pid')}" if info.get("pid") else "") if x)
+        where = ", ".join(
+            x
+            for x in (
+                f"node {info.get('node_ip')}" if info.get("node_ip") else "",
+                f"host {info.get('hostname')}" if info.get("hostname") else "",
+                f"pid {info.get('pid')}" if info.get("pid") else "",
+            )
+            if x
+        )
         return f"Megatron rank {rank} of {len(self.actors.workers)}" + (f" ({where})" if where else "")
 
     def call(self, method: str, *args, timeout_s: Optional[float] = None, **kwargs) -> Any:
@@ -90,8 +93,12 @@ class GuardedRanks:
             if left <= 0:
                 late = sorted(index[ref] for ref in pending)
                 self.actors.broken = f"{what} timed out on rank(s) {late}"
-                raise RankCallTimeout(f"{what} did not finish on Megatron rank(s) {late} within {timeout_s:g}s "
-                                      f"({self.describe(late[0])})", what=what, refs=pending)
+                raise RankCallTimeout(
+                    f"{what} did not finish on Megatron rank(s) {late} within {timeout_s:g}s "
+                    f"({self.describe(late[0])})",
+                    what=what,
+                    refs=pending,
+                )
             ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, POLL_S))
             for ref in ready:
                 rank = index[ref]
@@ -99,8 +106,9 @@ class GuardedRanks:
                     results[rank] = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                     self.actors.broken = f"rank {rank} died during {what}"
-                    raise RankFailure(f"{self.describe(rank)} died during {what}: {first_lines(str(err), 3)}",
-                                      rank=rank, what=what) from None
+                    raise RankFailure(
+                        f"{self.describe(rank)} died during {what}: {first_lines(str(err), 3)}", rank=rank, what=what
+                    ) from None
         return results[0]
 
     def drain(self, refs: list, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:

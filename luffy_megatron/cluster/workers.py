@@ -80,8 +80,10 @@ class Workers:
         p = self.placement
         return {
             "layout": p.layout.to_dict(),
-            "ray_nodes": [{"layout_node": i, "node_id": n.node_id, "ip": n.ip, "placement_group": p.group_id(i)}
-                          for i, n in enumerate(p.nodes)],
+            "ray_nodes": [
+                {"layout_node": i, "node_id": n.node_id, "ip": n.ip, "placement_group": p.group_id(i)}
+                for i, n in enumerate(p.nodes)
+            ],
             "placement_wait_s": p.wait_s,
             "rendezvous": {"master_addr": self.actors.master_addr, "master_port": self.actors.master_port},
             "ranks": self.actors.infos(),

@@ -52,14 +52,20 @@ def _pair_two_stage_shape_exchange() -> None:
         recv_prev_shape = torch.empty((3,), device=device, dtype=torch.int64) if recv_prev else None
         recv_next_shape = torch.empty((3,), device=device, dtype=torch.int64) if recv_next else None
         reqs = p2p_communication._p2p_ops(
-            tensor_send_prev=shape_of(tensor_send_prev), tensor_recv_prev=recv_prev_shape,
-            tensor_send_next=shape_of(tensor_send_next), tensor_recv_next=recv_next_shape,
-            group=self.pp_group, prev_pipeline_rank=self.prev_rank, next_pipeline_rank=self.next_rank,
+            tensor_send_prev=shape_of(tensor_send_prev),
+            tensor_recv_prev=recv_prev_shape,
+            tensor_send_next=shape_of(tensor_send_next),
+            tensor_recv_next=recv_next_shape,
+            group=self.pp_group,
+            prev_pipeline_rank=self.prev_rank,
+            next_pipeline_rank=self.next_rank,
         )
         for req in reqs.values():
             req.wait()
-        return (recv_prev_shape.tolist() if recv_prev_shape is not None else [0, 0, 0],
-                recv_next_shape.tolist() if recv_next_shape is not None else [0, 0, 0])
+        return (
+            recv_prev_shape.tolist() if recv_prev_shape is not None else [0, 0, 0],
+            recv_next_shape.tolist() if recv_next_shape is not None else [0, 0, 0],
+        )
 
     p2p_communication.P2PCommunicator._communicate_shapes = _communicate_shapes
 

@@ -199,7 +199,7 @@ def _float16_optimizer_takes_cpu_params() -> None:
             name = real_type(t, *a, **k)
             if a or k or t.is_cuda or not isinstance(name, str) or not name.startswith("torch."):
                 return name
-            return "torch.cuda." + name[len("torch."):]
+            return "torch.cuda." + name[len("torch.") :]
 
         torch.Tensor.type = cuda_named_type  # type: ignore[method-assign]
         try:

@@ -99,15 +99,16 @@ class AlgoConfig:
                 f"(got {self.adv_estimator!r}), so demonstrations do not enter the on-policy baseline"
             )
         if self.use_off_policy_probs and not self.use_off_policy_loss:
-            problems.append("algo.use_off_policy_probs=true needs algo.use_off_policy_loss=true: the teacher "
-                            "probabilities enter only the off-policy loss (upstream ignores them otherwise)")
+            problems.append(
+                "algo.use_off_policy_probs=true needs algo.use_off_policy_loss=true: the teacher "
+                "probabilities enter only the off-policy loss (upstream ignores them otherwise)"
+            )
         if self.use_kl_loss and self.kl_loss_coef <= 0:
             problems.append(f"algo.use_kl_loss=true with algo.kl_loss_coef={self.kl_loss_coef}; set a coefficient > 0")
         problems += self._kl_problems()
         if self.use_ppo_kl_loss and self.ppo_kl_loss_coef <= 0:
             problems.append(
-                f"algo.use_ppo_kl_loss=true with algo.ppo_kl_loss_coef={self.ppo_kl_loss_coef}; "
-                "set a coefficient > 0"
+                f"algo.use_ppo_kl_loss=true with algo.ppo_kl_loss_coef={self.ppo_kl_loss_coef}; set a coefficient > 0"
             )
         if not 0.0 < self.clip_ratio < 1.0:
             problems.append(f"algo.clip_ratio={self.clip_ratio} must be in (0, 1)")

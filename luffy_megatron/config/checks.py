@@ -45,13 +45,18 @@ def _placement_problems(cfg: Config) -> list[str]:
             f"{parallel.world_size} GPUs of parallel.nnodes * n_gpus_per_node"
         )
     if cfg.actor.offload_during_rollout and cluster.layout == "disaggregated":
-        problems.append("actor.offload_during_rollout=true frees the training GPUs for colocated engines, but "
-                        "cluster.layout=disaggregated has none on them; set it to false")
+        problems.append(
+            "actor.offload_during_rollout=true frees the training GPUs for colocated engines, but "
+            "cluster.layout=disaggregated has none on them; set it to false"
+        )
     if rollout.weight_sync_transport == "shared_memory" and (
-            cluster.layout == "disaggregated" or cluster.rollout_nnodes > 0):
-        problems.append("rollout.weight_sync_transport=shared_memory reaches only engines on the sending ranks' "
-                        "node (and GPUs), but cluster.layout=disaggregated puts them on their own nodes; use "
-                        "collective (or auto)")
+        cluster.layout == "disaggregated" or cluster.rollout_nnodes > 0
+    ):
+        problems.append(
+            "rollout.weight_sync_transport=shared_memory reaches only engines on the sending ranks' "
+            "node (and GPUs), but cluster.layout=disaggregated puts them on their own nodes; use "
+            "collective (or auto)"
+        )
     if cluster.layout in ("colocated", "disaggregated") and cluster.rollout_nnodes >= 0:
         problems += cluster_layout.layout_problems(cfg, cluster.layout)
     return problems
@@ -62,18 +67,26 @@ def _algo_problems(cfg: Config) -> list[str]:
     algo, rollout = cfg.algo, cfg.rollout
     problems = []
     if algo.use_off_policy_probs and not cfg.data.target_probs_key:
-        problems.append("algo.use_off_policy_probs=true but data.target_probs_key is empty: name the parquet column "
-                        "of the teacher's token probabilities (upstream: target_ds_qwen_7b_probs)")
+        problems.append(
+            "algo.use_off_policy_probs=true but data.target_probs_key is empty: name the parquet column "
+            "of the teacher's token probabilities (upstream: target_ds_qwen_7b_probs)"
+        )
     if algo.use_sft_prefix_reward and rollout.n_off_policy != -1:
-        problems.append("algo.use_sft_prefix_reward=true needs rollout.n_off_policy=-1 (every row a demonstration "
-                        f"prefix, as upstream asserts n_prefix == -1); got {rollout.n_off_policy}")
+        problems.append(
+            "algo.use_sft_prefix_reward=true needs rollout.n_off_policy=-1 (every row a demonstration "
+            f"prefix, as upstream asserts n_prefix == -1); got {rollout.n_off_policy}"
+        )
     if algo.mode == "sft" and rollout.n_off_policy not in (-1, rollout.n):
-        problems.append("algo.mode=sft trains on the demonstrations only, so every row must carry one: set "
-                        f"rollout.n_off_policy=-1 (got {rollout.n_off_policy} of rollout.n={rollout.n}; "
-                        "rollout.n=1 is enough)")
+        problems.append(
+            "algo.mode=sft trains on the demonstrations only, so every row must carry one: set "
+            f"rollout.n_off_policy=-1 (got {rollout.n_off_policy} of rollout.n={rollout.n}; "
+            "rollout.n=1 is enough)"
+        )
     if algo.mode == "sft" and (rollout.min_prefix_ratio < 1.0 or algo.use_sft_multitask_loss):
-        problems.append("algo.mode=sft learns whole demonstrations: it needs rollout.min_prefix_ratio=1.0 and "
-                        "algo.use_sft_multitask_loss=false (the RL w/ SFT loss baseline is algo.mode=rl)")
+        problems.append(
+            "algo.mode=sft learns whole demonstrations: it needs rollout.min_prefix_ratio=1.0 and "
+            "algo.use_sft_multitask_loss=false (the RL w/ SFT loss baseline is algo.mode=rl)"
+        )
     return problems
 
 

@@ -30,7 +30,7 @@ _RENAMED_UPSTREAM_KEYS = {
     ),
     "rollout.n_prefix": "use rollout.n_off_policy (same meaning; 0 = pure on-policy, -1 = every row)",
     "actor.lr_warmup_style": "the schedule is always upstream's constant-with-warmup; remove the key "
-                             "(actor.lr_warmup_steps_ratio sets the warmup)",
+    "(actor.lr_warmup_steps_ratio sets the warmup)",
     "data.disable_truncation_advantage": "use algo.disable_truncation_advantage",
     "actor.use_sft_prefix_reward": "use algo.use_sft_prefix_reward (and algo.sft_prefix_reward_weight)",
     "algo.kl_ctrl": (
@@ -255,9 +255,7 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
             hint = f" (quote it to mean the string: '{value}')"
     else:
         raise TypeError(f"config/loading.py cannot check fields of type {tp!r} ({key}); extend _check_value")
-    raise ConfigError(
-        f"{where}{key} expects {_type_name(tp, nullable)}, got {_yaml_type(value)} {value!r}{hint}"
-    )
+    raise ConfigError(f"{where}{key} expects {_type_name(tp, nullable)}, got {_yaml_type(value)} {value!r}{hint}")
 
 
 # --------------------------------------------------------------------------------------------------------------

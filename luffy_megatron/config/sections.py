@@ -34,7 +34,6 @@ def _in_unit_interval(section: Any, prefix: str, *names: str, include_one: bool 
     return problems
 
 
-
 @dataclass
 class ModelConfig:
     """Which weights to train and how Megatron builds the model (upstream: actor_rollout_ref.model.*)."""
@@ -67,8 +66,9 @@ class ModelConfig:
             problems.append(
                 f"model.fp8={self.fp8!r} cannot be used with model.dtype='fp32'; use bf16 or model.fp8=null"
             )
-        problems += _at_least(self, "model", 1, "fp8_amax_history_len", "make_vocab_size_divisible_by",
-                              "recompute_num_layers")
+        problems += _at_least(
+            self, "model", 1, "fp8_amax_history_len", "make_vocab_size_divisible_by", "recompute_num_layers"
+        )
         problems += _in_unit_interval(self, "model", "attention_dropout", "hidden_dropout", include_one=False)
         return problems
 
@@ -114,9 +114,17 @@ class ParallelConfig:
         )
 
     def problems(self) -> list[str]:
-        problems = _at_least(self, "parallel", 1, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                             "virtual_pipeline_model_parallel_size", "context_parallel_size", "nnodes",
-                             "n_gpus_per_node")
+        problems = _at_least(
+            self,
+            "parallel",
+            1,
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "virtual_pipeline_model_parallel_size",
+            "context_parallel_size",
+            "nnodes",
+            "n_gpus_per_node",
+        )
         world_size_problem = self.world_size_problem()
         if world_size_problem:
             problems.append(world_size_problem)
@@ -169,22 +177,39 @@ class RolloutConfig:
     on_engine_failure: Literal["fail", "restart"] = "fail"  # restart: start the engine again, re-sync, retry
 
     def problems(self) -> list[str]:
-        problems = _at_least(self, "rollout", 1, "n", "n_val", "prefix_steps", "max_prefix_len",
-                             "tensor_model_parallel_size", "num_engines", "max_num_seqs", "weight_sync_bucket_mb")
+        problems = _at_least(
+            self,
+            "rollout",
+            1,
+            "n",
+            "n_val",
+            "prefix_steps",
+            "max_prefix_len",
+            "tensor_model_parallel_size",
+            "num_engines",
+            "max_num_seqs",
+            "weight_sync_bucket_mb",
+        )
         problems += self._prefix_problems()
         problems += self._sampling_problems()
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             problems.append(f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         # rollout.max_prefix_len > data.max_response_length is fine: the demonstration is cut to the response.
         if self.max_logprob_diff is not None and self.max_logprob_diff <= 0:
-            problems.append(f"rollout.max_logprob_diff={self.max_logprob_diff} must be > 0 (a mean |engine - actor "
-                            "log-prob| limit, e.g. 0.05), or null to turn the check off")
+            problems.append(
+                f"rollout.max_logprob_diff={self.max_logprob_diff} must be > 0 (a mean |engine - actor "
+                "log-prob| limit, e.g. 0.05), or null to turn the check off"
+            )
         if self.max_logprob_diff is None and self.logprob_diff_action == "error":
-            problems.append("rollout.logprob_diff_action=error has no limit to act on: set rollout.max_logprob_diff "
-                            "(e.g. 0.05), or logprob_diff_action=warn")
+            problems.append(
+                "rollout.logprob_diff_action=error has no limit to act on: set rollout.max_logprob_diff "
+                "(e.g. 0.05), or logprob_diff_action=warn"
+            )
         if self.request_timeout_s <= 0:
-            problems.append(f"rollout.request_timeout_s={self.request_timeout_s} must be > 0 (seconds a generation "
-                            "or weight sync may take before the engine counts as failed)")
+            problems.append(
+                f"rollout.request_timeout_s={self.request_timeout_s} must be > 0 (seconds a generation "
+                "or weight sync may take before the engine counts as failed)"
+            )
         return problems
 
     def _prefix_problems(self) -> list[str]:
@@ -195,8 +220,9 @@ class RolloutConfig:
                 f"rollout.n_off_policy={self.n_off_policy} must be between 0 and rollout.n={self.n} "
                 "(or -1 = every row gets a prefix)"
             )
-        problems += _in_unit_interval(self, "rollout", "min_prefix_ratio", "max_prefix_ratio",
-                              "prefix_linear_max_ratio")
+        problems += _in_unit_interval(
+            self, "rollout", "min_prefix_ratio", "max_prefix_ratio", "prefix_linear_max_ratio"
+        )
         if self.min_prefix_ratio > self.max_prefix_ratio:
             problems.append(
                 f"rollout.min_prefix_ratio={self.min_prefix_ratio} > rollout.max_prefix_ratio={self.max_prefix_ratio}"
@@ -257,8 +283,9 @@ class DataConfig:
     remove_system_prompt: bool = False
 
     def problems(self) -> list[str]:
-        problems = _at_least(self, "data", 1, "max_prompt_length", "max_response_length", "train_batch_size",
-                             "val_batch_size")
+        problems = _at_least(
+            self, "data", 1, "max_prompt_length", "max_response_length", "train_batch_size", "val_batch_size"
+        )
         problems += _in_unit_interval(self, "data", "sample_target_ratio")
         return problems
 
@@ -308,8 +335,16 @@ class ActorConfig:
     offload_during_rollout: bool = False  # colocated: optimizer state and gradients to host while engines generate
 
     def problems(self) -> list[str]:
-        problems = _at_least(self, "actor", 1, "ppo_mini_batch_size", "ppo_epochs", "ppo_max_token_len_per_gpu",
-                             "ppo_micro_batch_size", "log_prob_chunk_tokens")
+        problems = _at_least(
+            self,
+            "actor",
+            1,
+            "ppo_mini_batch_size",
+            "ppo_epochs",
+            "ppo_max_token_len_per_gpu",
+            "ppo_micro_batch_size",
+            "log_prob_chunk_tokens",
+        )
         micro = self.ppo_micro_batch_size
         if micro is not None and micro >= 1 and self.ppo_mini_batch_size % micro:
             problems.append(
@@ -374,8 +409,10 @@ class TrainerConfig:
     def problems(self) -> list[str]:
         problems = []
         if self.rank_call_timeout_s <= 0:
-            problems.append(f"trainer.rank_call_timeout_s={self.rank_call_timeout_s} must be > 0 (seconds one call "
-                            "on the Megatron ranks, e.g. an update, may take before it counts as a hang)")
+            problems.append(
+                f"trainer.rank_call_timeout_s={self.rank_call_timeout_s} must be > 0 (seconds one call "
+                "on the Megatron ranks, e.g. an update, may take before it counts as a hang)"
+            )
         problems += _at_least(self, "trainer", 1, "total_epochs", "total_training_steps", "max_checkpoints_to_keep")
         for name in ("save_freq", "test_freq"):
             value = getattr(self, name)

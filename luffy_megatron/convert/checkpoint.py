@@ -41,8 +41,9 @@ def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:
     return json.loads(p.read_text())
 
 
-def save_checkpoint(model, ckpt_dir: str | os.PathLike, arch: HFArch,
-                    extra_meta: Optional[dict[str, Any]] = None) -> Path:
+def save_checkpoint(
+    model, ckpt_dir: str | os.PathLike, arch: HFArch, extra_meta: Optional[dict[str, Any]] = None
+) -> Path:
     """Collective over all ranks. Writes to `<ckpt_dir>.tmp-<pid of rank 0>`, then rank 0 renames
     it into place (`utils.fs.collective_atomic_dir`), so a crash never leaves a complete-looking checkpoint."""
     from megatron.core import dist_checkpointing  # lazy: the driver imports this module, never megatron
@@ -58,8 +59,9 @@ def save_checkpoint(model, ckpt_dir: str | os.PathLike, arch: HFArch,
                 "format": FORMAT,
                 "hf_arch": arch.to_dict(),
                 "dtype": str(next(chunks[0].parameters()).dtype).replace("torch.", ""),
-                "vocab_size_padded": (emb.shape[0] * ps.get_tensor_model_parallel_world_size()
-                                      if emb is not None else None),
+                "vocab_size_padded": (
+                    emb.shape[0] * ps.get_tensor_model_parallel_world_size() if emb is not None else None
+                ),
                 "tp": ps.get_tensor_model_parallel_world_size(),
                 "pp": ps.get_pipeline_model_parallel_world_size(),
                 "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
@@ -78,13 +80,16 @@ def load_sharded(sharded_state_dict: dict, ckpt_dir: str | os.PathLike) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    loaded, _, unexpected = dist_checkpointing.load(sharded_state_dict, str(ckpt_dir),
-                                                    strict=StrictHandling.RETURN_UNEXPECTED)
+    loaded, _, unexpected = dist_checkpointing.load(
+        sharded_state_dict, str(ckpt_dir), strict=StrictHandling.RETURN_UNEXPECTED
+    )
     absent = sorted(k for k in unexpected if not k.endswith("_extra_state"))
     if absent:
         shown = ", ".join(absent[:5]) + (f" (+{len(absent) - 5} more)" if len(absent) > 5 else "")
-        raise RuntimeError(f"checkpoint {ckpt_dir} lacks {len(absent)} tensor(s) this model needs: {shown}; "
-                           "was it written for another architecture or model.path?")
+        raise RuntimeError(
+            f"checkpoint {ckpt_dir} lacks {len(absent)} tensor(s) this model needs: {shown}; "
+            "was it written for another architecture or model.path?"
+        )
     return loaded
 
 

@@ -83,7 +83,7 @@ class FlatEntry:
 
     def view(self, flat: torch.Tensor) -> torch.Tensor:
         """This tensor as a view of the uint8 buffer `flat` (no copy)."""
-        return flat[self.offset: self.offset + self.nbytes].view(_NAME_DTYPES[self.dtype]).view(self.shape)
+        return flat[self.offset : self.offset + self.nbytes].view(_NAME_DTYPES[self.dtype]).view(self.shape)
 
     def to_wire(self) -> list:
         """Plain lists and strings only (what vLLM's RPC encoder passes through unchanged)."""
@@ -175,8 +175,18 @@ def plan_flat_buckets(
     local = {}
     for rule, _, param in local_export_rules(model_chunks, arch):
         local[rule.order_key] = (rule, value(param).detach())
-    mine = [(key, pp_rank, hf_shapes(rule, arch), _DTYPE_NAMES[dtype or t.dtype], rule.kind, rule.tp_dim,
-             _DTYPE_NAMES[t.dtype]) for key, (rule, t) in local.items()]
+    mine = [
+        (
+            key,
+            pp_rank,
+            hf_shapes(rule, arch),
+            _DTYPE_NAMES[dtype or t.dtype],
+            rule.kind,
+            rule.tp_dim,
+            _DTYPE_NAMES[t.dtype],
+        )
+        for key, (rule, t) in local.items()
+    ]
     if all_stages and pp > 1:
         gathered: list = [None] * pp
         dist.all_gather_object(gathered, mine, group=ps.get_pipeline_model_parallel_group())
@@ -233,12 +243,19 @@ def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Pie
         pieces = []
         for r in range(tp):
             pieces += [
-                _Piece(r, lambda t: t.view(gr, qpg + 2, d, *rest)[:, :qpg],
-                       lambda s, r=r: s[q].view(tp, gr, qpg, d, *rest)[r]),
-                _Piece(r, lambda t: t.view(gr, qpg + 2, d, *rest)[:, qpg],
-                       lambda s, r=r: s[k].view(tp, gr, d, *rest)[r]),
-                _Piece(r, lambda t: t.view(gr, qpg + 2, d, *rest)[:, qpg + 1],
-                       lambda s, r=r: s[v].view(tp, gr, d, *rest)[r]),
+                _Piece(
+                    r,
+                    lambda t: t.view(gr, qpg + 2, d, *rest)[:, :qpg],
+                    lambda s, r=r: s[q].view(tp, gr, qpg, d, *rest)[r],
+                ),
+                _Piece(
+                    r, lambda t: t.view(gr, qpg + 2, d, *rest)[:, qpg], lambda s, r=r: s[k].view(tp, gr, d, *rest)[r]
+                ),
+                _Piece(
+                    r,
+                    lambda t: t.view(gr, qpg + 2, d, *rest)[:, qpg + 1],
+                    lambda s, r=r: s[v].view(tp, gr, d, *rest)[r],
+                ),
             ]
         return pieces
     if rule.kind == "fc1":
@@ -246,8 +263,10 @@ def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Pie
         gate, up = names
         pieces = []
         for r in range(tp):
-            pieces += [_Piece(r, lambda t: t[:half], lambda s, r=r: s[gate].view(tp, half, *rest)[r]),
-                       _Piece(r, lambda t: t[half:], lambda s, r=r: s[up].view(tp, half, *rest)[r])]
+            pieces += [
+                _Piece(r, lambda t: t[:half], lambda s, r=r: s[gate].view(tp, half, *rest)[r]),
+                _Piece(r, lambda t: t[half:], lambda s, r=r: s[up].view(tp, half, *rest)[r]),
+            ]
         return pieces
     name, shape = item.shapes[0]
     if rule.tp_dim == 0:  # vocabulary rows (padding rows stay behind), or any row-split tensor
@@ -256,17 +275,19 @@ def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Pie
         for r in range(tp):
             n = max(0, min(rows, total - r * rows))
             if n:
-                pieces.append(_Piece(r, lambda t, n=n: t[:n], lambda s, r=r, n=n: s[name][r * rows: r * rows + n]))
+                pieces.append(_Piece(r, lambda t, n=n: t[:n], lambda s, r=r, n=n: s[name][r * rows : r * rows + n]))
         return pieces
     if rule.tp_dim == 1:  # row-parallel: each shard is a block of columns
         cols = local_shape[1]
-        return [_Piece(r, lambda t: t, lambda s, r=r: s[name].view(shape[0], tp, cols, *shape[2:])[:, r])
-                for r in range(tp)]
+        return [
+            _Piece(r, lambda t: t, lambda s, r=r: s[name].view(shape[0], tp, cols, *shape[2:])[:, r]) for r in range(tp)
+        ]
     raise ValueError(f"no export layout for {rule.mcore_name} (kind {rule.kind}, TP dim {rule.tp_dim})")
 
 
-def fill_flat_bucket(bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFArch, *, root_only: bool,
-                     shared: bool = False) -> None:
+def fill_flat_bucket(
+    bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFArch, *, root_only: bool, shared: bool = False
+) -> None:
     """Writes the HF tensors of `bucket` into the uint8 buffer `out`. Collective over the TP group of the
     bucket's owner stage (only its ranks call it). `root_only`: only TP rank 0 receives (`out` None elsewhere);
     otherwise every TP rank gets the whole bucket. `shared`: `out` is, on every TP rank, its own mapping of the
@@ -281,8 +302,10 @@ def fill_flat_bucket(bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFAr
     ranks = dist.get_process_group_ranks(group) if group is not None else [0]
     if shared:
         if out is None or out.numel() < bucket.nbytes:
-            raise ValueError(f"shared bucket buffer of {None if out is None else out.numel()} bytes; the bucket "
-                             f"needs {bucket.nbytes}")
+            raise ValueError(
+                f"shared bucket buffer of {None if out is None else out.numel()} bytes; the bucket "
+                f"needs {bucket.nbytes}"
+            )
         slots = {e.name: e.view(out) for e in bucket.entries}
         if group is not None:
             dist.barrier(group=group)  # TP rank 0 has waited until the buffer's readers are done
@@ -296,7 +319,9 @@ def fill_flat_bucket(bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFAr
     receivers = [0] if root_only else list(range(tp))
     receiving = me in receivers
     if receiving and (out is None or out.numel() < bucket.nbytes):
-        raise ValueError(f"bucket buffer of {None if out is None else out.numel()} bytes; the bucket needs {bucket.nbytes}")
+        raise ValueError(
+            f"bucket buffer of {None if out is None else out.numel()} bytes; the bucket needs {bucket.nbytes}"
+        )
     slots = {e.name: e.view(out) for e in bucket.entries} if receiving else {}
 
     ops, local_copies, post_copies = [], [], []
@@ -414,8 +439,10 @@ def export_flat_buckets(
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp_group is not None else None
     for bucket in buckets:
         if bucket.owner != pp_rank and not everywhere:
-            raise ValueError(f"bucket of stage {bucket.owner} on stage {pp_rank}: pass this stage's own buckets "
-                             "(plan_flat_buckets(all_stages=False))")
+            raise ValueError(
+                f"bucket of stage {bucket.owner} on stage {pp_rank}: pass this stage's own buckets "
+                "(plan_flat_buckets(all_stages=False))"
+            )
         if shared and everywhere:
             raise ValueError("a shared bucket buffer is filled by the owner stage's TP group only (everywhere=False)")
         buf = buffer_for(bucket) if (everywhere or root or shared) else None
@@ -451,13 +478,15 @@ def iter_hf_weight_buckets(
     `tensor_of(param)` exports another tensor of each parameter's shape instead of its value (e.g. its
     reduced gradient `param.main_grad`, in fp32 even when the parameter is bf16)."""
     stats = stats if stats is not None else ExportStats()
-    buckets = plan_flat_buckets(model_chunks, arch, bucket_bytes=bucket_bytes, dtype=dtype, tensor_of=tensor_of,
-                                all_stages=True)
+    buckets = plan_flat_buckets(
+        model_chunks, arch, bucket_bytes=bucket_bytes, dtype=dtype, tensor_of=tensor_of, all_stages=True
+    )
     device = next((it.local.device for b in buckets for it in b.items if it.local is not None), torch.device("cpu"))
     pool = _BufferPool(device, stats)
     try:
-        for bucket, buf in export_flat_buckets(buckets, arch, lambda b: pool.get(b.nbytes), everywhere=True,
-                                               stats=stats):
+        for bucket, buf in export_flat_buckets(
+            buckets, arch, lambda b: pool.get(b.nbytes), everywhere=True, stats=stats
+        ):
             tensors = [(e.name, e.view(buf)) for e in bucket.entries]
             pool.handed_out(buf, [t for _, t in tensors])
             del buf

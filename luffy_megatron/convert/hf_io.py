@@ -17,9 +17,17 @@ SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # Files besides the weights that make an HF model directory usable (config, generation, tokenizer).
 HF_SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -91,8 +99,7 @@ def write_hf_safetensors(
         if not pending:
             return
         tmp_name = f"shard-{len(shard_files):05d}.partial"
-        save_file({k: v.contiguous() for k, v in pending.items()}, str(out / tmp_name),
-                  metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in pending.items()}, str(out / tmp_name), metadata={"format": "pt"})
         shard_files.append([tmp_name, *pending.keys()])
         pending, pending_bytes = {}, 0
 
@@ -119,8 +126,7 @@ def write_hf_safetensors(
     return weight_map
 
 
-def copy_side_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                    dtype: Optional[str] = None) -> list[str]:
+def copy_side_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: Optional[str] = None) -> list[str]:
     """Copies config/generation/tokenizer files; with `dtype` the config's dtype is rewritten to
     the dtype the weights were written in."""
     src, out = Path(src_dir), Path(out_dir)
@@ -139,4 +145,3 @@ def copy_side_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
             shutil.copyfile(src / name, out / name)
         copied.append(name)
     return copied
-

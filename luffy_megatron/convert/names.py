@@ -36,9 +36,15 @@ _LAYER_RULES: dict[str, tuple[str, tuple[str, ...], Optional[int]]] = {
     "input_layernorm.weight": ("copy", ("input_layernorm.weight",), None),
     "self_attention.linear_qkv.layer_norm_weight": ("copy", ("input_layernorm.weight",), None),
     "self_attention.linear_qkv.weight": (
-        "qkv", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), 0),
+        "qkv",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        0,
+    ),
     "self_attention.linear_qkv.bias": (
-        "qkv", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), 0),
+        "qkv",
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        0,
+    ),
     "self_attention.q_layernorm.weight": ("copy", ("self_attn.q_norm.weight",), None),
     "self_attention.k_layernorm.weight": ("copy", ("self_attn.k_norm.weight",), None),
     "self_attention.linear_proj.weight": ("copy", ("self_attn.o_proj.weight",), 1),
@@ -85,8 +91,7 @@ def rule_for(mcore_name: str, layer_map: Optional[dict[int, int]] = None) -> Opt
             raise KeyError(f"no HF name for megatron parameter {mcore_name!r}")
         layer = layer_map[local] if layer_map is not None else local
         kind, hf_suffixes, tp_dim = _LAYER_RULES[suffix]
-        return ParamRule(mcore_name, kind, tuple(f"model.layers.{layer}.{s}" for s in hf_suffixes),
-                         tp_dim, layer)
+        return ParamRule(mcore_name, kind, tuple(f"model.layers.{layer}.{s}" for s in hf_suffixes), tp_dim, layer)
     if mcore_name in _TOP_RULES:
         kind, hf_names, tp_dim = _TOP_RULES[mcore_name]
         return ParamRule(mcore_name, kind, hf_names, tp_dim, None)
@@ -145,8 +150,13 @@ def hf_param_names(arch: HFArch) -> list[str]:
             names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
         if arch.qk_norm:
             names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
-                  p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
+        names += [
+            p + "self_attn.o_proj.weight",
+            p + "post_attention_layernorm.weight",
+            p + "mlp.gate_proj.weight",
+            p + "mlp.up_proj.weight",
+            p + "mlp.down_proj.weight",
+        ]
     names.append("model.norm.weight")
     if not arch.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -157,8 +167,7 @@ def check_hf_shape(hf_name: str, tensor: torch.Tensor, arch: HFArch) -> None:
     want = expected_hf_shape(hf_name, arch)
     if tuple(tensor.shape) != want:
         raise ValueError(
-            f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, but the config "
-            f"({arch.model_type}) needs {want}"
+            f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, but the config ({arch.model_type}) needs {want}"
         )
 
 
@@ -183,8 +192,8 @@ def split_qkv(qkv: torch.Tensor, arch: HFArch) -> tuple[torch.Tensor, torch.Tens
     rest = qkv.shape[1:]
     per = qkv.reshape(groups, (q_per_group + 2) * d, *rest)
     q = per[:, : q_per_group * d].reshape(-1, *rest)
-    k = per[:, q_per_group * d: (q_per_group + 1) * d].reshape(-1, *rest)
-    v = per[:, (q_per_group + 1) * d:].reshape(-1, *rest)
+    k = per[:, q_per_group * d : (q_per_group + 1) * d].reshape(-1, *rest)
+    v = per[:, (q_per_group + 1) * d :].reshape(-1, *rest)
     return q, k, v
 
 

@@ -53,8 +53,11 @@ class _Progress:
             self.last = now
             total = f"/{self.total}" if self.total else ""
             rate = self.bytes / max(now - self.t0, 1e-9) / 1e6
-            print(f"[{self.what}] {self.n}{total} tensors, {self.bytes / 1e6:.1f} MB, "
-                  f"{rate:.1f} MB/s  ({name})", file=sys.stderr, flush=True)
+            print(
+                f"[{self.what}] {self.n}{total} tensors, {self.bytes / 1e6:.1f} MB, {rate:.1f} MB/s  ({name})",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _single_process_guard() -> None:
@@ -62,10 +65,18 @@ def _single_process_guard() -> None:
         raise RuntimeError("the converters run as one process; call them outside torchrun")
 
 
-def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1,
-                   vpp: Optional[int] = None, dtype: Optional[str] = None,
-                   vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY, overwrite: bool = False,
-                   quiet: bool = False) -> Path:
+def hf_to_megatron(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: Optional[int] = None,
+    dtype: Optional[str] = None,
+    vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
     """HF model directory -> megatron-core distributed checkpoint for a TP x PP actor."""
     _single_process_guard()
     arch = read_hf_arch(hf_dir)
@@ -73,8 +84,9 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp:
     reader = HFWeightReader(hf_dir)
     params_dtype = torch_dtype(dtype) if dtype else (reader.dtype() or torch_dtype(arch.dtype))
     init_model_parallel(1, 1)
-    chunks = build_model_chunks(arch, params_dtype=params_dtype, perform_initialization=False,
-                                vocab_divisible_by=vocab_divisible_by * tp)
+    chunks = build_model_chunks(
+        arch, params_dtype=params_dtype, perform_initialization=False, vocab_divisible_by=vocab_divisible_by * tp
+    )
     progress = _Progress("hf-to-megatron load", sum(1 for _ in chunks[0].parameters()), quiet)
     load_hf_weights(chunks, arch, reader, progress=progress)
     reader.close()
@@ -82,20 +94,36 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tp:
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; remove it or pass --overwrite")
     t0 = time.time()
-    save_checkpoint(chunks, final, arch, extra_meta={
-        "tp": tp, "pp": pp, "vpp": vpp, "source_hf_dir": str(Path(hf_dir).resolve()),
-        "vocab_size_padded": padded_vocab_size(arch.vocab_size, tp, vocab_divisible_by),
-    })
+    save_checkpoint(
+        chunks,
+        final,
+        arch,
+        extra_meta={
+            "tp": tp,
+            "pp": pp,
+            "vpp": vpp,
+            "source_hf_dir": str(Path(hf_dir).resolve()),
+            "vocab_size_padded": padded_vocab_size(arch.vocab_size, tp, vocab_divisible_by),
+        },
+    )
     if not quiet:
-        print(f"[hf-to-megatron] wrote {final} in {time.time() - t0:.1f}s "
-              f"(loads under any TP/PP; padded for TP={tp})", file=sys.stderr)
+        print(
+            f"[hf-to-megatron] wrote {final} in {time.time() - t0:.1f}s (loads under any TP/PP; padded for TP={tp})",
+            file=sys.stderr,
+        )
     return final
 
 
-def megatron_to_hf(ckpt_dir: str | os.PathLike, hf_config_dir: str | os.PathLike,
-                   out_dir: str | os.PathLike, *, dtype: Optional[str] = None,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                   quiet: bool = False) -> Path:
+def megatron_to_hf(
+    ckpt_dir: str | os.PathLike,
+    hf_config_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: Optional[str] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
     """megatron-core distributed checkpoint -> HF safetensors (+ config and tokenizer files)."""
     _single_process_guard()
     arch = read_hf_arch(hf_config_dir)
@@ -103,8 +131,9 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, hf_config_dir: str | os.PathLike
     stored = meta.get("hf_arch", {})
     for key in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "vocab_size"):
         if key in stored and stored[key] != getattr(arch, key):
-            raise ValueError(f"checkpoint {ckpt_dir} has {key}={stored[key]} but {hf_config_dir} "
-                             f"has {getattr(arch, key)}")
+            raise ValueError(
+                f"checkpoint {ckpt_dir} has {key}={stored[key]} but {hf_config_dir} has {getattr(arch, key)}"
+            )
     params_dtype = torch_dtype(meta.get("dtype", arch.dtype))
     init_model_parallel(1, 1)
     chunks = build_model_chunks(arch, params_dtype=params_dtype, perform_initialization=False)
@@ -112,8 +141,9 @@ def megatron_to_hf(ckpt_dir: str | os.PathLike, hf_config_dir: str | os.PathLike
     out_dtype = torch_dtype(dtype) if dtype else params_dtype
     progress = _Progress("megatron-to-hf", None, quiet)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_hf_safetensors(tmp, iter_hf_weights(chunks, arch, dtype=out_dtype),
-                             max_shard_bytes=max_shard_bytes, progress=progress)
+        write_hf_safetensors(
+            tmp, iter_hf_weights(chunks, arch, dtype=out_dtype), max_shard_bytes=max_shard_bytes, progress=progress
+        )
         copy_side_files(hf_config_dir, tmp, dtype=str(out_dtype).replace("torch.", ""))
     if not quiet:
         print(f"[megatron-to-hf] wrote {out_dir}", file=sys.stderr)

@@ -44,11 +44,11 @@ Tensor = torch.Tensor
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIE", 756e12),
     ("H100 NVL", 835e12),
-    ("H100", 989e12),   # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("H100", 989e12),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
     ("H200 NVL", 835e12),
-    ("H200", 989e12),   # SXM (e.g. "NVIDIA H200")
+    ("H200", 989e12),  # SXM (e.g. "NVIDIA H200")
     ("H800", 989e12),
-    ("A100", 312e12),   # SXM4 and PCIe
+    ("A100", 312e12),  # SXM4 and PCIe
     ("A800", 312e12),
 )
 
@@ -60,19 +60,33 @@ TIMED_PHASES = ("gen", "reward", "old_log_prob", "update_actor", "sync", "testin
 
 def _stats(name: str, values: Tensor) -> dict[str, float]:
     values = values.float()
-    return {f"{name}/mean": float(values.mean()), f"{name}/max": float(values.max()), f"{name}/min": float(values.min())}
+    return {
+        f"{name}/mean": float(values.mean()),
+        f"{name}/max": float(values.max()),
+        f"{name}/min": float(values.min()),
+    }
 
 
-def data_metrics(*, token_scores_BT: Tensor, advantages_BT: Tensor, response_mask_BT: Tensor,
-                 prompt_lengths: Sequence[int], max_prompt_length: int, max_response_length: int,
-                 token_rewards_BT: Optional[Tensor] = None, prefix_mask_BT: Optional[Tensor] = None) -> dict[str, float]:
+def data_metrics(
+    *,
+    token_scores_BT: Tensor,
+    advantages_BT: Tensor,
+    response_mask_BT: Tensor,
+    prompt_lengths: Sequence[int],
+    max_prompt_length: int,
+    max_response_length: int,
+    token_rewards_BT: Optional[Tensor] = None,
+    prefix_mask_BT: Optional[Tensor] = None,
+) -> dict[str, float]:
     """Upstream's batch metrics (module docstring) of one step's rows. `token_rewards_BT` None: no KL
     penalty, the rewards are the scores. `prefix_mask_BT` (demonstration tokens) adds upstream LUFFY's
     `on_off_metrics/*`; a side without rows is left out (upstream would log NaN)."""
     mask = response_mask_BT.bool()
     if token_scores_BT.shape != mask.shape or advantages_BT.shape != mask.shape:
-        raise ValueError(f"scores {tuple(token_scores_BT.shape)}, advantages {tuple(advantages_BT.shape)} and "
-                         f"response mask {tuple(mask.shape)} must have the same [rows, tokens] shape")
+        raise ValueError(
+            f"scores {tuple(token_scores_BT.shape)}, advantages {tuple(advantages_BT.shape)} and "
+            f"response mask {tuple(mask.shape)} must have the same [rows, tokens] shape"
+        )
     if len(prompt_lengths) != mask.shape[0]:
         raise ValueError(f"{len(prompt_lengths)} prompt lengths for {mask.shape[0]} rows")
     score_B = token_scores_BT.float().sum(-1)
@@ -124,7 +138,9 @@ class StepTimer:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - t0
 
-    def metrics(self, *, prompt_tokens: Optional[float] = None, response_tokens: Optional[float] = None) -> dict[str, float]:
+    def metrics(
+        self, *, prompt_tokens: Optional[float] = None, response_tokens: Optional[float] = None
+    ) -> dict[str, float]:
         """`timing_s/<phase>`, and with the token counts upstream's `timing_per_token_ms/gen` (per response
         token) and `timing_per_token_ms/update_actor` (per prompt + response token)."""
         out = {f"timing_s/{k}": v for k, v in self.seconds.items()}
@@ -157,13 +173,22 @@ class ModelFlops:
 
     def forward(self, sequence_lengths: Sequence[int]) -> float:
         """One forward over sequences of these lengths (prompt + response each): the old log-probs."""
-        return forward_flops(self.matmul_params, self.attention_coef, tokens=float(sum(sequence_lengths)),
-                             squared_lengths=float(sum(n * n for n in sequence_lengths)))
+        return forward_flops(
+            self.matmul_params,
+            self.attention_coef,
+            tokens=float(sum(sequence_lengths)),
+            squared_lengths=float(sum(n * n for n in sequence_lengths)),
+        )
 
     def update(self, sequence_lengths: Sequence[int], *, epochs: int = 1) -> float:
         """Forward + backward over these sequences, `epochs` times (6 x params x tokens + attention)."""
-        return update_flops(self.matmul_params, self.attention_coef, tokens=float(sum(sequence_lengths)),
-                            squared_lengths=float(sum(n * n for n in sequence_lengths)), epochs=epochs)
+        return update_flops(
+            self.matmul_params,
+            self.attention_coef,
+            tokens=float(sum(sequence_lengths)),
+            squared_lengths=float(sum(n * n for n in sequence_lengths)),
+            epochs=epochs,
+        )
 
 
 def peak_flops(device_name: Optional[str]) -> Optional[float]:
@@ -178,9 +203,16 @@ def peak_flops(device_name: Optional[str]) -> Optional[float]:
     return None
 
 
-def perf_metrics(*, sequence_lengths: Sequence[int], seconds: dict[str, float], num_gpus: int,
-                 train_gpus: int, flops: Optional[ModelFlops] = None, peak: Optional[float] = None,
-                 ppo_epochs: int = 1) -> dict[str, float]:
+def perf_metrics(
+    *,
+    sequence_lengths: Sequence[int],
+    seconds: dict[str, float],
+    num_gpus: int,
+    train_gpus: int,
+    flops: Optional[ModelFlops] = None,
+    peak: Optional[float] = None,
+    ppo_epochs: int = 1,
+) -> dict[str, float]:
     """`perf/total_num_tokens`, `perf/throughput` (tokens / `seconds["step"]` / `num_gpus`) and, with
     `flops` and a `peak`, `perf/mfu` (old-log-prob forward + update over their seconds, per trainer GPU)
     and upstream's `mfu/actor` (the update over `seconds["update_actor"]`). `seconds`: `StepTimer.seconds`."""
@@ -229,8 +261,10 @@ class RunPerf:
         flops = None
         if device_name and peak is None:
             logging.getLogger("luffy.monitoring").warning(
-                "no bf16 peak known for GPU %r (known: %s): perf/mfu is not logged", device_name,
-                ", ".join(p for p, _ in PEAK_BF16_FLOPS))
+                "no bf16 peak known for GPU %r (known: %s): perf/mfu is not logged",
+                device_name,
+                ", ".join(p for p, _ in PEAK_BF16_FLOPS),
+            )
         if peak is not None:
             try:
                 flops = ModelFlops.of_model(cfg.model.path, tensor_parallel=cfg.parallel.tensor_model_parallel_size)
@@ -244,7 +278,15 @@ class RunPerf:
         timer.finish("step")
         prompt_tokens = float(sum(len(p) for p in batch.prompts))
         response_tokens = float(sum(batch.response_lengths()))
-        return {**timer.metrics(prompt_tokens=prompt_tokens, response_tokens=response_tokens),
-                **perf_metrics(sequence_lengths=batch.sequence_lengths(), seconds=timer.seconds,
-                               num_gpus=self.num_gpus, train_gpus=self.train_gpus, flops=self.flops, peak=self.peak,
-                               ppo_epochs=self.ppo_epochs)}
+        return {
+            **timer.metrics(prompt_tokens=prompt_tokens, response_tokens=response_tokens),
+            **perf_metrics(
+                sequence_lengths=batch.sequence_lengths(),
+                seconds=timer.seconds,
+                num_gpus=self.num_gpus,
+                train_gpus=self.train_gpus,
+                flops=self.flops,
+                peak=self.peak,
+                ppo_epochs=self.ppo_epochs,
+            ),
+        }

@@ -17,9 +17,15 @@ from torch.utils.tensorboard import SummaryWriter
 from luffy_megatron.config import dump_yaml
 
 # (metric, label) of the console line
-CONSOLE_KEYS = (("critic/score/mean", "score"), ("on_off_metrics/on_score", "on_score"), ("actor/pg_loss", "pg_loss"),
-                ("actor/off_policy_prob", "off_prob"), ("actor/entropy", "entropy"), ("actor/grad_norm", "grad_norm"),
-                ("response_length/mean", "resp_len"))
+CONSOLE_KEYS = (
+    ("critic/score/mean", "score"),
+    ("on_off_metrics/on_score", "on_score"),
+    ("actor/pg_loss", "pg_loss"),
+    ("actor/off_policy_prob", "off_prob"),
+    ("actor/entropy", "entropy"),
+    ("actor/grad_norm", "grad_norm"),
+    ("response_length/mean", "resp_len"),
+)
 CONFIG_TAG = "config"  # TensorBoard text tag of the run's config (stored as "config/text_summary")
 
 
@@ -35,8 +41,16 @@ def config_text(cfg) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, tensorboard_dir: str | Path, jsonl_path: str | Path, *, total_steps: int, console: bool = True,
-                 config=None, config_step: int = 0):
+    def __init__(
+        self,
+        tensorboard_dir: str | Path,
+        jsonl_path: str | Path,
+        *,
+        total_steps: int,
+        console: bool = True,
+        config=None,
+        config_step: int = 0,
+    ):
         """`config`: the run's `Config`, written as TensorBoard text (`CONFIG_TAG`) at `config_step`; its
         logging.log_every_steps spaces the console lines (every step still goes to TensorBoard and the jsonl)."""
         self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
@@ -69,7 +83,11 @@ class MetricsLogger:
             shown = "  ".join(f"{label}={clean[k]:.4g}" for k, label in CONSOLE_KEYS if k in clean)
             tps = clean.get("perf/throughput")
             rate = f"  {tps:.0f} tok/s/GPU" if tps else ""
-            print(f"[step {step}/{self.total_steps}] {shown}{rate}  {per_step:.1f}s/step  ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+            print(
+                f"[step {step}/{self.total_steps}] {shown}{rate}  {per_step:.1f}s/step  ETA {eta / 60:.1f} min",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         self.writer.close()
@@ -99,10 +117,18 @@ def plot_results(jsonl_path: str | Path, out_png: str | Path) -> Path:
     # (label, metric names: today's first, then the name older runs logged)
     val = [(k.split("/", 1)[-1], (k,)) for k in sorted({k for r in rows for k in r if k.startswith("val/")})]
     panels = [
-        ("reward", [("on-policy", ("on_off_metrics/on_score", "rollout/on_policy_reward")),
-                    ("demonstrations", ("on_off_metrics/off_score", "rollout/off_policy_reward")),
-                    ("all rows", ("critic/score/mean", "rollout/reward_mean"))]),
-        ("token probability", [("off_policy_prob", ("actor/off_policy_prob",)), ("on_policy_prob", ("actor/on_policy_prob",))]),
+        (
+            "reward",
+            [
+                ("on-policy", ("on_off_metrics/on_score", "rollout/on_policy_reward")),
+                ("demonstrations", ("on_off_metrics/off_score", "rollout/off_policy_reward")),
+                ("all rows", ("critic/score/mean", "rollout/reward_mean")),
+            ],
+        ),
+        (
+            "token probability",
+            [("off_policy_prob", ("actor/off_policy_prob",)), ("on_policy_prob", ("actor/on_policy_prob",))],
+        ),
         ("policy loss", [("pg_loss", ("actor/pg_loss",))]),
         ("entropy", [("entropy", ("actor/entropy", "actor/entropy_loss"))]),
         ("validation score", val),

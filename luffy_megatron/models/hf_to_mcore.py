@@ -22,8 +22,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_VOCAB_DIVISIBLE_BY = 128
 # megatron-core 0.16.1's llama3 RoPE scaling (RotaryEmbedding._apply_scaling) takes only `factor`
 # from GPTModel; these three are fixed at Llama 3.1's values.
-_MCORE_LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 8192}
+_MCORE_LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,8 +84,7 @@ def read_hf_arch(config: str | os.PathLike | Mapping[str, Any]) -> HFArch:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"model_type={model_type!r} is not supported; supported model types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"model_type={model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
@@ -180,8 +178,7 @@ def validate_parallelism(arch: HFArch, tp: int, pp: int, vpp: Optional[int] = No
     stages = pp * (vpp or 1)
     if arch.num_layers % stages:
         raise ValueError(
-            f"num_hidden_layers={arch.num_layers} must be divisible by pipeline stages "
-            f"pp={pp} x vpp={vpp or 1}"
+            f"num_hidden_layers={arch.num_layers} must be divisible by pipeline stages pp={pp} x vpp={vpp or 1}"
         )
 
 
@@ -275,8 +272,11 @@ def build_gpt_model(
     tp = ps.get_tensor_model_parallel_world_size()
     if config is None:
         config = build_transformer_config(
-            arch, tp=tp, pp=ps.get_pipeline_model_parallel_world_size(),
-            vpp=ps.get_virtual_pipeline_model_parallel_world_size(), params_dtype=params_dtype,
+            arch,
+            tp=tp,
+            pp=ps.get_pipeline_model_parallel_world_size(),
+            vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
+            params_dtype=params_dtype,
         )
     return GPTModel(
         config=config,
@@ -317,21 +317,25 @@ def build_model_chunks(
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
-    config = build_transformer_config(arch, tp=tp, pp=pp, vpp=vpp, params_dtype=params_dtype,
-                                      **config_overrides)
+    config = build_transformer_config(arch, tp=tp, pp=pp, vpp=vpp, params_dtype=params_dtype, **config_overrides)
     chunks = []
     if construct_dtype is not None:
         config.params_dtype = construct_dtype  # read only while the parameters are allocated
     try:
         for vp_stage in range(vpp or 1):
             stage = vp_stage if vpp else None
-            chunks.append(build_gpt_model(
-                arch, config,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                vp_stage=stage, vocab_divisible_by=vocab_divisible_by, use_te=use_te,
-                params_dtype=params_dtype,
-            ))
+            chunks.append(
+                build_gpt_model(
+                    arch,
+                    config,
+                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                    vp_stage=stage,
+                    vocab_divisible_by=vocab_divisible_by,
+                    use_te=use_te,
+                    params_dtype=params_dtype,
+                )
+            )
     finally:
         config.params_dtype = params_dtype
     return chunks

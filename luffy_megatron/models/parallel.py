@@ -98,10 +98,12 @@ def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp:
     apply_cpu_shim()
     ensure_process_group()
     if ps.model_parallel_is_initialized():
-        same = (ps.get_tensor_model_parallel_world_size() == tp
-                and ps.get_pipeline_model_parallel_world_size() == pp
-                and ps.get_virtual_pipeline_model_parallel_world_size() == vpp
-                and ps.get_context_parallel_world_size() == cp)
+        same = (
+            ps.get_tensor_model_parallel_world_size() == tp
+            and ps.get_pipeline_model_parallel_world_size() == pp
+            and ps.get_virtual_pipeline_model_parallel_world_size() == vpp
+            and ps.get_context_parallel_world_size() == cp
+        )
         if same:
             return
         ps.destroy_model_parallel()
@@ -136,7 +138,7 @@ def _shutdown_at_exit() -> None:
     orderly = getattr(sys, "last_value", None) is None and not _barrier_failed
     try:
         shutdown_distributed(barrier=orderly, destroy=orderly)
-    except Exception as err:  # never turn a clean exit into a traceback at exit
+    except Exception as err:  # noqa: BLE001 - never turn a clean exit into a traceback at exit
         logger.warning("torch.distributed shutdown at exit failed: %s", err)
 
 
@@ -173,10 +175,17 @@ def shutdown_distributed(timeout_s: Optional[float] = None, *, barrier: bool = T
         problem = _bounded_barrier(timeout_s)
         if problem is not None:
             _barrier_failed = True
-            logger.warning("rank %d: the exit barrier failed (%s); process groups left as they are. Raise %s if "
-                           "ranks legitimately finish more than %gs apart.", dist.get_rank(), problem,
-                           SHUTDOWN_TIMEOUT_ENV, timeout_s)
-            wait_gloo_workers_idle(timeout_s=min(timeout_s, 10.0))  # a worker may still have a Python-owned tensor to free
+            logger.warning(
+                "rank %d: the exit barrier failed (%s); process groups left as they are. Raise %s if "
+                "ranks legitimately finish more than %gs apart.",
+                dist.get_rank(),
+                problem,
+                SHUTDOWN_TIMEOUT_ENV,
+                timeout_s,
+            )
+            wait_gloo_workers_idle(
+                timeout_s=min(timeout_s, 10.0)
+            )  # a worker may still have a Python-owned tensor to free
             return False
     if destroy:
         _forget_megatron_groups()
@@ -200,7 +209,7 @@ def _bounded_barrier(timeout_s: float) -> Optional[str]:
             work = dist.barrier(async_op=True)
             if not work.wait(timeout=timeout):
                 return f"no barrier within {timeout_s:g}s"
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - reported as the barrier's outcome
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return None
 
@@ -241,7 +250,7 @@ def gloo_worker_states() -> list[str]:
                 stat = f.read()
         except OSError:  # the thread ended meanwhile
             continue
-        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
         if name == GLOO_WORKER_THREAD_NAME:
             states.append(rest[:1])
     return states

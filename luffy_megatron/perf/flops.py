@@ -44,18 +44,48 @@ class PlanError(ValueError):
 #                         whose longer RoPE context changes no tensor size)
 #   Qwen/Qwen2.5-14B      hidden 5120, 48 layers, 40 heads, 8 KV heads, intermediate 13824, vocab 152064, untied
 #   Qwen/Qwen2.5-32B      hidden 5120, 64 layers, 40 heads, 8 KV heads, intermediate 27648, vocab 152064, untied
-_QWEN25_COMMON = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, torch_dtype="bfloat16",
-                      use_sliding_window=False, tie_word_embeddings=False, vocab_size=152064)
+_QWEN25_COMMON = dict(
+    model_type="qwen2",
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    torch_dtype="bfloat16",
+    use_sliding_window=False,
+    tie_word_embeddings=False,
+    vocab_size=152064,
+)
 BUILTIN_HF_CONFIGS: dict[str, dict] = {
-    "Qwen2.5-Math-7B": dict(_QWEN25_COMMON, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-                            num_key_value_heads=4, intermediate_size=18944, max_position_embeddings=4096,
-                            rope_theta=10000.0),
-    "Qwen2.5-14B": dict(_QWEN25_COMMON, hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
-                        num_key_value_heads=8, intermediate_size=13824, max_position_embeddings=131072,
-                        rope_theta=1000000.0, rms_norm_eps=1e-5),
-    "Qwen2.5-32B": dict(_QWEN25_COMMON, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
-                        num_key_value_heads=8, intermediate_size=27648, max_position_embeddings=131072,
-                        rope_theta=1000000.0, rms_norm_eps=1e-5),
+    "Qwen2.5-Math-7B": dict(
+        _QWEN25_COMMON,
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+    ),
+    "Qwen2.5-14B": dict(
+        _QWEN25_COMMON,
+        hidden_size=5120,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=13824,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "Qwen2.5-32B": dict(
+        _QWEN25_COMMON,
+        hidden_size=5120,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=27648,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+    ),
 }
 _BUILTIN_ALIASES = {"Qwen2.5-Math-7B-16k-think": "Qwen2.5-Math-7B"}
 
@@ -82,8 +112,9 @@ def load_hf_config(model_path: str) -> tuple[dict, str]:
     key = _BUILTIN_ALIASES.get(name, name)
     if key in BUILTIN_HF_CONFIGS:
         alias = f"; {name} has the same shapes" if key != name else ""
-        return dict(BUILTIN_HF_CONFIGS[key]), (f"built-in table (the published config of Qwen/{key}{alias}), as "
-                                               f"{config_json} does not exist")
+        return dict(BUILTIN_HF_CONFIGS[key]), (
+            f"built-in table (the published config of Qwen/{key}{alias}), as {config_json} does not exist"
+        )
     known = ", ".join([*BUILTIN_HF_CONFIGS, *_BUILTIN_ALIASES])
     raise PlanError(
         f"model.path={model_path!r}: no config.json there and {name or '(empty)'!r} is not in the built-in "
@@ -139,10 +170,14 @@ def param_counts(arch: HFArch, *, tp: int = 1, pp: int = 1, vocab_divisible_by: 
         stages.append(n)
     total = num_layers * layer_params(arch, 1) + h + embedding * (1 if arch.tie_word_embeddings else 2)
     d = arch.head_dim
-    layer_matmul = h * (arch.num_attention_heads + 2 * arch.num_query_groups) * d \
-        + arch.num_attention_heads * d * h + 3 * h * arch.ffn_hidden_size
-    return ParamCounts(total=total, per_stage_rank=tuple(stages), matmul=num_layers * layer_matmul + embedding,
-                       vocab_padded=vocab)
+    layer_matmul = (
+        h * (arch.num_attention_heads + 2 * arch.num_query_groups) * d
+        + arch.num_attention_heads * d * h
+        + 3 * h * arch.ffn_hidden_size
+    )
+    return ParamCounts(
+        total=total, per_stage_rank=tuple(stages), matmul=num_layers * layer_matmul + embedding, vocab_padded=vocab
+    )
 
 
 @dataclass(frozen=True)
@@ -155,8 +190,7 @@ class TrainerStateBytes:
     moments: int  # Adam's exp_avg + exp_avg_sq, fp32
 
 
-def trainer_state_bytes(num_params: int, *, bf16: bool, distributed_optimizer: bool,
-                        dp_cp: int) -> TrainerStateBytes:
+def trainer_state_bytes(num_params: int, *, bf16: bool, distributed_optimizer: bool, dp_cp: int) -> TrainerStateBytes:
     """Bytes of one trainer rank's persistent state for `num_params` parameters: weights, the fp32 grad
     buffer, the optimizer's fp32 main params (bf16 only) and Adam's two fp32 moments (sharded over DP x CP by
     the distributed optimizer)."""
@@ -186,8 +220,9 @@ def forward_flops(matmul_params: int, attention_coef: int, *, tokens: float, squ
     return 2 * matmul_params * tokens + 2 * attention_coef * squared_lengths
 
 
-def update_flops(matmul_params: int, attention_coef: int, *, tokens: float, squared_lengths: float,
-                 epochs: int = 1) -> float:
+def update_flops(
+    matmul_params: int, attention_coef: int, *, tokens: float, squared_lengths: float, epochs: int = 1
+) -> float:
     """Model FLOPs of training on those sequences `epochs` times: forward + backward = 3 forwards
     (6 x params x tokens + 3 x attention); full recompute's extra forward is not counted."""
     return epochs * 3 * forward_flops(matmul_params, attention_coef, tokens=tokens, squared_lengths=squared_lengths)

@@ -249,21 +249,36 @@ def layout_numbers(cfg, arch: HFArch, hf_config: dict) -> LayoutNumbers:
     mode = "colocated" if c.layout in ("auto", "colocated") else "disaggregated"  # auto on GPUs is colocated
     vpp = p.virtual_pipeline_model_parallel_size or 1
     layers = arch.num_layers
-    chunk_layers = layers // (p.pipeline_model_parallel_size * vpp) \
-        if layers % (p.pipeline_model_parallel_size * vpp) == 0 else 0
-    errors = [*layout_problems(cfg, mode), *model_parallelism_problems(cfg, hf_config),
-              *_shape_problems(cfg, arch, chunk_layers)]
+    chunk_layers = (
+        layers // (p.pipeline_model_parallel_size * vpp) if layers % (p.pipeline_model_parallel_size * vpp) == 0 else 0
+    )
+    errors = [
+        *layout_problems(cfg, mode),
+        *model_parallelism_problems(cfg, hf_config),
+        *_shape_problems(cfg, arch, chunk_layers),
+    ]
     if errors:
         raise PlanError("; ".join(errors))
     cluster = plan_layout(cfg, mode)
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     gpn, train_gpus = cluster.gpus_per_node, cluster.world_size
     disaggregated = mode == "disaggregated"
-    return LayoutNumbers(mode=mode, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=train_gpus // (tp * pp * cp),
-                         engine_tp=cluster.engine_tp, num_engines=len(cluster.engines), train_gpus=train_gpus,
-                         rollout_gpus=c.rollout_nnodes * gpn if disaggregated else train_gpus, nnodes=p.nnodes,
-                         rollout_nnodes=c.rollout_nnodes if disaggregated else 0, gpus_per_node=gpn,
-                         chunk_layers=chunk_layers)
+    return LayoutNumbers(
+        mode=mode,
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        cp=cp,
+        dp=train_gpus // (tp * pp * cp),
+        engine_tp=cluster.engine_tp,
+        num_engines=len(cluster.engines),
+        train_gpus=train_gpus,
+        rollout_gpus=c.rollout_nnodes * gpn if disaggregated else train_gpus,
+        nnodes=p.nnodes,
+        rollout_nnodes=c.rollout_nnodes if disaggregated else 0,
+        gpus_per_node=gpn,
+        chunk_layers=chunk_layers,
+    )
 
 
 def _shape_problems(cfg, arch: HFArch, chunk_layers: int) -> list[str]:
@@ -271,16 +286,22 @@ def _shape_problems(cfg, arch: HFArch, chunk_layers: int) -> list[str]:
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     errors = []
     if arch.ffn_hidden_size % tp:
-        errors.append(f"parallel.tensor_model_parallel_size={tp} does not divide the model's intermediate_size="
-                      f"{arch.ffn_hidden_size} (model.path={m.path})")
+        errors.append(
+            f"parallel.tensor_model_parallel_size={tp} does not divide the model's intermediate_size="
+            f"{arch.ffn_hidden_size} (model.path={m.path})"
+        )
     if m.recompute_granularity == "full" and chunk_layers:
         n = m.recompute_num_layers
         if n > chunk_layers:
-            errors.append(f"model.recompute_num_layers={n} exceeds the {chunk_layers} layers of a pipeline "
-                          "chunk (megatron-core refuses it)")
+            errors.append(
+                f"model.recompute_num_layers={n} exceeds the {chunk_layers} layers of a pipeline "
+                "chunk (megatron-core refuses it)"
+            )
         elif m.recompute_method == "uniform" and chunk_layers % n:
-            errors.append(f"model.recompute_method=uniform: model.recompute_num_layers={n} must divide the "
-                          f"{chunk_layers} layers of a pipeline chunk")
+            errors.append(
+                f"model.recompute_method=uniform: model.recompute_num_layers={n} must divide the "
+                f"{chunk_layers} layers of a pipeline chunk"
+            )
     return errors
 
 
@@ -295,8 +316,9 @@ def micro_batch_rows(cfg, dp: int) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _layer_activation_bytes_per_token(arch: HFArch, *, tp: int, sp: bool, seq_len: int, unfused: bool,
-                                      dtype_bytes: int) -> tuple[float, float]:
+def _layer_activation_bytes_per_token(
+    arch: HFArch, *, tp: int, sp: bool, seq_len: int, unfused: bool, dtype_bytes: int
+) -> tuple[float, float]:
     """(bytes one layer keeps per token for backward, of which the attention part selective recompute drops)."""
     h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
     heads, groups = arch.num_attention_heads, arch.num_query_groups
@@ -306,8 +328,9 @@ def _layer_activation_bytes_per_token(arch: HFArch, *, tp: int, sp: bool, seq_le
     return seq_split + tp_split + attention, attention
 
 
-def _stored_per_chunk(m, *, chunk_layers: int, full_b: float, attn_b: float, ckpt_b: float,
-                      tokens: int) -> tuple[float, float]:
+def _stored_per_chunk(
+    m, *, chunk_layers: int, full_b: float, attn_b: float, ckpt_b: float, tokens: int
+) -> tuple[float, float]:
     """(activation bytes one model chunk keeps per micro-batch, the transient of recomputing during backward)."""
     layer_full = full_b * tokens
     if m.recompute_granularity == "none":
@@ -330,13 +353,19 @@ def trainer_memory(cfg, arch: HFArch, lay: LayoutNumbers, params: ParamCounts, s
     max_seq = d.max_prompt_length + d.max_response_length
     tokens = a.ppo_max_token_len_per_gpu if a.use_dynamic_bsz else micro_batch_rows(cfg, lay.dp) * max_seq
     tokens = math.ceil(tokens / lay.cp)
-    full_b, attn_b = _layer_activation_bytes_per_token(arch, tp=tp, sp=p.sequence_parallel, seq_len=max_seq,
-                                                       unfused=m.transformer_impl == "local",
-                                                       dtype_bytes=dtype_bytes)
+    full_b, attn_b = _layer_activation_bytes_per_token(
+        arch,
+        tp=tp,
+        sp=p.sequence_parallel,
+        seq_len=max_seq,
+        unfused=m.transformer_impl == "local",
+        dtype_bytes=dtype_bytes,
+    )
     ckpt_b = arch.hidden_size * dtype_bytes / (tp if p.sequence_parallel else 1)
     layer_full = full_b * tokens
-    stored_per_chunk, recompute_transient = _stored_per_chunk(m, chunk_layers=lay.chunk_layers, full_b=full_b,
-                                                              attn_b=attn_b, ckpt_b=ckpt_b, tokens=tokens)
+    stored_per_chunk, recompute_transient = _stored_per_chunk(
+        m, chunk_layers=lay.chunk_layers, full_b=full_b, attn_b=attn_b, ckpt_b=ckpt_b, tokens=tokens
+    )
     if vpp == 1:
         chunks_in_flight = pp - stage
     else:  # megatron's interleaved schedule: warm-up model chunks of stage s, plus the one in steady state
@@ -347,8 +376,15 @@ def trainer_memory(cfg, arch: HFArch, lay: LayoutNumbers, params: ParamCounts, s
     vocab_local = params.vocab_padded // tp
     logits = tokens * vocab_local * dtype_bytes if last else 0
     chunk = LOGPROB_CHUNK_COPIES * min(a.log_prob_chunk_tokens, tokens) * vocab_local * 4 if last else 0
-    return TrainerMemory(tokens=tokens, activations=activations, forward_workspace=layer_full, logits=logits,
-                         chunk=chunk, vocab_local=vocab_local, chunks_in_flight=chunks_in_flight)
+    return TrainerMemory(
+        tokens=tokens,
+        activations=activations,
+        forward_workspace=layer_full,
+        logits=logits,
+        chunk=chunk,
+        vocab_local=vocab_local,
+        chunks_in_flight=chunks_in_flight,
+    )
 
 
 def engine_memory(cfg, arch: HFArch, lay: LayoutNumbers, gpu_bytes: float) -> EngineMemory:
@@ -361,18 +397,28 @@ def engine_memory(cfg, arch: HFArch, lay: LayoutNumbers, gpu_bytes: float) -> En
     n_embed = 1 if arch.tie_word_embeddings else 2
     weights = (arch.num_layers * per_layer + h + n_embed * math.ceil(vocab / etp) * h) * dtype_bytes
     qkv_out = (arch.num_attention_heads + 2 * arch.num_query_groups) * hd
-    activations = VLLM_MAX_NUM_BATCHED_TOKENS * dtype_bytes * (2 * h + (qkv_out + 3 * f) / etp) \
-        + SAMPLER_COPIES * r.max_num_seqs * vocab * 4 + ENGINE_NON_TORCH_GIB * GIB \
+    activations = (
+        VLLM_MAX_NUM_BATCHED_TOKENS * dtype_bytes * (2 * h + (qkv_out + 3 * f) / etp)
+        + SAMPLER_COPIES * r.max_num_seqs * vocab * 4
+        + ENGINE_NON_TORCH_GIB * GIB
         + (0 if r.enforce_eager else ENGINE_CUDA_GRAPHS_GIB * GIB)
+    )
     reservation = r.gpu_memory_utilization * gpu_bytes
     kv = reservation - weights - activations
     kv_heads_local = max(1, arch.num_query_groups // etp)
     kv_per_token = 2 * arch.num_layers * kv_heads_local * hd * dtype_bytes
     max_seq = d.max_prompt_length + d.max_response_length
     kv_tokens = max(0, int(kv // kv_per_token))
-    return EngineMemory(weights=weights, activations=activations, reservation=reservation, kv=kv,
-                        kv_per_token=kv_per_token, kv_tokens=kv_tokens, max_seq=max_seq,
-                        kv_full_seqs=kv_tokens // max_seq)
+    return EngineMemory(
+        weights=weights,
+        activations=activations,
+        reservation=reservation,
+        kv=kv,
+        kv_per_token=kv_per_token,
+        kv_tokens=kv_tokens,
+        max_seq=max_seq,
+        kv_full_seqs=kv_tokens // max_seq,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -389,8 +435,7 @@ class _StageInputs:
     mem: TrainerMemory
 
 
-def _add_trainer_state(ph: Phase, cfg, state: TrainerStateBytes, *, dp_cp: int, reference: bool,
-                       on_host: bool) -> None:
+def _add_trainer_state(ph: Phase, cfg, state: TrainerStateBytes, *, dp_cp: int, reference: bool, on_host: bool) -> None:
     bf16 = cfg.model.dtype == "bf16"
     wdt = "bf16" if bf16 else "fp32"
     shard = f"/{dp_cp}" if cfg.parallel.use_distributed_optimizer else "unsharded"
@@ -402,8 +447,7 @@ def _add_trainer_state(ph: Phase, cfg, state: TrainerStateBytes, *, dp_cp: int, 
     # optimizer state to host
     ph.add("grads", "trainer grad buffer (fp32)", None if on_host else state.grads, "freed" if on_host else "")
     if bf16:
-        ph.add("main_params", f"optimizer main params (fp32, {shard})", None if on_host else state.main_params,
-               where)
+        ph.add("main_params", f"optimizer main params (fp32, {shard})", None if on_host else state.main_params, where)
     ph.add("moments", f"optimizer Adam moments (fp32 x2, {shard})", None if on_host else state.moments, where)
 
 
@@ -415,10 +459,17 @@ def _add_trainer_transient(ph: Phase, cfg, mem: TrainerMemory, *, update: bool) 
     else:
         ph.add("forward_workspace", "forward workspace (one layer)", act)
     ph.add("logits", f"logits ({wdt}, {mem.tokens} x {mem.vocab_local})", mem.logits or None)
-    ph.add("logprob_chunk", f"log-prob chunk (fp32 x{LOGPROB_CHUNK_COPIES}, "
-           f"{min(cfg.actor.log_prob_chunk_tokens, mem.tokens)} x {mem.vocab_local})", mem.chunk or None)
-    ph.add("slack", f"allocator slack ({ALLOCATOR_SLACK:.0%} of the three above)",
-           ALLOCATOR_SLACK * (act + mem.logits + mem.chunk))
+    ph.add(
+        "logprob_chunk",
+        f"log-prob chunk (fp32 x{LOGPROB_CHUNK_COPIES}, "
+        f"{min(cfg.actor.log_prob_chunk_tokens, mem.tokens)} x {mem.vocab_local})",
+        mem.chunk or None,
+    )
+    ph.add(
+        "slack",
+        f"allocator slack ({ALLOCATOR_SLACK:.0%} of the three above)",
+        ALLOCATOR_SLACK * (act + mem.logits + mem.chunk),
+    )
     ph.add("trainer_process", "trainer CUDA context + NCCL", TRAINER_PROCESS_GIB * GIB)
 
 
@@ -478,10 +529,19 @@ def step_rows(cfg, asm: Assumptions) -> StepRows:
     generated_rows = on_policy + (prefixed if mean_ratio < 1 else 0)
     decode_tokens = on_policy * response_len + prefixed * (1 - mean_ratio) * response_len
     prefill_tokens = generated_rows * prompt_len + (prefixed * mean_ratio * response_len if mean_ratio < 1 else 0)
-    return StepRows(prompts=prompts, rows=rows, off_policy_rows=prefixed, on_policy_rows=on_policy,
-                    generated_rows=generated_rows, prompt_len=prompt_len, response_len=response_len,
-                    mean_ratio=mean_ratio, decode_tokens=decode_tokens, prefill_tokens=prefill_tokens,
-                    tokens=rows * (prompt_len + response_len))
+    return StepRows(
+        prompts=prompts,
+        rows=rows,
+        off_policy_rows=prefixed,
+        on_policy_rows=on_policy,
+        generated_rows=generated_rows,
+        prompt_len=prompt_len,
+        response_len=response_len,
+        mean_ratio=mean_ratio,
+        decode_tokens=decode_tokens,
+        prefill_tokens=prefill_tokens,
+        tokens=rows * (prompt_len + response_len),
+    )
 
 
 def step_flops(cfg, arch: HFArch, params: ParamCounts, rows: StepRows, *, reference: bool) -> StepFlops:
@@ -497,8 +557,9 @@ def step_flops(cfg, arch: HFArch, params: ParamCounts, rows: StepRows, *, refere
     return StepFlops(generation=generation, old_log_probs=logprob, ref_log_probs=ref, update=update)
 
 
-def generation_estimate(cfg, arch: HFArch, lay: LayoutNumbers, params: ParamCounts, eng: EngineMemory,
-                        rows: StepRows, asm: Assumptions) -> Optional[GenerationEstimate]:
+def generation_estimate(
+    cfg, arch: HFArch, lay: LayoutNumbers, params: ParamCounts, eng: EngineMemory, rows: StepRows, asm: Assumptions
+) -> Optional[GenerationEstimate]:
     """Decode steps that each read the engine's weight shard and the live KV cache (or compute, whichever is
     slower), for max(decode tokens / concurrency, the longest response) steps, plus prefill. None when the
     step generates nothing."""
@@ -520,20 +581,29 @@ def generation_estimate(cfg, arch: HFArch, lay: LayoutNumbers, params: ParamCoun
     steps = max(decode_tokens_per_engine / concurrency, cfg.data.max_response_length)
     decode_s = steps * step_s
     prefill_s = rows.prefill_tokens / engines * 2 * n_mm / (etp * peak * asm.mfu)
-    return GenerationEstimate(rows_per_engine=rows_per_engine, concurrency=concurrency, kv_seqs=kv_seqs,
-                              step_ms=step_s * 1e3, steps=steps, decode_s=decode_s, prefill_s=prefill_s,
-                              tail_bound=steps == cfg.data.max_response_length,
-                              kv_read_gib=concurrency * ctx * eng.kv_per_token / GIB)
+    return GenerationEstimate(
+        rows_per_engine=rows_per_engine,
+        concurrency=concurrency,
+        kv_seqs=kv_seqs,
+        step_ms=step_s * 1e3,
+        steps=steps,
+        decode_s=decode_s,
+        prefill_s=prefill_s,
+        tail_bound=steps == cfg.data.max_response_length,
+        kv_read_gib=concurrency * ctx * eng.kv_per_token / GIB,
+    )
 
 
-def step_times(lay: LayoutNumbers, flops: StepFlops, gen: Optional[GenerationEstimate],
-               asm: Assumptions) -> StepTimes:
+def step_times(lay: LayoutNumbers, flops: StepFlops, gen: Optional[GenerationEstimate], asm: Assumptions) -> StepTimes:
     """Training and log-probs at `mfu` of `peak_tflops` on every trainer GPU; generation as estimated."""
     peak = asm.peak_tflops * 1e12
     train_rate = lay.train_gpus * peak * asm.mfu
-    return StepTimes(generation=gen.decode_s + gen.prefill_s if gen else 0.0,
-                     old_log_probs=flops.old_log_probs / train_rate, ref_log_probs=flops.ref_log_probs / train_rate,
-                     update=flops.update / train_rate)
+    return StepTimes(
+        generation=gen.decode_s + gen.prefill_s if gen else 0.0,
+        old_log_probs=flops.old_log_probs / train_rate,
+        ref_log_probs=flops.ref_log_probs / train_rate,
+        update=flops.update / train_rate,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -553,10 +623,16 @@ def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = ""
     reference = uses_reference(cfg.algo)
 
     candidates = [
-        _StageInputs(stage, trainer_state_bytes(params.per_stage_rank[stage], bf16=m.dtype == "bf16",
-                                                distributed_optimizer=p.use_distributed_optimizer,
-                                                dp_cp=lay.dp * lay.cp),
-                     trainer_memory(cfg, arch, lay, params, stage))
+        _StageInputs(
+            stage,
+            trainer_state_bytes(
+                params.per_stage_rank[stage],
+                bf16=m.dtype == "bf16",
+                distributed_optimizer=p.use_distributed_optimizer,
+                dp_cp=lay.dp * lay.cp,
+            ),
+            trainer_memory(cfg, arch, lay, params, stage),
+        )
         for stage in sorted({0, lay.pp - 1})
     ]
     # the pipeline stage that needs the most memory in its fullest phase
@@ -567,11 +643,25 @@ def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = ""
     flops = step_flops(cfg, arch, params, rows, reference=reference)
     gen = generation_estimate(cfg, arch, lay, params, eng, rows, asm)
     notes = [f"model.fp8={m.fp8} is not modeled: memory and FLOPs are for bf16"] if m.fp8 is not None else []
-    return Plan(recipe=recipe, cfg=cfg, assumptions=asm, arch=arch, arch_source=source, layout=lay,
-                params=params, worst_stage=worst.stage, phases=phases, engine=eng, step=rows, flops=flops,
-                times_s=step_times(lay, flops, gen, asm), generation=gen,
-                problems=_problems(cfg, phases, lay, eng, asm), notes=notes,
-                host=_host_memory(cfg, lay, eng, worst.state))
+    return Plan(
+        recipe=recipe,
+        cfg=cfg,
+        assumptions=asm,
+        arch=arch,
+        arch_source=source,
+        layout=lay,
+        params=params,
+        worst_stage=worst.stage,
+        phases=phases,
+        engine=eng,
+        step=rows,
+        flops=flops,
+        times_s=step_times(lay, flops, gen, asm),
+        generation=gen,
+        problems=_problems(cfg, phases, lay, eng, asm),
+        notes=notes,
+        host=_host_memory(cfg, lay, eng, worst.state),
+    )
 
 
 def _host_memory(cfg, lay: LayoutNumbers, eng: EngineMemory, state: TrainerStateBytes) -> HostMemory:
@@ -582,8 +672,11 @@ def _host_memory(cfg, lay: LayoutNumbers, eng: EngineMemory, state: TrainerState
     offload = cfg.actor.offload_during_rollout and colocated
     engine_weights = eng.weights if colocated else 0
     trainer_state = (state.main_params + state.moments) if offload else 0
-    return HostMemory(engine_weights=engine_weights, trainer_state=trainer_state,
-                      per_node=lay.gpus_per_node * (engine_weights + trainer_state))
+    return HostMemory(
+        engine_weights=engine_weights,
+        trainer_state=trainer_state,
+        per_node=lay.gpus_per_node * (engine_weights + trainer_state),
+    )
 
 
 def _problems(cfg, phases: list[Phase], lay: LayoutNumbers, eng: EngineMemory, asm: Assumptions) -> list[str]:
@@ -604,43 +697,55 @@ def _problems(cfg, phases: list[Phase], lay: LayoutNumbers, eng: EngineMemory, a
     return problems
 
 
-def _overflow_message(cfg, ph: Phase, usable: float, lay: LayoutNumbers, eng: EngineMemory,
-                      asm: Assumptions) -> str:
+def _overflow_message(cfg, ph: Phase, usable: float, lay: LayoutNumbers, eng: EngineMemory, asm: Assumptions) -> str:
     """Names the largest term of a phase that does not fit and what to change for it."""
     engine_keys = {"engine_weights", "engine_kv", "engine_activations"}
     terms = [t for t in ph.terms if t.bytes and t.key not in engine_keys]
     if any(t.key in engine_keys and t.bytes for t in ph.terms):  # the reservation is one allocation
-        terms.append(Term("engine_reservation", f"engine reservation (rollout.gpu_memory_utilization="
-                          f"{cfg.rollout.gpu_memory_utilization} x GPU)", int(eng.reservation)))
+        terms.append(
+            Term(
+                "engine_reservation",
+                f"engine reservation (rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} x GPU)",
+                int(eng.reservation),
+            )
+        )
     largest = max(terms, key=lambda t: t.bytes)
     over = ph.total - usable
     if largest.key == "engine_reservation":
         advice = _reservation_advice(cfg, ph, usable, asm.gpu_memory_gib * GIB, eng)
     else:
         advice = _term_advice(cfg, lay.tp, lay.pp).get(largest.key, "see the table")
-    return (f"{ph.name} needs {gib_str(ph.total)} GiB per GPU, {gib_str(over)} GiB more than the {gib_str(usable)} "
-            f"usable ({asm.gpu_memory_gib:g} GiB less the {asm.reserve_gib:g} GiB reserve); largest term: "
-            f"{largest.label} = {gib_str(largest.bytes)} GiB; {advice}")
+    return (
+        f"{ph.name} needs {gib_str(ph.total)} GiB per GPU, {gib_str(over)} GiB more than the {gib_str(usable)} "
+        f"usable ({asm.gpu_memory_gib:g} GiB less the {asm.reserve_gib:g} GiB reserve); largest term: "
+        f"{largest.label} = {gib_str(largest.bytes)} GiB; {advice}"
+    )
 
 
 def _term_advice(cfg, tp: int, pp: int) -> dict[str, str]:
     """What to change for each trainer term, by its key."""
     p, m, a = cfg.parallel, cfg.model, cfg.actor
-    optimizer = ("set parallel.use_distributed_optimizer=true" if not p.use_distributed_optimizer
-                 else "add nodes (more data-parallel shards) or raise TP/PP")
+    optimizer = (
+        "set parallel.use_distributed_optimizer=true"
+        if not p.use_distributed_optimizer
+        else "add nodes (more data-parallel shards) or raise TP/PP"
+    )
     sizes = f"raise parallel.tensor_model_parallel_size (now {tp}) or parallel.pipeline_model_parallel_size (now {pp})"
     return {
         "weights": sizes,
         "grads": f"{sizes}; the fp32 grad buffer is never sharded over data parallel",
         "main_params": optimizer,
         "moments": optimizer,
-        "activations": ("set model.recompute_granularity=full" if m.recompute_granularity != "full"
-                        else "lower model.recompute_num_layers")
-                       + (", parallel.sequence_parallel=true" if not p.sequence_parallel and tp > 1 else "")
-                       + f", lower actor.ppo_max_token_len_per_gpu (now {a.ppo_max_token_len_per_gpu}) or raise "
-                         "parallel.tensor_model_parallel_size / context_parallel_size",
+        "activations": (
+            "set model.recompute_granularity=full"
+            if m.recompute_granularity != "full"
+            else "lower model.recompute_num_layers"
+        )
+        + (", parallel.sequence_parallel=true" if not p.sequence_parallel and tp > 1 else "")
+        + f", lower actor.ppo_max_token_len_per_gpu (now {a.ppo_max_token_len_per_gpu}) or raise "
+        "parallel.tensor_model_parallel_size / context_parallel_size",
         "logits": f"raise parallel.tensor_model_parallel_size (now {tp}; logits are split over the vocabulary) or "
-                  f"lower actor.ppo_max_token_len_per_gpu (now {a.ppo_max_token_len_per_gpu})",
+        f"lower actor.ppo_max_token_len_per_gpu (now {a.ppo_max_token_len_per_gpu})",
         "logprob_chunk": f"lower actor.log_prob_chunk_tokens (now {a.log_prob_chunk_tokens})",
     }
 
@@ -651,7 +756,9 @@ def _reservation_advice(cfg, ph: Phase, usable: float, gpu_bytes: float, eng: En
     text = f"lower rollout.gpu_memory_utilization to at most {max_util:.2f}"
     if ph.gpus == "all":  # colocated
         if not cfg.actor.offload_during_rollout:
-            text += (" or set actor.offload_during_rollout=true (grad buffers freed, optimizer state to host while "
-                     "generating)")
+            text += (
+                " or set actor.offload_during_rollout=true (grad buffers freed, optimizer state to host while "
+                "generating)"
+            )
         text += ", or use cluster.layout=disaggregated"
     return text

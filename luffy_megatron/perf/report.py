@@ -15,9 +15,24 @@ from luffy_megatron.perf.memory_plan import GIB, Assumptions, Plan, gib_str, mak
 __all__ = ["format_plan", "plan_with_suggestions", "suggest_fixes"]
 
 _WIDTH = 112  # report lines fit a README code block
-_TERM_ORDER = ["weights", "ref_weights", "grads", "main_params", "moments", "activations", "forward_workspace",
-               "logits", "logprob_chunk", "slack", "trainer_process", "engine_weights", "engine_kv",
-               "engine_activations", "sync_buckets", "engine_process"]
+_TERM_ORDER = [
+    "weights",
+    "ref_weights",
+    "grads",
+    "main_params",
+    "moments",
+    "activations",
+    "forward_workspace",
+    "logits",
+    "logprob_chunk",
+    "slack",
+    "trainer_process",
+    "engine_weights",
+    "engine_kv",
+    "engine_activations",
+    "sync_buckets",
+    "engine_process",
+]
 
 
 def _si(n: float) -> str:
@@ -26,8 +41,9 @@ def _si(n: float) -> str:
 
 def _wrapped(tag: str, text: str) -> list[str]:
     """`text` wrapped to the report's width under a 9-character tag column."""
-    return textwrap.wrap(text, width=_WIDTH, initial_indent=f"{tag:<9}", subsequent_indent=" " * 9,
-                         break_on_hyphens=False) or [tag]
+    return textwrap.wrap(
+        text, width=_WIDTH, initial_indent=f"{tag:<9}", subsequent_indent=" " * 9, break_on_hyphens=False
+    ) or [tag]
 
 
 def format_plan(plan: Plan) -> str:
@@ -42,41 +58,65 @@ def _model_block(plan: Plan) -> list[str]:
     p, m, a, r = cfg.parallel, cfg.model, cfg.actor, cfg.rollout
     nodes = lay.nnodes + lay.rollout_nnodes
     split = f" ({lay.nnodes} training + {lay.rollout_nnodes} rollout)" if lay.rollout_nnodes else ""
-    out = [f"plan for {plan.recipe or '(config)'} on {nodes} nodes{split} x {lay.gpus_per_node} GPUs = "
-           f"{nodes * lay.gpus_per_node} GPUs of {asm.gpu_memory_gib:g} GiB"]
+    out = [
+        f"plan for {plan.recipe or '(config)'} on {nodes} nodes{split} x {lay.gpus_per_node} GPUs = "
+        f"{nodes * lay.gpus_per_node} GPUs of {asm.gpu_memory_gib:g} GiB"
+    ]
     out += _wrapped("model", f"{os.path.basename(os.path.normpath(m.path))}: {plan.arch_source}")
     tie = "tied" if arch.tie_word_embeddings else "untied"
-    out += _wrapped("", f"{_si(plan.params.total)} params: {arch.num_layers} layers, hidden {arch.hidden_size}, "
-                        f"{arch.num_attention_heads} heads / {arch.num_query_groups} KV heads x {arch.head_dim}, FFN "
-                        f"{arch.ffn_hidden_size}, vocab {arch.vocab_size} (padded {plan.params.vocab_padded}, {tie})")
-    opt = (f"distributed optimizer over DP x CP = {lay.dp * lay.cp}" if p.use_distributed_optimizer
-           else "optimizer state unsharded")
+    out += _wrapped(
+        "",
+        f"{_si(plan.params.total)} params: {arch.num_layers} layers, hidden {arch.hidden_size}, "
+        f"{arch.num_attention_heads} heads / {arch.num_query_groups} KV heads x {arch.head_dim}, FFN "
+        f"{arch.ffn_hidden_size}, vocab {arch.vocab_size} (padded {plan.params.vocab_padded}, {tie})",
+    )
+    opt = (
+        f"distributed optimizer over DP x CP = {lay.dp * lay.cp}"
+        if p.use_distributed_optimizer
+        else "optimizer state unsharded"
+    )
     vpp = f" VPP={lay.vpp}" if lay.vpp > 1 else ""
     rec = m.recompute_granularity
     if rec == "full":
         rec += f" ({m.recompute_method}, {m.recompute_num_layers} layer{'s' if m.recompute_num_layers > 1 else ''})"
     stage = f"; pipeline stage {plan.worst_stage} shown (the fullest)" if lay.pp > 1 else ""
-    out += _wrapped("trainer", f"{lay.train_gpus} GPUs: TP={lay.tp} PP={lay.pp}{vpp} CP={lay.cp} DP={lay.dp}, "
-                               f"{'sequence parallel, ' if p.sequence_parallel else ''}{m.dtype}, {opt}; recompute "
-                               f"{rec}; {_tokens_line(plan)}; "
-                               f"{_si(plan.params.per_stage_rank[plan.worst_stage])} params per GPU{stage}")
+    out += _wrapped(
+        "trainer",
+        f"{lay.train_gpus} GPUs: TP={lay.tp} PP={lay.pp}{vpp} CP={lay.cp} DP={lay.dp}, "
+        f"{'sequence parallel, ' if p.sequence_parallel else ''}{m.dtype}, {opt}; recompute "
+        f"{rec}; {_tokens_line(plan)}; "
+        f"{_si(plan.params.per_stage_rank[plan.worst_stage])} params per GPU{stage}",
+    )
     if lay.mode == "colocated":
-        off = ("; actor.offload_during_rollout: grad buffers freed and optimizer state on the host while the "
-               "engines are awake" if a.offload_during_rollout else "")
-        out += _wrapped("engines", f"colocated: {lay.num_engines} engines x TP={lay.engine_tp} on the trainer's "
-                                   f"GPUs, gpu_memory_utilization {r.gpu_memory_utilization:.2f}, asleep (level 1) "
-                                   f"outside sync+generate{off}")
+        off = (
+            "; actor.offload_during_rollout: grad buffers freed and optimizer state on the host while the "
+            "engines are awake"
+            if a.offload_during_rollout
+            else ""
+        )
+        out += _wrapped(
+            "engines",
+            f"colocated: {lay.num_engines} engines x TP={lay.engine_tp} on the trainer's "
+            f"GPUs, gpu_memory_utilization {r.gpu_memory_utilization:.2f}, asleep (level 1) "
+            f"outside sync+generate{off}",
+        )
     else:
-        out += _wrapped("engines", f"disaggregated: {lay.num_engines} engines x TP={lay.engine_tp} on "
-                                   f"{cfg.cluster.rollout_nnodes} rollout nodes ({lay.rollout_gpus} GPUs), "
-                                   f"gpu_memory_utilization {r.gpu_memory_utilization:.2f}")
+        out += _wrapped(
+            "engines",
+            f"disaggregated: {lay.num_engines} engines x TP={lay.engine_tp} on "
+            f"{cfg.cluster.rollout_nnodes} rollout nodes ({lay.rollout_gpus} GPUs), "
+            f"gpu_memory_utilization {r.gpu_memory_utilization:.2f}",
+        )
     return out + [""]
 
 
 def _tokens_line(plan: Plan) -> str:
     a, lay = plan.cfg.actor, plan.layout
-    per = f"{a.ppo_max_token_len_per_gpu} tokens per micro-batch" if a.use_dynamic_bsz else \
-        f"{micro_batch_rows(plan.cfg, lay.dp)} rows per micro-batch"
+    per = (
+        f"{a.ppo_max_token_len_per_gpu} tokens per micro-batch"
+        if a.use_dynamic_bsz
+        else f"{micro_batch_rows(plan.cfg, lay.dp)} rows per micro-batch"
+    )
     cp = f" (/{lay.cp} per GPU under CP)" if lay.cp > 1 else ""
     return f"{per}{cp}, log-prob chunk {a.log_prob_chunk_tokens} tokens"
 
@@ -108,21 +148,35 @@ def _memory_block(plan: Plan) -> list[str]:
         out.append(f"  {label}".ljust(width + 2) + "".join(c.rjust(col) for c in cells))
     out.append("  total".ljust(width + 2) + "".join(gib_str(ph.total).rjust(col) for ph in plan.phases))
     usable = (asm.gpu_memory_gib - asm.reserve_gib) * GIB
-    out.append(f"  headroom (of {asm.gpu_memory_gib:g} less {asm.reserve_gib:g} reserve)".ljust(width + 2)
-               + "".join(gib_str(usable - ph.total).rjust(col) for ph in plan.phases))
+    out.append(
+        f"  headroom (of {asm.gpu_memory_gib:g} less {asm.reserve_gib:g} reserve)".ljust(width + 2)
+        + "".join(gib_str(usable - ph.total).rjust(col) for ph in plan.phases)
+    )
     return out + _engine_and_host_lines(plan) + [""]
 
 
 def _engine_and_host_lines(plan: Plan) -> list[str]:
     eng, host, r = plan.engine, plan.host, plan.cfg.rollout
-    out = _wrapped("", f"the engine KV cache holds {eng.kv_tokens / 1e6:.2f} M tokens per GPU "
-                       f"({eng.kv_per_token // 1024} KiB per token) = {eng.kv_full_seqs} sequences of {eng.max_seq} "
-                       f"tokens (rollout.max_num_seqs {r.max_num_seqs})")
+    out = _wrapped(
+        "",
+        f"the engine KV cache holds {eng.kv_tokens / 1e6:.2f} M tokens per GPU "
+        f"({eng.kv_per_token // 1024} KiB per token) = {eng.kv_full_seqs} sequences of {eng.max_seq} "
+        f"tokens (rollout.max_num_seqs {r.max_num_seqs})",
+    )
     if host.per_node:
-        parts = [f"{what} {gib_str(n)}" for what, n in (("engine weights asleep", host.engine_weights),
-                                                        ("offloaded optimizer state", host.trainer_state)) if n]
-        out += _wrapped("", f"pinned host memory per node: {gib_str(host.per_node)} GiB ({' + '.join(parts)} GiB "
-                            f"per GPU, x {plan.layout.gpus_per_node})")
+        parts = [
+            f"{what} {gib_str(n)}"
+            for what, n in (
+                ("engine weights asleep", host.engine_weights),
+                ("offloaded optimizer state", host.trainer_state),
+            )
+            if n
+        ]
+        out += _wrapped(
+            "",
+            f"pinned host memory per node: {gib_str(host.per_node)} GiB ({' + '.join(parts)} GiB "
+            f"per GPU, x {plan.layout.gpus_per_node})",
+        )
     return out
 
 
@@ -130,13 +184,18 @@ def _step_block(plan: Plan) -> list[str]:
     """The step's rows and tokens, FLOPs and time per phase, the generation estimate, notes; a blank line."""
     cfg, asm, s = plan.cfg, plan.assumptions, plan.step
     a, r, d = cfg.actor, cfg.rollout, cfg.data
-    out = _wrapped("step", f"{s.prompts} prompts x {r.n} rows = {s.rows} rows: {s.generated_rows} generated, "
-                           f"{s.off_policy_rows} with a demonstration (mean prefix ratio {s.mean_ratio:.2f}); "
-                           f"assumed mean lengths: prompt {s.prompt_len:.0f} ({asm.mean_prompt_frac:g} x "
-                           f"{d.max_prompt_length}), response {s.response_len:.0f} ({asm.mean_response_frac:g} x "
-                           f"{d.max_response_length}) tokens; {s.tokens / 1e6:.2f} M tokens per step")
-    out.append(f"FLOPs and time per step at MFU {asm.mfu:g} of {asm.peak_tflops:g} TFLOP/s per GPU (model FLOPs, "
-               "recompute not counted)")
+    out = _wrapped(
+        "step",
+        f"{s.prompts} prompts x {r.n} rows = {s.rows} rows: {s.generated_rows} generated, "
+        f"{s.off_policy_rows} with a demonstration (mean prefix ratio {s.mean_ratio:.2f}); "
+        f"assumed mean lengths: prompt {s.prompt_len:.0f} ({asm.mean_prompt_frac:g} x "
+        f"{d.max_prompt_length}), response {s.response_len:.0f} ({asm.mean_response_frac:g} x "
+        f"{d.max_response_length}) tokens; {s.tokens / 1e6:.2f} M tokens per step",
+    )
+    out.append(
+        f"FLOPs and time per step at MFU {asm.mfu:g} of {asm.peak_tflops:g} TFLOP/s per GPU (model FLOPs, "
+        "recompute not counted)"
+    )
     epochs = f"{a.ppo_epochs} epoch{'s' if a.ppo_epochs > 1 else ''}"
     flops, times = plan.flops, plan.times_s
     rows_fmt = [
@@ -145,39 +204,50 @@ def _step_block(plan: Plan) -> list[str]:
         ("update", f"6 x params x tokens + attention, {epochs}", flops.update, times.update),
     ]
     if flops.ref_log_probs:
-        rows_fmt.insert(2, ("ref log-probs", "the reference model, as old log-probs", flops.ref_log_probs,
-                            times.ref_log_probs))
+        rows_fmt.insert(
+            2, ("ref log-probs", "the reference model, as old log-probs", flops.ref_log_probs, times.ref_log_probs)
+        )
     for name, how, fl, t in rows_fmt:
         out.append(f"  {name:<15}{how:<48}{fl / 1e15:10.1f} PFLOP{t:9.1f} s")
     out.append(f"  {'step':<15}{'without reward grading, weight sync, offload copies':<48}{'':16}{times.step:9.1f} s")
     g = plan.generation
     if g:
         bound = "the longest response" if g.tail_bound else "decode tokens / concurrency"
-        out += _wrapped("", f"generation: {g.rows_per_engine:.0f} rows per engine at concurrency {g.concurrency}; "
-                            f"a decode step reads {gib_str(plan.engine.weights)} GiB of weights + "
-                            f"{g.kv_read_gib:.1f} GiB of KV cache at {asm.gen_bandwidth_util:g} x {asm.hbm_tbs:g} "
-                            f"TB/s = {g.step_ms:.1f} ms; {g.steps:.0f} steps ({bound}) = {g.decode_s:.1f} s, "
-                            f"prefill {g.prefill_s:.1f} s")
+        out += _wrapped(
+            "",
+            f"generation: {g.rows_per_engine:.0f} rows per engine at concurrency {g.concurrency}; "
+            f"a decode step reads {gib_str(plan.engine.weights)} GiB of weights + "
+            f"{g.kv_read_gib:.1f} GiB of KV cache at {asm.gen_bandwidth_util:g} x {asm.hbm_tbs:g} "
+            f"TB/s = {g.step_ms:.1f} ms; {g.steps:.0f} steps ({bound}) = {g.decode_s:.1f} s, "
+            f"prefill {g.prefill_s:.1f} s",
+        )
     for note in plan.notes:
         out += _wrapped("note", note)
     return out + [""]
 
 
 def _verdict_block(plan: Plan) -> list[str]:
-    """"fits" with the fullest phase, or every problem and the single changes that would fit."""
+    """ "fits" with the fullest phase, or every problem and the single changes that would fit."""
     asm = plan.assumptions
     if plan.fits:
         fullest = max(plan.phases, key=lambda ph: ph.total)
-        return [f"fits: the fullest phase is {fullest.name} at {gib_str(fullest.total)} of "
-                f"{asm.gpu_memory_gib - asm.reserve_gib:g} usable GiB per GPU ({asm.gpu_memory_gib:g} less "
-                f"{asm.reserve_gib:g} reserve)"]
+        return [
+            f"fits: the fullest phase is {fullest.name} at {gib_str(fullest.total)} of "
+            f"{asm.gpu_memory_gib - asm.reserve_gib:g} usable GiB per GPU ({asm.gpu_memory_gib:g} less "
+            f"{asm.reserve_gib:g} reserve)"
+        ]
     out = []
     for prob in plan.problems:
-        out.extend(textwrap.wrap(f"DOES NOT FIT: {prob}", width=_WIDTH, subsequent_indent="  ",
-                                 break_on_hyphens=False))
+        out.extend(textwrap.wrap(f"DOES NOT FIT: {prob}", width=_WIDTH, subsequent_indent="  ", break_on_hyphens=False))
     if plan.suggestions:
-        out.extend(textwrap.wrap("single changes that fit: " + "; ".join(plan.suggestions), width=_WIDTH,
-                                 subsequent_indent="  ", break_on_hyphens=False))
+        out.extend(
+            textwrap.wrap(
+                "single changes that fit: " + "; ".join(plan.suggestions),
+                width=_WIDTH,
+                subsequent_indent="  ",
+                break_on_hyphens=False,
+            )
+        )
     return out
 
 
@@ -197,8 +267,13 @@ def _candidate_changes(cfg) -> list[list[tuple[str, object]]]:
         if pp > p.pipeline_model_parallel_size:
             tries.append([("parallel.pipeline_model_parallel_size", pp)])
     if m.recompute_granularity != "full":
-        tries.append([("model.recompute_granularity", "full"), ("model.recompute_method", "uniform"),
-                      ("model.recompute_num_layers", 1)])
+        tries.append(
+            [
+                ("model.recompute_granularity", "full"),
+                ("model.recompute_method", "uniform"),
+                ("model.recompute_num_layers", 1),
+            ]
+        )
     if not p.use_distributed_optimizer:
         tries.append([("parallel.use_distributed_optimizer", True)])
     if not a.offload_during_rollout:
@@ -229,8 +304,7 @@ def suggest_fixes(cfg, assumptions: Assumptions, limit: int = 3) -> list[str]:
         try:
             validate(trial)
             if make_plan(trial, assumptions).fits:
-                found.append(" ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}"
-                                      for k, v in changes))
+                found.append(" ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes))
         except (ConfigError, PlanError):
             continue
         if len(found) >= limit:

@@ -48,7 +48,7 @@ def strip_trailing_special_tokens(text: str) -> str:
     linear on degenerate output (a single regex over the whole text was quadratic on long whitespace)."""
     text = text.rstrip()
     while (match := _SPECIAL_TOKEN_AT_END.search(text, max(0, len(text) - 48))) is not None:
-        text = text[:match.start()].rstrip()
+        text = text[: match.start()].rstrip()
     return text
 
 
@@ -180,13 +180,16 @@ def bind_options(grader: Grader, *, strip_special_tokens: bool) -> Callable[[str
     except (TypeError, ValueError):  # a builtin or C function without a signature
         parameters = {}
     takes_option = "strip_special_tokens" in parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
     if takes_option:
         return functools.partial(grader, strip_special_tokens=strip_special_tokens)
     if strip_special_tokens:
         name = getattr(grader, "__qualname__", repr(grader))
-        raise ValueError(f"grader {name} takes no strip_special_tokens keyword, so reward.strip_special_tokens=true "
-                         "cannot apply to it: add `*, strip_special_tokens: bool = False` to it, or set the option false")
+        raise ValueError(
+            f"grader {name} takes no strip_special_tokens keyword, so reward.strip_special_tokens=true "
+            "cannot apply to it: add `*, strip_special_tokens: bool = False` to it, or set the option false"
+        )
     return grader
 
 

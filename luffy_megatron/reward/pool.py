@@ -65,7 +65,8 @@ class PoolStats:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
-    """Worker loop: (index, grader, strip_special_tokens, response, gold) in, (index, score | None, error | None) out."""
+    """Worker loop: (index, grader, strip_special_tokens, response, gold) in,
+    (index, score | None, error | None) out."""
     # Ctrl-C goes to the whole process group; the parent decides, and closes us through the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -100,8 +101,7 @@ class _Worker:
 
     def __init__(self, context) -> None:
         self.conn, child_conn = context.Pipe(duplex=True)
-        self.process = context.Process(target=_worker_main, args=(child_conn,), daemon=True,
-                                       name="luffy-reward-worker")
+        self.process = context.Process(target=_worker_main, args=(child_conn,), daemon=True, name="luffy-reward-worker")
         self.process.start()
         child_conn.close()
         self.started_at = time.monotonic()
@@ -139,8 +139,15 @@ class RewardPool:
     True strips them first (see `reward.graders`).
     """
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, grader: str | Grader = "luffy_think",
-                 grace_s: float = 0.5, start_method: str | None = None, strip_special_tokens: bool = False) -> None:
+    def __init__(
+        self,
+        num_workers: int = 2,
+        timeout_s: float = 10.0,
+        grader: str | Grader = "luffy_think",
+        grace_s: float = 0.5,
+        start_method: str | None = None,
+        strip_special_tokens: bool = False,
+    ) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if timeout_s <= 0:
@@ -164,8 +171,12 @@ class RewardPool:
 
     # -- public -------------------------------------------------------------------------------------
 
-    def grade(self, items: Sequence[tuple[str, str]], grader: str | Grader | None = None,
-              progress: Callable[[int, int], None] | None = None) -> list[float]:
+    def grade(
+        self,
+        items: Sequence[tuple[str, str]],
+        grader: str | Grader | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[float]:
         """Scores for (response, ground_truth) pairs, in input order (one call at a time, not thread-safe).
 
         `progress(num_done, num_total)` is called as items finish (at most ~10 times a second).
@@ -258,7 +269,8 @@ class RewardPool:
         now = time.monotonic()
         wait_s = min([w.deadline - now for w in self._workers] + [_WAIT_SLICE_S])
         ready = multiprocessing.connection.wait(
-            [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers], timeout=max(wait_s, 0.0))
+            [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers], timeout=max(wait_s, 0.0)
+        )
         num_done = 0
         for worker in list(self._workers):
             if worker.conn in ready:  # a result, or EOF if it died (a last result is read before the EOF)
@@ -303,17 +315,26 @@ class RewardPool:
             scores[index] = 0.0
             setattr(self.stats, reason, getattr(self.stats, reason) + 1)
             cause = "timed out" if reason == "timed_out" else f"crashed (exit code {worker.process.exitcode})"
-            logger.warning("reward item %d %s after %.1f s; scored 0.0, worker replaced", index, cause,
-                           time.monotonic() - worker.started_item_at)
+            logger.warning(
+                "reward item %d %s after %.1f s; scored 0.0, worker replaced",
+                index,
+                cause,
+                time.monotonic() - worker.started_item_at,
+            )
         elif worker.ready or (worker.process.exitcode or 0) < 0:
             # Idle, or killed by a signal before it reported ready (e.g. an external kill while it was
             # still importing sympy on a loaded machine): not the import failure diagnosed below.
-            logger.warning("a reward worker died %s (exit code %s); replaced",
-                           "while idle" if worker.ready else "during start-up", worker.process.exitcode)
+            logger.warning(
+                "a reward worker died %s (exit code %s); replaced",
+                "while idle" if worker.ready else "during start-up",
+                worker.process.exitcode,
+            )
         else:
-            raise RuntimeError(f"a reward worker died during start-up (exit code {worker.process.exitcode}); "
-                               "if a script creates the RewardPool at import time, guard that code with "
-                               "`if __name__ == '__main__':` (workers import the main module)")
+            raise RuntimeError(
+                f"a reward worker died during start-up (exit code {worker.process.exitcode}); "
+                "if a script creates the RewardPool at import time, guard that code with "
+                "`if __name__ == '__main__':` (workers import the main module)"
+            )
         self._replace(worker)
         return 0 if index is None else 1
 

@@ -93,8 +93,10 @@ class DirectLoader:
                 if len(group.received) == len(group.members):
                     self._pack(group)
             elif not (self.tied_lm_head and name == "lm_head.weight"):  # vLLM skips it too for tied models
-                raise KeyError(f"direct weight load: {name!r} names no parameter of this engine's model; "
-                               "set rollout.engine_direct_load=false to use vLLM's own reload")
+                raise KeyError(
+                    f"direct weight load: {name!r} names no parameter of this engine's model; "
+                    "set rollout.engine_direct_load=false to use vLLM's own reload"
+                )
         return len(named)
 
     def detach(self, flat: torch.Tensor) -> int:
@@ -132,10 +134,12 @@ class DirectLoader:
         if target.start is None and loader is not None:
             loader(param, tensor)  # vLLM's own (e.g. an embedding's: copies the rows, zeroes the vocab padding)
         else:
-            dest = param.data if target.start is None else param.data[target.start:target.start + target.rows]
+            dest = param.data if target.start is None else param.data[target.start : target.start + target.rows]
             if tuple(dest.shape) != tuple(tensor.shape):
-                raise ValueError(f"direct weight load: {name!r} has shape {tuple(tensor.shape)}, the engine's "
-                                 f"parameter takes {tuple(dest.shape)}")
+                raise ValueError(
+                    f"direct weight load: {name!r} has shape {tuple(tensor.shape)}, the engine's "
+                    f"parameter takes {tuple(dest.shape)}"
+                )
             dest.copy_(tensor)
         if type(getattr(target.module, "quant_method", None)).__name__ == EMBEDDING_METHOD:
             if target.module is getattr(self.model, "lm_head", None):  # now, overlapping the next bucket's export
@@ -147,11 +151,14 @@ class DirectLoader:
         parts = [group.received[m] for m in group.members]
         for m, t in zip(group.members, parts):
             if t.dim() != 2 or t.shape[1] != group.cols:
-                raise ValueError(f"direct weight load: {m!r} has shape {tuple(t.shape)}; {group.path} takes "
-                                 f"[rows, {group.cols}]")
+                raise ValueError(
+                    f"direct weight load: {m!r} has shape {tuple(t.shape)}; {group.path} takes [rows, {group.cols}]"
+                )
         if sum(t.shape[0] for t in parts) != group.rows:
-            raise ValueError(f"direct weight load: {group.members} have {sum(t.shape[0] for t in parts)} rows "
-                             f"together; {group.path} takes {group.rows}")
+            raise ValueError(
+                f"direct weight load: {group.members} have {sum(t.shape[0] for t in parts)} rows "
+                f"together; {group.path} takes {group.rows}"
+            )
         fused = fused_view(parts)
         in_place = fused is not None and fused.dtype == group.dtype
         if not in_place:
@@ -161,8 +168,10 @@ class DirectLoader:
         module.quant_method.process_weights_after_loading(module)
         kept = module.weight
         if kept.numel() and kept.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr():
-            raise RuntimeError(f"direct weight load: {group.path}'s post-processing kept the received tensor "
-                               "instead of packing it; set rollout.engine_direct_load=false")
+            raise RuntimeError(
+                f"direct weight load: {group.path}'s post-processing kept the received tensor "
+                "instead of packing it; set rollout.engine_direct_load=false"
+            )
         group.received.clear()
         if in_place:
             self.in_place += 1
@@ -178,8 +187,14 @@ def fused_view(parts: list) -> Optional[torch.Tensor]:
     storage = first.untyped_storage().data_ptr()
     end = first.data_ptr()
     for t in parts:
-        if (t.dtype != first.dtype or t.dim() != 2 or t.shape[1] != cols or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() != storage or t.data_ptr() != end):
+        if (
+            t.dtype != first.dtype
+            or t.dim() != 2
+            or t.shape[1] != cols
+            or not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage
+            or t.data_ptr() != end
+        ):
             return None
         end = t.data_ptr() + t.numel() * t.element_size()
     rows = sum(t.shape[0] for t in parts)
@@ -217,8 +232,12 @@ def plan_direct_load(model: torch.nn.Module, checkpoint_shapes: dict) -> tuple[O
     modules = dict(model.named_modules())
     lm_head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    tied = (lm_head is not None and embed is not None and getattr(lm_head, "weight", None) is not None
-            and lm_head.weight is getattr(embed, "weight", None))
+    tied = (
+        lm_head is not None
+        and embed is not None
+        and getattr(lm_head, "weight", None) is not None
+        and lm_head.weight is getattr(embed, "weight", None)
+    )
 
     groups: dict = {}
     by_module: dict = {}
@@ -254,8 +273,14 @@ def plan_direct_load(model: torch.nn.Module, checkpoint_shapes: dict) -> tuple[O
         module = modules[path]
         rows.sort()
         if param == "weight":
-            group = _Group(module, path, [n for _, n, _ in rows], module.weight.dtype,
-                           int(module.output_size_per_partition), int(module.input_size_per_partition))
+            group = _Group(
+                module,
+                path,
+                [n for _, n, _ in rows],
+                module.weight.dtype,
+                int(module.output_size_per_partition),
+                int(module.input_size_per_partition),
+            )
             total = sum(int(s[0]) for _, _, s in rows)
             if total != group.rows or any(len(s) != 2 or int(s[1]) != group.cols for _, _, s in rows):
                 return None, f"{path}: checkpoint shapes {[tuple(s) for _, _, s in rows]} do not fill its weight"

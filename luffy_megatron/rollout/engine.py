@@ -197,29 +197,46 @@ class VLLMEngine:
         self.weight_handoff = resolve_weight_handoff(weight_handoff, llm_kwargs)
         self._checkpoint_shapes = checkpoint_tensor_shapes(self.model_dir)
         if not self._checkpoint_shapes:
-            raise ValueError(f"{self.model_dir} holds no *.safetensors checkpoint; the engine needs one to "
-                             "start from and to check weight updates against")
+            raise ValueError(
+                f"{self.model_dir} holds no *.safetensors checkpoint; the engine needs one to "
+                "start from and to check weight updates against"
+            )
         t0 = time.perf_counter()
-        self._llm = self._start_llm(tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-                                    gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                                    dtype=dtype, seed=seed, max_num_seqs=max_num_seqs, logprobs_mode=logprobs_mode,
-                                    **llm_kwargs)
+        self._llm = self._start_llm(
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            dtype=dtype,
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            logprobs_mode=logprobs_mode,
+            **llm_kwargs,
+        )
         self.start_s = time.perf_counter() - t0
         self.logprobs_mode = logprobs_mode
         self._set_vllm_weight_version()
         self.watches_engine_core = raise_when_engine_core_dies(self._llm)
         hf_config = self._llm.llm_engine.model_config.hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        log.info("vLLM engine for %s up in %.1fs (dtype %s, tp %d)", self.model_dir, self.start_s,
-                 self.dtype, tensor_parallel_size)
+        log.info(
+            "vLLM engine for %s up in %.1fs (dtype %s, tp %d)",
+            self.model_dir,
+            self.start_s,
+            self.dtype,
+            tensor_parallel_size,
+        )
 
     def _start_llm(self, **llm_kwargs):
         """vLLM's `LLM` on `self.model_dir`, with this project's worker extension."""
         from vllm import LLM  # lazy: as in __init__
 
-        return LLM(model=str(self.model_dir),
-                   skip_tokenizer_init=not _has_tokenizer(self.model_dir),  # tiny test models ship none
-                   worker_extension_cls=WORKER_EXTENSION, **llm_kwargs)
+        return LLM(
+            model=str(self.model_dir),
+            skip_tokenizer_init=not _has_tokenizer(self.model_dir),  # tiny test models ship none
+            worker_extension_cls=WORKER_EXTENSION,
+            **llm_kwargs,
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -240,8 +257,9 @@ class VLLMEngine:
     ) -> list[list[int]]:
         """Generated token ids per row (EOS included when generation stopped on it). Rows with
         `max_new_tokens` 0 get [] and are not sent to vLLM. `seed`: see `row_seeds`."""
-        rows = self._generate(prompts, max_new_tokens, with_logprobs=False, temperature=temperature, top_p=top_p,
-                              top_k=top_k, seed=seed)
+        rows = self._generate(
+            prompts, max_new_tokens, with_logprobs=False, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
         return [r.token_ids for r in rows]
 
     def generate_rollouts(
@@ -256,11 +274,13 @@ class VLLMEngine:
     ) -> list[Generation]:
         """Like `generate`, with the log-prob of every sampled token (see the class docstring) and the
         weight version that sampled it, per row."""
-        return self._generate(prompts, max_new_tokens, with_logprobs=True, temperature=temperature, top_p=top_p,
-                              top_k=top_k, seed=seed)
+        return self._generate(
+            prompts, max_new_tokens, with_logprobs=True, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
 
-    def _generate(self, prompts, max_new_tokens, *, with_logprobs: bool, temperature: float, top_p: float,
-                  top_k: int, seed: Seed) -> list[Generation]:
+    def _generate(
+        self, prompts, max_new_tokens, *, with_logprobs: bool, temperature: float, top_p: float, top_k: int, seed: Seed
+    ) -> list[Generation]:
         from vllm import SamplingParams  # lazy: as in __init__
         from vllm.inputs import TokensPrompt
 
@@ -276,8 +296,10 @@ class VLLMEngine:
             if budget == 0:
                 continue
             if len(prompt) + budget > self.max_model_len:
-                raise ValueError(f"row {i}: prompt of {len(prompt)} tokens + max_new_tokens={budget} exceeds "
-                                 f"the engine's max_model_len={self.max_model_len}; raise rollout max_model_len")
+                raise ValueError(
+                    f"row {i}: prompt of {len(prompt)} tokens + max_new_tokens={budget} exceeds "
+                    f"the engine's max_model_len={self.max_model_len}; raise rollout max_model_len"
+                )
             rows.append(i)
         if not rows:
             return results
@@ -285,8 +307,16 @@ class VLLMEngine:
         # logprobs=0: the sampled token's log-prob only (vLLM always adds the sampled token to the top-k).
         logprobs = {"logprobs": 0, "flat_logprobs": True} if with_logprobs else {}
         params = [
-            SamplingParams(n=1, max_tokens=int(max_new_tokens[i]), temperature=temperature, top_p=top_p,
-                           top_k=top_k, seed=None if seeds is None else seeds[i], detokenize=False, **logprobs)
+            SamplingParams(
+                n=1,
+                max_tokens=int(max_new_tokens[i]),
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=None if seeds is None else seeds[i],
+                detokenize=False,
+                **logprobs,
+            )
             for i in rows
         ]
         outputs = self._llm.generate(requests, params, use_tqdm=False)
@@ -295,8 +325,11 @@ class VLLMEngine:
         for i, out in zip(rows, outputs):  # vLLM returns outputs in request order
             completion = out.outputs[0]
             tokens = list(completion.token_ids)
-            results[i] = Generation(tokens, _sampled_logprobs(tokens, completion.logprobs) if with_logprobs else [],
-                                    _span_versions(completion, self.weight_version))
+            results[i] = Generation(
+                tokens,
+                _sampled_logprobs(tokens, completion.logprobs) if with_logprobs else [],
+                _span_versions(completion, self.weight_version),
+            )
         return results
 
     # ---------------------------------------------------------------- weights
@@ -308,11 +341,14 @@ class VLLMEngine:
             return False
         expected = self._checkpoint_shapes.get(name)
         if expected is None:
-            raise KeyError(f"weight update has tensor {name!r}, which {self.model_dir} does not have "
-                           f"(the engine's checkpoint has {len(self._checkpoint_shapes)} tensors)")
+            raise KeyError(
+                f"weight update has tensor {name!r}, which {self.model_dir} does not have "
+                f"(the engine's checkpoint has {len(self._checkpoint_shapes)} tensors)"
+            )
         if tuple(tensor.shape) != expected:
-            raise ValueError(f"weight update has {name!r} of shape {tuple(tensor.shape)}; the engine's "
-                             f"checkpoint has {expected}")
+            raise ValueError(
+                f"weight update has {name!r} of shape {tuple(tensor.shape)}; the engine's checkpoint has {expected}"
+            )
         return True
 
     def set_direct_load(self, direct: bool) -> None:
@@ -345,8 +381,9 @@ class VLLMEngine:
             raise ValueError(f"weight update sends {repeated} more than once")
         self._llm.collective_rpc(method, args=args)
         self._update["names"].update(names)
-        self._update["bytes"] += sum(torch.empty(tuple(e[2]), dtype=getattr(torch, e[1]), device="meta").nbytes
-                                     for e in entries)
+        self._update["bytes"] += sum(
+            torch.empty(tuple(e[2]), dtype=getattr(torch, e[1]), device="meta").nbytes for e in entries
+        )
         return len(names)
 
     def load_flat_bucket(self, flat, entries: Sequence) -> int:
@@ -379,21 +416,32 @@ class VLLMEngine:
         workers = self._llm.collective_rpc("luffy_finish_weight_update")
         incomplete = sorted({path for w in workers for path in w["incomplete"]})
         if incomplete:
-            log.warning("weight update (version %d): %d layer(s) got only some of their tensors and keep their old "
-                        "weights, e.g. %s", self.weight_version + 1, len(incomplete), incomplete[:3])
+            log.warning(
+                "weight update (version %d): %d layer(s) got only some of their tensors and keep their old "
+                "weights, e.g. %s",
+                self.weight_version + 1,
+                len(incomplete),
+                incomplete[:3],
+            )
         self._llm.reset_prefix_cache()
         self.weight_version += 1
         self.num_weight_updates += 1
         self._set_vllm_weight_version()
         missing = sorted(set(self._checkpoint_shapes) - update["names"])
         if missing and not partial:
-            raise ValueError(f"weight update (version {self.weight_version}) did not send {len(missing)} of the "
-                             f"checkpoint's tensors, e.g. {missing[:5]}; the engine keeps their old values")
-        return {"weight_version": self.weight_version, "num_tensors": len(update["names"]),
-                "bytes": update["bytes"], "seconds": time.perf_counter() - update["t0"],
-                "load": "+".join(sorted({w["load"] for w in workers})),  # direct | layerwise: how the workers loaded
-                "packed_in_place": sum(w["in_place"] for w in workers),
-                "packed_from_copy": sum(w["concatenated"] for w in workers)}
+            raise ValueError(
+                f"weight update (version {self.weight_version}) did not send {len(missing)} of the "
+                f"checkpoint's tensors, e.g. {missing[:5]}; the engine keeps their old values"
+            )
+        return {
+            "weight_version": self.weight_version,
+            "num_tensors": len(update["names"]),
+            "bytes": update["bytes"],
+            "seconds": time.perf_counter() - update["t0"],
+            "load": "+".join(sorted({w["load"] for w in workers})),  # direct | layerwise: how the workers loaded
+            "packed_in_place": sum(w["in_place"] for w in workers),
+            "packed_from_copy": sum(w["concatenated"] for w in workers),
+        }
 
     def label_weights(self, version: int) -> bool:
         """Names the weights of the last finished update `version` (the trainer's weight version: the step
@@ -462,8 +510,10 @@ class VLLMEngine:
 
     def _check_awake(self, what: str, needs: tuple[str, ...] = ("weights", "kv_cache")) -> None:
         if self._asleep & set(needs):
-            raise RuntimeError(f"{what} on a sleeping engine ({', '.join(sorted(self._asleep))} asleep, sleep level "
-                               f"{self.sleep_level}): call wake_up() first")
+            raise RuntimeError(
+                f"{what} on a sleeping engine ({', '.join(sorted(self._asleep))} asleep, sleep level "
+                f"{self.sleep_level}): call wake_up() first"
+            )
 
     # ---------------------------------------------------------------- lifetime
 
@@ -484,4 +534,3 @@ class VLLMEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

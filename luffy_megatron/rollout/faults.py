@@ -89,10 +89,22 @@ class EngineSupervisor:
     `rollout.on_engine_failure` (fail | restart). `push` is the function every rank runs to stream its weights
     (actor/remote.py sync_weights: `push(actor, fleet, bucket_bytes)`)."""
 
-    def __init__(self, fleet, ranks: GuardedRanks, *, push: Callable, bucket_bytes: int, request_timeout_s: float,
-                 on_engine_failure: str = "fail"):
+    def __init__(
+        self,
+        fleet,
+        ranks: GuardedRanks,
+        *,
+        push: Callable,
+        bucket_bytes: int,
+        request_timeout_s: float,
+        on_engine_failure: str = "fail",
+    ):
         self.fleet, self.ranks, self.push = fleet, ranks, push
-        self.bucket_bytes, self.request_timeout_s, self.on_engine_failure = bucket_bytes, request_timeout_s, on_engine_failure
+        self.bucket_bytes, self.request_timeout_s, self.on_engine_failure = (
+            bucket_bytes,
+            request_timeout_s,
+            on_engine_failure,
+        )
         self.fleet.request_timeout_s = request_timeout_s
         self.restarts = 0  # engines restarted by this supervisor (rollout/engine_restarts)
         self.version = 0  # the actor's weight version the engines should hold
@@ -101,12 +113,14 @@ class EngineSupervisor:
 
     def generate_rollouts(self, prompts, max_new_tokens, **sampling) -> list:
         """`EngineFleet.generate_rollouts` with the deadline and the failure policy."""
-        return self.fleet.generate_rollouts(prompts, max_new_tokens, timeout_s=self.request_timeout_s,
-                                            on_failure=self._on_failure(), **sampling)
+        return self.fleet.generate_rollouts(
+            prompts, max_new_tokens, timeout_s=self.request_timeout_s, on_failure=self._on_failure(), **sampling
+        )
 
     def generate(self, prompts, max_new_tokens, **sampling) -> list[list[int]]:
-        return self.fleet.generate(prompts, max_new_tokens, timeout_s=self.request_timeout_s,
-                                   on_failure=self._on_failure(), **sampling)
+        return self.fleet.generate(
+            prompts, max_new_tokens, timeout_s=self.request_timeout_s, on_failure=self._on_failure(), **sampling
+        )
 
     def _on_failure(self) -> Optional[Callable]:
         return self.restart_engine if self.on_engine_failure == "restart" else None
@@ -123,13 +137,19 @@ class EngineSupervisor:
             one.label_weights(self.version)
         except RankFailure:
             raise
-        except Exception as err:
-            failure.args = (f"{failure}\nrollout.on_engine_failure=restart: restarting it failed too: "
-                            f"{first_lines(f'{type(remote_cause(err)).__name__}: {remote_cause(err)}', 4)}",)
+        except Exception as err:  # noqa: BLE001 - whatever the restart raised is reported in the failure
+            failure.args = (
+                f"{failure}\nrollout.on_engine_failure=restart: restarting it failed too: "
+                f"{first_lines(f'{type(remote_cause(err)).__name__}: {remote_cause(err)}', 4)}",
+            )
             raise failure from None
         self.restarts += 1
-        log.warning("engine %d restarted and re-synced (weight version %d) in %.1fs", engine, self.version,
-                    time.monotonic() - t0)
+        log.warning(
+            "engine %d restarted and re-synced (weight version %d) in %.1fs",
+            engine,
+            self.version,
+            time.monotonic() - t0,
+        )
 
     # ------------------------------------------------------------------ weight sync
 
@@ -154,9 +174,13 @@ class EngineSupervisor:
         labelled = self.fleet.label_weights(version)
         for engine, ok in enumerate(labelled):
             if not ok:
-                log.warning("engine %d received no weights in the sync of weight version %d: it keeps version %d, "
-                            "and the rows it makes will be refused as stale", engine, version,
-                            self.fleet.weight_versions()[engine])
+                log.warning(
+                    "engine %d received no weights in the sync of weight version %d: it keeps version %d, "
+                    "and the rows it makes will be refused as stale",
+                    engine,
+                    version,
+                    self.fleet.weight_versions()[engine],
+                )
         if all(labelled):
             self.fleet.synced_version = version
         return time.perf_counter() - t0
@@ -174,8 +198,11 @@ class EngineSupervisor:
             self.push_weights(fleet)
             return []
         except RankCallTimeout as err:
-            failed = fleet.failed_engines(phase=what, timeout_s=HEALTH_TIMEOUT_S, cause=f"{what} timed out after "
-                                          f"rollout.request_timeout_s={self.request_timeout_s:g}s")
+            failed = fleet.failed_engines(
+                phase=what,
+                timeout_s=HEALTH_TIMEOUT_S,
+                cause=f"{what} timed out after rollout.request_timeout_s={self.request_timeout_s:g}s",
+            )
             for failure in failed:
                 fleet.kill_engine(failure.engine)
             if not self.ranks.drain(err.refs):
@@ -186,8 +213,11 @@ class EngineSupervisor:
         except RankFailure:
             raise
         except Exception as err:
-            failed = fleet.failed_engines(phase=what, timeout_s=HEALTH_TIMEOUT_S,
-                                          cause=first_lines(f"{type(remote_cause(err)).__name__}: {remote_cause(err)}", 2))
+            failed = fleet.failed_engines(
+                phase=what,
+                timeout_s=HEALTH_TIMEOUT_S,
+                cause=first_lines(f"{type(remote_cause(err)).__name__}: {remote_cause(err)}", 2),
+            )
             if not failed:
                 raise
             return failed

@@ -59,7 +59,9 @@ class RolloutRecord:
         return int(self.generated_mask_BT.sum())
 
 
-def record_generations(*, prefixes: Sequence[Sequence[int]], generations: Sequence, response_mask_BT: torch.Tensor) -> RolloutRecord:
+def record_generations(
+    *, prefixes: Sequence[Sequence[int]], generations: Sequence, response_mask_BT: torch.Tensor
+) -> RolloutRecord:
     """Places each row's engine log-probs where `assemble_responses` put its generated tokens: after the
     prefix, cut to the response width, and only inside the response mask (up to the first EOS).
 
@@ -122,8 +124,13 @@ def drift_metrics(record: RolloutRecord, drift: dict) -> dict[str, float]:
     return out
 
 
-def check_weight_versions(record: RolloutRecord, actor_version: int, *, old_log_prob_BT: Optional[torch.Tensor] = None,
-                          describe_engine: Callable[[int], str] = lambda e: f"engine {e}") -> None:
+def check_weight_versions(
+    record: RolloutRecord,
+    actor_version: int,
+    *,
+    old_log_prob_BT: Optional[torch.Tensor] = None,
+    describe_engine: Callable[[int], str] = lambda e: f"engine {e}",
+) -> None:
     """Raises `StaleRolloutError` when a row was sampled by weights other than the actor's `actor_version`
     (the first offending engine is named with both versions and how many of its rows are affected)."""
     stale: dict[tuple[Optional[int], int], list[int]] = {}
@@ -138,28 +145,47 @@ def check_weight_versions(record: RolloutRecord, actor_version: int, *, old_log_
     drift = logprob_drift(record, old_log_prob_BT, rows) if old_log_prob_BT is not None else {}
     who = describe_engine(engine) if engine is not None else "an engine"
     mixed = [r for r in rows if len(record.weight_versions[r]) > 1]
-    how = (f"{len(mixed)} of them sampled partly by weights version {', '.join(map(str, record.weight_versions[mixed[0]]))}"
-           if mixed else "")
-    measured = (f"; on those rows |engine - actor log-prob| is {drift['mean']:.4g} on average (max {drift['max']:.4g}) "
-                f"over {drift['tokens']} tokens") if drift else ""
+    how = (
+        f"{len(mixed)} of them sampled partly by weights version "
+        f"{', '.join(map(str, record.weight_versions[mixed[0]]))}"
+        if mixed
+        else ""
+    )
+    measured = (
+        (
+            f"; on those rows |engine - actor log-prob| is {drift['mean']:.4g} on average (max {drift['max']:.4g}) "
+            f"over {drift['tokens']} tokens"
+        )
+        if drift
+        else ""
+    )
     others = len(stale) - 1
     actor_weights = f"the weights after step {actor_version}" if actor_version else "the weights it started from"
-    message = (f"stale rollouts: {who} generated {len(rows)} row(s) with weight version {version}, but the actor is at "
-               f"weight version {actor_version} ({actor_weights}){', ' + how if how else ''}"
-               f"{measured}. The weights of the last update did not reach this engine (a lost or failed weight sync), "
-               f"so the batch is refused rather than trained on"
-               f"{f' ({others} more engine/version pair(s) are stale too)' if others else ''}")
-    raise StaleRolloutError(message, engine=engine if engine is not None else -1, engine_version=version,
-                            actor_version=actor_version, drift=drift)
+    message = (
+        f"stale rollouts: {who} generated {len(rows)} row(s) with weight version {version}, but the actor is at "
+        f"weight version {actor_version} ({actor_weights}){', ' + how if how else ''}"
+        f"{measured}. The weights of the last update did not reach this engine (a lost or failed weight sync), "
+        f"so the batch is refused rather than trained on"
+        f"{f' ({others} more engine/version pair(s) are stale too)' if others else ''}"
+    )
+    raise StaleRolloutError(
+        message,
+        engine=engine if engine is not None else -1,
+        engine_version=version,
+        actor_version=actor_version,
+        drift=drift,
+    )
 
 
 def enforce_max_logprob_diff(drift: dict, *, max_logprob_diff: Optional[float], action: str, step: int) -> None:
     """`rollout.max_logprob_diff` on the mean drift: a warning, or `LogprobDriftError` with action 'error'."""
     if max_logprob_diff is None or not drift or drift["mean"] <= max_logprob_diff:
         return
-    message = (f"step {step}: mean |engine - actor log-prob| over {drift['tokens']} generated tokens is {drift['mean']:.4g} "
-               f"(max {drift['max']:.4g}), above rollout.max_logprob_diff={max_logprob_diff:g}: the engines do not "
-               "compute what the trainer computes (weights not synced, a conversion or sampling-setting mismatch)")
+    message = (
+        f"step {step}: mean |engine - actor log-prob| over {drift['tokens']} generated tokens is {drift['mean']:.4g} "
+        f"(max {drift['max']:.4g}), above rollout.max_logprob_diff={max_logprob_diff:g}: the engines do not "
+        "compute what the trainer computes (weights not synced, a conversion or sampling-setting mismatch)"
+    )
     if action == "error":
         raise LogprobDriftError(message + "; rollout.logprob_diff_action=error stops the run", drift=drift)
     log.warning("%s (rollout.logprob_diff_action=warn: training goes on)", message)

@@ -54,9 +54,16 @@ class VLLMEngineActor:
     (0.32: "current platform cpu does not support ray"), so on CPU the TP workers run as local processes of
     this actor (multiprocessing executor), on the same node as its bundles."""
 
-    def __init__(self, model_dir: str, env: Optional[dict] = None, ray_bundles: Optional[list[int]] = None,
-                 worker_gpu_share: Optional[float] = None, log_file: Optional[str] = None,
-                 cpu_slot: Optional[tuple[int, int]] = None, **engine_kwargs):
+    def __init__(
+        self,
+        model_dir: str,
+        env: Optional[dict] = None,
+        ray_bundles: Optional[list[int]] = None,
+        worker_gpu_share: Optional[float] = None,
+        log_file: Optional[str] = None,
+        cpu_slot: Optional[tuple[int, int]] = None,
+        **engine_kwargs,
+    ):
         self.log_file = _log_to_file(log_file) if log_file else None
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
         self.cpu_bind = _bind_cpu_engine(cpu_slot, int(engine_kwargs.get("tensor_parallel_size", 1)))
@@ -70,7 +77,9 @@ class VLLMEngineActor:
 
             if self.ray_bundles:
                 if len(self.ray_bundles) != tp:
-                    raise ValueError(f"engine of tensor_parallel_size={tp} got {len(self.ray_bundles)} bundles {self.ray_bundles}")
+                    raise ValueError(
+                        f"engine of tensor_parallel_size={tp} got {len(self.ray_bundles)} bundles {self.ray_bundles}"
+                    )
                 os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, self.ray_bundles))
                 os.environ["VLLM_RAY_PER_WORKER_GPUS"] = str(worker_gpu_share if worker_gpu_share is not None else 1.0)
             if current_platform.is_cpu():
@@ -94,11 +103,17 @@ class VLLMEngineActor:
     def placement_info(self) -> dict:
         """Where this engine runs: the actor's node and devices as Ray set them, its placement group, and for
         TP > 1 the bundles and GPU share its vLLM workers were started with."""
-        return {**self.placement, "executor": self.executor, "ray_bundles": self.ray_bundles,
-                "worker_gpu_share": self.worker_gpu_share, "sleep_mode": self.engine.sleep_mode,
-                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "cpu_bind": self.cpu_bind,
-                "VLLM_RAY_BUNDLE_INDICES": os.environ.get("VLLM_RAY_BUNDLE_INDICES"),
-                "VLLM_RAY_PER_WORKER_GPUS": os.environ.get("VLLM_RAY_PER_WORKER_GPUS")}
+        return {
+            **self.placement,
+            "executor": self.executor,
+            "ray_bundles": self.ray_bundles,
+            "worker_gpu_share": self.worker_gpu_share,
+            "sleep_mode": self.engine.sleep_mode,
+            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+            "cpu_bind": self.cpu_bind,
+            "VLLM_RAY_BUNDLE_INDICES": os.environ.get("VLLM_RAY_BUNDLE_INDICES"),
+            "VLLM_RAY_PER_WORKER_GPUS": os.environ.get("VLLM_RAY_PER_WORKER_GPUS"),
+        }
 
     def get_events(self) -> list[tuple[str, float, float]]:
         return list(self.events)
@@ -115,10 +130,18 @@ class VLLMEngineActor:
 
     def info(self) -> dict:
         e = self.engine
-        return {"dtype": str(e.dtype).removeprefix("torch."), "weight_version": e.weight_version,
-                "start_s": e.start_s, "pid": os.getpid(), "num_generate_calls": e.num_generate_calls,
-                "num_generated_rows": e.num_generated_rows, "core_pids": e.core_pids(), "log_file": self.log_file,
-                "node_ip": self.placement.get("node_ip"), "hostname": self.placement.get("hostname")}
+        return {
+            "dtype": str(e.dtype).removeprefix("torch."),
+            "weight_version": e.weight_version,
+            "start_s": e.start_s,
+            "pid": os.getpid(),
+            "num_generate_calls": e.num_generate_calls,
+            "num_generated_rows": e.num_generated_rows,
+            "core_pids": e.core_pids(),
+            "log_file": self.log_file,
+            "node_ip": self.placement.get("node_ip"),
+            "hostname": self.placement.get("hostname"),
+        }
 
     def generate(self, prompts, max_new_tokens, **sampling) -> list[list[int]]:
         t0 = time.time()
@@ -129,8 +152,12 @@ class VLLMEngineActor:
 
     def generate_rollouts(self, prompts, max_new_tokens, **sampling) -> list[Generation]:
         t0 = time.time()
-        log.info("generate_rollouts: %d rows, up to %d new tokens, weight version %d", len(prompts),
-                 max(max_new_tokens, default=0), self.engine.weight_version)
+        log.info(
+            "generate_rollouts: %d rows, up to %d new tokens, weight version %d",
+            len(prompts),
+            max(max_new_tokens, default=0),
+            self.engine.weight_version,
+        )
         try:
             return self.engine.generate_rollouts(prompts, max_new_tokens, **sampling)
         finally:
@@ -184,9 +211,15 @@ class EngineFleet:
     """N engine actors behind one interface. Picklable (actor handles and plain fields), so it can be
     handed to every Megatron actor; only the one that sends weights uses the handles."""
 
-    def __init__(self, engines: Sequence[Any], *, dtype: Optional[torch.dtype] = None,
-                 request_timeout_s: Optional[float] = None, infos: Optional[Sequence[dict]] = None,
-                 indices: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        engines: Sequence[Any],
+        *,
+        dtype: Optional[torch.dtype] = None,
+        request_timeout_s: Optional[float] = None,
+        infos: Optional[Sequence[dict]] = None,
+        indices: Optional[Sequence[int]] = None,
+    ):
         """`engines`: actor handles with `VLLMEngineActor`'s methods (use `EngineFleet.start` to make
         them). `dtype`: the engines' compute dtype, asked from the first engine when not given.
         `request_timeout_s`: the longest any call waits for an engine (None = no bound). `infos`: each
@@ -236,8 +269,14 @@ class EngineFleet:
             launches = [{"options": {"num_cpus": 0, "num_gpus": num_gpus}}] * num_engines
         if len(launches) != num_engines:
             raise ValueError(f"got {len(launches)} engine launches for {num_engines} engines")
-        spec = {"model_dir": str(model_dir), "env": env, "launches": list(launches), "engine_kwargs": engine_kwargs,
-                "start_timeout_s": start_timeout_s, "log_dir": str(log_dir) if log_dir else None}
+        spec = {
+            "model_dir": str(model_dir),
+            "env": env,
+            "launches": list(launches),
+            "engine_kwargs": engine_kwargs,
+            "start_timeout_s": start_timeout_s,
+            "log_dir": str(log_dir) if log_dir else None,
+        }
         engines = [_launch_engine(spec, i) for i in range(num_engines)]
         try:
             infos = _wait_started(engines, start_timeout_s)
@@ -276,8 +315,16 @@ class EngineFleet:
         `timeout_s` (default `request_timeout_s`) bounds each engine's call; an engine that died or did not
         answer raises `EngineFailure`, unless `on_failure(engine, failure)` is given: it must restart the
         engine (see `restart_engine`), whose rows are then generated once more."""
-        return self._dispatch("generate", prompts, max_new_tokens, group_size, timeout_s, on_failure,
-                              dict(temperature=temperature, top_p=top_p, top_k=top_k), seed)
+        return self._dispatch(
+            "generate",
+            prompts,
+            max_new_tokens,
+            group_size,
+            timeout_s,
+            on_failure,
+            dict(temperature=temperature, top_p=top_p, top_k=top_k),
+            seed,
+        )
 
     def generate_rollouts(
         self,
@@ -295,11 +342,28 @@ class EngineFleet:
         """`generate` with each sampled token's log-prob and weight version (`VLLMEngine.generate_rollouts`);
         every row's `Generation.engine` says which engine made it, `attempts` is 2 when it was made again on
         a restarted engine."""
-        return self._dispatch("generate_rollouts", prompts, max_new_tokens, group_size, timeout_s, on_failure,
-                              dict(temperature=temperature, top_p=top_p, top_k=top_k), seed)
+        return self._dispatch(
+            "generate_rollouts",
+            prompts,
+            max_new_tokens,
+            group_size,
+            timeout_s,
+            on_failure,
+            dict(temperature=temperature, top_p=top_p, top_k=top_k),
+            seed,
+        )
 
-    def _dispatch(self, method: str, prompts, max_new_tokens, group_size: int, timeout_s: Optional[float],
-                  on_failure: Optional[Callable], sampling: dict, seed: Seed) -> list:
+    def _dispatch(
+        self,
+        method: str,
+        prompts,
+        max_new_tokens,
+        group_size: int,
+        timeout_s: Optional[float],
+        on_failure: Optional[Callable],
+        sampling: dict,
+        seed: Seed,
+    ) -> list:
         if len(prompts) != len(max_new_tokens):
             raise ValueError(f"got {len(prompts)} prompts but {len(max_new_tokens)} max_new_tokens")
         if group_size < 1:
@@ -316,8 +380,11 @@ class EngineFleet:
         def submit(e: int):
             rows = shards[e]
             ref = getattr(self.engines[e], method).remote(
-                [prompts[i] for i in rows], [max_new_tokens[i] for i in rows],
-                seed=None if seeds is None else [seeds[i] for i in rows], **sampling)
+                [prompts[i] for i in rows],
+                [max_new_tokens[i] for i in rows],
+                seed=None if seeds is None else [seeds[i] for i in rows],
+                **sampling,
+            )
             return ref, (time.monotonic() + timeout_s if timeout_s is not None else None)
 
         attempts = {e: 1 for e, rows in enumerate(shards) if rows}
@@ -345,8 +412,11 @@ class EngineFleet:
                         continue
                 elif deadline is not None and time.monotonic() >= deadline:
                     self.kill_engine(e)  # a hung engine would go on holding its GPU and its requests
-                    failure = self.failure(e, f"generation ({method})", f"no answer within rollout.request_timeout_s="
-                                           f"{timeout_s:g}s (the engine was killed)")
+                    failure = self.failure(
+                        e,
+                        f"generation ({method})",
+                        f"no answer within rollout.request_timeout_s={timeout_s:g}s (the engine was killed)",
+                    )
                 else:
                     continue
                 del in_flight[e]
@@ -401,10 +471,12 @@ class EngineFleet:
         """'engine 1 of 2 (node 10.0.0.2, host gpu07, pid 4242, vLLM engine-core pid 4250)' from what the
         engine reported when it started (it may be dead now)."""
         info = self.infos[i] if i < len(self.infos) else {}
-        parts = [f"node {info['node_ip']}" if info.get("node_ip") else "",
-                 f"host {info['hostname']}" if info.get("hostname") else "",
-                 f"pid {info['pid']}" if info.get("pid") else "",
-                 f"vLLM engine-core pid {', '.join(map(str, info['core_pids']))}" if info.get("core_pids") else ""]
+        parts = [
+            f"node {info['node_ip']}" if info.get("node_ip") else "",
+            f"host {info['hostname']}" if info.get("hostname") else "",
+            f"pid {info['pid']}" if info.get("pid") else "",
+            f"vLLM engine-core pid {', '.join(map(str, info['core_pids']))}" if info.get("core_pids") else "",
+        ]
         where = ", ".join(p for p in parts if p)
         total = len(self.infos) if self.indices == list(range(len(self.engines))) else None
         name = f"engine {self.indices[i]}" + (f" of {total}" if total else "")
@@ -413,8 +485,10 @@ class EngineFleet:
     def failure(self, i: int, phase: str, cause: str) -> EngineFailure:
         """The `EngineFailure` of engine i (local index): who, where, what, and the tail of its log."""
         log_file = (self.infos[i] if i < len(self.infos) else {}).get("log_file")
-        message = (f"{self.describe_engine(i)} failed during {phase}: {cause}. Last lines of its log "
-                   f"({log_file or 'none'}):\n{log_tail(log_file)}")
+        message = (
+            f"{self.describe_engine(i)} failed during {phase}: {cause}. Last lines of its log "
+            f"({log_file or 'none'}):\n{log_tail(log_file)}"
+        )
         return EngineFailure(message, engine=self.indices[i], phase=phase, cause=cause)
 
     def failed_engines(self, *, phase: str, timeout_s: float, cause: str = "") -> list[EngineFailure]:
@@ -428,7 +502,7 @@ class EngineFleet:
                 problem = ray.get(ref, timeout=0)
             except ray.exceptions.GetTimeoutError:
                 problem = f"it did not answer a health check within {timeout_s:g}s"
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - any error of the health check means the engine is not healthy
                 problem = engine_fault(err) or f"its health check raised {type(err).__name__}: {err}"
             if problem:
                 failed.append(self.failure(i, phase, f"{problem}{f' ({cause})' if cause else ''}"))
@@ -438,7 +512,7 @@ class EngineFleet:
         """Kills engine i's actor (and so its vLLM processes, which exit with their parent)."""
         try:
             ray.kill(self.engines[i], no_restart=True)
-        except Exception as err:  # already gone
+        except Exception as err:  # noqa: BLE001 - already gone
             log.warning("could not kill %s: %s", self.describe_engine(i), err)
 
     def restart_engine(self, i: int) -> dict:
@@ -460,8 +534,13 @@ class EngineFleet:
 
     def subset(self, indices: Sequence[int]) -> "EngineFleet":
         """A fleet of some of these engines (same handles), e.g. to sync weights into a restarted engine."""
-        sub = EngineFleet([self.engines[i] for i in indices], dtype=self.dtype, request_timeout_s=self.request_timeout_s,
-                          infos=[self.infos[i] for i in indices], indices=[self.indices[i] for i in indices])
+        sub = EngineFleet(
+            [self.engines[i] for i in indices],
+            dtype=self.dtype,
+            request_timeout_s=self.request_timeout_s,
+            infos=[self.infos[i] for i in indices],
+            indices=[self.indices[i] for i in indices],
+        )
         return sub
 
     # ---------------------------------------------------------------- lifetime
@@ -481,9 +560,14 @@ def _launch_engine(spec: dict, index: int):
     launch = spec["launches"][index]
     log_file = str(Path(spec["log_dir"]) / f"engine_{index}.log") if spec.get("log_dir") else None
     return VLLMEngineActor.options(**launch["options"]).remote(
-        spec["model_dir"], env=spec["env"], ray_bundles=launch.get("ray_bundles"),
-        worker_gpu_share=launch.get("worker_gpu_share"), log_file=log_file,
-        cpu_slot=(index, len(spec["launches"])), **spec["engine_kwargs"])
+        spec["model_dir"],
+        env=spec["env"],
+        ray_bundles=launch.get("ray_bundles"),
+        worker_gpu_share=launch.get("worker_gpu_share"),
+        log_file=log_file,
+        cpu_slot=(index, len(spec["launches"])),
+        **spec["engine_kwargs"],
+    )
 
 
 def _bind_cpu_engine(cpu_slot: Optional[tuple[int, int]], tp: int) -> Optional[str]:
@@ -526,7 +610,6 @@ def _log_to_file(path: str) -> str:
     return path
 
 
-
 def _wait_started(engines: list, timeout_s: float) -> list[dict]:
     """`info()` of every engine once all are up; logs who is still starting every minute."""
     t0 = time.monotonic()
@@ -538,6 +621,7 @@ def _wait_started(engines: list, timeout_s: float) -> list[dict]:
             raise TimeoutError(f"{len(pending)} of {len(engines)} vLLM engines did not start within {timeout_s:g}s")
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 60.0))
         if pending:
-            log.warning("%d of %d vLLM engines still starting after %.0fs", len(pending), len(engines),
-                        time.monotonic() - t0)
+            log.warning(
+                "%d of %d vLLM engines still starting after %.0fs", len(pending), len(engines), time.monotonic() - t0
+            )
     return ray.get(refs)  # raises the engine's own error if one failed

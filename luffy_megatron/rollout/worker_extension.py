@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 # vLLM is imported inside the methods (lazy): only they need it, and only in vLLM's workers.
 
+
 def detach_pending(flat) -> int:
     """Copies the loader arguments of not-yet-complete layers (vLLM's layerwise reload buffers them until a
     layer has all of its tensors) that are views of `flat`, which is about to be reused. Returns how many."""
@@ -66,8 +67,11 @@ def detach_pending(flat) -> int:
     for info in list(LAYERWISE_INFO.values()):
         for _, bound in info.loaded_weights:
             for key, value in list(bound.arguments.items()):
-                if (isinstance(value, torch.Tensor) and value.device == flat.device
-                        and value.untyped_storage().data_ptr() == ptr):
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.device == flat.device
+                    and value.untyped_storage().data_ptr() == ptr
+                ):
                     bound.arguments[key] = value.clone()
                     copied += 1
     return copied
@@ -86,8 +90,14 @@ def keep_heap_for_reloads(limit: int = RELOAD_HEAP_BYTES) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc <malloc.h>
-        return all(bool(libc.mallopt(param, value)) for param, value in (
-            (m_mmap_threshold, int(limit)), (m_trim_threshold, int(limit)), (m_top_pad, int(limit) // 4)))
+        return all(
+            bool(libc.mallopt(param, value))
+            for param, value in (
+                (m_mmap_threshold, int(limit)),
+                (m_trim_threshold, int(limit)),
+                (m_top_pad, int(limit) // 4),
+            )
+        )
     except (OSError, AttributeError):
         return False
 
@@ -118,8 +128,9 @@ class LuffyWorkerExtension:
     def _luffy_direct_loader(self):
         """The model's `DirectLoader`, planned once; None (with the reason logged once) when it does not qualify."""
         if not hasattr(self, "_luffy_direct_plan"):
-            loader, why = plan_direct_load(self.model_runner.model,
-                                           checkpoint_tensor_shapes(self.vllm_config.model_config.model))
+            loader, why = plan_direct_load(
+                self.model_runner.model, checkpoint_tensor_shapes(self.vllm_config.model_config.model)
+            )
             if loader is None and self.device.type == "cpu":
                 log.warning("weight updates use vLLM's layerwise reload: %s", why)
             self._luffy_direct_plan = (loader, why)
@@ -136,8 +147,12 @@ class LuffyWorkerExtension:
         session, self._luffy_direct_session = getattr(self, "_luffy_direct_session", None), None
         with set_current_vllm_config(self.vllm_config):
             if session is not None:
-                done = {"load": "direct", "in_place": session.in_place, "concatenated": session.concatenated,
-                        "incomplete": session.finish()}
+                done = {
+                    "load": "direct",
+                    "in_place": session.in_place,
+                    "concatenated": session.concatenated,
+                    "incomplete": session.finish(),
+                }
             else:
                 done = {"load": "layerwise", "in_place": 0, "concatenated": 0, "incomplete": []}
                 finalize_layerwise_reload(self.model_runner.model, self.model_runner.model_config)
@@ -221,8 +236,13 @@ class LuffyWorkerExtension:
     # ---------------------------------------------------------------- collective
 
     def luffy_worker_info(self) -> dict:
-        info = {"rank": int(getattr(self, "rank", 0)), "pid": os.getpid(), "hostname": socket.gethostname(),
-                "device": str(self.device), "gpu_uuid": None}
+        info = {
+            "rank": int(getattr(self, "rank", 0)),
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "device": str(self.device),
+            "gpu_uuid": None,
+        }
         if self.device.type == "cuda":
             info["gpu_uuid"] = str(torch.cuda.get_device_properties(self.device.index or 0).uuid)
         return info

@@ -36,17 +36,24 @@ def node_ip() -> str:
 
 def finish_summary(done: list) -> dict:
     """What the driver reports of the engines' `finish_weight_update` results."""
-    return {"weight_version": done[0]["weight_version"], "num_tensors": done[0]["num_tensors"],
-            "load": "+".join(sorted({d.get("load", "") for d in done})),
-            "packed_from_copy": sum(d.get("packed_from_copy", 0) for d in done)}
+    return {
+        "weight_version": done[0]["weight_version"],
+        "num_tensors": done[0]["num_tensors"],
+        "load": "+".join(sorted({d.get("load", "") for d in done})),
+        "packed_from_copy": sum(d.get("packed_from_copy", 0) for d in done),
+    }
 
 
 def _cached_plan(actor, chunks, arch, bucket_bytes: int, dtype: torch.dtype) -> list[FlatBucket]:
     """This stage's bucket plan (`plan_flat_buckets(all_stages=False)`), kept on the actor (it holds views of
     the actor's parameters) and made again only when a parameter, its storage, shape or dtype, the bucket size
     or the export dtype changed."""
-    key = (id(arch), bucket_bytes, dtype, tuple((id(p), p.data_ptr(), p.dtype, tuple(p.shape))
-                                                 for c in chunks for p in c.parameters()))
+    key = (
+        id(arch),
+        bucket_bytes,
+        dtype,
+        tuple((id(p), p.data_ptr(), p.dtype, tuple(p.shape)) for c in chunks for p in c.parameters()),
+    )
     cached = getattr(actor, "_luffy_sync_plan", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -80,11 +87,13 @@ class SyncContext:
         else:
             self.role = "contributor" if first_replica else "idle"
         self.senders_group = ps.get_pipeline_model_parallel_group() if self.pp_size > 1 else None
-        self.sender_ranks = (dist.get_process_group_ranks(self.senders_group) if self.senders_group is not None
-                             else [self.rank])
+        self.sender_ranks = (
+            dist.get_process_group_ranks(self.senders_group) if self.senders_group is not None else [self.rank]
+        )
         self.stats = ExportStats()
-        self.buckets: list[FlatBucket] = (_cached_plan(actor, self.chunks, self.arch, bucket_bytes, dtype)
-                                          if self.role != "idle" else [])
+        self.buckets: list[FlatBucket] = (
+            _cached_plan(actor, self.chunks, self.arch, bucket_bytes, dtype) if self.role != "idle" else []
+        )
         self._buffer_for: Callable = lambda bucket: None
         self.fill_mode = ""  # how the stage's TP group filled its buckets: gather (shards to TP rank 0) | shared
         params = [p for c in self.chunks for p in c.parameters()]
@@ -102,15 +111,17 @@ class SyncContext:
     def sender_index(self) -> int:
         return self.pp_rank
 
-    def fill(self, buffer_for: Callable[[FlatBucket], Optional[torch.Tensor]], *,
-             shared: bool = False) -> Iterator[tuple[FlatBucket, Any]]:
+    def fill(
+        self, buffer_for: Callable[[FlatBucket], Optional[torch.Tensor]], *, shared: bool = False
+    ) -> Iterator[tuple[FlatBucket, Any]]:
         """This stage's buckets, filled one by one into `buffer_for(bucket)` (on the sender; None elsewhere).
         Collective over the stage's TP group. `shared`: every TP rank's `buffer_for` maps the same shared memory
         and each writes its own shards into it (`export_flat_buckets(shared=True)`)."""
         self._buffer_for = buffer_for
         self.fill_mode = "shared" if shared else "gather"
-        return export_flat_buckets(self.buckets, self.arch, lambda b: self._buffer_for(b), everywhere=False,
-                                   stats=self.stats, shared=shared)
+        return export_flat_buckets(
+            self.buckets, self.arch, lambda b: self._buffer_for(b), everywhere=False, stats=self.stats, shared=shared
+        )
 
     def drain(self, filling: Iterator) -> None:
         """Runs the rest of a `fill` generator into a scratch buffer (after a failure: the TP peers are in the
@@ -150,8 +161,10 @@ class SyncContext:
         ready, pending = ray.wait(refs_list, num_returns=len(refs_list), timeout=self.timeout_s)
         if pending:
             idx = [i for i, r in enumerate(refs_list) if r in pending]
-            raise TimeoutError(f"weight sync: {what} on engine(s) {idx} did not finish within {self.timeout_s:g}s "
-                               "(rollout.request_timeout_s)")
+            raise TimeoutError(
+                f"weight sync: {what} on engine(s) {idx} did not finish within {self.timeout_s:g}s "
+                "(rollout.request_timeout_s)"
+            )
         out = ray.get(refs_list)
         return out if isinstance(refs, list) else out[0]
 
@@ -220,13 +233,17 @@ class Transport:
         """Open the session (driver) -> every sender transfers -> all agree -> close the session (driver)."""
         opening = [e.begin_weight_update.remote() for e in self.fleet.engines] if ctx.is_driver else None
         filling = self.ahead(ctx, filling)
-        self._step(ctx, "opening the engines' update session",
-                   lambda: opening is None or ctx.engine_get(opening, "begin_weight_update"))
+        self._step(
+            ctx,
+            "opening the engines' update session",
+            lambda: opening is None or ctx.engine_get(opening, "begin_weight_update"),
+        )
         self._step(ctx, "sending weights", lambda: self.transfer(ctx, filling), abort=True)
         if not ctx.is_driver:
             return {}
-        return finish_summary(ctx.engine_get([e.finish_weight_update.remote() for e in self.fleet.engines],
-                                     "finish_weight_update"))
+        return finish_summary(
+            ctx.engine_get([e.finish_weight_update.remote() for e in self.fleet.engines], "finish_weight_update")
+        )
 
     def _step(self, ctx: SyncContext, what: str, fn: Callable, abort: bool = False) -> None:
         """Runs `fn` on every sender, then all agree that it worked; raises this sender's own error, or a

@@ -42,14 +42,25 @@ class WeightGroup:
         self.stream = torch.cuda.Stream(device=device) if backend == "nccl" else None
 
     @classmethod
-    def create(cls, *, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float,
-               listen_socket: Optional[socket.socket] = None, device=None) -> "WeightGroup":
+    def create(
+        cls,
+        *,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+        listen_socket: Optional[socket.socket] = None,
+        device=None,
+    ) -> "WeightGroup":
         if backend == "gloo":
             # lazy: vLLM only where a group is made (the engine workers, the senders)
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
             pg = stateless_init_torch_distributed_process_group(
-                host, port, rank, world_size, "gloo", listen_socket=listen_socket, timeout=timedelta(seconds=timeout_s))
+                host, port, rank, world_size, "gloo", listen_socket=listen_socket, timeout=timedelta(seconds=timeout_s)
+            )
             return cls("gloo", pg=pg)
         if backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group  # lazy: as above
@@ -125,12 +136,21 @@ class CollectiveTransport(Transport):
         host = node_ip()
         sock = _listen(host)
         port = sock.getsockname()[1]
-        spec = {"name": f"luffy-weights-stage{ctx.sender_index}-{host}:{port}", "host": host, "port": port,
-                "backend": backend, "timeout_s": ctx.timeout_s}
+        spec = {
+            "name": f"luffy-weights-stage{ctx.sender_index}-{host}:{port}",
+            "host": host,
+            "port": port,
+            "backend": backend,
+            "timeout_s": ctx.timeout_s,
+        }
         workers = None
         if ctx.is_driver:
-            workers = [len(w) for w in ctx.engine_get(
-                [e.call.remote("worker_rpc", "luffy_worker_info") for e in self.fleet.engines], "luffy_worker_info")]
+            workers = [
+                len(w)
+                for w in ctx.engine_get(
+                    [e.call.remote("worker_rpc", "luffy_worker_info") for e in self.fleet.engines], "luffy_worker_info"
+                )
+            ]
         gathered = ctx.all_gather((spec, workers))
         workers = gathered[0][1]
         world = 1 + sum(workers)
@@ -138,12 +158,21 @@ class CollectiveTransport(Transport):
         offsets = [1 + sum(workers[:i]) for i in range(len(workers))]
         joins = None
         if ctx.is_driver:
-            joins = [e.call.remote("worker_rpc", "luffy_join_weight_groups", groups, offsets[i])
-                     for i, e in enumerate(self.fleet.engines)]
+            joins = [
+                e.call.remote("worker_rpc", "luffy_join_weight_groups", groups, offsets[i])
+                for i, e in enumerate(self.fleet.engines)
+            ]
         try:
-            self.group = WeightGroup.create(host=host, port=port, rank=0, world_size=world,
-                                            backend=backend, timeout_s=ctx.timeout_s, listen_socket=sock,
-                                            device=ctx.device if backend == "nccl" else None)
+            self.group = WeightGroup.create(
+                host=host,
+                port=port,
+                rank=0,
+                world_size=world,
+                backend=backend,
+                timeout_s=ctx.timeout_s,
+                listen_socket=sock,
+                device=ctx.device if backend == "nccl" else None,
+            )
         finally:
             if backend == "gloo":
                 sock.close()  # the store took its own handle of the socket
@@ -174,8 +203,10 @@ class CollectiveTransport(Transport):
         receives = None
         if ctx.is_driver:
             names = [e for plan in plans for _, entries in plan for e in entries]
-            receives = [e.call.remote("load_weights_rpc", "luffy_receive_collective", names, self.group_names, plans)
-                        for e in self.fleet.engines]
+            receives = [
+                e.call.remote("load_weights_rpc", "luffy_receive_collective", names, self.group_names, plans)
+                for e in self.fleet.engines
+            ]
         size = max((b.nbytes for b in ctx.buckets), default=0)
         for i in range(2):
             if size and (self.slots[i] is None or self.slots[i].numel() < size):
@@ -218,9 +249,15 @@ def worker_join(worker, groups: list[dict], rank_offset: int) -> list[str]:
     rank = int(rank_offset) + int(getattr(worker, "rank", 0))
     device = worker.device if g_backend_is_nccl(groups) else None
     for g in groups:
-        joined[g["name"]] = WeightGroup.create(host=g["host"], port=int(g["port"]), rank=rank,
-                                               world_size=int(g["world_size"]), backend=g["backend"],
-                                               timeout_s=float(g["timeout_s"]), device=device)
+        joined[g["name"]] = WeightGroup.create(
+            host=g["host"],
+            port=int(g["port"]),
+            rank=rank,
+            world_size=int(g["world_size"]),
+            backend=g["backend"],
+            timeout_s=float(g["timeout_s"]),
+            device=device,
+        )
     worker._luffy_weight_groups = joined
     return list(joined)
 

@@ -61,8 +61,10 @@ def open_ipc_bucket(handles_b64: str, slot: int, device, importers: dict) -> tor
     handles = pickle.loads(base64.b64decode(handles_b64))
     uuid = gpu_uuid(device)
     if uuid not in handles:
-        raise ValueError(f"no CUDA IPC handle for this worker's GPU {uuid}; got {sorted(handles)}: the shared-memory "
-                         "transport needs a trainer rank on every engine GPU (cluster.layout=colocated)")
+        raise ValueError(
+            f"no CUDA IPC handle for this worker's GPU {uuid}; got {sorted(handles)}: the shared-memory "
+            "transport needs a trainer rank on every engine GPU (cluster.layout=colocated)"
+        )
     index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
     args = list(handles[uuid])
     args[6] = index  # the device index as this process numbers it (vLLM's packed_ipc_consumer does the same)
@@ -165,8 +167,12 @@ class SharedMemoryTransport(Transport):
         ok: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(ok, ctx.is_sender or mapped is not None, group=group)
         if not all(ok):
-            log.warning("weight sync: TP rank(s) %s of stage %d cannot map the sender's bucket files; their shards "
-                        "go through the sender", [i for i, good in enumerate(ok) if not good], ctx.pp_rank)
+            log.warning(
+                "weight sync: TP rank(s) %s of stage %d cannot map the sender's bucket files; their shards "
+                "go through the sender",
+                [i for i, good in enumerate(ok) if not good],
+                ctx.pp_rank,
+            )
         result = ([] if ctx.is_sender else mapped) if all(ok) else None
         self._shared = (int(made), result)
         return result
@@ -180,19 +186,28 @@ class SharedMemoryTransport(Transport):
         self._ensure_slots(max((b.nbytes for b in ctx.buckets), default=ALIGN_PROBE))
         token = list(os.urandom(16))
         self.slots[0].tensor[:16] = torch.tensor(token, dtype=torch.uint8)
-        heads = ctx.engine_get([e.call.remote("worker_rpc", "luffy_read_shm", self.slots[0].path, self.slots[0].nbytes, 16)
-                                for e in self.fleet.engines], "luffy_read_shm")
+        heads = ctx.engine_get(
+            [
+                e.call.remote("worker_rpc", "luffy_read_shm", self.slots[0].path, self.slots[0].nbytes, 16)
+                for e in self.fleet.engines
+            ],
+            "luffy_read_shm",
+        )
         self._unreachable = [i for i, workers in enumerate(heads) if any(h != token for h in workers)]
         return self._unreachable
 
     def unreachable_message(self, ctx: SyncContext, engines: list[int]) -> str:
         infos = ctx.engine_get([self.fleet.engines[i].placement_info.remote() for i in engines], "placement_info")
-        where = ", ".join(f"engine {i} on {info.get('node_ip')} ({info.get('hostname')})" for i, info in zip(engines, infos))
-        return (f"rollout.weight_sync_transport=shared_memory: {where} cannot map the bucket files of the sender of "
-                f"pipeline stage {ctx.pp_rank} (rank {ctx.rank} on {socket.gethostname()}, Ray node "
-                f"{str(ray_node_id())[:8]}): "
-                "shared memory reaches only engines on the sender's host. Use rollout.weight_sync_transport=collective "
-                "(or auto)")
+        where = ", ".join(
+            f"engine {i} on {info.get('node_ip')} ({info.get('hostname')})" for i, info in zip(engines, infos)
+        )
+        return (
+            f"rollout.weight_sync_transport=shared_memory: {where} cannot map the bucket files of the sender of "
+            f"pipeline stage {ctx.pp_rank} (rank {ctx.rank} on {socket.gethostname()}, Ray node "
+            f"{str(ray_node_id())[:8]}): "
+            "shared memory reaches only engines on the sender's host. Use rollout.weight_sync_transport=collective "
+            "(or auto)"
+        )
 
     def _ensure_slots(self, nbytes: int) -> None:
         for i in range(2):
@@ -232,8 +247,10 @@ class SharedMemoryTransport(Transport):
                 slot = self.k % 2
                 shm = self.slots[slot]
                 entries = bucket.wire_entries()
-                self.pending[slot] = [e.call.remote("load_weights_rpc", "luffy_load_flat_file", entries, shm.path,
-                                                    shm.nbytes, entries) for e in self.fleet.engines]
+                self.pending[slot] = [
+                    e.call.remote("load_weights_rpc", "luffy_load_flat_file", entries, shm.path, shm.nbytes, entries)
+                    for e in self.fleet.engines
+                ]
                 self.k += 1
         finally:
             for slot in range(2):
@@ -251,17 +268,20 @@ class SharedMemoryTransport(Transport):
         dist.all_gather_object(uuids, uuid)
         plan = [None]
         if dist.get_rank() == 0:
-            workers = ctx.engine_get([e.call.remote("worker_rpc", "luffy_worker_info") for e in self.fleet.engines],
-                                     "luffy_worker_info")
+            workers = ctx.engine_get(
+                [e.call.remote("worker_rpc", "luffy_worker_info") for e in self.fleet.engines], "luffy_worker_info"
+            )
             serving = []
             for i, infos in enumerate(workers):
                 ranks = []
                 for w in infos:
                     owners = [r for r, u in enumerate(uuids) if u == w["gpu_uuid"]]
                     if not owners:
-                        plan[0] = (f"rollout.weight_sync_transport=shared_memory on GPUs: worker {w['rank']} of engine {i} "
-                                   f"is on GPU {w['gpu_uuid']}, which no Megatron rank uses. CUDA IPC reaches only "
-                                   "engines on the trainer's GPUs (cluster.layout=colocated); use collective")
+                        plan[0] = (
+                            f"rollout.weight_sync_transport=shared_memory on GPUs: worker {w['rank']} of engine {i} "
+                            f"is on GPU {w['gpu_uuid']}, which no Megatron rank uses. CUDA IPC reaches only "
+                            "engines on the trainer's GPUs (cluster.layout=colocated); use collective"
+                        )
                         break
                     ranks.append(owners[0])
                 serving.append(sorted(set(ranks)))
@@ -278,7 +298,9 @@ class SharedMemoryTransport(Transport):
     def _run_ipc(self, ctx: SyncContext) -> dict:
         ipc = self._ipc_setup(ctx)
         torch.cuda.ipc_collect()  # the last sync's buffers, once the workers' importers let go of them
-        buckets = plan_flat_buckets(ctx.chunks, ctx.arch, bucket_bytes=ctx.bucket_bytes, dtype=ctx.dtype, all_stages=True)
+        buckets = plan_flat_buckets(
+            ctx.chunks, ctx.arch, bucket_bytes=ctx.bucket_bytes, dtype=ctx.dtype, all_stages=True
+        )
         size = max((b.nbytes for b in buckets), default=1)
         slots = [torch.empty(size, dtype=torch.uint8, device=ctx.device) for _ in range(2)]
         handles = [reduce_tensor(s)[1] for s in slots]
@@ -294,7 +316,9 @@ class SharedMemoryTransport(Transport):
             oks: list = [None] * dist.get_world_size()
             dist.all_gather_object(oks, ok)
             if not all(oks):
-                raise RuntimeError(f"weight sync (CUDA IPC): {what} failed on rank(s) {[r for r, o in enumerate(oks) if not o]}")
+                raise RuntimeError(
+                    f"weight sync (CUDA IPC): {what} failed on rank(s) {[r for r, o in enumerate(oks) if not o]}"
+                )
 
         err = None
         try:
@@ -319,16 +343,22 @@ class SharedMemoryTransport(Transport):
 
         pending, k = None, 0
         try:
-            for bucket, buf in export_flat_buckets(buckets, ctx.arch, lambda b: slots[k % 2], everywhere=True,  # noqa: F821 (deleted after the loop)
-                                                   stats=ctx.stats):
+            for bucket, buf in export_flat_buckets(
+                buckets,
+                ctx.arch,
+                lambda b: slots[k % 2],  # noqa: F821 - `del slots` comes after the loop
+                everywhere=True,
+                stats=ctx.stats,
+            ):
                 torch.cuda.current_stream().synchronize()  # the bucket is complete before a worker reads it
                 if pending is not None:  # the engine finished bucket k-1: its slot is free for bucket k+1
                     settle(pending)
                     pending = None
                 if leader and err is None:
                     entries = bucket.wire_entries()
-                    pending = self.fleet.engines[e].call.remote("load_weights_rpc", "luffy_load_ipc", entries,
-                                                                slot_handles[k % 2], k % 2, entries)
+                    pending = self.fleet.engines[e].call.remote(
+                        "load_weights_rpc", "luffy_load_ipc", entries, slot_handles[k % 2], k % 2, entries
+                    )
                 elif group is not None:
                     pending = True  # the same barriers as the leader
                 k += 1
@@ -344,5 +374,6 @@ class SharedMemoryTransport(Transport):
         del slots
         if ctx.rank != 0:
             return {}
-        return finish_summary(ctx.engine_get([x.finish_weight_update.remote() for x in self.fleet.engines],
-                                     "finish_weight_update"))
+        return finish_summary(
+            ctx.engine_get([x.finish_weight_update.remote() for x in self.fleet.engines], "finish_weight_update")
+        )

@@ -85,9 +85,11 @@ class ShmBuffer:
             except OSError as err:
                 st = os.statvfs(directory)
                 raise OSError(
-                    f"cannot reserve {self.nbytes / 2**20:.0f} MiB in {directory} ({st.f_bavail * st.f_frsize / 2**20:.0f} "
-                    f"MiB free) for a weight bucket: {err}. Enlarge {directory} (e.g. docker --shm-size), lower "
-                    "rollout.weight_sync_bucket_mb, or use rollout.weight_sync_transport=collective") from None
+                    f"cannot reserve {self.nbytes / 2**20:.0f} MiB in {directory} "
+                    f"({st.f_bavail * st.f_frsize / 2**20:.0f} MiB free) for a weight bucket: {err}. "
+                    f"Enlarge {directory} (e.g. docker --shm-size), lower "
+                    "rollout.weight_sync_bucket_mb, or use rollout.weight_sync_transport=collective"
+                ) from None
         finally:
             os.close(fd)
         self.tensor = torch.from_file(self.path, shared=True, size=self.nbytes, dtype=torch.uint8)
@@ -100,8 +102,10 @@ class ShmBuffer:
 def map_shm(path: str, nbytes: int) -> torch.Tensor:
     """Maps an existing bucket file (another process's `ShmBuffer`) as a uint8 tensor, without a copy."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"shared-memory bucket {path} does not exist: the sender and this process must share "
-                                "a host (and /dev/shm); use rollout.weight_sync_transport=collective across hosts")
+        raise FileNotFoundError(
+            f"shared-memory bucket {path} does not exist: the sender and this process must share "
+            "a host (and /dev/shm); use rollout.weight_sync_transport=collective across hosts"
+        )
     return torch.from_file(path, shared=True, size=int(nbytes), dtype=torch.uint8)
 
 

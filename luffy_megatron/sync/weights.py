@@ -86,8 +86,11 @@ def engine_key(fleet) -> tuple:
     return tuple(getattr(e, "_actor_id", None).hex() if hasattr(e, "_actor_id") else id(e) for e in fleet.engines)
 
 
-_CLASSES = {"collective": CollectiveTransport, "shared_memory": SharedMemoryTransport,
-            "object_store": ObjectStoreTransport}
+_CLASSES = {
+    "collective": CollectiveTransport,
+    "shared_memory": SharedMemoryTransport,
+    "object_store": ObjectStoreTransport,
+}
 _TRANSPORTS: dict[tuple, Transport] = {}
 
 
@@ -139,8 +142,10 @@ def sync_actor_to_engines(
         # every sender must see every engine, else all of them switch (the senders decide together)
         if not all(ctx.all_gather(not tr.reachable(ctx))):
             if not getattr(tr, "fell_back", False):
-                log.warning("weight sync: engines cannot map the senders' shared memory (another host); "
-                            "using the %s transport", fallback)
+                log.warning(
+                    "weight sync: engines cannot map the senders' shared memory (another host); using the %s transport",
+                    fallback,
+                )
             tr.fell_back = True
             tr = transport_for(fallback, fleet)
             stats.transport = fallback
@@ -151,8 +156,13 @@ def sync_actor_to_engines(
         stats.buckets = len(ctx.buckets)
         stats.tensors = sum(len(b.entries) for b in ctx.buckets)
         stats.bytes = sum(b.tensor_bytes for b in ctx.buckets)
-        mine = {"rank": ctx.rank, "stage": ctx.pp_rank, "bytes": stats.bytes, "buckets": stats.buckets,
-                "tensors": stats.tensors}
+        mine = {
+            "rank": ctx.rank,
+            "stage": ctx.pp_rank,
+            "bytes": stats.bytes,
+            "buckets": stats.buckets,
+            "tensors": stats.tensors,
+        }
         everyone = ctx.all_gather(mine)
         if ctx.is_driver:
             stats.senders = everyone

@@ -80,14 +80,23 @@ def train(cfg: Config, workers=None) -> Path:
         adopt_workers(cfg, workers, out, pad_id)  # reused workers: the actor of another run is rebuilt
         ranks, engines = supervise(cfg, workers)
         workers.write_report(out / "placement.json")
-        metrics_log = MetricsLogger(cfg.logging.tensorboard_dir or out / "tensorboard", out / "metrics.jsonl",
-                                    total_steps=total_steps, console=cfg.logging.console, config=cfg)
+        metrics_log = MetricsLogger(
+            cfg.logging.tensorboard_dir or out / "tensorboard",
+            out / "metrics.jsonl",
+            total_steps=total_steps,
+            console=cfg.logging.console,
+            config=cfg,
+        )
         perf = RunPerf.of_run(cfg, workers.placement.layout, workers.actors.infos()[0]["cuda_device_name"])
         sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo))  # beta of the KL reward penalty
         progress = RunProgress.resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
-        with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s, grader=cfg.reward.fn,
-                        strip_special_tokens=cfg.reward.strip_special_tokens) as rewards:
+        with RewardPool(
+            num_workers=cfg.reward.num_workers,
+            timeout_s=cfg.reward.timeout_s,
+            grader=cfg.reward.fn,
+            strip_special_tokens=cfg.reward.strip_special_tokens,
+        ) as rewards:
             deps = StepDeps(cfg, workers, ranks, engines, rewards, tokenizer, kl_ctrl)
             if val_set is not None and (cfg.trainer.val_only or (cfg.trainer.val_before_train and progress.step == 0)):
                 metrics_log.log(progress.step, validate(cfg, engines, rewards, tokenizer, val_set))
@@ -100,8 +109,11 @@ def train(cfg: Config, workers=None) -> Path:
                 prompts = [train_set[i] for i in sampler.next_batch()]
                 try:
                     batch, metrics = train_step(deps, prompts, step, timer, on_trained=lambda: progress.trained(step))
-                    metrics.update(validate_after_step(cfg, engines, rewards, tokenizer, val_set, ranks, out, step,
-                                                       total_steps, timer))
+                    metrics.update(
+                        validate_after_step(
+                            cfg, engines, rewards, tokenizer, val_set, ranks, out, step, total_steps, timer
+                        )
+                    )
                 except (EngineFailure, RolloutIntegrityError, RankFailure) as failure:
                     raise progress.after_failure(failure) from None
                 if progress.save_due(total_steps):
@@ -133,8 +145,9 @@ class StepDeps:
     kl_ctrl: object  # algo.kl controller (beta of the KL reward penalty)
 
 
-def train_step(deps: StepDeps, prompts: list, step: int, timer: StepTimer, *,
-               on_trained: Callable[[], None]) -> tuple[RolloutBatch, dict]:
+def train_step(
+    deps: StepDeps, prompts: list, step: int, timer: StepTimer, *, on_trained: Callable[[], None]
+) -> tuple[RolloutBatch, dict]:
     """One LUFFY step, its data flow in order: generate and mix -> reward -> old (and reference) log-probs ->
     rollout checks -> KL penalty and advantages -> update -> weight sync. `on_trained()` is called as soon as
     the update has changed the actor (what a failure afterwards must checkpoint). Returns the batch and the
@@ -142,8 +155,9 @@ def train_step(deps: StepDeps, prompts: list, step: int, timer: StepTimer, *,
     cfg, ranks, engines = deps.cfg, deps.ranks, deps.engines
     t0 = time.time()
     with timer("gen"):
-        batch, token_scores, rollout, rollout_metrics = generate_and_mix(cfg, engines, deps.tokenizer, prompts, step,
-                                                                         step_rng(cfg, step))
+        batch, token_scores, rollout, rollout_metrics = generate_and_mix(
+            cfg, engines, deps.tokenizer, prompts, step, step_rng(cfg, step)
+        )
     with timer("reward"):  # critic/score/*: before any KL penalty
         scores = grade(deps.rewards, deps.tokenizer, batch, prompts, cfg.rollout.n, token_scores)
     switches = deps.workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
@@ -155,10 +169,16 @@ def train_step(deps: StepDeps, prompts: list, step: int, timer: StepTimer, *,
             ref_log_probs = ranks.call("compute_ref_log_probs", batch)
     integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)
     token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(
-        cfg, deps.kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, deps.tokenizer.eos_token_id)
+        cfg, deps.kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, deps.tokenizer.eos_token_id
+    )
     with timer("update_actor"):
-        actor_metrics = ranks.call("update", batch, advantages=advantages, old_log_probs=old_log_probs,
-                                   ref_log_probs=ref_log_probs if cfg.algo.use_kl_loss else None)
+        actor_metrics = ranks.call(
+            "update",
+            batch,
+            advantages=advantages,
+            old_log_probs=old_log_probs,
+            ref_log_probs=ref_log_probs if cfg.algo.use_kl_loss else None,
+        )
     on_trained()
     if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
         deps.kl_ctrl.update(kl_now, n_steps=batch.num_rows)
@@ -166,13 +186,29 @@ def train_step(deps: StepDeps, prompts: list, step: int, timer: StepTimer, *,
     with timer("sync"):
         sync_seconds = engines.sync(version=step)
     seconds = time.time() - t0
-    metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **kl_metrics, **actor_metrics,
-               **switches, "perf/sync_s": sync_seconds, "perf/step_s": seconds,
-               "perf/tokens_per_s": sum(batch.sequence_lengths()) / seconds}
-    metrics.update(data_metrics(token_scores_BT=token_scores, token_rewards_BT=token_rewards, advantages_BT=advantages,
-                                response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask,
-                                prompt_lengths=[len(p) for p in batch.prompts], max_prompt_length=cfg.data.max_prompt_length,
-                                max_response_length=cfg.data.max_response_length))
+    metrics = {
+        **rollout_metrics,
+        **integrity,
+        **reward_metrics(scores, batch),
+        **kl_metrics,
+        **actor_metrics,
+        **switches,
+        "perf/sync_s": sync_seconds,
+        "perf/step_s": seconds,
+        "perf/tokens_per_s": sum(batch.sequence_lengths()) / seconds,
+    }
+    metrics.update(
+        data_metrics(
+            token_scores_BT=token_scores,
+            token_rewards_BT=token_rewards,
+            advantages_BT=advantages,
+            response_mask_BT=batch.response_mask,
+            prefix_mask_BT=batch.prefix_mask,
+            prompt_lengths=[len(p) for p in batch.prompts],
+            max_prompt_length=cfg.data.max_prompt_length,
+            max_response_length=cfg.data.max_response_length,
+        )
+    )
     return batch, metrics
 
 
@@ -188,7 +224,8 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, DataError) as err:  # the recipe, the data or the model files (ModelLoadError)
         print(f"luffy-train: error: {err}", file=sys.stderr)
         return 2
-    except RunError as err:  # engines, ranks, stale or drifting rollouts (cluster/supervision.py, rollout/faults.py, rollout/integrity.py)
+    # engines, ranks, stale or drifting rollouts (cluster/supervision.py, rollout/faults.py, rollout/integrity.py)
+    except RunError as err:
         print(f"luffy-train: error: {err}", file=sys.stderr)
         return 1
     except Preempted as stopped:

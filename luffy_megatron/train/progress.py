@@ -37,8 +37,16 @@ class RunProgress:
         return self.out / "checkpoints"
 
     @classmethod
-    def resume(cls, cfg: Config, ranks: GuardedRanks, engines: EngineSupervisor, sampler: PromptSampler, out: Path,
-               *, kl_ctrl=None) -> RunProgress:
+    def resume(
+        cls,
+        cfg: Config,
+        ranks: GuardedRanks,
+        engines: EngineSupervisor,
+        sampler: PromptSampler,
+        out: Path,
+        *,
+        kl_ctrl=None,
+    ) -> RunProgress:
         """Continue from trainer.resume_from (`luffy-train --resume PATH`), else from the newest complete
         checkpoint (trainer.resume=auto); the step reached is also the actor's weight version. The engines get
         the actor's weights first unless they are known to hold them (`EngineFleet.synced_version`: fresh
@@ -85,7 +93,9 @@ class RunProgress:
         if self.saved_step != self.step:
             self.save()
         latest = find_latest(self.checkpoints)
-        return Preempted(signals.signal_name, self.step, str(latest) if latest else "none (stopped before the first step)")
+        return Preempted(
+            signals.signal_name, self.step, str(latest) if latest else "none (stopped before the first step)"
+        )
 
     def after_failure(self, failure: RunError) -> RunError:
         """A step failed while the actor is healthy (an engine, stale or drifting rollouts): checkpoint the
@@ -94,15 +104,20 @@ class RunProgress:
         checkpoint is renamed into place only once complete). Returns the error to raise."""
         if isinstance(failure, RankFailure):
             latest = find_latest(self.checkpoints)
-            resume_from = (f"the newest complete checkpoint is {latest}: run the same command again to resume from it"
-                           if latest else "there is no checkpoint yet")
+            resume_from = (
+                f"the newest complete checkpoint is {latest}: run the same command again to resume from it"
+                if latest
+                else "there is no checkpoint yet"
+            )
             failure.args = (f"{failure}. The run stops; {resume_from}",)
             return failure
         if self.step == 0:
             note = "nothing was trained yet, so there is no checkpoint to resume from"
         elif self.step == self.saved_step:
-            note = (f"the actor's state after step {self.step} is in checkpoint {find_latest(self.checkpoints)}; "
-                    "run the same command again to resume from it")
+            note = (
+                f"the actor's state after step {self.step} is in checkpoint {find_latest(self.checkpoints)}; "
+                "run the same command again to resume from it"
+            )
         else:
             note = self._save_after_failure()
         if isinstance(failure, EngineFailure) and self.cfg.rollout.on_engine_failure == "fail":
@@ -113,12 +128,16 @@ class RunProgress:
     def _save_after_failure(self) -> str:
         try:
             self.save()
-            return (f"wrote a checkpoint of the actor after step {self.step}: {find_latest(self.checkpoints)}; "
-                    "run the same command again to resume from it")
-        except Exception as err:
+            return (
+                f"wrote a checkpoint of the actor after step {self.step}: {find_latest(self.checkpoints)}; "
+                "run the same command again to resume from it"
+            )
+        except Exception as err:  # noqa: BLE001 - the save after a failure is best effort; the note says what happened
             latest = find_latest(self.checkpoints)
-            return (f"writing a checkpoint after the failure failed too ({type(err).__name__}: {err}); the newest "
-                    f"complete checkpoint is {latest or 'none'}")
+            return (
+                f"writing a checkpoint after the failure failed too ({type(err).__name__}: {err}); the newest "
+                f"complete checkpoint is {latest or 'none'}"
+            )
 
 
 def resume_path(path: str) -> Path:
@@ -130,6 +149,8 @@ def resume_path(path: str) -> Path:
     found = find_latest(given) if given.is_dir() else None
     if found is None:
         what = "does not exist" if not given.exists() else "holds no complete checkpoint (no trainer_state.json)"
-        raise ConfigError(f"trainer.resume_from={path} {what}; give a checkpoint directory such as "
-                          "<output_dir>/checkpoints/step_000050 or the checkpoints directory")
+        raise ConfigError(
+            f"trainer.resume_from={path} {what}; give a checkpoint directory such as "
+            "<output_dir>/checkpoints/step_000050 or the checkpoints directory"
+        )
     return found

@@ -49,22 +49,38 @@ def load_data(cfg: Config):
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: give at least one LUFFY-format parquet file")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    common = dict(max_prompt_length=cfg.data.max_prompt_length, long_prompt_policy=cfg.data.long_prompt_policy,
-                  skip_bad_rows=cfg.data.skip_bad_rows, remove_system=cfg.data.remove_system_prompt,
-                  chat_template=resolve_chat_template(tokenizer, cfg.data.chat_template))
+    common = dict(
+        max_prompt_length=cfg.data.max_prompt_length,
+        long_prompt_policy=cfg.data.long_prompt_policy,
+        skip_bad_rows=cfg.data.skip_bad_rows,
+        remove_system=cfg.data.remove_system_prompt,
+        chat_template=resolve_chat_template(tokenizer, cfg.data.chat_template),
+    )
     # algo.use_off_policy_probs: the teacher's token probabilities (data.target_probs_key) of every demonstration
     probs = {}
     if uses_target_probs(cfg.algo):
         probs = dict(target_probs_key=cfg.data.target_probs_key, require_target_probs=True)
-    train_set = [ex for path in cfg.data.train_files
-                 for ex in load_tokenized_dataset(path, tokenizer, require_target=True,
-                                                  max_prefix_len=cfg.rollout.max_prefix_len,
-                                                  long_demo_policy=cfg.data.long_demo_policy, **probs, **common)]
+    train_set = [
+        ex
+        for path in cfg.data.train_files
+        for ex in load_tokenized_dataset(
+            path,
+            tokenizer,
+            require_target=True,
+            max_prefix_len=cfg.rollout.max_prefix_len,
+            long_demo_policy=cfg.data.long_demo_policy,
+            **probs,
+            **common,
+        )
+    ]
     if len(train_set) < cfg.data.train_batch_size:
-        raise ConfigError(f"data.train_files hold {len(train_set)} usable prompts, fewer than "
-                          f"data.train_batch_size={cfg.data.train_batch_size}")
-    val_set = [ex for p in cfg.data.val_files
-               for ex in load_tokenized_dataset(p, tokenizer, require_target=False, **common)] or None
+        raise ConfigError(
+            f"data.train_files hold {len(train_set)} usable prompts, fewer than "
+            f"data.train_batch_size={cfg.data.train_batch_size}"
+        )
+    val_set = [
+        ex for p in cfg.data.val_files for ex in load_tokenized_dataset(p, tokenizer, require_target=False, **common)
+    ] or None
     if cfg.trainer.val_only and val_set is None:
         raise ConfigError("trainer.val_only=true but data.val_files is empty: give the validation parquet files")
     return tokenizer, train_set, val_set
@@ -131,8 +147,9 @@ def build_ranks(actors, cfg: Config, pad_id: int, log_dir: Path | None, *, fresh
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             (Path(log_dir) / "model_load_error.log").write_text(str(err))
             saved = f" (the rank's traceback: {Path(log_dir) / 'model_load_error.log'})"
-        raise ModelLoadError(f"the Megatron ranks could not load the model ({where}): "
-                             f"{type(cause).__name__}: {cause}{saved}") from None
+        raise ModelLoadError(
+            f"the Megatron ranks could not load the model ({where}): {type(cause).__name__}: {cause}{saved}"
+        ) from None
 
 
 def adopt_workers(cfg: Config, workers: Workers, out: Path, pad_id: int) -> bool:
@@ -142,8 +159,9 @@ def adopt_workers(cfg: Config, workers: Workers, out: Path, pad_id: int) -> bool
     then hold this run (`Workers.actor_run`)."""
     rebuilt = workers.actor_run is not None and workers.actor_run != str(out)
     if rebuilt:
-        log.warning("these workers' Megatron ranks hold the run in %s: rebuilding the actor for %s",
-                    workers.actor_run, out)
+        log.warning(
+            "these workers' Megatron ranks hold the run in %s: rebuilding the actor for %s", workers.actor_run, out
+        )
         build_ranks(workers.actors, cfg, pad_id, out / "logs" / "workers", fresh=True)
         workers.fleet.synced_version = None  # the engines hold the other run's weights
     workers.actor_run = str(out)
@@ -158,12 +176,20 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None
     # Ray gives actors without CPUs one thread; generation and training take turns, so use all cores.
     threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     return EngineFleet.start(
-        cfg.model.path, num_engines=len(layout.engines),
+        cfg.model.path,
+        num_engines=len(layout.engines),
         launches=[placement.engine_launch(e) for e in range(len(layout.engines))],
-        tensor_parallel_size=r.tensor_model_parallel_size, enable_sleep_mode=layout.mode == "colocated",
-        max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length, enforce_eager=r.enforce_eager,
-        seed=cfg.trainer.seed, max_num_seqs=r.max_num_seqs, env=threads, log_dir=log_dir,
-        request_timeout_s=r.request_timeout_s, direct_load=r.engine_direct_load, **extra,
+        tensor_parallel_size=r.tensor_model_parallel_size,
+        enable_sleep_mode=layout.mode == "colocated",
+        max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
+        enforce_eager=r.enforce_eager,
+        seed=cfg.trainer.seed,
+        max_num_seqs=r.max_num_seqs,
+        env=threads,
+        log_dir=log_dir,
+        request_timeout_s=r.request_timeout_s,
+        direct_load=r.engine_direct_load,
+        **extra,
     )
 
 
@@ -173,13 +199,22 @@ def supervise(cfg: Config, workers: Workers) -> tuple[GuardedRanks, EngineSuperv
     workers.ranks = ranks  # the optimizer offload/reload of a step go through the same bounded calls
     # rollout.weight_sync_transport (auto: by the layout, see sync.weights.resolve_transport)
     transport = resolve_transport(cfg.rollout.weight_sync_transport, workers.placement.mode)
-    log.warning("weight sync: %s transport (rollout.weight_sync_transport=%s, %s layout)", transport,
-                cfg.rollout.weight_sync_transport, workers.placement.mode)
+    log.warning(
+        "weight sync: %s transport (rollout.weight_sync_transport=%s, %s layout)",
+        transport,
+        cfg.rollout.weight_sync_transport,
+        workers.placement.mode,
+    )
     # auto on a colocated layout: shared memory, or the collective path where an engine cannot map it (CPU)
     fallback = "collective" if cfg.rollout.weight_sync_transport == "auto" and transport == "shared_memory" else None
     push = partial(sync_weights, transport=transport, timeout_s=cfg.rollout.request_timeout_s, fallback=fallback)
     update_wrapper(push, sync_weights)  # the ranks' logs and GuardedRanks name the call sync_weights
-    engines = EngineSupervisor(workers.fleet, ranks, push=push, bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20,
-                               request_timeout_s=cfg.rollout.request_timeout_s,
-                               on_engine_failure=cfg.rollout.on_engine_failure)
+    engines = EngineSupervisor(
+        workers.fleet,
+        ranks,
+        push=push,
+        bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 2**20,
+        request_timeout_s=cfg.rollout.request_timeout_s,
+        on_engine_failure=cfg.rollout.on_engine_failure,
+    )
     return ranks, engines

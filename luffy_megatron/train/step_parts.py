@@ -44,38 +44,75 @@ def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts:
     the engines generate the rest. Returns the batch, an empty reward tensor to fill, what the engines
     reported per row (`RolloutRecord`: engine, weight version, log-probs) and metrics."""
     r, width = cfg.rollout, cfg.data.max_response_length
-    ratios = prefix_ratios(strategy=r.prefix_strategy, num_prompts=len(prompts), n=r.n, n_off_policy=r.n_off_policy,
-                           min_prefix_ratio=r.min_prefix_ratio, max_prefix_ratio=r.max_prefix_ratio,
-                           share_across_samples=r.prefix_share_across_samples, global_step=step,
-                           prefix_steps=r.prefix_steps, linear_max_ratio=r.prefix_linear_max_ratio, rng=rng)
-    plan = plan_rows(prompts=[p.prompt_ids for p in prompts], demonstrations=sampled_demonstrations(cfg, prompts, step),
-                     ratios=ratios, n=r.n, eos_token_id=tokenizer.eos_token_id, response_length=width)
+    ratios = prefix_ratios(
+        strategy=r.prefix_strategy,
+        num_prompts=len(prompts),
+        n=r.n,
+        n_off_policy=r.n_off_policy,
+        min_prefix_ratio=r.min_prefix_ratio,
+        max_prefix_ratio=r.max_prefix_ratio,
+        share_across_samples=r.prefix_share_across_samples,
+        global_step=step,
+        prefix_steps=r.prefix_steps,
+        linear_max_ratio=r.prefix_linear_max_ratio,
+        rng=rng,
+    )
+    plan = plan_rows(
+        prompts=[p.prompt_ids for p in prompts],
+        demonstrations=sampled_demonstrations(cfg, prompts, step),
+        ratios=ratios,
+        n=r.n,
+        eos_token_id=tokenizer.eos_token_id,
+        response_length=width,
+    )
     todo = [i for i, need in enumerate(plan.needs_generation) if need]
     t0 = time.time()
     outputs = []
     if todo:
-        outputs = engines.generate_rollouts([plan.engine_inputs[i] for i in todo], [plan.max_new_tokens[i] for i in todo],
-                                            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, group_size=r.n)
+        outputs = engines.generate_rollouts(
+            [plan.engine_inputs[i] for i in todo],
+            [plan.max_new_tokens[i] for i in todo],
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            group_size=r.n,
+        )
     generations: list = [None for _ in plan.prefixes]
     for i, gen in zip(todo, outputs):
         generations[i] = gen
     responses, prefix_mask, response_mask = assemble_responses(
-        prefixes=plan.prefixes, generations=[g.token_ids if g else [] for g in generations],
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), response_length=width)
+        prefixes=plan.prefixes,
+        generations=[g.token_ids if g else [] for g in generations],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer),
+        response_length=width,
+    )
     target_probs = None
     if uses_target_probs(cfg.algo):
         # algo.use_off_policy_probs: the teacher's probability of each demonstration token at its response
         # position, -1 elsewhere
-        target_probs = prefix_target_probs(prefix_lengths=[len(x) for x in plan.prefixes], group_index=plan.group_index,
-                                           demonstration_probs=[p.demo_probs for p in prompts], response_length=width)
-    batch = RolloutBatch(prompts=[prompts[g].prompt_ids for g in plan.group_index], responses=responses,
-                         response_mask=response_mask, prefix_mask=prefix_mask,
-                         group_ids=[f"{step}:{g}" for g in plan.group_index], target_probs=target_probs)
+        target_probs = prefix_target_probs(
+            prefix_lengths=[len(x) for x in plan.prefixes],
+            group_index=plan.group_index,
+            demonstration_probs=[p.demo_probs for p in prompts],
+            response_length=width,
+        )
+    batch = RolloutBatch(
+        prompts=[prompts[g].prompt_ids for g in plan.group_index],
+        responses=responses,
+        response_mask=response_mask,
+        prefix_mask=prefix_mask,
+        group_ids=[f"{step}:{g}" for g in plan.group_index],
+        target_probs=target_probs,
+    )
     record = record_generations(prefixes=plan.prefixes, generations=generations, response_mask_BT=response_mask)
-    metrics = {"rollout/generated_tokens": sum(len(g.token_ids) for g in outputs), "rollout/generate_s": time.time() - t0,
-               "rollout/response_length_mean": float(response_mask.sum(-1).float().mean()),
-               "rollout/off_policy_rows": float(prefix_mask.any(-1).sum()),
-               "rollout/engine_restarts": float(engines.restarts)}
+    metrics = {
+        "rollout/generated_tokens": sum(len(g.token_ids) for g in outputs),
+        "rollout/generate_s": time.time() - t0,
+        "rollout/response_length_mean": float(response_mask.sum(-1).float().mean()),
+        "rollout/off_policy_rows": float(prefix_mask.any(-1).sum()),
+        "rollout/engine_restarts": float(engines.restarts),
+    }
     return batch, torch.zeros(responses.shape, dtype=torch.float32), record, metrics
 
 
@@ -114,9 +151,15 @@ def reward_metrics(scores: list[float], batch: RolloutBatch) -> dict[str, float]
     return out
 
 
-def rewards_and_advantages(cfg: Config, kl_ctrl, batch: RolloutBatch, token_scores: torch.Tensor,
-                           old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None,
-                           eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor, dict, float | None]:
+def rewards_and_advantages(
+    cfg: Config,
+    kl_ctrl,
+    batch: RolloutBatch,
+    token_scores: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor | None,
+    eos_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict, float | None]:
     """Upstream's order after the log-probs (mix_trainer.py): the KL reward penalty with the controller's beta
     (algo/kl.py; skipped under algo.use_kl_loss, whose KL is in the loss instead), then the advantages of the
     penalised rewards. Returns the token rewards, the advantages, `critic/kl` + `critic/kl_coeff`, and the KL
@@ -125,37 +168,55 @@ def rewards_and_advantages(cfg: Config, kl_ctrl, batch: RolloutBatch, token_scor
         token_rewards, kl_metrics, kl_now = token_scores, {}, None
     else:
         token_rewards, kl_metrics, kl_now = apply_kl_penalty(
-            token_level_scores_BT=token_scores, response_mask_BT=batch.response_mask, old_log_prob_BT=old_log_probs,
-            ref_log_prob_BT=ref_log_probs, beta=kl_ctrl.value, kind=cfg.algo.kl_penalty)
-    advantages = compute_advantages(token_level_rewards_BT=token_rewards, response_mask_BT=batch.response_mask,
-                                    prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids,
-                                    **advantage_options(cfg.algo))
+            token_level_scores_BT=token_scores,
+            response_mask_BT=batch.response_mask,
+            old_log_prob_BT=old_log_probs,
+            ref_log_prob_BT=ref_log_probs,
+            beta=kl_ctrl.value,
+            kind=cfg.algo.kl_penalty,
+        )
+    advantages = compute_advantages(
+        token_level_rewards_BT=token_rewards,
+        response_mask_BT=batch.response_mask,
+        prefix_mask_BT=batch.prefix_mask,
+        group_ids=batch.group_ids,
+        **advantage_options(cfg.algo),
+    )
     return token_rewards, apply_upstream_advantage_edits(cfg, batch, advantages, eos_token_id), kl_metrics, kl_now
 
 
-def apply_upstream_advantage_edits(cfg: Config, batch: RolloutBatch, advantages: torch.Tensor,
-                                   eos_token_id: int) -> torch.Tensor:
+def apply_upstream_advantage_edits(
+    cfg: Config, batch: RolloutBatch, advantages: torch.Tensor, eos_token_id: int
+) -> torch.Tensor:
     """The advantage edits upstream applies after GRPO (mix_trainer.py), both off in LUFFY's runs:
     algo.disable_truncation_advantage and algo.use_sft_prefix_reward."""
     a = cfg.algo
     if a.disable_truncation_advantage:
-        advantages = zero_truncated_advantages(advantages, batch.responses, batch.response_mask,
-                                               eos_token_id=eos_token_id,
-                                               max_response_length=cfg.data.max_response_length)
+        advantages = zero_truncated_advantages(
+            advantages,
+            batch.responses,
+            batch.response_mask,
+            eos_token_id=eos_token_id,
+            max_response_length=cfg.data.max_response_length,
+        )
     if a.use_sft_prefix_reward:
-        advantages = sft_prefix_advantages(advantages, batch.prefix_mask, weight=a.sft_prefix_reward_weight,
-                                           n=cfg.rollout.n)
+        advantages = sft_prefix_advantages(
+            advantages, batch.prefix_mask, weight=a.sft_prefix_reward_weight, n=cfg.rollout.n
+        )
     return advantages
 
 
-def check_rollouts(cfg: Config, engines: EngineSupervisor, rollout, old_log_probs: torch.Tensor, *, actor_version: int,
-                   step: int) -> dict[str, float]:
+def check_rollouts(
+    cfg: Config, engines: EngineSupervisor, rollout, old_log_probs: torch.Tensor, *, actor_version: int, step: int
+) -> dict[str, float]:
     """Before the update: the drift between the engines' and the actor's log-probs of the generated tokens,
     the weight version of every row against the actor's (`StaleRolloutError`), and rollout.max_logprob_diff
     (warn, or `LogprobDriftError`). Returns the `rollout/logprob_diff_*` and `rollout/weight_version` metrics."""
     drift = logprob_drift(rollout, old_log_probs)
-    check_weight_versions(rollout, actor_version, old_log_prob_BT=old_log_probs,
-                          describe_engine=engines.fleet.describe_engine)
-    enforce_max_logprob_diff(drift, max_logprob_diff=cfg.rollout.max_logprob_diff,
-                             action=cfg.rollout.logprob_diff_action, step=step)
+    check_weight_versions(
+        rollout, actor_version, old_log_prob_BT=old_log_probs, describe_engine=engines.fleet.describe_engine
+    )
+    enforce_max_logprob_diff(
+        drift, max_logprob_diff=cfg.rollout.max_logprob_diff, action=cfg.rollout.logprob_diff_action, step=step
+    )
     return drift_metrics(rollout, drift)

@@ -14,8 +14,18 @@ from luffy_megatron.rollout.faults import EngineSupervisor
 log = logging.getLogger("luffy.trainer")
 
 
-def validate_after_step(cfg: Config, engines: EngineSupervisor, rewards, tokenizer, val_set: list | None, ranks,
-                        out: Path, step: int, total_steps: int, timer: StepTimer) -> dict[str, float]:
+def validate_after_step(
+    cfg: Config,
+    engines: EngineSupervisor,
+    rewards,
+    tokenizer,
+    val_set: list | None,
+    ranks,
+    out: Path,
+    step: int,
+    total_steps: int,
+    timer: StepTimer,
+) -> dict[str, float]:
     """Every trainer.test_freq steps and after the last: validate (timed as `testing`) and, under
     trainer.save_best_hf, export the model when it is the best so far. Returns the validation metrics."""
     if val_set is None or cfg.trainer.test_freq <= 0:
@@ -41,8 +51,13 @@ def validate(cfg: Config, engines: EngineSupervisor, rewards, tokenizer, val_set
     for start in range(0, len(val_set), chunk):
         part = val_set[start : start + chunk]
         prompts = [ex.prompt_ids for ex in part for _ in range(n_val)]
-        outputs = engines.generate(prompts, [cfg.data.max_response_length] * len(prompts),
-                                   temperature=cfg.rollout.val_temperature, top_p=1.0, top_k=-1)
+        outputs = engines.generate(
+            prompts,
+            [cfg.data.max_response_length] * len(prompts),
+            temperature=cfg.rollout.val_temperature,
+            top_p=1.0,
+            top_k=-1,
+        )
         texts += [tokenizer.decode(o) for o in outputs]
     golds = [ex.ground_truth for ex in val_set for _ in range(n_val)]
     scores = rewards.grade(list(zip(texts, golds)))

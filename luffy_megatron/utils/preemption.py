@@ -29,8 +29,10 @@ class Preempted(Exception):
 
     def __init__(self, signal_name: str, step: int, checkpoint: str):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}; "
-                         f"run the same command again to resume (exit code {PREEMPTED_EXIT_CODE})")
+        super().__init__(
+            f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}; "
+            f"run the same command again to resume (exit code {PREEMPTED_EXIT_CODE})"
+        )
 
 
 class StopSignals:
@@ -70,5 +72,8 @@ class StopSignals:
             self.signum = signum
             log.warning("%s received: stopping at the end of the current step, after writing a checkpoint", name)
         else:
-            log.warning("%s received while already stopping (on %s): ignored, the checkpoint is being written",
-                        name, self.signal_name)
+            log.warning(
+                "%s received while already stopping (on %s): ignored, the checkpoint is being written",
+                name,
+                self.signal_name,
+            )

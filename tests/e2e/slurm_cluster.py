@@ -49,8 +49,10 @@ def ensure_slurm_installed(timeout_s: float = 900) -> str:
     if not missing:
         return "present"
     if os.geteuid() != 0 or _which("apt-get") is None:
-        raise SlurmSetupError(f"{', '.join(missing)} not installed and this is not a root Debian/Ubuntu shell: run "
-                              f"`apt-get install --no-install-recommends {' '.join(PACKAGES)}` as root")
+        raise SlurmSetupError(
+            f"{', '.join(missing)} not installed and this is not a root Debian/Ubuntu shell: run "
+            f"`apt-get install --no-install-recommends {' '.join(PACKAGES)}` as root"
+        )
     t0 = time.time()
     # There is no init system: forbid the packages' maintainer scripts from starting their services.
     policy = Path("/usr/sbin/policy-rc.d")
@@ -60,11 +62,15 @@ def ensure_slurm_installed(timeout_s: float = 900) -> str:
         policy.chmod(0o755)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        for cmd in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        for cmd in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+        ):
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode != 0:
-                raise SlurmSetupError(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+                raise SlurmSetupError(
+                    f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+                )
     finally:
         if made_policy:
             policy.unlink(missing_ok=True)
@@ -89,8 +95,16 @@ def _free_ports(n: int) -> list[int]:
 class FakeSlurmCluster:
     """`nodes` fake nodes of `gpus_per_node` fake GPUs and `cpus_per_node` claimed CPUs, in one partition."""
 
-    def __init__(self, root: str | os.PathLike, *, nodes: int = 2, gpus_per_node: int = 8, cpus_per_node: int = 4,
-                 node_prefix: str = "lnode", partition: str = "luffy"):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        nodes: int = 2,
+        gpus_per_node: int = 8,
+        cpus_per_node: int = 4,
+        node_prefix: str = "lnode",
+        partition: str = "luffy",
+    ):
         self.root = Path(root)
         self.nodes = [f"{node_prefix}{i}" for i in range(1, nodes + 1)]
         self.ips = [f"127.0.1.{i}" for i in range(1, nodes + 1)]
@@ -111,10 +125,14 @@ class FakeSlurmCluster:
             del env[k]  # nothing of an enclosing job leaks in
         return env
 
-    def run(self, *cmd: str, timeout: float = 60, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *cmd: str, timeout: float = 60, check: bool = True, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
         proc = subprocess.run(list(cmd), env=env or self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise SlurmSetupError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stdout}{proc.stderr}\n{self.log_tail()}")
+            raise SlurmSetupError(
+                f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stdout}{proc.stderr}\n{self.log_tail()}"
+            )
         return proc
 
     def job(self, job_id: str) -> dict[str, str]:
@@ -150,11 +168,22 @@ class FakeSlurmCluster:
             self._write_config()
             self._add_hosts()
             self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-i", "-f", str(self.conf)])
-            self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0, timeout_s, "slurmctld to answer")
+            self._wait(
+                lambda: self.run("scontrol", "ping", check=False).returncode == 0, timeout_s, "slurmctld to answer"
+            )
             for node in self.nodes:
                 # own UTS namespace: `hostname` in this node's jobs is its name (exec keeps the pid)
-                self._spawn(f"slurmd-{node}", ["unshare", "--uts", "--", "sh", "-c",
-                                               f'hostname {node} && exec slurmd -D -N {node} -f "{self.conf}"'])
+                self._spawn(
+                    f"slurmd-{node}",
+                    [
+                        "unshare",
+                        "--uts",
+                        "--",
+                        "sh",
+                        "-c",
+                        f'hostname {node} && exec slurmd -D -N {node} -f "{self.conf}"',
+                    ],
+                )
             self._wait(self._all_idle, timeout_s, "every node to be idle")
         except BaseException:
             self.stop()
@@ -164,8 +193,9 @@ class FakeSlurmCluster:
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout.log", "w")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
 
     def _wait(self, ok, timeout_s: float, what: str) -> None:
@@ -173,7 +203,9 @@ class FakeSlurmCluster:
         while time.time() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise SlurmSetupError(f"{name} exited with {proc.returncode} while waiting for {what}\n{self.log_tail()}")
+                    raise SlurmSetupError(
+                        f"{name} exited with {proc.returncode} while waiting for {what}\n{self.log_tail()}"
+                    )
             if ok():
                 return
             time.sleep(0.3)
@@ -193,13 +225,25 @@ class FakeSlurmCluster:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             key.chmod(0o400)
-        self._spawn("munged", [_which("munged") or "munged", "--foreground", "--force", f"--socket={self.munge_socket}",
-                               f"--key-file={key}", f"--pid-file={private}/munged.pid", f"--log-file={private}/munged.log",
-                               f"--seed-file={private}/munged.seed"])
+        self._spawn(
+            "munged",
+            [
+                _which("munged") or "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={private}/munged.pid",
+                f"--log-file={private}/munged.log",
+                f"--seed-file={private}/munged.seed",
+            ],
+        )
 
         def munge_ok() -> bool:
             enc = subprocess.run(["munge", "-n", "-S", str(self.munge_socket)], capture_output=True, timeout=10)
-            dec = subprocess.run(["unmunge", "-S", str(self.munge_socket)], input=enc.stdout, capture_output=True, timeout=10)
+            dec = subprocess.run(
+                ["unmunge", "-S", str(self.munge_socket)], input=enc.stdout, capture_output=True, timeout=10
+            )
             return enc.returncode == 0 and dec.returncode == 0
 
         self._wait(munge_ok, 30, "munged to answer")
@@ -209,8 +253,10 @@ class FakeSlurmCluster:
         mem_mb = max(1024, (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2**20 // len(self.nodes) - 512)
         gres = f"Gres=gpu:{self.gpus_per_node}" if self.gpus_per_node else ""
         nodes = "\n".join(
-            f"NodeName={n} NodeHostname={n} NodeAddr={ip} Port={port} CPUs={self.cpus_per_node} RealMemory={mem_mb} {gres} State=UNKNOWN"
-            for n, ip, port in zip(self.nodes, self.ips, slurmd_ports))
+            f"NodeName={n} NodeHostname={n} NodeAddr={ip} Port={port} CPUs={self.cpus_per_node} "
+            f"RealMemory={mem_mb} {gres} State=UNKNOWN"
+            for n, ip, port in zip(self.nodes, self.ips, slurmd_ports)
+        )
         host = socket.gethostname().split(".")[0]
         r = self.root
         self.conf.write_text(f"""\

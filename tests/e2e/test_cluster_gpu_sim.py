@@ -50,9 +50,21 @@ def _free_port() -> int:
 
 def _start_raylet(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     with open(log, "w") as f:  # own session (setsid): stopping it by pid also reaches Ray's agents
-        proc = subprocess.Popen([str(RAY), "start", "--block", *args, "--num-cpus=2", f"--num-gpus={GPUS_PER_NODE}",
-                                 "--disable-usage-stats"], stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(RAY),
+                "start",
+                "--block",
+                *args,
+                "--num-cpus=2",
+                f"--num-gpus={GPUS_PER_NODE}",
+                "--disable-usage-stats",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 60
     while "Ray runtime started" not in log.read_text():  # one after another: concurrent starts race on sockets
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -85,17 +97,34 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("raycluster")
     temp_dir = Path(tempfile.mkdtemp(prefix="lray-", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
     port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO),
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": str(REPO),
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
     env.pop("RAY_ADDRESS", None)
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "VLLM_CPU_KVCACHE_SPACE")}
     procs = []
     t0 = time.monotonic()
     try:
-        procs.append(_start_raylet(["--head", f"--port={port}", f"--node-ip-address={HEAD_IP}",
-                                    f"--temp-dir={temp_dir}", "--include-dashboard=false"], root / "head.log", env))
-        procs.append(_start_raylet([f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}"],
-                                   root / "worker.log", env))
+        procs.append(
+            _start_raylet(
+                [
+                    "--head",
+                    f"--port={port}",
+                    f"--node-ip-address={HEAD_IP}",
+                    f"--temp-dir={temp_dir}",
+                    "--include-dashboard=false",
+                ],
+                root / "head.log",
+                env,
+            )
+        )
+        procs.append(
+            _start_raylet([f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}"], root / "worker.log", env)
+        )
         os.environ.update(RAY_AUTH_MODE="disabled", VLLM_CPU_KVCACHE_SPACE="1")
         # the driver on the worker node: rank 0 will be on the head's node, not the driver's
         ray.init(address=f"{HEAD_IP}:{port}", _node_ip_address=WORKER_IP, log_to_driver=False)
@@ -128,18 +157,40 @@ def job_config(tiny, out: Path, *extra: str):
     generated row), one optimizer step, one checkpoint."""
     from luffy_megatron.config import load_config
 
-    return load_config(REPO / "recipes" / "cpu_demo.yaml", tiny_overrides(tiny, out) + [
-        "trainer.total_training_steps=1", "trainer.save_freq=1", "trainer.test_freq=-1", "trainer.val_before_train=false",
-        "parallel.tensor_model_parallel_size=2", "rollout.tensor_model_parallel_size=2", "rollout.num_engines=null",
-        "rollout.n=2", "data.train_batch_size=4", "actor.ppo_mini_batch_size=4", "data.max_prompt_length=192",
-        "data.max_response_length=32", "rollout.max_prefix_len=32", "rollout.max_num_seqs=4",
-        "rollout.weight_sync_bucket_mb=16", "actor.lr=1e-4", "cluster.placement_timeout_s=120", *extra])
+    return load_config(
+        REPO / "recipes" / "cpu_demo.yaml",
+        tiny_overrides(tiny, out)
+        + [
+            "trainer.total_training_steps=1",
+            "trainer.save_freq=1",
+            "trainer.test_freq=-1",
+            "trainer.val_before_train=false",
+            "parallel.tensor_model_parallel_size=2",
+            "rollout.tensor_model_parallel_size=2",
+            "rollout.num_engines=null",
+            "rollout.n=2",
+            "data.train_batch_size=4",
+            "actor.ppo_mini_batch_size=4",
+            "data.max_prompt_length=192",
+            "data.max_response_length=32",
+            "rollout.max_prefix_len=32",
+            "rollout.max_num_seqs=4",
+            "rollout.weight_sync_bucket_mb=16",
+            "actor.lr=1e-4",
+            "cluster.placement_timeout_s=120",
+            *extra,
+        ],
+    )
 
 
 def tiny_overrides(tiny, out: Path) -> list[str]:
     model, data = tiny
-    return [f"model.path={model}", f"data.train_files=[{data}/train.parquet]", "data.val_files=[]",
-            f"trainer.output_dir={out}"]
+    return [
+        f"model.path={model}",
+        f"data.train_files=[{data}/train.parquet]",
+        "data.val_files=[]",
+        f"trainer.output_dir={out}",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -171,8 +222,13 @@ def worker_bundles(placement, engine_info: dict, probe_cls) -> list[dict]:
     bundles = [int(b) for b in engine_info["VLLM_RAY_BUNDLE_INDICES"].split(",")]
     share = float(engine_info["VLLM_RAY_PER_WORKER_GPUS"])
     vllm_view = get_bundles_for_indices(group, bundles, len(bundles))  # vLLM's own bundle -> node lookup
-    probes = [probe_cls.options(num_gpus=share, scheduling_strategy=PlacementGroupSchedulingStrategy(
-        placement_group=group, placement_group_bundle_index=b)).remote() for b in bundles]
+    probes = [
+        probe_cls.options(
+            num_gpus=share,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=b),
+        ).remote()
+        for b in bundles
+    ]
     try:
         infos = ray.get([p.info.remote() for p in probes], timeout=60)
     finally:
@@ -215,15 +271,21 @@ def test_impossible_placement_fails_before_any_model_loads(cluster, tiny, tmp_pa
     from luffy_megatron.train.loop import main
 
     out = tmp_path / "out"
-    overrides = tiny_overrides(tiny, out) + ["parallel.nnodes=3", "parallel.n_gpus_per_node=4", "rollout.num_engines=null",
-                                             "cluster.placement_timeout_s=30"]
+    overrides = tiny_overrides(tiny, out) + [
+        "parallel.nnodes=3",
+        "parallel.n_gpus_per_node=4",
+        "rollout.num_engines=null",
+        "cluster.placement_timeout_s=30",
+    ]
     t0 = time.monotonic()
     code = main(["--config", str(REPO / "recipes" / "cpu_demo.yaml")] + [f"--set={o}" for o in overrides])
     elapsed = time.monotonic() - t0
     err = capsys.readouterr().err
     assert code == 2, err
-    assert ("the layout asks for 12 GPUs (colocated: parallel.nnodes=3 x parallel.n_gpus_per_node=4) on 3 distinct "
-            "node(s)" in err), err
+    assert (
+        "the layout asks for 12 GPUs (colocated: parallel.nnodes=3 x parallel.n_gpus_per_node=4) on 3 distinct "
+        "node(s)" in err
+    ), err
     assert "the Ray cluster has 8 GPUs (8 free) on 2 node(s)" in err and HEAD_IP in err and WORKER_IP in err, err
     assert elapsed < 30, elapsed  # no waiting for what cannot exist
     assert not (out / "placement.json").exists()  # written once the workers exist: none were started
@@ -239,7 +301,9 @@ def test_busy_gpus_fail_within_the_timeout_naming_what_was_asked_and_what_is_fre
     hogs = [probe_cls.options(num_gpus=3, resources={f"node:{ip}": 0.01}).remote() for ip in (HEAD_IP, WORKER_IP)]
     ray.get([h.info.remote() for h in hogs], timeout=60)
     try:
-        cfg = job_config(tiny, tmp_path, "parallel.nnodes=2", "parallel.n_gpus_per_node=2", "cluster.placement_timeout_s=3")
+        cfg = job_config(
+            tiny, tmp_path, "parallel.nnodes=2", "parallel.n_gpus_per_node=2", "cluster.placement_timeout_s=3"
+        )
         t0 = time.monotonic()
         with pytest.raises(PlacementError) as err:
             reserve(cfg)
@@ -264,13 +328,21 @@ def test_busy_gpus_fail_within_the_timeout_naming_what_was_asked_and_what_is_fre
 def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_cls):
     """TP=2 x DP=2 over 2 nodes x 2 GPUs, two engines of TP=2 on the GPUs of ranks (0,1) and (2,3); the
     optimizer state and the KL reference's weights leave the GPUs during rollout (actor.offload_during_rollout)."""
-    from luffy_megatron.train.setup import pad_token_id, start_workers
-    from luffy_megatron.train.loop import train
     from transformers import AutoTokenizer
 
-    cfg = job_config(tiny, tmp_path / "out", "parallel.nnodes=2", "parallel.n_gpus_per_node=2",
-                     "cluster.layout=colocated", "actor.offload_during_rollout=true", "algo.use_kl_loss=true",
-                     "algo.kl_loss_coef=0.001")
+    from luffy_megatron.train.loop import train
+    from luffy_megatron.train.setup import pad_token_id, start_workers
+
+    cfg = job_config(
+        tiny,
+        tmp_path / "out",
+        "parallel.nnodes=2",
+        "parallel.n_gpus_per_node=2",
+        "cluster.layout=colocated",
+        "actor.offload_during_rollout=true",
+        "algo.use_kl_loss=true",
+        "algo.kl_loss_coef=0.001",
+    )
     t0 = time.monotonic()
     workers = start_workers(cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), use_gpu=False)
     try:
@@ -287,12 +359,15 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
         for slot, info in zip(layout.engines, engines):
             own = [ranks[r] for r in slot.ranks]
             assert info["node_id"] == own[0]["node_id"] and info["placement_group"] == own[0]["placement_group"]
-            assert info["executor"] == "mp" and info["ray_bundles"] == [0, 1] and info["VLLM_RAY_BUNDLE_INDICES"] == "0,1"
+            assert (
+                info["executor"] == "mp" and info["ray_bundles"] == [0, 1] and info["VLLM_RAY_BUNDLE_INDICES"] == "0,1"
+            )
             assert float(info["VLLM_RAY_PER_WORKER_GPUS"]) == 0.5
             # where vLLM would start the TP workers: the very GPUs of the engine's ranks, one each
             tp_workers = worker_bundles(workers.placement, info, probe_cls)
-            assert [(w["node_id"], w["cuda_visible_devices"]) for w in tp_workers] == \
-                   [(r["node_id"], r["cuda_visible_devices"]) for r in own]
+            assert [(w["node_id"], w["cuda_visible_devices"]) for w in tp_workers] == [
+                (r["node_id"], r["cuda_visible_devices"]) for r in own
+            ]
             assert all(w["vllm_node_id"] == w["node_id"] for w in tp_workers)
 
         out = train(cfg, workers=workers)
@@ -300,8 +375,15 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
 
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1]
-        for key in ("actor/pg_loss", "actor/grad_norm", "perf/sync_s", "perf/engine_sleep_s", "perf/engine_wake_s",
-                    "perf/optimizer_reload_s", "perf/optimizer_offload_s"):
+        for key in (
+            "actor/pg_loss",
+            "actor/grad_norm",
+            "perf/sync_s",
+            "perf/engine_sleep_s",
+            "perf/engine_wake_s",
+            "perf/optimizer_reload_s",
+            "perf/optimizer_offload_s",
+        ):
             assert key in rows[0], key
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_000001"  # saved while offloaded
         assert json.loads((out / "placement.json").read_text())["rendezvous"]["master_addr"] == HEAD_IP
@@ -316,8 +398,16 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
         woke = min(t0_ for ev in engine_events for t0_, t1 in calls(ev, "wake_up"))
         for ev in rank_events:
             names = [n for n, _, _ in ev]
-            assert names == ["build", "reload_to_device", "compute_log_probs", "compute_ref_log_probs", "update",
-                             "offload_to_host", "sync_weights", "save_checkpoint"], names
+            assert names == [
+                "build",
+                "reload_to_device",
+                "compute_log_probs",
+                "compute_ref_log_probs",
+                "update",
+                "offload_to_host",
+                "sync_weights",
+                "save_checkpoint",
+            ], names
             assert slept <= calls(ev, "reload_to_device")[0][0]  # the engines freed the GPU first
             assert calls(ev, "offload_to_host")[0][1] <= woke  # and got it back only after the update
             assert calls(ev, "update")[0][1] <= woke
@@ -333,7 +423,9 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
             assert back["optimizer_state_abs_sum"] == state["optimizer_state_abs_sum"] > 0
             assert back["optimizer_state_bytes"] == state["optimizer_state_bytes"]
             # the reference's weights were away too (in other storages) and came back with the same values
-            assert back["reference_ptrs"] and all(b != a for a, b in zip(state["reference_ptrs"], back["reference_ptrs"]))
+            assert back["reference_ptrs"] and all(
+                b != a for a, b in zip(state["reference_ptrs"], back["reference_ptrs"])
+            )
             assert back["reference_abs_sum"] == state["reference_abs_sum"] > 0
         # before the actors are killed the ranks end torch.distributed together: barrier, groups freed, gloo idle
         closed = workers.actors.shutdown()
@@ -345,12 +437,20 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
 
 
 def test_disaggregated_one_node_trains_the_other_generates(cluster, tiny, tmp_path, probe_cls):
-    from luffy_megatron.train.setup import pad_token_id, start_workers
-    from luffy_megatron.train.loop import train
     from transformers import AutoTokenizer
 
-    cfg = job_config(tiny, tmp_path / "out", "parallel.nnodes=1", "parallel.n_gpus_per_node=4",
-                     "cluster.layout=disaggregated", "cluster.rollout_nnodes=1", "rollout.num_engines=1")
+    from luffy_megatron.train.loop import train
+    from luffy_megatron.train.setup import pad_token_id, start_workers
+
+    cfg = job_config(
+        tiny,
+        tmp_path / "out",
+        "parallel.nnodes=1",
+        "parallel.n_gpus_per_node=4",
+        "cluster.layout=disaggregated",
+        "cluster.rollout_nnodes=1",
+        "rollout.num_engines=1",
+    )
     t0 = time.monotonic()
     workers = start_workers(cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), use_gpu=False)
     try:

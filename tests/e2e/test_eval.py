@@ -29,13 +29,37 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "out"
     script = Path(sys.executable).parent / "luffy-eval"
     assert script.exists(), f"{script} missing: run `make setup` (pip install -e . installs the console script)"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(
+        os.environ,
+        VLLM_CPU_KVCACHE_SPACE="1",
+        OMP_NUM_THREADS="2",
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
     proc = subprocess.run(
-        [str(script), "--model", str(model), "--benchmarks", "math500,arc_c", "--limit", str(LIMIT),
-         "--max-new-tokens", str(MAX_NEW_TOKENS), "--n-samples", "arc_c=2", "--dtype", "float32",
-         "--reward-workers", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=400, env=env, cwd=out.parent,
+        [
+            str(script),
+            "--model",
+            str(model),
+            "--benchmarks",
+            "math500,arc_c",
+            "--limit",
+            str(LIMIT),
+            "--max-new-tokens",
+            str(MAX_NEW_TOKENS),
+            "--n-samples",
+            "arc_c=2",
+            "--dtype",
+            "float32",
+            "--reward-workers",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+        cwd=out.parent,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return proc, out
@@ -71,8 +95,11 @@ def test_markdown_table_has_the_benchmarks_and_avg(run):
     assert lines[0] == "| Model | math500 | arc_c | Avg |"
     row = [cell.strip() for cell in lines[2].strip("|").split("|")]
     assert row[0] == Path(smollm2_hf_dir()).name
-    expected = [results["benchmarks"]["math500"]["accuracy"], results["benchmarks"]["arc_c"]["accuracy"],
-                results["average"]]
+    expected = [
+        results["benchmarks"]["math500"]["accuracy"],
+        results["benchmarks"]["arc_c"]["accuracy"],
+        results["average"],
+    ]
     assert [float(x) for x in row[1:]] == pytest.approx(expected, abs=0.05)
     assert table in proc.stdout  # also printed at the end
 

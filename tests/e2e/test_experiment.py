@@ -20,14 +20,40 @@ pytestmark = pytest.mark.e2e
 
 ARMS = ["luffy", "sft"]
 STEPS = 2
-COLUMNS = ["arm", "seeds", "final ID accuracy %", "final OOD accuracy %", "on-policy reward, last 1 steps",
-           "final entropy", "wall time per seed (s)", "wall time, all seeds (s)"]
+COLUMNS = [
+    "arm",
+    "seeds",
+    "final ID accuracy %",
+    "final OOD accuracy %",
+    "on-policy reward, last 1 steps",
+    "final entropy",
+    "wall time per seed (s)",
+    "wall time, all seeds (s)",
+]
 
 
 def _run(work, out, timeout):
-    cmd = [sys.executable, str(REPO / "tools" / "experiment.py"), "--quick", "--steps", str(STEPS), "--eval-every", str(STEPS),
-           "--format-steps", "2", "--num-train", "40", "--num-eval", "4", "--arms", ",".join(ARMS),
-           "--work", str(work), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "experiment.py"),
+        "--quick",
+        "--steps",
+        str(STEPS),
+        "--eval-every",
+        str(STEPS),
+        "--format-steps",
+        "2",
+        "--num-train",
+        "40",
+        "--num-eval",
+        "4",
+        "--arms",
+        ",".join(ARMS),
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env_for_runs(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
@@ -69,8 +95,10 @@ def test_quick_experiment_writes_table_and_plots_and_resumes(tmp_path):
         assert all(0.0 <= e["id_accuracy"] <= 100.0 and 0.0 <= e["ood_accuracy"] <= 100.0 for e in run["evals"])
     # the arms really differ in the trainer: SFT's loss is the NLL of the demonstrations and it generates
     # nothing; LUFFY's batch holds generations and the shaped off-policy term
-    metrics = {arm: [json.loads(line) for line in (work / "runs" / arm / "seed_0" / "metrics.jsonl").read_text().splitlines()]
-               for arm in ARMS}
+    metrics = {
+        arm: [json.loads(line) for line in (work / "runs" / arm / "seed_0" / "metrics.jsonl").read_text().splitlines()]
+        for arm in ARMS
+    }
     assert all("actor/sft_loss" in m and m["rollout/generated_tokens"] == 0 for m in metrics["sft"])
     assert all("actor/off_policy_prob" in m and m["rollout/generated_tokens"] > 0 for m in metrics["luffy"])
     # every run starts from the same weak model: identical step-0 evaluations
@@ -85,7 +113,10 @@ def test_quick_experiment_writes_table_and_plots_and_resumes(tmp_path):
     log = _run(work, out, timeout=300)
     assert "sft seed 0: done already" in log
     assert (work / "runs" / "sft" / "seed_0" / "done.json").stat().st_mtime_ns == sft_done
-    assert [json.loads(line)["step"] for line in (luffy / "metrics.jsonl").read_text().splitlines()] == [1, 2]  # not retrained
+    assert [json.loads(line)["step"] for line in (luffy / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+    ]  # not retrained
     assert [json.loads(line)["step"] for line in (luffy / "evals.jsonl").read_text().splitlines()] == [0, STEPS]
     assert (luffy / "done.json").exists()
     assert _table((out / "results.md").read_text())[0] == COLUMNS

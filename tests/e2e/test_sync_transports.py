@@ -38,9 +38,17 @@ LOGPROB_ATOL = 1e-5  # the same weights in the same vLLM build: identical up to 
 def _tiny_qwen2(out: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, rms_norm_eps=1e-6)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg)
     with torch.no_grad():
@@ -87,10 +95,17 @@ def world(tmp_path_factory):
     hf_dir = _tiny_qwen2(root / "hf")
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # platform_notes 4.4
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 1024**2, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=256 * 1024**2,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
     actors = fleet = ref = None
     try:
+
         def engine(model_dir):
             return VLLMEngineActor.options(num_cpus=0, num_gpus=0).remote(str(model_dir), env=ENGINE_ENV, **ENGINE_KW)
 
@@ -103,9 +118,23 @@ def world(tmp_path_factory):
         metrics = actors.call("update", batch, advantages=reference_advantages(batch), old_log_probs=old_lp)
         ckpt = actors.run(_save_model_checkpoint, str(root / "updated_ckpt"))
         converted = root / "updated_hf"
-        proc = subprocess.run([str(REPO / ".venv" / "bin" / "luffy-convert"), "megatron-to-hf", "--ckpt", ckpt,
-                               "--hf-config", str(hf_dir), "--out", str(converted), "--quiet"],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.run(
+            [
+                str(REPO / ".venv" / "bin" / "luffy-convert"),
+                "megatron-to-hf",
+                "--ckpt",
+                ckpt,
+                "--hf-config",
+                str(hf_dir),
+                "--out",
+                str(converted),
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         ref_actor = engine(converted)
         fleet = EngineFleet(engines, dtype=torch.float32)
@@ -113,8 +142,15 @@ def world(tmp_path_factory):
         from safetensors.torch import load_file
 
         original = load_file(str(hf_dir / "model.safetensors"))
-        yield SimpleNamespace(ray=ray, actors=actors, fleet=fleet, ref=ref, original=original, metrics=metrics,
-                              updated=load_file(str(converted / "model.safetensors")))
+        yield SimpleNamespace(
+            ray=ray,
+            actors=actors,
+            fleet=fleet,
+            ref=ref,
+            original=original,
+            metrics=metrics,
+            updated=load_file(str(converted / "model.safetensors")),
+        )
     finally:
         for f in (fleet, ref):
             if f is not None:
@@ -131,14 +167,17 @@ def world(tmp_path_factory):
 def _engine_greedy(engine) -> list[tuple[list[int], list[float]]]:
     import ray
 
-    rows = ray.get(engine.generate_rollouts.remote(PROMPTS, [MAX_NEW_TOKENS] * len(PROMPTS), temperature=0.0),
-                   timeout=120)
+    rows = ray.get(
+        engine.generate_rollouts.remote(PROMPTS, [MAX_NEW_TOKENS] * len(PROMPTS), temperature=0.0), timeout=120
+    )
     return [(list(r.token_ids), list(r.logprobs)) for r in rows]
 
 
 def _same(a, b) -> bool:
-    return all(ta == tb and torch.allclose(torch.tensor(la), torch.tensor(lb), atol=LOGPROB_ATOL, rtol=0)
-               for (ta, la), (tb, lb) in zip(a, b))
+    return all(
+        ta == tb and torch.allclose(torch.tensor(la), torch.tensor(lb), atol=LOGPROB_ATOL, rtol=0)
+        for (ta, la), (tb, lb) in zip(a, b)
+    )
 
 
 def _max_logprob_diff(a, b) -> float:
@@ -233,8 +272,10 @@ def test_auto_transport_follows_the_layout_and_explicit_choices_are_checked():
     with pytest.raises(ValueError, match="weight_sync_transport"):
         resolve_transport("nccl", "cpu")
     with pytest.raises(ConfigError, match="weight_sync_transport=shared_memory"):
-        load_config(None, ["rollout.weight_sync_transport=shared_memory", "cluster.layout=disaggregated",
-                           "cluster.rollout_nnodes=1"])
+        load_config(
+            None,
+            ["rollout.weight_sync_transport=shared_memory", "cluster.layout=disaggregated", "cluster.rollout_nnodes=1"],
+        )
 
 
 def test_shared_memory_bucket_is_mapped_in_place_by_another_process_and_stale_files_go(tmp_path):
@@ -242,10 +283,17 @@ def test_shared_memory_bucket_is_mapped_in_place_by_another_process_and_stale_fi
 
     buf = ShmBuffer(1 << 20, tag="test", directory=str(tmp_path))
     buf.tensor[:8] = torch.arange(8, dtype=torch.uint8)
-    reader = ("import sys, torch; from luffy_megatron.sync.shm_buffer import map_shm; t = map_shm(sys.argv[1], 1 << 20); "
-              "print(t[:8].tolist()); t[8] = 99")
-    out = subprocess.run([sys.executable, "-c", reader, buf.path], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    reader = (
+        "import sys, torch; from luffy_megatron.sync.shm_buffer import map_shm; t = map_shm(sys.argv[1], 1 << 20); "
+        "print(t[:8].tolist()); t[8] = 99"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", reader, buf.path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.stdout.strip() == str(list(range(8))), out.stderr[-2000:]
     assert int(buf.tensor[8]) == 99  # the other process wrote into the same memory: no copy in between
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -16,18 +16,49 @@ pytestmark = pytest.mark.e2e
 
 # Issue 12 item 5: the upstream/verl names a LUFFY user reads (val/test_score/<source> and perf/mfu apart)
 UPSTREAM_SCALARS = (
-    "critic/score/mean", "critic/score/max", "critic/score/min", "critic/rewards/mean", "critic/rewards/max",
-    "critic/rewards/min", "critic/advantages/mean", "critic/advantages/max", "critic/advantages/min",
-    "response_length/mean", "response_length/max", "response_length/min", "response_length/clip_ratio",
-    "prompt_length/mean", "prompt_length/max", "prompt_length/min", "prompt_length/clip_ratio",
-    "actor/pg_loss", "actor/off_pg_loss", "actor/on_pg_loss", "actor/off_policy_prob", "actor/on_policy_prob",
-    "actor/entropy", "actor/ppo_kl", "actor/pg_clipfrac", "actor/grad_norm", "actor/lr",
-    *(f"timing_s/{p}" for p in ("gen", "reward", "old_log_prob", "update_actor", "sync", "testing", "save_checkpoint", "step")),
+    "critic/score/mean",
+    "critic/score/max",
+    "critic/score/min",
+    "critic/rewards/mean",
+    "critic/rewards/max",
+    "critic/rewards/min",
+    "critic/advantages/mean",
+    "critic/advantages/max",
+    "critic/advantages/min",
+    "response_length/mean",
+    "response_length/max",
+    "response_length/min",
+    "response_length/clip_ratio",
+    "prompt_length/mean",
+    "prompt_length/max",
+    "prompt_length/min",
+    "prompt_length/clip_ratio",
+    "actor/pg_loss",
+    "actor/off_pg_loss",
+    "actor/on_pg_loss",
+    "actor/off_policy_prob",
+    "actor/on_policy_prob",
+    "actor/entropy",
+    "actor/ppo_kl",
+    "actor/pg_clipfrac",
+    "actor/grad_norm",
+    "actor/lr",
+    *(
+        f"timing_s/{p}"
+        for p in ("gen", "reward", "old_log_prob", "update_actor", "sync", "testing", "save_checkpoint", "step")
+    ),
     "perf/throughput",
 )
 # names our users had before, kept beside the upstream ones
-OUR_SCALARS = ("rollout/reward_mean", "rollout/on_policy_reward", "rollout/off_policy_reward", "perf/step_s",
-               "perf/tokens_per_s", "perf/sync_s", "rollout/response_length_mean")
+OUR_SCALARS = (
+    "rollout/reward_mean",
+    "rollout/on_policy_reward",
+    "rollout/off_policy_reward",
+    "perf/step_s",
+    "perf/tokens_per_s",
+    "perf/sync_s",
+    "rollout/response_length_mean",
+)
 
 
 def _overrides(out: Path, data: Path, steps: int) -> list[str]:
@@ -48,7 +79,9 @@ def _overrides(out: Path, data: Path, steps: int) -> list[str]:
 
 def _run_demo(out: Path, data: Path, steps: int) -> subprocess.CompletedProcess:
     overrides = _overrides(out, data, steps)
-    cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--num-train=8", "--num-val=2"] + [f"--set={o}" for o in overrides]
+    cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--num-train=8", "--num-val=2"] + [
+        f"--set={o}" for o in overrides
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
 
@@ -117,8 +150,10 @@ def _check_upstream_names(out: Path, rows: list[dict], acc) -> None:
         assert r["on_off_metrics/off_score"] == pytest.approx(r["rollout/off_policy_reward"])
         assert r["actor/entropy"] == pytest.approx(r["actor/entropy_loss"]) and r["actor/entropy"] > 0
         assert 0.0 <= r["response_length/clip_ratio"] <= 1.0 and r["prompt_length/max"] <= 256
-        phases = sum(r.get(f"timing_s/{p}", 0.0) for p in ("gen", "reward", "old_log_prob", "update_actor", "sync",
-                                                           "testing", "save_checkpoint"))
+        phases = sum(
+            r.get(f"timing_s/{p}", 0.0)
+            for p in ("gen", "reward", "old_log_prob", "update_actor", "sync", "testing", "save_checkpoint")
+        )
         assert phases <= r["timing_s/step"]
         # tokens/s/GPU: the CPU layout has one Megatron rank standing in for the GPU
         assert r["perf/throughput"] == pytest.approx(r["perf/total_num_tokens"] / r["timing_s/step"])

@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 
 from luffy_megatron.utils.preemption import PREEMPTED_EXIT_CODE
-from tests.e2e.tiny_run import (STEP_LINE, checkpoint_steps, env_for_runs, metrics_steps, synthetic_data,
-                                tiny_llama_dir, tiny_overrides)
+from tests.e2e.tiny_run import (
+    STEP_LINE,
+    checkpoint_steps,
+    env_for_runs,
+    metrics_steps,
+    synthetic_data,
+    tiny_llama_dir,
+    tiny_overrides,
+)
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.e2e
@@ -30,8 +37,9 @@ KL = ["algo.kl_ctrl_type=adaptive", "algo.kl_ctrl_coef=0.1", "algo.kl_ctrl_targe
 
 def _command(out: Path, data: Path, steps: int) -> list[str]:
     overrides = tiny_overrides(tiny_llama_dir(), data, out, steps) + ["parallel.nnodes=1", "trainer.save_freq=-1"] + KL
-    return [str(REPO / ".venv" / "bin" / "luffy-train"), "--config", str(REPO / "recipes" / "slurm_cpu_test.yaml")] + \
-        [a for o in overrides for a in ("--set", o)]
+    return [str(REPO / ".venv" / "bin" / "luffy-train"), "--config", str(REPO / "recipes" / "slurm_cpu_test.yaml")] + [
+        a for o in overrides for a in ("--set", o)
+    ]
 
 
 def _wait_for(log: Path, proc: subprocess.Popen, pattern: str, timeout_s: float) -> str:
@@ -54,7 +62,9 @@ def stopped(tmp_path_factory):
     out, data = root / "out", synthetic_data(root / "data")
     log = root / "first.log"
     with log.open("w") as fh:
-        proc = subprocess.Popen(_command(out, data, steps=50), stdout=fh, stderr=subprocess.STDOUT, env=env_for_runs(), cwd=REPO)
+        proc = subprocess.Popen(
+            _command(out, data, steps=50), stdout=fh, stderr=subprocess.STDOUT, env=env_for_runs(), cwd=REPO
+        )
     try:
         _wait_for(log, proc, "[step 1/50]", START_TIMEOUT_S)
         proc.send_signal(signal.SIGTERM)
@@ -89,8 +99,14 @@ def test_a_signal_checkpoints_after_the_current_step_and_exits_75(stopped):
 def test_the_rerun_resumes_at_the_next_step(stopped):
     out, data, _, _ = stopped
     last = checkpoint_steps(out)[-1]
-    again = subprocess.run(_command(out, data, steps=last + 1) + ["--set", "trainer.save_freq=1"], capture_output=True,
-                           text=True, env=env_for_runs(), cwd=REPO, timeout=START_TIMEOUT_S)
+    again = subprocess.run(
+        _command(out, data, steps=last + 1) + ["--set", "trainer.save_freq=1"],
+        capture_output=True,
+        text=True,
+        env=env_for_runs(),
+        cwd=REPO,
+        timeout=START_TIMEOUT_S,
+    )
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"resumed from {out / 'checkpoints' / f'step_{last:06d}'} (step {last})" in again.stderr
     assert [int(m.group(1)) for m in STEP_LINE.finditer(again.stderr)] == [last + 1]

@@ -32,10 +32,19 @@ def tiny_llama_dir() -> Path:
     from tests.dist.tiny_models import smollm2_hf_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir())
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -51,17 +60,45 @@ def tiny_llama_dir() -> Path:
 def synthetic_data(out_dir: Path, num_train: int = 8) -> Path:
     """train.parquet (with demonstrations) in `out_dir`: one-digit additions as tools/demo.py writes them."""
     if not (out_dir / "train.parquet").exists():
-        subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(out_dir),
-                        "--num-train", str(num_train), "--num-val", "0", "--digits", "1", "--operands", "2",
-                        "--ops", "+", "--system-prompt", "short", "--seed", "0"],
-                       check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "prepare_data.py"),
+                "synthetic",
+                "--out",
+                str(out_dir),
+                "--num-train",
+                str(num_train),
+                "--num-val",
+                "0",
+                "--digits",
+                "1",
+                "--operands",
+                "2",
+                "--ops",
+                "+",
+                "--system-prompt",
+                "short",
+                "--seed",
+                "0",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     return out_dir
 
 
 def tiny_overrides(model: Path, data: Path, out: Path, steps: int) -> list[str]:
     """Overrides that turn recipes/slurm_cpu_test.yaml (or cpu_demo.yaml) into the tiny job."""
-    return [f"model.path={model}", f"data.train_files=[{data}/train.parquet]", "data.val_files=[]",
-            f"trainer.output_dir={out}", f"trainer.total_training_steps={steps}"]
+    return [
+        f"model.path={model}",
+        f"data.train_files=[{data}/train.parquet]",
+        "data.val_files=[]",
+        f"trainer.output_dir={out}",
+        f"trainer.total_training_steps={steps}",
+    ]
 
 
 def checkpoint_steps(out: Path) -> list[int]:

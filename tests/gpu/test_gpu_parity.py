@@ -74,8 +74,18 @@ def test_logprob_from_bf16_logits_matches_full_vocab_and_saves_memory():
 
 
 def _actor_run(hf_dir, out, *overrides):
-    run_torchrun(DIST / "actor_checks.py", str(hf_dir), str(out), "1", "1", "model.dtype=bf16",
-                 "model.transformer_impl=auto", *overrides, nproc=1, timeout_s=600)
+    run_torchrun(
+        DIST / "actor_checks.py",
+        str(hf_dir),
+        str(out),
+        "1",
+        "1",
+        "model.dtype=bf16",
+        "model.transformer_impl=auto",
+        *overrides,
+        nproc=1,
+        timeout_s=600,
+    )
     return torch.load(out)
 
 

@@ -104,8 +104,16 @@ def _nccl_peer(rank, port, out):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
         sock.listen()
-    group = WeightGroup.create(host="127.0.0.1", port=port, rank=rank, world_size=2, backend="nccl", timeout_s=120,
-                               listen_socket=sock, device=torch.device("cuda", rank))
+    group = WeightGroup.create(
+        host="127.0.0.1",
+        port=port,
+        rank=rank,
+        world_size=2,
+        backend="nccl",
+        timeout_s=120,
+        listen_socket=sock,
+        device=torch.device("cuda", rank),
+    )
     g = torch.Generator(device="cuda").manual_seed(7)
     data = torch.randint(0, 255, (1 << 20,), dtype=torch.uint8, device="cuda", generator=g)
     buf = data.clone() if rank == 0 else torch.zeros_like(data)

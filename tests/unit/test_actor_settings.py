@@ -6,7 +6,11 @@ import torch
 from luffy_megatron.actor.megatron_actor import Kernels, megatron_settings
 from luffy_megatron.config import load_config
 
-BASE = ["parallel.n_gpus_per_node=2", "rollout.tensor_model_parallel_size=1", "parallel.use_distributed_optimizer=false"]
+BASE = [
+    "parallel.n_gpus_per_node=2",
+    "rollout.tensor_model_parallel_size=1",
+    "parallel.use_distributed_optimizer=false",
+]
 
 
 def settings(*overrides):
@@ -35,15 +39,22 @@ def test_cpu_settings_use_local_spec_keep_bf16_and_pass_model_options():
     assert o["recompute_num_layers"] == 1
     assert o["variable_seq_lengths"] is True  # token-budgeted micro-batches across pipeline stages
     assert "fp8" not in o
-    for fusion in ("apply_rope_fusion", "bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
-                   "gradient_accumulation_fusion"):
+    for fusion in (
+        "apply_rope_fusion",
+        "bias_activation_fusion",
+        "bias_dropout_fusion",
+        "masked_softmax_fusion",
+        "gradient_accumulation_fusion",
+    ):
         assert o[fusion] is False, fusion
     assert s["ddp"]["overlap_grad_reduce"] is False and s["ddp"]["overlap_param_gather"] is False
     assert settings("model.dtype=fp32")["params_dtype"] == torch.float32
 
 
 def test_recompute_settings_reach_megatron_names():
-    o = settings("model.recompute_granularity=full", "model.recompute_method=block", "model.recompute_num_layers=3")["config_overrides"]
+    o = settings("model.recompute_granularity=full", "model.recompute_method=block", "model.recompute_num_layers=3")[
+        "config_overrides"
+    ]
     assert (o["recompute_granularity"], o["recompute_method"], o["recompute_num_layers"]) == ("full", "block", 3)
     o = settings("model.recompute_granularity=selective")["config_overrides"]
     assert o["recompute_granularity"] == "selective" and "recompute_num_layers" not in o
@@ -54,8 +65,14 @@ GPU_TE_APEX = Kernels(cuda=True, te=True, apex_wgrad=True)
 
 
 def test_gpu_settings_turn_on_megatron_training_fusions_and_overlap():
-    cfg = load_config(None, ["parallel.n_gpus_per_node=8", "rollout.tensor_model_parallel_size=1",
-                             "parallel.use_distributed_optimizer=true"])
+    cfg = load_config(
+        None,
+        [
+            "parallel.n_gpus_per_node=8",
+            "rollout.tensor_model_parallel_size=1",
+            "parallel.use_distributed_optimizer=true",
+        ],
+    )
     s = megatron_settings(cfg, GPU_TE_APEX)
     o = s["config_overrides"]
     assert s["use_te"] is True and s["params_dtype"] == torch.bfloat16
@@ -71,8 +88,14 @@ def test_gpu_settings_turn_on_megatron_training_fusions_and_overlap():
     no_te = megatron_settings(cfg, Kernels(cuda=True, te=False, apex_wgrad=True))
     assert no_te["use_te"] is False and no_te["config_overrides"]["apply_rope_fusion"] is False
     # no distributed optimizer: nothing to overlap the param all-gather with
-    plain = load_config(None, ["parallel.n_gpus_per_node=8", "rollout.tensor_model_parallel_size=1",
-                               "parallel.use_distributed_optimizer=false"])
+    plain = load_config(
+        None,
+        [
+            "parallel.n_gpus_per_node=8",
+            "rollout.tensor_model_parallel_size=1",
+            "parallel.use_distributed_optimizer=false",
+        ],
+    )
     assert megatron_settings(plain, GPU_TE_APEX)["ddp"]["overlap_param_gather"] is False
 
 
@@ -90,8 +113,10 @@ def test_fp8_settings_and_equal_micro_batch_counts():
 
 def test_fp8_recipe_without_transformer_engine_fails_at_start_naming_the_setting(tmp_path):
     recipe = tmp_path / "fp8.yaml"
-    recipe.write_text("model:\n  fp8: e4m3\nparallel:\n  n_gpus_per_node: 1\n  use_distributed_optimizer: false\n"
-                      "rollout:\n  tensor_model_parallel_size: 1\n")
+    recipe.write_text(
+        "model:\n  fp8: e4m3\nparallel:\n  n_gpus_per_node: 1\n  use_distributed_optimizer: false\n"
+        "rollout:\n  tensor_model_parallel_size: 1\n"
+    )
     cfg = load_config(recipe)
     with pytest.raises(ValueError, match="model.fp8=e4m3 needs Transformer Engine"):
         megatron_settings(cfg, Kernels(cuda=True, te=False, apex_wgrad=True))
@@ -105,7 +130,9 @@ def test_gradients_refuses_the_distributed_optimizers_partial_buffers():
     from luffy_megatron.actor.megatron_actor import MegatronActor
 
     stub = SimpleNamespace(ddp_config=SimpleNamespace(use_distributed_optimizer=True))
-    with pytest.raises(ValueError, match="parallel.use_distributed_optimizer=true each data-parallel rank holds only its reduced shard"):
+    with pytest.raises(
+        ValueError, match="parallel.use_distributed_optimizer=true each data-parallel rank holds only its reduced shard"
+    ):
         MegatronActor.gradients(stub, None, advantages=None, old_log_probs=None)
 
 
@@ -115,8 +142,10 @@ def test_luffy_train_with_fp8_and_no_transformer_engine_fails_at_start(tmp_path,
     from luffy_megatron.train import loop
 
     recipe = tmp_path / "fp8.yaml"
-    recipe.write_text("model:\n  fp8: hybrid\nparallel:\n  n_gpus_per_node: 1\n  use_distributed_optimizer: false\n"
-                      "rollout:\n  tensor_model_parallel_size: 1\ntrainer:\n  output_dir: " + str(tmp_path / "out") + "\n")
+    recipe.write_text(
+        "model:\n  fp8: hybrid\nparallel:\n  n_gpus_per_node: 1\n  use_distributed_optimizer: false\n"
+        "rollout:\n  tensor_model_parallel_size: 1\ntrainer:\n  output_dir: " + str(tmp_path / "out") + "\n"
+    )
     assert loop.main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "model.fp8=hybrid needs Transformer Engine" in err

@@ -7,8 +7,15 @@ from luffy_megatron.config import AlgoConfig
 
 
 def test_same_names_and_the_renamed_token_mean_flag():
-    algo = AlgoConfig.from_upstream({"grpo_use_std": True, "clip_ratio": 0.3, "loss_remove_token_mean": True,
-                                     "off_policy_cliprange": 0.2, "off_policy_normalize": False})
+    algo = AlgoConfig.from_upstream(
+        {
+            "grpo_use_std": True,
+            "clip_ratio": 0.3,
+            "loss_remove_token_mean": True,
+            "off_policy_cliprange": 0.2,
+            "off_policy_normalize": False,
+        }
+    )
     assert algo.grpo_use_std and algo.clip_ratio == 0.3 and algo.loss_agg_mode == "constant_length"
     assert AlgoConfig.from_upstream({"loss_remove_token_mean": False}).loss_agg_mode == "token_mean"
     assert AlgoConfig.from_upstream({}).loss_agg_mode == "token_mean"  # upstream's default

@@ -70,7 +70,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -124,7 +124,9 @@ def test_imports_point_down_the_documented_layers():
             there, target_entry = layer_of(target, layers)
             same_folder = target_entry.split(".")[:2] == entry.split(".")[:2]  # e.g. config.sections, config.errors
             if there < here or (there == here and not same_folder):
-                wrong.append(f"{module} (layer {here + 1}, {entry}) imports {target} (layer {there + 1}, {target_entry})")
+                wrong.append(
+                    f"{module} (layer {here + 1}, {entry}) imports {target} (layer {there + 1}, {target_entry})"
+                )
     assert not wrong, "imports that point up or sideways:\n" + "\n".join(wrong)
 
 
@@ -198,8 +200,9 @@ def test_imports_inside_functions_say_why():
     hidden = []
     for module, path in MODULES.items():
         hidden += [f"{path.relative_to(REPO)}:{line}" for line in lazy_imports_without_reason(path.read_text())]
-    assert not hidden, ("imports inside functions: move them to the top, or say why with a `# lazy: ...` "
-                        "comment:\n" + "\n".join(hidden))
+    assert not hidden, (
+        "imports inside functions: move them to the top, or say why with a `# lazy: ...` comment:\n" + "\n".join(hidden)
+    )
 
 
 @pytest.mark.parametrize("name", ["train", "train_step"])

@@ -1,7 +1,7 @@
 """Micro-batch planning, DP balancing and model-input construction for the actor."""
 
-import torch
 import pytest
+import torch
 
 from luffy_megatron.actor.batching import (
     RolloutBatch,
@@ -93,9 +93,21 @@ def test_packed_micro_batch_thd_layout():
 
 def test_rollout_batch_validates_shapes():
     with pytest.raises(ValueError, match="responses must be"):
-        RolloutBatch(prompts=[[1]], responses=torch.zeros(2, 3), response_mask=torch.zeros(1, 3), prefix_mask=torch.zeros(1, 3), group_ids=[0])
+        RolloutBatch(
+            prompts=[[1]],
+            responses=torch.zeros(2, 3),
+            response_mask=torch.zeros(1, 3),
+            prefix_mask=torch.zeros(1, 3),
+            group_ids=[0],
+        )
     with pytest.raises(ValueError, match="empty prompt"):
-        RolloutBatch(prompts=[[]], responses=torch.zeros(1, 3), response_mask=torch.zeros(1, 3), prefix_mask=torch.zeros(1, 3), group_ids=[0])
+        RolloutBatch(
+            prompts=[[]],
+            responses=torch.zeros(1, 3),
+            response_mask=torch.zeros(1, 3),
+            prefix_mask=torch.zeros(1, 3),
+            group_ids=[0],
+        )
 
 
 # ----- FP8 / sequence-parallel / context-parallel padding, equal micro-batch counts (GPU readiness 4, 7) -----
@@ -116,8 +128,13 @@ def _batch(lengths_prompt_resp):
     for i, (_, r) in enumerate(lengths_prompt_resp):
         resp[i, :r] = torch.arange(100, 100 + r)
         mask[i, :r] = 1
-    return RolloutBatch(prompts=prompts, responses=resp, response_mask=mask,
-                        prefix_mask=torch.zeros_like(mask, dtype=torch.bool), group_ids=list(range(len(prompts))))
+    return RolloutBatch(
+        prompts=prompts,
+        responses=resp,
+        response_mask=mask,
+        prefix_mask=torch.zeros_like(mask, dtype=torch.bool),
+        group_ids=list(range(len(prompts))),
+    )
 
 
 @pytest.mark.parametrize("tp,sp,cp", [(1, False, 1), (2, True, 1), (4, True, 2), (1, False, 4), (8, True, 1)])
@@ -151,8 +168,8 @@ def test_fp8_packed_rows_get_a_final_padding_segment(tp, sp, cp):
     assert t == cu[-1] and (t // cp // (tp if sp else 1)) % 16 == 0
     if t != sum(padded):  # the final segment: padding only, its own sequence, CP-divisible
         assert len(cu) == 5 and (cu[4] - cu[3]) % row == 0
-        assert (mb.input_ids[0, cu[3]:] == 0).all()
-        assert mb.position_ids[0, cu[3]:].tolist() == list(range(cu[4] - cu[3]))
+        assert (mb.input_ids[0, cu[3] :] == 0).all()
+        assert mb.position_ids[0, cu[3] :].tolist() == list(range(cu[4] - cu[3]))
     # the response layout still points at the real rows' tokens
     assert mb.input_ids.view(-1)[mb.resp_index[1, :30] + 1].tolist() == list(range(100, 130))
 
@@ -177,8 +194,9 @@ class _PlanOnly:
     def __init__(self, dp_size, dp_rank, *, equal, multiple=1):
         from types import SimpleNamespace
 
-        self.cfg = SimpleNamespace(actor=SimpleNamespace(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=64,
-                                                         ppo_micro_batch_size=2))
+        self.cfg = SimpleNamespace(
+            actor=SimpleNamespace(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=64, ppo_micro_batch_size=2)
+        )
         self.dp_size, self.dp_rank = dp_size, dp_rank
         self.equal_micro_batches, self.micro_batch_multiple = equal, multiple
         self.packed, self.pad_token_id = False, 0

@@ -41,9 +41,16 @@ def _model_asking_for(arch, extra: dict):
 def _te_extra_state(num_layers: int) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return {f"decoder.layers.{i}.self_attention.core_attention._extra_state": ShardedObject(
-        "decoder.layers.self_attention.core_attention._extra_state", io.BytesIO(), (num_layers,), (i,), replica_id=(0, 0, 0))
-        for i in range(num_layers)}
+    return {
+        f"decoder.layers.{i}.self_attention.core_attention._extra_state": ShardedObject(
+            "decoder.layers.self_attention.core_attention._extra_state",
+            io.BytesIO(),
+            (num_layers,),
+            (i,),
+            replica_id=(0, 0, 0),
+        )
+        for i in range(num_layers)
+    }
 
 
 def test_te_extra_state_absent_from_the_checkpoint_is_ignored(saved):
@@ -65,8 +72,10 @@ def test_megatron_default_strictness_fails_on_them(saved):
     model = _model_asking_for(arch, _te_extra_state(arch.num_layers))
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    with pytest.raises(CheckpointException, match="Missing key in checkpoint state_dict: "
-                       "decoder.layers.self_attention.core_attention._extra_state"):
+    with pytest.raises(
+        CheckpointException,
+        match="Missing key in checkpoint state_dict: decoder.layers.self_attention.core_attention._extra_state",
+    ):
         dist_checkpointing.load(model.sharded_state_dict(), str(path))
 
 
@@ -74,7 +83,11 @@ def test_any_other_missing_tensor_is_an_error_naming_it(saved):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     arch, path, _ = saved
-    extra = {"decoder.final_layernorm.bias": ShardedTensor.from_rank_offsets("decoder.final_layernorm.bias", torch.zeros(arch.hidden_size))}
+    extra = {
+        "decoder.final_layernorm.bias": ShardedTensor.from_rank_offsets(
+            "decoder.final_layernorm.bias", torch.zeros(arch.hidden_size)
+        )
+    }
     model = _model_asking_for(arch, {**_te_extra_state(arch.num_layers), **extra})
     with pytest.raises(RuntimeError, match=r"lacks 1 tensor\(s\) this model needs: decoder.final_layernorm.bias"):
         ckpt.load_checkpoint(model, path)

@@ -24,7 +24,7 @@ class Chunk(torch.nn.Module):
         self.expert_parallel_buffers = []
         offset = 0
         for p in self.parameters():
-            p.main_grad = self.buffers[0].grad_data[offset: offset + p.numel()].view_as(p)
+            p.main_grad = self.buffers[0].grad_data[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
 
 
@@ -49,8 +49,13 @@ def step(chunk, mains, optimizer, seed: int) -> None:
 
 
 def state_tensors(optimizer):
-    return [t for opt in optimizer.chained_optimizers for s in opt.optimizer.state.values() for t in s.values()
-            if isinstance(t, torch.Tensor)]
+    return [
+        t
+        for opt in optimizer.chained_optimizers
+        for s in opt.optimizer.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    ]
 
 
 def test_round_trip_moves_optimizer_state_releases_grads_and_keeps_training_identical():

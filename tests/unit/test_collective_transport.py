@@ -39,8 +39,12 @@ class Group:
 
 
 def ctx_of(buckets, gathered=None):
-    return SimpleNamespace(buckets=buckets, is_driver=False, device=torch.device("cpu"),
-                           all_gather=lambda obj: gathered if gathered is not None else [obj])
+    return SimpleNamespace(
+        buckets=buckets,
+        is_driver=False,
+        device=torch.device("cpu"),
+        all_gather=lambda obj: gathered if gathered is not None else [obj],
+    )
 
 
 def filling(transport, buckets):

@@ -69,7 +69,9 @@ def test_linear_decays_with_step_and_needs_sharing():
     ],
 )
 def test_windowed_strategies(strategy, step, upper):
-    r = ratios(strategy=strategy, n_off_policy=4, global_step=step, prefix_steps=100, linear_max_ratio=0.8, num_prompts=200)
+    r = ratios(
+        strategy=strategy, n_off_policy=4, global_step=step, prefix_steps=100, linear_max_ratio=0.8, num_prompts=200
+    )
     guided = [x for g in range(200) for x in r[g * 8 : g * 8 + 4]]
     assert max(guided) <= upper + 1e-12
     assert max(guided) > upper * 0.9  # draws reach near the window's top
@@ -94,8 +96,24 @@ def test_bad_strategy_and_slot_count():
 
 
 def test_seeded_rng_is_reproducible():
-    a = prefix_ratios(strategy="random", num_prompts=4, n=4, n_off_policy=2, min_prefix_ratio=0, max_prefix_ratio=1, rng=random.Random(7))
-    b = prefix_ratios(strategy="random", num_prompts=4, n=4, n_off_policy=2, min_prefix_ratio=0, max_prefix_ratio=1, rng=random.Random(7))
+    a = prefix_ratios(
+        strategy="random",
+        num_prompts=4,
+        n=4,
+        n_off_policy=2,
+        min_prefix_ratio=0,
+        max_prefix_ratio=1,
+        rng=random.Random(7),
+    )
+    b = prefix_ratios(
+        strategy="random",
+        num_prompts=4,
+        n=4,
+        n_off_policy=2,
+        min_prefix_ratio=0,
+        max_prefix_ratio=1,
+        rng=random.Random(7),
+    )
     assert a == b
 
 
@@ -104,20 +122,34 @@ def test_seeded_rng_is_reproducible():
 
 def test_response_mask_up_to_and_including_first_eos():
     resp = torch.tensor([[4, 4, 9, 9, 0], [6, 6, 6, 6, 6], [9, 1, 9, 2, 2], [0, 0, 0, 0, 0]])
-    assert response_mask_from_eos(resp, 9).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert response_mask_from_eos(resp, 9).tolist() == [
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1],
+    ]
 
 
 def test_pad_equal_to_eos_keeps_first_eos_only():
     """Qwen2.5-Math: pad == eos. The first EOS is in the mask, the padding after it is not."""
     plan = plan_rows(prompts=[[1]], demonstrations=[[5, 6]], ratios=[1.0, 0.0], n=2, eos_token_id=7, response_length=6)
-    responses, prefix_mask, mask = assemble_responses(prefixes=plan.prefixes, generations=[[], [3, 7]], eos_token_id=7, pad_token_id=7, response_length=6)
+    responses, prefix_mask, mask = assemble_responses(
+        prefixes=plan.prefixes, generations=[[], [3, 7]], eos_token_id=7, pad_token_id=7, response_length=6
+    )
     assert responses.tolist() == [[5, 6, 7, 7, 7, 7], [3, 7, 7, 7, 7, 7]]
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
     assert prefix_mask.tolist()[0] == [True, True, True, False, False, False]
 
 
 def test_plan_appends_eos_to_demo_and_skips_full_traces():
-    plan = plan_rows(prompts=[[1, 2], [3]], demonstrations=[[5, 6, 7], []], ratios=[1.0, 0.5, 0.0, 1.0, 0.0, 0.0], n=3, eos_token_id=9, response_length=8)
+    plan = plan_rows(
+        prompts=[[1, 2], [3]],
+        demonstrations=[[5, 6, 7], []],
+        ratios=[1.0, 0.5, 0.0, 1.0, 0.0, 0.0],
+        n=3,
+        eos_token_id=9,
+        response_length=8,
+    )
     assert plan.prefixes == [[5, 6, 7, 9], [5, 6], [], [], [], []]  # 0.5 * 4 tokens; empty demo -> no EOS
     assert plan.engine_inputs[0] == [1, 2, 5, 6, 7, 9] and plan.engine_inputs[1] == [1, 2, 5, 6]
     assert plan.group_index == [0, 0, 0, 1, 1, 1]
@@ -126,8 +158,12 @@ def test_plan_appends_eos_to_demo_and_skips_full_traces():
 
 
 def test_prefix_longer_than_response_is_cut_and_masked_to_width():
-    plan = plan_rows(prompts=[[1]], demonstrations=[list(range(10, 20))], ratios=[1.0], n=1, eos_token_id=9, response_length=4)
-    responses, prefix_mask, mask = assemble_responses(prefixes=plan.prefixes, generations=[[]], eos_token_id=9, pad_token_id=0, response_length=4)
+    plan = plan_rows(
+        prompts=[[1]], demonstrations=[list(range(10, 20))], ratios=[1.0], n=1, eos_token_id=9, response_length=4
+    )
+    responses, prefix_mask, mask = assemble_responses(
+        prefixes=plan.prefixes, generations=[[]], eos_token_id=9, pad_token_id=0, response_length=4
+    )
     assert responses.tolist() == [[10, 11, 12, 13]]
     assert prefix_mask.all() and mask.all()  # truncated trace: no EOS, the whole width counts
     assert plan.needs_generation == [False]
@@ -140,7 +176,9 @@ def test_upstream_rollout_example():
     prompts = [inputs[0][:2], inputs[4][:1]]  # rows 1-3 / 5-7 are the bare prompts
     assert all(inputs[r] == prompts[r // n] for r in (1, 2, 3, 5, 6, 7))
     demos = [inputs[0][2:-1], inputs[4][1:-1]]  # the engine input ends with the appended EOS
-    plan = plan_rows(prompts=prompts, demonstrations=demos, ratios=[1.0, 0, 0, 0] * 2, n=n, eos_token_id=eos, response_length=5)
+    plan = plan_rows(
+        prompts=prompts, demonstrations=demos, ratios=[1.0, 0, 0, 0] * 2, n=n, eos_token_id=eos, response_length=5
+    )
     assert plan.engine_inputs == inputs
     # what the engine produced after each input: the response minus the prefix, trailing pads dropped
     generations = []
@@ -149,12 +187,16 @@ def test_upstream_rollout_example():
         while gen and gen[-1] == pad:
             gen = gen[:-1]
         generations.append(gen)
-    responses, prefix_mask, mask = assemble_responses(prefixes=plan.prefixes, generations=generations, eos_token_id=eos, pad_token_id=pad, response_length=5)
+    responses, prefix_mask, mask = assemble_responses(
+        prefixes=plan.prefixes, generations=generations, eos_token_id=eos, pad_token_id=pad, response_length=5
+    )
     assert responses.tolist() == ex["responses"]
     assert prefix_mask.long().tolist() == ex["prefix_mask"]
     assert mask.tolist() == ex["attention_mask"]
     # skipping generation for full-trace rows changes nothing under the mask
     skipped = [[] if not need else g for need, g in zip(plan.needs_generation, generations)]
-    responses2, prefix_mask2, mask2 = assemble_responses(prefixes=plan.prefixes, generations=skipped, eos_token_id=eos, pad_token_id=pad, response_length=5)
+    responses2, prefix_mask2, mask2 = assemble_responses(
+        prefixes=plan.prefixes, generations=skipped, eos_token_id=eos, pad_token_id=pad, response_length=5
+    )
     assert torch.equal(mask2, mask) and torch.equal(prefix_mask2, prefix_mask)
     assert torch.equal(responses2 * mask2, responses * mask)

@@ -38,11 +38,11 @@ def _names_read() -> set[str]:
 
 def test_every_config_path_is_read_by_some_code():
     read = _names_read()
-    unread = [path for path, _ in config_paths(Config)
-              if path not in DELIBERATE and path.rsplit(".", 1)[1] not in read]
+    unread = [path for path, _ in config_paths(Config) if path not in DELIBERATE and path.rsplit(".", 1)[1] not in read]
     assert not unread, (
         "config settings that no code in luffy_megatron/ reads (implement them, remove them, or add them to "
-        f"DELIBERATE with the reason): {unread}")
+        f"DELIBERATE with the reason): {unread}"
+    )
 
 
 def test_deliberate_exceptions_are_real_paths_and_still_needed():

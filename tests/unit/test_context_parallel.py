@@ -22,8 +22,13 @@ def _batch():
     prompts = [torch.randint(1, 99, (p,), generator=g).tolist() for p, _ in lens]
     resp = torch.randint(1, 99, (4, 17), generator=g)
     mask = (torch.arange(17).unsqueeze(0) < torch.tensor([r for _, r in lens]).unsqueeze(1)).long()
-    return RolloutBatch(prompts=prompts, responses=resp * mask, response_mask=mask,
-                        prefix_mask=torch.zeros_like(mask, dtype=torch.bool), group_ids=[0, 0, 1, 1])
+    return RolloutBatch(
+        prompts=prompts,
+        responses=resp * mask,
+        response_mask=mask,
+        prefix_mask=torch.zeros_like(mask, dtype=torch.bool),
+        group_ids=[0, 0, 1, 1],
+    )
 
 
 @pytest.mark.parametrize("cp", [2, 3, 4])
@@ -52,14 +57,18 @@ def test_thd_partition_matches_te_layout_and_unshard_inverts_shard(cp):
     mb = build_packed_micro_batch(_batch(), [0, 1, 2, 3], pad_token_id=0, pad_multiple=2 * cp)
     cu = mb.cu_seqlens.tolist()
     total = mb.input_ids.shape[1]
-    shards = [shard_micro_batch(mb.input_ids, mb.position_ids, mb.targets, cp_size=cp, cp_rank=r, cu_seqlens=mb.cu_seqlens)
-              for r in range(cp)]
+    shards = [
+        shard_micro_batch(mb.input_ids, mb.position_ids, mb.targets, cp_size=cp, cp_rank=r, cu_seqlens=mb.cu_seqlens)
+        for r in range(cp)
+    ]
     seen = []
     for r, sh in enumerate(shards):
         want = []
         for a, e in zip(cu[:-1], cu[1:]):  # per sequence: chunks r and 2cp-1-r of its padded length
             c = (e - a) // (2 * cp)
-            want += list(range(a + r * c, a + (r + 1) * c)) + list(range(a + (2 * cp - 1 - r) * c, a + (2 * cp - r) * c))
+            want += list(range(a + r * c, a + (r + 1) * c)) + list(
+                range(a + (2 * cp - 1 - r) * c, a + (2 * cp - r) * c)
+            )
         assert thd_partitioned_indices(mb.cu_seqlens, cp, r).tolist() == want
         assert torch.equal(sh.input_ids[0], mb.input_ids[0, want]) and sh.input_ids.shape[1] == total // cp
         seen += want

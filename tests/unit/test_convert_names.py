@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from luffy_megatron.convert.names import (expected_hf_shape, from_hf, hf_param_names, merge_qkv,
-                                          rule_for, split_gathered_fc1, split_qkv, to_hf)
+from luffy_megatron.convert.names import (
+    expected_hf_shape,
+    from_hf,
+    hf_param_names,
+    merge_qkv,
+    rule_for,
+    split_gathered_fc1,
+    split_qkv,
+    to_hf,
+)
 from luffy_megatron.models.hf_to_mcore import read_hf_arch
 from tests.dist.tiny_models import SPECS, make_tiny_model
 
@@ -28,9 +36,18 @@ def test_hf_names_and_shapes_match_transformers(tiny_dirs, name):
 
 
 def test_qkv_interleave_per_query_group_and_inverse():
-    arch = read_hf_arch(dict(model_type="qwen2", vocab_size=10, hidden_size=8, intermediate_size=8,
-                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                             head_dim=2))
+    arch = read_hf_arch(
+        dict(
+            model_type="qwen2",
+            vocab_size=10,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=2,
+        )
+    )
     q = torch.arange(8 * 8.0).reshape(8, 8)
     k = 100 + torch.arange(4 * 8.0).reshape(4, 8)
     v = 200 + torch.arange(4 * 8.0).reshape(4, 8)
@@ -53,8 +70,10 @@ def test_gate_up_under_tp_and_layer_norm_spellings():
     te = rule_for("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", lm)
     local = rule_for("decoder.layers.0.input_layernorm.weight", lm)
     assert te.hf_names == local.hf_names == ("model.layers.5.input_layernorm.weight",)
-    assert (rule_for("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", lm).hf_names
-            == rule_for("decoder.layers.0.pre_mlp_layernorm.weight", lm).hf_names)
+    assert (
+        rule_for("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", lm).hf_names
+        == rule_for("decoder.layers.0.pre_mlp_layernorm.weight", lm).hf_names
+    )
     assert rule_for("decoder.layers.0.self_attention.linear_proj.weight", lm).tp_dim == 1
     assert rule_for("decoder.layers.0.mlp.linear_fc1._extra_state", lm) is None
 
@@ -69,5 +88,11 @@ def test_vocab_pad_unpad_and_shape_mismatch_names_the_tensor(tiny_dirs):
     assert name == "model.embed_tokens.weight" and torch.equal(back, emb)
     bad = rule_for("decoder.layers.0.self_attention.linear_qkv.weight", {0: 0})
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight"):
-        from_hf(bad, lambda n: torch.zeros(7, 64) if "k_proj" in n else torch.zeros(
-            expected_hf_shape(n, arch)), arch, tp=1, tp_rank=0, local_shape=(128, 64))
+        from_hf(
+            bad,
+            lambda n: torch.zeros(7, 64) if "k_proj" in n else torch.zeros(expected_hf_shape(n, arch)),
+            arch,
+            tp=1,
+            tp_rank=0,
+            local_shape=(128, 64),
+        )

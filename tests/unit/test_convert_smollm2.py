@@ -34,7 +34,6 @@ def test_smollm2_round_trip_bit_exact_and_megatron_logits_match(tmp_path):
     ref_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = ref_model(ids).logits
-        out = chunks[0](input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids),
-                        attention_mask=None)
+        out = chunks[0](input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids), attention_mask=None)
     diff = (out[..., : arch.vocab_size] - ref).abs().max().item()
     assert diff < 1e-4, diff

@@ -24,12 +24,31 @@ def test_cli_round_trip_sharded_output_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     hf = make_tiny_model("qwen2", tmp_path / "hf")
-    assert convert_main(["hf-to-megatron", "--hf", str(hf), "--out", str(tmp_path / "ck"),
-                         "--tp", "2", "--pp", "2", "--quiet"]) == 0
+    assert (
+        convert_main(
+            ["hf-to-megatron", "--hf", str(hf), "--out", str(tmp_path / "ck"), "--tp", "2", "--pp", "2", "--quiet"]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "ck" / "luffy_meta.json").read_text())
     assert (meta["tp"], meta["pp"], meta["vocab_size_padded"]) == (2, 2, 768)
-    assert convert_main(["megatron-to-hf", "--ckpt", str(tmp_path / "ck"), "--hf-config", str(hf),
-                         "--out", str(tmp_path / "out"), "--max-shard-size", "200K", "--quiet"]) == 0
+    assert (
+        convert_main(
+            [
+                "megatron-to-hf",
+                "--ckpt",
+                str(tmp_path / "ck"),
+                "--hf-config",
+                str(hf),
+                "--out",
+                str(tmp_path / "out"),
+                "--max-shard-size",
+                "200K",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -61,14 +80,14 @@ def test_errors_name_the_model_type_and_the_tensor(tmp_path, capsys):
     cfg = json.loads((hf / "config.json").read_text())
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps(dict(cfg, model_type="phi3")))
-    assert convert_main(["hf-to-megatron", "--hf", str(tmp_path / "bad"), "--out",
-                         str(tmp_path / "x"), "--quiet"]) == 2
+    assert convert_main(["hf-to-megatron", "--hf", str(tmp_path / "bad"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "phi3" in err and "qwen3" in err
     # a checkpoint whose k_proj is the wrong shape for its config
     state = load_file(str(hf / "model.safetensors"))
     state["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(10, 64)
     from safetensors.torch import save_file
+
     save_file(state, str(hf / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight"):
         tools.hf_to_megatron(hf, tmp_path / "ck", quiet=True)

@@ -35,7 +35,10 @@ def test_good_file_round_trip(tmp_path):
     examples, report = read_luffy_parquet(path, require_target=True)
     assert report.num_bad_rows == 0 and report.num_rows_read == 3
     ex = examples[2]
-    assert ex.prompt == [{"role": "system", "content": LUFFY_SYSTEM_PROMPT}, {"role": "user", "content": "What is 2 + 2?"}]
+    assert ex.prompt == [
+        {"role": "system", "content": LUFFY_SYSTEM_PROMPT},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ]
     assert ex.demo.startswith("<think>\n") and ex.ground_truth == "4" and ex.data_source == ""
     assert ex.row_index == 2 and ex.problem == "What is 2 + 2?" and ex.extra_info == {"split": "train", "index": 2}
 
@@ -160,7 +163,9 @@ def write_jsonl(path, records):
 def test_benchmark_rows_validated(tmp_path):
     (tmp_path / "bench").mkdir()
     root = tmp_path / "bench"
-    write_jsonl(root / "aime24.jsonl", [{"problem": "p0", "answer": "1"}, {"problem": "p1"}, {"problem": "p2", "answer": "3"}])
+    write_jsonl(
+        root / "aime24.jsonl", [{"problem": "p0", "answer": "1"}, {"problem": "p1"}, {"problem": "p2", "answer": "3"}]
+    )
     with pytest.raises(DataError) as err:
         read_benchmark("aime24", data_root=root)
     assert "aime24.jsonl: row 1: field 'answer': missing" in str(err.value)
@@ -173,13 +178,33 @@ def test_benchmark_rows_validated(tmp_path):
 @pytest.mark.parametrize(
     "name, file, record, message",
     [
-        ("aime24", "aime24.jsonl", {"problem": "p", "answer": ["1"]}, "field 'answer': wrong type: expected str, got list"),
+        (
+            "aime24",
+            "aime24.jsonl",
+            {"problem": "p", "answer": ["1"]},
+            "field 'answer': wrong type: expected str, got list",
+        ),
         ("aime24", "aime24.jsonl", {"problem": "p", "answer": ""}, "field 'answer': empty string"),
         ("aime24", "aime24.jsonl", {"problem": 7, "answer": "1"}, "field 'problem': wrong type: expected str, got int"),
         ("minerva", "minerva_math.jsonl", {"problem": "p", "solution": "it is 3"}, "field 'solution': no \\boxed{...}"),
-        ("olympiadbench", "olympiadbench.jsonl", {"question": "q", "final_answer": "$2$"}, "field 'final_answer': wrong type"),
-        ("olympiadbench", "olympiadbench.jsonl", {"question": "q", "final_answer": []}, "field 'final_answer': empty list"),
-        ("mmlu_pro", "mmlu_pro.parquet", {"question": "q", "options": ["a", "b"], "answer": "C"}, "field 'answer': 'C' is not one of"),
+        (
+            "olympiadbench",
+            "olympiadbench.jsonl",
+            {"question": "q", "final_answer": "$2$"},
+            "field 'final_answer': wrong type",
+        ),
+        (
+            "olympiadbench",
+            "olympiadbench.jsonl",
+            {"question": "q", "final_answer": []},
+            "field 'final_answer': empty list",
+        ),
+        (
+            "mmlu_pro",
+            "mmlu_pro.parquet",
+            {"question": "q", "options": ["a", "b"], "answer": "C"},
+            "field 'answer': 'C' is not one of",
+        ),
         ("aime24", "aime24.jsonl", "{not json", "field '<json>': line 2 is not valid JSON"),
         ("aime24", "aime24.jsonl", "[1, 2]", "field '<record>': expected a JSON object"),
     ],
@@ -203,9 +228,13 @@ def test_benchmark_bad_rows(tmp_path, name, file, record, message):
 
 
 def test_good_benchmark_rules(tmp_path):
-    minerva = write_jsonl(tmp_path / "minerva_math.jsonl", [{"problem": "p", "solution": "a \\boxed{1} then \\boxed{\\frac{a}{b^{2}}}."}])
+    minerva = write_jsonl(
+        tmp_path / "minerva_math.jsonl", [{"problem": "p", "solution": "a \\boxed{1} then \\boxed{\\frac{a}{b^{2}}}."}]
+    )
     assert read_benchmark(minerva)[0]["answer"] == "\\frac{a}{b^{2}}"
-    olymp = write_jsonl(tmp_path / "olympiadbench.jsonl", [{"question": "q", "context": None, "final_answer": ["$69$,$84$"]}])
+    olymp = write_jsonl(
+        tmp_path / "olympiadbench.jsonl", [{"question": "q", "context": None, "final_answer": ["$69$,$84$"]}]
+    )
     assert read_benchmark(olymp)[0]["answer"] == "69,84"
     amc = tmp_path / "amc.json"
     amc.write_text(json.dumps([{"problem": "p", "answer": 142.0}, {"problem": "q", "answer": 0.25}]))

@@ -68,8 +68,12 @@ def test_benchmark_answer_rules():
 
 # LUFFY data_source -> our registry name of the raw file.
 LUFFY_TO_RAW = {
-    "aime": "aime24", "aime25": "aime25", "amc": "amc",
-    "math": "math500", "minerva": "minerva", "olympiad_bench": "olympiadbench",
+    "aime": "aime24",
+    "aime25": "aime25",
+    "amc": "amc",
+    "math": "math500",
+    "minerva": "minerva",
+    "olympiad_bench": "olympiadbench",
 }
 # Per data_source: rows, from the README ("Records are repeated so that averaging gives avg@k").
 ROWS = {

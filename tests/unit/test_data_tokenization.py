@@ -25,7 +25,10 @@ def example(i=0, *, problem=None, demo=None, row_index=None):
     problem = problem or f"What is {i} + {i}?"
     demo = demo if demo is not None else f"<think>\n{i} + {i} = {2 * i}.\n</think>\nThe answer is $\\boxed{{{2 * i}}}$."
     return Example(
-        prompt=make_prompt(problem), ground_truth=str(2 * i), data_source="t", demo=demo,
+        prompt=make_prompt(problem),
+        ground_truth=str(2 * i),
+        data_source="t",
+        demo=demo,
         row_index=i if row_index is None else row_index,
     )
 
@@ -38,7 +41,9 @@ def think_template_file(tmp_path):
 
 
 def test_qwen3_own_template_does_not_end_with_think_so_default_is_used(qwen_tokenizer):
-    own = qwen_tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    own = qwen_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
+    )
     assert not own.endswith("<think>\n")  # the premise: Qwen3's template stops at "<|im_start|>assistant\n"
     template = resolve_chat_template(qwen_tokenizer)
     assert template.source == "default" and template.ends_with_think
@@ -49,7 +54,10 @@ def test_qwen3_own_template_does_not_end_with_think_so_default_is_used(qwen_toke
 
 def test_model_template_is_used_when_it_ends_with_think(qwen_tokenizer):
     saved = qwen_tokenizer.chat_template
-    own = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[A]<think>\n{% endif %}"
+    own = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[A]<think>\n{% endif %}"
+    )
     try:
         qwen_tokenizer.chat_template = own
         template = resolve_chat_template(qwen_tokenizer)
@@ -106,7 +114,12 @@ def test_long_prompt_dropped_and_counted(qwen_tokenizer, caplog):
     with caplog.at_level(logging.WARNING):
         dataset = tokenize_examples(examples, qwen_tokenizer, max_prompt_length=250, remove_system=True)
     assert dataset.counts.as_dict() == {
-        "num_rows": 5, "kept": 4, "dropped_long_prompt": 1, "truncated_demo": 0, "dropped_long_demo": 0, "bad_rows": 0,
+        "num_rows": 5,
+        "kept": 4,
+        "dropped_long_prompt": 1,
+        "truncated_demo": 0,
+        "dropped_long_demo": 0,
+        "bad_rows": 0,
     }
     assert [e.row_index for e in dataset] == [0, 1, 2, 3]
     assert all(len(e.prompt_ids) <= 250 for e in dataset)
@@ -116,7 +129,9 @@ def test_long_prompt_dropped_and_counted(qwen_tokenizer, caplog):
 def test_long_prompt_error_policy(qwen_tokenizer):
     examples = [example(0), example(1, problem="word " * 300), example(2, problem="word " * 400)]
     with pytest.raises(DataError, match=r"max_prompt_length=250 but 2 of 3 .*row 1 .*row 2"):
-        tokenize_examples(examples, qwen_tokenizer, max_prompt_length=250, long_prompt_policy="error", remove_system=True)
+        tokenize_examples(
+            examples, qwen_tokenizer, max_prompt_length=250, long_prompt_policy="error", remove_system=True
+        )
 
 
 def test_long_demo_truncated_or_dropped(qwen_tokenizer):
@@ -146,18 +161,30 @@ def test_bad_options_are_errors(qwen_tokenizer):
 def test_load_tokenized_dataset_accounts_for_every_row(qwen_tokenizer, tmp_path):
     def row(i, **override):
         ex = example(i)
-        r = {"data_source": "", "prompt": ex.prompt, "target": [{"role": "assistant", "content": ex.demo}],
-             "ability": "math", "reward_model": {"style": "rule", "ground_truth": ex.ground_truth},
-             "extra_info": {"split": "train", "index": i}}
+        r = {
+            "data_source": "",
+            "prompt": ex.prompt,
+            "target": [{"role": "assistant", "content": ex.demo}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": ex.ground_truth},
+            "extra_info": {"split": "train", "index": i},
+        }
         r.update(override)
         return r
 
-    rows = [row(0), row(1, reward_model={"style": "rule", "ground_truth": ""}), row(2, prompt=make_prompt("word " * 300)), row(3)]
+    rows = [
+        row(0),
+        row(1, reward_model={"style": "rule", "ground_truth": ""}),
+        row(2, prompt=make_prompt("word " * 300)),
+        row(3),
+    ]
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     with pytest.raises(DataError, match="row 1: field 'reward_model.ground_truth': empty string"):
         load_tokenized_dataset(path, qwen_tokenizer, require_target=True)
-    dataset = load_tokenized_dataset(path, qwen_tokenizer, require_target=True, skip_bad_rows=True, max_prompt_length=250, remove_system=True)
+    dataset = load_tokenized_dataset(
+        path, qwen_tokenizer, require_target=True, skip_bad_rows=True, max_prompt_length=250, remove_system=True
+    )
     counts = dataset.counts
     assert (counts.num_rows, counts.kept, counts.bad_rows, counts.dropped_long_prompt) == (4, 2, 1, 1)
     assert counts.kept + counts.bad_rows + counts.dropped_long_prompt + counts.dropped_long_demo == counts.num_rows

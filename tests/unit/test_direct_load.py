@@ -65,9 +65,13 @@ class Model(torch.nn.Module):
 def loader_for(model):
     group = _Group(model.qkv, "qkv", ["q", "k", "v"], torch.float32, 6, 4)
     single = _Group(model.o, "o", ["o"], torch.float32, 4, 2)
-    copies = {"q.bias": _Copy(model.qkv, "bias", 0, 2), "k.bias": _Copy(model.qkv, "bias", 2, 2),
-              "v.bias": _Copy(model.qkv, "bias", 4, 2), "embed": _Copy(model.embed, "weight"),
-              "lm_head": _Copy(model.lm_head, "weight")}
+    copies = {
+        "q.bias": _Copy(model.qkv, "bias", 0, 2),
+        "k.bias": _Copy(model.qkv, "bias", 2, 2),
+        "v.bias": _Copy(model.qkv, "bias", 4, 2),
+        "embed": _Copy(model.embed, "weight"),
+        "lm_head": _Copy(model.lm_head, "weight"),
+    }
     return DirectLoader(model, {"q": group, "k": group, "v": group, "o": single}, copies, tied_lm_head=False)
 
 
@@ -77,7 +81,7 @@ def flat_of(tensors, gap=0):
     flat = torch.zeros(sum(sizes) + gap * len(tensors), dtype=torch.uint8)
     views, off = [], 0
     for t, n in zip(tensors, sizes):
-        v = flat[off:off + n].view(torch.float32).view(t.shape)
+        v = flat[off : off + n].view(torch.float32).view(t.shape)
         v.copy_(t)
         views.append(v)
         off += n + gap

@@ -40,15 +40,18 @@ def test_n_samples_bare_number_sets_the_default_for_the_rest():
     assert parse_n_samples("", KNOWN) == ({}, 1)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("aime2024=32", "unknown benchmark 'aime2024'"),
-    ("aime24=x", "K must be an integer"),
-    ("aime24=0", "K must be >= 1"),
-    ("-2", "K must be >= 1"),
-    ("aime24=2,aime24=4", "names 'aime24' twice"),
-    ("2,3", "more than one bare default"),
-    ("=3", "expected NAME=K"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("aime2024=32", "unknown benchmark 'aime2024'"),
+        ("aime24=x", "K must be an integer"),
+        ("aime24=0", "K must be >= 1"),
+        ("-2", "K must be >= 1"),
+        ("aime24=2,aime24=4", "names 'aime24' twice"),
+        ("2,3", "more than one bare default"),
+        ("=3", "expected NAME=K"),
+    ],
+)
 def test_n_samples_errors_name_the_problem(spec, message):
     with pytest.raises(EvalError, match=message):
         parse_n_samples(spec, KNOWN)
@@ -133,8 +136,9 @@ def test_markdown_table_has_one_column_per_benchmark_and_avg():
 
 
 def test_load_benchmarks_limit_and_k_per_benchmark():
-    aime, math500, arc = load_benchmarks(["aime24", "math500", "arc_c"], data_root=None, limit=3,
-                                         n_samples="aime24=32,arc_c=2")
+    aime, math500, arc = load_benchmarks(
+        ["aime24", "math500", "arc_c"], data_root=None, limit=3, n_samples="aime24=32,arc_c=2"
+    )
     assert (aime.name, aime.k, aime.kind, len(aime.rows)) == ("aime24", 32, "math", 3)
     assert (math500.k, math500.kind, len(math500.rows)) == (1, "math", 3)
     assert (arc.k, arc.kind, len(arc.rows)) == (2, "choice", 3)
@@ -144,8 +148,9 @@ def test_load_benchmarks_limit_and_k_per_benchmark():
 
 def test_luffy_file_is_split_per_data_source_and_repeated_rows_are_one_problem():
     benchmarks = {b.name: b for b in load_benchmarks(["luffy_valid_all"], data_root=None, limit=2, n_samples="")}
-    assert set(benchmarks) == {f"luffy_valid_all/{s}" for s in
-                               ("aime", "aime25", "amc", "math", "minerva", "olympiad_bench")}
+    assert set(benchmarks) == {
+        f"luffy_valid_all/{s}" for s in ("aime", "aime25", "amc", "math", "minerva", "olympiad_bench")
+    }
     aime = benchmarks["luffy_valid_all/aime"]
     assert len(aime.rows) == 2 * 32  # 2 problems, each repeated 32 times in the file
     assert len(set(aime.problem_ids)) == 2

@@ -22,7 +22,11 @@ def _algo_rollout(arm):
 
 def test_arms_differ_only_where_they_should():
     luffy_algo, luffy_rollout, base = _algo_rollout("luffy")
-    assert luffy_algo["mode"] == "rl" and luffy_algo["off_policy_reshape"] == "p_div_p_0.1" and luffy_algo["use_off_policy_loss"]
+    assert (
+        luffy_algo["mode"] == "rl"
+        and luffy_algo["off_policy_reshape"] == "p_div_p_0.1"
+        and luffy_algo["use_off_policy_loss"]
+    )
     assert (luffy_rollout["n"], luffy_rollout["n_off_policy"]) == (8, 1)  # 1 demonstration + 7 generations
     diffs = {}
     for arm in experiment.ARMS:

@@ -119,8 +119,14 @@ def _batch(seed=0, rows=8, width=12):
 
 
 def _ours(scores, mask, old, ref, ctrl, kind):
-    rewards, metrics, current_kl = apply_kl_penalty(token_level_scores_BT=scores, response_mask_BT=mask,
-                                                    old_log_prob_BT=old, ref_log_prob_BT=ref, beta=ctrl.value, kind=kind)
+    rewards, metrics, current_kl = apply_kl_penalty(
+        token_level_scores_BT=scores,
+        response_mask_BT=mask,
+        old_log_prob_BT=old,
+        ref_log_prob_BT=ref,
+        beta=ctrl.value,
+        kind=kind,
+    )
     ctrl.update(current_kl, n_steps=scores.shape[0])
     return rewards, metrics
 
@@ -133,7 +139,9 @@ def test_reward_penalty_equals_upstream_apply_kl_penalty(kind):
     scores, mask, old, ref = _batch()
     up_rewards, up_metrics = upstream_apply_kl_penalty(
         {"attention_mask": mask, "token_level_scores": scores, "old_log_probs": old, "ref_log_prob": ref},
-        UpstreamFixedKLController(0.05), kl_penalty=kind)
+        UpstreamFixedKLController(0.05),
+        kl_penalty=kind,
+    )
     rewards, metrics = _ours(scores, mask, old, ref, FixedKLController(0.05), kind)
     assert torch.allclose(rewards, up_rewards, atol=1e-7, rtol=0)
     assert metrics["critic/kl"] == pytest.approx(up_metrics["critic/kl"], rel=1e-6, abs=1e-9)
@@ -151,7 +159,10 @@ def test_adaptive_controller_follows_upstream_over_several_steps():
         scores, mask, old, ref = _batch(seed=step)
         ref = old + (ref - old) * (0.2 + 0.3 * step)  # KL below, then above the target: both clip ends
         up_rewards, up_m = upstream_apply_kl_penalty(
-            {"attention_mask": mask, "token_level_scores": scores, "old_log_probs": old, "ref_log_prob": ref}, up, "low_var_kl")
+            {"attention_mask": mask, "token_level_scores": scores, "old_log_probs": old, "ref_log_prob": ref},
+            up,
+            "low_var_kl",
+        )
         rewards, m = _ours(scores, mask, old, ref, ours, "low_var_kl")
         assert torch.allclose(rewards, up_rewards, atol=1e-7, rtol=0), step
         assert m["critic/kl_coeff"] == pytest.approx(up_m["critic/kl_coeff"], rel=1e-12), step
@@ -168,10 +179,12 @@ def test_adaptive_controller_follows_upstream_over_several_steps():
 
 def test_no_reference_means_beta_zero_and_zero_kl_as_upstream():
     scores, mask, old, _ = _batch()
-    up_rewards, up_m = upstream_apply_kl_penalty({"attention_mask": mask, "token_level_scores": scores},
-                                                 UpstreamFixedKLController(0.0))
-    rewards, m, kl_now = apply_kl_penalty(token_level_scores_BT=scores, response_mask_BT=mask, old_log_prob_BT=old,
-                                          ref_log_prob_BT=None, beta=0.3)
+    up_rewards, up_m = upstream_apply_kl_penalty(
+        {"attention_mask": mask, "token_level_scores": scores}, UpstreamFixedKLController(0.0)
+    )
+    rewards, m, kl_now = apply_kl_penalty(
+        token_level_scores_BT=scores, response_mask_BT=mask, old_log_prob_BT=old, ref_log_prob_BT=None, beta=0.3
+    )
     assert torch.equal(rewards, up_rewards) and torch.equal(rewards, scores)
     assert m == up_m == {"critic/kl": 0.0, "critic/kl_coeff": 0}
     assert kl_now == 0.0
@@ -186,10 +199,14 @@ def test_penalised_rewards_change_the_advantages_as_upstream():
     groups = [i // 4 for i in range(8)]
     rewards, _ = _ours(scores, mask, old, ref, FixedKLController(0.1), "kl")
     prefix = torch.zeros_like(mask, dtype=torch.bool)
-    ours = compute_advantages(token_level_rewards_BT=rewards, response_mask_BT=mask, prefix_mask_BT=prefix, group_ids=groups)
+    ours = compute_advantages(
+        token_level_rewards_BT=rewards, response_mask_BT=mask, prefix_mask_BT=prefix, group_ids=groups
+    )
     up = upstream_grpo_outcome_advantage(rewards, mask, groups, use_std=False)
     assert torch.allclose(ours, up, atol=1e-6)
-    unpenalised = compute_advantages(token_level_rewards_BT=scores, response_mask_BT=mask, prefix_mask_BT=prefix, group_ids=groups)
+    unpenalised = compute_advantages(
+        token_level_rewards_BT=scores, response_mask_BT=mask, prefix_mask_BT=prefix, group_ids=groups
+    )
     assert (ours - unpenalised).abs().max() > 1e-3
 
 

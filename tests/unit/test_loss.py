@@ -25,8 +25,12 @@ def test_off_policy_gradient_is_policy_shaping_weight():
     p = torch.tensor([[0.001, 0.1, 0.5, 0.999]])
     lp = p.log().requires_grad_(True)
     out = mixed_policy_loss(
-        log_prob_BT=lp, old_log_prob_BT=lp.detach(), advantages_BT=torch.ones(1, 4), response_mask_BT=torch.ones(1, 4),
-        prefix_mask_BT=torch.ones(1, 4, dtype=torch.bool), max_response_length=1,
+        log_prob_BT=lp,
+        old_log_prob_BT=lp.detach(),
+        advantages_BT=torch.ones(1, 4),
+        response_mask_BT=torch.ones(1, 4),
+        prefix_mask_BT=torch.ones(1, 4, dtype=torch.bool),
+        max_response_length=1,
     )
     out["pg_loss"].backward()
     expected = -0.1 * p / (p + 0.1) ** 2
@@ -57,10 +61,16 @@ def test_clip_zeroes_gradient_outside_trust_region():
 def test_constant_length_denominator_ignores_batch_width_and_counts():
     losses = torch.ones(2, 5)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float32)
-    assert aggregate_token_losses(losses, mask, mode="constant_length", max_response_length=8192).item() == pytest.approx(4 / 8192)
-    assert aggregate_token_losses(losses, mask, mode="token_mean", max_response_length=8192).item() == pytest.approx(1.0)
+    assert aggregate_token_losses(
+        losses, mask, mode="constant_length", max_response_length=8192
+    ).item() == pytest.approx(4 / 8192)
+    assert aggregate_token_losses(losses, mask, mode="token_mean", max_response_length=8192).item() == pytest.approx(
+        1.0
+    )
     per_row = torch.tensor([[1.0, 3.0, 0, 0, 0], [5.0, 0, 0, 0, 0]])
-    assert aggregate_token_losses(per_row, mask, mode="seq_mean", max_response_length=1).item() == pytest.approx((4 / 3 + 5) / 2)
+    assert aggregate_token_losses(per_row, mask, mode="seq_mean", max_response_length=1).item() == pytest.approx(
+        (4 / 3 + 5) / 2
+    )
     with pytest.raises(ValueError, match="loss_agg_mode='mean'"):
         aggregate_token_losses(losses, mask, mode="mean", max_response_length=1)
 
@@ -82,7 +92,9 @@ def test_packing_invariance_of_constant_length_loss():
 def test_inf_in_unused_branch_does_not_poison_the_loss():
     b = _batch(B=1, T=2)
     b["prefix_mask_BT"] = torch.tensor([[True, False]])
-    b["old_log_prob_BT"] = torch.tensor([[-200.0, b["log_prob_BT"][0, 1].item()]])  # on-policy ratio overflows on the demo token
+    b["old_log_prob_BT"] = torch.tensor(
+        [[-200.0, b["log_prob_BT"][0, 1].item()]]
+    )  # on-policy ratio overflows on the demo token
     out = mixed_policy_loss(**b, max_response_length=2)
     assert torch.isfinite(out["pg_loss"])
 
@@ -96,7 +108,9 @@ def test_invalid_reshape_names_the_option():
 
 def test_sft_variant_with_no_demonstration_rows_is_finite():
     b = _batch()
-    loss, metrics = microbatch_policy_loss(**b, entropy_BT=torch.zeros(4, 6), max_response_length=6, use_off_policy_loss=False, use_sft_multitask_loss=True)
+    loss, metrics = microbatch_policy_loss(
+        **b, entropy_BT=torch.zeros(4, 6), max_response_length=6, use_off_policy_loss=False, use_sft_multitask_loss=True
+    )
     assert torch.isfinite(loss) and metrics["sft_loss"].item() == 0.0
 
 
@@ -113,31 +127,65 @@ def test_demonstration_row_is_inside_the_group():
     """Off-policy correct, all 7 on-policy wrong: A_off = +7/8, A_on = -1/8 (section 2 worked example)."""
     prefix = torch.zeros(8, 3, dtype=torch.bool)
     prefix[0] = True
-    adv = compute_advantages(token_level_rewards_BT=_rewards([1] + [0] * 7), response_mask_BT=torch.ones(8, 3), prefix_mask_BT=prefix, group_ids=["q"] * 8)
+    adv = compute_advantages(
+        token_level_rewards_BT=_rewards([1] + [0] * 7),
+        response_mask_BT=torch.ones(8, 3),
+        prefix_mask_BT=prefix,
+        group_ids=["q"] * 8,
+    )
     assert adv[0, 0].item() == pytest.approx(7 / 8)
     assert adv[1:, 0].tolist() == pytest.approx([-1 / 8] * 7)
 
 
 def test_groups_are_found_by_id_not_position():
     ids = ["b", "a", "b", "a"]
-    adv = compute_advantages(token_level_rewards_BT=_rewards([1, 0, 0, 1]), response_mask_BT=torch.ones(4, 3), prefix_mask_BT=torch.zeros(4, 3, dtype=torch.bool), group_ids=ids)
+    adv = compute_advantages(
+        token_level_rewards_BT=_rewards([1, 0, 0, 1]),
+        response_mask_BT=torch.ones(4, 3),
+        prefix_mask_BT=torch.zeros(4, 3, dtype=torch.bool),
+        group_ids=ids,
+    )
     assert adv[:, 0].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
 
 
 def test_grpo_split_uses_on_policy_baseline_and_needs_one():
     prefix = torch.zeros(4, 3, dtype=torch.bool)
     prefix[0] = True
-    adv = compute_advantages(token_level_rewards_BT=_rewards([1, 1, 0, 0]), response_mask_BT=torch.ones(4, 3), prefix_mask_BT=prefix, group_ids=[0] * 4, estimator="grpo_split")
+    adv = compute_advantages(
+        token_level_rewards_BT=_rewards([1, 1, 0, 0]),
+        response_mask_BT=torch.ones(4, 3),
+        prefix_mask_BT=prefix,
+        group_ids=[0] * 4,
+        estimator="grpo_split",
+    )
     assert adv[:, 0].tolist() == pytest.approx([2 / 3, 2 / 3, -1 / 3, -1 / 3])
     with pytest.raises(ValueError, match="group 0 has no on-policy row"):
-        compute_advantages(token_level_rewards_BT=_rewards([1]), response_mask_BT=torch.ones(1, 3), prefix_mask_BT=torch.ones(1, 3, dtype=torch.bool), group_ids=[0], estimator="grpo_split")
+        compute_advantages(
+            token_level_rewards_BT=_rewards([1]),
+            response_mask_BT=torch.ones(1, 3),
+            prefix_mask_BT=torch.ones(1, 3, dtype=torch.bool),
+            group_ids=[0],
+            estimator="grpo_split",
+        )
 
 
 def test_advantages_are_masked_and_std_optional():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    adv = compute_advantages(token_level_rewards_BT=_rewards([1, 0]), response_mask_BT=mask, prefix_mask_BT=torch.zeros(2, 3, dtype=torch.bool), group_ids=[0, 0], use_std=True)
+    adv = compute_advantages(
+        token_level_rewards_BT=_rewards([1, 0]),
+        response_mask_BT=mask,
+        prefix_mask_BT=torch.zeros(2, 3, dtype=torch.bool),
+        group_ids=[0, 0],
+        use_std=True,
+    )
     std = torch.tensor([1.0, 0.0]).std().item()
     a = 0.5 / (std + 1e-6)
     assert torch.allclose(adv, torch.tensor([[a, a, 0.0], [-a, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="adv_estimator='rloo'"):
-        compute_advantages(token_level_rewards_BT=_rewards([1]), response_mask_BT=torch.ones(1, 3), prefix_mask_BT=torch.zeros(1, 3, dtype=torch.bool), group_ids=[0], estimator="rloo")
+        compute_advantages(
+            token_level_rewards_BT=_rewards([1]),
+            response_mask_BT=torch.ones(1, 3),
+            prefix_mask_BT=torch.zeros(1, 3, dtype=torch.bool),
+            group_ids=[0],
+            estimator="rloo",
+        )

@@ -5,13 +5,31 @@ import json
 import pytest
 import torch
 
-from luffy_megatron.models.hf_to_mcore import (SUPPORTED_MODEL_TYPES, build_transformer_config,
-                                               padded_vocab_size, read_hf_arch, validate_parallelism)
+from luffy_megatron.models.hf_to_mcore import (
+    SUPPORTED_MODEL_TYPES,
+    build_transformer_config,
+    padded_vocab_size,
+    read_hf_arch,
+    validate_parallelism,
+)
 
-QWEN2 = dict(model_type="qwen2", vocab_size=151936, hidden_size=3584, intermediate_size=18944,
-             num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
-             rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
-             hidden_act="silu", torch_dtype="bfloat16", use_sliding_window=False, sliding_window=131072)
+QWEN2 = dict(
+    model_type="qwen2",
+    vocab_size=151936,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    torch_dtype="bfloat16",
+    use_sliding_window=False,
+    sliding_window=131072,
+)
 
 
 def test_qwen2_7b_config_v4_spelling():
@@ -44,9 +62,17 @@ def test_unsupported_model_type_names_it_and_lists_supported():
 
 
 def test_rope_scaling_llama3_accepted_others_refused():
-    llama = dict(QWEN2, model_type="llama", rope_scaling={
-        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192})
+    llama = dict(
+        QWEN2,
+        model_type="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     assert read_hf_arch(llama).rope_scaling_factor == 32.0
     with pytest.raises(ValueError, match="yarn"):
         read_hf_arch(dict(llama, rope_scaling={"rope_type": "yarn", "factor": 4.0}))

@@ -9,8 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from luffy_megatron.metrics.compute import (ModelFlops, RunPerf, StepTimer, data_metrics, peak_flops, perf_metrics,
-                                       run_gpus)
+from luffy_megatron.metrics.compute import (
+    ModelFlops,
+    RunPerf,
+    StepTimer,
+    data_metrics,
+    peak_flops,
+    perf_metrics,
+    run_gpus,
+)
 
 # Three rows, response width 4 (= data.max_response_length), prompt limit 5:
 #   row 0: demonstration prefix of 2 tokens + 2 generated, score 1 on its last token (index 3)
@@ -24,8 +31,15 @@ PROMPTS = [3, 5, 4]
 
 
 def _metrics(**kw):
-    args = dict(token_scores_BT=SCORES, advantages_BT=ADV, response_mask_BT=RESP_MASK, prefix_mask_BT=PREFIX,
-                prompt_lengths=PROMPTS, max_prompt_length=5, max_response_length=4)
+    args = dict(
+        token_scores_BT=SCORES,
+        advantages_BT=ADV,
+        response_mask_BT=RESP_MASK,
+        prefix_mask_BT=PREFIX,
+        prompt_lengths=PROMPTS,
+        max_prompt_length=5,
+        max_response_length=4,
+    )
     return data_metrics(**{**args, **kw})
 
 
@@ -34,7 +48,9 @@ def test_data_metrics_by_hand():
     assert m["critic/score/mean"] == pytest.approx(2 / 3)
     assert (m["critic/score/max"], m["critic/score/min"]) == (1.0, 0.0)
     # no KL penalty: the rewards are the scores
-    assert [m[f"critic/rewards/{s}"] for s in ("mean", "max", "min")] == [m[f"critic/score/{s}"] for s in ("mean", "max", "min")]
+    assert [m[f"critic/rewards/{s}"] for s in ("mean", "max", "min")] == [
+        m[f"critic/score/{s}"] for s in ("mean", "max", "min")
+    ]
     # advantages over the 10 valid tokens: 4 x 0.5, 2 x -1, 4 x 0.25 (the 9s are padding)
     assert m["critic/advantages/mean"] == pytest.approx((2.0 - 2.0 + 1.0) / 10)
     assert (m["critic/advantages/max"], m["critic/advantages/min"]) == (0.5, -1.0)
@@ -80,13 +96,17 @@ def _upstream_compute_data_metrics_ours(batch):
     on = ~off
     valid_adv = torch.masked_select(batch["advantages"], response_mask)
     return {
-        "critic/score/mean": torch.mean(sequence_score).item(), "critic/score/max": torch.max(sequence_score).item(),
+        "critic/score/mean": torch.mean(sequence_score).item(),
+        "critic/score/max": torch.max(sequence_score).item(),
         "critic/score/min": torch.min(sequence_score).item(),
-        "critic/rewards/mean": torch.mean(sequence_reward).item(), "critic/rewards/max": torch.max(sequence_reward).item(),
+        "critic/rewards/mean": torch.mean(sequence_reward).item(),
+        "critic/rewards/max": torch.max(sequence_reward).item(),
         "critic/rewards/min": torch.min(sequence_reward).item(),
-        "critic/advantages/mean": torch.mean(valid_adv).item(), "critic/advantages/max": torch.max(valid_adv).item(),
+        "critic/advantages/mean": torch.mean(valid_adv).item(),
+        "critic/advantages/max": torch.max(valid_adv).item(),
         "critic/advantages/min": torch.min(valid_adv).item(),
-        "response_length/mean": torch.mean(response_length).item(), "response_length/max": torch.max(response_length).item(),
+        "response_length/mean": torch.mean(response_length).item(),
+        "response_length/max": torch.max(response_length).item(),
         "response_length/min": torch.min(response_length).item(),
         "response_length/clip_ratio": torch.mean(torch.eq(response_length, max_response_length).float()).item(),
         "on_off_metrics/on_response_length_mean": torch.mean(response_length[on]).item(),
@@ -94,7 +114,8 @@ def _upstream_compute_data_metrics_ours(batch):
         "on_off_metrics/on_score": torch.mean(sequence_score[on]).item(),
         "on_off_metrics/off_score": torch.mean(sequence_score[off]).item(),
         "on_off_metrics/off_on_example_ratio": off.sum().item() / on.sum().item(),
-        "prompt_length/mean": torch.mean(prompt_length).item(), "prompt_length/max": torch.max(prompt_length).item(),
+        "prompt_length/mean": torch.mean(prompt_length).item(),
+        "prompt_length/max": torch.max(prompt_length).item(),
         "prompt_length/min": torch.min(prompt_length).item(),
         "prompt_length/clip_ratio": torch.mean(torch.eq(prompt_length, max_prompt_length).float()).item(),
     }
@@ -115,13 +136,26 @@ def test_data_metrics_equal_upstreams_formulas_on_a_random_batch():
     rewards = scores - 0.05 * torch.rand(rows, width, generator=g) * resp_mask  # a KL-penalised copy
     adv = torch.randn(rows, width, generator=g)
     prompt_mask = torch.arange(max_prompt)[None, :] >= (max_prompt - prompt_len)[:, None]  # left padding
-    upstream = _upstream_compute_data_metrics_ours({
-        "token_level_scores": scores, "token_level_rewards": rewards, "advantages": adv,
-        "responses": torch.zeros(rows, width), "prefix_mask": prefix,
-        "attention_mask": torch.cat([prompt_mask, resp_mask], dim=1).long()})
-    ours = data_metrics(token_scores_BT=scores, token_rewards_BT=rewards, advantages_BT=adv, response_mask_BT=resp_mask,
-                        prefix_mask_BT=prefix, prompt_lengths=prompt_len.tolist(), max_prompt_length=max_prompt,
-                        max_response_length=width)
+    upstream = _upstream_compute_data_metrics_ours(
+        {
+            "token_level_scores": scores,
+            "token_level_rewards": rewards,
+            "advantages": adv,
+            "responses": torch.zeros(rows, width),
+            "prefix_mask": prefix,
+            "attention_mask": torch.cat([prompt_mask, resp_mask], dim=1).long(),
+        }
+    )
+    ours = data_metrics(
+        token_scores_BT=scores,
+        token_rewards_BT=rewards,
+        advantages_BT=adv,
+        response_mask_BT=resp_mask,
+        prefix_mask_BT=prefix,
+        prompt_lengths=prompt_len.tolist(),
+        max_prompt_length=max_prompt,
+        max_response_length=width,
+    )
     assert set(upstream) <= set(ours)
     for key, value in upstream.items():
         assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
@@ -159,11 +193,25 @@ def test_step_timer_phases_add_up_and_count_a_failing_phase():
 
 
 def _tiny_llama(tmp_path, *, vocab=1000, tied=True):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": tied, "torch_dtype": "float32"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": vocab,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 512,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0,
+                "tie_word_embeddings": tied,
+                "torch_dtype": "float32",
+            }
+        )
+    )
     return str(tmp_path)
 
 
@@ -200,8 +248,9 @@ def test_perf_metrics_throughput_and_mfu_by_hand():
     flops = ModelFlops(matmul_params=1_000_000, attention_coef=100)
     seqs = [100, 300]
     seconds = {"step": 8.0, "old_log_prob": 0.5, "update_actor": 1.5}
-    m = perf_metrics(sequence_lengths=seqs, seconds=seconds, num_gpus=4, train_gpus=2, flops=flops, peak=1e9,
-                     ppo_epochs=1)
+    m = perf_metrics(
+        sequence_lengths=seqs, seconds=seconds, num_gpus=4, train_gpus=2, flops=flops, peak=1e9, ppo_epochs=1
+    )
     assert m["perf/total_num_tokens"] == 400
     assert m["perf/throughput"] == pytest.approx(400 / 8.0 / 4)  # tokens / step seconds / GPUs of the run
     fwd = 2 * 1e6 * 400 + 2 * 100 * (100**2 + 300**2)
@@ -217,8 +266,11 @@ def test_run_gpus_and_run_perf_on_cpu_log_no_mfu():
     assert run_gpus(cpu) == (2, 2)  # a CPU run: per Megatron rank
     disagg = SimpleNamespace(uses_gpus=True, world_size=16, num_gpus=24)  # 16 training + 8 rollout GPUs
     assert run_gpus(disagg) == (24, 16)
-    cfg = SimpleNamespace(model=SimpleNamespace(path="/nonexistent"), parallel=SimpleNamespace(tensor_model_parallel_size=1),
-                          actor=SimpleNamespace(ppo_epochs=1))
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(path="/nonexistent"),
+        parallel=SimpleNamespace(tensor_model_parallel_size=1),
+        actor=SimpleNamespace(ppo_epochs=1),
+    )
     perf = RunPerf.of_run(cfg, cpu, None)
     assert perf.peak is None and perf.flops is None
     unknown = RunPerf.of_run(cfg, disagg, "NVIDIA GeForce RTX 3090")  # no made-up peak
@@ -228,10 +280,18 @@ def test_run_gpus_and_run_perf_on_cpu_log_no_mfu():
 def test_run_perf_step_metrics_of_a_batch(tmp_path):
     from luffy_megatron.actor.batching import RolloutBatch
 
-    batch = RolloutBatch(prompts=[[1, 2, 3], [4, 5, 6, 7, 8]], responses=torch.zeros(2, 4, dtype=torch.long),
-                         response_mask=RESP_MASK[:2], prefix_mask=PREFIX[:2], group_ids=[0, 0])
-    cfg = SimpleNamespace(model=SimpleNamespace(path=_tiny_llama(tmp_path)), parallel=SimpleNamespace(tensor_model_parallel_size=1),
-                          actor=SimpleNamespace(ppo_epochs=1))
+    batch = RolloutBatch(
+        prompts=[[1, 2, 3], [4, 5, 6, 7, 8]],
+        responses=torch.zeros(2, 4, dtype=torch.long),
+        response_mask=RESP_MASK[:2],
+        prefix_mask=PREFIX[:2],
+        group_ids=[0, 0],
+    )
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(path=_tiny_llama(tmp_path)),
+        parallel=SimpleNamespace(tensor_model_parallel_size=1),
+        actor=SimpleNamespace(ppo_epochs=1),
+    )
     perf = RunPerf.of_run(cfg, SimpleNamespace(uses_gpus=True, world_size=1, num_gpus=1), "NVIDIA H200")
     clock = FakeClock()
     timer = StepTimer(clock)
@@ -253,9 +313,15 @@ def test_microbatch_loss_reports_the_token_mean_entropy():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     entropy = torch.tensor([[1.0, 2.0, 50.0], [3.0, 70.0, 80.0]])
     zeros = torch.zeros(2, 3)
-    _, metrics = microbatch_policy_loss(log_prob_BT=zeros - 1, entropy_BT=entropy, old_log_prob_BT=zeros - 1,
-                                        advantages_BT=zeros, response_mask_BT=mask,
-                                        prefix_mask_BT=torch.zeros(2, 3, dtype=torch.bool), max_response_length=3)
+    _, metrics = microbatch_policy_loss(
+        log_prob_BT=zeros - 1,
+        entropy_BT=entropy,
+        old_log_prob_BT=zeros - 1,
+        advantages_BT=zeros,
+        response_mask_BT=mask,
+        prefix_mask_BT=torch.zeros(2, 3, dtype=torch.bool),
+        max_response_length=3,
+    )
     assert float(metrics["entropy"]) == pytest.approx(2.0)  # (1 + 2 + 3) / 3 valid tokens
     assert float(metrics["entropy_loss"]) == float(metrics["entropy"])  # upstream's name for the same number
 
@@ -280,15 +346,21 @@ def test_metrics_logger_writes_the_whole_config_as_text(tmp_path, capsys):
     recipe.write_text(textwrap.dedent(text))
     assert load_config(str(recipe)) == cfg  # the whole config, loadable as a recipe
     assert text.splitlines()[0] == "    # luffy-megatron / luffy"  # logging.project_name / experiment_name
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "critic/score/mean": 0.5,
-                                                                   "actor/entropy": 1.25, "perf/throughput": 321.0}
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
+        "step": 1,
+        "critic/score/mean": 0.5,
+        "actor/entropy": 1.25,
+        "perf/throughput": 321.0,
+    }
 
 
 def test_console_line_every_log_every_steps_and_the_last_step(tmp_path, capsys):
     from luffy_megatron.config import load_config
     from luffy_megatron.metrics.sinks import MetricsLogger, read_metrics
 
-    cfg = load_config(None, ["logging.log_every_steps=3", "logging.experiment_name=try", "data.train_files=[a.parquet]"])
+    cfg = load_config(
+        None, ["logging.log_every_steps=3", "logging.experiment_name=try", "data.train_files=[a.parquet]"]
+    )
     logger = MetricsLogger(tmp_path / "tb", tmp_path / "metrics.jsonl", total_steps=7, config=cfg)
     for step in range(1, 8):
         logger.log(step, {"critic/score/mean": step / 10})

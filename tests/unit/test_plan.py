@@ -22,13 +22,17 @@ from tests.helpers import REPO
 from tools.plan import main as plan_main
 
 SNAPSHOT = Path(__file__).with_name("plan_recipes.snapshot")
-GPU_RECIPES = [("recipes/luffy_main.yaml", 8), ("recipes/luffy_14b_16node.yaml", 16),
-               ("recipes/luffy_32b_16node.yaml", 16)]
+GPU_RECIPES = [
+    ("recipes/luffy_main.yaml", 8),
+    ("recipes/luffy_14b_16node.yaml", 16),
+    ("recipes/luffy_32b_16node.yaml", 16),
+]
 
 
 def run_cli(args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "plan.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plan.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -70,8 +74,11 @@ def test_params_and_state_bytes_match_a_real_actor(name, dtype, tmp_path):
 
     model_params = [p for m in actor.model for p in m.parameters()]
     model_ptrs = {p.data_ptr() for p in model_params}
-    grad_buffer = sum(b.grad_data.numel() * b.grad_data.element_size()
-                      for m in actor.model for b in (*m.buffers, *m.expert_parallel_buffers))
+    grad_buffer = sum(
+        b.grad_data.numel() * b.grad_data.element_size()
+        for m in actor.model
+        for b in (*m.buffers, *m.expert_parallel_buffers)
+    )
     moments = main_params = 0
     for opt in getattr(actor.optimizer, "chained_optimizers", [actor.optimizer]):
         for state in opt.optimizer.state.values():
@@ -117,10 +124,16 @@ def test_params_and_state_bytes_match_a_real_actor(name, dtype, tmp_path):
         return int(pname.split(".")[2]) if pname.startswith("decoder.layers.") else None
 
     half = arch.num_layers // 2
-    first = sum(p.numel() for n, p in named.items() if n.startswith("embedding.") or (layer(n) is not None
-                                                                                     and layer(n) < half))
-    last = sum(p.numel() for n, p in named.items() if n == "decoder.final_layernorm.weight"
-               or n == "output_layer.weight" or (layer(n) is not None and layer(n) >= half))
+    first = sum(
+        p.numel() for n, p in named.items() if n.startswith("embedding.") or (layer(n) is not None and layer(n) < half)
+    )
+    last = sum(
+        p.numel()
+        for n, p in named.items()
+        if n == "decoder.final_layernorm.weight"
+        or n == "output_layer.weight"
+        or (layer(n) is not None and layer(n) >= half)
+    )
     if arch.tie_word_embeddings:
         last += named["embedding.word_embeddings.weight"].numel()
     pp_counts = param_counts(arch, tp=1, pp=2, vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
@@ -131,16 +144,21 @@ def test_bf16_and_distributed_optimizer_bytes_per_param():
     """bf16 weights, fp32 grads, fp32 main params and two fp32 moments; the distributed optimizer shards the
     last three's optimizer part over DP x CP, never the grad buffer."""
     assert trainer_state_bytes(1000, bf16=True, distributed_optimizer=False, dp_cp=8) == TrainerStateBytes(
-        weights=2000, grads=4000, main_params=4000, moments=8000)
+        weights=2000, grads=4000, main_params=4000, moments=8000
+    )
     assert trainer_state_bytes(1000, bf16=True, distributed_optimizer=True, dp_cp=8) == TrainerStateBytes(
-        weights=2000, grads=4000, main_params=500, moments=1000)
+        weights=2000, grads=4000, main_params=500, moments=1000
+    )
     assert trainer_state_bytes(1000, bf16=False, distributed_optimizer=True, dp_cp=8).main_params == 0
 
 
 def test_builtin_table_matches_the_published_parameter_counts():
     """Qwen2.5's published totals (the sum of the safetensors of Qwen/Qwen2.5-7B, -14B, -32B)."""
-    for name, published in [("Qwen2.5-Math-7B", 7_615_616_512), ("Qwen2.5-14B", 14_770_033_664),
-                            ("Qwen2.5-32B", 32_763_876_352)]:
+    for name, published in [
+        ("Qwen2.5-Math-7B", 7_615_616_512),
+        ("Qwen2.5-14B", 14_770_033_664),
+        ("Qwen2.5-32B", 32_763_876_352),
+    ]:
         arch, source = resolve_arch(f"no-such-dir/{name}")
         assert "built-in table" in source
         assert param_counts(arch).total == published, name
@@ -167,11 +185,19 @@ def test_gpu_recipes_fit_and_output_matches_snapshot(in_clean_checkout, capsys):
         SNAPSHOT.write_text(current)
     committed = SNAPSHOT.read_text() if SNAPSHOT.exists() else ""
     if current != committed:
-        diff = "".join(difflib.unified_diff(committed.splitlines(keepends=True), current.splitlines(keepends=True),
-                                            fromfile=str(SNAPSHOT.relative_to(REPO)), tofile="tools/plan.py"))
-        pytest.fail("The plans of the GPU recipes changed. If intended, regenerate with\n"
-                    "  LUFFY_UPDATE_SNAPSHOT=1 pytest tests/unit/test_plan.py\n"
-                    f"and update the README's copy.\n{diff}")
+        diff = "".join(
+            difflib.unified_diff(
+                committed.splitlines(keepends=True),
+                current.splitlines(keepends=True),
+                fromfile=str(SNAPSHOT.relative_to(REPO)),
+                tofile="tools/plan.py",
+            )
+        )
+        pytest.fail(
+            "The plans of the GPU recipes changed. If intended, regenerate with\n"
+            "  LUFFY_UPDATE_SNAPSHOT=1 pytest tests/unit/test_plan.py\n"
+            f"and update the README's copy.\n{diff}"
+        )
 
 
 def test_gpu_recipes_keep_the_main_runs_luffy_settings():
@@ -181,19 +207,42 @@ def test_gpu_recipes_keep_the_main_runs_luffy_settings():
         assert cfg.parallel.nnodes == nodes and cfg.parallel.world_size == 8 * nodes
         for section in ("algo", "data", "reward"):
             assert getattr(cfg, section) == getattr(main, section), (recipe, section)
-        for key in ("n", "n_off_policy", "prefix_strategy", "min_prefix_ratio", "max_prefix_ratio", "temperature",
-                    "top_p", "top_k", "val_temperature", "max_prefix_len", "gpu_memory_utilization"):
+        for key in (
+            "n",
+            "n_off_policy",
+            "prefix_strategy",
+            "min_prefix_ratio",
+            "max_prefix_ratio",
+            "temperature",
+            "top_p",
+            "top_k",
+            "val_temperature",
+            "max_prefix_len",
+            "gpu_memory_utilization",
+        ):
             assert getattr(cfg.rollout, key) == getattr(main.rollout, key), (recipe, key)
-        for key in ("lr", "weight_decay", "grad_clip", "ppo_mini_batch_size", "ppo_epochs",
-                    "ppo_max_token_len_per_gpu", "use_dynamic_bsz"):
+        for key in (
+            "lr",
+            "weight_decay",
+            "grad_clip",
+            "ppo_mini_batch_size",
+            "ppo_epochs",
+            "ppo_max_token_len_per_gpu",
+            "use_dynamic_bsz",
+        ):
             assert getattr(cfg.actor, key) == getattr(main.actor, key), (recipe, key)
 
 
 def test_upstream_single_node_layout_is_refused_with_what_to_change():
     """The old luffy_main (7B at TP=1, 32k tokens per GPU, no recompute, engines awake beside full optimizer
     state) is far over 80 GiB; each change the messages name brings it down."""
-    old = ["parallel.nnodes=1", "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false",
-           "model.recompute_granularity=none", "actor.offload_during_rollout=false"]
+    old = [
+        "parallel.nnodes=1",
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.sequence_parallel=false",
+        "model.recompute_granularity=none",
+        "actor.offload_during_rollout=false",
+    ]
     plan = make_plan(load_config(str(REPO / "recipes/luffy_main.yaml"), old))
     assert not plan.fits
     update = plan.phase("update")
@@ -203,8 +252,9 @@ def test_upstream_single_node_layout_is_refused_with_what_to_change():
     messages = "\n".join(plan.problems)
     assert "largest term: activations" in messages and "model.recompute_granularity=full" in messages
     assert "largest term: engine reservation" in messages and "actor.offload_during_rollout=true" in messages
-    recompute = make_plan(load_config(str(REPO / "recipes/luffy_main.yaml"),
-                                      old + ["model.recompute_granularity=full"]))
+    recompute = make_plan(
+        load_config(str(REPO / "recipes/luffy_main.yaml"), old + ["model.recompute_granularity=full"])
+    )
     assert recompute.phase("update").get("activations") < update.get("activations") / 5
 
 
@@ -216,8 +266,9 @@ def test_offload_and_utilization_decide_the_generate_phase():
     assert gen_fits.get("grads") is None and gen_kept.get("grads") == fits.phase("update").get("grads")
     assert not kept.fits and "lower rollout.gpu_memory_utilization to at most 0." in kept.problems[0]
     limit = float(kept.problems[0].split("at most ")[1].split()[0])
-    assert make_plan(load_config(recipe, ["actor.offload_during_rollout=false",
-                                          f"rollout.gpu_memory_utilization={limit}"])).fits
+    assert make_plan(
+        load_config(recipe, ["actor.offload_during_rollout=false", f"rollout.gpu_memory_utilization={limit}"])
+    ).fits
     # the reservation is util x GPU, whatever the weights: the KV cache gets the rest
     engine = sum(gen_fits.get(k) for k in ("engine_weights", "engine_kv", "engine_activations"))
     assert engine == pytest.approx(0.8 * 80 * GIB, abs=4)
@@ -229,7 +280,9 @@ def test_the_kl_reference_is_on_the_gpu_for_the_update_and_offloaded_with_the_op
     weights = kl.phase("update").get("weights")
     assert kl.phase("update").get("ref_weights") == weights
     assert kl.phase("sync+generate").get("ref_weights") is None  # cluster/offload.py moves it to host
-    kept = make_plan(load_config(recipe, ["algo.use_kl_loss=true", "algo.kl_loss_coef=0.001", "actor.offload_during_rollout=false"]))
+    kept = make_plan(
+        load_config(recipe, ["algo.use_kl_loss=true", "algo.kl_loss_coef=0.001", "actor.offload_during_rollout=false"])
+    )
     assert kept.phase("sync+generate").get("ref_weights") == weights
 
 
@@ -266,10 +319,19 @@ def test_flops_scale_with_the_batch_and_update_is_three_forwards():
 
 
 def test_refuses_32b_at_tp1_on_one_node_naming_the_largest_term():
-    proc = run_cli(["recipes/luffy_32b_16node.yaml", "--nodes", "1",
-                    "--set", "parallel.tensor_model_parallel_size=1", "--set", "parallel.sequence_parallel=false"])
+    proc = run_cli(
+        [
+            "recipes/luffy_32b_16node.yaml",
+            "--nodes",
+            "1",
+            "--set",
+            "parallel.tensor_model_parallel_size=1",
+            "--set",
+            "parallel.sequence_parallel=false",
+        ]
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    verdict = " ".join(proc.stdout[proc.stdout.index("DOES NOT FIT"):].split())  # unwrapped
+    verdict = " ".join(proc.stdout[proc.stdout.index("DOES NOT FIT") :].split())  # unwrapped
     first = verdict.split("DOES NOT FIT")[1]
     assert "largest term: trainer grad buffer (fp32) = 122.1 GiB" in first
     assert "raise parallel.tensor_model_parallel_size (now 1)" in first
@@ -279,31 +341,60 @@ def test_refuses_32b_at_tp1_on_one_node_naming_the_largest_term():
 # ----- (d) errors name the recipe and the setting -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["recipes/nope.yaml", "--nodes", "8"], "recipes/nope.yaml: recipe file not found"),
-    (["recipes/luffy_main.yaml", "--nodes", "8", "--set", "actor.ppo_max_tokens=3"],
-     "unknown key 'actor.ppo_max_tokens'"),
-    (["recipes/luffy_main.yaml", "--nodes", "8", "--set", "model.path=models/Mystery-9B"],
-     "recipes/luffy_main.yaml: model.path='models/Mystery-9B': no config.json there"),
-    (["recipes/luffy_main.yaml", "--nodes", "8", "--set", "parallel.tensor_model_parallel_size=8"],
-     "parallel.tensor_model_parallel_size=8 does not divide the model's 28 attention heads "
-     "(model.path=models/Qwen2.5-Math-7B-16k-think)"),
-    (["recipes/luffy_main.yaml", "--nodes", "8", "--set", "rollout.tensor_model_parallel_size=8"],
-     "rollout.tensor_model_parallel_size=8 does not divide the model's 28 attention heads"),
-    (["recipes/luffy_main.yaml", "--nodes", "8", "--set", "model.recompute_num_layers=3"],
-     "model.recompute_num_layers=3 must divide the 28 layers"),
-    (["recipes/luffy_main.yaml", "--nodes", "8", "--set", "rollout.num_engines=4"],
-     "colocated engines must exactly cover the trainer's GPUs: rollout.num_engines=4"),
-    (["recipes/luffy_main.yaml", "--nodes", "8", "--set", "parallel.pipeline_model_parallel_size=8"],
-     "parallel.pipeline_model_parallel_size=8 does not divide the model's 28 layers"),
-    (["recipes/luffy_14b_16node.yaml", "--nodes", "16", "--set", "parallel.pipeline_model_parallel_size=2",
-      "--set", "model.recompute_num_layers=48"],
-     "model.recompute_num_layers=48 exceeds the 24 layers of a pipeline chunk"),
-    (["recipes/luffy_main.yaml", "--nodes", "8", "--set", "parallel.nnodes=2"], "parallel.nnodes is set by --nodes"),
-    (["recipes/luffy_main.yaml"], "--nodes"),
-    (["recipes/luffy_main.yaml", "--nodes", "0"], "--nodes: must be > 0"),
-    (["recipes/luffy_main.yaml", "--nodes", "8", "--mfu", "1.5"], "--mfu: must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["recipes/nope.yaml", "--nodes", "8"], "recipes/nope.yaml: recipe file not found"),
+        (
+            ["recipes/luffy_main.yaml", "--nodes", "8", "--set", "actor.ppo_max_tokens=3"],
+            "unknown key 'actor.ppo_max_tokens'",
+        ),
+        (
+            ["recipes/luffy_main.yaml", "--nodes", "8", "--set", "model.path=models/Mystery-9B"],
+            "recipes/luffy_main.yaml: model.path='models/Mystery-9B': no config.json there",
+        ),
+        (
+            ["recipes/luffy_main.yaml", "--nodes", "8", "--set", "parallel.tensor_model_parallel_size=8"],
+            "parallel.tensor_model_parallel_size=8 does not divide the model's 28 attention heads "
+            "(model.path=models/Qwen2.5-Math-7B-16k-think)",
+        ),
+        (
+            ["recipes/luffy_main.yaml", "--nodes", "8", "--set", "rollout.tensor_model_parallel_size=8"],
+            "rollout.tensor_model_parallel_size=8 does not divide the model's 28 attention heads",
+        ),
+        (
+            ["recipes/luffy_main.yaml", "--nodes", "8", "--set", "model.recompute_num_layers=3"],
+            "model.recompute_num_layers=3 must divide the 28 layers",
+        ),
+        (
+            ["recipes/luffy_main.yaml", "--nodes", "8", "--set", "rollout.num_engines=4"],
+            "colocated engines must exactly cover the trainer's GPUs: rollout.num_engines=4",
+        ),
+        (
+            ["recipes/luffy_main.yaml", "--nodes", "8", "--set", "parallel.pipeline_model_parallel_size=8"],
+            "parallel.pipeline_model_parallel_size=8 does not divide the model's 28 layers",
+        ),
+        (
+            [
+                "recipes/luffy_14b_16node.yaml",
+                "--nodes",
+                "16",
+                "--set",
+                "parallel.pipeline_model_parallel_size=2",
+                "--set",
+                "model.recompute_num_layers=48",
+            ],
+            "model.recompute_num_layers=48 exceeds the 24 layers of a pipeline chunk",
+        ),
+        (
+            ["recipes/luffy_main.yaml", "--nodes", "8", "--set", "parallel.nnodes=2"],
+            "parallel.nnodes is set by --nodes",
+        ),
+        (["recipes/luffy_main.yaml"], "--nodes"),
+        (["recipes/luffy_main.yaml", "--nodes", "0"], "--nodes: must be > 0"),
+        (["recipes/luffy_main.yaml", "--nodes", "8", "--mfu", "1.5"], "--mfu: must be in (0, 1]"),
+    ],
+)
 def test_cli_errors_name_the_recipe_or_setting(args, expected, in_clean_checkout, capsys):
     code, out, err = cli(capsys, *args)
     assert code == 2 and out == ""
@@ -321,5 +412,6 @@ def test_reserve_is_kept_free():
     tight = make_plan(cfg, Assumptions(reserve_gib=0.0))
     assert tight.fits and 78 * GIB < tight.phase("update").total < 80 * GIB
     refused = make_plan(cfg)
-    assert not refused.fits and refused.problems[0].startswith("update needs 78.2 GiB per GPU, 0.2 GiB more than the "
-                                                              "78.0 usable (80 GiB less the 2 GiB reserve)")
+    assert not refused.fits and refused.problems[0].startswith(
+        "update needs 78.2 GiB per GPU, 0.2 GiB more than the 78.0 usable (80 GiB less the 2 GiB reserve)"
+    )

@@ -47,8 +47,28 @@ def test_worked_solution_shows_the_steps():
 
 def test_synthetic_dataset(tmp_path, capsys):
     out = tmp_path / "arith"
-    summary = run(["synthetic", "--out", out, "--num-train", 150, "--num-val", 30, "--digits", "1..4",
-                   "--operands", "2..5", "--ops", "+", "-", "*", "--seed", 7], capsys)
+    summary = run(
+        [
+            "synthetic",
+            "--out",
+            out,
+            "--num-train",
+            150,
+            "--num-val",
+            30,
+            "--digits",
+            "1..4",
+            "--operands",
+            "2..5",
+            "--ops",
+            "+",
+            "-",
+            "*",
+            "--seed",
+            7,
+        ],
+        capsys,
+    )
     assert summary["train"]["rows"] == 150 and summary["val"]["rows"] == 30
     assert sorted(p.name for p in out.iterdir()) == ["train.parquet", "val.parquet"]  # no temporary files left
 
@@ -67,12 +87,29 @@ def test_synthetic_dataset(tmp_path, capsys):
     for ex in train + val:  # the difficulty controls hold
         numbers = re.findall(r"\d+", ex.problem)
         assert 2 <= len(numbers) <= 5 and all(1 <= len(n) <= 4 for n in numbers)
-        assert str(eval(ex.problem.removeprefix("Compute $").removesuffix("$.").replace("\\times", "*"))) == ex.ground_truth
+        assert (
+            str(eval(ex.problem.removeprefix("Compute $").removesuffix("$.").replace("\\times", "*")))
+            == ex.ground_truth
+        )
 
 
 def test_synthetic_controls_and_determinism(tmp_path, capsys):
-    args = ["--num-train", 40, "--num-val", 5, "--digits", "3", "--operands", "2", "--ops", "+,*", "--seed", 3,
-            "--system-prompt", "short"]
+    args = [
+        "--num-train",
+        40,
+        "--num-val",
+        5,
+        "--digits",
+        "3",
+        "--operands",
+        "2",
+        "--ops",
+        "+,*",
+        "--seed",
+        3,
+        "--system-prompt",
+        "short",
+    ]
     run(["synthetic", "--out", tmp_path / "a", *args], capsys)
     run(["synthetic", "--out", tmp_path / "b", *args], capsys)
     assert (tmp_path / "a" / "train.parquet").read_bytes() == (tmp_path / "b" / "train.parquet").read_bytes()
@@ -89,7 +126,24 @@ def test_synthetic_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["synthetic", "--out", str(tmp_path), "--digits", "4..2"])
     # 1-digit sums of 2 operands: only 100 distinct problems exist.
-    assert main(["synthetic", "--out", str(tmp_path), "--num-train", "200", "--digits", "1", "--operands", "2", "--ops", "+"]) == 2
+    assert (
+        main(
+            [
+                "synthetic",
+                "--out",
+                str(tmp_path),
+                "--num-train",
+                "200",
+                "--digits",
+                "1",
+                "--operands",
+                "2",
+                "--ops",
+                "+",
+            ]
+        )
+        == 2
+    )
     assert "distinct problems" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 

@@ -53,21 +53,26 @@ def test_guard_builds_the_rank_guard_with_the_configured_timeout_and_hands_it_to
 
 
 def test_offload_and_reload_go_through_the_bounded_rank_calls():
-    actors = SimpleNamespace(workers=[RankStandIn(0), RankStandIn(1)],
-                             offload_to_host=lambda: pytest.fail("unbounded offload call"),
-                             reload_to_device=lambda: pytest.fail("unbounded reload call"))
+    actors = SimpleNamespace(
+        workers=[RankStandIn(0), RankStandIn(1)],
+        offload_to_host=lambda: pytest.fail("unbounded offload call"),
+        reload_to_device=lambda: pytest.fail("unbounded reload call"),
+    )
     ranks = RecordingRanks()
     workers = Workers(placement("cpu"), actors, None, offload=True, ranks=ranks)
     assert set(workers.training_phase()) == {"perf/optimizer_reload_s"}
     assert set(workers.rollout_phase()) == {"perf/optimizer_offload_s"}
-    assert ranks.calls == [("reload_to_device", [("reload_to_device", 0), ("reload_to_device", 1)]),
-                           ("offload_to_host", [("offload_to_host", 0), ("offload_to_host", 1)])]
+    assert ranks.calls == [
+        ("reload_to_device", [("reload_to_device", 0), ("reload_to_device", 1)]),
+        ("offload_to_host", [("offload_to_host", 0), ("offload_to_host", 1)]),
+    ]
 
 
 def test_without_a_guard_the_workers_call_the_actor_group():
     done = []
-    actors = SimpleNamespace(workers=[], offload_to_host=lambda: done.append("offload"),
-                             reload_to_device=lambda: done.append("reload"))
+    actors = SimpleNamespace(
+        workers=[], offload_to_host=lambda: done.append("offload"), reload_to_device=lambda: done.append("reload")
+    )
     workers = Workers(placement("cpu"), actors, None, offload=True)
     workers.training_phase()
     workers.rollout_phase()

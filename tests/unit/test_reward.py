@@ -4,33 +4,37 @@ import threading
 import time
 
 import pytest
-
 from math_verify import parse, verify
 
 from luffy_megatron.reward import GRADERS, score_choice, score_luffy, score_math
-from luffy_megatron.reward.graders import (bind_options, extract_choice, grader_spec, resolve_grader,
-                                           strip_trailing_special_tokens)
+from luffy_megatron.reward.graders import (
+    bind_options,
+    extract_choice,
+    grader_spec,
+    resolve_grader,
+    strip_trailing_special_tokens,
+)
 
 # (ground truth as stored in the data, i.e. bare LaTeX; final answer text; expected reward).
 # Cases of platform_notes.md section 7 / probes/mv_probe.py, plus the wrong-answer twins.
 KNOWN_ANSWERS = [
-    ("\\frac{1}{2}", "0.5", 1.0),                                          # fraction vs decimal
+    ("\\frac{1}{2}", "0.5", 1.0),  # fraction vs decimal
     ("\\frac{1}{2}", "The answer is \\boxed{0.5}", 1.0),
-    ("0.5", "\\boxed{\\frac{1}{2}}", 1.0),                                  # and the other way round
+    ("0.5", "\\boxed{\\frac{1}{2}}", 1.0),  # and the other way round
     ("3", "so the result is \\boxed{3}.", 1.0),
-    ("3", "\\boxed{4}", 0.0),                                               # wrong
+    ("3", "\\boxed{4}", 0.0),  # wrong
     ("\\sqrt{2}/2", "\\boxed{\\frac{\\sqrt{2}}{2}}", 1.0),
-    ("x^2+2x+1", "\\boxed{(x+1)^2}", 1.0),                                  # algebraic equivalence
+    ("x^2+2x+1", "\\boxed{(x+1)^2}", 1.0),  # algebraic equivalence
     ("x^2+2x+1", "\\boxed{(x-1)^2}", 0.0),
-    ("\\{1,2\\}", "\\boxed{\\{2,1\\}}", 1.0),                               # sets are unordered
+    ("\\{1,2\\}", "\\boxed{\\{2,1\\}}", 1.0),  # sets are unordered
     ("\\{1,2\\}", "\\boxed{\\{1,3\\}}", 0.0),
-    ("(1,2]", "\\boxed{(1,2]}", 1.0),                                       # intervals
-    ("(1,2]", "\\boxed{(1,2)}", 0.0),                                       # open vs half-open
-    ("50\\%", "\\boxed{0.5}", 1.0),                                         # percentages
+    ("(1,2]", "\\boxed{(1,2]}", 1.0),  # intervals
+    ("(1,2]", "\\boxed{(1,2)}", 0.0),  # open vs half-open
+    ("50\\%", "\\boxed{0.5}", 1.0),  # percentages
     ("10^{3}", "1000", 1.0),
-    ("\\pi", "3.14159", 0.0),                                               # no numeric rounding to pi
+    ("\\pi", "3.14159", 0.0),  # no numeric rounding to pi
     ("2", "I think 3 but the final answer is $\\boxed{2}$", 1.0),
-    ("5", "First \\boxed{3}.\n\nFinal answer: \\boxed{5}", 1.0),           # the last \boxed wins
+    ("5", "First \\boxed{3}.\n\nFinal answer: \\boxed{5}", 1.0),  # the last \boxed wins
     ("3", "First \\boxed{3}.\n\nFinal answer: \\boxed{5}", 0.0),
     # math-verify 0.9 reads several \boxed in one sentence as a set: hedging earns nothing.
     ("5", "It is \\boxed{3} or \\boxed{5}", 0.0),
@@ -53,6 +57,7 @@ def test_known_answers_luffy_think(gold, answer, expected):
 
 
 # -- LUFFY's think format -----------------------------------------------------------------------------
+
 
 def test_missing_think_close_is_a_format_failure_even_when_right():
     assert score_luffy("The answer is \\boxed{3}", "3") == 0.0
@@ -78,6 +83,7 @@ def test_response_starting_inside_the_thought_is_accepted():
 
 
 # -- trailing special tokens: upstream's text by default, stripped on request ------------------------
+
 
 def upstream_reward(response: str, ground_truth: str) -> float:
     """Upstream LUFFY's code path, written out from its source: RewardManager decodes the response without
@@ -111,7 +117,7 @@ def test_default_grades_like_upstream_with_the_special_token_kept():
 EOS_TEXTS = ["<|endoftext|>", "<|im_end|>", "<|im_end|><|endoftext|>", "</s>", "\n<|endoftext|>"]
 EOS_CASES = [  # (text after </think>, gold)
     ("The answer is \\boxed{3}.", "3"),
-    ("The answer is 3", "3"),                 # no \boxed: the plain-expression fallback
+    ("The answer is 3", "3"),  # no \boxed: the plain-expression fallback
     ("So x = 1/2", "\\frac{1}{2}"),
     ("So x = 1/2", "1"),
     ("The answer is 4", "3"),
@@ -144,9 +150,13 @@ def test_strip_option_grades_the_answer_without_its_trailing_special_tokens(eos)
 
 
 def test_the_two_settings_differ_only_where_the_special_token_changes_the_parse():
-    differing = [(answer, gold, eos) for answer, gold in EOS_CASES for eos in EOS_TEXTS
-                 if score_luffy("ok</think>" + answer + eos, gold)
-                 != score_luffy("ok</think>" + answer + eos, gold, strip_special_tokens=True)]
+    differing = [
+        (answer, gold, eos)
+        for answer, gold in EOS_CASES
+        for eos in EOS_TEXTS
+        if score_luffy("ok</think>" + answer + eos, gold)
+        != score_luffy("ok</think>" + answer + eos, gold, strip_special_tokens=True)
+    ]
     assert differing, "the option changed nothing: it is not applied"
     assert all(not eos.startswith("\n") and "/" in answer for answer, gold, eos in differing), differing
 
@@ -207,24 +217,28 @@ def test_math_verify_timeouts_need_the_main_thread():
 
 # -- multiple choice ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("response, gold, expected", [
-    ("The correct option is \\boxed{C}.", "C", 1.0),
-    ("\\boxed{\\text{(B)}}", "B", 1.0),
-    ("I first thought \\boxed{A} but it is \\boxed{D}", "D", 1.0),   # the last boxed letter wins
-    ("I first thought \\boxed{A} but it is \\boxed{D}", "A", 0.0),
-    ("Reasoning...\nANSWER: C", "C", 1.0),                            # GPQA's requested format
-    ("Reasoning...\nANSWER: C<|endoftext|>", "C", 1.0),
-    ("so the answer is (B) because of X", "B", 1.0),
-    ("The answer is **E**.", "E", 1.0),
-    ("answer: c", "C", 1.0),                                          # lower-case prediction
-    ("\\boxed{c}", "C", 1.0),
-    ("ANSWER: C", "c", 1.0),                                          # lower-case gold
-    ("ANSWER: C", "(C)", 1.0),
-    ("ANSWER: B", "C", 0.0),                                          # wrong letter
-    ("I cannot decide between the options.", "C", 0.0),             # no letter
-    ("The answer is a bit unclear, maybe 7.", "A", 0.0),             # an article is not a letter
-    ("\\boxed{42}", "A", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "response, gold, expected",
+    [
+        ("The correct option is \\boxed{C}.", "C", 1.0),
+        ("\\boxed{\\text{(B)}}", "B", 1.0),
+        ("I first thought \\boxed{A} but it is \\boxed{D}", "D", 1.0),  # the last boxed letter wins
+        ("I first thought \\boxed{A} but it is \\boxed{D}", "A", 0.0),
+        ("Reasoning...\nANSWER: C", "C", 1.0),  # GPQA's requested format
+        ("Reasoning...\nANSWER: C<|endoftext|>", "C", 1.0),
+        ("so the answer is (B) because of X", "B", 1.0),
+        ("The answer is **E**.", "E", 1.0),
+        ("answer: c", "C", 1.0),  # lower-case prediction
+        ("\\boxed{c}", "C", 1.0),
+        ("ANSWER: C", "c", 1.0),  # lower-case gold
+        ("ANSWER: C", "(C)", 1.0),
+        ("ANSWER: B", "C", 0.0),  # wrong letter
+        ("I cannot decide between the options.", "C", 0.0),  # no letter
+        ("The answer is a bit unclear, maybe 7.", "A", 0.0),  # an article is not a letter
+        ("\\boxed{42}", "A", 0.0),
+    ],
+)
 def test_choice(response, gold, expected):
     assert score_choice(response, gold) == expected
 
@@ -241,6 +255,7 @@ def test_choice_rejects_a_gold_that_is_not_a_letter():
 
 
 # -- registry -----------------------------------------------------------------------------------------
+
 
 def test_registry_and_resolution():
     assert GRADERS == {"luffy_think": score_luffy, "math": score_math, "choice": score_choice}

@@ -31,8 +31,12 @@ def mixed_batch(num_items=24):
     for i in range(num_items):
         answer = i * i if i % 3 else i * i + 1  # every third one wrong
         think_close = "</think>" if i % 5 else ""  # every fifth one a format failure
-        items.append((f"{i}*{i} is {i * i}, so \\boxed{{{i * i}}}.{think_close} Final: \\boxed{{{answer}}}<|endoftext|>",
-                      str(i * i)))
+        items.append(
+            (
+                f"{i}*{i} is {i * i}, so \\boxed{{{i * i}}}.{think_close} Final: \\boxed{{{answer}}}<|endoftext|>",
+                str(i * i),
+            )
+        )
     return items
 
 
@@ -163,8 +167,11 @@ def test_in_process_mode_grades_the_same():
 
 
 # The upstream case: math-verify reads "1/2<|endoftext|>" as 1 unless the special token is stripped.
-EOS_ITEMS = [("ok</think>So x = 1/2<|endoftext|>", "1"), ("ok</think>So x = 1/2<|endoftext|>", "\\frac{1}{2}"),
-             ("ok</think>\\boxed{3}<|im_end|>", "3")]
+EOS_ITEMS = [
+    ("ok</think>So x = 1/2<|endoftext|>", "1"),
+    ("ok</think>So x = 1/2<|endoftext|>", "\\frac{1}{2}"),
+    ("ok</think>\\boxed{3}<|im_end|>", "3"),
+]
 
 
 def test_pool_grades_special_tokens_as_upstream_by_default_and_strips_on_request(pool):

@@ -12,8 +12,15 @@ import torch
 
 from luffy_megatron.algo.composition import assemble_responses
 from luffy_megatron.rollout.engine import Generation, _sampled_logprobs, _span_versions
-from luffy_megatron.rollout.integrity import (LogprobDriftError, StaleRolloutError, check_weight_versions, drift_metrics,
-                                              enforce_max_logprob_diff, logprob_drift, record_generations)
+from luffy_megatron.rollout.integrity import (
+    LogprobDriftError,
+    StaleRolloutError,
+    check_weight_versions,
+    drift_metrics,
+    enforce_max_logprob_diff,
+    logprob_drift,
+    record_generations,
+)
 from tests.helpers import REPO
 
 EOS, PAD = 2, 0
@@ -21,18 +28,28 @@ EOS, PAD = 2, 0
 
 def _batch(prefixes, generations, width=6):
     responses, prefix_mask, response_mask = assemble_responses(
-        prefixes=prefixes, generations=[g.token_ids if g else [] for g in generations], eos_token_id=EOS,
-        pad_token_id=PAD, response_length=width)
-    return responses, prefix_mask, response_mask, record_generations(prefixes=prefixes, generations=generations,
-                                                                      response_mask_BT=response_mask)
+        prefixes=prefixes,
+        generations=[g.token_ids if g else [] for g in generations],
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        response_length=width,
+    )
+    return (
+        responses,
+        prefix_mask,
+        response_mask,
+        record_generations(prefixes=prefixes, generations=generations, response_mask_BT=response_mask),
+    )
 
 
 def test_engine_log_probs_sit_on_the_generated_tokens_only():
     prefixes = [[], [5, 6], [7, 8, EOS], [9]]
-    generations = [Generation([11, 12, EOS, 13], [-0.1, -0.2, -0.3, -0.4], (3,), engine=0),  # tokens after EOS: masked
-                   Generation([14, 15, 16, 17, 18], [-1.0, -1.1, -1.2, -1.3, -1.4], (3,), engine=1),  # cut at width 6
-                   None,  # a full demonstration: no engine
-                   Generation([], [], (3,), engine=1)]
+    generations = [
+        Generation([11, 12, EOS, 13], [-0.1, -0.2, -0.3, -0.4], (3,), engine=0),  # tokens after EOS: masked
+        Generation([14, 15, 16, 17, 18], [-1.0, -1.1, -1.2, -1.3, -1.4], (3,), engine=1),  # cut at width 6
+        None,  # a full demonstration: no engine
+        Generation([], [], (3,), engine=1),
+    ]
     responses, prefix_mask, response_mask, record = _batch(prefixes, generations)
     assert record.engines == [0, 1, None, 1] and record.weight_versions == [(3,), (3,), (), ()]
     expected_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0] * 6, [0] * 6], dtype=torch.bool)
@@ -45,7 +62,10 @@ def test_engine_log_probs_sit_on_the_generated_tokens_only():
 
 def test_drift_is_measured_over_generated_tokens_and_ignores_demonstrations():
     prefixes = [[5, 6], []]
-    generations = [Generation([11, 12], [-0.5, -0.25], (0,), engine=0), Generation([13, 14, 15], [-1.0, -2.0, -3.0], (0,), engine=1)]
+    generations = [
+        Generation([11, 12], [-0.5, -0.25], (0,), engine=0),
+        Generation([13, 14, 15], [-1.0, -2.0, -3.0], (0,), engine=1),
+    ]
     _, _, _, record = _batch(prefixes, generations)
     old = torch.zeros(2, 6)
     old[0, :2] = -9.0  # the demonstration tokens: the actor's numbers there must not count
@@ -56,18 +76,33 @@ def test_drift_is_measured_over_generated_tokens_and_ignores_demonstrations():
     assert drift["mean"] == pytest.approx((0 + 0.5 + 0 + 0 + 1.0) / 5)
     assert logprob_drift(record, old, rows=[0])["mean"] == pytest.approx(0.25)
     metrics = drift_metrics(record, drift)
-    assert metrics == {"rollout/logprob_diff_mean": drift["mean"], "rollout/logprob_diff_max": drift["max"],
-                       "rollout/weight_version": 0.0}
-    assert logprob_drift(record_generations(prefixes=[[1]], generations=[None], response_mask_BT=torch.ones(1, 6)), old[:1]) == {}
+    assert metrics == {
+        "rollout/logprob_diff_mean": drift["mean"],
+        "rollout/logprob_diff_max": drift["max"],
+        "rollout/weight_version": 0.0,
+    }
+    assert (
+        logprob_drift(
+            record_generations(prefixes=[[1]], generations=[None], response_mask_BT=torch.ones(1, 6)), old[:1]
+        )
+        == {}
+    )
 
 
 def test_the_staleness_guard_names_the_engine_and_both_versions():
     prefixes = [[], [], []]
-    generations = [Generation([11], [-0.5], (4,), engine=0), Generation([12], [-0.5], (3,), engine=1),
-                   Generation([13], [-0.5], (3,), engine=1)]
+    generations = [
+        Generation([11], [-0.5], (4,), engine=0),
+        Generation([12], [-0.5], (3,), engine=1),
+        Generation([13], [-0.5], (3,), engine=1),
+    ]
     _, _, _, record = _batch(prefixes, generations)
-    check_weight_versions(record.__class__(record.engines[:1], record.weight_versions[:1], record.engine_log_prob_BT[:1],
-                                           record.generated_mask_BT[:1]), 4)  # engine 0 is current: passes
+    check_weight_versions(
+        record.__class__(
+            record.engines[:1], record.weight_versions[:1], record.engine_log_prob_BT[:1], record.generated_mask_BT[:1]
+        ),
+        4,
+    )  # engine 0 is current: passes
     old = torch.full((3, 6), -0.5)
     old[1:, 0] = -2.5
     with pytest.raises(StaleRolloutError) as stale:
@@ -93,7 +128,9 @@ def test_max_logprob_diff_warns_or_fails(caplog):
     with caplog.at_level(logging.WARNING, logger="luffy.trainer"):
         enforce_max_logprob_diff(drift, max_logprob_diff=0.1, action="warn", step=3)
     assert "above rollout.max_logprob_diff=0.1" in caplog.text and "training goes on" in caplog.text
-    with pytest.raises(LogprobDriftError, match=r"step 3: mean .* is 0.2 \(max 1.5\), above rollout.max_logprob_diff=0.1"):
+    with pytest.raises(
+        LogprobDriftError, match=r"step 3: mean .* is 0.2 \(max 1.5\), above rollout.max_logprob_diff=0.1"
+    ):
         enforce_max_logprob_diff(drift, max_logprob_diff=0.1, action="error", step=3)
 
 
@@ -111,8 +148,11 @@ def test_sampled_token_log_probs_and_weight_versions_from_vllm_outputs():
         _sampled_logprobs([7, 4], flat)
     with pytest.raises(RuntimeError, match="no logprobs although they were requested"):
         _sampled_logprobs([7], None)
-    spans = [SimpleNamespace(version="2", start=0, end=3), SimpleNamespace(version="2", start=3, end=4),
-             SimpleNamespace(version="3", start=4, end=6)]
+    spans = [
+        SimpleNamespace(version="2", start=0, end=3),
+        SimpleNamespace(version="2", start=3, end=4),
+        SimpleNamespace(version="3", start=4, end=6),
+    ]
     assert _span_versions(SimpleNamespace(weight_versions=spans), default=9) == (2, 3)
     assert _span_versions(SimpleNamespace(weight_versions=None), default=9) == (9,)
 
@@ -120,14 +160,17 @@ def test_sampled_token_log_probs_and_weight_versions_from_vllm_outputs():
 # ----------------------------------------------------------------------------------------- settings
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("rollout.max_logprob_diff=0", "rollout.max_logprob_diff=0.0 must be > 0"),
-    ("rollout.max_logprob_diff=-1", "rollout.max_logprob_diff=-1.0 must be > 0"),
-    ("rollout.logprob_diff_action=error", "rollout.logprob_diff_action=error has no limit to act on"),
-    ("rollout.request_timeout_s=0", "rollout.request_timeout_s=0.0 must be > 0"),
-    ("rollout.on_engine_failure=retry", "rollout.on_engine_failure='retry' is not one of: fail, restart"),
-    ("rollout.logprob_diff_action=raise", "rollout.logprob_diff_action='raise' is not one of: warn, error"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("rollout.max_logprob_diff=0", "rollout.max_logprob_diff=0.0 must be > 0"),
+        ("rollout.max_logprob_diff=-1", "rollout.max_logprob_diff=-1.0 must be > 0"),
+        ("rollout.logprob_diff_action=error", "rollout.logprob_diff_action=error has no limit to act on"),
+        ("rollout.request_timeout_s=0", "rollout.request_timeout_s=0.0 must be > 0"),
+        ("rollout.on_engine_failure=retry", "rollout.on_engine_failure='retry' is not one of: fail, restart"),
+        ("rollout.logprob_diff_action=raise", "rollout.logprob_diff_action='raise' is not one of: warn, error"),
+    ],
+)
 def test_integrity_and_fault_settings_are_validated(override, expected):
     from luffy_megatron.config import ConfigError, load_config
 
@@ -139,8 +182,15 @@ def test_integrity_and_fault_settings_are_validated(override, expected):
 def test_integrity_and_fault_settings_that_work():
     from luffy_megatron.config import load_config
 
-    cfg = load_config(None, ["rollout.max_logprob_diff=0.05", "rollout.logprob_diff_action=error",
-                             "rollout.request_timeout_s=30", "rollout.on_engine_failure=restart"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.max_logprob_diff=0.05",
+            "rollout.logprob_diff_action=error",
+            "rollout.request_timeout_s=30",
+            "rollout.on_engine_failure=restart",
+        ],
+    )
     assert (cfg.rollout.max_logprob_diff, cfg.rollout.on_engine_failure) == (0.05, "restart")
 
 
@@ -150,9 +200,18 @@ def test_integrity_and_fault_settings_that_work():
 def _tiny_args(tmp_path, train_file):
     from tests.e2e.tiny_run import tiny_llama_dir
 
-    return ["--config", str(REPO / "recipes" / "slurm_cpu_test.yaml"), "--set", f"model.path={tiny_llama_dir()}",
-            "--set", f"data.train_files=[{train_file}]", "--set", "parallel.nnodes=1",
-            "--set", f"trainer.output_dir={tmp_path / 'out'}"]
+    return [
+        "--config",
+        str(REPO / "recipes" / "slurm_cpu_test.yaml"),
+        "--set",
+        f"model.path={tiny_llama_dir()}",
+        "--set",
+        f"data.train_files=[{train_file}]",
+        "--set",
+        "parallel.nnodes=1",
+        "--set",
+        f"trainer.output_dir={tmp_path / 'out'}",
+    ]
 
 
 def test_a_data_error_is_one_line_not_a_traceback(tmp_path, capsys):
@@ -174,16 +233,23 @@ def test_a_model_the_ranks_cannot_convert_is_one_line_naming_it(tmp_path, monkey
     from luffy_megatron.train import loop, setup
 
     class Ranks:
-        def build(self, cfg, hf_dir, pad_token_id, fresh=False):  # what ActorGroup.build raises when a rank's conversion fails
-            raise ray.exceptions.RayTaskError("build", "Traceback (most recent call last):\n  File \"hf_to_mcore.py\"\n"
-                                              "ValueError: llama: hidden_act='gelu' is not supported",
-                                              ValueError("llama: hidden_act='gelu' is not supported (only SwiGLU with 'silu')"))
+        def build(
+            self, cfg, hf_dir, pad_token_id, fresh=False
+        ):  # what ActorGroup.build raises when a rank's conversion fails
+            raise ray.exceptions.RayTaskError(
+                "build",
+                'Traceback (most recent call last):\n  File "hf_to_mcore.py"\n'
+                "ValueError: llama: hidden_act='gelu' is not supported",
+                ValueError("llama: hidden_act='gelu' is not supported (only SwiGLU with 'silu')"),
+            )
 
     cfg = load_config(None, [f"model.path={tmp_path / 'model'}"])
     with pytest.raises(setup.ModelLoadError) as bad:
         setup.build_ranks(Ranks(), cfg, 0, tmp_path / "logs")
-    assert str(bad.value).startswith(f"the Megatron ranks could not load the model (model.path={tmp_path / 'model'}): "
-                                     "ValueError: llama: hidden_act='gelu' is not supported")
+    assert str(bad.value).startswith(
+        f"the Megatron ranks could not load the model (model.path={tmp_path / 'model'}): "
+        "ValueError: llama: hidden_act='gelu' is not supported"
+    )
     assert "hf_to_mcore.py" in (tmp_path / "logs" / "model_load_error.log").read_text()
 
     def failing_train(cfg):
@@ -204,7 +270,9 @@ def test_run_errors_are_one_line_with_exit_code_1(monkeypatch, capsys):
 
     monkeypatch.setattr(loop, "train", failing_train)
     assert loop.main([]) == 1
-    assert capsys.readouterr().err == "luffy-train: error: Megatron rank 1 of 2 (node 10.0.0.2) died during update: ...\n"
+    assert (
+        capsys.readouterr().err == "luffy-train: error: Megatron rank 1 of 2 (node 10.0.0.2) died during update: ...\n"
+    )
 
 
 # ----------------------------------------------------------------------------------------- resume draws the same

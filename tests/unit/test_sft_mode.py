@@ -62,14 +62,28 @@ def test_config_mode_reaches_the_loss_options():
     assert loss_options(load_config(None, []).algo)["mode"] == "rl"
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["algo.mode=sft"], ["algo.mode=sft", "rollout.n_off_policy=-1"]),  # default n_off_policy=1 of n=8
-    (["algo.mode=sft", "rollout.n=2", "rollout.n_off_policy=-1", "rollout.min_prefix_ratio=0.5"],
-     ["rollout.min_prefix_ratio=1.0"]),
-    (["algo.mode=sft", "rollout.n=1", "rollout.n_off_policy=-1", "algo.use_sft_multitask_loss=true",
-      "algo.use_off_policy_loss=false", "algo.adv_estimator=grpo_split"], ["algo.use_sft_multitask_loss=false"]),
-    (["algo.mode=imitation"], ["algo.mode"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["algo.mode=sft"], ["algo.mode=sft", "rollout.n_off_policy=-1"]),  # default n_off_policy=1 of n=8
+        (
+            ["algo.mode=sft", "rollout.n=2", "rollout.n_off_policy=-1", "rollout.min_prefix_ratio=0.5"],
+            ["rollout.min_prefix_ratio=1.0"],
+        ),
+        (
+            [
+                "algo.mode=sft",
+                "rollout.n=1",
+                "rollout.n_off_policy=-1",
+                "algo.use_sft_multitask_loss=true",
+                "algo.use_off_policy_loss=false",
+                "algo.adv_estimator=grpo_split",
+            ],
+            ["algo.use_sft_multitask_loss=false"],
+        ),
+        (["algo.mode=imitation"], ["algo.mode"]),
+    ],
+)
 def test_sft_mode_refuses_rows_without_a_whole_demonstration(overrides, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)

@@ -41,7 +41,7 @@ def test_the_launchers_differ_only_in_their_header():
     bodies = []
     for name in LAUNCHERS:
         text = (REPO / "slurm" / name).read_text()
-        bodies.append(text[text.index("# Slurm runs a copy of this file"):])
+        bodies.append(text[text.index("# Slurm runs a copy of this file") :])
     assert bodies[0] == bodies[1]
-    assert "source \"$LUFFY_HOME/slurm/common.sh\"" in bodies[0]
+    assert 'source "$LUFFY_HOME/slurm/common.sh"' in bodies[0]
     assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "common.sh")]).returncode == 0

@@ -24,10 +24,12 @@ def test_the_plan_is_made_again_only_when_the_parameters_or_settings_change(monk
     assert _cached_plan(actor, chunks, arch, 1024, torch.float32) is first and len(made) == 1
     assert made[0] == {"arch": arch, "bucket_bytes": 1024, "dtype": torch.float32, "all_stages": False}
     settings = {"bucket_bytes": 1024, "dtype": torch.float32}
-    for change in (lambda: settings.update(bucket_bytes=2048),
-                   lambda: settings.update(dtype=torch.bfloat16),
-                   lambda: setattr(chunks[1].weight, "data", chunks[1].weight.data.clone()),  # new storage
-                   lambda: chunks.append(torch.nn.Linear(2, 2))):
+    for change in (
+        lambda: settings.update(bucket_bytes=2048),
+        lambda: settings.update(dtype=torch.bfloat16),
+        lambda: setattr(chunks[1].weight, "data", chunks[1].weight.data.clone()),  # new storage
+        lambda: chunks.append(torch.nn.Linear(2, 2)),
+    ):
         before = len(made)
         change()
         plan = _cached_plan(actor, chunks, arch, settings["bucket_bytes"], settings["dtype"])

@@ -82,8 +82,9 @@ def test_object_store_puts_each_bucket_once_from_host_memory_and_keeps_at_most_t
 
     class Engine:
         def __init__(self, index):
-            self.call = SimpleNamespace(remote=lambda method, ref, entries: log.append((method, index, ref, entries))
-                                        or (index, ref))
+            self.call = SimpleNamespace(
+                remote=lambda method, ref, entries: log.append((method, index, ref, entries)) or (index, ref)
+            )
 
     ctx = SimpleNamespace(device=torch.device("cpu"), engine_get=lambda refs, what: log.append(("wait", refs)))
     transport = ObjectStoreTransport(SimpleNamespace(engines=[Engine(0), Engine(1)]))
@@ -102,7 +103,19 @@ def test_object_store_puts_each_bucket_once_from_host_memory_and_keeps_at_most_t
     assert [torch.from_numpy(p[1][:8]).view(torch.float32).tolist() for p in puts] == [[k, k + 0.5] for k in range(3)]
     shape = [e[0] if e[0] != "load_flat_bucket" else f"load{e[1]}:{e[3][0][0]}" for e in log]
     # bucket k+1 is put and its loads started before the engines' loads of bucket k are waited for
-    assert shape == ["put", "load0:w0", "load1:w0", "put", "load0:w1", "load1:w1", "wait",
-                     "put", "load0:w2", "load1:w2", "wait", "wait"]
+    assert shape == [
+        "put",
+        "load0:w0",
+        "load1:w0",
+        "put",
+        "load0:w1",
+        "load1:w1",
+        "wait",
+        "put",
+        "load0:w2",
+        "load1:w2",
+        "wait",
+        "wait",
+    ]
     waits = [e[1] for e in log if e[0] == "wait"]
     assert waits == [[(0, "ref1"), (1, "ref1")], [(0, "ref4"), (1, "ref4")], [(0, "ref8"), (1, "ref8")]]

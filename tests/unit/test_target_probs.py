@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from luffy_megatron.actor.batching import RolloutBatch
-from luffy_megatron.algo import (advantage_options, compute_advantages, loss_options, microbatch_policy_loss,
-                                 prefix_target_probs, uses_target_probs)
+from luffy_megatron.algo import (
+    advantage_options,
+    compute_advantages,
+    loss_options,
+    microbatch_policy_loss,
+    prefix_target_probs,
+    uses_target_probs,
+)
 from luffy_megatron.config import ConfigError, load_config
 from luffy_megatron.data import DataError, load_tokenized_dataset, read_luffy_parquet
 from luffy_megatron.data.prompts import make_prompt
@@ -31,9 +37,14 @@ def demo_text(i: int) -> str:
 
 
 def row(i: int, probs=None, **override) -> dict:
-    r = {"data_source": "", "prompt": make_prompt(f"What is {i} + {i}?"),
-         "target": [{"role": "assistant", "content": demo_text(i)}], "ability": "math",
-         "reward_model": {"style": "rule", "ground_truth": str(2 * i)}, "extra_info": {"split": "train", "index": i}}
+    r = {
+        "data_source": "",
+        "prompt": make_prompt(f"What is {i} + {i}?"),
+        "target": [{"role": "assistant", "content": demo_text(i)}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": str(2 * i)},
+        "extra_info": {"split": "train", "index": i},
+    }
     if probs is not None:
         r[KEY] = probs
     r.update(override)
@@ -52,7 +63,7 @@ def teacher_probs(n: int, seed: int) -> list[float]:
 
 def num_target_tokens(tokenizer, i: int) -> int:
     """Upstream's target length: the target without its leading <think>\\n, tokenized alone."""
-    return len(tokenizer(demo_text(i)[len("<think>\n"):], add_special_tokens=False)["input_ids"])
+    return len(tokenizer(demo_text(i)[len("<think>\n") :], add_special_tokens=False)["input_ids"])
 
 
 # ------------------------------------------------------------------------------------------------ reader
@@ -113,8 +124,9 @@ def test_tokenized_probs_are_aligned_with_demo_ids_plus_eos(qwen_tokenizer, tmp_
     counts = [num_target_tokens(qwen_tokenizer, i) for i in range(3)]
     stored = [teacher_probs(n + 1, seed=i) for i, n in enumerate(counts)]
     path = write(tmp_path / "train.parquet", [row(i, stored[i]) for i in range(3)])
-    dataset = load_tokenized_dataset(path, qwen_tokenizer, require_target=True, target_probs_key=KEY,
-                                     require_target_probs=True)
+    dataset = load_tokenized_dataset(
+        path, qwen_tokenizer, require_target=True, target_probs_key=KEY, require_target_probs=True
+    )
     for ex, probs in zip(dataset, stored):
         # upstream: one probability per target token (leading <think>\n stripped), then one for the EOS
         assert len(ex.demo_ids) == ex.num_demo_tokens and len(ex.demo_probs) == len(ex.demo_ids) + 1
@@ -128,7 +140,10 @@ def test_tokenized_probs_are_aligned_with_demo_ids_plus_eos(qwen_tokenizer, tmp_
 
 def test_probs_length_that_does_not_fit_the_tokenized_target_names_the_row(qwen_tokenizer, tmp_path):
     n1 = num_target_tokens(qwen_tokenizer, 1)
-    rows = [row(0, teacher_probs(num_target_tokens(qwen_tokenizer, 0) + 1, 0)), row(1, teacher_probs(n1, 1))]  # no EOS prob
+    rows = [
+        row(0, teacher_probs(num_target_tokens(qwen_tokenizer, 0) + 1, 0)),
+        row(1, teacher_probs(n1, 1)),
+    ]  # no EOS prob
     path = write(tmp_path / "train.parquet", rows)
     with pytest.raises(DataError) as err:
         load_tokenized_dataset(path, qwen_tokenizer, require_target=True, target_probs_key=KEY)
@@ -142,13 +157,20 @@ def test_probs_length_that_does_not_fit_the_tokenized_target_names_the_row(qwen_
 
 def test_prefix_target_probs_places_each_prefix_and_pads_with_minus_one():
     demos = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7]]  # prompt 0: 3 tokens + EOS; prompt 1: 2 tokens + EOS
-    out = prefix_target_probs(prefix_lengths=[4, 0, 2, 0], group_index=[0, 0, 1, 1], demonstration_probs=demos,
-                              response_length=3)
+    out = prefix_target_probs(
+        prefix_lengths=[4, 0, 2, 0], group_index=[0, 0, 1, 1], demonstration_probs=demos, response_length=3
+    )
     want = torch.tensor([[0.1, 0.2, 0.3], [-1, -1, -1], [0.5, 0.6, -1], [-1, -1, -1]])
     assert torch.equal(out, want)  # row 0 cut to the response width; row 2 a partial prefix
-    with pytest.raises(ValueError, match="row 2 carries a demonstration prefix of 2 tokens but prompt 1 has no teacher"):
-        prefix_target_probs(prefix_lengths=[4, 0, 2, 0], group_index=[0, 0, 1, 1], demonstration_probs=[demos[0], None],
-                            response_length=3)
+    with pytest.raises(
+        ValueError, match="row 2 carries a demonstration prefix of 2 tokens but prompt 1 has no teacher"
+    ):
+        prefix_target_probs(
+            prefix_lengths=[4, 0, 2, 0],
+            group_index=[0, 0, 1, 1],
+            demonstration_probs=[demos[0], None],
+            response_length=3,
+        )
 
 
 class FakeEngines:
@@ -160,25 +182,38 @@ class FakeEngines:
         self.eos = eos
 
     def generate_rollouts(self, inputs, max_new_tokens, **sampling):
-        return [Generation(token_ids=[11, 12, 13, self.eos], logprobs=[-0.5] * 4, weight_versions=(0,) * 4)
-                for _ in inputs]
+        return [
+            Generation(token_ids=[11, 12, 13, self.eos], logprobs=[-0.5] * 4, weight_versions=(0,) * 4) for _ in inputs
+        ]
 
 
 def trainer_config(tokenizer_dir: Path, train_file: Path, *extra: str):
-    return load_config(None, [
-        f"model.path={tokenizer_dir}", f"data.train_files=[{train_file}]", "data.train_batch_size=2",
-        "data.max_response_length=64", "rollout.n=4", "rollout.n_off_policy=1", "rollout.max_prefix_len=64",
-        "actor.ppo_mini_batch_size=2", "actor.ppo_micro_batch_size=2", "parallel.n_gpus_per_node=2",
-        "rollout.tensor_model_parallel_size=1", "parallel.use_distributed_optimizer=false", *extra])
+    return load_config(
+        None,
+        [
+            f"model.path={tokenizer_dir}",
+            f"data.train_files=[{train_file}]",
+            "data.train_batch_size=2",
+            "data.max_response_length=64",
+            "rollout.n=4",
+            "rollout.n_off_policy=1",
+            "rollout.max_prefix_len=64",
+            "actor.ppo_mini_batch_size=2",
+            "actor.ppo_micro_batch_size=2",
+            "parallel.n_gpus_per_node=2",
+            "rollout.tensor_model_parallel_size=1",
+            "parallel.use_distributed_optimizer=false",
+            *extra,
+        ],
+    )
 
 
 def test_trainer_batch_carries_teacher_probs_on_the_demonstration_tokens(qwen_tokenizer, tmp_path):
     """parquet -> trainer.load_data -> trainer.generate_and_mix -> RolloutBatch.target_probs -> the loss input."""
     import random
 
-    from luffy_megatron.train.step_parts import generate_and_mix
-
     from luffy_megatron.train.setup import load_data
+    from luffy_megatron.train.step_parts import generate_and_mix
 
     tokenizer_dir = Path(qwen_tokenizer.name_or_path)
     counts = [num_target_tokens(qwen_tokenizer, i) for i in range(2)]
@@ -200,7 +235,9 @@ def test_trainer_batch_carries_teacher_probs_on_the_demonstration_tokens(qwen_to
         assert (batch.target_probs[r, k:] == -1).all()  # upstream's padding everywhere else
     # what the actor hands the loss for some rows (MegatronActor._backward's loss_fn)
     enabled = uses_target_probs(cfg.algo)
-    assert enabled and torch.equal(batch.loss_target_probs([4, 0], 20, enabled=enabled), batch.target_probs[[4, 0], :20])
+    assert enabled and torch.equal(
+        batch.loss_target_probs([4, 0], 20, enabled=enabled), batch.target_probs[[4, 0], :20]
+    )
 
     off_cfg = trainer_config(tokenizer_dir, path)
     _, plain_set, _ = load_data(off_cfg)
@@ -217,7 +254,9 @@ def test_trainer_refuses_a_file_without_the_column(qwen_tokenizer, tmp_path):
 
     path = write(tmp_path / "train.parquet", [row(0), row(1)])
     cfg = trainer_config(Path(qwen_tokenizer.name_or_path), path, "algo.use_off_policy_probs=true")
-    with pytest.raises(DataError, match=rf"{path}: no column '{KEY}' \(data.target_probs_key\), but algo.use_off_policy_probs=true"):
+    with pytest.raises(
+        DataError, match=rf"{path}: no column '{KEY}' \(data.target_probs_key\), but algo.use_off_policy_probs=true"
+    ):
         load_data(cfg)
 
 
@@ -244,11 +283,20 @@ def vector_batch(inputs: dict) -> RolloutBatch:
         if k:
             demos[g] = stored[r, :k].tolist()
     B, L = prefix_mask.shape
-    target_probs = prefix_target_probs(prefix_lengths=prefix_mask.sum(-1).tolist(), group_index=group_index,
-                                       demonstration_probs=demos, response_length=L)
-    return RolloutBatch(prompts=[[1]] * B, responses=torch.zeros(B, L, dtype=torch.long),
-                        response_mask=torch.tensor(inputs["response_mask"], dtype=torch.float32).long(),
-                        prefix_mask=prefix_mask, group_ids=list(inputs["index"]), target_probs=target_probs)
+    target_probs = prefix_target_probs(
+        prefix_lengths=prefix_mask.sum(-1).tolist(),
+        group_index=group_index,
+        demonstration_probs=demos,
+        response_length=L,
+    )
+    return RolloutBatch(
+        prompts=[[1]] * B,
+        responses=torch.zeros(B, L, dtype=torch.long),
+        response_mask=torch.tensor(inputs["response_mask"], dtype=torch.float32).long(),
+        prefix_mask=prefix_mask,
+        group_ids=list(inputs["index"]),
+        target_probs=target_probs,
+    )
 
 
 def actor_loss(cfg, batch: RolloutBatch, inputs: dict):
@@ -256,19 +304,33 @@ def actor_loss(cfg, batch: RolloutBatch, inputs: dict):
     config; gradient accumulation 1, as the vectors), the batch's masks and target probabilities."""
     opts = loss_options(cfg.algo)
     f32 = lambda k: torch.tensor(inputs[k], dtype=torch.float32)  # noqa: E731
-    advantages = compute_advantages(token_level_rewards_BT=f32("token_level_rewards"), response_mask_BT=batch.response_mask,
-                                    prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids,
-                                    **advantage_options(cfg.algo))
+    advantages = compute_advantages(
+        token_level_rewards_BT=f32("token_level_rewards"),
+        response_mask_BT=batch.response_mask,
+        prefix_mask_BT=batch.prefix_mask,
+        group_ids=batch.group_ids,
+        **advantage_options(cfg.algo),
+    )
     log_prob, entropy = f32("log_prob").requires_grad_(True), f32("entropy").requires_grad_(True)
     rows, width = list(range(batch.num_rows)), batch.response_width
     loss, metrics = microbatch_policy_loss(
-        log_prob_BT=log_prob, entropy_BT=entropy, old_log_prob_BT=f32("old_log_prob"),
-        advantages_BT=advantages, response_mask_BT=batch.response_mask, prefix_mask_BT=batch.prefix_mask[rows, :width],
+        log_prob_BT=log_prob,
+        entropy_BT=entropy,
+        old_log_prob_BT=f32("old_log_prob"),
+        advantages_BT=advantages,
+        response_mask_BT=batch.response_mask,
+        prefix_mask_BT=batch.prefix_mask[rows, :width],
         target_probs_BT=batch.loss_target_probs(rows, width, enabled=uses_target_probs(cfg.algo)),
-        max_response_length=batch.response_width, **opts)
+        max_response_length=batch.response_width,
+        **opts,
+    )
     loss.backward()
-    return {"outputs": {k: float(v) for k, v in metrics.items()}, "advantages_col0": advantages[:, 0].tolist(),
-            "grad_log_prob": log_prob.grad.tolist(), "grad_entropy": entropy.grad.tolist()}
+    return {
+        "outputs": {k: float(v) for k, v in metrics.items()},
+        "advantages_col0": advantages[:, 0].tolist(),
+        "grad_log_prob": log_prob.grad.tolist(),
+        "grad_entropy": entropy.grad.tolist(),
+    }
 
 
 # our defaults are upstream's luffy_main (constant-length aggregation, p/(p+0.1), no clip, entropy 0.001)

@@ -13,7 +13,6 @@ from luffy_megatron.data.sampler import PromptSampler
 from luffy_megatron.train.progress import resume_path
 from luffy_megatron.train.validation import validation_metrics
 
-
 # ------------------------------------------------------------------ prompt order
 
 
@@ -47,8 +46,9 @@ def upstream_batches(size: int, batch_size: int, epochs: int) -> list[list[int]]
     """mix_trainer._create_dataloader: DataLoader(batch_size=train_batch_size, drop_last=True, sampler=...),
     iterated once per epoch."""
     data = list(range(size))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, drop_last=True,
-                                         sampler=UpstreamResumableRandomSampler(data), collate_fn=list)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, drop_last=True, sampler=UpstreamResumableRandomSampler(data), collate_fn=list
+    )
     return [[int(i) for i in batch] for _ in range(epochs) for batch in loader]
 
 
@@ -95,8 +95,16 @@ def test_accumulation_divisor_and_rows_per_rank_match_upstream(mini, micro, n, d
     assert rows_per_rank(micro_batch_prompts(cfg.actor), n, dp) == up_micro
     assert gradient_accumulation(cfg) == up_acc
     # the divisor does not depend on dynamic batch sizes (upstream divides by it either way)
-    assert gradient_accumulation(_cfg(f"actor.ppo_mini_batch_size={mini}", f"actor.ppo_micro_batch_size={micro}",
-                                      "actor.use_dynamic_bsz=false")) == up_acc
+    assert (
+        gradient_accumulation(
+            _cfg(
+                f"actor.ppo_mini_batch_size={mini}",
+                f"actor.ppo_micro_batch_size={micro}",
+                "actor.use_dynamic_bsz=false",
+            )
+        )
+        == up_acc
+    )
 
 
 def test_default_micro_batch_is_the_mini_batch():
@@ -105,7 +113,9 @@ def test_default_micro_batch_is_the_mini_batch():
 
 
 def test_micro_batch_must_divide_mini_batch():
-    with pytest.raises(ConfigError, match=r"actor.ppo_mini_batch_size=64 is not a multiple of actor.ppo_micro_batch_size=48"):
+    with pytest.raises(
+        ConfigError, match=r"actor.ppo_mini_batch_size=64 is not a multiple of actor.ppo_micro_batch_size=48"
+    ):
         _cfg("actor.ppo_mini_batch_size=64", "actor.ppo_micro_batch_size=48")
 
 
@@ -171,8 +181,12 @@ def test_no_warmup_full_lr_from_the_first_step_unless_upstreams_quirk_is_asked()
 
 def test_validation_metrics_per_source_unknown_and_avg():
     m = validation_metrics([1.0, 0.0, 1.0, 1.0, 0.0], ["math", "math", "aime", None, ""])
-    assert m == {"val/test_score/math": 0.5, "val/test_score/aime": 1.0, "val/test_score/unknown": 0.5,
-                 "val/test_score/avg": pytest.approx((0.5 + 1.0 + 0.5) / 3)}
+    assert m == {
+        "val/test_score/math": 0.5,
+        "val/test_score/aime": 1.0,
+        "val/test_score/unknown": 0.5,
+        "val/test_score/avg": pytest.approx((0.5 + 1.0 + 0.5) / 3),
+    }
 
 
 def test_resume_flag_and_paths(tmp_path):
@@ -199,14 +213,23 @@ def test_disable_truncation_advantage_zeroes_cut_off_rows_as_upstream():
     from luffy_megatron.train.step_parts import apply_upstream_advantage_edits
 
     eos, pad, L = 2, 0, 4
-    responses = torch.tensor([[5, 6, 7, 8],    # full length, no EOS: truncated
-                              [5, 6, eos, pad],  # ended
-                              [5, 6, 7, eos],  # full length but ended with EOS: kept
-                              [5, pad, pad, pad]])
+    responses = torch.tensor(
+        [
+            [5, 6, 7, 8],  # full length, no EOS: truncated
+            [5, 6, eos, pad],  # ended
+            [5, 6, 7, eos],  # full length but ended with EOS: kept
+            [5, pad, pad, pad],
+        ]
+    )
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     adv = torch.tensor([[0.5] * 4, [-0.5] * 3 + [0.0], [0.25] * 4, [1.0, 0, 0, 0]])
-    batch = RolloutBatch(prompts=[[1]] * 4, responses=responses, response_mask=mask,
-                         prefix_mask=torch.zeros(4, L, dtype=torch.bool), group_ids=[0, 0, 1, 1])
+    batch = RolloutBatch(
+        prompts=[[1]] * 4,
+        responses=responses,
+        response_mask=mask,
+        prefix_mask=torch.zeros(4, L, dtype=torch.bool),
+        group_ids=[0, 0, 1, 1],
+    )
     # upstream (mix_trainer.py): responses != pad -> length; length >= max_len and no EOS -> advantage 0
     up = adv.clone()
     truncated = ((responses != pad).sum(-1) >= L) & ~((responses == eos).any(-1))
@@ -223,11 +246,25 @@ def test_sft_prefix_reward_sets_demonstration_tokens_to_weight_over_n():
     from luffy_megatron.train.step_parts import apply_upstream_advantage_edits
 
     prefix = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    batch = RolloutBatch(prompts=[[1]] * 2, responses=torch.ones(2, 3, dtype=torch.long), response_mask=torch.ones(2, 3, dtype=torch.long),
-                         prefix_mask=prefix, group_ids=[0, 0])
+    batch = RolloutBatch(
+        prompts=[[1]] * 2,
+        responses=torch.ones(2, 3, dtype=torch.long),
+        response_mask=torch.ones(2, 3, dtype=torch.long),
+        prefix_mask=prefix,
+        group_ids=[0, 0],
+    )
     adv = torch.full((2, 3), -0.3)
-    cfg = load_config(None, ["rollout.n=2", "rollout.n_off_policy=-1", "data.train_batch_size=2", "actor.ppo_mini_batch_size=2",
-                             "algo.use_sft_prefix_reward=true", "algo.sft_prefix_reward_weight=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.n=2",
+            "rollout.n_off_policy=-1",
+            "data.train_batch_size=2",
+            "actor.ppo_mini_batch_size=2",
+            "algo.use_sft_prefix_reward=true",
+            "algo.sft_prefix_reward_weight=0.5",
+        ],
+    )
     got = apply_upstream_advantage_edits(cfg, batch, adv, eos_token_id=2)
     assert torch.equal(got[prefix], torch.full((3,), 0.25)) and torch.equal(got[~prefix], torch.full((3,), -0.3))
     with pytest.raises(ConfigError, match="use_sft_prefix_reward=true needs rollout.n_off_policy=-1"):

@@ -42,10 +42,23 @@ def launch(args) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, LUFFY_BENCH_CHILD="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-           f"--master_port={port}", "--master_addr=127.0.0.1", os.path.abspath(__file__), *sys.argv[1:]]
+    env = dict(
+        os.environ,
+        LUFFY_BENCH_CHILD="1",
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={args.nproc}",
+        f"--master_port={port}",
+        "--master_addr=127.0.0.1",
+        os.path.abspath(__file__),
+        *sys.argv[1:],
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -60,16 +73,30 @@ def child(args) -> int:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    from luffy_megatron.convert.export import ExportStats, export_flat_buckets, iter_hf_weight_buckets, plan_flat_buckets
+    from luffy_megatron.convert.export import (
+        ExportStats,
+        export_flat_buckets,
+        iter_hf_weight_buckets,
+        plan_flat_buckets,
+    )
     from luffy_megatron.models.hf_to_mcore import build_model_chunks, read_hf_arch
     from luffy_megatron.models.parallel import init_model_parallel, shutdown_distributed
 
     tp = dist.get_world_size()
     init_model_parallel(tp, 1)
-    arch = read_hf_arch(dict(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-                             intermediate_size=args.hidden * 3, num_hidden_layers=args.layers,
-                             num_attention_heads=args.hidden // 64, num_key_value_heads=2,
-                             tie_word_embeddings=False, max_position_embeddings=1024))
+    arch = read_hf_arch(
+        dict(
+            model_type="qwen2",
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 3,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            max_position_embeddings=1024,
+        )
+    )
     torch.manual_seed(0)
     chunks = build_model_chunks(arch)
     bucket_bytes = int(args.bucket_mb * 1024**2)
@@ -122,16 +149,29 @@ def child(args) -> int:
 
     best_copy, best_sync, best_iter = min(copy_s), min(sync_s), min(export_s)
     if dist.get_rank() == 0:
-        print(json.dumps({
-            "bench": "export", "tp": tp, "pp": 1, "hf_bytes": total, "num_tensors": len(sizes),
-            "num_buckets": len(plan), "bucket_bytes": bucket_bytes,
-            "copy_s": round(best_copy, 4), "export_s": round(best_sync, 4), "iter_export_s": round(best_iter, 4),
-            "copy_bytes_per_s": round(total / best_copy), "export_bytes_per_s": round(total / best_sync),
-            "iter_export_bytes_per_s": round(total / best_iter),
-            "peak_tracked_bytes": sync_stats.peak_bytes, "iter_peak_tracked_bytes": iter_peak,
-            "export_vs_copy_ratio": round(best_copy / best_sync, 3),
-            "iter_export_vs_copy_ratio": round(best_copy / best_iter, 3),
-        }))
+        print(
+            json.dumps(
+                {
+                    "bench": "export",
+                    "tp": tp,
+                    "pp": 1,
+                    "hf_bytes": total,
+                    "num_tensors": len(sizes),
+                    "num_buckets": len(plan),
+                    "bucket_bytes": bucket_bytes,
+                    "copy_s": round(best_copy, 4),
+                    "export_s": round(best_sync, 4),
+                    "iter_export_s": round(best_iter, 4),
+                    "copy_bytes_per_s": round(total / best_copy),
+                    "export_bytes_per_s": round(total / best_sync),
+                    "iter_export_bytes_per_s": round(total / best_iter),
+                    "peak_tracked_bytes": sync_stats.peak_bytes,
+                    "iter_peak_tracked_bytes": iter_peak,
+                    "export_vs_copy_ratio": round(best_copy / best_sync, 3),
+                    "iter_export_vs_copy_ratio": round(best_copy / best_iter, 3),
+                }
+            )
+        )
     shutdown_distributed()
     return 0
 

@@ -6,7 +6,8 @@ over the logits buffer). Baseline: the naive full-logits path (log_softmax + gat
 autograd). Both start from the same logits, produced by an output-layer matmul as in a real model, and
 backpropagate into that layer. In bf16 (the GPU training dtype) a second comparison: ours on the bf16 logits
 as the actor hands them over (`Float16Module(..., fp32_output=False)`) against ours after megatron-core's
-default fp32 upcast of the whole logits tensor (`fp32_output=True`), which is what the actor avoids. Each method runs in its own child process, so its peak resident memory
+default fp32 upcast of the whole logits tensor (`fp32_output=True`), which is what the actor avoids.
+Each method runs in its own child process, so its peak resident memory
 (ru_maxrss) minus the peak once the inputs and one logits-sized buffer existed is its peak extra memory
 (what the log-prob computation adds on top of the logits); the time is the
 median of a few repetitions in the same child. Last line: JSON, ratios = naive / ours.
@@ -87,27 +88,38 @@ def main() -> int:
     results = {}
     for method in ("ours", "naive", "bf16_ours", "bf16_fp32_output"):
         print(f"[logprob] {method}: {args.tokens} tokens x vocab {args.vocab} ...", flush=True)
-        cmd = [sys.executable, __file__, "--child", method] + [f"--{k}={getattr(args, k)}" for k in ("tokens", "vocab", "hidden", "chunk", "reps")]
+        cmd = [sys.executable, __file__, "--child", method] + [
+            f"--{k}={getattr(args, k)}" for k in ("tokens", "vocab", "hidden", "chunk", "reps")
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[method] = json.loads(out)
         r = results[method]
-        print(f"[logprob] {method}: peak extra {r['peak_extra_bytes'] / 2**30:.2f} GiB, {r['time_s']:.3f} s/step", flush=True)
+        print(
+            f"[logprob] {method}: peak extra {r['peak_extra_bytes'] / 2**30:.2f} GiB, {r['time_s']:.3f} s/step",
+            flush=True,
+        )
     ours, naive = results["ours"], results["naive"]
-    print(json.dumps({
-        "tokens": args.tokens,
-        "vocab": args.vocab,
-        "logits_gib": round(ours["logits_bytes"] / 2**30, 3),
-        "naive_peak_extra_gib": round(naive["peak_extra_bytes"] / 2**30, 3),
-        "ours_peak_extra_gib": round(ours["peak_extra_bytes"] / 2**30, 3),
-        "naive_time_s": round(naive["time_s"], 4),
-        "ours_time_s": round(ours["time_s"], 4),
-        "peak_mem_ratio": round(naive["peak_extra_bytes"] / ours["peak_extra_bytes"], 2),
-        "time_ratio": round(naive["time_s"] / ours["time_s"], 2),
-        "bf16_logits_gib": round(results["bf16_ours"]["logits_bytes"] / 2**30, 3),
-        "bf16_ours_peak_extra_gib": round(results["bf16_ours"]["peak_extra_bytes"] / 2**30, 3),
-        "bf16_fp32_output_peak_extra_gib": round(results["bf16_fp32_output"]["peak_extra_bytes"] / 2**30, 3),
-        "bf16_peak_mem_ratio": round(results["bf16_fp32_output"]["peak_extra_bytes"] / results["bf16_ours"]["peak_extra_bytes"], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "tokens": args.tokens,
+                "vocab": args.vocab,
+                "logits_gib": round(ours["logits_bytes"] / 2**30, 3),
+                "naive_peak_extra_gib": round(naive["peak_extra_bytes"] / 2**30, 3),
+                "ours_peak_extra_gib": round(ours["peak_extra_bytes"] / 2**30, 3),
+                "naive_time_s": round(naive["time_s"], 4),
+                "ours_time_s": round(ours["time_s"], 4),
+                "peak_mem_ratio": round(naive["peak_extra_bytes"] / ours["peak_extra_bytes"], 2),
+                "time_ratio": round(naive["time_s"] / ours["time_s"], 2),
+                "bf16_logits_gib": round(results["bf16_ours"]["logits_bytes"] / 2**30, 3),
+                "bf16_ours_peak_extra_gib": round(results["bf16_ours"]["peak_extra_bytes"] / 2**30, 3),
+                "bf16_fp32_output_peak_extra_gib": round(results["bf16_fp32_output"]["peak_extra_bytes"] / 2**30, 3),
+                "bf16_peak_mem_ratio": round(
+                    results["bf16_fp32_output"]["peak_extra_bytes"] / results["bf16_ours"]["peak_extra_bytes"], 2
+                ),
+            }
+        )
+    )
     return 0
 
 

@@ -20,8 +20,9 @@ import time
 
 from luffy_megatron.reward import RewardPool
 
-THOUGHT = ("Let me set up the problem carefully. I will simplify step by step and check the result "
-           "by substituting a value. ") * 4
+THOUGHT = (
+    "Let me set up the problem carefully. I will simplify step by step and check the result by substituting a value. "
+) * 4
 
 
 def make_items(num_items: int, seed: int) -> list[tuple[tuple[str, str], float]]:
@@ -54,8 +55,11 @@ def items_per_s(num_workers: int, items, expected, warmup) -> float:
 
         def progress(num_done: int, num_total: int) -> None:
             if time.monotonic() - last_print[0] > 2.0 or num_done == num_total:
-                print(f"[bench reward] {num_workers} worker(s): {num_done}/{num_total} graded "
-                      f"({time.monotonic() - start:.1f} s)", flush=True)
+                print(
+                    f"[bench reward] {num_workers} worker(s): {num_done}/{num_total} graded "
+                    f"({time.monotonic() - start:.1f} s)",
+                    flush=True,
+                )
                 last_print[0] = time.monotonic()
 
         start = time.monotonic()
@@ -72,32 +76,45 @@ def items_per_s(num_workers: int, items, expected, warmup) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-items", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds of (1 worker, 2 workers), each with fresh pools; the best of each is kept")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of (1 worker, 2 workers), each with fresh pools; the best of each is kept",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     pairs = make_items(args.num_items + 16, args.seed)
-    items, expected = [p for p, _ in pairs[:args.num_items]], [e for _, e in pairs[:args.num_items]]
-    warmup = [p for p, _ in pairs[args.num_items:]]
+    items, expected = [p for p, _ in pairs[: args.num_items]], [e for _, e in pairs[: args.num_items]]
+    warmup = [p for p, _ in pairs[args.num_items :]]
     load_start = os.getloadavg()[0]  # other jobs on the machine skew the ratio; reported with it
-    print(f"[bench reward] {len(items)} unique items ({sum(expected):.0f} correct), "
-          f"{os.cpu_count()} CPUs, load average {load_start:.2f}", flush=True)
+    print(
+        f"[bench reward] {len(items)} unique items ({sum(expected):.0f} correct), "
+        f"{os.cpu_count()} CPUs, load average {load_start:.2f}",
+        flush=True,
+    )
     rates = {1: 0.0, 2: 0.0}
     for round_index in range(args.repeats):  # interleaved, so that load from other jobs hits both alike
         for num_workers in (1, 2):
             rate = items_per_s(num_workers, items, expected, warmup)
             rates[num_workers] = max(rates[num_workers], rate)
-            print(f"[bench reward] round {round_index + 1}/{args.repeats}, {num_workers} worker(s): "
-                  f"{rate:.1f} items/s", flush=True)
-    print(json.dumps({
-        "num_items": len(items),
-        "items_per_s_1w": round(rates[1], 1),
-        "items_per_s_2w": round(rates[2], 1),
-        "workers_speedup_ratio": round(rates[2] / rates[1], 2),
-        "repeats": args.repeats,
-        "load_average_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
-    }))
+            print(
+                f"[bench reward] round {round_index + 1}/{args.repeats}, {num_workers} worker(s): {rate:.1f} items/s",
+                flush=True,
+            )
+    print(
+        json.dumps(
+            {
+                "num_items": len(items),
+                "items_per_s_1w": round(rates[1], 1),
+                "items_per_s_2w": round(rates[2], 1),
+                "workers_speedup_ratio": round(rates[2] / rates[1], 2),
+                "repeats": args.repeats,
+                "load_average_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

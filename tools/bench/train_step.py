@@ -29,8 +29,16 @@ import torch  # noqa: E402
 def make_model(out: Path) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(out)
     return out
@@ -52,8 +60,13 @@ def make_batch(prompts: int, n: int, width: int, seed: int = 0):
                 lengths.append(int(torch.randint(16, width // 4, (1,), generator=g)))  # short generation
     mask = (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
     responses = torch.randint(1, 1000, (prompts * n, width), generator=g) * mask
-    return RolloutBatch(prompts=rows, responses=responses, response_mask=mask, prefix_mask=prefix,
-                        group_ids=[i // n for i in range(prompts * n)])
+    return RolloutBatch(
+        prompts=rows,
+        responses=responses,
+        response_mask=mask,
+        prefix_mask=prefix,
+        group_ids=[i // n for i in range(prompts * n)],
+    )
 
 
 def main() -> int:
@@ -87,21 +100,36 @@ def main() -> int:
         "packed": plan_micro_batches(lengths, rows, max_tokens=args.budget, packed=True),
     }
     overhead = {k: padded_cost(lengths, v, packed=k == "packed") / real for k, v in plans.items()}
-    print(f"[train_step] {batch.num_rows} rows, {real} real tokens; padding overhead: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()), flush=True)
+    print(
+        f"[train_step] {batch.num_rows} rows, {real} real tokens; padding overhead: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()),
+        flush=True,
+    )
 
     common = [
-        "parallel.n_gpus_per_node=1", "parallel.use_distributed_optimizer=false", "model.dtype=fp32",
-        "model.transformer_impl=local", f"rollout.n={args.n}", "rollout.tensor_model_parallel_size=1", f"data.train_batch_size={args.prompts}",
-        "data.max_prompt_length=128", f"data.max_response_length={args.width}",
-        f"actor.ppo_mini_batch_size={args.prompts}", f"actor.ppo_max_token_len_per_gpu={args.budget}",
-        f"actor.ppo_micro_batch_size={micro_prompts}", "trainer.total_training_steps=100",
+        "parallel.n_gpus_per_node=1",
+        "parallel.use_distributed_optimizer=false",
+        "model.dtype=fp32",
+        "model.transformer_impl=local",
+        f"rollout.n={args.n}",
+        "rollout.tensor_model_parallel_size=1",
+        f"data.train_batch_size={args.prompts}",
+        "data.max_prompt_length=128",
+        f"data.max_response_length={args.width}",
+        f"actor.ppo_mini_batch_size={args.prompts}",
+        f"actor.ppo_max_token_len_per_gpu={args.budget}",
+        f"actor.ppo_micro_batch_size={micro_prompts}",
+        "trainer.total_training_steps=100",
     ]
     rewards = torch.zeros(batch.num_rows, args.width)
     for i, n in enumerate(batch.response_lengths()):
         rewards[i, n - 1] = float(i % 3 == 0)
-    adv = compute_advantages(token_level_rewards_BT=rewards, response_mask_BT=batch.response_mask,
-                             prefix_mask_BT=batch.prefix_mask, group_ids=batch.group_ids)
+    adv = compute_advantages(
+        token_level_rewards_BT=rewards,
+        response_mask_BT=batch.response_mask,
+        prefix_mask_BT=batch.prefix_mask,
+        group_ids=batch.group_ids,
+    )
     times = {}
     actor = None
     for name, dynamic in (("baseline", "false"), ("ours", "true")):
@@ -118,17 +146,21 @@ def main() -> int:
             samples.append(time.perf_counter() - t0)
         times[name] = min(samples)
         print(f"[train_step] {name}: {times[name]:.2f} s/update, {real / times[name]:.0f} real tokens/s", flush=True)
-    print(json.dumps({
-        "rows": batch.num_rows,
-        "real_tokens": real,
-        "tokens_per_s_baseline": round(real / times["baseline"], 1),
-        "tokens_per_s_ours": round(real / times["ours"], 1),
-        "time_ratio": round(times["baseline"] / times["ours"], 2),
-        "padding_overhead_baseline": round(overhead["baseline"], 3),
-        "padding_overhead_ours": round(overhead["ours"], 3),
-        "padding_overhead_packed": round(overhead["packed"], 3),
-        "padding_ratio": round(overhead["baseline"] / overhead["ours"], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "rows": batch.num_rows,
+                "real_tokens": real,
+                "tokens_per_s_baseline": round(real / times["baseline"], 1),
+                "tokens_per_s_ours": round(real / times["ours"], 1),
+                "time_ratio": round(times["baseline"] / times["ours"], 2),
+                "padding_overhead_baseline": round(overhead["baseline"], 3),
+                "padding_overhead_ours": round(overhead["ours"], 3),
+                "padding_overhead_packed": round(overhead["packed"], 3),
+                "padding_ratio": round(overhead["baseline"] / overhead["ours"], 2),
+            }
+        )
+    )
     return 0
 
 
