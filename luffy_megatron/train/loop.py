@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,14 +24,13 @@ from luffy_megatron.actor.batching import RolloutBatch
 from luffy_megatron.algo.kl import make_kl_controller
 from luffy_megatron.algo.options import kl_controller_options, uses_reference
 from luffy_megatron.cluster.layout import preflight
-from luffy_megatron.cluster.supervision import GuardedRanks, RankFailure, RunError
+from luffy_megatron.cluster.supervision import RankFailure, RunError
 from luffy_megatron.config import Config, ConfigError, load_config, parse_overrides_from_argv
 from luffy_megatron.data.errors import DataError
 from luffy_megatron.data.sampler import PromptSampler
-from luffy_megatron.metrics.compute import RunPerf, StepTimer, data_metrics
-from luffy_megatron.metrics.sinks import MetricsLogger, plot_results
-from luffy_megatron.reward.pool import RewardPool
-from luffy_megatron.rollout.faults import EngineFailure, EngineSupervisor
+from luffy_megatron.metrics.compute import RunPerf, StepTimer
+from luffy_megatron.metrics.sinks import plot_results
+from luffy_megatron.rollout.faults import EngineFailure
 from luffy_megatron.rollout.integrity import RolloutIntegrityError
 from luffy_megatron.train.progress import RunProgress
 from luffy_megatron.train.setup import (
@@ -40,13 +38,17 @@ from luffy_megatron.train.setup import (
     check_megatron_settings,
     connect_ray,
     load_data,
+    open_metrics_log,
     pad_token_id,
     resolve_device,
+    reward_pool,
     start_workers,
     supervise,
     with_total_steps,
 )
 from luffy_megatron.train.step_parts import (
+    StepDeps,
+    batch_metrics,
     check_rollouts,
     generate_and_mix,
     grade,
@@ -80,23 +82,12 @@ def train(cfg: Config, workers=None) -> Path:
         adopt_workers(cfg, workers, out, pad_id)  # reused workers: the actor of another run is rebuilt
         ranks, engines = supervise(cfg, workers)
         workers.write_report(out / "placement.json")
-        metrics_log = MetricsLogger(
-            cfg.logging.tensorboard_dir or out / "tensorboard",
-            out / "metrics.jsonl",
-            total_steps=total_steps,
-            console=cfg.logging.console,
-            config=cfg,
-        )
+        metrics_log = open_metrics_log(cfg, out)
         perf = RunPerf.of_run(cfg, workers.placement.layout, workers.actors.infos()[0]["cuda_device_name"])
         sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo))  # beta of the KL reward penalty
         progress = RunProgress.resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
-        with RewardPool(
-            num_workers=cfg.reward.num_workers,
-            timeout_s=cfg.reward.timeout_s,
-            grader=cfg.reward.fn,
-            strip_special_tokens=cfg.reward.strip_special_tokens,
-        ) as rewards:
+        with reward_pool(cfg) as rewards:
             deps = StepDeps(cfg, workers, ranks, engines, rewards, tokenizer, kl_ctrl)
             if val_set is not None and (cfg.trainer.val_only or (cfg.trainer.val_before_train and progress.step == 0)):
                 metrics_log.log(progress.step, validate(cfg, engines, rewards, tokenizer, val_set))
@@ -109,11 +100,7 @@ def train(cfg: Config, workers=None) -> Path:
                 prompts = [train_set[i] for i in sampler.next_batch()]
                 try:
                     batch, metrics = train_step(deps, prompts, step, timer, on_trained=lambda: progress.trained(step))
-                    metrics.update(
-                        validate_after_step(
-                            cfg, engines, rewards, tokenizer, val_set, ranks, out, step, total_steps, timer
-                        )
-                    )
+                    metrics.update(validate_after_step(deps, val_set, out, step, total_steps, timer))
                 except (EngineFailure, RolloutIntegrityError, RankFailure) as failure:
                     raise progress.after_failure(failure) from None
                 if progress.save_due(total_steps):
@@ -130,19 +117,6 @@ def train(cfg: Config, workers=None) -> Path:
     if preempted is not None:
         raise preempted
     return out
-
-
-@dataclass
-class StepDeps:
-    """What one training step talks to."""
-
-    cfg: Config
-    workers: object  # cluster.Workers
-    ranks: GuardedRanks
-    engines: EngineSupervisor
-    rewards: object  # reward.pool.RewardPool
-    tokenizer: object
-    kl_ctrl: object  # algo.kl controller (beta of the KL reward penalty)
 
 
 def train_step(
@@ -172,12 +146,9 @@ def train_step(
         cfg, deps.kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, deps.tokenizer.eos_token_id
     )
     with timer("update_actor"):
+        kl_loss_ref = ref_log_probs if cfg.algo.use_kl_loss else None
         actor_metrics = ranks.call(
-            "update",
-            batch,
-            advantages=advantages,
-            old_log_probs=old_log_probs,
-            ref_log_probs=ref_log_probs if cfg.algo.use_kl_loss else None,
+            "update", batch, advantages=advantages, old_log_probs=old_log_probs, ref_log_probs=kl_loss_ref
         )
     on_trained()
     if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
@@ -186,29 +157,10 @@ def train_step(
     with timer("sync"):
         sync_seconds = engines.sync(version=step)
     seconds = time.time() - t0
-    metrics = {
-        **rollout_metrics,
-        **integrity,
-        **reward_metrics(scores, batch),
-        **kl_metrics,
-        **actor_metrics,
-        **switches,
-        "perf/sync_s": sync_seconds,
-        "perf/step_s": seconds,
-        "perf/tokens_per_s": sum(batch.sequence_lengths()) / seconds,
-    }
-    metrics.update(
-        data_metrics(
-            token_scores_BT=token_scores,
-            token_rewards_BT=token_rewards,
-            advantages_BT=advantages,
-            response_mask_BT=batch.response_mask,
-            prefix_mask_BT=batch.prefix_mask,
-            prompt_lengths=[len(p) for p in batch.prompts],
-            max_prompt_length=cfg.data.max_prompt_length,
-            max_response_length=cfg.data.max_response_length,
-        )
-    )
+    metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **kl_metrics, **actor_metrics}
+    metrics.update(switches, **{"perf/sync_s": sync_seconds, "perf/step_s": seconds})
+    metrics["perf/tokens_per_s"] = sum(batch.sequence_lengths()) / seconds
+    metrics.update(batch_metrics(cfg, batch, token_scores, token_rewards, advantages))
     return batch, metrics
 
 

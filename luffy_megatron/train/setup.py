@@ -21,6 +21,8 @@ from luffy_megatron.cluster.supervision import GuardedRanks, remote_cause
 from luffy_megatron.cluster.workers import Workers
 from luffy_megatron.config import Config, ConfigError
 from luffy_megatron.data.tokenization import load_tokenized_dataset, resolve_chat_template
+from luffy_megatron.metrics.sinks import MetricsLogger
+from luffy_megatron.reward.pool import RewardPool
 from luffy_megatron.rollout.faults import EngineSupervisor
 from luffy_megatron.rollout.ray_engine import EngineFleet
 from luffy_megatron.sync.weights import resolve_transport
@@ -218,3 +220,23 @@ def supervise(cfg: Config, workers: Workers) -> tuple[GuardedRanks, EngineSuperv
         on_engine_failure=cfg.rollout.on_engine_failure,
     )
     return ranks, engines
+
+
+def open_metrics_log(cfg: Config, out: Path) -> MetricsLogger:
+    """TensorBoard (logging.tensorboard_dir, default <out>/tensorboard), <out>/metrics.jsonl and the console."""
+    return MetricsLogger(
+        cfg.logging.tensorboard_dir or out / "tensorboard",
+        out / "metrics.jsonl",
+        total_steps=cfg.trainer.total_training_steps,
+        console=cfg.logging.console,
+        config=cfg,
+    )
+
+
+def reward_pool(cfg: Config) -> RewardPool:
+    return RewardPool(
+        num_workers=cfg.reward.num_workers,
+        timeout_s=cfg.reward.timeout_s,
+        grader=cfg.reward.fn,
+        strip_special_tokens=cfg.reward.strip_special_tokens,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +22,9 @@ from luffy_megatron.algo import (
     zero_truncated_advantages,
 )
 from luffy_megatron.algo.kl import apply_kl_penalty
+from luffy_megatron.cluster.supervision import GuardedRanks
 from luffy_megatron.config import Config
+from luffy_megatron.metrics.compute import data_metrics
 from luffy_megatron.rollout.faults import EngineSupervisor
 from luffy_megatron.rollout.integrity import (
     check_weight_versions,
@@ -31,6 +34,19 @@ from luffy_megatron.rollout.integrity import (
     record_generations,
 )
 from luffy_megatron.train.setup import pad_token_id
+
+
+@dataclass
+class StepDeps:
+    """What one training step talks to."""
+
+    cfg: Config
+    workers: object  # cluster.Workers
+    ranks: GuardedRanks
+    engines: EngineSupervisor
+    rewards: object  # reward.pool.RewardPool
+    tokenizer: object
+    kl_ctrl: object  # algo.kl controller (beta of the KL reward penalty)
 
 
 def step_rng(cfg: Config, step: int) -> random.Random:
@@ -220,3 +236,17 @@ def check_rollouts(
         drift, max_logprob_diff=cfg.rollout.max_logprob_diff, action=cfg.rollout.logprob_diff_action, step=step
     )
     return drift_metrics(rollout, drift)
+
+
+def batch_metrics(cfg: Config, batch: RolloutBatch, token_scores, token_rewards, advantages) -> dict[str, float]:
+    """The batch's scores, rewards, advantages and lengths under upstream's names (`metrics/compute.py`)."""
+    return data_metrics(
+        token_scores_BT=token_scores,
+        token_rewards_BT=token_rewards,
+        advantages_BT=advantages,
+        response_mask_BT=batch.response_mask,
+        prefix_mask_BT=batch.prefix_mask,
+        prompt_lengths=[len(p) for p in batch.prompts],
+        max_prompt_length=cfg.data.max_prompt_length,
+        max_response_length=cfg.data.max_response_length,
+    )

@@ -10,32 +10,25 @@ from luffy_megatron.actor.remote import export_hf
 from luffy_megatron.config import Config
 from luffy_megatron.metrics.compute import StepTimer
 from luffy_megatron.rollout.faults import EngineSupervisor
+from luffy_megatron.train.step_parts import StepDeps
 
 log = logging.getLogger("luffy.trainer")
 
 
 def validate_after_step(
-    cfg: Config,
-    engines: EngineSupervisor,
-    rewards,
-    tokenizer,
-    val_set: list | None,
-    ranks,
-    out: Path,
-    step: int,
-    total_steps: int,
-    timer: StepTimer,
+    deps: StepDeps, val_set: list | None, out: Path, step: int, total_steps: int, timer: StepTimer
 ) -> dict[str, float]:
     """Every trainer.test_freq steps and after the last: validate (timed as `testing`) and, under
     trainer.save_best_hf, export the model when it is the best so far. Returns the validation metrics."""
+    cfg = deps.cfg
     if val_set is None or cfg.trainer.test_freq <= 0:
         return {}
     if step % cfg.trainer.test_freq != 0 and step != total_steps:
         return {}
     with timer("testing"):
-        metrics = validate(cfg, engines, rewards, tokenizer, val_set)
+        metrics = validate(cfg, deps.engines, deps.rewards, deps.tokenizer, val_set)
     if cfg.trainer.save_best_hf:
-        save_best_hf(ranks, out, metrics["val/test_score/avg"], step)
+        save_best_hf(deps.ranks, out, metrics["val/test_score/avg"], step)
     return metrics
 
 
