@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements/cpu.txt requirements/cpu-constraints.txt pyproject.toml
 CUDA_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: setup test test-fast demo experiment experiment-quick bench tensorboard-screenshot clean-venv
+.PHONY: setup lint test test-fast demo experiment experiment-quick bench tensorboard-screenshot clean-venv
 
 setup: $(STAMP)
 
@@ -30,7 +30,12 @@ $(STAMP): $(SETUP_INPUTS)
 	@touch $(STAMP)
 	@echo "[setup] done: $(VENV)"
 
-test: setup
+# ruff: lint and format check of the whole tree (settings in pyproject.toml); `ruff format .` fixes the format
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q --durations=40 tests
 
 test-fast: setup

@@ -1,4 +1,4 @@
-"""Benchmark evaluation (``luffy-eval``) under LUFFY's final protocol (reference/luffy_algorithm.md section 7).
+"""Benchmark evaluation (``luffy-eval``) under LUFFY's final protocol.
 
     luffy-eval --model HF_DIR --benchmarks aime24,aime25,amc,math500,minerva,olympiadbench \\
                [--out DIR] [--limit N] [--max-new-tokens 8192] [--n-samples aime24=32,aime25=32,amc=32]

@@ -3,7 +3,7 @@
 
     python tools/check_reference_vectors.py ../shared/reference/luffy_test_vectors.json
 
-For every result `<case>/<config>` in the file (format: luffy_algorithm.md section 11) it builds float32
+For every result `<case>/<config>` in the file it builds float32
 tensors from `inputs[case]`, computes advantages and one micro-batch loss with the project's own
 functions and the config's upstream options, calls backward, and compares the advantages, every
 reported metric scalar (including `loss_backward`), `grad_log_prob` and `grad_entropy` (where present)

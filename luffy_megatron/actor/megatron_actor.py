@@ -100,12 +100,8 @@ def fusion_settings(kernels: Kernels, *, use_te: bool) -> dict[str, Any]:
     )
 
 
-def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
-    """The one boundary where our config becomes megatron-core settings. Refuses what cannot run here.
-
-    Returns `use_te`, `params_dtype` (the compute dtype: bf16 when asked, on CPU too), `config_overrides`
-    (TransformerConfig), `ddp` (DistributedDataParallelConfig), `fp8` and `equal_micro_batches`."""
-    kernels = kernels or Kernels.detect()
+def _resolve_use_te(cfg, kernels: Kernels) -> bool:
+    """Whether to build with Transformer Engine; refuses settings that cannot run with these kernels."""
     impl = cfg.model.transformer_impl
     if impl == "transformer_engine" and not kernels.te:
         raise ValueError(
@@ -129,7 +125,12 @@ def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
             "parallel.use_distributed_optimizer=true needs CUDA (megatron-core 0.16's DistributedOptimizer "
             "only accepts torch.cuda tensors); set parallel.use_distributed_optimizer=false on CPU"
         )
-    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    return use_te
+
+
+def _config_overrides(cfg, kernels: Kernels, use_te: bool) -> dict[str, Any]:
+    """The TransformerConfig overrides: parallelism, p2p, dropout, fusions, recompute and FP8."""
+    p = cfg.parallel
     overrides: dict[str, Any] = dict(
         sequence_parallel=p.sequence_parallel,
         context_parallel_size=p.context_parallel_size,
@@ -163,8 +164,14 @@ def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
             fp8_amax_compute_algo=m.fp8_amax_compute_algo,
             tp_only_amax_red=m.tp_only_amax_red,
         )
+    return overrides
+
+
+def _ddp_settings(cfg, kernels: Kernels) -> dict[str, Any]:
+    """The DistributedDataParallelConfig settings."""
+    p = cfg.parallel
     overlap = kernels.cuda and p.use_distributed_optimizer
-    ddp = dict(
+    return dict(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=p.use_distributed_optimizer,
         # megatron's training: overlap the DP reduce-scatter with backward and the param all-gather with
@@ -174,6 +181,19 @@ def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
         align_param_gather=overlap and p.virtual_pipeline_model_parallel_size is not None,
         bucket_size=None,
     )
+
+
+def megatron_settings(cfg, kernels: Optional[Kernels] = None) -> dict[str, Any]:
+    """The one boundary where our config becomes megatron-core settings. Refuses what cannot run here.
+
+    Returns `use_te`, `params_dtype` (the compute dtype: bf16 when asked, on CPU too), `config_overrides`
+    (TransformerConfig), `ddp` (DistributedDataParallelConfig), `fp8` and `equal_micro_batches`."""
+    kernels = kernels or Kernels.detect()
+    use_te = _resolve_use_te(cfg, kernels)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    overrides = _config_overrides(cfg, kernels, use_te)
+    m = cfg.model
+    ddp = _ddp_settings(cfg, kernels)
     return {
         "use_te": use_te,
         "params_dtype": dtype,

@@ -1,6 +1,6 @@
 """Rollout composition: how prompts, demonstrations and generations become the rows of a step.
 
-Upstream (`mix_vllm_rollout.generate_sequences`, luffy_algorithm.md section 3):
+Upstream (`mix_vllm_rollout.generate_sequences`):
   * every prompt is repeated n times; the first `n_off_policy` slots of a group get a prefix ratio
     from the prefix strategy, the others 0.0 (so the demonstration row is slot 0 of its group);
   * the demonstration gets `eos_token_id` appended (when non-empty); prefix = demo[:int(len * ratio)];

@@ -156,6 +156,60 @@ def _off_policy_ratio(
     return off_ratio, max_clipfrac, min_clipfrac
 
 
+def _mixed_pg_loss(
+    off_losses: Tensor,
+    on_losses: Tensor,
+    prefix: Tensor,
+    mask: Tensor,
+    log_prob_BT: Tensor,
+    all_max_clip: float | None,
+    loss_agg_mode: str,
+    max_response_length: int,
+) -> Tensor:
+    """Per-token off/on losses merged by the prefix mask, optionally all-max-clipped, then aggregated."""
+    # where() rather than upstream's `off*prefix + on*(1-prefix)`: equal for finite values, and an
+    # inf in the unused branch cannot turn into NaN.
+    losses = torch.where(prefix, off_losses, on_losses)
+    loss_mask = mask
+    if all_max_clip is not None:
+        keep = (torch.exp(log_prob_BT) <= all_max_clip).to(mask.dtype)
+        loss_mask = mask * keep
+        losses = losses * keep
+    return aggregate_token_losses(losses, loss_mask, mode=loss_agg_mode, max_response_length=max_response_length)
+
+
+def _mixed_policy_metrics(
+    off_losses: Tensor,
+    off_mask: Tensor,
+    on_pg_loss: Tensor,
+    off_pg_clipfrac: Tensor,
+    on_clipfrac: Tensor,
+    ppo_kl: Tensor,
+    log_prob_BT: Tensor,
+    old_log_prob_BT: Tensor,
+    prefix_f: Tensor,
+    mask: Tensor,
+    off_ratio: Tensor,
+    off_max_clipfrac: Tensor,
+    off_min_clipfrac: Tensor,
+) -> dict[str, Tensor]:
+    """The metrics upstream logs for the mixed-policy loss, detached."""
+    with torch.no_grad():
+        metrics = {
+            "off_pg_loss": _nan_to_zero(masked_mean(off_losses, off_mask)),
+            "on_pg_loss": on_pg_loss,
+            "off_pg_clipfrac": off_pg_clipfrac,
+            "on_pg_clipfrac": on_clipfrac,
+            "ppo_kl": ppo_kl,
+            "off_policy_prob": _nan_to_zero(masked_mean(torch.exp(log_prob_BT), off_mask)),
+            "on_policy_prob": _nan_to_zero(masked_mean(torch.exp(old_log_prob_BT), (1.0 - prefix_f) * mask)),
+            "off_ratio_mean": _nan_to_zero(masked_mean(off_ratio, off_mask)),
+            "off_ratio_max_clip_frac": off_max_clipfrac,
+            "off_ratio_min_clip_frac": off_min_clipfrac,
+        }
+    return {k: v.detach() for k, v in metrics.items()}
+
+
 def mixed_policy_loss(
     *,
     log_prob_BT: Tensor,
@@ -219,30 +273,25 @@ def mixed_policy_loss(
     off_losses = -adv * off_ratio
     zero = torch.zeros((), dtype=mask.dtype)
 
-    # where() rather than upstream's `off*prefix + on*(1-prefix)`: equal for finite values, and an
-    # inf in the unused branch cannot turn into NaN.
-    losses = torch.where(prefix, off_losses, on_losses)
-    loss_mask = mask
-    if all_max_clip is not None:
-        keep = (torch.exp(log_prob_BT) <= all_max_clip).to(mask.dtype)
-        loss_mask = mask * keep
-        losses = losses * keep
-    pg_loss = aggregate_token_losses(losses, loss_mask, mode=loss_agg_mode, max_response_length=max_response_length)
-
-    with torch.no_grad():
-        metrics = {
-            "off_pg_loss": _nan_to_zero(masked_mean(off_losses, off_mask)),
-            "on_pg_loss": on_pg_loss,
-            "off_pg_clipfrac": zero,
-            "on_pg_clipfrac": on_clipfrac,
-            "ppo_kl": ppo_kl,
-            "off_policy_prob": _nan_to_zero(masked_mean(torch.exp(log_prob_BT), off_mask)),
-            "on_policy_prob": _nan_to_zero(masked_mean(torch.exp(old_log_prob_BT), (1.0 - prefix_f) * mask)),
-            "off_ratio_mean": _nan_to_zero(masked_mean(off_ratio, off_mask)),
-            "off_ratio_max_clip_frac": off_max_clipfrac,
-            "off_ratio_min_clip_frac": off_min_clipfrac,
-        }
-    return {"pg_loss": pg_loss, **{k: v.detach() for k, v in metrics.items()}}
+    pg_loss = _mixed_pg_loss(
+        off_losses, on_losses, prefix, mask, log_prob_BT, all_max_clip, loss_agg_mode, max_response_length
+    )
+    metrics = _mixed_policy_metrics(
+        off_losses,
+        off_mask,
+        on_pg_loss,
+        zero,
+        on_clipfrac,
+        ppo_kl,
+        log_prob_BT,
+        old_log_prob_BT,
+        prefix_f,
+        mask,
+        off_ratio,
+        off_max_clipfrac,
+        off_min_clipfrac,
+    )
+    return {"pg_loss": pg_loss, **metrics}
 
 
 def ppo_policy_loss(

