@@ -1,4 +1,5 @@
-"""Group advantages for mixed on-/off-policy groups (upstream: `core_algos.compute_grpo_outcome_advantage`, called from `mix_trainer.py`).
+"""Group advantages for mixed on-/off-policy groups (upstream: `core_algos.compute_grpo_outcome_advantage`,
+called from `mix_trainer.py`).
 
 LUFFY (`grpo`): the demonstration row is INSIDE its prompt's group: A_i = r_i - mean(group), no std
 division by default. `grpo_split` (the "RL w/ SFT loss" baseline) takes mean and std over the
