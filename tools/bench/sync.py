@@ -117,12 +117,113 @@ def plain_copy(actor, sizes: list, repeat: int) -> float:
     return best
 
 
+def tensor_sizes(hf: Path) -> tuple[list, list[int]]:
+    """The shapes of the HF checkpoint's tensors and their sizes in bytes (the model is fp32)."""
+    import torch  # lazy: the driver loads torch and safetensors only once it runs (not for --help)
+    from safetensors import safe_open
+
+    with safe_open(str(hf / "model.safetensors"), framework="pt") as f:
+        sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+        dtype_bytes = 4
+    return sizes, [int(torch.Size(s).numel()) * dtype_bytes for s in sizes]
+
+
+def actor_overrides(hf: Path) -> list[str]:
+    """Config overrides for the TP=2 fp32 Megatron actor built from the HF files in `hf`."""
+    return [
+        f"model.path={hf}",
+        "parallel.n_gpus_per_node=2",
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.use_distributed_optimizer=false",
+        "model.dtype=fp32",
+        "model.transformer_impl=local",
+        "rollout.tensor_model_parallel_size=1",
+    ]
+
+
+def engine_options(args) -> dict:
+    """`EngineFleet.start` options: `args.engines` vLLM-CPU engines (TP=1, fp32, eager)."""
+    return dict(
+        num_engines=args.engines,
+        max_model_len=256,
+        dtype="float32",
+        max_num_seqs=4,
+        seed=0,
+        enforce_eager=True,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def sync_runs(args) -> list[tuple[str, bool]]:
+    """(transport, direct load) pairs to time: each transport's direct load, then shared_memory's layerwise one."""
+    runs = [(t, True) for t in args.transports.split(",")]
+    if args.layerwise and "shared_memory" in args.transports.split(","):
+        runs.append(("shared_memory", False))
+    return runs
+
+
+def time_transport(args, actors, fleet, bucket: int, transport: str, direct: bool, copy_s: float, result: dict):
+    """One untimed set-up sync, then `args.repeat` timed syncs over `transport`; adds their numbers to `result`."""
+    import ray  # lazy: imported only after main sets RAY_AUTH_MODE
+
+    ray.get([e.call.remote("set_direct_load", direct) for e in fleet.engines])
+    key = transport if direct else f"{transport}_layerwise"
+    stats = actors.run(run_sync, fleet, bucket, transport)  # set-up: groups, shared buffers
+    assert stats["engine_load"] == ("direct" if direct else "layerwise"), stats["engine_load"]
+    assert stats["bytes"] == result["bytes"], (stats["bytes"], result["bytes"])
+    times = []
+    for _ in range(args.repeat):
+        t0, wall0 = time.perf_counter(), time.time()
+        actors.run(run_sync, fleet, bucket, transport)
+        times.append(time.perf_counter() - t0)
+    t0 = wall0
+    # the engines' own side of the last sync: their calls that receive and load buckets (vLLM's reload)
+    busy = [
+        sum(b - a for name, a, b in events if a >= t0 and name in ("load_weights_rpc", "load_flat_bucket"))
+        for events in ray.get([e.get_calls.remote() for e in fleet.engines])
+    ]
+    result[f"{key}_engine_side_s"] = round(max(busy), 4)
+    best = min(times)
+    result[f"{key}_s"] = round(best, 4)
+    result[f"{key}_vs_copy_ratio"] = round(copy_s / best, 3)
+    result[f"{key}_buckets"] = stats["buckets"]
+    result["engine_load"] = stats["engine_load"] if direct else result.get("engine_load", "")
+    print(json.dumps({"transport": key, "seconds": [round(t, 4) for t in times]}), flush=True)
+    if args.timeline:
+        print_timeline(fleet, transport, t0)
+
+
+def print_timeline(fleet, transport: str, t0: float) -> None:
+    """Print each engine's calls since `t0` (wall clock), relative to it."""
+    import ray  # lazy: imported only after main sets RAY_AUTH_MODE
+
+    for i, events in enumerate(ray.get([e.get_calls.remote() for e in fleet.engines])):
+        last = [ev for ev in events if ev[1] >= t0]
+        print(
+            json.dumps(
+                {
+                    "transport": transport,
+                    "engine": i,
+                    "calls": [(name, round(a - t0, 4), round(b - t0, 4)) for name, a, b in last],
+                }
+            ),
+            flush=True,
+        )
+
+
+def summarize(args, result: dict) -> None:
+    """Add the best transport, the direct/layerwise ratio and each transport's copies to `result`."""
+    ratios = {t: result[f"{t}_vs_copy_ratio"] for t in args.transports.split(",")}
+    result["best_transport"] = max(ratios, key=ratios.get)
+    if "shared_memory_layerwise_s" in result:
+        result["direct_vs_layerwise_ratio"] = round(result["shared_memory_layerwise_s"] / result["shared_memory_s"], 3)
+    result["copies"] = {t: COPIES[t] for t in ratios}
+
+
 def main() -> int:
     args = parse()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
-    import torch
-    from safetensors import safe_open
 
     from luffy_megatron.cluster.actor_group import ActorGroup
     from luffy_megatron.cluster.placement import reserve
@@ -131,10 +232,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="luffy-bench-sync-"))
     hf = make_model(args, work / "hf")
-    with safe_open(str(hf / "model.safetensors"), framework="pt") as f:
-        sizes = [f.get_slice(k).get_shape() for k in f.keys()]
-        dtype_bytes = 4
-    tensor_bytes = [int(torch.Size(s).numel()) * dtype_bytes for s in sizes]
+    sizes, tensor_bytes = tensor_sizes(hf)
     ray.init(
         address="local",
         include_dashboard=False,
@@ -142,30 +240,10 @@ def main() -> int:
         object_store_memory=1024**3,
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
     )
-    cfg = load_config(
-        None,
-        [
-            f"model.path={hf}",
-            "parallel.n_gpus_per_node=2",
-            "parallel.tensor_model_parallel_size=2",
-            "parallel.use_distributed_optimizer=false",
-            "model.dtype=fp32",
-            "model.transformer_impl=local",
-            "rollout.tensor_model_parallel_size=1",
-        ],
-    )
+    cfg = load_config(None, actor_overrides(hf))
     actors = fleet = None
     try:
-        fleet = EngineFleet.start(
-            str(hf),
-            num_engines=args.engines,
-            max_model_len=256,
-            dtype="float32",
-            max_num_seqs=4,
-            seed=0,
-            enforce_eager=True,
-            env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"},
-        )
+        fleet = EngineFleet.start(str(hf), **engine_options(args))
         actors = ActorGroup(reserve(cfg))
         actors.build(cfg, str(hf), 0)
         bucket = int(args.bucket_mb * 2**20)
@@ -180,53 +258,9 @@ def main() -> int:
         }
         copy_s = actors.run(plain_copy, tensor_bytes, max(3, args.repeat))
         result["copy_s"] = round(copy_s, 4)
-        runs = [(t, True) for t in args.transports.split(",")]
-        if args.layerwise and "shared_memory" in args.transports.split(","):
-            runs.append(("shared_memory", False))
-        for transport, direct in runs:
-            ray.get([e.call.remote("set_direct_load", direct) for e in fleet.engines])
-            key = transport if direct else f"{transport}_layerwise"
-            stats = actors.run(run_sync, fleet, bucket, transport)  # set-up: groups, shared buffers
-            assert stats["engine_load"] == ("direct" if direct else "layerwise"), stats["engine_load"]
-            assert stats["bytes"] == result["bytes"], (stats["bytes"], result["bytes"])
-            times = []
-            for _ in range(args.repeat):
-                t0, wall0 = time.perf_counter(), time.time()
-                actors.run(run_sync, fleet, bucket, transport)
-                times.append(time.perf_counter() - t0)
-            t0 = wall0
-            # the engines' own side of the last sync: their calls that receive and load buckets (vLLM's reload)
-            busy = [
-                sum(b - a for name, a, b in events if a >= t0 and name in ("load_weights_rpc", "load_flat_bucket"))
-                for events in ray.get([e.get_calls.remote() for e in fleet.engines])
-            ]
-            result[f"{key}_engine_side_s"] = round(max(busy), 4)
-            best = min(times)
-            result[f"{key}_s"] = round(best, 4)
-            result[f"{key}_vs_copy_ratio"] = round(copy_s / best, 3)
-            result[f"{key}_buckets"] = stats["buckets"]
-            result["engine_load"] = stats["engine_load"] if direct else result.get("engine_load", "")
-            print(json.dumps({"transport": key, "seconds": [round(t, 4) for t in times]}), flush=True)
-            if args.timeline:
-                for i, events in enumerate(ray.get([e.get_calls.remote() for e in fleet.engines])):
-                    last = [ev for ev in events if ev[1] >= t0]
-                    print(
-                        json.dumps(
-                            {
-                                "transport": transport,
-                                "engine": i,
-                                "calls": [(name, round(a - t0, 4), round(b - t0, 4)) for name, a, b in last],
-                            }
-                        ),
-                        flush=True,
-                    )
-        ratios = {t: result[f"{t}_vs_copy_ratio"] for t in args.transports.split(",")}
-        result["best_transport"] = max(ratios, key=ratios.get)
-        if "shared_memory_layerwise_s" in result:
-            result["direct_vs_layerwise_ratio"] = round(
-                result["shared_memory_layerwise_s"] / result["shared_memory_s"], 3
-            )
-        result["copies"] = {t: COPIES[t] for t in ratios}
+        for transport, direct in sync_runs(args):
+            time_transport(args, actors, fleet, bucket, transport, direct, copy_s, result)
+        summarize(args, result)
         print(json.dumps(result), flush=True)
     finally:
         if fleet is not None:

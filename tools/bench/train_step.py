@@ -69,33 +69,34 @@ def make_batch(prompts: int, n: int, width: int, seed: int = 0):
     )
 
 
-def main() -> int:
+def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=2)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from luffy_megatron.actor.batching import padded_cost, plan_micro_batches, split_mini_batches
-    from luffy_megatron.actor.megatron_actor import MegatronActor
-    from luffy_megatron.algo import compute_advantages
-    from luffy_megatron.config import load_config
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
-    hf_dir = make_model(tmp / "model")
-    batch = make_batch(args.prompts, args.n, args.width)
-    lengths = batch.sequence_lengths()
-    real = sum(lengths)
-    rows = list(range(batch.num_rows))
-    # fixed micro-batches of whole prompts (actor.ppo_micro_batch_size is in prompts, as upstream), as many
-    # rows as fit the token budget at the longest length, and dividing the mini-batch
+def micro_batch_prompts(args) -> int:
+    """Prompts per fixed micro-batch: whole prompts (actor.ppo_micro_batch_size is in prompts, as upstream), as many
+    rows as fit the token budget at the longest length, and dividing the mini-batch."""
     fit = max(1, args.budget // (args.width + 100) // args.n)
-    micro_prompts = max(d for d in range(1, fit + 1) if args.prompts % d == 0)
-    mb_size = micro_prompts * args.n
+    return max(d for d in range(1, fit + 1) if args.prompts % d == 0)
+
+
+def padding_overheads(args, batch, lengths: list, real: int, micro_prompts: int) -> dict:
+    """Tokens computed / real tokens of the baseline, token-budgeted (ours) and packed micro-batch plans; printed."""
+    from luffy_megatron.actor.batching import (  # lazy: Megatron's modules load only once the bench runs
+        padded_cost,
+        plan_micro_batches,
+        split_mini_batches,
+    )
+
+    rows = list(range(batch.num_rows))
     plans = {
-        "baseline": split_mini_batches(rows, mb_size),
+        "baseline": split_mini_batches(rows, micro_prompts * args.n),
         "ours": plan_micro_batches(lengths, rows, max_tokens=args.budget, packed=False),
         "packed": plan_micro_batches(lengths, rows, max_tokens=args.budget, packed=True),
     }
@@ -105,8 +106,12 @@ def main() -> int:
         + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items()),
         flush=True,
     )
+    return overhead
 
-    common = [
+
+def config_overrides(args, micro_prompts: int) -> list[str]:
+    """Config overrides shared by both runs (they differ in actor.use_dynamic_bsz)."""
+    return [
         "parallel.n_gpus_per_node=1",
         "parallel.use_distributed_optimizer=false",
         "model.dtype=fp32",
@@ -121,15 +126,28 @@ def main() -> int:
         f"actor.ppo_micro_batch_size={micro_prompts}",
         "trainer.total_training_steps=100",
     ]
-    rewards = torch.zeros(batch.num_rows, args.width)
+
+
+def make_advantages(batch, width: int):
+    """Advantages of the batch with a 0/1 reward (every third row rewarded) on each row's last response token."""
+    from luffy_megatron.algo import compute_advantages  # lazy: Megatron's modules load only once the bench runs
+
+    rewards = torch.zeros(batch.num_rows, width)
     for i, n in enumerate(batch.response_lengths()):
         rewards[i, n - 1] = float(i % 3 == 0)
-    adv = compute_advantages(
+    return compute_advantages(
         token_level_rewards_BT=rewards,
         response_mask_BT=batch.response_mask,
         prefix_mask_BT=batch.prefix_mask,
         group_ids=batch.group_ids,
     )
+
+
+def time_updates(args, common: list[str], hf_dir: Path, batch, adv, real: int) -> dict:
+    """Best seconds per update of `args.reps` (after a warm-up) for baseline then ours, one actor for both; printed."""
+    from luffy_megatron.actor.megatron_actor import MegatronActor  # lazy: Megatron's modules load only once it runs
+    from luffy_megatron.config import load_config
+
     times = {}
     actor = None
     for name, dynamic in (("baseline", "false"), ("ours", "true")):
@@ -146,6 +164,23 @@ def main() -> int:
             samples.append(time.perf_counter() - t0)
         times[name] = min(samples)
         print(f"[train_step] {name}: {times[name]:.2f} s/update, {real / times[name]:.0f} real tokens/s", flush=True)
+    return times
+
+
+def main() -> int:
+    args = parse()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
+    hf_dir = make_model(tmp / "model")
+    batch = make_batch(args.prompts, args.n, args.width)
+    lengths = batch.sequence_lengths()
+    real = sum(lengths)
+    micro_prompts = micro_batch_prompts(args)
+    overhead = padding_overheads(args, batch, lengths, real, micro_prompts)
+
+    common = config_overrides(args, micro_prompts)
+    adv = make_advantages(batch, args.width)
+    times = time_updates(args, common, hf_dir, batch, adv, real)
     print(
         json.dumps(
             {
