@@ -375,53 +375,20 @@ def grade_with(
     }
 
 
-def summarize(corpus: list[dict], runs: dict[str, dict], num_examples: int) -> tuple[dict, list[str]]:
-    (name_a, run_a), (name_b, run_b) = runs.items()
-    lines = []
-    disagree, by_source, by_style, kinds = [], Counter(), Counter(), Counter()
-    totals_source, totals_style = Counter(item["source"] for item in corpus), Counter(item["style"] for item in corpus)
-    strip_changes = {name: 0 for name in runs}
-    strip_disagree = 0
-    for item, a, b in zip(corpus, run_a["results"], run_b["results"]):
-        for name, result in ((name_a, a), (name_b, b)):
-            if "score_stripped" in result and result["score_stripped"] != result["score"]:
-                strip_changes[name] += 1
-        if "score_stripped" in a and "score_stripped" in b and a["score_stripped"] != b["score_stripped"]:
-            strip_disagree += 1
-        if a.get("score") != b.get("score"):
-            disagree.append((item, a, b))
-            by_source[item["source"]] += 1
-            by_style[item["style"]] += 1
-            if a.get("score") is None or b.get("score") is None:
-                kinds["an error or timeout in one version"] += 1
-            elif a.get("gold_parsed") != b.get("gold_parsed"):
-                kinds["gold parsed differently"] += 1
-            elif a.get("pred") != b.get("pred"):
-                kinds["answer parsed differently"] += 1
-            else:
-                kinds["same parses, verify differs"] += 1
-    num = len(corpus)
-    correct = {name: sum(r.get("score") == 1 for r in run["results"]) for name, run in runs.items()}
-    failed = {name: sum(r.get("score") is None for r in run["results"]) for name, run in runs.items()}
-    with_strip = sum(item.get("solution_stripped") is not None for item in corpus)
-    lines.append(f"corpus: {num} graded responses ({len(totals_source)} sources, {len(totals_style)} styles)")
-    for name, run in runs.items():
-        lines.append(
-            f"  {name}: {run['versions']} via {run['python']}: {correct[name]} correct, "
-            f"{num - correct[name] - failed[name]} wrong, {failed[name]} errors/timeouts, "
-            f"{run['restarts']} worker restarts"
-        )
-    lines.append(
-        f"disagreements: {len(disagree)} of {num} ({100.0 * len(disagree) / num:.2f}%); "
-        + ", ".join(f"{k}: {v}" for k, v in kinds.items())
-    )
-    lines.append("  by source: " + ", ".join(f"{s} {by_source[s]}/{totals_source[s]}" for s in totals_source))
-    lines.append("  by style:  " + ", ".join(f"{s} {by_style[s]}/{totals_style[s]}" for s in totals_style))
-    lines.append(
-        f"stripping trailing special tokens changes {', '.join(f'{n}: {c}' for n, c in strip_changes.items())} "
-        f"of the {with_strip} items it applies to; the versions disagree on {strip_disagree} stripped items"
-    )
-    # Examples: spread over styles (one per style first).
+def _disagreement_kind(a: dict, b: dict) -> str:
+    """Why two versions' results for one item differ."""
+    if a.get("score") is None or b.get("score") is None:
+        return "an error or timeout in one version"
+    if a.get("gold_parsed") != b.get("gold_parsed"):
+        return "gold parsed differently"
+    if a.get("pred") != b.get("pred"):
+        return "answer parsed differently"
+    return "same parses, verify differs"
+
+
+def _disagreement_examples(disagree: list, name_a: str, name_b: str, num_examples: int, lines: list[str]) -> list[dict]:
+    """Up to `num_examples` disagreements, spread over styles (one per style first), as summary entries; their
+    report lines are appended to `lines`."""
     shown, seen_styles = [], set()
     for entry in disagree:
         if entry[0]["style"] not in seen_styles:
@@ -449,6 +416,49 @@ def summarize(corpus: list[dict], runs: dict[str, dict], num_examples: int) -> t
                 f"       {name}: score {result.get('score')}, answer {result.get('pred') or result.get('error')!r}, "
                 f"gold {result.get('gold_parsed')!r}"
             )
+    return examples
+
+
+def summarize(corpus: list[dict], runs: dict[str, dict], num_examples: int) -> tuple[dict, list[str]]:
+    (name_a, run_a), (name_b, run_b) = runs.items()
+    lines = []
+    disagree, by_source, by_style, kinds = [], Counter(), Counter(), Counter()
+    totals_source, totals_style = Counter(item["source"] for item in corpus), Counter(item["style"] for item in corpus)
+    strip_changes = {name: 0 for name in runs}
+    strip_disagree = 0
+    for item, a, b in zip(corpus, run_a["results"], run_b["results"]):
+        for name, result in ((name_a, a), (name_b, b)):
+            if "score_stripped" in result and result["score_stripped"] != result["score"]:
+                strip_changes[name] += 1
+        if "score_stripped" in a and "score_stripped" in b and a["score_stripped"] != b["score_stripped"]:
+            strip_disagree += 1
+        if a.get("score") != b.get("score"):
+            disagree.append((item, a, b))
+            by_source[item["source"]] += 1
+            by_style[item["style"]] += 1
+            kinds[_disagreement_kind(a, b)] += 1
+    num = len(corpus)
+    correct = {name: sum(r.get("score") == 1 for r in run["results"]) for name, run in runs.items()}
+    failed = {name: sum(r.get("score") is None for r in run["results"]) for name, run in runs.items()}
+    with_strip = sum(item.get("solution_stripped") is not None for item in corpus)
+    lines.append(f"corpus: {num} graded responses ({len(totals_source)} sources, {len(totals_style)} styles)")
+    for name, run in runs.items():
+        lines.append(
+            f"  {name}: {run['versions']} via {run['python']}: {correct[name]} correct, "
+            f"{num - correct[name] - failed[name]} wrong, {failed[name]} errors/timeouts, "
+            f"{run['restarts']} worker restarts"
+        )
+    lines.append(
+        f"disagreements: {len(disagree)} of {num} ({100.0 * len(disagree) / num:.2f}%); "
+        + ", ".join(f"{k}: {v}" for k, v in kinds.items())
+    )
+    lines.append("  by source: " + ", ".join(f"{s} {by_source[s]}/{totals_source[s]}" for s in totals_source))
+    lines.append("  by style:  " + ", ".join(f"{s} {by_style[s]}/{totals_style[s]}" for s in totals_style))
+    lines.append(
+        f"stripping trailing special tokens changes {', '.join(f'{n}: {c}' for n, c in strip_changes.items())} "
+        f"of the {with_strip} items it applies to; the versions disagree on {strip_disagree} stripped items"
+    )
+    examples = _disagreement_examples(disagree, name_a, name_b, num_examples, lines)
     summary = {
         "num_items": num,
         "disagreements": len(disagree),

@@ -156,6 +156,17 @@ def _off_policy_ratio(
     return off_ratio, max_clipfrac, min_clipfrac
 
 
+def _mixed_masks(response_mask_BT: Tensor, prefix_mask_BT: Tensor, dtype: torch.dtype):
+    """(mask, prefix, prefix_f, on_mask, off_mask): the response mask in `dtype`, the prefix (demonstration)
+    mask as bool and in `dtype`, and the response mask split into on-policy and off-policy tokens."""
+    mask = response_mask_BT.to(dtype)
+    prefix = prefix_mask_BT.bool()
+    prefix_f = prefix.to(dtype)
+    on_mask = (~prefix).to(mask.dtype) * mask
+    off_mask = prefix_f * mask
+    return mask, prefix, prefix_f, on_mask, off_mask
+
+
 def _mixed_pg_loss(
     off_losses: Tensor,
     on_losses: Tensor,
@@ -178,36 +189,15 @@ def _mixed_pg_loss(
     return aggregate_token_losses(losses, loss_mask, mode=loss_agg_mode, max_response_length=max_response_length)
 
 
-def _mixed_policy_metrics(
-    off_losses: Tensor,
-    off_mask: Tensor,
-    on_pg_loss: Tensor,
-    off_pg_clipfrac: Tensor,
-    on_clipfrac: Tensor,
-    ppo_kl: Tensor,
-    log_prob_BT: Tensor,
-    old_log_prob_BT: Tensor,
-    prefix_f: Tensor,
-    mask: Tensor,
-    off_ratio: Tensor,
-    off_max_clipfrac: Tensor,
-    off_min_clipfrac: Tensor,
+def _mixed_prob_metrics(
+    log_prob_BT: Tensor, old_log_prob_BT: Tensor, off_ratio: Tensor, prefix_f: Tensor, mask: Tensor, off_mask: Tensor
 ) -> dict[str, Tensor]:
-    """The metrics upstream logs for the mixed-policy loss, detached."""
-    with torch.no_grad():
-        metrics = {
-            "off_pg_loss": _nan_to_zero(masked_mean(off_losses, off_mask)),
-            "on_pg_loss": on_pg_loss,
-            "off_pg_clipfrac": off_pg_clipfrac,
-            "on_pg_clipfrac": on_clipfrac,
-            "ppo_kl": ppo_kl,
-            "off_policy_prob": _nan_to_zero(masked_mean(torch.exp(log_prob_BT), off_mask)),
-            "on_policy_prob": _nan_to_zero(masked_mean(torch.exp(old_log_prob_BT), (1.0 - prefix_f) * mask)),
-            "off_ratio_mean": _nan_to_zero(masked_mean(off_ratio, off_mask)),
-            "off_ratio_max_clip_frac": off_max_clipfrac,
-            "off_ratio_min_clip_frac": off_min_clipfrac,
-        }
-    return {k: v.detach() for k, v in metrics.items()}
+    """`off_policy_prob`, `on_policy_prob` and `off_ratio_mean` of the mixed-policy loss (call under no_grad)."""
+    return {
+        "off_policy_prob": _nan_to_zero(masked_mean(torch.exp(log_prob_BT), off_mask)),
+        "on_policy_prob": _nan_to_zero(masked_mean(torch.exp(old_log_prob_BT), (1.0 - prefix_f) * mask)),
+        "off_ratio_mean": _nan_to_zero(masked_mean(off_ratio, off_mask)),
+    }
 
 
 def mixed_policy_loss(
@@ -239,11 +229,7 @@ def mixed_policy_loss(
     Clip values of None mean "off" (upstream's config value -1). With `target_probs_BT` the off-policy
     ratio is p / (teacher p + 1e-6) and `off_policy_reshape` is ignored, as upstream.
     """
-    mask = response_mask_BT.to(log_prob_BT.dtype)
-    prefix = prefix_mask_BT.bool()
-    prefix_f = prefix.to(log_prob_BT.dtype)
-    on_mask = (~prefix).to(mask.dtype) * mask
-    off_mask = prefix_f * mask
+    mask, prefix, prefix_f, on_mask, off_mask = _mixed_masks(response_mask_BT, prefix_mask_BT, log_prob_BT.dtype)
     adv = advantages_BT
 
     log_ratio = log_prob_BT - old_log_prob_BT
@@ -276,22 +262,19 @@ def mixed_policy_loss(
     pg_loss = _mixed_pg_loss(
         off_losses, on_losses, prefix, mask, log_prob_BT, all_max_clip, loss_agg_mode, max_response_length
     )
-    metrics = _mixed_policy_metrics(
-        off_losses,
-        off_mask,
-        on_pg_loss,
-        zero,
-        on_clipfrac,
-        ppo_kl,
-        log_prob_BT,
-        old_log_prob_BT,
-        prefix_f,
-        mask,
-        off_ratio,
-        off_max_clipfrac,
-        off_min_clipfrac,
-    )
-    return {"pg_loss": pg_loss, **metrics}
+
+    with torch.no_grad():
+        metrics = {
+            "off_pg_loss": _nan_to_zero(masked_mean(off_losses, off_mask)),
+            "on_pg_loss": on_pg_loss,
+            "off_pg_clipfrac": zero,
+            "on_pg_clipfrac": on_clipfrac,
+            "ppo_kl": ppo_kl,
+            **_mixed_prob_metrics(log_prob_BT, old_log_prob_BT, off_ratio, prefix_f, mask, off_mask),
+            "off_ratio_max_clip_frac": off_max_clipfrac,
+            "off_ratio_min_clip_frac": off_min_clipfrac,
+        }
+    return {"pg_loss": pg_loss, **{k: v.detach() for k, v in metrics.items()}}
 
 
 def ppo_policy_loss(

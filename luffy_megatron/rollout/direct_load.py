@@ -211,6 +211,52 @@ def _pack_on_first_use(module: torch.nn.Module) -> None:
     module.cpu_linear = first_call
 
 
+def _has_tied_lm_head(model: torch.nn.Module) -> bool:
+    """Whether the model's `lm_head` shares its weight with `model.embed_tokens`."""
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    return (
+        lm_head is not None
+        and embed is not None
+        and getattr(lm_head, "weight", None) is not None
+        and lm_head.weight is getattr(embed, "weight", None)
+    )
+
+
+def _plan_fused_rows(modules: dict, fused_rows: dict, copies: dict) -> tuple[dict, dict, str]:
+    """Plan the checkpoint tensors that fill a module's parameter by rows (`fused_rows`: (module path, param)
+    -> [(index, name, shape)]): weights become `_Group`s, other parameters row-range `_Copy`s (added to
+    `copies`). Returns (groups by checkpoint name, groups by module path, "") or ({}, {}, the reason)."""
+    groups: dict = {}
+    by_module: dict = {}
+    for (path, param), rows in fused_rows.items():
+        module = modules[path]
+        rows.sort()
+        if param == "weight":
+            group = _Group(
+                module,
+                path,
+                [n for _, n, _ in rows],
+                module.weight.dtype,
+                int(module.output_size_per_partition),
+                int(module.input_size_per_partition),
+            )
+            total = sum(int(s[0]) for _, _, s in rows)
+            if total != group.rows or any(len(s) != 2 or int(s[1]) != group.cols for _, _, s in rows):
+                return {}, {}, f"{path}: checkpoint shapes {[tuple(s) for _, _, s in rows]} do not fill its weight"
+            for _, n, _ in rows:
+                groups[n] = group
+            by_module[path] = group
+        else:
+            start = 0
+            for _, n, s in rows:
+                copies[n] = _Copy(module, param, start, int(s[0]))
+                start += int(s[0])
+            if start != getattr(module, param).shape[0]:
+                return {}, {}, f"{path}.{param}: checkpoint shapes do not fill it"
+    return groups, by_module, ""
+
+
 def plan_direct_load(model: torch.nn.Module, checkpoint_shapes: dict) -> tuple[Optional[DirectLoader], str]:
     """(loader, "") when `model` qualifies for direct loads of `checkpoint_shapes` (HF name -> shape), else
     (None, the reason)."""
@@ -230,17 +276,8 @@ def plan_direct_load(model: torch.nn.Module, checkpoint_shapes: dict) -> tuple[O
     packed = dict(getattr(model, "packed_modules_mapping", None) or {})
     member_of = {m: (fused, i) for fused, members in packed.items() for i, m in enumerate(members)}
     modules = dict(model.named_modules())
-    lm_head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    tied = (
-        lm_head is not None
-        and embed is not None
-        and getattr(lm_head, "weight", None) is not None
-        and lm_head.weight is getattr(embed, "weight", None)
-    )
+    tied = _has_tied_lm_head(model)
 
-    groups: dict = {}
-    by_module: dict = {}
     copies: dict = {}
     fused_rows: dict = {}  # (fused module path, param) -> [(index, name, rows)]
     for name, shape in checkpoint_shapes.items():
@@ -269,31 +306,9 @@ def plan_direct_load(model: torch.nn.Module, checkpoint_shapes: dict) -> tuple[O
         else:
             fused_rows.setdefault((fused_path, param), []).append((index, name, shape))
 
-    for (path, param), rows in fused_rows.items():
-        module = modules[path]
-        rows.sort()
-        if param == "weight":
-            group = _Group(
-                module,
-                path,
-                [n for _, n, _ in rows],
-                module.weight.dtype,
-                int(module.output_size_per_partition),
-                int(module.input_size_per_partition),
-            )
-            total = sum(int(s[0]) for _, _, s in rows)
-            if total != group.rows or any(len(s) != 2 or int(s[1]) != group.cols for _, _, s in rows):
-                return None, f"{path}: checkpoint shapes {[tuple(s) for _, _, s in rows]} do not fill its weight"
-            for _, n, _ in rows:
-                groups[n] = group
-            by_module[path] = group
-        else:
-            start = 0
-            for _, n, s in rows:
-                copies[n] = _Copy(module, param, start, int(s[0]))
-                start += int(s[0])
-            if start != getattr(module, param).shape[0]:
-                return None, f"{path}.{param}: checkpoint shapes do not fill it"
+    groups, by_module, reason = _plan_fused_rows(modules, fused_rows, copies)
+    if reason:
+        return None, reason
     for path, module in modules.items():
         if isinstance(module, LinearBase) and path not in by_module:
             return None, f"linear layer {path} receives no checkpoint tensor"
