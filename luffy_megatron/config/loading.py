@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import tempfile
@@ -244,6 +245,8 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
         hint = f" (write a list, e.g. [{value}])" if isinstance(value, str) else ""
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan / .inf: no setting means them
+                raise ConfigError(f"{where}{key}={value!r} is not a finite number; give a finite value")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -1,7 +1,10 @@
 """The typed config: recipes load, overrides coerce, and every user mistake names its dotted key."""
 
+import dataclasses
 import difflib
 import os
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -178,6 +181,38 @@ def test_unknown_section(tmp_path):
 def test_wrong_type(override, key, expected):
     message = _error([override])
     assert key in message and expected in message
+
+
+def _float_settings() -> list[str]:
+    """The dotted paths of every float setting (Optional[float] included)."""
+    out = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            elif tp is float or (
+                typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)
+            ):
+                out.append(prefix + f.name)
+
+    walk(Config, "")
+    return out
+
+
+def test_every_float_setting_refuses_nan_and_infinities(tmp_path):
+    """YAML reads .nan and .inf as floats; no setting means them (actor.lr=.nan would train on NaN)."""
+    floats = _float_settings()
+    assert {"actor.lr", "rollout.temperature", "reward.timeout_s"} <= set(floats) and len(floats) > 20
+    for key in floats:
+        for value in (".nan", ".inf", "-.inf"):
+            message = _error([f"{key}={value}"])
+            assert message.startswith(f"--set {key}=") and "is not a finite number" in message, (key, value, message)
+    message = _error(path=str(_recipe(tmp_path, "actor:\n  lr: .nan\n")))
+    assert message == f"{tmp_path / 'recipe.yaml'}: actor.lr=nan is not a finite number; give a finite value"
+    assert load_config(None, ["actor.lr=1e-6"]).actor.lr == 1e-6  # finite values still load
 
 
 def test_wrong_type_in_recipe_names_the_file(tmp_path):
