@@ -28,11 +28,15 @@ def main() -> int:
     ap.add_argument("--num-val", type=int, default=16, help="synthetic validation problems to write")
     args = ap.parse_args()
 
-    from luffy_megatron.config import load_config
+    from luffy_megatron.config import ConfigError, load_config
     from luffy_megatron.models.demo_models import build_smollm2_hf
     from luffy_megatron.train.loop import main as train_main
 
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:  # one line naming the setting, as luffy-train prints it
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
     data_dir = Path(cfg.data.train_files[0]).parent
     if not all(Path(p).exists() for p in cfg.data.train_files + cfg.data.val_files):
         print(f"[demo] writing synthetic LUFFY-format data to {data_dir}", flush=True)
