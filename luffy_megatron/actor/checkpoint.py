@@ -16,7 +16,9 @@ newest `keep` complete checkpoints after `latest` moves.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,6 +33,8 @@ from luffy_megatron.compat.megatron import in_process_results_queue
 from luffy_megatron.convert.checkpoint import load_sharded
 from luffy_megatron.utils.fs import atomic_write_text, collective_atomic_dir
 
+log = logging.getLogger(__name__)
+
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -40,7 +44,14 @@ def step_dir_name(step: int) -> str:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's RNG states as plain values and tensors only, so that loading them needs no unpickling of
+    arbitrary objects (`torch.load(weights_only=True)`): numpy's key array travels as an int64 tensor."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -48,10 +59,29 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_state(rng_file: Path) -> bool:
+    """Restore this rank's RNG states from `rng_file` without unpickling arbitrary objects (a checkpoint may
+    come from a shared location: `--resume PATH`). A file that holds anything else (one written by an older
+    version, or not by us) is not loaded: a warning names it and the run goes on with the current RNG state.
+    Returns whether it restored."""
+    try:
+        state = torch.load(rng_file, weights_only=True)
+        _set_rng_state(state)
+    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError) as err:
+        log.warning(
+            "RNG state not restored from %s (not a plain-tensor RNG file: %s)",
+            rng_file,
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
+        return False
+    return True
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -138,5 +168,5 @@ def load_checkpoint(actor, ckpt: str | os.PathLike) -> dict[str, Any]:
     actor.step = state["actor_step"]
     rng_file = ckpt / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if state.get("world_size") == dist.get_world_size() and rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rng_state(rng_file)
     return state
