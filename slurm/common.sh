@@ -65,8 +65,18 @@ luffy_setup_env() {
   GPUS_PER_NODE=${GPUS_PER_NODE##*:}  # "h100:8" -> 8
   CPUS_PER_NODE=${SLURM_CPUS_ON_NODE:-1}
   on_batch_host_prefix
+  luffy_override_args
+  return 0
+}
+
+# SETS: luffy-train's --set arguments from OVERRIDES ("key=value key=value") and OUTPUT_DIR. Split on blanks
+# only: no pathname expansion, so a list value such as data.train_files=[a,b] reaches luffy-train as written
+# even when a file in the working directory matches it as a glob.
+luffy_override_args() {
+  local kvs kv
+  read -r -a kvs <<<"$OVERRIDES"
   SETS=()
-  for kv in $OVERRIDES; do SETS+=(--set "$kv"); done
+  for kv in "${kvs[@]}"; do SETS+=(--set "$kv"); done
   [ -n "$OUTPUT_DIR" ] && SETS+=(--set "trainer.output_dir=$OUTPUT_DIR")
   return 0
 }

@@ -45,3 +45,30 @@ def test_the_launchers_differ_only_in_their_header():
     assert bodies[0] == bodies[1]
     assert 'source "$LUFFY_HOME/slurm/common.sh"' in bodies[0]
     assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "common.sh")]).returncode == 0
+
+
+def test_overrides_reach_luffy_train_as_written_even_when_a_file_matches_them_as_a_glob(tmp_path):
+    """OVERRIDES is split on blanks only: `data.train_files=[a,b]` is a bracket glob that matches the file
+    `data.train_files=a`, which an unquoted `for kv in $OVERRIDES` would put in its place."""
+    (tmp_path / "data.train_files=a").write_text("")
+    script = (
+        f'source "{REPO / "slurm" / "common.sh"}"\n'
+        'OVERRIDES="data.train_files=[a,b]  trainer.total_epochs=1" OUTPUT_DIR=/out\n'
+        "luffy_override_args\n"
+        'printf "%s\\n" "${SETS[@]}"\n'
+    )
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "--set",
+        "data.train_files=[a,b]",
+        "--set",
+        "trainer.total_epochs=1",
+        "--set",
+        "trainer.output_dir=/out",
+    ]
+    empty_script = script.replace(
+        'OVERRIDES="data.train_files=[a,b]  trainer.total_epochs=1" OUTPUT_DIR=/out', 'OVERRIDES="" OUTPUT_DIR='
+    )
+    empty = subprocess.run(["bash", "-c", empty_script], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert empty.returncode == 0 and empty.stdout.strip() == "", empty.stderr
