@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from luffy_megatron.compat.megatron import in_process_results_queue
 from luffy_megatron.convert.checkpoint import load_sharded
-from luffy_megatron.utils.fs import atomic_write_text, collective_atomic_dir
+from luffy_megatron.utils.fs import atomic_write_text, collective_atomic_dir, sweep_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ def save_checkpoint(
 
     root = Path(root)
     final = root / step_dir_name(step)
+    if dist.get_rank() == 0:
+        sweep_abandoned(root)  # earlier saves cut short (a killed job): a full checkpoint each
     with collective_atomic_dir(final, subdirs=("model_optim", "rng")) as tmp:
         with in_process_results_queue():
             dist_checkpointing.save(_model_optim_state(actor, is_loading=False), str(tmp / "model_optim"))

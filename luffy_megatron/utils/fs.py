@@ -1,32 +1,48 @@
-"""Crash-safe file system helpers: write under a temporary name, rename into place."""
+"""Crash-safe file system helpers: write under a temporary name, make it durable, rename into place.
+
+Every writer of a directory (actor checkpoints, converted models, HF exports) goes through `atomic_dir` (or its
+collective form): the contents are written to `<name>.tmp-<pid>`, fsynced, and renamed into place; an existing
+`<name>` is first renamed aside to `<name>.old-<pid>` and removed only after the swap, so at every instant either
+the old or the new version is complete under its name. What an interrupted writer leaves behind (`.tmp-` and
+`.old-` siblings) is removed by `sweep_abandoned` before the next write.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
+
+_ABANDONED = re.compile(r"^(?P<name>.+)\.(tmp|old)-\d+$")
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields `path.tmp-<pid>` to write into; on success renames it to `path`.
+    """Yields `path.tmp-<pid>` to write into; on success fsyncs it and renames it to `path`.
 
     On an exception the temporary directory is removed and `path` is untouched, so an interrupted
-    writer never leaves a half-written directory that looks complete.
+    writer never leaves a half-written directory that looks complete. An existing `path` is renamed
+    aside before the new one takes its name, and removed only after that.
     """
     final = Path(path)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; remove it or pass overwrite=True")
+    sweep_abandoned(final.parent, only=final.name)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -34,9 +50,11 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         final.rename(old)
         tmp.rename(final)
+        fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+        fsync_dir(final.parent)
 
 
 @contextlib.contextmanager
@@ -61,8 +79,76 @@ def collective_atomic_dir(path: str | os.PathLike, *, subdirs: Sequence[str] = (
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes a text file through a temporary name and `os.replace`."""
+    """Writes a text file through a temporary name, fsync and `os.replace` (then fsyncs the directory)."""
     final = Path(path)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Makes a directory's entries (a rename into it, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsyncs every file and directory under `root` (what is already on disk costs little)."""
+    for here, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(here)
+
+
+def sweep_abandoned(parent: str | os.PathLike, *, only: str | None = None) -> list[tuple[Path, int]]:
+    """Removes what interrupted atomic writes left in `parent`: `<name>.tmp-<pid>` (a write that never finished)
+    and `<name>.old-<pid>` (a previous version renamed aside whose removal was cut short; renamed back instead
+    when nothing took its name), for every name or `only` that one; this process's own are kept. Each removal is
+    logged with its size. Returns [(path, bytes)]. Only the one writer of `parent` may call it (the run's output
+    directory is locked by its driver)."""
+    parent = Path(parent)
+    removed = []
+    for entry in sorted(parent.iterdir()) if parent.is_dir() else []:
+        match = _ABANDONED.match(entry.name)
+        if not match or entry.name.endswith(f"-{os.getpid()}") or (only is not None and match["name"] != only):
+            continue
+        if entry.name.startswith(f"{match['name']}.old-") and not (parent / match["name"]).exists():
+            entry.rename(parent / match["name"])  # cut short between the two renames: the old version is whole
+            log.warning("restored %s from %s, left by an interrupted write", parent / match["name"], entry.name)
+            continue
+        size = tree_bytes(entry)
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as err:
+            log.warning("could not remove %s, left by an interrupted write: %s", entry, err)
+            continue
+        log.warning("removed %s (%.1f MiB), left by an interrupted write", entry, size / 2**20)
+        removed.append((entry, size))
+    return removed
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under `path` (a file: its size); what cannot be read counts 0."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size if path.exists() or path.is_symlink() else 0
+    total = 0
+    for here, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(here, name)).st_size
+    return total
