@@ -281,6 +281,33 @@ def read_model_config(model_dir: str | os.PathLike) -> Optional[dict]:
         raise ConfigError(f"model.path={model_dir}: config.json is not valid JSON: {err}") from None
 
 
+def check_model_weights(model_dir: str | os.PathLike) -> None:
+    """The weight files of the HF model in `model_dir` (model.path) are there and not empty: the engines and the
+    ranks load them only after the cluster is up, which on a large job is minutes later. A ConfigError names
+    the missing or empty files."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise ConfigError(f"model.path={model_dir}: {index.name} is not a safetensors index ({err})") from None
+    elif (model_dir / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(
+            f"model.path={model_dir} has a config.json but no weights (model.safetensors or "
+            "model.safetensors.index.json): copy the whole HF model directory"
+        )
+    bad = [f for f in files if not (model_dir / f).is_file() or (model_dir / f).stat().st_size == 0]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConfigError(
+            f"model.path={model_dir}: {len(bad)} of the {len(files)} weight files its index names are missing "
+            f"or empty: {shown}; copy (or download) the whole HF model directory again"
+        )
+
+
 def check_model_parallelism(cfg: Config, hf_config: Mapping[str, Any]) -> None:
     """`model_parallelism_problems` as one ConfigError, when there are any."""
     errors = model_parallelism_problems(cfg, hf_config)
@@ -364,6 +391,7 @@ def preflight(cfg: Config) -> Optional[ClusterLayout]:
     hf_config = read_model_config(cfg.model.path) if cfg.model.path else None
     if hf_config is not None:
         check_model_parallelism(cfg, hf_config)
+        check_model_weights(cfg.model.path)
     if cfg.cluster.layout == "auto":
         return None
     return plan_layout(cfg, cfg.cluster.layout)

@@ -299,6 +299,7 @@ def test_bad_tp_fails_at_start_before_ray_or_data(tmp_path, capsys):
 
 def test_preflight_plans_explicit_layouts_and_skips_auto(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(HEADS))
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
     auto = cfg_of(f"model.path={tmp_path}", "parallel.n_gpus_per_node=4", "rollout.tensor_model_parallel_size=2")
     assert preflight(auto) is None
     colocated = cfg_of(
@@ -360,3 +361,25 @@ def test_recompute_units_and_mlp_split_against_the_model(overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_model_parallelism(cfg_of(*overrides), arch)
     check_model_parallelism(cfg_of("model.recompute_granularity=full", "model.recompute_num_layers=2"), arch)
+
+
+def test_preflight_names_missing_or_empty_weight_files_before_ray(tmp_path):
+    """A model directory copied in part fails at start with the files named, not minutes later on every rank."""
+    (tmp_path / "config.json").write_text(json.dumps(HEADS))
+    cfg = cfg_of(f"model.path={tmp_path}", "parallel.n_gpus_per_node=4", "rollout.tensor_model_parallel_size=2")
+    with pytest.raises(ConfigError, match=r"has a config.json but no weights \(model.safetensors or"):
+        preflight(cfg)
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = {"weight_map": {"a": shards[0], "b": shards[1], "c": shards[2], "d": shards[0]}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / shards[0]).write_bytes(b"weights")
+    (tmp_path / shards[1]).write_bytes(b"")  # a copy cut short
+    with pytest.raises(ConfigError) as bad:
+        preflight(cfg)
+    assert str(bad.value) == (
+        f"model.path={tmp_path}: 2 of the 3 weight files its index names are missing or empty: "
+        f"{shards[1]}, {shards[2]}; copy (or download) the whole HF model directory again"
+    )
+    (tmp_path / shards[1]).write_bytes(b"weights")
+    (tmp_path / shards[2]).write_bytes(b"weights")
+    assert preflight(cfg) is None
