@@ -60,7 +60,8 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # older files: numpy's own array
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -68,8 +69,9 @@ def _set_rng_state(state: dict) -> None:
 
 def load_rng_state(rng_file: Path) -> bool:
     """Restore this rank's RNG states from `rng_file` without unpickling arbitrary objects (a checkpoint may
-    come from a shared location: `--resume PATH`). A file that holds anything else (one written by an older
-    version, or not by us) is not loaded: a warning names it and the run goes on with the current RNG state.
+    come from a shared location: `--resume PATH`). Older files hold numpy arrays, which load where numpy's array
+    types are allow-listed (megatron-core registers them on the ranks). A file that holds anything else is not
+    loaded: a warning names it and the run goes on with the current RNG state.
     Returns whether it restored."""
     try:
         state = torch.load(rng_file, weights_only=True)
