@@ -29,7 +29,7 @@ from luffy_megatron.config import Config, ConfigError, load_config, parse_overri
 from luffy_megatron.data.errors import DataError
 from luffy_megatron.data.sampler import PromptSampler
 from luffy_megatron.metrics.compute import RunPerf, StepTimer
-from luffy_megatron.metrics.sinks import plot_results
+from luffy_megatron.metrics.sinks import plot_results_or_warn
 from luffy_megatron.rollout.faults import EngineFailure
 from luffy_megatron.rollout.integrity import RolloutIntegrityError
 from luffy_megatron.train.progress import RunProgress
@@ -82,11 +82,11 @@ def train(cfg: Config, workers=None) -> Path:
         adopt_workers(cfg, workers, out, pad_id)  # reused workers: the actor of another run is rebuilt
         ranks, engines = supervise(cfg, workers)
         workers.write_report(out / "placement.json")
-        metrics_log = open_metrics_log(cfg, out)
         perf = RunPerf.of_run(cfg, workers.placement.layout, workers.actors.infos()[0]["cuda_device_name"])
         sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo))  # beta of the KL reward penalty
         progress = RunProgress.resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
+        metrics_log = open_metrics_log(cfg, out, progress.step)  # steps after progress.step: logged once
         with reward_pool(cfg) as rewards:
             deps = StepDeps(cfg, workers, ranks, engines, rewards, tokenizer, kl_ctrl)
             if val_set is not None and (cfg.trainer.val_only or (cfg.trainer.val_before_train and progress.step == 0)):
@@ -107,7 +107,7 @@ def train(cfg: Config, workers=None) -> Path:
                     with timer("save_checkpoint"):  # before the step's metrics: timing_s/step includes it, as upstream
                         progress.save()
                 metrics_log.log(step, {**metrics, **perf.step_metrics(batch, timer)})
-        plot_results(out / "metrics.jsonl", out / "results.png")
+        plot_results_or_warn(out / "metrics.jsonl", out / "results.png")  # a failure only warns
     finally:
         if metrics_log is not None:
             metrics_log.close()

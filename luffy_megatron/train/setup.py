@@ -222,14 +222,16 @@ def supervise(cfg: Config, workers: Workers) -> tuple[GuardedRanks, EngineSuperv
     return ranks, engines
 
 
-def open_metrics_log(cfg: Config, out: Path) -> MetricsLogger:
-    """TensorBoard (logging.tensorboard_dir, default <out>/tensorboard), <out>/metrics.jsonl and the console."""
+def open_metrics_log(cfg: Config, out: Path, start_step: int) -> MetricsLogger:
+    """TensorBoard (logging.tensorboard_dir, default <out>/tensorboard), <out>/metrics.jsonl and the console.
+    `start_step`: the step the run continues after (what an earlier run logged after it is dropped)."""
     return MetricsLogger(
         cfg.logging.tensorboard_dir or out / "tensorboard",
         out / "metrics.jsonl",
         total_steps=cfg.trainer.total_training_steps,
         console=cfg.logging.console,
         config=cfg,
+        start_step=start_step,
     )
 
 
