@@ -36,8 +36,10 @@ from luffy_megatron.train.progress import RunProgress
 from luffy_megatron.train.setup import (
     adopt_workers,
     check_megatron_settings,
+    close_run,
     connect_ray,
     load_data,
+    lock_output_dir,
     open_metrics_log,
     pad_token_id,
     resolve_device,
@@ -68,15 +70,15 @@ def train(cfg: Config, workers=None) -> Path:
     preflight(cfg)  # the model's heads vs TP, an explicit cluster.layout: before Ray and before any data or model
     check_megatron_settings(cfg)  # FP8 / TE / CP / distributed optimizer against what this machine can run
     out = Path(cfg.trainer.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer, train_set, val_set = load_data(cfg)
-    cfg = with_total_steps(cfg, len(train_set))
-    total_steps, pad_id = cfg.trainer.total_training_steps, pad_token_id(tokenizer)
-    use_gpu = resolve_device(cfg) == "cuda"
-    connect_ray()
-    stop = StopSignals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step, exit PREEMPTED_EXIT_CODE
-    owned, metrics_log, preempted = workers is None, None, None
+    lock = lock_output_dir(out)  # <out>/.lock: one run per output directory, released at the end
+    owned, metrics_log, preempted, stop = workers is None, None, None, StopSignals()
     try:
+        tokenizer, train_set, val_set = load_data(cfg)
+        cfg = with_total_steps(cfg, len(train_set))
+        total_steps, pad_id = cfg.trainer.total_training_steps, pad_token_id(tokenizer)
+        use_gpu = resolve_device(cfg) == "cuda"
+        connect_ray()
+        stop = StopSignals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step, exit PREEMPTED_EXIT_CODE
         if owned:
             workers = start_workers(cfg, pad_id, use_gpu=use_gpu, log_dir=out / "logs" / "workers")
         adopt_workers(cfg, workers, out, pad_id)  # reused workers: the actor of another run is rebuilt
@@ -109,11 +111,7 @@ def train(cfg: Config, workers=None) -> Path:
                 metrics_log.log(step, {**metrics, **perf.step_metrics(batch, timer)})
         plot_results_or_warn(out / "metrics.jsonl", out / "results.png")  # a failure only warns
     finally:
-        if metrics_log is not None:
-            metrics_log.close()
-        stop.uninstall()
-        if owned and workers is not None:
-            workers.shutdown()
+        close_run(metrics_log, stop, workers if owned else None, lock)
     if preempted is not None:
         raise preempted
     return out
