@@ -400,6 +400,9 @@ class TrainerConfig:
     max_checkpoints_to_keep: int = 3
     resume: Literal["auto", "disable"] = "auto"  # auto: continue from the latest checkpoint in output_dir
     resume_from: str | None = None  # a checkpoint dir (checkpoints/step_N) to resume from; `luffy-train --resume PATH`
+    # resume although data.train_files differ from the checkpoint's (names, sizes, row count): the saved data
+    # position then points into another order of prompts. false: such a resume is refused
+    allow_data_change: bool = False
     seed: int = 1
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # a call on the Megatron ranks (log-probs, update, checkpoint, optimizer offload/reload) that takes longer

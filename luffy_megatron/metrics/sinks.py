@@ -5,6 +5,7 @@ one console line per step, and a results plot at the end. Metric names follow up
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import tempfile
@@ -15,6 +16,9 @@ from typing import Mapping
 from torch.utils.tensorboard import SummaryWriter
 
 from luffy_megatron.config import dump_yaml
+from luffy_megatron.utils.fs import atomic_write_text
+
+log = logging.getLogger("luffy.metrics")
 
 # (metric, label) of the console line
 CONSOLE_KEYS = (
@@ -50,10 +54,17 @@ class MetricsLogger:
         console: bool = True,
         config=None,
         config_step: int = 0,
+        start_step: int | None = None,
     ):
         """`config`: the run's `Config`, written as TensorBoard text (`CONFIG_TAG`) at `config_step`; its
-        logging.log_every_steps spaces the console lines (every step still goes to TensorBoard and the jsonl)."""
-        self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+        logging.log_every_steps spaces the console lines (every step still goes to TensorBoard and the jsonl).
+        `start_step`: the step the run continues after (a resumed run's checkpoint, 0 for a fresh start): what
+        an earlier run logged after it is dropped, from the jsonl (`keep_rows_until`) and from TensorBoard
+        (`purge_step`), so the steps it redoes appear once."""
+        if start_step is not None:
+            keep_rows_until(jsonl_path, start_step)
+        purge_step = None if start_step is None else start_step + 1
+        self.writer = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=purge_step)
         if config is not None:
             self.writer.add_text(CONFIG_TAG, config_text(config), config_step)
             self.writer.flush()
@@ -94,10 +105,50 @@ class MetricsLogger:
 
 
 def read_metrics(jsonl_path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A line that does not decode to a row (a last line torn by a crash) is
+    skipped, with a warning that counts them."""
+    rows, bad = _decode_rows(jsonl_path)
+    if bad:
+        log.warning("%s: skipped %d line(s) that do not decode (torn by a crash?)", jsonl_path, bad)
+    return rows
+
+
+def _decode_rows(jsonl_path: str | Path) -> tuple[list[dict], int]:
+    """(rows, number of lines that are not a JSON object with a step)."""
     path = Path(jsonl_path)
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], 0
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def keep_rows_until(jsonl_path: str | Path, step: int) -> None:
+    """Drop the rows of a metrics.jsonl logged after `step` (a resumed run logs those steps again) and the lines
+    that do not decode (a torn last line would glue itself to the next row); the file is rewritten atomically,
+    and only if something is dropped."""
+    rows, bad = _decode_rows(jsonl_path)
+    kept = [r for r in rows if r["step"] <= step]
+    if len(kept) == len(rows) and not bad:
+        return
+    log.warning(
+        "%s: dropped %d row(s) after step %d (the run continues from there) and %d line(s) that do not decode",
+        jsonl_path,
+        len(rows) - len(kept),
+        step,
+        bad,
+    )
+    atomic_write_text(jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def first_logged(rows: list[dict], names: tuple[str, ...]) -> str | None:
@@ -152,3 +203,12 @@ def plot_results(jsonl_path: str | Path, out_png: str | Path) -> Path:
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def plot_results_or_warn(jsonl_path: str | Path, out_png: str | Path) -> Path | None:
+    """`plot_results`, where a failure only warns (the run it plots has finished): returns None then."""
+    try:
+        return plot_results(jsonl_path, out_png)
+    except Exception as err:  # noqa: BLE001 - any plotting error; the run's results are in the jsonl
+        log.warning("the results plot %s was not written: %s: %s", out_png, type(err).__name__, err)
+        return None

@@ -29,15 +29,17 @@ from luffy_megatron.config import Config, ConfigError, load_config, parse_overri
 from luffy_megatron.data.errors import DataError
 from luffy_megatron.data.sampler import PromptSampler
 from luffy_megatron.metrics.compute import RunPerf, StepTimer
-from luffy_megatron.metrics.sinks import plot_results
+from luffy_megatron.metrics.sinks import plot_results_or_warn
 from luffy_megatron.rollout.faults import EngineFailure
 from luffy_megatron.rollout.integrity import RolloutIntegrityError
 from luffy_megatron.train.progress import RunProgress
 from luffy_megatron.train.setup import (
     adopt_workers,
     check_megatron_settings,
+    close_run,
     connect_ray,
     load_data,
+    lock_output_dir,
     open_metrics_log,
     pad_token_id,
     resolve_device,
@@ -68,25 +70,25 @@ def train(cfg: Config, workers=None) -> Path:
     preflight(cfg)  # the model's heads vs TP, an explicit cluster.layout: before Ray and before any data or model
     check_megatron_settings(cfg)  # FP8 / TE / CP / distributed optimizer against what this machine can run
     out = Path(cfg.trainer.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer, train_set, val_set = load_data(cfg)
-    cfg = with_total_steps(cfg, len(train_set))
-    total_steps, pad_id = cfg.trainer.total_training_steps, pad_token_id(tokenizer)
-    use_gpu = resolve_device(cfg) == "cuda"
-    connect_ray()
-    stop = StopSignals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step, exit PREEMPTED_EXIT_CODE
-    owned, metrics_log, preempted = workers is None, None, None
+    lock = lock_output_dir(out)  # <out>/.lock: one run per output directory, released at the end
+    owned, metrics_log, preempted, stop = workers is None, None, None, StopSignals()
     try:
+        tokenizer, train_set, val_set = load_data(cfg)
+        cfg = with_total_steps(cfg, len(train_set))
+        total_steps, pad_id = cfg.trainer.total_training_steps, pad_token_id(tokenizer)
+        use_gpu = resolve_device(cfg) == "cuda"
+        connect_ray()
+        stop = StopSignals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step, exit PREEMPTED_EXIT_CODE
         if owned:
             workers = start_workers(cfg, pad_id, use_gpu=use_gpu, log_dir=out / "logs" / "workers")
         adopt_workers(cfg, workers, out, pad_id)  # reused workers: the actor of another run is rebuilt
         ranks, engines = supervise(cfg, workers)
         workers.write_report(out / "placement.json")
-        metrics_log = open_metrics_log(cfg, out)
         perf = RunPerf.of_run(cfg, workers.placement.layout, workers.actors.infos()[0]["cuda_device_name"])
         sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo))  # beta of the KL reward penalty
         progress = RunProgress.resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
+        metrics_log = open_metrics_log(cfg, out, progress.step)  # steps after progress.step: logged once
         with reward_pool(cfg) as rewards:
             deps = StepDeps(cfg, workers, ranks, engines, rewards, tokenizer, kl_ctrl)
             if val_set is not None and (cfg.trainer.val_only or (cfg.trainer.val_before_train and progress.step == 0)):
@@ -107,13 +109,9 @@ def train(cfg: Config, workers=None) -> Path:
                     with timer("save_checkpoint"):  # before the step's metrics: timing_s/step includes it, as upstream
                         progress.save()
                 metrics_log.log(step, {**metrics, **perf.step_metrics(batch, timer)})
-        plot_results(out / "metrics.jsonl", out / "results.png")
+        plot_results_or_warn(out / "metrics.jsonl", out / "results.png")  # a failure only warns
     finally:
-        if metrics_log is not None:
-            metrics_log.close()
-        stop.uninstall()
-        if owned and workers is not None:
-            workers.shutdown()
+        close_run(metrics_log, stop, workers if owned else None, lock)
     if preempted is not None:
         raise preempted
     return out

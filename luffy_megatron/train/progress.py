@@ -3,7 +3,10 @@ stop signal, and what a failure leaves to resume from."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,7 @@ class RunProgress:
     out: Path
     sampler: PromptSampler
     kl_ctrl: object = None  # algo.kl controller: its beta is saved with the step
+    data: dict | None = None  # the training data's `data_fingerprint`, saved with the step
     step: int = 0
     data_position: int = 0
     saved_step: int = 0
@@ -48,15 +52,18 @@ class RunProgress:
         kl_ctrl=None,
     ) -> RunProgress:
         """Continue from trainer.resume_from (`luffy-train --resume PATH`), else from the newest complete
-        checkpoint (trainer.resume=auto); the step reached is also the actor's weight version. The engines get
-        the actor's weights first unless they are known to hold them (`EngineFleet.synced_version`: fresh
-        workers, or the last run on these workers ended synced)."""
+        checkpoint (trainer.resume=auto); the step reached is also the actor's weight version. The checkpoint's
+        training data must be the run's (`check_data`). The engines get the actor's weights first unless they
+        are known to hold them (`EngineFleet.synced_version`: fresh workers, or the last run on these workers
+        ended synced)."""
         if cfg.trainer.resume_from:
             latest = resume_path(cfg.trainer.resume_from)
         else:
             latest = find_latest(out / "checkpoints") if cfg.trainer.resume == "auto" else None
+        data = data_fingerprint(cfg.data.train_files, sampler.size)
         step = 0
         if latest is not None:
+            check_data(latest, data, allow_change=cfg.trainer.allow_data_change)  # before the long load
             state = ranks.run(load_checkpoint, latest)
             sampler.position = state.get("data_position", 0)
             if kl_ctrl is not None and "kl_ctrl" in state:  # the adaptive beta continues (algo/kl.py)
@@ -67,16 +74,18 @@ class RunProgress:
         engines.version = step
         if latest is not None:
             log.warning("resumed from %s (step %d)", latest, step)
-        return cls(cfg, ranks, out, sampler, kl_ctrl, step=step, data_position=sampler.position, saved_step=step)
+        return cls(cfg, ranks, out, sampler, kl_ctrl, data, step=step, data_position=sampler.position, saved_step=step)
 
     def trained(self, step: int) -> None:
         """The update of `step` has changed the actor (what a failure afterwards must checkpoint)."""
         self.step, self.data_position = step, self.sampler.position
 
     def save(self) -> int:
-        """Checkpoint the state after the newest step (model, optimizer, RNG, data position, the KL
-        controller's beta); returns that step."""
+        """Checkpoint the state after the newest step (model, optimizer, RNG, data position and the data's
+        fingerprint, the KL controller's beta); returns that step."""
         state = {"data_position": self.data_position}
+        if self.data is not None:
+            state["data_fingerprint"] = self.data
         if self.kl_ctrl is not None:
             state["kl_ctrl"] = self.kl_ctrl.state_dict()
         self.ranks.run(save_checkpoint, self.checkpoints, self.step, state, self.cfg.trainer.max_checkpoints_to_keep)
@@ -154,3 +163,40 @@ def resume_path(path: str) -> Path:
             "<output_dir>/checkpoints/step_000050 or the checkpoints directory"
         )
     return found
+
+
+def data_fingerprint(train_files: list[str], rows: int) -> dict:
+    """What identifies a run's training data: each of data.train_files' file name and size (not its directory:
+    a copy elsewhere is the same data) and the number of usable rows after tokenization, with a short sha256
+    over them (`sha256`) to compare."""
+    files = [{"name": Path(f).name, "bytes": os.path.getsize(f)} for f in train_files]
+    digest = hashlib.sha256(json.dumps({"files": files, "rows": rows}, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest[:16], "files": files, "rows": rows}
+
+
+def describe_data(fingerprint: dict) -> str:
+    files = ", ".join(f"{f['name']} ({f['bytes']} bytes)" for f in fingerprint["files"])
+    return f"{files}: {fingerprint['rows']} rows"
+
+
+def check_data(checkpoint: Path, data: dict, *, allow_change: bool) -> None:
+    """The training data of the run that wrote `checkpoint` (its trainer_state.json) against this run's
+    (`data_fingerprint`). Different data would continue at the saved data position in another order of prompts:
+    a ConfigError naming both, unless trainer.allow_data_change (then a warning). A checkpoint written before
+    fingerprints were saved resumes with a warning."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("data_fingerprint")
+    if saved is None:
+        log.warning("checkpoint %s does not record its training data (an older checkpoint): not checked", checkpoint)
+        return
+    if saved.get("sha256") == data["sha256"]:
+        return
+    change = (
+        f"the training data (data.train_files, and their usable rows after tokenization) differ from those of "
+        f"checkpoint {checkpoint}: it was trained on {describe_data(saved)}; this run has {describe_data(data)}"
+    )
+    if not allow_change:
+        raise ConfigError(
+            f"{change}. Resuming would continue at its data position in another order of prompts; give the same "
+            "data (files and data settings), or set trainer.allow_data_change=true to continue anyway"
+        )
+    log.warning("%s; continuing anyway (trainer.allow_data_change=true)", change)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
+import time
 from functools import partial, update_wrapper
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from luffy_megatron.reward.pool import RewardPool
 from luffy_megatron.rollout.faults import EngineSupervisor
 from luffy_megatron.rollout.ray_engine import EngineFleet
 from luffy_megatron.sync.weights import resolve_transport
+from luffy_megatron.utils.fs import FileLock, LockHeld
+from luffy_megatron.utils.preemption import StopSignals
 
 log = logging.getLogger("luffy.trainer")
 
@@ -44,6 +48,38 @@ def check_megatron_settings(cfg: Config) -> None:
         megatron_settings(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def lock_output_dir(out: Path) -> FileLock:
+    """Makes `out` and takes `<out>/.lock` (an flock, naming this host and pid in the file) for the run's
+    lifetime: two drivers on one output directory (a double submit, a requeue that overlaps the old job) would
+    interleave checkpoints/latest and prune each other's checkpoints. A held lock is a ConfigError naming the
+    holder. The caller releases it (`FileLock.release`); the kernel drops it if the driver dies."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / ".lock")
+    try:
+        lock.acquire(f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    except LockHeld as held:
+        holder = held.holder or "a process that has not written its name yet"
+        raise ConfigError(
+            f"trainer.output_dir={out} is in use by another run: {held.path} is held by {holder}. Wait for that "
+            "run to end or stop it, or give another trainer.output_dir"
+        ) from None
+    return lock
+
+
+def close_run(metrics_log: MetricsLogger | None, stop: StopSignals, workers: Workers | None, lock: FileLock) -> None:
+    """The end of `train`, also after an error: the metrics log closed, the signal handlers put back, the
+    workers it started stopped (`workers`: None for workers the caller owns) and, whatever failed before, the
+    output directory's lock released."""
+    try:
+        if metrics_log is not None:
+            metrics_log.close()
+        stop.uninstall()
+        if workers is not None:
+            workers.shutdown()
+    finally:
+        lock.release()
 
 
 def load_data(cfg: Config):
@@ -222,14 +258,16 @@ def supervise(cfg: Config, workers: Workers) -> tuple[GuardedRanks, EngineSuperv
     return ranks, engines
 
 
-def open_metrics_log(cfg: Config, out: Path) -> MetricsLogger:
-    """TensorBoard (logging.tensorboard_dir, default <out>/tensorboard), <out>/metrics.jsonl and the console."""
+def open_metrics_log(cfg: Config, out: Path, start_step: int) -> MetricsLogger:
+    """TensorBoard (logging.tensorboard_dir, default <out>/tensorboard), <out>/metrics.jsonl and the console.
+    `start_step`: the step the run continues after (what an earlier run logged after it is dropped)."""
     return MetricsLogger(
         cfg.logging.tensorboard_dir or out / "tensorboard",
         out / "metrics.jsonl",
         total_steps=cfg.trainer.total_training_steps,
         console=cfg.logging.console,
         config=cfg,
+        start_step=start_step,
     )
 
 

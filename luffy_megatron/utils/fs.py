@@ -10,6 +10,8 @@ the old or the new version is complete under its name. What an interrupted write
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import re
@@ -152,3 +154,45 @@ def tree_bytes(path: str | os.PathLike) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(here, name)).st_size
     return total
+
+
+class LockHeld(Exception):
+    """The lock file is held by another process; `holder` is what that process wrote into it."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by {holder or 'another process (it has not written its name yet)'}")
+        self.path, self.holder = path, holder
+
+
+class FileLock:
+    """An exclusive `fcntl.flock` on `path`, taken without waiting (`acquire`) and held until `release` or
+    the holder's exit (the kernel drops it even when the process is killed). The holder writes `owner` into
+    the file, which a refused process reads back in `LockHeld`. On a file system without flock (some Lustre
+    mounts) the lock is skipped with a warning."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self, owner: str) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's name stays readable
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockHeld(self.path, holder) from None
+            log.warning("%s: this file system refuses flock (%s): the lock is skipped", self.path, err)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (owner + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        os.ftruncate(fd, 0)  # a reader between here and the unlock sees no stale holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -382,3 +382,68 @@ def test_results_plot_reads_todays_and_older_metric_names(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in old + [{**new[0], "step": 2, "val/test_score/avg": 0.3}]))
     assert plot_results(path, tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_read_metrics_skips_a_torn_last_line_and_counts_it(tmp_path, caplog):
+    from luffy_megatron.metrics.sinks import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 0.5}\n[1, 2]\n{"step": 2, "a": 0.25}\n{"step": 3, "a')  # crash mid-write
+    with caplog.at_level("WARNING", logger="luffy.metrics"):
+        assert read_metrics(path) == [{"step": 1, "a": 0.5}, {"step": 2, "a": 0.25}]
+    assert "skipped 2 line(s) that do not decode" in caplog.text
+
+
+def test_a_resumed_logger_drops_the_steps_it_redoes_from_the_jsonl_and_tensorboard(tmp_path, caplog):
+    """A run logged steps 0..4 and crashed while writing step 5; it resumes from its checkpoint of step 2:
+    steps 3 and 4 of the first run are gone from metrics.jsonl (rewritten atomically, the torn line too) and
+    from TensorBoard (purge_step), so every step appears once, with the resumed run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from luffy_megatron.metrics.sinks import MetricsLogger, read_metrics
+
+    jsonl, tb = tmp_path / "metrics.jsonl", tmp_path / "tb"
+    first = MetricsLogger(tb, jsonl, total_steps=6, console=False, start_step=0)
+    for step in range(5):
+        first.log(step, {"critic/score/mean": float(step)})
+    first.close()
+    with jsonl.open("a") as f:
+        f.write('{"step": 5, "critic/sc')  # torn by the crash: no newline
+    with caplog.at_level("WARNING", logger="luffy.metrics"):
+        resumed = MetricsLogger(tb, jsonl, total_steps=6, console=False, start_step=2)
+    assert "dropped 2 row(s) after step 2" in caplog.text and "1 line(s) that do not decode" in caplog.text
+    for step in range(3, 7):
+        resumed.log(step, {"critic/score/mean": 10.0 + step})
+    resumed.close()
+    assert [(r["step"], r["critic/score/mean"]) for r in read_metrics(jsonl)] == [
+        (0, 0.0),
+        (1, 1.0),
+        (2, 2.0),
+        (3, 13.0),
+        (4, 14.0),
+        (5, 15.0),
+        (6, 16.0),
+    ]
+    assert len(jsonl.read_text().splitlines()) == 7  # no torn line left
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("critic/score/mean")] == [
+        (0, 0.0),
+        (1, 1.0),
+        (2, 2.0),
+        (3, 13.0),
+        (4, 14.0),
+        (5, 15.0),
+        (6, 16.0),
+    ]
+
+
+def test_a_failing_results_plot_only_warns(tmp_path, caplog):
+    from luffy_megatron.metrics.sinks import plot_results_or_warn
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "critic/score/mean": 0.5}\n')
+    with caplog.at_level("WARNING", logger="luffy.metrics"):
+        assert plot_results_or_warn(path, tmp_path / "missing_dir" / "results.png") is None
+    assert "the results plot" in caplog.text and "was not written" in caplog.text
+    assert plot_results_or_warn(path, tmp_path / "results.png") == tmp_path / "results.png"
