@@ -7,12 +7,15 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from luffy_megatron.actor.checkpoint import find_latest
+import ray  # the driver calls the ranks through Ray
+
+from luffy_megatron.actor.checkpoint import complete_checkpoints, find_latest
 from luffy_megatron.actor.remote import load_checkpoint, save_checkpoint
-from luffy_megatron.cluster.supervision import GuardedRanks, RankFailure, RunError
+from luffy_megatron.cluster.supervision import GuardedRanks, RankFailure, RunError, remote_cause
 from luffy_megatron.config import Config, ConfigError
 from luffy_megatron.data.sampler import PromptSampler
 from luffy_megatron.rollout.faults import EngineFailure, EngineSupervisor
@@ -56,15 +59,17 @@ class RunProgress:
         training data must be the run's (`check_data`). The engines get the actor's weights first unless they
         are known to hold them (`EngineFleet.synced_version`: fresh workers, or the last run on these workers
         ended synced)."""
+        data = data_fingerprint(cfg.data.train_files, sampler.size)
         if cfg.trainer.resume_from:
             latest = resume_path(cfg.trainer.resume_from)
-        else:
-            latest = find_latest(out / "checkpoints") if cfg.trainer.resume == "auto" else None
-        data = data_fingerprint(cfg.data.train_files, sampler.size)
-        step = 0
-        if latest is not None:
             check_data(latest, data, allow_change=cfg.trainer.allow_data_change)  # before the long load
             state = ranks.run(load_checkpoint, latest)
+        elif cfg.trainer.resume == "auto":
+            latest, state = load_newest(ranks, out / "checkpoints", data, allow_change=cfg.trainer.allow_data_change)
+        else:
+            latest, state = None, None
+        step = 0
+        if latest is not None:
             sampler.position = state.get("data_position", 0)
             if kl_ctrl is not None and "kl_ctrl" in state:  # the adaptive beta continues (algo/kl.py)
                 kl_ctrl.load_state_dict(state["kl_ctrl"])
@@ -88,7 +93,14 @@ class RunProgress:
             state["data_fingerprint"] = self.data
         if self.kl_ctrl is not None:
             state["kl_ctrl"] = self.kl_ctrl.state_dict()
-        self.ranks.run(save_checkpoint, self.checkpoints, self.step, state, self.cfg.trainer.max_checkpoints_to_keep)
+        try:
+            self.ranks.run(
+                save_checkpoint, self.checkpoints, self.step, state, self.cfg.trainer.max_checkpoints_to_keep
+            )
+        except ray.exceptions.RayTaskError as err:
+            if not isinstance(remote_cause(err), OSError):
+                raise
+            raise checkpoint_error(self.checkpoints, self.step, remote_cause(err)) from None
         self.saved_step = self.step
         return self.step
 
@@ -147,6 +159,50 @@ class RunProgress:
                 f"writing a checkpoint after the failure failed too ({type(err).__name__}: {err}); the newest "
                 f"complete checkpoint is {latest or 'none'}"
             )
+
+
+class CheckpointError(RunError):
+    """A checkpoint could not be written (disk full, permissions): `luffy-train` reports it in one line."""
+
+
+def checkpoint_error(root: Path, step: int, cause: OSError) -> CheckpointError:
+    """The failed save of `step` under `root`, with the free space there and what the run can resume from (a
+    checkpoint takes its name only once complete, so the newest complete one is untouched)."""
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    latest = find_latest(root)
+    resume_from = f"the newest complete checkpoint is {latest}" if latest else "there is no complete checkpoint yet"
+    what = cause.strerror or str(cause)
+    where = f" ({cause.filename})" if cause.filename else ""
+    return CheckpointError(
+        f"writing the checkpoint of step {step} under {root} failed: {what}{where}; {free}. The run stops; "
+        f"{resume_from}: free space (or fix the permissions) and run the same command again to resume from it"
+    )
+
+
+def load_newest(ranks: GuardedRanks, root: Path, data: dict, *, allow_change: bool) -> tuple[Path | None, dict | None]:
+    """Load the newest complete checkpoint under `root` on the ranks; one that cannot be read (a torn
+    trainer_state.json, an unreadable shard) is skipped with a warning naming it and what was wrong, and the
+    previous one is tried. Returns (checkpoint, its trainer state), or (None, None) when there is none."""
+    latest = find_latest(root)
+    older = [c for c in reversed(complete_checkpoints(root)) if c != latest]
+    for checkpoint in ([latest] if latest else []) + older:
+        try:
+            check_data(checkpoint, data, allow_change=allow_change)  # before the long load
+            return checkpoint, ranks.run(load_checkpoint, checkpoint)
+        except (ray.exceptions.RayTaskError, json.JSONDecodeError, OSError, KeyError) as err:
+            cause = remote_cause(err)
+            log.warning(
+                "checkpoint %s cannot be loaded (%s: %s): trying the previous one",
+                checkpoint,
+                type(cause).__name__,
+                str(cause).splitlines()[0] if str(cause) else "",
+            )
+    if latest is not None:
+        raise RunError(f"no checkpoint under {root} could be loaded (see the warnings above for each)")
+    return None, None
 
 
 def resume_path(path: str) -> Path:

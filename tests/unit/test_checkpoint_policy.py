@@ -1,0 +1,106 @@
+"""What the driver does when a checkpoint cannot be read or written (train/progress.py): a resume skips a newest
+checkpoint that cannot be loaded, with a warning naming it, and loads the previous complete one; a save that
+fails on the ranks (disk full, permissions) is one CheckpointError naming the path, the free space and what the
+run can resume from. RunProgress runs with stand-ins for the Megatron ranks and the engines."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+
+from luffy_megatron.actor.checkpoint import LATEST, step_dir_name
+from luffy_megatron.cluster.supervision import RunError
+from luffy_megatron.config import load_config
+from luffy_megatron.data.sampler import PromptSampler
+from luffy_megatron.train import loop
+from luffy_megatron.train.progress import CheckpointError, RunProgress
+
+
+class Ranks:
+    """GuardedRanks' `run` of actor/remote.py's save/load, reading and writing trainer_state.json; `fail_load`
+    names checkpoints whose load raises on the ranks, `fail_save` an OSError every save raises there."""
+
+    def __init__(self, fail_load=(), fail_save=None):
+        self.fail_load, self.fail_save, self.loaded = set(fail_load), fail_save, []
+
+    def run(self, fn, *args):
+        if fn.__name__ == "save_checkpoint":
+            if self.fail_save is not None:
+                raise ray.exceptions.RayTaskError("save_checkpoint", "Traceback ...", self.fail_save)
+            root, step, trainer_state, _keep = args
+            write_checkpoint(Path(root), step, trainer_state)
+            return str(Path(root) / step_dir_name(step))
+        path = Path(args[0])
+        self.loaded.append(path.name)
+        if path.name in self.fail_load:
+            raise ray.exceptions.RayTaskError("load_checkpoint", "Traceback ...", ValueError("shard 3 is unreadable"))
+        return json.loads((path / "trainer_state.json").read_text())
+
+
+def write_checkpoint(root: Path, step: int, trainer_state: dict) -> Path:
+    final = root / step_dir_name(step)
+    final.mkdir(parents=True)
+    (final / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
+    (root / LATEST).write_text(final.name)
+    return final
+
+
+def resume(out: Path, ranks: Ranks) -> RunProgress:
+    cfg = load_config(None, [f"trainer.output_dir={out}", "data.train_files=[]"])
+    engines = SimpleNamespace(fleet=SimpleNamespace(synced_version=0), sync=lambda version: None, version=0)
+    return RunProgress.resume(cfg, ranks, engines, PromptSampler(12, 4, seed=1), out)
+
+
+def test_a_newest_checkpoint_that_cannot_be_read_is_skipped_for_the_previous_one(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        write_checkpoint(root, step, {"data_position": 4 * step})
+    (root / "step_000003" / "trainer_state.json").write_text('{"step": 3, "data_po')  # torn by a crash
+    ranks = Ranks(fail_load={"step_000002"})  # and an unreadable shard in the one before
+    with caplog.at_level(logging.WARNING):
+        progress = resume(tmp_path, ranks)
+    assert (progress.step, progress.sampler.position) == (1, 4)
+    assert ranks.loaded == ["step_000002", "step_000001"]  # the torn one is found before the ranks load it
+    assert "step_000003 cannot be loaded (JSONDecodeError" in caplog.text
+    assert "step_000002 cannot be loaded (ValueError: shard 3 is unreadable)" in caplog.text
+
+
+def test_when_no_checkpoint_can_be_loaded_the_resume_stops_and_says_so(tmp_path):
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, 1, {"data_position": 4})
+    with pytest.raises(RunError, match=f"no checkpoint under {root} could be loaded"):
+        resume(tmp_path, Ranks(fail_load={"step_000001"}))
+    assert resume(tmp_path / "fresh", Ranks()).step == 0  # no checkpoint at all: a fresh start
+
+
+def test_a_failed_save_is_one_error_naming_the_path_the_free_space_and_the_checkpoint_to_resume_from(tmp_path):
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, 2, {"data_position": 8})
+    full = OSError(errno.ENOSPC, "No space left on device", str(root / "step_000004.tmp-77" / "model_optim"))
+    progress = resume(tmp_path, Ranks(fail_save=full))
+    progress.trained(4)
+    with pytest.raises(CheckpointError) as failed:
+        progress.save()
+    text = str(failed.value)
+    assert text.startswith(f"writing the checkpoint of step 4 under {root} failed: No space left on device (")
+    assert "GiB free there" in text and f"the newest complete checkpoint is {root / 'step_000002'}" in text
+    assert "\n" not in text and progress.saved_step == 2
+    with pytest.raises(ray.exceptions.RayTaskError):  # anything else is not a disk problem: raised as it is
+        resume(tmp_path, Ranks(fail_save=ValueError("a bug"))).save()
+
+
+def test_luffy_train_prints_a_failed_save_as_one_line(monkeypatch, capsys):
+    def failing_train(cfg):
+        raise CheckpointError("writing the checkpoint of step 4 under /x failed: No space left on device")
+
+    monkeypatch.setattr(loop, "train", failing_train)
+    assert loop.main([]) == 1
+    assert capsys.readouterr().err == (
+        "luffy-train: error: writing the checkpoint of step 4 under /x failed: No space left on device\n"
+    )
