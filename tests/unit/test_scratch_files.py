@@ -1,0 +1,104 @@
+"""Scratch files in /dev/shm and the temp dir (`utils.scratch`, `sync.shm_buffer`, the private world's FileStore):
+only this user's leftovers whose maker is gone are swept, liveness is the maker's lock (not a pid), and nothing
+is left behind by a normal exit."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from luffy_megatron.sync.shm_buffer import ShmBuffer
+from luffy_megatron.utils import scratch
+
+REPO = Path(__file__).resolve().parents[2]
+OTHER_UID = 12345
+
+
+def dead_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def leftover(directory: Path, pid: int, kind: str = "bucket") -> Path:
+    path = directory / f"{scratch.PREFIX}{kind}-{pid}-slot0-0123456789ab"
+    path.write_bytes(b"x")
+    return path
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a file of another user needs root")
+def test_another_users_file_is_neither_removed_nor_fails_a_buffer(tmp_path):
+    theirs = leftover(tmp_path, dead_pid())
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    buf = ShmBuffer(4096, tag="slot0", directory=str(tmp_path))
+    assert theirs.exists() and scratch.sweep(str(tmp_path)) == []
+    buf.close()
+    assert theirs.exists() and not Path(buf.path).exists()
+
+
+def test_a_file_that_cannot_be_removed_does_not_fail_a_buffer(tmp_path, monkeypatch):
+    stuck = leftover(tmp_path, dead_pid())
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", path)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    buf = ShmBuffer(4096, directory=str(tmp_path))
+    monkeypatch.undo()
+    assert stuck.exists()
+    buf.close()
+
+
+def test_a_file_whose_maker_holds_its_lock_is_kept_whatever_its_pid_says(tmp_path):
+    held = leftover(tmp_path, dead_pid())  # its pid is gone (or, in another PID namespace, never was ours)
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        buf = ShmBuffer(4096, directory=str(tmp_path))
+        assert held.exists() and scratch.sweep(str(tmp_path)) == []
+        buf.close()
+    finally:
+        os.close(fd)
+    assert scratch.sweep(str(tmp_path)) == [str(held)]  # the lock went with its holder
+
+
+def test_a_file_of_this_user_that_nobody_holds_is_removed_even_if_its_pid_lives(tmp_path):
+    orphan = leftover(tmp_path, os.getpid())  # a live pid: in a shared /dev/shm, maybe another container's
+    stale_dir = tmp_path / f"{scratch.PREFIX}pg-{os.getpid()}-0123456789ab"
+    stale_dir.mkdir()
+    (stale_dir / "store").write_bytes(b"x")
+    others = [
+        tmp_path / "luffy-demo",
+        tmp_path / "luffy-bucket-notes.txt",
+        tmp_path / f"luffy-sync-{os.getpid()}-slot0-0123456789ab",  # an older version's live buffer, unlocked
+        tmp_path / "other-sync-1-0123456789ab",
+    ]
+    for path in others:
+        path.write_bytes(b"x")
+    buf = ShmBuffer(4096, directory=str(tmp_path))
+    assert not orphan.exists() and not stale_dir.exists()
+    assert all(path.exists() for path in others)  # names the package does not make are never touched
+    assert Path(buf.path).exists() and stat.S_IMODE(os.stat(buf.path).st_mode) == 0o600
+    buf.close()
+
+
+def test_a_killed_makers_file_is_kept_while_it_lives_and_swept_after(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    code = (
+        "import sys, time; from luffy_megatron.utils import scratch; "
+        "print(scratch.make_file(sys.argv[1], 'bucket', 'slot0')[0], flush=True); time.sleep(300)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        path = child.stdout.readline().strip()
+        assert scratch.sweep(str(tmp_path)) == [] and os.path.exists(path)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert scratch.sweep(str(tmp_path)) == [path]
