@@ -102,3 +102,25 @@ def test_a_killed_makers_file_is_kept_while_it_lives_and_swept_after(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert scratch.sweep(str(tmp_path)) == [path]
+
+
+def ours(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith(scratch.PREFIX))
+
+
+def test_the_private_worlds_store_goes_at_shutdown_and_a_killed_processs_is_swept(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        code = "import os, signal; from luffy_megatron.models import parallel; parallel.ensure_process_group(); " + code
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+    orderly = run("print(os.path.isdir(parallel._store_dir), flush=True); parallel.shutdown_distributed()")
+    assert orderly.returncode == 0 and orderly.stdout.strip() == "True", orderly.stderr[-2000:]
+    assert ours(tmp_path) == []
+    killed = run("os.kill(os.getpid(), signal.SIGKILL)")  # no destructor, no atexit: the store stays
+    assert killed.returncode == -signal.SIGKILL and len(ours(tmp_path)) == 1
+    assert ours(tmp_path)[0].startswith(f"{scratch.PREFIX}pg-")
+    assert run("").returncode == 0  # the next private world sweeps it, and its own goes at exit
+    assert ours(tmp_path) == []
