@@ -1,6 +1,6 @@
-"""Scratch files in /dev/shm and the temp dir (`utils.scratch`, `sync.shm_buffer`, the private world's FileStore):
-only this user's leftovers whose maker is gone are swept, liveness is the maker's lock (not a pid), and nothing
-is left behind by a normal exit."""
+"""Scratch files in /dev/shm and the temp dir (`utils.scratch`, `sync.shm_buffer`, the private world's FileStore)
+and the mode of the logs: only this user's leftovers whose maker is gone are swept, liveness is the maker's
+lock (not a pid), nothing is left behind by a normal exit, and logs are not world-readable."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 
 from luffy_megatron.sync.shm_buffer import ShmBuffer
 from luffy_megatron.utils import scratch
+from luffy_megatron.utils.fs import LOG_MODE, open_log, write_log
 
 REPO = Path(__file__).resolve().parents[2]
 OTHER_UID = 12345
@@ -124,3 +125,33 @@ def test_the_private_worlds_store_goes_at_shutdown_and_a_killed_processs_is_swep
     assert ours(tmp_path)[0].startswith(f"{scratch.PREFIX}pg-")
     assert run("").returncode == 0  # the next private world sweeps it, and its own goes at exit
     assert ours(tmp_path) == []
+
+
+def test_engine_logs_are_not_world_readable(tmp_path):
+    log = tmp_path / "workers" / "engine_0.log"
+    code = (
+        "import sys; from luffy_megatron.rollout.ray_engine import _log_to_file; "
+        "_log_to_file(sys.argv[1]); print('to the log')"
+    )
+    old = os.umask(0)  # the mode comes from the code, not from a umask
+    try:
+        subprocess.run([sys.executable, "-c", code, str(log)], env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    finally:
+        os.umask(old)
+    assert log.read_text().strip().endswith("to the log")
+    assert stat.S_IMODE(log.stat().st_mode) == LOG_MODE == 0o640
+
+
+def test_logs_are_made_0640_and_an_older_world_readable_log_loses_its_world_bits(tmp_path):
+    old = os.umask(0)
+    try:
+        write_log(tmp_path / "model_load_error.log", "traceback")
+        older = tmp_path / "engine_1.log"
+        older.write_text("before\n")
+        older.chmod(0o644)
+        os.close(open_log(older))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model_load_error.log").stat().st_mode) == 0o640
+    assert (tmp_path / "model_load_error.log").read_text() == "traceback"
+    assert stat.S_IMODE(older.stat().st_mode) == 0o640 and older.read_text() == "before\n"
