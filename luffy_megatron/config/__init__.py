@@ -17,13 +17,13 @@ changing a setting shows up as a reviewed diff.
 errors.py        ConfigError
 sections.py      the section dataclasses and Config, each section with its `problems()`
 algo_section.py  the algo section (the largest), with `AlgoConfig.from_upstream` for upstream's flat options
-loading.py       load_config, the YAML recipe and --set overrides, type checks; dump_yaml, config_paths
+loading.py       load_config, the YAML recipe and --set overrides, type checks; dump_yaml (yaml_text), config_paths
 checks.py        validate: the section rules plus the cross-section rules (uses cluster.layout)
 """
 
 from .checks import validate
 from .errors import ConfigError
-from .loading import config_paths, dump_yaml, load_config, parse_overrides_from_argv
+from .loading import config_paths, dump_yaml, load_config, parse_overrides_from_argv, yaml_text
 from .sections import (
     ActorConfig,
     AlgoConfig,
@@ -56,4 +56,5 @@ __all__ = [
     "load_config",
     "parse_overrides_from_argv",
     "validate",
+    "yaml_text",
 ]

@@ -266,10 +266,15 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def yaml_text(cfg: Config) -> str:
+    """The full config as the text of a recipe that load_config reads back to an equal Config."""
+    text = "# Full configuration written by luffy_megatron.config.dump_yaml; loads with --config.\n"
+    return text + yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
 def dump_yaml(cfg: Config, path: str | os.PathLike) -> None:
     """Write the full config as a recipe that load_config reads back to an equal Config (atomically)."""
-    text = "# Full configuration written by luffy_megatron.config.dump_yaml; loads with --config.\n"
-    text += yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    text = yaml_text(cfg)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml.tmp")

@@ -8,14 +8,13 @@ import json
 import logging
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping
 
 from torch.utils.tensorboard import SummaryWriter
 
-from luffy_megatron.config import dump_yaml
+from luffy_megatron.config import yaml_text
 from luffy_megatron.utils.fs import atomic_write_text
 
 log = logging.getLogger("luffy.metrics")
@@ -37,10 +36,7 @@ def config_text(cfg) -> str:
     """The whole config as `luffy_megatron.config.dump_yaml` writes it (a recipe that loads back), under a
     comment naming logging.project_name / logging.experiment_name, indented four spaces so TensorBoard's
     markdown shows it as a code block."""
-    with tempfile.TemporaryDirectory(prefix="luffy-config-") as tmp:
-        path = Path(tmp) / "config.yaml"
-        dump_yaml(cfg, path)
-        text = f"# {cfg.logging.project_name} / {cfg.logging.experiment_name}\n" + path.read_text()
+    text = f"# {cfg.logging.project_name} / {cfg.logging.experiment_name}\n" + yaml_text(cfg)
     return "\n".join("    " + line for line in text.splitlines())
 
 

@@ -25,7 +25,6 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 from typing import Optional
 
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from luffy_megatron.compat.megatron_cpu import apply_cpu_shim
+from luffy_megatron.utils import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 60.0
 GLOO_WORKER_THREAD_NAME = "pt_gloo_runloop"  # torch names gloo's work threads so (ProcessGroupGloo::runLoop)
 _shutdown_registered = False
 _barrier_failed = False  # an exit barrier gave up: at exit, neither wait again nor free groups a worker may still use
+_store_dir: Optional[str] = None  # the scratch directory of a private world's FileStore, until the world ends
 
 
 def _free_port() -> int:
@@ -82,10 +83,32 @@ def ensure_process_group() -> bool:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, **device_kwargs)
     else:
-        store_file = tempfile.NamedTemporaryFile(prefix="luffy-pg-", delete=False).name
-        store = dist.FileStore(store_file, 1)
-        dist.init_process_group(backend, store=store, rank=0, world_size=1, **device_kwargs)
+        _init_private_world(backend, device_kwargs)
     return True
+
+
+def _init_private_world(backend: str, device_kwargs: dict) -> None:
+    """A world of one on a FileStore in a scratch directory of the temp dir (`utils.scratch`, kind "pg"). The
+    store's file is read again whenever a group is made (megatron-core makes its groups after this), so the
+    directory stays until `shutdown_distributed` has destroyed the groups, or until this process exits."""
+    global _store_dir
+    _remove_store_dir()  # of an earlier private world that was destroyed without shutdown_distributed
+    tmp = scratch.temp_dir()
+    scratch.sweep(tmp)
+    _store_dir = scratch.make_dir(tmp, "pg")
+    try:
+        store = dist.FileStore(os.path.join(_store_dir, "store"), 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, **device_kwargs)
+    except BaseException:
+        _remove_store_dir()
+        raise
+
+
+def _remove_store_dir() -> None:
+    global _store_dir
+    if _store_dir is not None:
+        scratch.remove(_store_dir)
+        _store_dir = None
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1) -> None:
@@ -192,6 +215,7 @@ def shutdown_distributed(timeout_s: Optional[float] = None, *, barrier: bool = T
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         gc.collect()
+        _remove_store_dir()  # no group is left to read the private world's store
     idle = wait_gloo_workers_idle(timeout_s=min(timeout_s, 10.0))
     if not idle:
         logger.warning("gloo worker threads still busy %gs after the exit barrier", min(timeout_s, 10.0))

@@ -27,12 +27,12 @@ from safetensors import safe_open
 
 from luffy_megatron.compat.vllm import engine_core_dead, engine_core_pids, raise_when_engine_core_dies
 from luffy_megatron.sync.shm_buffer import ShmBuffer
+from luffy_megatron.utils.scratch import SHM_DIR
 
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "luffy_megatron.rollout.worker_extension.LuffyWorkerExtension"
 DEFAULT_CPU_KVCACHE_GIB = "1"
-SHM_DIR = "/dev/shm"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 Seed = Union[int, Sequence[int], None]

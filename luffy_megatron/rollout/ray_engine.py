@@ -34,6 +34,7 @@ from luffy_megatron.cluster.actor_group import placement_info
 from luffy_megatron.cluster.cpu_cores import engine_cores, omp_bind_value
 from luffy_megatron.rollout.engine import Generation, Seed, VLLMEngine, row_seeds
 from luffy_megatron.rollout.faults import EngineFailure, engine_fault, log_tail
+from luffy_megatron.utils.fs import open_log
 
 log = logging.getLogger(__name__)
 EVENT_LOG_LENGTH = 256
@@ -592,7 +593,7 @@ def _log_to_file(path: str) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = open_log(path)  # mode 0o640: the log holds prompts and responses
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

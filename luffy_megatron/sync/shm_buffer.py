@@ -3,67 +3,20 @@
 One process creates it and writes into the mapping (the exporter writes the bucket there directly); others map
 the same file by path with `map_shm` and read it in place: no copy between processes. Space is reserved when the
 file is made (`posix_fallocate`), so a full /dev/shm (Docker's default is 64 MiB) is an error naming the sizes,
-not a SIGBUS on first touch. Files carry the creating pid in their name; files of dead pids are removed when the
-next buffer is made, so a killed process does not leak them for long.
+not a SIGBUS on first touch. The files are the package's scratch files (`utils.scratch`: named `luffy-bucket-...`,
+locked by their creator while they exist): a new buffer first sweeps away this user's files whose creator is
+gone, so a killed process does not leak them for long, and never touches a live or another user's file.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
-import glob
 import os
-import re
-import threading
-import uuid
 import weakref
 
 import torch
 
-SHM_DIR = "/dev/shm"
-PREFIX = "luffy-sync-"
-_PID = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
-_LIVE: set[str] = set()
-_LOCK = threading.Lock()
-
-
-def _unlink(path: str) -> None:
-    with _LOCK:
-        _LIVE.discard(path)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-@atexit.register
-def _unlink_all() -> None:
-    for path in list(_LIVE):
-        _unlink(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale(directory: str = SHM_DIR) -> list[str]:
-    """Removes bucket files of processes that no longer exist; returns their paths."""
-    removed = []
-    for path in glob.glob(os.path.join(directory, PREFIX + "*")):
-        m = _PID.match(os.path.basename(path))
-        if m and not _alive(int(m.group(1))):
-            try:
-                os.unlink(path)
-                removed.append(path)
-            except FileNotFoundError:
-                pass
-    return removed
+from luffy_megatron.utils.scratch import SHM_DIR, make_file, remove, sweep
 
 
 class ShmBuffer:
@@ -73,12 +26,9 @@ class ShmBuffer:
     def __init__(self, nbytes: int, tag: str = "buf", directory: str = SHM_DIR):
         if nbytes <= 0:
             raise ValueError(f"shared-memory buffer of {nbytes} bytes")
-        remove_stale(directory)
+        sweep(directory)
         self.nbytes = int(nbytes)
-        self.path = os.path.join(directory, f"{PREFIX}{os.getpid()}-{tag}-{uuid.uuid4().hex[:12]}")
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        with _LOCK:
-            _LIVE.add(self.path)
+        self.path, fd = make_file(directory, "bucket", tag)
         try:
             try:
                 os.posix_fallocate(fd, 0, self.nbytes)
@@ -90,10 +40,11 @@ class ShmBuffer:
                     f"Enlarge {directory} (e.g. docker --shm-size), lower "
                     "rollout.weight_sync_bucket_mb, or use rollout.weight_sync_transport=collective"
                 ) from None
-        finally:
-            os.close(fd)
-        self.tensor = torch.from_file(self.path, shared=True, size=self.nbytes, dtype=torch.uint8)
-        self._finalizer = weakref.finalize(self, _unlink, self.path)
+            self.tensor = torch.from_file(self.path, shared=True, size=self.nbytes, dtype=torch.uint8)
+        except BaseException:
+            remove(self.path)
+            raise
+        self._finalizer = weakref.finalize(self, remove, self.path)
 
     def close(self) -> None:
         self._finalizer()

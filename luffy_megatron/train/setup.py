@@ -28,7 +28,7 @@ from luffy_megatron.reward.pool import RewardPool
 from luffy_megatron.rollout.faults import EngineSupervisor
 from luffy_megatron.rollout.ray_engine import EngineFleet
 from luffy_megatron.sync.weights import resolve_transport
-from luffy_megatron.utils.fs import FileLock, LockHeld
+from luffy_megatron.utils.fs import FileLock, LockHeld, write_log
 from luffy_megatron.utils.preemption import StopSignals
 
 log = logging.getLogger("luffy.trainer")
@@ -183,7 +183,7 @@ def build_ranks(actors, cfg: Config, pad_id: int, log_dir: Path | None, *, fresh
         saved = ""
         if log_dir is not None:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / "model_load_error.log").write_text(str(err))
+            write_log(Path(log_dir) / "model_load_error.log", str(err))
             saved = f" (the rank's traceback: {Path(log_dir) / 'model_load_error.log'})"
         raise ModelLoadError(
             f"the Megatron ranks could not load the model ({where}): {type(cause).__name__}: {cause}{saved}"

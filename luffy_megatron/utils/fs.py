@@ -196,3 +196,24 @@ class FileLock:
         os.ftruncate(fd, 0)  # a reader between here and the unlock sees no stale holder
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+LOG_MODE = 0o640  # logs may quote prompts, responses and tracebacks: the owner and its group read them, no one else
+
+
+def open_log(path: str | os.PathLike, *, append: bool = True) -> int:
+    """A descriptor open for writing on the log file `path` (appended to, or emptied with `append=False`),
+    created with mode `LOG_MODE`. A log of this user's that a world could read (an older run's) loses the
+    world's bits."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, LOG_MODE)
+    st = os.fstat(fd)
+    if st.st_uid == os.getuid() and st.st_mode & 0o007:
+        os.fchmod(fd, st.st_mode & 0o7770)
+    return fd
+
+
+def write_log(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` as the whole of the log file `path` (mode `LOG_MODE`, see `open_log`)."""
+    with os.fdopen(open_log(path, append=False), "w") as f:
+        f.write(text)

@@ -279,7 +279,8 @@ def test_auto_transport_follows_the_layout_and_explicit_choices_are_checked():
 
 
 def test_shared_memory_bucket_is_mapped_in_place_by_another_process_and_stale_files_go(tmp_path):
-    from luffy_megatron.sync.shm_buffer import ShmBuffer, remove_stale
+    from luffy_megatron.sync.shm_buffer import ShmBuffer
+    from luffy_megatron.utils.scratch import sweep
 
     buf = ShmBuffer(1 << 20, tag="test", directory=str(tmp_path))
     buf.tensor[:8] = torch.arange(8, dtype=torch.uint8)
@@ -297,8 +298,8 @@ def test_shared_memory_bucket_is_mapped_in_place_by_another_process_and_stale_fi
     assert out.stdout.strip() == str(list(range(8))), out.stderr[-2000:]
     assert int(buf.tensor[8]) == 99  # the other process wrote into the same memory: no copy in between
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"luffy-sync-{dead.stdout.strip()}-slot0-abc"
+    stale = tmp_path / f"luffy-bucket-{dead.stdout.strip()}-slot0-0123456789ab"  # nobody holds its lock
     stale.write_bytes(b"x")
-    assert remove_stale(str(tmp_path)) == [str(stale)] and Path(buf.path).exists()
+    assert sweep(str(tmp_path)) == [str(stale)] and Path(buf.path).exists()
     buf.close()
     assert not Path(buf.path).exists()
