@@ -19,6 +19,7 @@ from luffy_megatron.cluster.supervision import GuardedRanks, RankFailure, RunErr
 from luffy_megatron.config import Config, ConfigError
 from luffy_megatron.data.sampler import PromptSampler
 from luffy_megatron.rollout.faults import EngineFailure, EngineSupervisor
+from luffy_megatron.utils.fs import sweep_abandoned
 from luffy_megatron.utils.preemption import Preempted, StopSignals
 
 log = logging.getLogger("luffy.trainer")
@@ -65,6 +66,7 @@ class RunProgress:
             check_data(latest, data, allow_change=cfg.trainer.allow_data_change)  # before the long load
             state = ranks.run(load_checkpoint, latest)
         elif cfg.trainer.resume == "auto":
+            sweep_abandoned(out / "checkpoints")  # saves a killed job cut short: a full checkpoint each, named
             latest, state = load_newest(ranks, out / "checkpoints", data, allow_change=cfg.trainer.allow_data_change)
         else:
             latest, state = None, None

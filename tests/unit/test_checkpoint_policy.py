@@ -104,3 +104,15 @@ def test_luffy_train_prints_a_failed_save_as_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "luffy-train: error: writing the checkpoint of step 4 under /x failed: No space left on device\n"
     )
+
+
+def test_saves_cut_short_are_removed_at_resume_naming_each_and_its_size(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, 1, {"data_position": 4})
+    torn = root / "step_000002.tmp-424242" / "model_optim"
+    torn.mkdir(parents=True)
+    (torn / "shard").write_bytes(b"x" * 2**21)
+    with caplog.at_level(logging.WARNING):
+        assert resume(tmp_path, Ranks()).step == 1
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001"]
+    assert f"removed {root / 'step_000002.tmp-424242'} (2.0 MiB), left by an interrupted write" in caplog.text
