@@ -157,6 +157,16 @@ def _try_without_the_token(out: Path, text: str, root: Path) -> dict:
     return {"token": token_file.read_text(), "modes": modes, "clients": clients}
 
 
+def _outcome(client: subprocess.Popen) -> tuple[str, str, int]:
+    """(stdout, stderr, exit code) of a client; one still trying after 180 s is killed (exit code -9)."""
+    try:
+        stdout, stderr = client.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        stdout, stderr = client.communicate()
+    return stdout, stderr, client.returncode
+
+
 @pytest.fixture(scope="module")
 def preempted_job(cluster, tiny):
     """One job of STEPS steps, sent SIGUSR1 after its first step: it checkpoints, requeues itself and its second
@@ -174,7 +184,7 @@ def preempted_job(cluster, tiny):
     auth = _try_without_the_token(out, text, cluster[1])
     _wait_for_line(slurm, job_id, log, f"[step 1/{STEPS}]")
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # what --signal=B:USR1@<s> sends near the time limit
-    auth["clients"] = {name: (*p.communicate(timeout=180), p.returncode) for name, p in auth["clients"].items()}
+    auth["clients"] = {name: _outcome(p) for name, p in auth["clients"].items()}
     # polled rather than `sbatch --wait` (which checks every 10 s or so): the requeue and the second run
     deadline = time.time() + JOB_TIMEOUT_S
     while (job := slurm.job(job_id))["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
