@@ -160,9 +160,11 @@ node_ip() {
 # shell is dropped (Ray would take it before the file). The nodes must see the same file: RAY_TOKEN_DIR (default
 # the output directory) has to be on a file system shared by the job's nodes and, with CONTAINER_IMAGE, mounted
 # in the container at the same path (as the output directory is). The fake nodes of tests/e2e share one.
+# A directory left by an earlier run of this job that was killed before its teardown is removed first.
 make_ray_token() {
   local parent=${RAY_TOKEN_DIR:-$OUTPUT_DIR}
   mkdir -p "$parent" && parent=$(cd "$parent" && pwd) || die "cannot make RAY_TOKEN_DIR=$parent"
+  rm -rf "$parent/.ray-auth-$SLURM_JOB_ID".*
   RAY_TOKEN_HOME=$(mktemp -d "$parent/.ray-auth-$SLURM_JOB_ID.XXXXXX") || die "cannot make a directory in $parent"
   chmod 700 "$RAY_TOKEN_HOME"
   (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$RAY_TOKEN_HOME/token")
@@ -295,6 +297,7 @@ requeue() {
     return 0
   fi
   stop_ray  # before the requeue: Slurm ends this run as soon as the job is requeued
+  remove_ray_token
   say "requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); the next run resumes from the newest checkpoint"
   scontrol requeue "$SLURM_JOB_ID" || say "scontrol requeue $SLURM_JOB_ID failed: resubmit the job to resume"
 }
