@@ -42,16 +42,16 @@ test-fast: setup
 	$(PY) -m pytest -q tests/unit
 
 demo: setup
-	RAY_AUTH_MODE=disabled $(PY) tools/demo.py
+	$(PY) tools/demo.py
 
 # LUFFY vs on-policy GRPO vs unshaped LUFFY vs SFT on a weak model, 3 seeds x 70 steps (~30-35 min on 2 cores): the table and
 # plots land in docs/experiment/. Runs live in outputs/experiment/; an interrupted run resumes, a finished one is kept.
 experiment: setup
-	RAY_AUTH_MODE=disabled $(PY) tools/experiment.py
+	$(PY) tools/experiment.py
 
 # The same comparison with 1 seed and 10 steps (~4-5 min): docs/experiment/quick/.
 experiment-quick: setup
-	RAY_AUTH_MODE=disabled $(PY) tools/experiment.py --quick
+	$(PY) tools/experiment.py --quick
 
 bench: setup
 	@set -e; for b in tools/bench/*.py; do echo "== $$b"; $(PY) $$b; done

@@ -5,7 +5,12 @@
 #      (parallel.nnodes, + cluster.rollout_nnodes when disaggregated) match; a failure here stops the job before
 #      any Ray process starts, with the error in the log (exit code 2 for a recipe that does not load);
 #   2. the Ray head on the first node, then a Ray worker on every other node, one after another, each waited
-#      for until `ray status` counts it (RAY_JOIN_TIMEOUT_S, then the job fails naming the node);
+#      for until `ray status` counts it (RAY_JOIN_TIMEOUT_S, then the job fails naming the node). Each node's Ray
+#      uses its Slurm NodeAddr (--node-ip-address). Token auth is always on, with a token of the run's own that
+#      is never printed: a file of mode 0600 in a new directory of mode 0700 under RAY_TOKEN_DIR (default: the
+#      output directory, which every node and container of the job sees already), named to every `ray start`
+#      and to luffy-train by RAY_AUTH_TOKEN_PATH in their environment; removed at teardown. A Ray client without
+#      the token is refused;
 #   3. `luffy-train --config RECIPE --set ...` with RAY_ADDRESS, in the batch step (with CONTAINER_IMAGE: in the
 #      job's container on the first node, through srun);
 #   4. preemption: SIGUSR1 (sbatch --signal=B:USR1@<s>, or `scancel --batch --signal=USR1 <job>`) and SIGTERM reach
@@ -44,7 +49,7 @@ luffy_setup_env() {
   RAY_STOP_TIMEOUT_S=${RAY_STOP_TIMEOUT_S:-60}
   RAY_START_ARGS=${RAY_START_ARGS:-}
   MAX_REQUEUES=${MAX_REQUEUES:-20}
-  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}  # token auth on would make the workers fail to join
+  RAY_TOKEN_DIR=${RAY_TOKEN_DIR:-}
   export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
   export PYTHONUNBUFFERED=1
 
@@ -149,6 +154,31 @@ node_ip() {
   echo "$addr"
 }
 
+# The run's Ray token (see the header, step 2): 32 bytes from /dev/urandom as hex, written with umask 077 into a
+# new mktemp directory (mode 0700); never printed. srun passes this shell's environment to every step, so every
+# `ray start` and luffy-train gets RAY_AUTH_MODE=token and the file's path; a RAY_AUTH_TOKEN from the submitting
+# shell is dropped (Ray would take it before the file). The nodes must see the same file: RAY_TOKEN_DIR (default
+# the output directory) has to be on a file system shared by the job's nodes and, with CONTAINER_IMAGE, mounted
+# in the container at the same path (as the output directory is). The fake nodes of tests/e2e share one.
+# A directory left by an earlier run of this job that was killed before its teardown is removed first.
+make_ray_token() {
+  local parent=${RAY_TOKEN_DIR:-$OUTPUT_DIR}
+  mkdir -p "$parent" && parent=$(cd "$parent" && pwd) || die "cannot make RAY_TOKEN_DIR=$parent"
+  rm -rf "$parent/.ray-auth-$SLURM_JOB_ID".*
+  RAY_TOKEN_HOME=$(mktemp -d "$parent/.ray-auth-$SLURM_JOB_ID.XXXXXX") || die "cannot make a directory in $parent"
+  chmod 700 "$RAY_TOKEN_HOME"
+  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$RAY_TOKEN_HOME/token")
+  [ -s "$RAY_TOKEN_HOME/token" ] || die "cannot write the Ray token under $RAY_TOKEN_HOME"
+  unset RAY_AUTH_TOKEN
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_TOKEN_HOME/token
+}
+
+remove_ray_token() {
+  [ -n "$RAY_TOKEN_HOME" ] && rm -rf "$RAY_TOKEN_HOME"
+  RAY_TOKEN_HOME=
+  return 0
+}
+
 # Nodes `ray status` reports (active + idle), 0 while the head does not answer.
 ray_node_count() {
   { "${ON_BATCH_HOST[@]}" ray status --address="$RAY_HEAD" 2>/dev/null || true; } | awk '
@@ -251,6 +281,7 @@ teardown() {
     stop_pid "$DRIVER_PID" "luffy-train" USR1
   fi
   stop_ray
+  remove_ray_token
   say "=== job $SLURM_JOB_ID run $((${SLURM_RESTART_COUNT:-0} + 1)) exits with $rc"
   if [ -n "$TEE_PID" ]; then  # let the log copy finish before Slurm ends the batch step
     exec >&- 2>&-
@@ -266,6 +297,7 @@ requeue() {
     return 0
   fi
   stop_ray  # before the requeue: Slurm ends this run as soon as the job is requeued
+  remove_ray_token
   say "requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); the next run resumes from the newest checkpoint"
   scontrol requeue "$SLURM_JOB_ID" || say "scontrol requeue $SLURM_JOB_ID failed: resubmit the job to resume"
 }
@@ -273,7 +305,7 @@ requeue() {
 # ------------------------------------------------------------------------------------------ main
 
 luffy_slurm_main() {
-  DRIVER_PID= HEAD_SRUN_PID= TEE_PID= STOP_SIGNAL= JOB_LOG=
+  DRIVER_PID= HEAD_SRUN_PID= TEE_PID= STOP_SIGNAL= JOB_LOG= RAY_TOKEN_HOME=
   WORKER_SRUN_PIDS=()
   luffy_setup_env
   trap teardown EXIT
@@ -283,6 +315,7 @@ luffy_slurm_main() {
   say "recipe $RECIPE, OVERRIDES='$OVERRIDES', nodes ${NODES[*]}"
   check_recipe
   [ -n "$JOB_LOG" ] || start_job_log "$OUTPUT_DIR"
+  make_ray_token
   start_ray
 
   local rc=0

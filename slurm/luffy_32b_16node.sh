@@ -23,7 +23,8 @@ export OVERRIDES=${OVERRIDES:-}                    # "key=value key=value": each
 export OUTPUT_DIR=${OUTPUT_DIR:-}                  # empty: the recipe's trainer.output_dir (checkpoints, logs/, tensorboard/)
 export CONTAINER_IMAGE=${CONTAINER_IMAGE:-}        # e.g. nvcr.io#nvidia/pytorch:25.04-py3 with luffy-megatron installed (pyxis)
 export CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-}      # e.g. /lustre/me:/lustre/me (pyxis --container-mounts)
-# More: LUFFY_VENV, RAY_PORT, RAY_START_ARGS, RAY_JOIN_TIMEOUT_S, RAY_STOP_TIMEOUT_S, MAX_REQUEUES (slurm/common.sh).
+# More: LUFFY_VENV, RAY_PORT, RAY_START_ARGS, RAY_TOKEN_DIR, RAY_JOIN_TIMEOUT_S, RAY_STOP_TIMEOUT_S, MAX_REQUEUES
+# (slurm/common.sh).
 
 # Slurm runs a copy of this file: find the checkout from the submitted path (or the submit directory).
 if [ -z "${LUFFY_HOME:-}" ]; then

@@ -1,4 +1,6 @@
 import importlib.util
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -6,6 +8,13 @@ import pytest
 
 # Tests import `tests.helpers` and `tools.*` from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Ray token auth on in every Ray cluster the tests start, with a token of the test session's own, in the
+# environment: every `ray start`, driver and subprocess of the tests inherits it, and Ray neither reads nor
+# writes ~/.ray/auth_token. Set before anything imports ray, which reads RAY_AUTH_MODE when it is imported.
+# (Runs of luffy-train and the tools get an environment without it: `helpers.without_ray_auth`.)
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LUFFY_SHARED_DIR", REPO.parent / "shared"))
 PYTHON = REPO / ".venv" / "bin" / "python"
+RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def without_ray_auth(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the test session's Ray token (tests/conftest.py): a luffy-train or tool run given it starts
+    its local cluster as a user's run does, with token auth and a token of its own
+    (`luffy_megatron.utils.ray_auth`)."""
+    return {k: v for k, v in env.items() if k not in RAY_AUTH_VARS}
 
 
 # ------------------------------------------------------------------------- weights into running engines

@@ -673,15 +673,17 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from luffy_megatron.reward.pool import RewardPool
+    from luffy_megatron.utils.ray_auth import private_token_for_local_cluster
 
     paths = build_data(work / "data", num_train=args.num_train, num_eval=args.num_eval)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # the grader pool before Ray and vLLM start threads (as luffy-eval does)
     with RewardPool(num_workers=1, timeout_s=10.0, grader="math") as pool:
         if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS", "local")
+            private_token_for_local_cluster(address)  # token auth, with a token of this run's own
             ray.init(
-                address=os.environ.get("RAY_ADDRESS", "local"),
+                address=address,
                 include_dashboard=False,
                 log_to_driver=False,
                 runtime_env={

@@ -12,9 +12,9 @@ died or did not answer raises `EngineFailure` naming the engine, its node and th
 `on_failure` callback, lets it restart the engine (`restart_engine`, same placement bundle) and runs the
 engine's rows again.
 
-Ray set-up is the caller's: export `RAY_AUTH_MODE=disabled` and call
-`ray.init(address="local", ...)` (or the address of a cluster started on purpose), never a bare
-`ray.init()` that may join a stale cluster.
+Ray set-up is the caller's: `ray.init(address="local", ...)` (after
+`utils.ray_auth.private_token_for_local_cluster("local")`, so that the cluster's auth token is the run's own),
+or the address of a cluster started on purpose, never a bare `ray.init()` that may join a stale cluster.
 """
 
 from __future__ import annotations

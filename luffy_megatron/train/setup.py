@@ -30,6 +30,7 @@ from luffy_megatron.rollout.ray_engine import EngineFleet
 from luffy_megatron.sync.weights import resolve_transport
 from luffy_megatron.utils.fs import FileLock, LockHeld, write_log
 from luffy_megatron.utils.preemption import StopSignals
+from luffy_megatron.utils.ray_auth import private_token_for_local_cluster
 
 log = logging.getLogger("luffy.trainer")
 
@@ -132,9 +133,12 @@ def with_total_steps(cfg: Config, num_prompts: int) -> Config:
 
 
 def connect_ray() -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """Joins the cluster at RAY_ADDRESS (the Slurm launcher's, with its token), else starts a local one with
+    token auth and a token of this run's own (`utils.ray_auth`)."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
+        address = os.environ.get("RAY_ADDRESS", "local")
+        private_token_for_local_cluster(address)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
 def resolve_device(cfg: Config) -> str:

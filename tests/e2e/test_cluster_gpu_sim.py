@@ -97,15 +97,14 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("raycluster")
     temp_dir = Path(tempfile.mkdtemp(prefix="lray-", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
     port = _free_port()
-    env = {
+    env = {  # token auth, with the test session's token (tests/conftest.py)
         **os.environ,
-        "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONPATH": str(REPO),
         "VLLM_CPU_KVCACHE_SPACE": "1",
     }
     env.pop("RAY_ADDRESS", None)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "VLLM_CPU_KVCACHE_SPACE")}
+    saved = {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE",)}
     procs = []
     t0 = time.monotonic()
     try:
@@ -125,7 +124,7 @@ def cluster(tmp_path_factory):
         procs.append(
             _start_raylet([f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}"], root / "worker.log", env)
         )
-        os.environ.update(RAY_AUTH_MODE="disabled", VLLM_CPU_KVCACHE_SPACE="1")
+        os.environ.update(VLLM_CPU_KVCACHE_SPACE="1")
         # the driver on the worker node: rank 0 will be on the head's node, not the driver's
         ray.init(address=f"{HEAD_IP}:{port}", _node_ip_address=WORKER_IP, log_to_driver=False)
         nodes = [n for n in ray.nodes() if n["Alive"]]

@@ -9,7 +9,6 @@ per module (20-60 s on 2 cores); everything else reuses it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,9 +91,7 @@ def reference(tmp_path_factory):
 def ray_local():
     import ray
 
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # platform_notes 4.4
-    ray.init(
+    ray.init(  # token auth, with the test session's token (tests/conftest.py)
         address="local",
         num_cpus=2,
         include_dashboard=False,
@@ -106,10 +103,6 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture(scope="module")

@@ -87,9 +87,7 @@ def job_config(root: Path, out: str, steps: int, *extra: str):
 def ray_up():
     import ray
 
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # platform_notes 4.4
-    ray.init(
+    ray.init(  # token auth, with the test session's token (tests/conftest.py)
         address="local",
         num_cpus=2,
         include_dashboard=False,
@@ -100,7 +98,6 @@ def ray_up():
         yield ray
     finally:
         ray.shutdown()
-        os.environ.pop("RAY_AUTH_MODE", None) if saved is None else os.environ.__setitem__("RAY_AUTH_MODE", saved)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,19 @@ with NNODES=2 and recipes/slurm_cpu_test.yaml (tiny model, CPU compute, one Mega
 - a broken recipe, or one for another node count, fails the job before any Ray process starts, with the error
   in the job's log;
 - SIGUSR1 to the batch shell mid-run (as `--signal=B:USR1@<s>` sends it) makes luffy-train checkpoint and exit
-  75, the job requeue itself, and its second run resume from that checkpoint and finish with exit code 0.
+  75, the job requeue itself, and its second run resume from that checkpoint and finish with exit code 0;
+- the job's Ray cluster has token auth on with a token of the run's own (a file of mode 0600 in a directory of
+  mode 0700 under the output directory, removed after the job, never in the log): while it runs, a Ray client
+  with another token, or with none, is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +29,7 @@ import pytest
 
 from tests.e2e.slurm_cluster import FakeSlurmCluster, ensure_slurm_installed, processes_with_env
 from tests.e2e.tiny_run import STEP_LINE, checkpoint_steps, metrics_steps, synthetic_data, tiny_llama_dir
-from tests.helpers import REPO
+from tests.helpers import REPO, without_ray_auth
 
 pytestmark = pytest.mark.e2e
 
@@ -115,11 +120,59 @@ def _assert_nothing_left(cluster):
 STEPS = 3
 
 
+def _wait_for_line(slurm, job_id: str, log: Path, line: str) -> str:
+    deadline = time.time() + JOB_TIMEOUT_S
+    while not (log.exists() and line in (text := log.read_text())):
+        assert time.time() < deadline, f"the job never logged {line!r}"
+        assert slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), (slurm.job(job_id), log.read_text()[-4000:])
+        time.sleep(0.5)
+    return text
+
+
+def _ray_client(address: str, env: dict[str, str]) -> subprocess.Popen:
+    """A Ray driver that tries to join the cluster at `address` (it prints JOINED if it gets in)."""
+    code = f"import ray; ray.init(address={address!r}, log_to_driver=False); print('JOINED')"
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _try_without_the_token(out: Path, text: str, root: Path) -> dict:
+    """While the job's Ray cluster runs: its token file's modes and content, and two clients started against its
+    head, one with another token (the test session's, which the job's environment also had from sbatch), one
+    with no token at all (and a HOME without ~/.ray)."""
+    (token_file,) = out.glob(".ray-auth-*/token")
+    head = re.search(r"ray: head on \S+ \((\S+)\)", text).group(1)
+    home = root / "client_home"
+    home.mkdir(exist_ok=True)
+    base = {**without_ray_auth(os.environ), "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+    base.pop("RAY_ADDRESS", None)
+    clients = {
+        "another token": _ray_client(
+            head, {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]}
+        ),
+        "no token": _ray_client(head, base),
+    }
+    modes = tuple(oct(p.stat().st_mode & 0o777) for p in (token_file.parent, token_file))
+    return {"token": token_file.read_text(), "modes": modes, "clients": clients}
+
+
+def _outcome(client: subprocess.Popen) -> tuple[str, str, int]:
+    """(stdout, stderr, exit code) of a client; one still trying after 180 s is killed (exit code -9)."""
+    try:
+        stdout, stderr = client.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        client.kill()
+        stdout, stderr = client.communicate()
+    return stdout, stderr, client.returncode
+
+
 @pytest.fixture(scope="module")
 def preempted_job(cluster, tiny):
     """One job of STEPS steps, sent SIGUSR1 after its first step: it checkpoints, requeues itself and its second
-    run finishes. (One job serves both the normal-run and the preemption checks: each job costs a Ray cluster
-    on two nodes, a Megatron rank per node and an engine, about 100 s here.)"""
+    run finishes. Once its Ray cluster is up, Ray clients without its token try to join. (One job serves the
+    normal-run, the preemption and the auth checks: each job costs a Ray cluster on two nodes, a Megatron rank
+    per node and an engine, about 100 s here.)"""
     slurm = cluster[0]
     out = cluster[1] / "preempted"
     # save_freq above the run length: the checkpoints are the signal's and the last step's
@@ -127,22 +180,21 @@ def preempted_job(cluster, tiny):
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
     log = out / "logs" / f"luffy-7b-{job_id}.log"
-    deadline = time.time() + JOB_TIMEOUT_S
-    while not (log.exists() and f"[step 1/{STEPS}]" in log.read_text()):
-        assert time.time() < deadline, "the job never logged its first step"
-        assert slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), (slurm.job(job_id), log.read_text()[-4000:])
-        time.sleep(0.5)
+    text = _wait_for_line(slurm, job_id, log, f"ray: lnode{NODES} joined ({NODES}/{NODES} nodes)")
+    auth = _try_without_the_token(out, text, cluster[1])
+    _wait_for_line(slurm, job_id, log, f"[step 1/{STEPS}]")
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # what --signal=B:USR1@<s> sends near the time limit
+    auth["clients"] = {name: _outcome(p) for name, p in auth["clients"].items()}
     # polled rather than `sbatch --wait` (which checks every 10 s or so): the requeue and the second run
     deadline = time.time() + JOB_TIMEOUT_S
     while (job := slurm.job(job_id))["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
         assert time.time() < deadline, (job, log.read_text()[-4000:])
         time.sleep(0.5)
-    return out, job_id, job, log.read_text()
+    return out, job_id, job, log.read_text(), auth
 
 
 def test_the_job_trains_on_both_nodes_and_exits_0(cluster, preempted_job):
-    out, job_id, job, text = preempted_job
+    out, job_id, job, text, _ = preempted_job
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", (job, text[-6000:])
     assert sorted({int(m.group(1)) for m in STEP_LINE.finditer(text)}) == list(range(1, STEPS + 1))
     assert metrics_steps(out) == list(range(1, STEPS + 1)) and checkpoint_steps(out)[-1] == STEPS
@@ -181,7 +233,7 @@ def test_a_recipe_for_another_node_count_fails_before_ray(cluster, tiny):
 
 
 def test_preemption_checkpoints_requeues_and_resumes(cluster, preempted_job):
-    out, job_id, job, text = preempted_job
+    out, job_id, job, text, _ = preempted_job
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["ExitCode"] == "0:0", (job, text[-6000:])
     first, second = text.split(f"=== job {job_id} run 2", 1)
     assert "SIGUSR1 received: forwarded to luffy-train" in first
@@ -194,3 +246,16 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, preempted_job):
     assert metrics_steps(out) == list(range(1, STEPS + 1))  # no step repeated, none lost
     assert checkpoint_steps(out) == [stopped_at, STEPS]
     _assert_nothing_left(cluster)
+
+
+def test_the_job_ray_cluster_refuses_a_client_without_its_token(cluster, preempted_job):
+    out, job_id, job, text, auth = preempted_job
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", (job, text[-6000:])  # the job itself ran
+    for name, (stdout, stderr, rc) in auth["clients"].items():
+        assert rc != 0 and "JOINED" not in stdout, (name, stdout, stderr[-3000:])
+        assert "InvalidAuthToken" in stderr, (name, stderr[-3000:])  # refused by the cluster, not unreachable
+    assert auth["modes"] == ("0o700", "0o600")
+    assert re.fullmatch(r"[0-9a-f]{64}", auth["token"])
+    slurm_out = (cluster[1] / f"slurm-{job_id}.out").read_text()
+    assert auth["token"] not in text and auth["token"] not in slurm_out
+    assert not list(out.glob(".ray-auth-*")), "the job's token directory outlived it"

@@ -93,9 +93,7 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sync_transports")
     hf_dir = _tiny_qwen2(root / "hf")
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # platform_notes 4.4
-    ray.init(
+    ray.init(  # token auth, with the test session's token (tests/conftest.py)
         address="local",
         num_cpus=2,
         include_dashboard=False,
@@ -158,10 +156,6 @@ def world(tmp_path_factory):
         if actors is not None:
             actors.shutdown()
         ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def _engine_greedy(engine) -> list[tuple[list[int], list[float]]]:

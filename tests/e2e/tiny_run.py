@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.helpers import REPO
+from tests.helpers import REPO, without_ray_auth
 
 CACHE = Path(tempfile.gettempdir()) / "luffy-test-cache"
 STEP_LINE = re.compile(r"\[step (\d+)/(\d+)\]")
@@ -116,7 +116,7 @@ def metrics_steps(out: Path) -> list[int]:
 
 
 def env_for_runs() -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**without_ray_auth(os.environ), "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     return env
 

@@ -72,3 +72,33 @@ def test_overrides_reach_luffy_train_as_written_even_when_a_file_matches_them_as
     )
     empty = subprocess.run(["bash", "-c", empty_script], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert empty.returncode == 0 and empty.stdout.strip() == "", empty.stderr
+
+
+def test_each_run_gets_a_private_ray_token_that_is_never_printed(tmp_path):
+    """make_ray_token: 32 random bytes as hex in a file of mode 0600, in a new directory of mode 0700 under
+    RAY_TOKEN_DIR (default OUTPUT_DIR), named by RAY_AUTH_TOKEN_PATH with RAY_AUTH_MODE=token; a RAY_AUTH_TOKEN
+    inherited from the submitting shell is dropped; remove_ray_token deletes the directory, and make_ray_token
+    the directories an earlier, killed run of the same job left (not another job's)."""
+    for stale in ("out/.ray-auth-7.OLDrun", "out/.ray-auth-71.other"):
+        (tmp_path / "job" / stale).mkdir(parents=True)
+    script = (
+        f'source "{REPO / "slurm" / "common.sh"}"\n'
+        "SLURM_JOB_ID=7 OUTPUT_DIR=out RAY_TOKEN_DIR= RAY_TOKEN_HOME= RAY_AUTH_MODE=disabled RAY_AUTH_TOKEN=inherited\n"
+        "make_ray_token\n"
+        'echo "mode=$RAY_AUTH_MODE path=$RAY_AUTH_TOKEN_PATH token=${RAY_AUTH_TOKEN-unset}"\n'
+        'stat -c "%a" "$RAY_TOKEN_HOME" "$RAY_AUTH_TOKEN_PATH"\n'
+        'cp "$RAY_AUTH_TOKEN_PATH" ../copy; first=$RAY_TOKEN_HOME\n'
+        'remove_ray_token; make_ray_token; [ -e "$first" ] || echo "first removed"\n'
+        'cmp -s "$RAY_AUTH_TOKEN_PATH" ../copy || echo "second differs"\n'
+    )
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path / "job", capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    token = (tmp_path / "copy").read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token), token
+    assert token not in done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    path = re.fullmatch(r"mode=token path=(\S+) token=unset", lines[0]).group(1)
+    assert re.fullmatch(rf"{tmp_path}/job/out/\.ray-auth-7\.\w+/token", path), path  # absolute, under OUTPUT_DIR
+    assert lines[1:] == ["700", "600", "first removed", "second differs"]
+    left = sorted(p.name for p in (tmp_path / "job" / "out").glob(".ray-auth-*"))
+    assert len(left) == 2 and ".ray-auth-71.other" in left and ".ray-auth-7.OLDrun" not in left, left

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -164,7 +163,7 @@ def sync_runs(args) -> list[tuple[str, bool]]:
 
 def time_transport(args, actors, fleet, bucket: int, transport: str, direct: bool, copy_s: float, result: dict):
     """One untimed set-up sync, then `args.repeat` timed syncs over `transport`; adds their numbers to `result`."""
-    import ray  # lazy: imported only after main sets RAY_AUTH_MODE
+    import ray  # lazy: the tool loads Ray only when it runs (main)
 
     ray.get([e.call.remote("set_direct_load", direct) for e in fleet.engines])
     key = transport if direct else f"{transport}_layerwise"
@@ -195,7 +194,7 @@ def time_transport(args, actors, fleet, bucket: int, transport: str, direct: boo
 
 def print_timeline(fleet, transport: str, t0: float) -> None:
     """Print each engine's calls since `t0` (wall clock), relative to it."""
-    import ray  # lazy: imported only after main sets RAY_AUTH_MODE
+    import ray  # lazy: the tool loads Ray only when it runs (main)
 
     for i, events in enumerate(ray.get([e.get_calls.remote() for e in fleet.engines])):
         last = [ev for ev in events if ev[1] >= t0]
@@ -222,17 +221,18 @@ def summarize(args, result: dict) -> None:
 
 def main() -> int:
     args = parse()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from luffy_megatron.cluster.actor_group import ActorGroup
     from luffy_megatron.cluster.placement import reserve
     from luffy_megatron.config import load_config
     from luffy_megatron.rollout.ray_engine import EngineFleet
+    from luffy_megatron.utils.ray_auth import private_token_for_local_cluster
 
     work = Path(tempfile.mkdtemp(prefix="luffy-bench-sync-"))
     hf = make_model(args, work / "hf")
     sizes, tensor_bytes = tensor_sizes(hf)
+    private_token_for_local_cluster("local")  # token auth, with a token of this run's own
     ray.init(
         address="local",
         include_dashboard=False,
