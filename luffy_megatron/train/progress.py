@@ -3,6 +3,7 @@ stop signal, and what a failure leaves to resume from."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -54,22 +55,28 @@ class RunProgress:
         out: Path,
         *,
         kl_ctrl=None,
+        workers=None,
     ) -> RunProgress:
         """Continue from trainer.resume_from (`luffy-train --resume PATH`), else from the newest complete
         checkpoint (trainer.resume=auto); the step reached is also the actor's weight version. The checkpoint's
         training data must be the run's (`check_data`). The engines get the actor's weights first unless they
         are known to hold them (`EngineFleet.synced_version`: fresh workers, or the last run on these workers
-        ended synced)."""
+        ended synced). `workers` (`cluster.Workers`): a checkpoint is loaded with colocated engines asleep
+        (`Workers.engines_asleep`), and they wake their KV cache only after the sync."""
         data = data_fingerprint(cfg.data.train_files, sampler.size)
+        latest, state = None, None
         if cfg.trainer.resume_from:
             latest = resume_path(cfg.trainer.resume_from)
             check_data(latest, data, allow_change=cfg.trainer.allow_data_change)  # before the long load
-            state = ranks.run(load_checkpoint, latest)
+            with engines_asleep(workers):
+                state = ranks.run(load_checkpoint, latest)
         elif cfg.trainer.resume == "auto":
             sweep_abandoned(out / "checkpoints")  # saves a killed job cut short: a full checkpoint each, named
-            latest, state = load_newest(ranks, out / "checkpoints", data, allow_change=cfg.trainer.allow_data_change)
-        else:
-            latest, state = None, None
+            if find_latest(out / "checkpoints") or complete_checkpoints(out / "checkpoints"):
+                with engines_asleep(workers):
+                    latest, state = load_newest(
+                        ranks, out / "checkpoints", data, allow_change=cfg.trainer.allow_data_change
+                    )
         step = 0
         if latest is not None:
             sampler.position = state.get("data_position", 0)
@@ -77,7 +84,11 @@ class RunProgress:
                 kl_ctrl.load_state_dict(state["kl_ctrl"])
             step = int(state["step"])
         if latest is not None or engines.fleet.synced_version != step:
+            if workers is not None:
+                workers.rollout_phase()  # colocated: the ranks give back their cache, the weights wake for the sync
             engines.sync(version=step)
+            if workers is not None:
+                workers.generation_phase()
         engines.version = step
         if latest is not None:
             log.warning("resumed from %s (step %d)", latest, step)
@@ -182,6 +193,11 @@ def checkpoint_error(root: Path, step: int, cause: OSError) -> CheckpointError:
         f"writing the checkpoint of step {step} under {root} failed: {what}{where}; {free}. The run stops; "
         f"{resume_from}: free space (or fix the permissions) and run the same command again to resume from it"
     )
+
+
+def engines_asleep(workers):
+    """`Workers.engines_asleep()`, or nothing when the caller has no `cluster.Workers` (tests of the policy)."""
+    return workers.engines_asleep() if workers is not None else contextlib.nullcontext()
 
 
 def load_newest(ranks: GuardedRanks, root: Path, data: dict, *, allow_change: bool) -> tuple[Path | None, dict | None]:

@@ -163,6 +163,7 @@ def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool, log_dir: Path | No
     try:
         workers.actors = ActorGroup(placement)
         build_ranks(workers.actors, cfg, pad_id, log_dir)
+        workers.after_build()  # colocated: the ranks keep only their weights on the GPU while the engines start
         workers.fleet = start_engines(cfg, placement, use_gpu=use_gpu, log_dir=log_dir)
         # Engines and a fresh actor load the same model.path: both hold weight version 0 (no sync before
         # step 1). An actor started from model.load_checkpoint holds other weights: sync them first.
@@ -204,7 +205,8 @@ def adopt_workers(cfg: Config, workers: Workers, out: Path, pad_id: int) -> bool
         log.warning(
             "these workers' Megatron ranks hold the run in %s: rebuilding the actor for %s", workers.actor_run, out
         )
-        build_ranks(workers.actors, cfg, pad_id, out / "logs" / "workers", fresh=True)
+        with workers.engines_asleep():  # colocated: the new actor is built while the engines sleep
+            build_ranks(workers.actors, cfg, pad_id, out / "logs" / "workers", fresh=True)
         workers.fleet.synced_version = None  # the engines hold the other run's weights
     workers.actor_run = str(out)
     return rebuilt

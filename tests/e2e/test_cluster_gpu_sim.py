@@ -16,6 +16,7 @@ CUDA_VISIBLE_DEVICES a vLLM worker would get.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -242,6 +243,18 @@ def calls(events, name: str) -> list[tuple[float, float]]:
     return [(t0, t1) for n, t0, t1 in events if n == name]
 
 
+def check_phase_contract(workers, cfg) -> None:
+    """What every fake GPU held at every transition of the run (each rank's and engine's memory ledger) is a
+    phase the memory plan of this very config counts (`perf/phase_contract.py`)."""
+    from luffy_megatron.perf.memory_plan import make_plan
+    from luffy_megatron.perf.phase_contract import run_timelines, violations
+
+    timelines = run_timelines(workers)
+    assert timelines and all(segs for _, segs in timelines.values())
+    found = violations(timelines, make_plan(cfg))
+    assert not found, "\n".join(found[:8])
+
+
 def check_rank_placement(report: dict, cluster: dict) -> list[dict]:
     ranks = report["ranks"]
     rank0 = ranks[0]
@@ -387,18 +400,28 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_000001"  # saved while offloaded
         assert json.loads((out / "placement.json").read_text())["rendezvous"]["master_addr"] == HEAD_IP
 
-        # the order of one colocated step, from the actors' own call logs
+        # the order of start and one colocated step, from the actors' own call logs
         engine_events, rank_events = workers.fleet.events(), workers.actors.events()
         assert workers.fleet.weight_versions() == [1, 1]
         for ev in engine_events:
             names = [n for n, _, _ in ev if n != "start"]
-            assert names == ["generate", "sleep", "wake_up", "begin_weight_update", "finish_weight_update"], names
+            # the weights wake for the sync, the KV cache only after it
+            assert names == [
+                "generate",
+                "sleep",
+                "wake_up",
+                "begin_weight_update",
+                "finish_weight_update",
+                "wake_up",
+            ], names
         slept = max(t1 for ev in engine_events for t0_, t1 in calls(ev, "sleep"))
         woke = min(t0_ for ev in engine_events for t0_, t1 in calls(ev, "wake_up"))
+        started = min(t0_ for ev in engine_events for t0_, t1 in calls(ev, "start"))
         for ev in rank_events:
             names = [n for n, _, _ in ev]
             assert names == [
                 "build",
+                "offload_to_host",
                 "reload_to_device",
                 "compute_log_probs",
                 "compute_ref_log_probs",
@@ -407,15 +430,26 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
                 "sync_weights",
                 "save_checkpoint",
             ], names
+            assert calls(ev, "offload_to_host")[0][1] <= started  # the engines start beside the weights alone
             assert slept <= calls(ev, "reload_to_device")[0][0]  # the engines freed the GPU first
-            assert calls(ev, "offload_to_host")[0][1] <= woke  # and got it back only after the update
+            assert calls(ev, "offload_to_host")[1][1] <= woke  # and got it back only after the update
             assert calls(ev, "update")[0][1] <= woke
+
+        # a second run on these workers resumes from the checkpoint (loaded with the engines asleep), one more step
+        cfg2 = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, total_training_steps=2))
+        train(cfg2, workers=workers)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        assert workers.fleet.weight_versions() == [2, 2]
+        for ev in workers.actors.events():
+            assert calls(ev, "load_checkpoint")
+        check_phase_contract(workers, cfg2)
 
         # the optimizer state is on host now (rollout); it comes back intact
         away = training_states(workers.actors)
         for state in away:
             assert state["offloaded"] and state["grad_buffer_bytes"] == 0 and state["optimizer_state_bytes"] > 0
-            assert state["step"] == 1 and state["optimizer_state_devices"] == ["cpu"]
+            assert state["step"] == 2 and state["optimizer_state_devices"] == ["cpu"]
         workers.actors.reload_to_device()
         for state, back in zip(away, training_states(workers.actors)):
             assert not back["offloaded"] and back["grad_buffer_bytes"] > 0
@@ -474,6 +508,10 @@ def test_disaggregated_one_node_trains_the_other_generates(cluster, tiny, tmp_pa
         (ev,) = workers.fleet.events()
         assert [n for n, _, _ in ev if n != "start"] == ["generate", "begin_weight_update", "finish_weight_update"]
         assert workers.fleet.weight_versions() == [1]
+        cfg2 = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, total_training_steps=2))
+        train(cfg2, workers=workers)  # resumes from the step-1 checkpoint
+        assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        check_phase_contract(workers, cfg2)
         print(f"disaggregated: workers started in {started:.1f}s, one step in {trained:.1f}s")
     finally:
         workers.shutdown()
