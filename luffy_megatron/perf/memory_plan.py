@@ -481,7 +481,6 @@ class _StageInputs:
     stage: int
     state: TrainerStateBytes
     mem: TrainerMemory
-    build_cache: int  # bytes of the fp32 construction the caching allocator keeps until the cache is emptied
 
 
 @dataclass(frozen=True)
@@ -574,8 +573,6 @@ def _phases(cfg, lay: LayoutNumbers, eng: EngineMemory, inputs: _StageInputs, pr
     ):
         ph = Phase(name, "all")
         _add_trainer_state(ph, cfg, inputs.state, dp_cp=dp_cp, reference=reference, on_host=trainer_on_host)
-        if name == "build":
-            ph.add("build_cache", "fp32 construction (cached, not yet emptied)", inputs.build_cache or None)
         if name in ("log-probs", "update"):
             _add_trainer_transient(ph, cfg, inputs.mem, update=name == "update")
         _add_trainer_process(ph, procs, synced=synced)
@@ -593,8 +590,6 @@ def _trainer_phases(cfg, lay: LayoutNumbers, inputs: _StageInputs, procs: _Proce
     for name in ("startup", "resume", "log-probs", "update"):
         ph = Phase(name, "trainer")
         _add_trainer_state(ph, cfg, inputs.state, dp_cp=dp_cp, reference=reference, on_host=False)
-        if name == "startup":
-            ph.add("build_cache", "fp32 construction (cached, not yet emptied)", inputs.build_cache or None)
         if name in ("log-probs", "update"):
             _add_trainer_transient(ph, cfg, inputs.mem, update=name == "update")
         _add_trainer_process(ph, procs, synced=name != "startup")
@@ -761,9 +756,7 @@ def _stage_inputs(cfg, arch: HFArch, lay: LayoutNumbers, params: ParamCounts, st
     state = trainer_state_bytes(
         n, bf16=m.dtype == "bf16", distributed_optimizer=p.use_distributed_optimizer, dp_cp=lay.dp * lay.cp
     )
-    # megatron builds the model in fp32 and Float16Module casts it: the fp32 blocks stay cached until emptied
-    build_cache = 4 * n if m.dtype == "bf16" else 0
-    return _StageInputs(stage, state, trainer_memory(cfg, arch, lay, params, stage), build_cache)
+    return _StageInputs(stage, state, trainer_memory(cfg, arch, lay, params, stage))
 
 
 def _processes(cfg, arch: HFArch, lay: LayoutNumbers, asm: Assumptions) -> _Processes:
@@ -886,7 +879,6 @@ def _term_advice(cfg, tp: int, pp: int, asm: Assumptions) -> dict[str, str]:
         ),
         "sync_buckets": f"lower rollout.weight_sync_bucket_mb (now {r.weight_sync_bucket_mb}; a slot is never "
         "smaller than the largest tensor)",
-        "build_cache": sizes,
     }
 
 

@@ -27,7 +27,6 @@ _TERM_ORDER = [
     "grads",
     "main_params",
     "moments",
-    "build_cache",
     "activations",
     "forward_workspace",
     "logits",

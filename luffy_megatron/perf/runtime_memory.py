@@ -52,6 +52,7 @@ class Communicator:
     size: int  # ranks (or processes) in it
     local: int  # of them on this rank's node
     used: bool  # the trainer runs collectives on it
+    ranks: tuple[int, ...] = ()  # the global ranks of a megatron group (empty for the weight sync's)
 
 
 def _members(dims: list[tuple[int, int]]) -> list[int]:
@@ -98,7 +99,7 @@ def trainer_communicators(
         ("world", list(range(world)), True),  # object collectives, barriers, the distributed optimizer's norm
     ]
     out = [
-        Communicator(name, len(ranks), sum(r < gpus_per_node for r in ranks), used)
+        Communicator(name, len(ranks), sum(r < gpus_per_node for r in ranks), used, tuple(ranks))
         for name, ranks, used in groups
         if len(ranks) > 1
     ]
