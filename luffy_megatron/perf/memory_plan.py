@@ -532,7 +532,7 @@ def _add_trainer_transient(ph: Phase, cfg, mem: TrainerMemory, *, update: bool) 
 def _add_trainer_process(ph: Phase, procs: _Processes, *, synced: bool) -> None:
     """The trainer's sync slots (from the first sync on, kept for the run) and the process's own memory."""
     if synced and procs.sync.trainer:
-        ph.add("sync_buckets", f"weight-sync slots ({procs.sync.what})", procs.sync.trainer)
+        ph.add("sync_buckets", f"weight-sync slots ({procs.sync.trainer_what})", procs.sync.trainer)
     ph.add("trainer_process", f"trainer CUDA context + NCCL ({len(procs.comms)} comms)", procs.trainer)
 
 

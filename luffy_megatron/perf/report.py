@@ -280,7 +280,7 @@ def _verdict_block(plan: Plan) -> list[str]:
     """ "fits" with the fullest phase, or every problem and the single changes that would fit."""
     asm = plan.assumptions
     if plan.fits:
-        fullest = max(plan.phases, key=lambda ph: ph.total)
+        fullest = max(reversed(plan.phases), key=lambda ph: ph.total)  # of equal ones, the later
         where = "" if fullest.gpus == "all" else f" ({fullest.gpus} GPUs)"
         return [
             f"fits: the fullest phase is {fullest.name}{where} at {gib_str(fullest.total)} of "

@@ -148,6 +148,7 @@ class SyncBuffers:
     trainer: int  # bytes on a (sending) trainer GPU
     engine: int  # bytes in an engine worker, outside its vLLM reservation
     what: str  # how the transport holds them
+    trainer_what: str  # what of it is on a trainer GPU
 
 
 def sync_buffers(transport: str, *, bucket_mb: int, arch: HFArch, dtype_bytes: int) -> SyncBuffers:
@@ -157,7 +158,7 @@ def sync_buffers(transport: str, *, bucket_mb: int, arch: HFArch, dtype_bytes: i
     largest, what = largest_export_tensor(arch, dtype_bytes)
     slot = max(bucket_mb * 2**20, largest)
     if transport == "collective":
-        return SyncBuffers(transport, slot, what, 2 * slot, 2 * slot, "2 send + 2 receive slots")
+        return SyncBuffers(transport, slot, what, 2 * slot, 2 * slot, "2 send + 2 receive slots", "2 send slots")
     if transport == "object_store":
-        return SyncBuffers(transport, slot, what, slot, 0, "1 device slot")
-    return SyncBuffers(transport, slot, what, 2 * slot, 0, "2 CUDA IPC slots")
+        return SyncBuffers(transport, slot, what, slot, 0, "1 device slot", "1 device slot")
+    return SyncBuffers(transport, slot, what, 2 * slot, 0, "2 CUDA IPC slots", "2 CUDA IPC slots")
