@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mean response (generated or demonstration) length / data.max_response_length "
         f"(default {DEFAULTS.mean_response_frac:g})",
     )
+    ap.add_argument(
+        "--nccl-nvls",
+        action="store_true",
+        help="plan the trainer's NCCL communicators with NVLS buffers (NCCL's default on H100 NVSwitch nodes); "
+        "without it the plan assumes NCCL_NVLS_ENABLE=0 on the trainer ranks",
+    )
     return ap
 
 
@@ -148,6 +154,7 @@ def main(argv=None) -> int:
             gen_bandwidth_util=args.gen_bandwidth_util,
             mean_prompt_frac=args.mean_prompt_frac,
             mean_response_frac=args.mean_response_frac,
+            nccl_nvls=args.nccl_nvls,
         )
         plan = plan_with_suggestions(cfg, assumptions, recipe=args.recipe)
     except (ConfigError, PlanError) as err:

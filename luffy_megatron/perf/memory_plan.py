@@ -6,6 +6,7 @@ What is modeled and assumed, term by term: docs/plan.md.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -27,14 +28,30 @@ from luffy_megatron.perf.flops import (
     trainer_state_bytes,
     update_flops,
 )
+from luffy_megatron.perf.runtime_memory import (
+    SyncBuffers,
+    sync_buffers,
+    trainer_communicators,
+    trainer_process_bytes,
+)
+from luffy_megatron.sync.weights import resolve_transport
 
-__all__ = ["GIB", "Assumptions", "Phase", "Plan", "Term", "make_plan"]
+__all__ = [
+    "GIB",
+    "STATE_KEYS",
+    "Assumptions",
+    "Phase",
+    "Plan",
+    "Term",
+    "colocated_offload_problem",
+    "make_plan",
+    "on_gpu_state_keys",
+]
 
 GIB = 2**30
 
-# Processes outside PyTorch's own tensors: CUDA context (~0.5 GiB on H100) and NCCL communicator buffers.
-# The trainer has TP, DP, PP (and CP) groups, a vLLM worker its engine-TP group.
-TRAINER_PROCESS_GIB = 1.5
+# The trainer process outside its tensors (CUDA context, one NCCL communicator per process group):
+# perf/runtime_memory.py. A vLLM worker's: CUDA context and its engine-TP group.
 ENGINE_PROCESS_GIB = 1.0
 # Inside vLLM's reservation besides weights, activations and KV cache: cuBLAS workspaces and other
 # non-torch allocations made during its profile run; CUDA graphs when enforce_eager=false.
@@ -69,6 +86,8 @@ class Assumptions:
     gen_bandwidth_util: float = 0.5  # share of the HBM bandwidth a decode step achieves
     mean_prompt_frac: float = 0.25  # mean prompt = this x data.max_prompt_length
     mean_response_frac: float = 0.5  # mean response (generated or demonstration) = this x data.max_response_length
+    # NCCL's NVLS buffers on the trainer ranks: off assumes NCCL_NVLS_ENABLE=0 in their environment
+    nccl_nvls: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,7 @@ class EngineMemory:
 
     weights: float
     activations: float
+    cuda_graphs: float  # inside the reservation, 0 with rollout.enforce_eager
     reservation: float  # gpu_memory_utilization x the GPU
     kv: float  # the rest of the reservation (negative when nothing is left)
     kv_per_token: int
@@ -172,11 +192,30 @@ class GenerationEstimate:
 
 @dataclass(frozen=True)
 class HostMemory:
-    """Pinned host memory (colocated) for what sleeps or is offloaded: bytes per GPU of each, and per node."""
+    """Pinned host memory (colocated) for what is offloaded, bytes per GPU of each and per node; the engines'
+    weights only at the sleep level 1 fallback (level 2 discards them)."""
 
-    engine_weights: float
+    engine_weights: float  # at sleep level 1
     trainer_state: float
-    per_node: float
+    per_node: float  # at sleep level 2
+    per_node_level1: float
+
+
+# What a process holds across phases (the rest are a phase's transients and the processes' own memory): the
+# keys whose presence on a GPU the run's order decides.
+STATE_KEYS = frozenset(
+    {
+        "weights",
+        "ref_weights",
+        "grads",
+        "main_params",
+        "moments",
+        "sync_buckets",
+        "engine_weights",
+        "engine_kv",
+        "engine_sync_buckets",
+    }
+)
 
 
 @dataclass
@@ -226,14 +265,22 @@ class Plan:
     problems: list[str]
     notes: list[str]
     host: HostMemory
+    sync: SyncBuffers
+    comms: list  # runtime_memory.Communicator: the NCCL communicators of trainer rank 0
     suggestions: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
         return not self.problems
 
-    def phase(self, name: str) -> Phase:
-        return next(p for p in self.phases if p.name == name)
+    def phase(self, name: str, gpus: Optional[str] = None) -> Phase:
+        """The phase `name` (of the GPUs `gpus`: "all", "trainer" or "rollout", when both have one)."""
+        return next(p for p in self.phases if p.name == name and gpus in (None, p.gpus))
+
+
+def on_gpu_state_keys(phase: Phase) -> frozenset[str]:
+    """The state terms (`STATE_KEYS`) of `phase` that are on the GPU."""
+    return frozenset(t.key for t in phase.terms if t.key in STATE_KEYS and t.bytes is not None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -401,10 +448,10 @@ def engine_memory(cfg, arch: HFArch, lay: LayoutNumbers, gpu_bytes: float) -> En
         VLLM_MAX_NUM_BATCHED_TOKENS * dtype_bytes * (2 * h + (qkv_out + 3 * f) / etp)
         + SAMPLER_COPIES * r.max_num_seqs * vocab * 4
         + ENGINE_NON_TORCH_GIB * GIB
-        + (0 if r.enforce_eager else ENGINE_CUDA_GRAPHS_GIB * GIB)
     )
+    cuda_graphs = 0 if r.enforce_eager else ENGINE_CUDA_GRAPHS_GIB * GIB
     reservation = r.gpu_memory_utilization * gpu_bytes
-    kv = reservation - weights - activations
+    kv = reservation - weights - activations - cuda_graphs
     kv_heads_local = max(1, arch.num_query_groups // etp)
     kv_per_token = 2 * arch.num_layers * kv_heads_local * hd * dtype_bytes
     max_seq = d.max_prompt_length + d.max_response_length
@@ -412,6 +459,7 @@ def engine_memory(cfg, arch: HFArch, lay: LayoutNumbers, gpu_bytes: float) -> En
     return EngineMemory(
         weights=weights,
         activations=activations,
+        cuda_graphs=cuda_graphs,
         reservation=reservation,
         kv=kv,
         kv_per_token=kv_per_token,
@@ -422,7 +470,7 @@ def engine_memory(cfg, arch: HFArch, lay: LayoutNumbers, gpu_bytes: float) -> En
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Phases: the terms of each phase of a step, for one pipeline stage
+# Phases: what one GPU of this stage holds at each point of the run, for one pipeline stage
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -433,6 +481,15 @@ class _StageInputs:
     stage: int
     state: TrainerStateBytes
     mem: TrainerMemory
+
+
+@dataclass(frozen=True)
+class _Processes:
+    """What the phases share: the processes' own memory and the weight-sync buffers."""
+
+    trainer: float  # the trainer process outside its tensors (CUDA context + NCCL)
+    comms: list  # runtime_memory.Communicator of rank 0
+    sync: SyncBuffers
 
 
 def _add_trainer_state(ph: Phase, cfg, state: TrainerStateBytes, *, dp_cp: int, reference: bool, on_host: bool) -> None:
@@ -470,43 +527,83 @@ def _add_trainer_transient(ph: Phase, cfg, mem: TrainerMemory, *, update: bool) 
         f"allocator slack ({ALLOCATOR_SLACK:.0%} of the three above)",
         ALLOCATOR_SLACK * (act + mem.logits + mem.chunk),
     )
-    ph.add("trainer_process", "trainer CUDA context + NCCL", TRAINER_PROCESS_GIB * GIB)
 
 
-def _add_engine_awake(ph: Phase, cfg, eng: EngineMemory, engine_tp: int) -> None:
-    bucket_mb = cfg.rollout.weight_sync_bucket_mb
-    ph.add("engine_weights", f"engine weights (TP={engine_tp})", eng.weights)
-    ph.add("engine_kv", "engine KV cache (rest of the reservation)", max(eng.kv, 0))
-    ph.add("engine_activations", "engine activations + workspaces", eng.activations)
-    ph.add("sync_buckets", f"weight-sync buckets (2 x {bucket_mb} MiB)", 2 * bucket_mb * 2**20)
+def _add_trainer_process(ph: Phase, procs: _Processes, *, synced: bool) -> None:
+    """The trainer's sync slots (from the first sync on, kept for the run) and the process's own memory."""
+    if synced and procs.sync.trainer:
+        ph.add("sync_buckets", f"weight-sync slots ({procs.sync.trainer_what})", procs.sync.trainer)
+    ph.add("trainer_process", f"trainer CUDA context + NCCL ({len(procs.comms)} comms)", procs.trainer)
+
+
+def _add_engine(ph: Phase, cfg, eng: EngineMemory, procs: _Processes, *, etp: int, state: str, synced: bool) -> None:
+    """A vLLM worker `state`: "awake" (its whole reservation), "weights" (woken with its weights only, no KV
+    cache) or "asleep" (level 2: weights discarded, KV cache dropped; the level-1 fallback keeps the weights
+    on the host). CUDA graphs and runtime state come back with the weights (vLLM's non-deferrable tags)."""
+    awake = state != "asleep"
+    ph.add("engine_weights", f"engine weights (TP={etp})", eng.weights if awake else None, "" if awake else "freed")
+    if state == "awake":
+        ph.add("engine_kv", "engine KV cache (rest of the reservation)", max(eng.kv, 0))
+        ph.add("engine_activations", "engine activations + workspaces", eng.activations)
+    if not cfg.rollout.enforce_eager:
+        ph.add("engine_cuda_graphs", "engine CUDA graphs", eng.cuda_graphs if awake else None, "" if awake else "host")
+    if synced and procs.sync.engine:
+        ph.add("engine_sync_buckets", "engine weight-sync receive slots", procs.sync.engine)
     ph.add("engine_process", "engine CUDA context + NCCL", ENGINE_PROCESS_GIB * GIB)
 
 
-def _add_engine_asleep(ph: Phase, engine_tp: int) -> None:
-    ph.add("engine_weights", f"engine weights (TP={engine_tp})", None, "host")
-    ph.add("engine_process", "engine CUDA context + NCCL", ENGINE_PROCESS_GIB * GIB)
+def _phases(cfg, lay: LayoutNumbers, eng: EngineMemory, inputs: _StageInputs, procs: _Processes, *, reference: bool):
+    """Colocated (every GPU holds a rank and an engine worker), in the run's order: build (ranks built, nothing
+    else yet), startup (ranks offloaded, engines start), resume (engines asleep, the rank's state back for the
+    checkpoint load), and each step: sync (engines woken with their weights only), generate, log-probs and
+    update (engines asleep). Disaggregated: the trainer GPUs and the rollout GPUs apart."""
+    if lay.mode != "colocated":
+        return _trainer_phases(cfg, lay, inputs, procs, reference=reference) + _rollout_phases(cfg, lay, eng, procs)
+    offload = bool(cfg.actor.offload_during_rollout)
+    etp, dp_cp = lay.engine_tp, lay.dp * lay.cp
+    phases = []
+    for name, trainer_on_host, engine, synced in (
+        ("build", False, None, False),
+        ("startup", offload, "awake", False),
+        ("resume", False, "asleep", True),
+        ("sync", offload, "weights", True),
+        ("generate", offload, "awake", True),
+        ("log-probs", False, "asleep", True),
+        ("update", False, "asleep", True),
+    ):
+        ph = Phase(name, "all")
+        _add_trainer_state(ph, cfg, inputs.state, dp_cp=dp_cp, reference=reference, on_host=trainer_on_host)
+        if name in ("log-probs", "update"):
+            _add_trainer_transient(ph, cfg, inputs.mem, update=name == "update")
+        _add_trainer_process(ph, procs, synced=synced)
+        if engine:
+            _add_engine(ph, cfg, eng, procs, etp=etp, state=engine, synced=synced)
+        phases.append(ph)
+    return phases
 
 
-def _phases(cfg, lay: LayoutNumbers, eng: EngineMemory, inputs: _StageInputs, *, reference: bool) -> list[Phase]:
-    """The phases of a step on one GPU of this stage: colocated sync+generate, log-probs and update on every
-    GPU; disaggregated generate on the rollout GPUs and the other two on the trainer's."""
+def _trainer_phases(cfg, lay: LayoutNumbers, inputs: _StageInputs, procs: _Processes, *, reference: bool):
+    """Disaggregated trainer GPUs: startup (ranks built), resume, log-probs and update; the sync runs between
+    update and log-probs with the same state."""
     dp_cp = lay.dp * lay.cp
-    colocated = lay.mode == "colocated"
-    offload = cfg.actor.offload_during_rollout and colocated
-    if colocated:
-        gen = Phase("sync+generate", "all")
-        _add_trainer_state(gen, cfg, inputs.state, dp_cp=dp_cp, reference=reference, on_host=offload)
-        gen.add("trainer_process", "trainer CUDA context + NCCL", TRAINER_PROCESS_GIB * GIB)
-    else:
-        gen = Phase("generate", "rollout")
-    _add_engine_awake(gen, cfg, eng, lay.engine_tp)
-    phases = [gen]
-    for name, update in (("log-probs", False), ("update", True)):
-        ph = Phase(name, "all" if colocated else "trainer")
+    phases = []
+    for name in ("startup", "resume", "log-probs", "update"):
+        ph = Phase(name, "trainer")
         _add_trainer_state(ph, cfg, inputs.state, dp_cp=dp_cp, reference=reference, on_host=False)
-        _add_trainer_transient(ph, cfg, inputs.mem, update=update)
-        if colocated:
-            _add_engine_asleep(ph, lay.engine_tp)
+        if name in ("log-probs", "update"):
+            _add_trainer_transient(ph, cfg, inputs.mem, update=name == "update")
+        _add_trainer_process(ph, procs, synced=name != "startup")
+        phases.append(ph)
+    return phases
+
+
+def _rollout_phases(cfg, lay: LayoutNumbers, eng: EngineMemory, procs: _Processes):
+    """Disaggregated rollout GPUs: the engines stay awake (startup, resume, sync, generate); the sync's
+    receive slots stay from the first sync on."""
+    phases = []
+    for name, synced in (("startup", False), ("resume", True), ("sync", True), ("generate", True)):
+        ph = Phase(name, "rollout")
+        _add_engine(ph, cfg, eng, procs, etp=lay.engine_tp, state="awake", synced=synced)
         phases.append(ph)
     return phases
 
@@ -616,28 +713,15 @@ def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = ""
     asm = assumptions
     arch, source = resolve_arch(cfg.model.path)
     lay = layout_numbers(cfg, arch, load_hf_config(cfg.model.path)[0])
-    m, p = cfg.model, cfg.parallel
+    m = cfg.model
     params = param_counts(arch, tp=lay.tp, pp=lay.pp, vocab_divisible_by=m.make_vocab_size_divisible_by)
-    gpu_bytes = asm.gpu_memory_gib * GIB
-    eng = engine_memory(cfg, arch, lay, gpu_bytes)
+    eng = engine_memory(cfg, arch, lay, asm.gpu_memory_gib * GIB)
     reference = uses_reference(cfg.algo)
-
-    candidates = [
-        _StageInputs(
-            stage,
-            trainer_state_bytes(
-                params.per_stage_rank[stage],
-                bf16=m.dtype == "bf16",
-                distributed_optimizer=p.use_distributed_optimizer,
-                dp_cp=lay.dp * lay.cp,
-            ),
-            trainer_memory(cfg, arch, lay, params, stage),
-        )
-        for stage in sorted({0, lay.pp - 1})
-    ]
+    procs = _processes(cfg, arch, lay, asm)
+    candidates = [_stage_inputs(cfg, arch, lay, params, stage) for stage in sorted({0, lay.pp - 1})]
     # the pipeline stage that needs the most memory in its fullest phase
-    worst = max(candidates, key=lambda c: max(ph.total for ph in _phases(cfg, lay, eng, c, reference=reference)))
-    phases = _phases(cfg, lay, eng, worst, reference=reference)
+    worst = max(candidates, key=lambda c: max(ph.total for ph in _phases(cfg, lay, eng, c, procs, reference=reference)))
+    phases = _phases(cfg, lay, eng, worst, procs, reference=reference)
 
     rows = step_rows(cfg, asm)
     flops = step_flops(cfg, arch, params, rows, reference=reference)
@@ -660,22 +744,61 @@ def make_plan(cfg, assumptions: Assumptions = Assumptions(), *, recipe: str = ""
         generation=gen,
         problems=_problems(cfg, phases, lay, eng, asm),
         notes=notes,
-        host=_host_memory(cfg, lay, eng, worst.state),
+        host=_host_memory(cfg, lay, eng, worst.state, reference=reference),
+        sync=procs.sync,
+        comms=procs.comms,
     )
 
 
-def _host_memory(cfg, lay: LayoutNumbers, eng: EngineMemory, state: TrainerStateBytes) -> HostMemory:
-    """Pinned host memory per node for what sleeps or is offloaded (colocated): engine weights at sleep level 1,
-    and with actor.offload_during_rollout the optimizer state while the engines are awake (each process keeps
-    its own pinned buffers, so both count)."""
+def _stage_inputs(cfg, arch: HFArch, lay: LayoutNumbers, params: ParamCounts, stage: int) -> _StageInputs:
+    m, p = cfg.model, cfg.parallel
+    n = params.per_stage_rank[stage]
+    state = trainer_state_bytes(
+        n, bf16=m.dtype == "bf16", distributed_optimizer=p.use_distributed_optimizer, dp_cp=lay.dp * lay.cp
+    )
+    return _StageInputs(stage, state, trainer_memory(cfg, arch, lay, params, stage))
+
+
+def _processes(cfg, arch: HFArch, lay: LayoutNumbers, asm: Assumptions) -> _Processes:
+    """The trainer process's own memory (its NCCL communicators) and the weight-sync buffers, in the engines'
+    dtype (the sync casts to it)."""
+    r, p = cfg.rollout, cfg.parallel
+    colocated = lay.mode == "colocated"
+    transport = resolve_transport(r.weight_sync_transport, lay.mode)
+    comms = trainer_communicators(
+        tp=lay.tp,
+        pp=lay.pp,
+        cp=lay.cp,
+        dp=lay.dp,
+        gpus_per_node=lay.gpus_per_node,
+        distributed_optimizer=p.use_distributed_optimizer,
+        tied_embeddings=arch.tie_word_embeddings,
+        transport=transport,
+        colocated=colocated,
+        engine_tp=lay.engine_tp,
+        engine_workers=lay.num_engines * lay.engine_tp,
+    )
+    sync = sync_buffers(
+        transport, bucket_mb=r.weight_sync_bucket_mb, arch=arch, dtype_bytes=4 if arch.dtype == "float32" else 2
+    )
+    return _Processes(trainer_process_bytes(comms, nvls=asm.nccl_nvls), comms, sync)
+
+
+def _host_memory(
+    cfg, lay: LayoutNumbers, eng: EngineMemory, state: TrainerStateBytes, *, reference: bool
+) -> HostMemory:
+    """Pinned host memory per node for what is offloaded (colocated): with actor.offload_during_rollout the
+    optimizer state (and the reference's weights) while the engines are awake, and the engines' weights while
+    they sleep at level 1 (the fallback; level 2 discards them). Each process keeps its own pinned buffers."""
     colocated = lay.mode == "colocated"
     offload = cfg.actor.offload_during_rollout and colocated
     engine_weights = eng.weights if colocated else 0
-    trainer_state = (state.main_params + state.moments) if offload else 0
+    trainer_state = (state.main_params + state.moments + (state.weights if reference else 0)) if offload else 0
     return HostMemory(
         engine_weights=engine_weights,
         trainer_state=trainer_state,
-        per_node=lay.gpus_per_node * (engine_weights + trainer_state),
+        per_node=lay.gpus_per_node * trainer_state,
+        per_node_level1=lay.gpus_per_node * (engine_weights + trainer_state),
     )
 
 
@@ -699,9 +822,9 @@ def _problems(cfg, phases: list[Phase], lay: LayoutNumbers, eng: EngineMemory, a
 
 def _overflow_message(cfg, ph: Phase, usable: float, lay: LayoutNumbers, eng: EngineMemory, asm: Assumptions) -> str:
     """Names the largest term of a phase that does not fit and what to change for it."""
-    engine_keys = {"engine_weights", "engine_kv", "engine_activations"}
+    engine_keys = set(_RESERVATION_KEYS)
     terms = [t for t in ph.terms if t.bytes and t.key not in engine_keys]
-    if any(t.key in engine_keys and t.bytes for t in ph.terms):  # the reservation is one allocation
+    if any(t.key == "engine_kv" and t.bytes is not None for t in ph.terms):  # the reservation is one allocation
         terms.append(
             Term(
                 "engine_reservation",
@@ -709,12 +832,14 @@ def _overflow_message(cfg, ph: Phase, usable: float, lay: LayoutNumbers, eng: En
                 int(eng.reservation),
             )
         )
+    else:  # woken with its weights only: the terms one by one
+        terms += [t for t in ph.terms if t.bytes and t.key in engine_keys]
     largest = max(terms, key=lambda t: t.bytes)
     over = ph.total - usable
     if largest.key == "engine_reservation":
-        advice = _reservation_advice(cfg, ph, usable, asm.gpu_memory_gib * GIB, eng)
+        advice = _reservation_advice(cfg, ph, usable, asm.gpu_memory_gib * GIB)
     else:
-        advice = _term_advice(cfg, lay.tp, lay.pp).get(largest.key, "see the table")
+        advice = _term_advice(cfg, lay.tp, lay.pp, asm).get(largest.key, "see the table")
     return (
         f"{ph.name} needs {gib_str(ph.total)} GiB per GPU, {gib_str(over)} GiB more than the {gib_str(usable)} "
         f"usable ({asm.gpu_memory_gib:g} GiB less the {asm.reserve_gib:g} GiB reserve); largest term: "
@@ -722,9 +847,9 @@ def _overflow_message(cfg, ph: Phase, usable: float, lay: LayoutNumbers, eng: En
     )
 
 
-def _term_advice(cfg, tp: int, pp: int) -> dict[str, str]:
+def _term_advice(cfg, tp: int, pp: int, asm: Assumptions) -> dict[str, str]:
     """What to change for each trainer term, by its key."""
-    p, m, a = cfg.parallel, cfg.model, cfg.actor
+    p, m, a, r = cfg.parallel, cfg.model, cfg.actor, cfg.rollout
     optimizer = (
         "set parallel.use_distributed_optimizer=true"
         if not p.use_distributed_optimizer
@@ -747,11 +872,21 @@ def _term_advice(cfg, tp: int, pp: int) -> dict[str, str]:
         "logits": f"raise parallel.tensor_model_parallel_size (now {tp}; logits are split over the vocabulary) or "
         f"lower actor.ppo_max_token_len_per_gpu (now {a.ppo_max_token_len_per_gpu})",
         "logprob_chunk": f"lower actor.log_prob_chunk_tokens (now {a.log_prob_chunk_tokens})",
+        "trainer_process": (
+            "set NCCL_NVLS_ENABLE=0 for the trainer ranks (NVLS buffers per communicator)"
+            if asm.nccl_nvls
+            else "fewer process groups (parallel sizes of 1 make none)"
+        ),
+        "sync_buckets": f"lower rollout.weight_sync_bucket_mb (now {r.weight_sync_bucket_mb}; a slot is never "
+        "smaller than the largest tensor)",
     }
 
 
-def _reservation_advice(cfg, ph: Phase, usable: float, gpu_bytes: float, eng: EngineMemory) -> str:
-    others = ph.total - (eng.weights + max(eng.kv, 0) + eng.activations)
+_RESERVATION_KEYS = ("engine_weights", "engine_kv", "engine_activations", "engine_cuda_graphs")
+
+
+def _reservation_advice(cfg, ph: Phase, usable: float, gpu_bytes: float) -> str:
+    others = ph.total - sum(t.bytes for t in ph.terms if t.key in _RESERVATION_KEYS and t.bytes)
     max_util = math.floor((usable - others) / gpu_bytes * 100) / 100
     text = f"lower rollout.gpu_memory_utilization to at most {max_util:.2f}"
     if ph.gpus == "all":  # colocated
@@ -762,3 +897,37 @@ def _reservation_advice(cfg, ph: Phase, usable: float, gpu_bytes: float, eng: En
             )
         text += ", or use cluster.layout=disaggregated"
     return text
+
+
+def colocated_offload_problem(cfg, layout, assumptions: Optional[Assumptions] = None) -> Optional[str]:
+    """For the config check at start: why a colocated GPU layout does not fit without
+    actor.offload_during_rollout, with the plan's numbers, or None (it fits, offload is on, the layout is not
+    colocated, or the plan cannot be made for this model). `layout`: the resolved mode ("colocated",
+    "disaggregated", "cpu") or anything with a `.mode` (cluster.layout.ClusterLayout)."""
+    mode = getattr(layout, "mode", layout)
+    if mode != "colocated" or cfg.actor.offload_during_rollout:
+        return None
+    asm = assumptions or Assumptions()
+    try:
+        plan = make_plan(cfg, asm)
+    except PlanError:
+        return None
+    if plan.fits:
+        return None
+    usable = (asm.gpu_memory_gib - asm.reserve_gib) * GIB
+    over = [ph for ph in sorted(plan.phases, key=lambda ph: -ph.total) if ph.total > usable]
+    text = (
+        "cluster.layout=colocated on GPUs without actor.offload_during_rollout does not fit: "
+        + "; ".join(f"{ph.name} needs {gib_str(ph.total)} GiB per GPU" for ph in over)
+        + f" of {gib_str(usable)} usable ({asm.gpu_memory_gib:g} GiB less {asm.reserve_gib:g} reserve)"
+    )
+    trial = copy.deepcopy(cfg)
+    trial.actor.offload_during_rollout = True
+    offloaded = make_plan(trial, asm)
+    if offloaded.fits:
+        fullest = max(offloaded.phases, key=lambda ph: ph.total)
+        text += (
+            f"; with actor.offload_during_rollout=true the fullest phase is {fullest.name} at "
+            f"{gib_str(fullest.total)} GiB: set it"
+        )
+    return text + " (python tools/plan.py shows every phase)"

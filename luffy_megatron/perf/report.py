@@ -11,6 +11,12 @@ import textwrap
 from luffy_megatron.config import ConfigError, validate
 from luffy_megatron.perf.flops import PlanError
 from luffy_megatron.perf.memory_plan import GIB, Assumptions, Plan, gib_str, make_plan, micro_batch_rows
+from luffy_megatron.perf.runtime_memory import (
+    CUDA_CONTEXT_GIB,
+    NCCL_IDLE_COMM_GIB,
+    NCCL_NVLS_COMM_GIB,
+    NCCL_USED_COMM_GIB,
+)
 
 __all__ = ["format_plan", "plan_with_suggestions", "suggest_fixes"]
 
@@ -26,12 +32,21 @@ _TERM_ORDER = [
     "logits",
     "logprob_chunk",
     "slack",
+    "sync_buckets",
     "trainer_process",
     "engine_weights",
     "engine_kv",
     "engine_activations",
-    "sync_buckets",
+    "engine_cuda_graphs",
+    "engine_sync_buckets",
     "engine_process",
+]
+# the tables of the memory block: (title, role, phase names); a phase named in none is not printed
+_TABLES = [
+    ("memory per GPU at start and resume, GiB", "all", ("build", "startup", "resume")),
+    ("memory per GPU in each step, GiB", "all", ("sync", "generate", "log-probs", "update")),
+    ("memory per trainer GPU, GiB", "trainer", ("startup", "resume", "log-probs", "update")),
+    ("memory per rollout GPU, GiB", "rollout", ("startup", "resume", "sync", "generate")),
 ]
 
 
@@ -97,17 +112,22 @@ def _model_block(plan: Plan) -> list[str]:
         out += _wrapped(
             "engines",
             f"colocated: {lay.num_engines} engines x TP={lay.engine_tp} on the trainer's "
-            f"GPUs, gpu_memory_utilization {r.gpu_memory_utilization:.2f}, asleep (level 1) "
-            f"outside sync+generate{off}",
+            f"GPUs, gpu_memory_utilization {r.gpu_memory_utilization:.2f}{_graphs(r)}; asleep outside sync and "
+            "generate (sleep level 2: weights discarded, the sync refills them; the level 1 fallback keeps them "
+            f"on the host), woken with their weights for the sync, then with the KV cache{off}",
         )
     else:
         out += _wrapped(
             "engines",
             f"disaggregated: {lay.num_engines} engines x TP={lay.engine_tp} on "
             f"{cfg.cluster.rollout_nnodes} rollout nodes ({lay.rollout_gpus} GPUs), "
-            f"gpu_memory_utilization {r.gpu_memory_utilization:.2f}",
+            f"gpu_memory_utilization {r.gpu_memory_utilization:.2f}{_graphs(r)}, always awake",
         )
     return out + [""]
+
+
+def _graphs(r) -> str:
+    return "" if r.enforce_eager else ", CUDA graphs"
 
 
 def _tokens_line(plan: Plan) -> str:
@@ -122,22 +142,30 @@ def _tokens_line(plan: Plan) -> str:
 
 
 def _memory_block(plan: Plan) -> list[str]:
-    """The table of memory per GPU (a row per term, a column per phase), the KV cache and pinned host memory;
-    a blank line."""
+    """A table of memory per GPU for each group of phases (a row per term, a column per phase), then the KV
+    cache, the sync buffers, the trainer's NCCL communicators and pinned host memory; a blank line."""
+    out = []
+    for title, role, names in _TABLES:
+        phases = [ph for name in names for ph in plan.phases if ph.name == name and ph.gpus == role]
+        if phases:
+            out += ([""] if out else []) + _table(plan, title, phases)
+    return out + _engine_and_host_lines(plan) + [""]
+
+
+def _table(plan: Plan, title: str, phases: list) -> list[str]:
     asm = plan.assumptions
-    names = [ph.name + ("" if ph.gpus == "all" else f" ({ph.gpus})") for ph in plan.phases]
     labels: list[tuple[str, str]] = []
-    for ph in plan.phases:
+    for ph in phases:
         for t in ph.terms:
             if (t.key, t.label) not in labels:
                 labels.append((t.key, t.label))
     labels.sort(key=lambda kl: _TERM_ORDER.index(kl[0]))
-    width = max(len(lab) for _, lab in labels) + 2
-    col = max(12, *(len(n) + 2 for n in names))
-    out = ["memory per GPU, GiB".ljust(width + 2) + "".join(n.rjust(col) for n in names)]
+    width = max(len(title) - 2, *(len(lab) for _, lab in labels)) + 2
+    col = max(11, *(len(ph.name) + 2 for ph in phases))
+    out = [title.ljust(width + 2) + "".join(ph.name.rjust(col) for ph in phases)]
     for key, label in labels:
         cells = []
-        for ph in plan.phases:
+        for ph in phases:
             term = next((t for t in ph.terms if t.key == key and t.label == label), None)
             if term is None or (term.bytes is None and not term.where):
                 cells.append("-")
@@ -146,38 +174,60 @@ def _memory_block(plan: Plan) -> list[str]:
             else:
                 cells.append(gib_str(term.bytes))
         out.append(f"  {label}".ljust(width + 2) + "".join(c.rjust(col) for c in cells))
-    out.append("  total".ljust(width + 2) + "".join(gib_str(ph.total).rjust(col) for ph in plan.phases))
+    out.append("  total".ljust(width + 2) + "".join(gib_str(ph.total).rjust(col) for ph in phases))
     usable = (asm.gpu_memory_gib - asm.reserve_gib) * GIB
     out.append(
         f"  headroom (of {asm.gpu_memory_gib:g} less {asm.reserve_gib:g} reserve)".ljust(width + 2)
-        + "".join(gib_str(usable - ph.total).rjust(col) for ph in plan.phases)
+        + "".join(gib_str(usable - ph.total).rjust(col) for ph in phases)
     )
-    return out + _engine_and_host_lines(plan) + [""]
+    return out
 
 
 def _engine_and_host_lines(plan: Plan) -> list[str]:
-    eng, host, r = plan.engine, plan.host, plan.cfg.rollout
+    eng, host, r, sync = plan.engine, plan.host, plan.cfg.rollout, plan.sync
     out = _wrapped(
         "",
         f"the engine KV cache holds {eng.kv_tokens / 1e6:.2f} M tokens per GPU "
         f"({eng.kv_per_token // 1024} KiB per token) = {eng.kv_full_seqs} sequences of {eng.max_seq} "
         f"tokens (rollout.max_num_seqs {r.max_num_seqs})",
     )
-    if host.per_node:
-        parts = [
-            f"{what} {gib_str(n)}"
-            for what, n in (
-                ("engine weights asleep", host.engine_weights),
-                ("offloaded optimizer state", host.trainer_state),
-            )
-            if n
-        ]
+    out += _wrapped(
+        "",
+        f"weight sync ({sync.transport}): {sync.what} of max(rollout.weight_sync_bucket_mb "
+        f"{r.weight_sync_bucket_mb} MiB, the largest tensor: {sync.largest}) = {gib_str(sync.slot)} GiB each, "
+        "allocated at the first sync and kept for the run",
+    )
+    out += _nccl_lines(plan)
+    if host.per_node_level1:
         out += _wrapped(
             "",
-            f"pinned host memory per node: {gib_str(host.per_node)} GiB ({' + '.join(parts)} GiB "
-            f"per GPU, x {plan.layout.gpus_per_node})",
+            f"pinned host memory per node of {plan.layout.gpus_per_node} GPUs: {gib_str(host.per_node)} GiB "
+            f"(offloaded trainer state {gib_str(host.trainer_state)} GiB per GPU); "
+            f"{gib_str(host.per_node_level1)} GiB if the engines sleep at level 1 (+ their weights, "
+            f"{gib_str(host.engine_weights)} GiB per GPU)",
         )
     return out
+
+
+def _nccl_lines(plan: Plan) -> list[str]:
+    used = [c for c in plan.comms if c.used]
+    nvls = [c for c in used if c.local > 1]
+    text = (
+        f"trainer CUDA context + NCCL (unmeasured): {CUDA_CONTEXT_GIB:g} GiB + {len(used)} communicators in use x "
+        f"{NCCL_USED_COMM_GIB:g} GiB ({', '.join(c.name for c in used)}) + {len(plan.comms) - len(used)} made "
+        f"and idle x {NCCL_IDLE_COMM_GIB:g} GiB; "
+    )
+    extra = len(nvls) * NCCL_NVLS_COMM_GIB
+    if plan.assumptions.nccl_nvls:
+        text += f"with NVLS buffers (+{extra:g} GiB; NCCL_NVLS_ENABLE=0 removes them)"
+    elif extra:
+        text += (
+            f"assumes NCCL_NVLS_ENABLE=0 on the trainer ranks (NVLS would add ~{extra:g} GiB: --nccl-nvls "
+            "plans with it)"
+        )
+    else:
+        text += "no NVLS (no communicator of 2+ GPUs of one node)"
+    return _wrapped("", text)
 
 
 def _step_block(plan: Plan) -> list[str]:
@@ -230,9 +280,10 @@ def _verdict_block(plan: Plan) -> list[str]:
     """ "fits" with the fullest phase, or every problem and the single changes that would fit."""
     asm = plan.assumptions
     if plan.fits:
-        fullest = max(plan.phases, key=lambda ph: ph.total)
+        fullest = max(reversed(plan.phases), key=lambda ph: ph.total)  # of equal ones, the later
+        where = "" if fullest.gpus == "all" else f" ({fullest.gpus} GPUs)"
         return [
-            f"fits: the fullest phase is {fullest.name} at {gib_str(fullest.total)} of "
+            f"fits: the fullest phase is {fullest.name}{where} at {gib_str(fullest.total)} of "
             f"{asm.gpu_memory_gib - asm.reserve_gib:g} usable GiB per GPU ({asm.gpu_memory_gib:g} less "
             f"{asm.reserve_gib:g} reserve)"
         ]
