@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -129,6 +130,14 @@ def choose_nodes(layout: ClusterLayout, nodes: list[RayNode], cfg: Config) -> li
     return chosen
 
 
+def rank_gpu_env(environ) -> dict[str, str]:
+    """Environment of a Megatron rank on a GPU: NCCL's NVLink SHARP (NVLS) buffers off unless the user set
+    NCCL_NVLS_ENABLE. NVLS adds about 1 GiB per communicator that spans GPUs of one node (NVIDIA/nccl#864),
+    and the memory plan, which the recipes are sized by, counts the trainer's communicators without it
+    (`perf/runtime_memory.py`; `tools/plan.py --nccl-nvls` plans with it on)."""
+    return {"NCCL_NVLS_ENABLE": environ.get("NCCL_NVLS_ENABLE", "0")}
+
+
 @dataclass
 class Placement:
     """The granted GPUs of a layout: `groups[n]` is the placement group of layout node n on `nodes[n]`."""
@@ -162,6 +171,7 @@ class Placement:
             "num_cpus": 0,
             "num_gpus": self.layout.rank_gpu_share,
             "scheduling_strategy": self._strategy(slot.node, slot.gpu),
+            "runtime_env": {"env_vars": rank_gpu_env(os.environ)},
         }
 
     def engine_launch(self, index: int) -> dict[str, Any]:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from luffy_megatron.utils.memory_ledger import ENGINE_KEYS, TRAINER_KEYS
-
-STATE_KEYS = frozenset(TRAINER_KEYS) | frozenset(ENGINE_KEYS)
+from luffy_megatron.perf.memory_plan import on_gpu_state_keys
 
 
 @dataclass(frozen=True)
@@ -43,11 +41,7 @@ def segments(who: str, records: list[dict]) -> list[Segment]:
 
 def plan_state_sets(plan, role: str) -> dict[str, frozenset]:
     """Each phase of `plan` on GPUs of `role`: the state terms it counts on the GPU."""
-    return {
-        ph.name: frozenset(t.key for t in ph.terms if t.bytes is not None and t.key in STATE_KEYS)
-        for ph in plan.phases
-        if ph.gpus == role
-    }
+    return {ph.name: on_gpu_state_keys(ph) for ph in plan.phases if ph.gpus == role}
 
 
 def violations(gpus: dict[str, tuple[str, list[Segment]]], plan) -> list[str]:

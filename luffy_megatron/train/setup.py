@@ -24,6 +24,7 @@ from luffy_megatron.cluster.workers import Workers
 from luffy_megatron.config import Config, ConfigError
 from luffy_megatron.data.tokenization import load_tokenized_dataset, resolve_chat_template
 from luffy_megatron.metrics.sinks import MetricsLogger
+from luffy_megatron.perf.memory_plan import colocated_offload_problem
 from luffy_megatron.reward.pool import RewardPool
 from luffy_megatron.rollout.faults import EngineSupervisor
 from luffy_megatron.rollout.ray_engine import EngineFleet
@@ -159,6 +160,11 @@ def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool, log_dir: Path | No
     logs to `log_dir/engine_<i>.log`). A model the ranks cannot load or convert is a `ModelLoadError`."""
     placement = reserve(cfg)
     log.warning("%s", placement.describe())
+    try:
+        refuse_unsafe_colocation(cfg, placement.layout)
+    except ConfigError:
+        placement.release()
+        raise
     workers = Workers(placement, None, None, offload=cfg.actor.offload_during_rollout)
     try:
         workers.actors = ActorGroup(placement)
@@ -172,6 +178,15 @@ def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool, log_dir: Path | No
         workers.shutdown()
         raise
     return workers
+
+
+def refuse_unsafe_colocation(cfg: Config, layout) -> None:
+    """A colocated GPU layout without actor.offload_during_rollout keeps the trainer's grad buffer and optimizer
+    state beside the engines' KV cache; refused at start, with the memory plan's numbers, when the plan says
+    that does not fit (before any model loads)."""
+    problem = colocated_offload_problem(cfg, layout) if layout.uses_gpus else None
+    if problem:
+        raise ConfigError(problem)
 
 
 def build_ranks(actors, cfg: Config, pad_id: int, log_dir: Path | None, *, fresh: bool = False) -> None:

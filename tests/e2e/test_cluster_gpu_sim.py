@@ -384,6 +384,7 @@ def test_colocated_tp2_dp2_with_two_tp2_engines(cluster, tiny, tmp_path, probe_c
 
         out = train(cfg, workers=workers)
         trained = time.monotonic() - t0 - started
+        check_phase_contract(workers, cfg)  # start and step 1: what each GPU held is a phase of the plan
 
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1]

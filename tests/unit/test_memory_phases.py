@@ -150,3 +150,31 @@ def test_an_engine_that_starts_while_the_rank_holds_its_grads_is_named_with_the_
 def test_a_gpu_of_a_role_the_plan_does_not_know_is_a_violation():
     seg = segments("rank 0", [rec("build", 0, 1, set(), {"weights"})])
     assert violations({"gpu0": ("trainer", seg)}, PLAN) == ["gpu0: the plan has no phase for 'trainer' GPUs"]
+
+
+# ------------------------------------------------------------------------------------------- NCCL memory (N11)
+
+
+def test_gpu_ranks_run_without_nvls_buffers_unless_the_user_asks_for_them():
+    from luffy_megatron.cluster.placement import rank_gpu_env
+
+    assert rank_gpu_env({}) == {"NCCL_NVLS_ENABLE": "0"}  # what the memory plan counts
+    assert rank_gpu_env({"NCCL_NVLS_ENABLE": "1"}) == {"NCCL_NVLS_ENABLE": "1"}
+
+
+# ------------------------------------------------------------------------------- colocated without offload (N4)
+
+
+def test_colocated_gpus_without_offload_are_refused_at_start_with_the_plans_numbers():
+    import pytest
+
+    from luffy_megatron.config import ConfigError, load_config
+    from luffy_megatron.train.setup import refuse_unsafe_colocation
+    from tests.helpers import REPO
+
+    cfg = load_config(REPO / "recipes" / "luffy_main.yaml", ["actor.offload_during_rollout=false"])
+    gpus = SimpleNamespace(mode="colocated", uses_gpus=True)
+    with pytest.raises(ConfigError, match=r"without actor.offload_during_rollout does not fit: .* GiB per GPU"):
+        refuse_unsafe_colocation(cfg, gpus)
+    refuse_unsafe_colocation(load_config(REPO / "recipes" / "luffy_main.yaml"), gpus)  # with offload: fits
+    refuse_unsafe_colocation(cfg, SimpleNamespace(mode="colocated", uses_gpus=False))  # CPU: nothing to refuse
