@@ -131,8 +131,7 @@ def lock_python() -> str:
 def pip_command(requirement_file: Path, report: Path) -> list[str]:
     """pip reads a wheel's metadata from the index's PEP 658 file where it serves one; fast-deps makes it read the
     METADATA of the others with HTTP range requests instead of downloading whole wheels (torch, vLLM, the CUDA
-    libraries: several GB). --target: pip before 23.3 takes --platform/--abi only with it (--dry-run: nothing is
-    written)."""
+    libraries: several GB)."""
     abi = "cp" + PYTHON_VERSION.replace(".", "")
     cert = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
     return [
@@ -140,7 +139,7 @@ def pip_command(requirement_file: Path, report: Path) -> list[str]:
         "--dry-run", "--ignore-installed", "--only-binary=:all:", "--index-url", INDEX_URL, "--use-feature=fast-deps",
         *(["--cert", cert] if cert else []),
         "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", abi, *platform_args(),
-        "--target", str(report.parent / "target"), "--report", str(report), "-r", str(Path(requirement_file).resolve()),
+        "--report", str(report), "-r", str(Path(requirement_file).resolve()),
     ]  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The GPU container's lock file resolves (review N2): pip's resolver, for the container's Python on linux x86_64,
 accepts requirements/gpu.lock and refuses the same lock with one conflicting pin; the packages built from source in
-the container accept the lock's torch. Needs the package index (PyPI): when it cannot be reached the test fails,
-saying so; it never skips."""
+the container accept the lock's torch. Needs the package index (PyPI) and a Python 3.12 interpreter (pip evaluates
+markers with the Python it runs in; tools/lock_gpu.py makes a venv of it with a pinned pip under ~/.cache): without
+either the test fails, saying so; it never skips. About 25-40 s (two pip resolves at once)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def resolutions(tmp_path_factory) -> dict[str, lock_gpu.Resolution]:
     """The lock and the lock with one conflicting pin, resolved at once (two pip processes)."""
     try:
         lock_gpu.check_index()
-    except lock_gpu.IndexUnreachable as err:
+        lock_gpu.lock_python()  # made once, before the two resolves share it
+    except (lock_gpu.IndexUnreachable, lock_gpu.NoLockPython) as err:
         pytest.fail(str(err), pytrace=False)
     name, pinned, other = CONFLICT
     text = lock_gpu.GPU_LOCK.read_text()
