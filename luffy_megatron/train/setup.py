@@ -41,9 +41,10 @@ class ModelLoadError(ConfigError):
 
 
 def check_install() -> None:
-    """Logs the installed torch, CUDA, NCCL, Transformer Engine, vLLM and megatron-core versions, then refuses
-    (ConfigError, saying what to install) a torch other than the one the installed vLLM was built for."""
-    log.info("versions: %s", ", ".join(f"{name} {version}" for name, version in stack_versions().items()))
+    """Prints the installed torch, CUDA, NCCL, Transformer Engine, vLLM and megatron-core versions (one line on
+    stdout, the job's log on Slurm), then refuses (ConfigError, saying what to install) a torch other than the one
+    the installed vLLM was built for."""
+    print("luffy-train: versions: " + ", ".join(f"{n} {v}" for n, v in stack_versions().items()), flush=True)
     check_torch_for_vllm()
 
 
