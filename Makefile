@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements/cpu.txt requirements/cpu-constraints.txt pyproject.toml
 CUDA_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: setup lint test test-fast demo experiment experiment-quick bench tensorboard-screenshot clean-venv
+.PHONY: setup lint test test-fast lock-gpu demo experiment experiment-quick bench tensorboard-screenshot clean-venv
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ test: lint
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
+
+# requirements/gpu.lock from requirements/gpu.txt: pip's resolver for the GPU container (Python 3.12, linux x86_64;
+# needs PyPI). tests/unit/test_gpu_lock.py, in `make test`, resolves the lock again and fails on any conflict.
+lock-gpu: setup
+	$(PY) tools/lock_gpu.py
 
 demo: setup
 	$(PY) tools/demo.py

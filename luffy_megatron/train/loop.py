@@ -35,6 +35,7 @@ from luffy_megatron.rollout.integrity import RolloutIntegrityError
 from luffy_megatron.train.progress import RunProgress
 from luffy_megatron.train.setup import (
     adopt_workers,
+    check_install,
     check_megatron_settings,
     close_run,
     connect_ray,
@@ -67,6 +68,7 @@ def train(cfg: Config, workers=None) -> Path:
     """Run (or resume) a training job; returns its output directory. `workers`: an already started
     `cluster.Workers` (see `train.setup.start_workers`), left running at the end; by default started here and
     stopped."""
+    check_install()  # logs torch/CUDA/NCCL/TE/vLLM/megatron-core; refuses a torch the installed vLLM was not built for
     preflight(cfg)  # the model's heads vs TP, an explicit cluster.layout: before Ray and before any data or model
     check_megatron_settings(cfg)  # FP8 / TE / CP / distributed optimizer against what this machine can run
     out = Path(cfg.trainer.output_dir)

@@ -21,6 +21,7 @@ from luffy_megatron.cluster.actor_group import ActorGroup
 from luffy_megatron.cluster.placement import reserve
 from luffy_megatron.cluster.supervision import GuardedRanks, remote_cause
 from luffy_megatron.cluster.workers import Workers
+from luffy_megatron.compat.versions import check_torch_for_vllm, stack_versions
 from luffy_megatron.config import Config, ConfigError
 from luffy_megatron.data.tokenization import load_tokenized_dataset, resolve_chat_template
 from luffy_megatron.metrics.sinks import MetricsLogger
@@ -38,6 +39,14 @@ log = logging.getLogger("luffy.trainer")
 
 class ModelLoadError(ConfigError):
     """The Megatron ranks could not load (convert) the model of model.path / model.load_checkpoint."""
+
+
+def check_install() -> None:
+    """Prints the installed torch, CUDA, NCCL, Transformer Engine, vLLM and megatron-core versions (one line on
+    stdout, the job's log on Slurm), then refuses (ConfigError, saying what to install) a torch other than the one
+    the installed vLLM was built for."""
+    print("luffy-train: versions: " + ", ".join(f"{n} {v}" for n, v in stack_versions().items()), flush=True)
+    check_torch_for_vllm()
 
 
 def check_megatron_settings(cfg: Config) -> None:
