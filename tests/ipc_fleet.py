@@ -42,6 +42,10 @@ class RecordingWorker(LuffyWorkerExtension):
     def begin(self) -> None:
         pass
 
+    def record(self) -> tuple:
+        """What this worker loaded and what it still mapped after each session (read from another process)."""
+        return self.loads, self.held_after_finish
+
     def _luffy_finish_session(self) -> dict:
         """vLLM's part of closing the session (not here: no model); `finish_fails` makes it raise."""
         if self.finish_fails:
