@@ -217,6 +217,42 @@ def plan_flat_buckets(
     return buckets
 
 
+# ---------------------------------------------------------------- the weight sync's buffers
+
+SYNC_SLOTS = 2  # bucket buffers a sender uses at once: bucket k+1 is filled while the engines read bucket k
+_UNSPLIT_PARAMS = (  # the megatron parameters whose HF tensors are the largest units a bucket never splits
+    "embedding.word_embeddings.weight",
+    "decoder.layers.0.self_attention.linear_qkv.weight",
+    "decoder.layers.0.self_attention.linear_proj.weight",
+    "decoder.layers.0.mlp.linear_fc1.weight",
+    "decoder.layers.0.mlp.linear_fc2.weight",
+)
+
+
+def sync_slot_bytes(buckets) -> int:
+    """The bytes one sync buffer (slot) needs for a bucket plan (`plan_flat_buckets`): its largest bucket. A
+    parameter larger than the bucket size forms a bucket of its own, so this is max(bucket size, largest
+    parameter), aligned, and not the bucket size (the embedding of a 150k vocabulary is 1-1.5 GiB in bf16)."""
+    return max((int(b.nbytes) for b in buckets), default=0)
+
+
+def largest_export_bytes(arch: HFArch, itemsize: int = 2) -> int:
+    """The largest unit the bucket planner never splits, from the architecture alone: one megatron parameter's
+    HF tensors together (the embedding; q, k and v; gate and up; ...), each aligned as in a bucket, in a dtype
+    of `itemsize` bytes."""
+    return max(
+        sum(_align(prod(shape) * int(itemsize)) for _, shape in hf_shapes(rule_for(name), arch))
+        for name in _UNSPLIT_PARAMS
+    )
+
+
+def sync_buffer_bytes(bucket_bytes: int, largest_bytes: int, slots: int = SYNC_SLOTS) -> int:
+    """What a sender's sync buffers hold, from sizes alone (the memory plan's term): `slots` x max(bucket size,
+    largest unsplit parameter, `largest_export_bytes`). A plan's own slots (`sync_slot_bytes`) are at most this
+    plus ALIGN bytes per tensor of a full bucket."""
+    return int(slots) * max(int(bucket_bytes), int(largest_bytes))
+
+
 # ---------------------------------------------------------------- filling one bucket
 
 SELF = -1  # a piece every receiving rank takes from its own copy (replicated parameters)

@@ -48,7 +48,7 @@ from luffy_megatron.convert.export import views_of
 from luffy_megatron.rollout.direct_load import plan_direct_load
 from luffy_megatron.rollout.engine import checkpoint_tensor_shapes
 from luffy_megatron.sync.collective import worker_join, worker_receive
-from luffy_megatron.sync.shared_memory import open_ipc_bucket
+from luffy_megatron.sync.shared_memory import close_ipc_imports, open_ipc_bucket
 from luffy_megatron.sync.shm_buffer import MappingCache
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,19 @@ class LuffyWorkerExtension:
     def luffy_finish_weight_update(self) -> dict:
         """Closes the session. Returns how it loaded: {"load": "direct" | "layerwise", "incomplete": the linear
         layers that got some but not all of their tensors in a direct session (they keep their old weights),
-        "in_place" / "concatenated": linear layers packed straight from the received buffer / from a copy}."""
+        "in_place" / "concatenated": linear layers packed straight from the received buffer / from a copy}.
+        Whatever happens, this worker then maps none of the sender's CUDA IPC slots (`luffy_release_ipc`)."""
+        try:
+            return self._luffy_finish_session()
+        finally:
+            self.luffy_release_ipc()
+
+    def luffy_release_ipc(self) -> int:
+        """Releases this worker's mappings of the sender's CUDA IPC slots (at the end of every sync, so they are
+        mapped only while a sync runs). Returns how many it held."""
+        return close_ipc_imports(getattr(self, "_luffy_ipc_importers", None))
+
+    def _luffy_finish_session(self) -> dict:
         # lazy: vLLM is imported only in the engine processes
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
@@ -224,13 +236,14 @@ class LuffyWorkerExtension:
 
     def luffy_load_ipc(self, handles_b64: str, slot: int, entries: list) -> int:
         """A flat bucket in the sender's GPU memory: opens the CUDA IPC handle of this worker's GPU (by UUID,
-        vLLM's `PackedBufferImporter`, one per buffer slot so a mapping is opened and released once per sync)."""
+        `SlotImporter`, one per slot: a mapping is opened once per sync and released when the sync ends)."""
         importers = getattr(self, "_luffy_ipc_importers", None)
         if importers is None:
             importers = self._luffy_ipc_importers = {}
         flat = open_ipc_bucket(handles_b64, int(slot), self.device, importers)
         n = self._luffy_load_flat(flat, entries)
-        torch.cuda.synchronize(flat.device)  # the loader's copies are done before the sender refills the buffer
+        if flat.is_cuda:
+            torch.cuda.synchronize(flat.device)  # the loader's copies are done before the sender refills the buffer
         return n
 
     # ---------------------------------------------------------------- collective

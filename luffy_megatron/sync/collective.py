@@ -16,14 +16,20 @@ group's broadcasts in the same order, so the groups cannot deadlock), into two r
 arrives while bucket k loads. Each sender broadcasts its buckets from two buffers, exporting bucket k+1 while
 bucket k is on the wire. Copies of every byte: the export into the send buffer (1), the transfer into each
 worker's receive buffer (2; through the kernel's socket buffers on gloo, by DMA on NCCL), vLLM's load (3).
+
+A member that dies or hangs. Every wait ends within `rollout.request_timeout_s`: gloo's group times out itself
+(and fails at once when a peer's connection closes); an NCCL broadcast is polled against that deadline and its
+communicator aborted past it (`WeightGroup`, `wait_bounded`). Either way the broadcast raises, the sender closes
+its group, and the next sync builds new groups with every engine worker (`_needs_setup`).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from datetime import timedelta
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,11 +41,19 @@ log = logging.getLogger(__name__)
 
 
 class WeightGroup:
-    """One sender <-> engine-workers group: broadcasts a uint8 buffer from the sender (group rank 0)."""
+    """One sender <-> engine-workers group: broadcasts a uint8 buffer from the sender (group rank 0).
 
-    def __init__(self, backend: str, pg=None, comm=None, device=None):
+    No wait is unbounded. gloo's process group carries `timeout_s` itself. NCCL (vLLM's `PyNcclCommunicator`) has
+    no timeout: a broadcast whose peer died or hangs never completes, and a thread waiting on it (the rank actor's)
+    would be stuck for good. Its wait polls the broadcast's CUDA event for at most `timeout_s`
+    (`rollout.request_timeout_s`), then aborts the communicator (`abort`, ncclCommAbort) and raises; the caller
+    closes the group and the next sync builds a new one, as after a failed gloo broadcast."""
+
+    def __init__(self, backend: str, pg=None, comm=None, device=None, timeout_s: float = 1800.0, name: str = ""):
         self.backend, self.pg, self.comm, self.device = backend, pg, comm, device
-        self.stream = torch.cuda.Stream(device=device) if backend == "nccl" else None
+        self.timeout_s, self.name = float(timeout_s), name or f"{backend} weight group"
+        self.stream = None  # NCCL: the side stream broadcasts run on, made at the first
+        self.aborts = 0
 
     @classmethod
     def create(
@@ -53,7 +67,9 @@ class WeightGroup:
         timeout_s: float,
         listen_socket: Optional[socket.socket] = None,
         device=None,
+        name: str = "",
     ) -> "WeightGroup":
+        name = f"weight group {name or f'{host}:{port}'} ({backend})"
         if backend == "gloo":
             # lazy: vLLM only where a group is made (the engine workers, the senders)
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
@@ -61,14 +77,14 @@ class WeightGroup:
             pg = stateless_init_torch_distributed_process_group(
                 host, port, rank, world_size, "gloo", listen_socket=listen_socket, timeout=timedelta(seconds=timeout_s)
             )
-            return cls("gloo", pg=pg)
+            return cls("gloo", pg=pg, timeout_s=timeout_s, name=name)
         if backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group  # lazy: as above
 
             if listen_socket is not None:
                 listen_socket.close()  # vLLM's rendezvous binds the port itself on group rank 0
             comm = stateless_init_process_group(host, port, rank, world_size, device)
-            return cls("nccl", comm=comm, device=device)
+            return cls("nccl", comm=comm, device=device, timeout_s=timeout_s, name=name)
         raise ValueError(f"unknown weight-group backend {backend!r}")
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0):
@@ -77,31 +93,83 @@ class WeightGroup:
             opts = dist.BroadcastOptions()
             opts.rootRank, opts.rootTensor = root, 0
             return self.pg.broadcast([tensor], opts)
+        if self.comm is None:
+            raise RuntimeError(f"weight sync: the {self.name} was aborted or closed; the next sync builds a new one")
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=self.device)
         self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(self.stream):
             self.comm.broadcast(tensor, src=root, stream=self.stream)
             event = torch.cuda.Event()
             event.record(self.stream)
         tensor.record_stream(self.stream)
-        return _EventWait(event)
+        return EventWait(event, self)
+
+    def abort(self) -> None:
+        """Ends what this group's broadcasts still wait for (a member died or hangs): vLLM 0.32's
+        `PyNcclCommunicator.destroy` calls `ncclCommAbort` (not the collective `ncclCommDestroy`) from a thread
+        it waits at most 5 s for. The group cannot be used again."""
+        comm, self.comm = self.comm, None
+        if comm is None:
+            return
+        self.aborts += 1
+        log.warning("weight sync: aborting the %s (a broadcast failed or ran past %gs)", self.name, self.timeout_s)
+        try:
+            comm.destroy()
+        except Exception as err:  # noqa: BLE001 - already failing
+            log.warning("aborting the %s: %s", self.name, err)
 
     def close(self) -> None:
         try:
             if self.pg is not None:
                 self.pg.shutdown()
             if self.comm is not None:
-                self.comm.destroy()
+                self.comm.destroy()  # vLLM 0.32: an abort (see `abort`), safe with members gone
         except Exception as err:  # noqa: BLE001 - the other side may be gone
             log.debug("closing a weight group: %s", err)
         self.pg = self.comm = None
 
 
-class _EventWait:
-    def __init__(self, event):
-        self.event = event
+def wait_bounded(
+    done: Callable[[], bool],
+    *,
+    timeout_s: float,
+    what: str,
+    on_expiry: Callable[[], None],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Polls `done()` until it returns True. After `timeout_s` (or when `done()` raises, e.g. a CUDA error on the
+    stream) calls `on_expiry()` once and raises: a TimeoutError naming `what` and the setting that bounds it.
+    The poll interval doubles from 20 us up to 1 ms: at most 1 ms late per bucket, and no core spun."""
+    deadline = clock() + float(timeout_s)
+    pause = 2e-5
+    while True:
+        try:
+            if done():
+                return
+        except BaseException:
+            on_expiry()
+            raise
+        if clock() >= deadline:
+            on_expiry()
+            raise TimeoutError(
+                f"weight sync: a broadcast of the {what} did not finish within {timeout_s:g}s "
+                "(rollout.request_timeout_s): an engine worker in it died or hangs. The communicator was aborted and "
+                "the next sync builds a new one; raise rollout.request_timeout_s if the broadcast is only slow"
+            )
+        sleep(pause)
+        pause = min(pause * 2, 1e-3)
+
+
+class EventWait:
+    """An NCCL broadcast in flight: `wait()` polls its CUDA event, bounded by the group's timeout."""
+
+    def __init__(self, event, group: WeightGroup):
+        self.event, self.group = event, group
 
     def wait(self) -> None:
-        self.event.synchronize()
+        wait_bounded(self.event.query, timeout_s=self.group.timeout_s, what=self.group.name, on_expiry=self.group.abort)
 
 
 def _listen(host: str) -> socket.socket:
@@ -172,6 +240,7 @@ class CollectiveTransport(Transport):
                 timeout_s=ctx.timeout_s,
                 listen_socket=sock,
                 device=ctx.device if backend == "nccl" else None,
+                name=spec["name"],
             )
         finally:
             if backend == "gloo":
@@ -221,10 +290,11 @@ class CollectiveTransport(Transport):
                     self.inflight[slot].wait()
                     self.inflight[slot] = None
         except BaseException:
-            # A member died (gloo fails this sender's broadcast at once) or this sender failed: the group has a
-            # dead member, so the next sync builds new ones (`_needs_setup`). Closing it also ends the other
-            # workers' wait for this group's next broadcast, but not always (measured on gloo: `shutdown()` does
-            # not always close the connections; such a worker waits out rollout.request_timeout_s).
+            # A member died (gloo fails this sender's broadcast at once; NCCL's wait runs out and aborts the
+            # communicator) or this sender failed: the group has a dead member, so the next sync builds new ones
+            # (`_needs_setup`). Closing it also ends the other workers' wait for this group's next broadcast, but
+            # not always (measured on gloo: `shutdown()` does not always close the connections; such a worker
+            # waits out rollout.request_timeout_s).
             self.inflight = [None, None]
             self.close()
             raise
@@ -257,6 +327,7 @@ def worker_join(worker, groups: list[dict], rank_offset: int) -> list[str]:
             backend=g["backend"],
             timeout_s=float(g["timeout_s"]),
             device=device,
+            name=g["name"],
         )
     worker._luffy_weight_groups = joined
     return list(joined)

@@ -15,10 +15,13 @@ parameters).
 GPU (CUDA IPC, as verl and NeMo-RL do it). A CUDA IPC handle opens only on the GPU the memory lives on, so here
 every rank serves the engine worker on its own GPU (the colocated layout puts one on each): every rank builds
 every bucket (its TP group exchanges shards, each stage broadcasts its own buckets over the pipeline group:
-NVLink within a node), in one of two device buffers whose IPC handles (`torch.multiprocessing.reductions.
-reduce_tensor`) are exported once per sync. Per bucket the first rank of each engine's GPUs sends the
-handles of all of them (keyed by GPU UUID, as vLLM's `packed_ipc_consumer` expects) with the entry list; each
-worker opens the one of its own GPU (vLLM's `PackedBufferImporter`) and loads from it in place.
+NVLink within a node), in one of two device buffers (slots). The slots are made once per process and GPU, at
+the plan's largest bucket (`convert.export.sync_slot_bytes`: the embedding's size when it is larger than the
+bucket size), and their IPC handles (`torch.multiprocessing.reductions.reduce_tensor`) are exported once; later
+syncs, and engines restarted since, reuse both (`ipc_slots`). Per bucket the first rank of each engine's GPUs
+sends the handles of all of them (keyed by GPU UUID, as vLLM's `packed_ipc_consumer` expects) with the entry
+list; each worker opens the one of its own GPU once per sync (`SlotImporter`) and loads from it in place, and
+releases its mappings when the sync ends (`close_ipc_imports`, from `luffy_finish_weight_update`).
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ import logging
 import os
 import pickle
 import socket
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch.multiprocessing.reductions import reduce_tensor
 
-from luffy_megatron.convert.export import FlatBucket, export_flat_buckets, plan_flat_buckets
+from luffy_megatron.convert.export import FlatBucket, export_flat_buckets, plan_flat_buckets, sync_slot_bytes
 from luffy_megatron.sync.base import FilledAhead, SyncContext, Transport, finish_summary
 from luffy_megatron.sync.shm_buffer import MappingCache, ShmBuffer
 
@@ -53,11 +56,41 @@ def gpu_uuid(device) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
 
 
-def open_ipc_bucket(handles_b64: str, slot: int, device, importers: dict) -> torch.Tensor:
-    """Consumer side: the bucket buffer of `slot` from the handle of `device`'s GPU, mapped once per export
-    (vLLM's `PackedBufferImporter` pairs one open with one release); `importers` keeps one per slot."""
-    from vllm.distributed.weight_transfer.packed_tensor import PackedBufferImporter  # lazy: engine workers only
+def rebuild_ipc_tensor(args: list) -> torch.Tensor:
+    """Consumer side: maps a sender's CUDA buffer from its `reduce_tensor` rebuild args."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor  # lazy: only engine workers map buffers
 
+    return rebuild_cuda_tensor(*args)
+
+
+class SlotImporter:
+    """Consumer side of one slot (what vLLM's `PackedBufferImporter` does, without vLLM): the mapping of the
+    sender's buffer, opened at the first bucket that names it and reused while the same handle comes: one open
+    and one release per sync, not per bucket. `close()` releases it."""
+
+    def __init__(self):
+        self.entry: Optional[tuple] = None
+
+    @property
+    def held(self) -> bool:
+        return self.entry is not None
+
+    def rebuild(self, args: list) -> torch.Tensor:
+        key = tuple(args)
+        if self.entry is not None and self.entry[0] == key:
+            return self.entry[1]
+        self.entry = None  # another buffer: the old mapping goes first
+        flat = rebuild_ipc_tensor(list(args))
+        self.entry = (key, flat)
+        return flat
+
+    def close(self) -> None:
+        self.entry = None
+
+
+def open_ipc_bucket(handles_b64: str, slot: int, device, importers: dict) -> torch.Tensor:
+    """Consumer side: the bucket buffer of `slot` from the handle of `device`'s GPU, mapped once per sync
+    (`SlotImporter`); `importers` keeps one per slot until `close_ipc_imports`."""
     handles = pickle.loads(base64.b64decode(handles_b64))
     uuid = gpu_uuid(device)
     if uuid not in handles:
@@ -68,8 +101,127 @@ def open_ipc_bucket(handles_b64: str, slot: int, device, importers: dict) -> tor
     index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
     args = list(handles[uuid])
     args[6] = index  # the device index as this process numbers it (vLLM's packed_ipc_consumer does the same)
-    importer = importers.setdefault(slot, PackedBufferImporter())
-    return importer.rebuild(args)
+    return importers.setdefault(slot, SlotImporter()).rebuild(args)
+
+
+def close_ipc_imports(importers: Optional[dict]) -> int:
+    """Consumer side, when a sync ends: releases every slot mapping (the sender's memory is then mapped by no
+    engine between syncs). Returns how many were held."""
+    if not importers:
+        return 0
+    held = sum(1 for imp in importers.values() if imp.held)
+    for imp in importers.values():
+        imp.close()
+    importers.clear()
+    return held
+
+
+# ---------------------------------------------------------------- the sender's two slots
+
+
+class SlotPair:
+    """A sender's two bucket buffers (bucket k goes into slot k % 2), made once at a plan's slot size and kept
+    for every later sync; both are made anew only when a plan needs more. `make(nbytes, i)` builds slot i,
+    `share(buf)` what another process needs to map it (computed once per buffer, so the consumers see the same
+    handle every sync), `collect()` runs after buffers were let go. One piece of logic for both paths: /dev/shm
+    files on CPU (`ShmBuffer`), CUDA memory with IPC handles on GPU (`ipc_slots`)."""
+
+    def __init__(
+        self,
+        make: Callable,
+        share: Optional[Callable] = None,
+        free: Optional[Callable] = None,
+        collect: Optional[Callable] = None,
+    ):
+        self.make, self.share_of = make, share or (lambda buf: None)
+        self.free, self.collect = free or (lambda buf: None), collect or (lambda: None)
+        self.bufs: list = [None, None]
+        self.shared: list = [None, None]
+        self.nbytes = 0
+        self.made = 0  # how many pairs were made
+
+    def __getitem__(self, i: int):
+        return self.bufs[i]
+
+    @property
+    def held_bytes(self) -> int:
+        return self.nbytes * sum(b is not None for b in self.bufs)
+
+    def ensure(self, nbytes: int, before_free: Callable[[int], None] = lambda i: None) -> bool:
+        """Both slots hold at least `nbytes` (made now if not; `before_free(i)` runs before slot i is let go).
+        Returns True when they were made now."""
+        nbytes = max(int(nbytes), 1)
+        if all(b is not None for b in self.bufs) and self.nbytes >= nbytes:
+            return False
+        self.close(before_free)
+        for i in range(2):
+            buf = self.make(nbytes, i)
+            self.bufs[i], self.shared[i] = buf, self.share_of(buf)
+        self.nbytes = nbytes
+        self.made += 1
+        return True
+
+    def close(self, before_free: Callable[[int], None] = lambda i: None) -> int:
+        """Lets both slots go; returns the bytes they held."""
+        held = self.held_bytes
+        for i in range(2):
+            if self.bufs[i] is not None:
+                before_free(i)
+                self.free(self.bufs[i])
+                self.bufs[i] = self.shared[i] = None
+        self.nbytes = 0
+        if held:
+            self.collect()
+        return held
+
+
+def new_ipc_slot(nbytes: int, device) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def export_ipc_slot(buf: torch.Tensor) -> tuple:
+    """The `reduce_tensor` rebuild args of a slot: called once per slot (a CUDA IPC handle, an event and one
+    refcount slot in torch's table per call)."""
+    return reduce_tensor(buf)[1]
+
+
+def collect_ipc() -> None:
+    """Frees the CUDA blocks other processes no longer map (`torch.cuda.ipc_collect`)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.ipc_collect()
+
+
+_IPC_SLOTS: dict = {}  # CUDA device index -> SlotPair: this process's IPC slots
+
+
+def ipc_slots(device) -> SlotPair:
+    """This process's CUDA IPC slots on `device`, kept for the process's life (not per transport): a restarted
+    engine gets a new transport and maps the same slots again, so slots that a killed engine still counted as
+    mapped are never freed into torch's IPC limbo, where nothing would reclaim them. torch counts one release
+    per export (`CudaIPCSentDataDelete` keeps a freed block in its limbo while the count is above zero); the
+    engines open and release each slot once per sync, so once a sync has ended the count is not above zero and
+    a slot let go is freed at once. They are let go only between syncs (`release_ipc_slots`, or a plan that
+    needs larger ones), when no engine maps them."""
+    index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
+    if index not in _IPC_SLOTS:
+        _IPC_SLOTS[index] = SlotPair(
+            make=lambda nbytes, i: new_ipc_slot(nbytes, torch.device("cuda", index)),
+            share=lambda buf: export_ipc_slot(buf),
+            collect=lambda: collect_ipc(),
+        )
+    return _IPC_SLOTS[index]
+
+
+def ipc_slot_bytes() -> int:
+    """Bytes of GPU memory this process holds in weight-sync slots (0 on CPU and before the first GPU sync):
+    2 x `sync_slot_bytes` of the plan from the first GPU sync on, in every phase until `release_ipc_slots`."""
+    return sum(pair.held_bytes for pair in _IPC_SLOTS.values())
+
+
+def release_ipc_slots() -> int:
+    """Frees this process's weight-sync slots (between syncs only); the next GPU sync makes and exports new ones.
+    Returns the bytes freed."""
+    return sum(pair.close() for pair in _IPC_SLOTS.values())
 
 
 def ray_node_id() -> Optional[str]:
@@ -86,7 +238,10 @@ class SharedMemoryTransport(Transport):
 
     def __init__(self, fleet):
         super().__init__(fleet)
-        self.slots: list = [None, None]  # ShmBuffer
+        self.slots = SlotPair(  # CPU: two /dev/shm files (the GPU path uses `ipc_slots`)
+            make=lambda nbytes, i: ShmBuffer(nbytes, tag=f"stage{self._ctx.pp_rank}-slot{i}"),
+            free=lambda buf: buf.close(),
+        )
         self.pending: list[list] = [[], []]  # engine loads still reading each slot
         self.k = 0
         self._ctx: Optional[SyncContext] = None
@@ -97,10 +252,7 @@ class SharedMemoryTransport(Transport):
         self._peer_maps = None  # contributor: its mappings of the sender's files
 
     def close(self) -> None:
-        for s in self.slots:
-            if s is not None:
-                s.close()
-        self.slots = [None, None]
+        self.slots.close()
 
     # ---------------------------------------------------------------- CPU: /dev/shm
 
@@ -153,7 +305,7 @@ class SharedMemoryTransport(Transport):
         if ctx.is_sender:  # no engine reads the files between syncs: a token in the first one proves the mapping
             token = list(os.urandom(16))
             self.slots[0].tensor[:16] = torch.tensor(token, dtype=torch.uint8)
-            spec = [([(s.path, s.nbytes) for s in self.slots], token, self.slots_made)]
+            spec = [([(s.path, s.nbytes) for s in self.slots.bufs], token, self.slots_made)]
         dist.broadcast_object_list(spec, src=root, group=group)
         files, token, made = spec[0]
         mapped = None
@@ -210,13 +362,8 @@ class SharedMemoryTransport(Transport):
         )
 
     def _ensure_slots(self, nbytes: int) -> None:
-        for i in range(2):
-            if self.slots[i] is None or self.slots[i].nbytes < nbytes:
-                self._wait(i)
-                if self.slots[i] is not None:
-                    self.slots[i].close()
-                self.slots[i] = ShmBuffer(nbytes, tag=f"stage{self._ctx.pp_rank}-slot{i}")
-                self.slots_made = int.from_bytes(os.urandom(7), "little") + 1
+        if self.slots.ensure(nbytes, before_free=self._wait):  # engines still reading a slot finish first
+            self.slots_made = int.from_bytes(os.urandom(7), "little") + 1
 
     def _wait(self, slot: int) -> None:
         if self.pending[slot]:
@@ -297,29 +444,47 @@ class SharedMemoryTransport(Transport):
 
     def _run_ipc(self, ctx: SyncContext) -> dict:
         ipc = self._ipc_setup(ctx)
-        torch.cuda.ipc_collect()  # the last sync's buffers, once the workers' importers let go of them
         buckets = plan_flat_buckets(
             ctx.chunks, ctx.arch, bucket_bytes=ctx.bucket_bytes, dtype=ctx.dtype, all_stages=True
         )
-        size = max((b.nbytes for b in buckets), default=1)
-        slots = [torch.empty(size, dtype=torch.uint8, device=ctx.device) for _ in range(2)]
-        handles = [reduce_tensor(s)[1] for s in slots]
+        slots = ipc_slots(ctx.device)
+        slots.ensure(sync_slot_bytes(buckets))  # every rank plans every stage: the same size on all of them
+        handles = self._ipc_handles(ipc, slots)
+        self._ipc_open(ctx)
+        err = self._ipc_send(ctx, ipc, buckets, slots, handles)
+        try:
+            self._world_agree(err is None, "sending weights")
+        except RuntimeError:
+            self.abort(ctx) if ctx.rank == 0 else None
+            raise err if err is not None else RuntimeError("weight sync (CUDA IPC) failed on another rank")
+        result = {}
+        if ctx.rank == 0:  # the engines release their mappings of the slots as they close the session
+            result = finish_summary(
+                ctx.engine_get([x.finish_weight_update.remote() for x in self.fleet.engines], "finish_weight_update")
+            )
+        collect_ipc()
+        return result
+
+    def _ipc_handles(self, ipc: dict, slots: SlotPair) -> list[str]:
+        """Per slot, the handles of every GPU of this rank's engine (its group gathers them: small objects,
+        exported once per slot and the same every sync while the slots are)."""
         e = ipc["engine"]
-        group = ipc["groups"][e] if e is not None else None
-        leader = e is not None and dist.get_rank() == ipc["serving"][e][0]
-        by_uuid: list = [None] * (len(ipc["serving"][e]) if e is not None else 0)
-        if group is not None:
-            dist.all_gather_object(by_uuid, (ipc["uuid"], handles), group=group)
-        slot_handles = [encode_ipc_handles({u: h[i] for u, h in by_uuid}) for i in range(2)]
+        if e is None:
+            return ["", ""]
+        by_uuid: list = [None] * len(ipc["serving"][e])
+        dist.all_gather_object(by_uuid, (ipc["uuid"], list(slots.shared)), group=ipc["groups"][e])
+        return [encode_ipc_handles({u: h[i] for u, h in by_uuid}) for i in range(2)]
 
-        def world_agree(ok: bool, what: str) -> None:
-            oks: list = [None] * dist.get_world_size()
-            dist.all_gather_object(oks, ok)
-            if not all(oks):
-                raise RuntimeError(
-                    f"weight sync (CUDA IPC): {what} failed on rank(s) {[r for r, o in enumerate(oks) if not o]}"
-                )
+    def _world_agree(self, ok: bool, what: str) -> None:
+        oks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(oks, ok)
+        if not all(oks):
+            raise RuntimeError(
+                f"weight sync (CUDA IPC): {what} failed on rank(s) {[r for r, o in enumerate(oks) if not o]}"
+            )
 
+    def _ipc_open(self, ctx: SyncContext) -> None:
+        """Rank 0 opens the engines' update session; every rank learns whether it did."""
         err = None
         try:
             if ctx.rank == 0:
@@ -327,9 +492,19 @@ class SharedMemoryTransport(Transport):
         except BaseException as exc:  # noqa: BLE001 - re-raised once every rank knows
             err = exc
         try:
-            world_agree(err is None, "opening the engines' update session")
+            self._world_agree(err is None, "opening the engines' update session")
         except RuntimeError:
             raise err if err is not None else RuntimeError("weight sync (CUDA IPC): rank 0 could not open the session")
+
+    def _ipc_send(
+        self, ctx: SyncContext, ipc: dict, buckets: list, slots: SlotPair, handles: list
+    ) -> Optional[BaseException]:
+        """Every bucket into slot k % 2; the leader of each engine's ranks has its engine load it. Returns this
+        rank's error (None when all went well): every rank takes part to the end, so none waits for another."""
+        e = ipc["engine"]
+        group = ipc["groups"][e] if e is not None else None
+        leader = e is not None and dist.get_rank() == ipc["serving"][e][0]
+        err: Optional[BaseException] = None
 
         def settle(pending) -> None:
             """Bucket k-1 is loaded (the leader waits for its engine), then its engine group moves on together."""
@@ -344,20 +519,17 @@ class SharedMemoryTransport(Transport):
         pending, k = None, 0
         try:
             for bucket, buf in export_flat_buckets(
-                buckets,
-                ctx.arch,
-                lambda b: slots[k % 2],  # noqa: F821 - `del slots` comes after the loop
-                everywhere=True,
-                stats=ctx.stats,
+                buckets, ctx.arch, lambda b: slots[k % 2], everywhere=True, stats=ctx.stats
             ):
-                torch.cuda.current_stream().synchronize()  # the bucket is complete before a worker reads it
+                if buf.is_cuda:  # the bucket is complete before a worker reads it
+                    torch.cuda.current_stream(buf.device).synchronize()
                 if pending is not None:  # the engine finished bucket k-1: its slot is free for bucket k+1
                     settle(pending)
                     pending = None
                 if leader and err is None:
                     entries = bucket.wire_entries()
                     pending = self.fleet.engines[e].call.remote(
-                        "load_weights_rpc", "luffy_load_ipc", entries, slot_handles[k % 2], k % 2, entries
+                        "load_weights_rpc", "luffy_load_ipc", entries, handles[k % 2], k % 2, entries
                     )
                 elif group is not None:
                     pending = True  # the same barriers as the leader
@@ -366,14 +538,4 @@ class SharedMemoryTransport(Transport):
                 settle(pending)
         except BaseException as exc:  # noqa: BLE001
             err = exc
-        try:
-            world_agree(err is None, "sending weights")
-        except RuntimeError:
-            self.abort(ctx) if ctx.rank == 0 else None
-            raise err if err is not None else RuntimeError("weight sync (CUDA IPC) failed on another rank")
-        del slots
-        if ctx.rank != 0:
-            return {}
-        return finish_summary(
-            ctx.engine_get([x.finish_weight_update.remote() for x in self.fleet.engines], "finish_weight_update")
-        )
+        return err
