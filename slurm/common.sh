@@ -129,7 +129,7 @@ check_recipe() {
 submit with sbatch --nodes=$NNODES, or set NNODES=$SLURM_JOB_NUM_NODES (and the recipe's parallel.nnodes to match)"
   if [ -z "$CONTAINER_IMAGE" ]; then
     command -v luffy-train >/dev/null && command -v ray >/dev/null || die "luffy-train or ray is not on PATH: \
-install luffy-megatron (pip install -r requirements/gpu.txt -e .), or set LUFFY_VENV or CONTAINER_IMAGE"
+install luffy-megatron (the docker/Dockerfile image, or pip install -r requirements/gpu.lock -e .), or set LUFFY_VENV or CONTAINER_IMAGE"
   fi
   local facts rc=0
   facts=$(recipe_facts) || rc=$?

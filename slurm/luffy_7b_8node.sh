@@ -21,7 +21,7 @@ export RECIPE=${RECIPE:-recipes/luffy_main.yaml}         # the run's recipe (too
 export NNODES=${NNODES:-8}                         # must equal the job's node count and the recipe's parallel.nnodes
 export OVERRIDES=${OVERRIDES:-}                    # "key=value key=value": each becomes luffy-train --set key=value
 export OUTPUT_DIR=${OUTPUT_DIR:-}                  # empty: the recipe's trainer.output_dir (checkpoints, logs/, tensorboard/)
-export CONTAINER_IMAGE=${CONTAINER_IMAGE:-}        # e.g. nvcr.io#nvidia/pytorch:25.04-py3 with luffy-megatron installed (pyxis)
+export CONTAINER_IMAGE=${CONTAINER_IMAGE:-}        # e.g. /shared/luffy-megatron+gpu.sqsh, docker/Dockerfile imported by enroot (pyxis)
 export CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-}      # e.g. /lustre/me:/lustre/me (pyxis --container-mounts)
 # More: LUFFY_VENV, RAY_PORT, RAY_START_ARGS, RAY_TOKEN_DIR, RAY_JOIN_TIMEOUT_S, RAY_STOP_TIMEOUT_S, MAX_REQUEUES
 # (slurm/common.sh).

@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 class Kernels:
     """What this machine can run: CUDA, Transformer Engine, and apex's fused weight-gradient GEMM
     (`fused_weight_gradient_mlp_cuda`, needed by megatron-core's own linear layers for
-    `gradient_accumulation_fusion`; the NGC PyTorch container ships it)."""
+    `gradient_accumulation_fusion`; the GPU image of docker/Dockerfile does not install it)."""
 
     cuda: bool
     te: bool
@@ -106,13 +106,13 @@ def _resolve_use_te(cfg, kernels: Kernels) -> bool:
     if impl == "transformer_engine" and not kernels.te:
         raise ValueError(
             "model.transformer_impl=transformer_engine but transformer_engine does not import; "
-            "install it (NGC PyTorch container) or set model.transformer_impl=local"
+            "install it (the GPU image of docker/Dockerfile) or set model.transformer_impl=local"
         )
     use_te = kernels.te if impl == "auto" else impl == "transformer_engine"
     if cfg.model.fp8 is not None and not use_te:
         raise ValueError(
             f"model.fp8={cfg.model.fp8} needs Transformer Engine, which is not available here "
-            "(it needs CUDA); unset model.fp8 or run in the NGC container on H100s"
+            "(it needs CUDA); unset model.fp8 or run in the GPU image of docker/Dockerfile on H100s"
         )
     p = cfg.parallel
     if p.context_parallel_size > 1 and not use_te:
