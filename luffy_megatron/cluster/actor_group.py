@@ -34,6 +34,7 @@ from luffy_megatron.cluster.offload import (
     offload_to_host,
     reload_to_device,
 )
+from luffy_megatron.sync.shared_memory import ipc_slot_bytes
 from luffy_megatron.utils.memory_ledger import MemoryLedger
 
 EVENT_LOG_LENGTH = 256
@@ -82,10 +83,15 @@ class _RankWorker:
         self.offloaded = None
         self.events: collections.deque = collections.deque(maxlen=EVENT_LOG_LENGTH)
         # what this rank holds on its GPU at every transition (the memory plan's phases, perf/phase_contract.py)
-        self.ledger = MemoryLedger(lambda: device_holdings(self.actor, self.offloaded))
+        self.ledger = MemoryLedger(self._holdings)
 
     def _event(self, name: str, t0: float) -> None:
         self.events.append((name, t0, time.time()))
+
+    def _holdings(self) -> set[str]:
+        """The actor's state on the GPU, and the CUDA IPC weight-sync slots, kept from the first sync on."""
+        held = device_holdings(self.actor, self.offloaded)
+        return held | {"sync_buckets"} if ipc_slot_bytes() else held
 
     # ---------------------------------------------------------------- setup
 
