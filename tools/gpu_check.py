@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -490,8 +492,6 @@ def fake_sync_context(base_cls, engine: FakeEngine):
 def install_vllm_stand_in() -> None:
     """The consumer process has no vLLM: the two things the worker extension takes from it for an IPC load are
     a copy of vLLM 0.32's one-slot `PackedBufferImporter` and no-op layerwise-reload hooks (no model here)."""
-    import types
-    from contextlib import nullcontext
 
     class PackedBufferImporter:  # vllm/distributed/weight_transfer/packed_tensor.py (0.32), same semantics
         def __init__(self):
@@ -904,7 +904,8 @@ def run_pytest_step(python: str, env: dict, timeout: float, work: Path) -> dict:
     cmd = [python, "-m", "pytest", "tests/gpu", "-v", "-rA", "-p", "no:cacheprovider", f"--junitxml={xml}"]
     cmd += [f"--deselect={t}" for t, _ in deselected]
     status, rc, seconds = run_subprocess(cmd, env, timeout, work / "pytest.log")
-    result = {"status": status, "rc": rc, "seconds": seconds, "command": " ".join(cmd[1:]), "deselected": deselected}
+    shown = " ".join(cmd[1:]).replace(str(work), "<work>")
+    result = {"status": status, "rc": rc, "seconds": seconds, "command": shown, "deselected": deselected}
     result.update(junit_summary(xml) if xml.exists() else verbose_outcomes(work / "pytest.log"))
     if rc == 5:  # pytest: no tests collected
         result["status"] = "failed"
