@@ -103,8 +103,29 @@ def run_one_sync(transport, ctx) -> dict:
 
 
 def ipc_slot_bytes(transport) -> int:
-    """Bytes of the sender's bucket slots the transport holds between syncs (CPU: its /dev/shm files)."""
-    return sum(int(getattr(s, "nbytes", 0) or 0) for s in getattr(transport, "slots", []) if s is not None)
+    """Bytes of the bucket buffers the transport object holds between syncs: its tensors (CUDA slots) and its
+    buffers with an `nbytes` (/dev/shm files), in its attributes and in lists, tuples and dicts of them."""
+    seen, total = set(), 0
+
+    def add(v) -> None:
+        nonlocal total
+        if id(v) in seen:
+            return
+        seen.add(id(v))
+        if hasattr(v, "untyped_storage"):
+            total += v.untyped_storage().nbytes()
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                add(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                add(x)
+        elif isinstance(getattr(v, "nbytes", None), int) and hasattr(v, "path"):  # ShmBuffer
+            total += v.nbytes
+
+    for value in vars(transport).values():
+        add(value)
+    return total
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -695,7 +716,7 @@ def logprob_case(tokens: int, run: dict, cuda: bool) -> dict:
     vocab = (QWEN7B_SHAPE if cuda else TINY_SHAPE)["vocab_size"]
     device = "cuda" if cuda else "cpu"
     g = torch.Generator(device=device).manual_seed(tokens)
-    logits = (torch.randn(tokens, vocab, device=device, generator=g) * 3).bfloat16()
+    logits = torch.randn(tokens, vocab, device=device, generator=g, dtype=torch.bfloat16).mul_(3)
     target = torch.randint(0, vocab, (tokens,), device=device, generator=g)
     chunk = run["chunk"]
     ours, lp, ent = measure_logprob(
@@ -785,35 +806,30 @@ def machine_info(python: str, env: dict) -> dict:
 
 
 def install_wheels(python: str, site: Path) -> dict:
-    """pip install --no-index from .gpu_wheels into `site` (put on PYTHONPATH), keeping the image's CUDA torch."""
+    """pip install --no-index --no-deps from .gpu_wheels into this interpreter's environment (the image's CUDA
+    torch stays: nothing else is resolved), so every process the steps start sees it, torchrun's too (the tests'
+    launcher sets PYTHONPATH to the checkout alone). Where that is refused, into `site` (then on PYTHONPATH for
+    the steps; the torchrun tests will not see it) and says so."""
     wheels = sorted(str(w) for w in WHEELS_DIR.glob("*.whl"))
     if not wheels:
         return {
             "status": "failed",
             "error": f"no wheels in {WHEELS_DIR}: run tools/gpu_check.sh --prepare here and carry .gpu_wheels",
         }
-    cmd = [
-        python,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-index",
-        "--no-deps",
-        "--no-compile",
-        "--no-cache-dir",
-        "--upgrade",
-        "--target",
-        str(site),
-        *wheels,
-    ]
+    pip = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir"]
     t0 = time.perf_counter()
-    rc, text = sh(cmd, timeout=180)
-    status = "ok" if rc == 0 else "failed"
+    rc, text = sh([*pip, *wheels], timeout=180)
+    where, target = "this interpreter's environment", None
+    if rc != 0:
+        first = text
+        rc, text = sh([*pip, "--upgrade", "--target", str(site), *wheels], timeout=180)
+        where, target = f"{site} (on PYTHONPATH; the interpreter's environment refused: {first[-300:]})", site
     return {
-        "status": status,
+        "status": "ok" if rc == 0 else "failed",
         "seconds": time.perf_counter() - t0,
         "wheels": [Path(w).name for w in wheels],
+        "into": where,
+        "site": str(target) if target else None,
         "error": text[-3000:] if rc else "",
     }
 
@@ -1004,6 +1020,7 @@ def md_head(res: dict) -> list[str]:
     lines += [
         f"Install from .gpu_wheels: {inst['status']}"
         + (f" ({', '.join(inst.get('wheels', []))})" if inst.get("wheels") else "")
+        + (f" into {inst['into']}" if inst.get("into") else "")
         + ".",
         "",
     ]
@@ -1278,7 +1295,7 @@ def run_all(dry: bool, out: Path, budget_s: float, command: str, only: tuple = t
         install = {"status": "skipped (dry run: everything is installed here)"}
     else:
         install = install_wheels(python, work / "site")
-    env = step_env(dry, work / "site" if install["status"] == "ok" else None)
+    env = step_env(dry, install.get("site") if install["status"] == "ok" else None)
     machine = machine_info(python, env)
     print(
         f"[gpu_check] {'DRY RUN on CPU' if dry else 'GPU run'}: {machine.get('gpu', 'no GPU')}, torch "
