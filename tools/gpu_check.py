@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import subprocess
 import sys
 import tempfile
@@ -513,7 +514,11 @@ class FakeEngine:
 
     def get(self, ref: _Ref, timeout_s: float):
         while ref.rid not in self.answers:
-            rid, ok, value = self.q_out.get(timeout=timeout_s)
+            try:
+                rid, ok, value = self.q_out.get(timeout=timeout_s)
+            except queue.Empty:
+                msg = f"the consumer process did not answer call {ref.rid} within {timeout_s:g} s"
+                raise TimeoutError(msg) from None
             self.answers[rid] = (ok, value)
         ok, value = self.answers.pop(ref.rid)
         if not ok:
