@@ -9,7 +9,8 @@ STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := requirements.txt requirements/cpu.txt requirements/cpu-constraints.txt pyproject.toml
 CUDA_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: setup lint test test-fast lock-gpu demo experiment experiment-quick bench tensorboard-screenshot clean-venv
+.PHONY: setup lint test test-fast lock-gpu demo experiment experiment-quick bench tensorboard-screenshot clean-venv \
+	gpu-check-dry-run
 
 setup: $(STAMP)
 
@@ -57,6 +58,11 @@ experiment: setup
 # The same comparison with 1 seed and 10 steps (~4-5 min): docs/experiment/quick/.
 experiment-quick: setup
 	$(PY) tools/experiment.py --quick
+
+# The prepared GPU check (tools/gpu_check.sh) on CPU with tiny shapes: every step runs, nothing is measured; it
+# rewrites docs/gpu_results.md as a skeleton marked DRY RUN (a GPU run writes the real report).
+gpu-check-dry-run: setup
+	PYTHON=$(PY) tools/gpu_check.sh --dry-run --out docs/gpu_results.md
 
 bench: setup
 	@set -e; for b in tools/bench/*.py; do echo "== $$b"; $(PY) $$b; done
