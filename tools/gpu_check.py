@@ -67,15 +67,7 @@ LOGPROB_RUN = (
     {"tokens": (64, 256), "naive_max": 256, "chunk": 32},
 )
 # tests/gpu tests left out where a package is absent, and why (they would fail on the package, not the code)
-DESELECT_WITHOUT = {
-    "vllm": [
-        (
-            "tests/gpu/test_gpu_transports.py::test_cuda_ipc_bucket_is_read_in_place_by_another_process",
-            "its consumer process imports vLLM's PackedBufferImporter, dies, and the test waits 120 s on its queue; "
-            "step 3 runs the same IPC path with that importer copied",
-        )
-    ],
-}
+DESELECT_WITHOUT: dict = {}  # tests/gpu tests that cannot run where a package is absent, with the reason
 LOGPROB_TOL = 1e-3  # max abs difference of log-probs and entropies from the fp32 computation
 
 
@@ -128,7 +120,9 @@ def ipc_slot_bytes(transport) -> int:
 
     for value in vars(transport).values():
         add(value)
-    return total
+    from luffy_megatron.sync import shared_memory  # lazy: the step processes only
+
+    return total + shared_memory.ipc_slot_bytes()  # the CUDA slots are kept per process and GPU, not per transport
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -313,7 +307,7 @@ def measure_phases(actor, batch, advantages, cuda: bool) -> tuple[dict, dict]:
     phases["after first update"] = mem_now(cuda)
     info["state_after_update"] = state_inventory(actor)
     off = offload_to_host(actor.optimizer, actor.model)
-    phases["offloaded (sync+generate)"] = mem_now(cuda)
+    phases["offloaded (startup, sync, generate)"] = mem_now(cuda)
     info["offloaded_host_bytes"], info["freed_bytes"] = off.host_bytes, off.freed_bytes
     reload_to_device(off)
     phases["reloaded"] = mem_now(cuda)
@@ -378,7 +372,8 @@ def phase_totals(plan: dict, phases: dict) -> list[dict]:
     skip = ("engine_", "sync_buckets", "trainer_process")
     out = []
     for name, measured_key, measured_at in (
-        ("sync+generate", "allocated", "offloaded (sync+generate)"),
+        ("build", "allocated", "after first update"),  # the Adam moments exist from the first update on
+        ("startup", "allocated", "offloaded (startup, sync, generate)"),
         ("log-probs", "max_allocated", "log-probs"),
         ("update", "max_allocated", "update"),
     ):

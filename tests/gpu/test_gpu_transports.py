@@ -2,7 +2,7 @@
 
 - shared_memory on GPU: a flat bucket in one process's CUDA memory, its handle encoded as the transport sends
   it (`encode_ipc_handles`), opened in another process exactly as the worker extension does
-  (`open_ipc_bucket`: vLLM's `PackedBufferImporter`, this GPU's UUID, the local device index), read in place:
+  (`open_ipc_bucket`: the worker's `SlotImporter`, this GPU's UUID, the local device index), read in place:
   a second bucket written into the same buffer is seen through the same mapping without a new handle;
 - the exporter on CUDA: the bucket assembled on the GPU equals the conversion export, tensor for tensor;
 - collective on GPU (2+ GPUs): a bucket broadcast through `WeightGroup` (vLLM's StatelessProcessGroup +
