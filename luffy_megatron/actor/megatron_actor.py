@@ -75,6 +75,9 @@ class Kernels:
     cuda: bool
     te: bool
     apex_wgrad: bool
+    # apex's `scaled_masked_softmax_cuda`, which megatron-core's fused softmax imports for bf16 sequences of
+    # 17-4096 keys (fusions/fused_softmax.py `get_batch_per_block`): without it the first forward raises
+    masked_softmax: bool = False
 
     @classmethod
     def detect(cls) -> "Kernels":
@@ -83,6 +86,7 @@ class Kernels:
             cuda=cuda,
             te=transformer_engine_available(),
             apex_wgrad=cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
+            masked_softmax=cuda and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         )
 
 
@@ -95,7 +99,7 @@ def fusion_settings(kernels: Kernels, *, use_te: bool) -> dict[str, Any]:
         apply_rope_fusion=gpu and use_te,  # TE's fused RoPE (BSHD and THD)
         bias_activation_fusion=gpu,  # megatron-core's jit-fused bias + SwiGLU
         bias_dropout_fusion=gpu,
-        masked_softmax_fusion=gpu,  # local spec only; TE attention has its own kernels
+        masked_softmax_fusion=gpu and kernels.masked_softmax,  # local spec only; TE attention has its own kernels
         gradient_accumulation_fusion=gpu and kernels.apex_wgrad,  # wgrad GEMM accumulates into main_grad
     )
 

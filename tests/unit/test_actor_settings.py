@@ -61,7 +61,7 @@ def test_recompute_settings_reach_megatron_names():
     assert "recompute_granularity" not in settings()["config_overrides"]
 
 
-GPU_TE_APEX = Kernels(cuda=True, te=True, apex_wgrad=True)
+GPU_TE_APEX = Kernels(cuda=True, te=True, apex_wgrad=True, masked_softmax=True)
 
 
 def test_gpu_settings_turn_on_megatron_training_fusions_and_overlap():
@@ -84,6 +84,9 @@ def test_gpu_settings_turn_on_megatron_training_fusions_and_overlap():
     # without apex's fused wgrad GEMM, megatron-core's own linear layers cannot fuse gradient accumulation
     no_apex = megatron_settings(cfg, Kernels(cuda=True, te=True, apex_wgrad=False))["config_overrides"]
     assert no_apex["gradient_accumulation_fusion"] is False and no_apex["apply_rope_fusion"] is True
+    # without apex's softmax kernel megatron-core's fused softmax would raise at the first longer sequence: off
+    no_softmax = megatron_settings(cfg, Kernels(cuda=True, te=True, apex_wgrad=True))["config_overrides"]
+    assert no_softmax["masked_softmax_fusion"] is False and no_softmax["bias_activation_fusion"] is True
     # without TE there is no fused RoPE (and packed rows would loop per sequence): off
     no_te = megatron_settings(cfg, Kernels(cuda=True, te=False, apex_wgrad=True))
     assert no_te["use_te"] is False and no_te["config_overrides"]["apply_rope_fusion"] is False
