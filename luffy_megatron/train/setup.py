@@ -215,8 +215,6 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None
     step 1); colocated engines with vLLM sleep mode, so they can free their GPU memory for the update."""
     r, layout = cfg.rollout, placement.layout
     extra = {"gpu_memory_utilization": r.gpu_memory_utilization} if use_gpu else {}
-    # Ray gives actors without CPUs one thread; generation and training take turns, so use all cores.
-    threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     return EngineFleet.start(
         cfg.model.path,
         num_engines=len(layout.engines),
@@ -227,7 +225,6 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None
         enforce_eager=r.enforce_eager,
         seed=cfg.trainer.seed,
         max_num_seqs=r.max_num_seqs,
-        env=threads,
         log_dir=log_dir,
         request_timeout_s=r.request_timeout_s,
         direct_load=r.engine_direct_load,
