@@ -3,9 +3,10 @@
 Causal attention makes the end of a sequence costlier than its start, so every sequence is cut into 2 x CP
 chunks and CP rank r holds chunks r and 2*CP-1-r (Megatron-LM's and Transformer Engine's load-balanced
 layout). Padded rows (BSHD, [b, s]) are sharded by megatron-core's own `get_batch_on_this_cp_rank`; packed
-rows (THD, one row of concatenated sequences with `cu_seqlens`) by Transformer Engine's
-`thd_get_partitioned_indices` when TE is present, and by `thd_partitioned_indices` below (the same layout, in
-torch; tested against TE's in tests/gpu) when it is not.
+rows (THD, one row of concatenated sequences with `cu_seqlens`) by `thd_partitioned_indices` below: Transformer
+Engine's `thd_get_partitioned_indices` layout, computed in torch on the host (tested equal to TE's kernel in
+tests/gpu). TE's kernel is not called: it reads `cu_seqlens` on the GPU and writes a CUDA tensor, while the
+micro-batch tensors it indexes live on the host here; a few hundred integers per micro-batch need no kernel.
 
 Per-token results are then gathered back to the full micro-batch (`gather_tokens`) so that the LUFFY loss
 sees whole rows: its token-mean and sequence terms are not sums over tokens, so they cannot be computed
@@ -72,18 +73,6 @@ def thd_partitioned_indices(cu_seqlens_padded: Tensor, cp_size: int, cp_rank: in
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def _thd_indices(cu_seqlens_padded: Tensor, total: int, cp_size: int, cp_rank: int, device) -> Tensor:
-    try:  # Transformer Engine's kernel, where it exists (GPU)
-        # lazy: Transformer Engine exists only on GPU nodes
-        import transformer_engine_torch as tex
-
-        return tex.thd_get_partitioned_indices(
-            cu_seqlens_padded.to(device, torch.int32), total, cp_size, cp_rank
-        ).long()
-    except ImportError:
-        return thd_partitioned_indices(cu_seqlens_padded, cp_size, cp_rank).to(device)
-
-
 @dataclass
 class CPShard:
     """One CP rank's view of a micro-batch: its tokens, positions and targets, and where every rank's
@@ -115,7 +104,7 @@ def shard_micro_batch(
     else:
         if b != 1:
             raise ValueError(f"a packed (THD) micro-batch is one row, got {b}")
-        index = [_thd_indices(cu_seqlens, s, cp_size, r, input_ids.device) for r in range(cp_size)]
+        index = [thd_partitioned_indices(cu_seqlens, cp_size, r).to(input_ids.device) for r in range(cp_size)]
         local = {k: v.index_select(1, index[cp_rank]) for k, v in tensors.items()}
         positions = torch.stack(index)
     return CPShard(local["tokens"], local["position_ids"], local["targets"], positions, b * s)

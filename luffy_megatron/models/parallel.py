@@ -69,12 +69,13 @@ def bind_local_device() -> Optional[torch.device]:
     return torch.device("cuda", local_rank)
 
 
-def ensure_process_group() -> bool:
+def ensure_process_group(*, cpu: bool = False) -> bool:
     """Initializes torch.distributed if it is not: from torchrun's environment when present,
     otherwise a private world of one (a FileStore, so no port is shared with anyone).
     On GPUs the process is bound to its `LOCAL_RANK` device first (and NCCL is told which device
-    is this rank's). Returns True if this call created the group."""
-    device = bind_local_device()
+    is this rank's). `cpu`: gloo and no device even on a GPU machine (the converters, which build on the
+    host). Returns True if this call created the group."""
+    device = None if cpu else bind_local_device()
     register_shutdown()
     if dist.is_initialized():
         return False
@@ -111,15 +112,15 @@ def _remove_store_dir() -> None:
         _store_dir = None
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1) -> None:
-    """Initializes megatron-core parallel_state (and the process group if needed). If it is
-    already initialized with other sizes it is rebuilt. Rank order is megatron's default
-    (tp-cp-ep-dp-pp: TP fastest); data parallel is what TP x CP x PP leaves."""
+def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1, *, cpu: bool = False) -> None:
+    """Initializes megatron-core parallel_state (and the process group if needed; `cpu`: a gloo one, see
+    `ensure_process_group`). If it is already initialized with other sizes it is rebuilt. Rank order is
+    megatron's default (tp-cp-ep-dp-pp: TP fastest); data parallel is what TP x CP x PP leaves."""
     # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
 
     apply_cpu_shim()
-    ensure_process_group()
+    ensure_process_group(cpu=cpu)
     if ps.model_parallel_is_initialized():
         same = (
             ps.get_tensor_model_parallel_world_size() == tp

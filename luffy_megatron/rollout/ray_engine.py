@@ -45,7 +45,8 @@ DEFAULT_START_TIMEOUT_S = 3600.0  # a large model's first load from a network fi
 @ray.remote
 class VLLMEngineActor:
     """One `VLLMEngine` in a Ray worker process. `env` is applied before vLLM is imported (e.g.
-    `VLLM_CPU_KVCACHE_SPACE`, `OMP_NUM_THREADS`).
+    `VLLM_CPU_KVCACHE_SPACE`, `OMP_NUM_THREADS`). What depends on the engine's device is decided here, where
+    vLLM's platform is known (`cpu_engine_threads`, `resolve_enforce_eager`), not by the driver.
 
     Placement (`cluster.placement.Placement.engine_launch`): with TP = 1 vLLM runs inside this actor, which
     holds the GPU (share). With TP > 1 this actor sits in its node's placement group holding no GPU, and
@@ -68,6 +69,14 @@ class VLLMEngineActor:
     ):
         self.log_file = _log_to_file(log_file) if log_file else None
         os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        from vllm.platforms import current_platform  # lazy: after `env` is applied, as vLLM reads it
+
+        on_cpu = current_platform.is_cpu()
+        threads = cpu_engine_threads(on_cpu, env, os.cpu_count())
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = threads
+        if "enforce_eager" in engine_kwargs:
+            engine_kwargs["enforce_eager"] = resolve_enforce_eager(engine_kwargs["enforce_eager"], on_cpu)
         self.cpu_bind = _bind_cpu_engine(cpu_slot, int(engine_kwargs.get("tensor_parallel_size", 1)))
         self.events: collections.deque = collections.deque(maxlen=EVENT_LOG_LENGTH)
         self.placement = placement_info()  # as Ray set it up, before vLLM touches the environment
@@ -75,8 +84,6 @@ class VLLMEngineActor:
         self.worker_gpu_share = worker_gpu_share
         tp = int(engine_kwargs.get("tensor_parallel_size", 1))
         if tp > 1:
-            from vllm.platforms import current_platform  # lazy: after `env` is applied, as vLLM reads it
-
             if self.ray_bundles:
                 if len(self.ray_bundles) != tp:
                     raise ValueError(
@@ -84,7 +91,7 @@ class VLLMEngineActor:
                     )
                 os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, self.ray_bundles))
                 os.environ["VLLM_RAY_PER_WORKER_GPUS"] = str(worker_gpu_share if worker_gpu_share is not None else 1.0)
-            if current_platform.is_cpu():
+            if on_cpu:
                 engine_kwargs.setdefault("distributed_executor_backend", "mp")
                 # vLLM-CPU binds each TP worker to its own NUMA node by default and refuses when there are fewer.
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -587,6 +594,24 @@ def _launch_engine(spec: dict, index: int):
         cpu_slot=(index, len(spec["launches"])),
         **spec["engine_kwargs"],
     )
+
+
+def cpu_engine_threads(on_cpu: bool, env: Optional[dict], cpu_count: Optional[int]) -> Optional[str]:
+    """`OMP_NUM_THREADS` for an engine's processes, or None to leave it as Ray set it. A vLLM-CPU engine gets all
+    `cpu_count` cores of its node: Ray gives an actor without CPUs one thread, and generation and training take
+    turns. A GPU engine computes on its GPU: a pool of every core in each of its processes, next to the node's
+    other engines and Megatron ranks, would only oversubscribe the CPUs. An `OMP_NUM_THREADS` in the engine's
+    `env` is kept either way."""
+    if not on_cpu or "OMP_NUM_THREADS" in (env or {}):
+        return None
+    return str(cpu_count or 1)
+
+
+def resolve_enforce_eager(setting: Optional[bool], on_cpu: bool) -> bool:
+    """vLLM's `enforce_eager` for `rollout.enforce_eager`: an explicit value as given; None (the default) means
+    CUDA graphs on a GPU engine and eager mode on vLLM-CPU, which has no CUDA graphs and would otherwise
+    compile the model with torch.compile's inductor backend when it starts."""
+    return on_cpu if setting is None else bool(setting)
 
 
 def _bind_cpu_engine(cpu_slot: Optional[tuple[int, int]], tp: int) -> Optional[str]:

@@ -43,7 +43,6 @@ from luffy_megatron.train.setup import (
     lock_output_dir,
     open_metrics_log,
     pad_token_id,
-    resolve_device,
     reward_pool,
     start_workers,
     supervise,
@@ -78,11 +77,11 @@ def train(cfg: Config, workers=None) -> Path:
         tokenizer, train_set, val_set = load_data(cfg)
         cfg = with_total_steps(cfg, len(train_set))
         total_steps, pad_id = cfg.trainer.total_training_steps, pad_token_id(tokenizer)
-        use_gpu = resolve_device(cfg) == "cuda"
         connect_ray()
+        check_megatron_settings(cfg)  # again where the driver could not judge before Ray: the cluster's GPUs known
         stop = StopSignals.install()  # SIGUSR1/SIGTERM: checkpoint after the current step, exit PREEMPTED_EXIT_CODE
         if owned:
-            workers = start_workers(cfg, pad_id, use_gpu=use_gpu, log_dir=out / "logs" / "workers")
+            workers = start_workers(cfg, pad_id, log_dir=out / "logs" / "workers")
         adopt_workers(cfg, workers, out, pad_id)  # reused workers: the actor of another run is rebuilt
         ranks, engines = supervise(cfg, workers)
         workers.write_report(out / "placement.json")

@@ -51,14 +51,35 @@ def check_install() -> None:
 
 def check_megatron_settings(cfg: Config) -> None:
     """The actor's refusals (FP8 or CP without Transformer Engine, the distributed optimizer without CUDA, ...),
-    raised by the driver at start instead of by every rank after the cluster is up. The driver runs on a node
-    of the job (the Slurm batch step), so it sees the same CUDA and Transformer Engine as the ranks."""
-    from luffy_megatron.actor.megatron_actor import megatron_settings  # lazy: it probes Megatron and TE
+    raised by the driver at start instead of by every rank after the cluster is up, where the driver's CUDA and
+    Transformer Engine stand for the ranks' (`driver_judges_kernels`); otherwise the ranks refuse when they
+    build. `train` calls it before Ray and again once connected, when the cluster's GPUs are known."""
+    from luffy_megatron.actor.megatron_actor import Kernels, megatron_settings  # lazy: it probes Megatron and TE
 
+    kernels = Kernels.detect()
+    if not driver_judges_kernels(kernels.cuda, cluster_has_gpus()):
+        return
     try:
-        megatron_settings(cfg)
+        megatron_settings(cfg, kernels)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def driver_judges_kernels(driver_cuda: bool, cluster_gpus: bool | None) -> bool:
+    """Whether the driver's kernels are the ranks' for `check_megatron_settings`: yes when the driver sees CUDA
+    (it runs on a node of the job) or the cluster has no GPUs; no when the cluster's GPUs are out of the driver's
+    sight (a login node, a job step without GPUs) or not known yet (`cluster_gpus` None)."""
+    return driver_cuda or cluster_gpus is False
+
+
+def cluster_has_gpus() -> bool | None:
+    """Whether the Ray cluster of the job has GPUs. Before Ray is connected: for a local cluster (no RAY_ADDRESS)
+    this machine's GPUs, else None (unknown)."""
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    if os.environ.get("RAY_ADDRESS", "local") == "local":
+        return torch.cuda.is_available()
+    return None
 
 
 def lock_output_dir(out: Path) -> FileLock:
@@ -151,23 +172,28 @@ def connect_ray() -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
-def resolve_device(cfg: Config) -> str:
-    if cfg.trainer.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is visible")
-    return cfg.trainer.device
+def gpu_mode(device: str, *, layout_uses_gpus: bool) -> bool:
+    """Whether the engines run with the GPU settings (`rollout.gpu_memory_utilization`). The layout decides (the
+    Ray cluster's GPUs, `cluster.placement.reserve`), not the driver's CUDA: a driver on a login node or in a job
+    step without GPUs still runs a GPU cluster's job. `trainer.device`: auto = the layout's; cuda refuses a
+    layout without GPUs; cpu keeps the engines' CPU settings."""
+    if device == "cuda" and not layout_uses_gpus:
+        raise ConfigError("trainer.device=cuda but the Ray cluster has no GPUs, so the layout places none")
+    return layout_uses_gpus and device != "cpu"
 
 
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool, log_dir: Path | None = None) -> Workers:
+def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool | None = None, log_dir: Path | None = None) -> Workers:
     """GPUs reserved for the layout (bounded by cluster.placement_timeout_s, before any model loads), then the
     Megatron ranks built in their bundles and the engines started beside them (`cluster.Workers`; engine i
-    logs to `log_dir/engine_<i>.log`). A model the ranks cannot load or convert is a `ModelLoadError`."""
+    logs to `log_dir/engine_<i>.log`). A model the ranks cannot load or convert is a `ModelLoadError`.
+    `use_gpu`: the engines' GPU settings; None = `gpu_mode` of the layout."""
     placement = reserve(cfg)
+    if use_gpu is None:
+        use_gpu = gpu_mode(cfg.trainer.device, layout_uses_gpus=placement.layout.uses_gpus)
     log.warning("%s", placement.describe())
     try:
         refuse_unsafe_colocation(cfg, placement.layout)
@@ -241,8 +267,6 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None
     step 1); colocated engines with vLLM sleep mode, so they can free their GPU memory for the update."""
     r, layout = cfg.rollout, placement.layout
     extra = {"gpu_memory_utilization": r.gpu_memory_utilization} if use_gpu else {}
-    # Ray gives actors without CPUs one thread; generation and training take turns, so use all cores.
-    threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     return EngineFleet.start(
         cfg.model.path,
         num_engines=len(layout.engines),
@@ -253,7 +277,6 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None
         enforce_eager=r.enforce_eager,
         seed=cfg.trainer.seed,
         max_num_seqs=r.max_num_seqs,
-        env=threads,
         log_dir=log_dir,
         request_timeout_s=r.request_timeout_s,
         direct_load=r.engine_direct_load,

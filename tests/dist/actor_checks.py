@@ -15,12 +15,12 @@ from megatron.core.pipeline_parallel import p2p_communication
 
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.config import load_config
-from luffy_megatron.models.parallel import shutdown_distributed
+from luffy_megatron.models.parallel import ensure_process_group, shutdown_distributed
 from tests.dist.actor_fixtures import actor_overrides, make_batch, reference_advantages
 from tests.dist.launcher import report
 
 hf_dir, out, tp, pp, *extra = sys.argv[1:]
-dist.init_process_group("gloo")
+ensure_process_group()  # NCCL on the LOCAL_RANK GPU under CUDA, gloo on CPU
 cfg = load_config(None, actor_overrides(world=dist.get_world_size(), tp=int(tp), pp=int(pp)) + extra)
 p2p_dtypes = set()
 _communicate = p2p_communication.P2PCommunicator._communicate

@@ -17,14 +17,14 @@ import torch.distributed as dist
 from luffy_megatron.actor import checkpoint as ckpt
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.config import load_config
-from luffy_megatron.models.parallel import shutdown_distributed
+from luffy_megatron.models.parallel import ensure_process_group, shutdown_distributed
 from tests.dist.actor_fixtures import actor_overrides, make_batch, reference_advantages
 from tests.dist.launcher import report
 
 hf_dir, root, out, mode, *layout = sys.argv[1:]
 tp, pp = (int(layout[0]), int(layout[1])) if layout else (1, 1)
 extra = layout[2:]
-dist.init_process_group("gloo")
+ensure_process_group()  # NCCL on the LOCAL_RANK GPU under CUDA, gloo on CPU
 cfg = load_config(None, actor_overrides(world=dist.get_world_size(), tp=tp, pp=pp) + ["actor.lr_warmup_steps_ratio=0.5"] + extra)
 actor = MegatronActor(cfg, hf_dir=hf_dir, pad_token_id=0)
 

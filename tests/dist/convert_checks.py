@@ -30,7 +30,9 @@ def main() -> int:
     layouts = [tuple(int(x) for x in lay.split("x")) for lay in sys.argv[2].split(",")]
     do_stream = "--stream" in sys.argv
     torch.manual_seed(0)
-    dist.init_process_group("gloo")
+    from luffy_megatron.models.parallel import ensure_process_group
+
+    ensure_process_group()  # NCCL on the LOCAL_RANK GPU under CUDA, gloo on CPU
     from luffy_megatron.convert.checkpoint import load_checkpoint, save_checkpoint
     from luffy_megatron.convert.export import ExportStats, iter_hf_weight_buckets, iter_hf_weights
     from luffy_megatron.convert.hf_io import HFWeightReader
@@ -62,7 +64,7 @@ def main() -> int:
             timings[tag] = round(time.time() - t, 2)
 
     def same_as_hf(chunks, arch, m):
-        got = dict(iter_hf_weights(chunks, arch, bucket_bytes=32 * 1024))
+        got = {n: t.cpu() for n, t in iter_hf_weights(chunks, arch, bucket_bytes=32 * 1024)}
         want = hf_state[m]
         if set(got) != set(want):
             raise AssertionError(f"names differ: extra {sorted(set(got) - set(want))[:5]} "
@@ -80,13 +82,14 @@ def main() -> int:
         pos = torch.arange(24).unsqueeze(0).expand(2, -1)
         with torch.no_grad():
             ref = hf(ids).logits
-            out = chunks[0](input_ids=ids, position_ids=pos, attention_mask=None)
+            dev = next(chunks[0].parameters()).device
+            out = chunks[0](input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=None)
         tp = ps.get_tensor_model_parallel_world_size()
         if tp > 1:
             parts = [torch.empty_like(out) for _ in range(tp)]
             dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
             out = torch.cat(parts, dim=-1)
-        diff = (out[..., : arch.vocab_size] - ref).abs().max().item()
+        diff = (out[..., : arch.vocab_size].cpu() - ref).abs().max().item()
         if not diff < 1e-4:
             raise AssertionError(f"max abs logits diff {diff}")
         return diff
@@ -142,7 +145,7 @@ def main() -> int:
                 for name, t in bucket:
                     if name in seen:
                         raise AssertionError(f"{name} yielded twice")
-                    seen[name] = torch.equal(t, hf_state[m][name])
+                    seen[name] = torch.equal(t.cpu(), hf_state[m][name])
                     refs.append(weakref.ref(t))
                 del bucket, t
             if set(seen) != set(hf_state[m]) or not all(seen.values()):

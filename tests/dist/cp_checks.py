@@ -16,12 +16,18 @@ from luffy_megatron.actor.batching import build_micro_batch, build_packed_micro_
 from luffy_megatron.actor.context_parallel import shard_micro_batch
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.algo.loss import microbatch_policy_loss
-from luffy_megatron.models.parallel import init_model_parallel, shutdown_distributed
+from luffy_megatron.models.parallel import (
+    bind_local_device,
+    ensure_process_group,
+    init_model_parallel,
+    shutdown_distributed,
+)
 from tests.dist.actor_fixtures import make_batch, reference_advantages
 from tests.dist.launcher import report
 
 VOCAB, HIDDEN = 500, 16
-dist.init_process_group("gloo")
+ensure_process_group()  # NCCL on the LOCAL_RANK GPU under CUDA, gloo on CPU
+DEVICE = bind_local_device() or torch.device("cpu")
 cp = dist.get_world_size()
 init_model_parallel(1, 1, None, cp)
 from megatron.core import parallel_state as ps  # noqa: E402
@@ -39,15 +45,15 @@ def actor_view(group):
 
 def run(mb, shard, group):
     torch.manual_seed(0)
-    emb, head = torch.nn.Embedding(VOCAB, HIDDEN), torch.nn.Linear(HIDDEN, VOCAB)
-    ids = mb.input_ids if shard is None else shard.input_ids
+    emb, head = torch.nn.Embedding(VOCAB, HIDDEN).to(DEVICE), torch.nn.Linear(HIDDEN, VOCAB).to(DEVICE)
+    ids = (mb.input_ids if shard is None else shard.input_ids).to(DEVICE)
     logits = head(emb(ids))
     lp, ent = MegatronActor._token_logprobs(actor_view(group), mb, shard, logits)
     rows, width = mb.rows, lp.shape[1]
-    loss, _ = microbatch_policy_loss(log_prob_BT=lp, entropy_BT=ent, old_log_prob_BT=old_lp[rows, :width],
-                                     advantages_BT=adv[rows, :width], response_mask_BT=mb.resp_mask,
-                                     prefix_mask_BT=batch.prefix_mask[rows, :width], max_response_length=batch.response_width,
-                                     entropy_coeff=0.01)
+    on = {"old_log_prob_BT": old_lp[rows, :width], "advantages_BT": adv[rows, :width],
+          "response_mask_BT": mb.resp_mask, "prefix_mask_BT": batch.prefix_mask[rows, :width]}
+    loss, _ = microbatch_policy_loss(log_prob_BT=lp, entropy_BT=ent, max_response_length=batch.response_width,
+                                     entropy_coeff=0.01, **{k: v.to(DEVICE) for k, v in on.items()})
     scale = 1 if shard is None else cp  # megatron-core's schedule multiplies each micro-batch loss by the CP size
     (loss * scale).backward()
     grads = [emb.weight.grad, head.weight.grad, head.bias.grad]

@@ -4,16 +4,17 @@ import torch
 import torch.distributed as dist
 
 from luffy_megatron.algo.logprob import naive_logprob_entropy, vocab_parallel_logprob_entropy
-from luffy_megatron.models.parallel import shutdown_distributed
+from luffy_megatron.models.parallel import bind_local_device, ensure_process_group, shutdown_distributed
 from tests.dist.launcher import report
 
-dist.init_process_group("gloo")
+ensure_process_group()  # NCCL on the LOCAL_RANK GPU under CUDA, gloo on CPU
+device = bind_local_device() or torch.device("cpu")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 T, V = 45, 1000
-logits = torch.randn(T, V) * 4
-target = torch.randint(0, V, (T,))
-g_logp, g_ent = torch.randn(T), torch.randn(T)
+logits = (torch.randn(T, V) * 4).to(device)
+target = torch.randint(0, V, (T,)).to(device)
+g_logp, g_ent = torch.randn(T).to(device), torch.randn(T).to(device)
 shard = V // world
 checks = {}
 for temperature in (1.0, 0.6):

@@ -7,16 +7,15 @@ the run without recomputation. Usage: recompute_checks.py HF_DIR"""
 import sys
 
 import torch
-import torch.distributed as dist
 
 from luffy_megatron.actor.megatron_actor import MegatronActor
 from luffy_megatron.config import load_config
-from luffy_megatron.models.parallel import shutdown_distributed
+from luffy_megatron.models.parallel import ensure_process_group, shutdown_distributed
 from tests.dist.actor_fixtures import actor_overrides, make_batch, reference_advantages
 from tests.dist.launcher import report
 
 hf_dir = sys.argv[1]
-dist.init_process_group("gloo")
+ensure_process_group()  # NCCL on the LOCAL_RANK GPU under CUDA, gloo on CPU
 batch = make_batch()
 adv = reference_advantages(batch)
 out, base = {}, None

@@ -24,14 +24,12 @@ def hf_dir(tmp_path_factory):
     return make_tiny_model("qwen2", tmp_path_factory.mktemp("gpu") / "qwen2")
 
 
-def test_conversion_logits_match_transformers_on_cuda_bf16(hf_dir):
+def test_conversion_logits_match_transformers_on_cuda_bf16(hf_dir, megatron_world):
     from transformers import AutoModelForCausalLM
 
     from luffy_megatron.convert.weights import load_hf_weights
     from luffy_megatron.models.hf_to_mcore import build_model_chunks, read_hf_arch
-    from luffy_megatron.models.parallel import init_model_parallel
 
-    init_model_parallel(1, 1)
     arch = read_hf_arch(hf_dir)
     model = build_model_chunks(arch, params_dtype=torch.bfloat16, construct_dtype=torch.float32)[0]
     load_hf_weights([model], arch, hf_dir)

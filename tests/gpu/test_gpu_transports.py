@@ -71,15 +71,13 @@ def test_cuda_ipc_bucket_is_read_in_place_by_another_process():
         proc.join(timeout=60)
 
 
-def test_export_assembles_the_bucket_on_cuda_like_the_conversion_export(tmp_path):
+def test_export_assembles_the_bucket_on_cuda_like_the_conversion_export(tmp_path, megatron_world):
     from luffy_megatron.convert.export import export_flat_buckets, iter_hf_weights, plan_flat_buckets
     from luffy_megatron.convert.weights import load_hf_weights
     from luffy_megatron.models.hf_to_mcore import build_model_chunks, read_hf_arch
-    from luffy_megatron.models.parallel import init_model_parallel
     from tests.dist.tiny_models import make_tiny_model
 
     hf = make_tiny_model("qwen2", tmp_path / "qwen2")
-    init_model_parallel(1, 1)
     arch = read_hf_arch(hf)
     chunks = build_model_chunks(arch, params_dtype=torch.float32)
     load_hf_weights(chunks, arch, hf)

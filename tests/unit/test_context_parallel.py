@@ -84,3 +84,39 @@ def test_sequences_not_divisible_by_2cp_are_refused():
         shard_micro_batch(mb.input_ids, mb.position_ids, mb.targets, cp_size=2, cp_rank=0)
     with pytest.raises(ValueError, match="padded length 19 is not divisible by 2 x CP = 4"):
         thd_partitioned_indices(torch.tensor([0, 19]), 2, 0)
+
+
+def test_packed_rows_on_the_host_never_reach_te_kernel(monkeypatch):
+    """B1: the actor shards its micro-batch while its tensors are on the host. Transformer Engine's partitioned-index
+    kernel reads `cu_seqlens` on the GPU and returns a CUDA tensor, so a host tensor must never reach it; with TE
+    importable (stubbed here) the shard is still TE's layout, on the micro-batch's device."""
+    import sys
+    import types
+
+    handed = []
+
+    def kernel(cu_seqlens, total, cp_size, cp_rank):
+        handed.append(cu_seqlens.device.type)
+        if cu_seqlens.device.type != "cuda":
+            raise RuntimeError("thd_get_partitioned_indices: cu_seqlens is not a CUDA tensor")
+        return thd_partitioned_indices(cu_seqlens, cp_size, cp_rank)
+
+    monkeypatch.setitem(
+        sys.modules, "transformer_engine_torch", types.SimpleNamespace(thd_get_partitioned_indices=kernel)
+    )
+    mb = build_packed_micro_batch(_batch(), [0, 1, 2, 3], pad_token_id=0, pad_multiple=4)
+    cu = mb.cu_seqlens.tolist()
+    for r in range(2):
+        sh = shard_micro_batch(
+            mb.input_ids, mb.position_ids, mb.targets, cp_size=2, cp_rank=r, cu_seqlens=mb.cu_seqlens
+        )
+        want = [
+            i
+            for a, e in zip(cu[:-1], cu[1:])
+            for c in (r, 3 - r)
+            for i in range(a + c * (e - a) // 4, a + (c + 1) * (e - a) // 4)
+        ]
+        assert sh.input_ids.device.type == "cpu" and sh.flat_positions.device.type == "cpu"
+        assert sh.position_ids[0].tolist() == mb.position_ids[0, want].tolist()
+        assert torch.equal(sh.input_ids[0], mb.input_ids[0, want]) and torch.equal(sh.targets[0], mb.targets[0, want])
+    assert "cpu" not in handed

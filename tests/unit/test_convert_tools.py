@@ -108,3 +108,65 @@ def test_interrupted_export_leaves_no_output(tmp_path, monkeypatch):
         tools.megatron_to_hf(tmp_path / "ck", hf, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
     assert sorted(os.listdir(tmp_path)) == ["ck", "hf"]
+
+
+class _Built(Exception):
+    pass
+
+
+def test_converters_build_on_the_host_with_gloo_on_a_gpu_machine(tmp_path, monkeypatch):
+    """N13: on a GPU node the converters still make the model's parameters on the host (a whole 32B model is
+    65 GB on one GPU) in megatron-core's local layers, in a gloo world."""
+    hf = make_tiny_model("qwen2", tmp_path / "hf")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    worlds, builds = [], []
+    monkeypatch.setattr(tools, "init_model_parallel", lambda *args, **kw: worlds.append(kw))
+
+    def build(arch, **kw):
+        builds.append(kw)
+        raise _Built
+
+    monkeypatch.setattr(tools, "build_model_chunks", build)
+    monkeypatch.setattr(tools, "read_checkpoint_meta", lambda ckpt: {"dtype": "float32"})
+    with pytest.raises(_Built):
+        tools.hf_to_megatron(hf, tmp_path / "ck", quiet=True)
+    with pytest.raises(_Built):
+        tools.megatron_to_hf(tmp_path / "ck", hf, tmp_path / "out", quiet=True)
+    assert worlds == [{"cpu": True}, {"cpu": True}]
+    for kw in builds:
+        assert kw["use_cpu_initialization"] is True and kw["use_te"] is False and kw["perform_initialization"] is False
+
+
+def test_host_build_reaches_megatron_config_on_a_gpu_machine(tmp_path, monkeypatch):
+    from luffy_megatron.models.hf_to_mcore import build_transformer_config, read_hf_arch
+
+    arch = read_hf_arch(make_tiny_model("qwen2", tmp_path / "hf"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert build_transformer_config(arch).use_cpu_initialization is False  # the trainer's ranks: on their GPU
+    overrides = {k: v for k, v in tools.HOST_BUILD.items() if k != "use_te"}
+    assert build_transformer_config(arch, **overrides).use_cpu_initialization is True
+
+
+def test_a_cpu_world_is_gloo_on_a_gpu_machine(monkeypatch):
+    from luffy_megatron.models import parallel
+
+    made = []
+
+    def no_device():
+        raise AssertionError("a CPU world binds no CUDA device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(parallel, "bind_local_device", no_device)
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(parallel, "_init_private_world", lambda backend, kw: made.append((backend, kw)))
+    assert parallel.ensure_process_group(cpu=True) is True
+    assert made == [("gloo", {})]
+    monkeypatch.setattr(parallel, "ensure_process_group", lambda **kw: made.append(kw) or _raise(_Built()))
+    with pytest.raises(_Built):
+        parallel.init_model_parallel(1, 1, cpu=True)
+    assert made[-1] == {"cpu": True}
+
+
+def _raise(err):
+    raise err
