@@ -10,7 +10,7 @@ plan counts phase by phase (`perf/memory_plan.py`; checked against what every pr
                        start (vLLM refuses to start unless gpu_memory_utilization x the GPU is free)
     engines_asleep()   a checkpoint load or an actor rebuild: engines asleep, the ranks' state back on the GPU,
                        then given back again before the engines wake
-    training_phase()   engines sleep (vLLM sleep level 1: weights to host, KV cache dropped), state back
+    training_phase()   engines sleep (vLLM sleep level 2 where the last sync wrote every layer, else 1), state back
     training           old log-probs, update
     rollout_phase()    the ranks give back what they can (actor.offload_during_rollout: optimizer state to host;
                        always: the CUDA cache emptied), then the engines wake their weights only
@@ -33,7 +33,9 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
-SLEEP_LEVEL = 1  # weights to host memory, KV cache dropped: the engine keeps the same model (vLLM's RL setting)
+# vLLM sleep level: None = per engine, 2 (weights and KV cache discarded) when its last weight update wrote every
+# layer, as the next sync rewrites them all; else 1 (weights kept on host), the reason logged (rollout/engine.py)
+SLEEP_LEVEL = None
 
 
 @dataclass

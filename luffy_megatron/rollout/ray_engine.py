@@ -132,7 +132,7 @@ class VLLMEngineActor:
     def get_events(self) -> list[tuple[str, float, float]]:
         return list(self.events)
 
-    def sleep(self, level: int = 1) -> None:
+    def sleep(self, level: Optional[int] = None) -> None:
         t0 = time.time()
         with self.ledger.transition("sleep"):
             self.engine.sleep(level)
@@ -460,8 +460,9 @@ class EngineFleet:
 
     # ---------------------------------------------------------------- colocated GPUs
 
-    def sleep(self, level: int = 1) -> None:
-        """Every engine frees its GPU memory for the trainer (vLLM sleep mode; see `VLLMEngine.sleep`)."""
+    def sleep(self, level: Optional[int] = None) -> None:
+        """Every engine frees its GPU memory for the trainer (vLLM sleep mode; see `VLLMEngine.sleep`; None:
+        each at the deepest level its last weight update allows)."""
         self._get_all("sleep", lambda e: e.sleep.remote(level))
 
     def wake_up(self, tags: Optional[list[str]] = None) -> None:

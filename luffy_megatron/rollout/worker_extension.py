@@ -41,6 +41,7 @@ import ctypes.util
 import logging
 import os
 import socket
+from typing import Optional
 
 import torch
 
@@ -100,6 +101,27 @@ def keep_heap_for_reloads(limit: int = RELOAD_HEAP_BYTES) -> bool:
         )
     except (OSError, AttributeError):
         return False
+
+
+def unsynced_layers(model, infos, deferred=lambda module: False) -> list[str]:
+    """Names of the modules of `model` that vLLM's layerwise reload (`infos`: its per-layer records) still waits
+    on with nothing received: a layer with weights to load (`load_numel_total` > 0) that got none. Not counted:
+    a layer whose parameters are all tensors of a layer already written (a tied lm_head shares the embedding's)
+    or that has none (a rotary embedding's cache is a buffer, which vLLM's sleep saves and restores itself),
+    `deferred` layers (attention, whose scales vLLM re-creates at every reload), and a layer that got some but
+    not all of its elements: once every checkpoint tensor was sent (the engine checks that first) the rest is
+    padding, such as vocabulary rows past the checkpoint's."""
+    written = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
+    out = []
+    for name, module in model.named_modules():
+        info = infos.get(module)
+        if info is None or not info.can_load() or info.load_numel or not info.load_numel_total or deferred(module):
+            continue
+        kernel = (info.kernel_tensors or ({}, {}))[0]  # the layer's own parameters, kept while it waits
+        if all(t.untyped_storage().data_ptr() in written for t in kernel.values()):
+            continue  # only buffers (vLLM saves and restores those around level 2 itself), or tied parameters
+        out.append(name)
+    return out
 
 
 class LuffyWorkerExtension:
@@ -170,6 +192,17 @@ class LuffyWorkerExtension:
                 finalize_layerwise_reload(self.model_runner.model, self.model_runner.model_config)
             self._luffy_refresh_tied_lm_head()
         return done
+
+    def luffy_unsynced_layers(self) -> Optional[list[str]]:
+        """In a layerwise session, before it finishes: the layers of vLLM's model that hold weights but received
+        none in it (what sleep level 2 would lose). None in a direct session, which does not track it."""
+        if getattr(self, "_luffy_direct_session", None) is not None:
+            return None
+        # lazy: vLLM is imported only in the engine processes
+        from vllm.model_executor.layers.attention import is_deferred_attention_layer
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+        return unsynced_layers(self.model_runner.model, LAYERWISE_INFO, is_deferred_attention_layer)
 
     def _luffy_refresh_tied_lm_head(self) -> None:
         """Tied embeddings: vLLM's `lm_head` shares `embed_tokens.weight` but keeps kernel state of its own. On

@@ -306,3 +306,20 @@ def test_direct_partial_update_keeps_incomplete_layers(fleet, reference, ray_loc
     assert _sampled(ray_local, engine, reference) != before  # the one layer's new weight is in use
     push_weights([engine], reference.original.items())
     assert _greedy(fleet, reference, ["france"])[0] == reference.greedy["original"]["france"]
+
+
+def test_sleep_level_2_follows_what_the_last_update_wrote(fleet, reference, ray_local):
+    """vLLM's layerwise reload of a full update writes every layer of the model: the engine may then sleep at
+    level 2 (weights discarded; the next sync rewrites them). A partial update leaves layers unwritten, and a
+    direct load does not report it: level 1 then (rollout/engine.py `deep_sleep_refusal`)."""
+    engine = fleet.engines[0]
+    done = push_weights([engine], reference.original.items(), direct=False)
+    assert done["load"] == "layerwise" and done["unsynced_layers"] == [] and done["sleep_level"] == 2
+    norm = reference.original["model.norm.weight"]
+    done = push_weights([engine], [("model.norm.weight", norm)], partial=True, direct=False)
+    assert done["sleep_level"] == 1
+    unsynced = done["unsynced_layers"]
+    assert "model.layers.0.self_attn.qkv_proj" in unsynced and "model.norm" not in unsynced
+    done = push_weights([engine], reference.original.items(), direct=True)
+    assert done["load"] == "direct" and done["sleep_level"] == 1
+    assert _greedy(fleet, reference, ["france"])[0] == reference.greedy["original"]["france"]

@@ -178,3 +178,48 @@ def test_colocated_gpus_without_offload_are_refused_at_start_with_the_plans_numb
         refuse_unsafe_colocation(cfg, gpus)
     refuse_unsafe_colocation(load_config(REPO / "recipes" / "luffy_main.yaml"), gpus)  # with offload: fits
     refuse_unsafe_colocation(cfg, SimpleNamespace(mode="colocated", uses_gpus=False))  # CPU: nothing to refuse
+
+
+# ---------------------------------------------------------------------------------------- sleep level 2 (N10)
+
+
+def test_sleep_level_2_only_after_an_update_that_wrote_every_layer():
+    from luffy_megatron.rollout.engine import deep_sleep_refusal
+
+    assert deep_sleep_refusal([[], []], missing=[]) is None
+    assert "did not send 1 checkpoint tensor" in deep_sleep_refusal([[], []], missing=["lm_head.weight"])
+    assert "engine_direct_load" in deep_sleep_refusal([None, []], missing=[])
+    why = deep_sleep_refusal([["model.layers.0.mlp"], []], missing=[])
+    assert "1 layer(s)" in why and "model.layers.0.mlp" in why
+
+
+def test_the_layers_vllms_reload_still_waits_on_with_nothing_received_are_named():
+    import torch
+
+    from luffy_megatron.rollout.worker_extension import unsynced_layers
+
+    class Info:
+        def __init__(self, loaded, total, layer=None):
+            self.load_numel, self.load_numel_total = loaded, total
+            self.kernel_tensors = (dict(layer.named_parameters()), {}) if layer is not None else None
+
+        def can_load(self):
+            return self.load_numel_total is not None
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(5)), torch.nn.Module())
+    model[5].register_buffer("cos_sin_cache", torch.zeros(4))  # a rotary embedding: buffers only
+    tied = model[4]
+    tied.weight = model[2].weight  # a tied head: its only weight is a written layer's
+    del tied.bias
+    infos = {
+        model[0]: Info(0, 6, model[0]),  # waits, got nothing: its weights would be lost
+        model[1]: Info(4, 6, model[1]),  # got some (padding left): written
+        model[2]: Info(0, None),  # done (vLLM resets a layer once it is processed)
+        model[3]: Info(0, 6, model[3]),  # attention-like: vLLM re-creates it
+        tied: Info(0, 4, tied),
+        model[5]: Info(0, 4, model[5]),
+    }
+    for layer in (model[0], model[1], model[3], tied):  # what vLLM does to a layer it waits on
+        for name, _ in list(layer.named_parameters(recurse=False)):
+            setattr(layer, name, torch.nn.Parameter(torch.empty(2, 2, device="meta")))
+    assert unsynced_layers(model, infos, deferred=lambda m: m is model[3]) == ["0"]
