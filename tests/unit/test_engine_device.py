@@ -81,6 +81,9 @@ def test_engine_actor_decides_threads_and_graphs_from_vllm_platform(monkeypatch,
         def core_pids(self):
             return []
 
+        def device_holdings(self):
+            return {"engine_weights", "engine_kv"}
+
     monkeypatch.setattr(current_platform, "is_cpu", lambda: on_cpu)
     monkeypatch.setattr(ray_engine, "VLLMEngine", FakeEngine)
     monkeypatch.setattr(ray_engine, "placement_info", lambda: {})
