@@ -34,6 +34,7 @@ from luffy_megatron.cluster.offload import (
     offload_to_host,
     reload_to_device,
 )
+from luffy_megatron.cluster.supervision import RankCallTimeout
 from luffy_megatron.sync.shared_memory import ipc_slot_bytes
 from luffy_megatron.utils.memory_ledger import MemoryLedger
 
@@ -240,6 +241,9 @@ class ActorGroup:
     # with it, their `close` queued behind it), set by `cluster.supervision.GuardedRanks`; `shutdown` then kills
     # them without the exit barrier.
     broken: Optional[str] = None
+    # bound on every call on the ranks made here (`build` takes trainer.rank_call_timeout_s; the driver's
+    # step calls go through `cluster.supervision.GuardedRanks`, bounded the same way)
+    call_timeout_s: float = 4 * 3600.0
 
     def __init__(self, placement, *, start_timeout_s: Optional[float] = None):
         world = placement.layout.world_size
@@ -264,32 +268,55 @@ class ActorGroup:
             raise
 
     def build(self, cfg, hf_dir: str, pad_token_id: int, fresh: bool = False) -> int:
-        return ray.get([w.build.remote(cfg, hf_dir, pad_token_id, fresh=fresh) for w in self.workers])[0]
+        """Builds the model on every rank, bounded by trainer.rank_call_timeout_s (a conversion from HF can take
+        many minutes; a rank that hangs in its process-group rendezvous must not hold the job forever)."""
+        self.call_timeout_s = cfg.trainer.rank_call_timeout_s
+        return self._get(
+            "the model build", [w.build.remote(cfg, hf_dir, pad_token_id, fresh=fresh) for w in self.workers]
+        )[0]
 
     def call(self, method: str, *args, **kwargs) -> Any:
-        return ray.get([w.call.remote(method, *args, **kwargs) for w in self.workers])[0]
+        return self._get(method, [w.call.remote(method, *args, **kwargs) for w in self.workers])[0]
 
     def run(self, fn, *args, **kwargs) -> Any:
-        return ray.get([w.run.remote(fn, *args, **kwargs) for w in self.workers])[0]
+        return self._get(getattr(fn, "__name__", "run"), [w.run.remote(fn, *args, **kwargs) for w in self.workers])[0]
 
     def offload_to_host(self) -> dict[str, int]:
-        return ray.get([w.offload_to_host.remote() for w in self.workers])[0]
+        return self._get("offload_to_host", [w.offload_to_host.remote() for w in self.workers])[0]
 
     def reload_to_device(self) -> None:
-        ray.get([w.reload_to_device.remote() for w in self.workers])
+        self._get("reload_to_device", [w.reload_to_device.remote() for w in self.workers])
 
     def release_cache(self) -> None:
-        ray.get([w.release_cache.remote() for w in self.workers])
+        self._get("release_cache", [w.release_cache.remote() for w in self.workers])
 
     def infos(self) -> list[dict[str, Any]]:
-        return ray.get([w.info.remote() for w in self.workers])
+        return self._get("info", [w.info.remote() for w in self.workers])
 
     def events(self) -> list[list[tuple[str, float, float]]]:
-        return ray.get([w.get_events.remote() for w in self.workers])
+        return self._get("get_events", [w.get_events.remote() for w in self.workers])
 
     def memory_ledgers(self) -> list[list[dict]]:
         """Every rank's transitions with what it held on its GPU before and after (`utils.memory_ledger`)."""
-        return ray.get([w.memory_ledger.remote() for w in self.workers])
+        return self._get("memory_ledger", [w.memory_ledger.remote() for w in self.workers])
+
+    def _get(self, what: str, refs: list) -> list:
+        """Every rank's result of `what`, within `call_timeout_s`. A rank that has not answered by then is a
+        `RankCallTimeout` (one `luffy-train: error:` line) naming the call and the setting; the group is then
+        `broken` (the others may wait in a collective with it), so `shutdown` kills the ranks without the exit
+        barrier."""
+        try:
+            return ray.get(refs, timeout=self.call_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            late = [r for r, ref in enumerate(refs) if ref not in ready]
+            self.broken = f"{what} timed out on rank(s) {late}"
+            raise RankCallTimeout(
+                f"{what} on the Megatron ranks did not finish within {self.call_timeout_s:g}s "
+                f"(trainer.rank_call_timeout_s): no answer from rank(s) {late}",
+                what=what,
+                refs=refs,
+            ) from None
 
     def shutdown(self, close: bool = True, close_timeout_s: float = CLOSE_TIMEOUT_S) -> list:
         """Close every rank's process groups together (bounded: a rank that does not answer within

@@ -287,6 +287,7 @@ def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None
 def supervise(cfg: Config, workers: Workers) -> tuple[GuardedRanks, EngineSupervisor]:
     """The ranks and the engines as the loop calls them: bounded waits, named failures, engine restarts."""
     ranks = GuardedRanks(workers.actors, timeout_s=cfg.trainer.rank_call_timeout_s)
+    workers.actors.call_timeout_s = cfg.trainer.rank_call_timeout_s  # its own calls (infos, ledgers) too
     workers.ranks = ranks  # the optimizer offload/reload of a step go through the same bounded calls
     # rollout.weight_sync_transport (auto: by the layout, see sync.weights.resolve_transport)
     transport = resolve_transport(cfg.rollout.weight_sync_transport, workers.placement.mode)

@@ -48,7 +48,7 @@ def test_guard_builds_the_rank_guard_with_the_configured_timeout_and_hands_it_to
     actors = SimpleNamespace(workers=[])
     workers = Workers(placement("cpu"), actors, SimpleNamespace(), offload=True)
     ranks, engines = supervise(cfg, workers)
-    assert ranks.timeout_s == 90.0
+    assert ranks.timeout_s == 90.0 and actors.call_timeout_s == 90.0
     assert workers.ranks is ranks and engines.ranks is ranks
 
 
