@@ -37,6 +37,9 @@ from luffy_megatron.utils import scratch
 logger = logging.getLogger(__name__)
 
 # bound on the exit barrier (all ranks must reach shutdown within it, else the teardown is skipped with a warning)
+# how long the ranks of a world started outside torchrun (the Ray rank actors) wait for each other to join
+INIT_TIMEOUT_ENV = "LUFFY_DIST_INIT_TIMEOUT_S"
+DEFAULT_INIT_TIMEOUT_S = 900.0
 SHUTDOWN_TIMEOUT_ENV = "LUFFY_DIST_SHUTDOWN_TIMEOUT_S"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 60.0
 GLOO_WORKER_THREAD_NAME = "pt_gloo_runloop"  # torch names gloo's work threads so (ProcessGroupGloo::runLoop)
@@ -82,10 +85,39 @@ def ensure_process_group(*, cpu: bool = False) -> bool:
     backend = "nccl" if device is not None else "gloo"
     device_kwargs = {"device_id": device} if device is not None else {}
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, **device_kwargs)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: its agent's store, its own rendezvous deadline
+            dist.init_process_group(backend, **device_kwargs)
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=rendezvous_store(), rank=rank, world_size=world, **device_kwargs)
     else:
         _init_private_world(backend, device_kwargs)
     return True
+
+
+def rendezvous_store(timeout_s: Optional[float] = None) -> dist.TCPStore:
+    """The world's store at MASTER_ADDR:MASTER_PORT (rank 0 serves it), what `init_process_group` would make
+    from the environment, but with a deadline of its own for the ranks to join (`LUFFY_DIST_INIT_TIMEOUT_S`,
+    default 900 s) that leaves the collectives' timeout as torch sets it. A rank that is not there in time is
+    a TimeoutError naming the address, the world and the setting."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(INIT_TIMEOUT_ENV, DEFAULT_INIT_TIMEOUT_S))
+    try:
+        return dist.TCPStore(
+            host,
+            port,
+            world,
+            is_master=rank == 0,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            wait_for_workers=True,
+        )
+    except RuntimeError as err:  # DistStoreError / DistNetworkError: the deadline passed, or no one listens
+        raise TimeoutError(
+            f"rank {rank}: the torch.distributed rendezvous at {host}:{port} (a world of {world} ranks) did not "
+            f"complete within {timeout_s:g}s ({INIT_TIMEOUT_ENV}): {str(err).splitlines()[0] if str(err) else err}"
+        ) from None
 
 
 def _init_private_world(backend: str, device_kwargs: dict) -> None:

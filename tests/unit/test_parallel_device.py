@@ -23,9 +23,46 @@ def test_torchrun_rank_binds_its_local_gpu_before_the_process_group(fake_gpus, m
     monkeypatch.setenv("RANK", "11")
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun: its own store and rendezvous
     assert parallel.ensure_process_group() is True
     assert fake_gpus[0] == ("set_device", 3)
     assert fake_gpus[1] == ("init", "nccl", {"device_id": torch.device("cuda", 3)})
+
+
+def test_a_rank_started_outside_torchrun_joins_through_a_store_with_a_deadline(fake_gpus, monkeypatch):
+    monkeypatch.setenv("RANK", "11")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(parallel, "rendezvous_store", lambda: "store")
+    assert parallel.ensure_process_group() is True
+    assert fake_gpus[1] == (
+        "init",
+        "nccl",
+        {"store": "store", "rank": 11, "world_size": 16, "device_id": torch.device("cuda", 3)},
+    )
+
+
+def test_a_rendezvous_the_other_ranks_never_join_ends_at_its_deadline_naming_the_setting(monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: no rank 0 listens there
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv(parallel.INIT_TIMEOUT_ENV, "1.5")
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as err:
+        parallel.rendezvous_store()
+    assert time.monotonic() - t0 < 30
+    assert str(err.value).startswith(
+        f"rank 1: the torch.distributed rendezvous at 127.0.0.1:{port} (a world of 2 ranks) did not complete "
+        "within 1.5s (LUFFY_DIST_INIT_TIMEOUT_S)"
+    )
 
 
 def test_rank_without_local_rank_uses_its_first_visible_gpu(fake_gpus, monkeypatch):
