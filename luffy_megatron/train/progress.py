@@ -9,12 +9,13 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray  # the driver calls the ranks through Ray
 
-from luffy_megatron.actor.checkpoint import complete_checkpoints, find_latest
+from luffy_megatron.actor.checkpoint import LATEST, complete_checkpoints, find_latest
 from luffy_megatron.actor.remote import load_checkpoint, save_checkpoint
 from luffy_megatron.cluster.supervision import GuardedRanks, RankFailure, RunError, remote_cause
 from luffy_megatron.config import Config, ConfigError
@@ -77,12 +78,13 @@ class RunProgress:
                     latest, state = load_newest(
                         ranks, out / "checkpoints", data, allow_change=cfg.trainer.allow_data_change
                     )
-        step = 0
+        step = 0 if latest is None else int(state["step"])
+        if cfg.trainer.resume_from or cfg.trainer.resume != "auto":  # a roll-back, or a new run over an old one
+            set_aside_newer(out / "checkpoints", step)
         if latest is not None:
             sampler.position = state.get("data_position", 0)
             if kl_ctrl is not None and "kl_ctrl" in state:  # the adaptive beta continues (algo/kl.py)
                 kl_ctrl.load_state_dict(state["kl_ctrl"])
-            step = int(state["step"])
         if latest is not None or engines.fleet.synced_version != step:
             if workers is not None:
                 workers.rollout_phase()  # colocated: the ranks give back their cache, the weights wake for the sync
@@ -193,6 +195,29 @@ def checkpoint_error(root: Path, step: int, cause: OSError) -> CheckpointError:
         f"writing the checkpoint of step {step} under {root} failed: {what}{where}; {free}. The run stops; "
         f"{resume_from}: free space (or fix the permissions) and run the same command again to resume from it"
     )
+
+
+def set_aside_newer(root: Path, step: int) -> Path | None:
+    """A run that starts at `step` (an older checkpoint with --resume, or a fresh start with
+    trainer.resume=disable) over an output directory holding later steps: those steps (complete or not) and
+    `latest` move into `superseded-<time>/` beside them, never deleted, so they neither outrank the new run's
+    checkpoints (`find_latest`, pruning and the resume fallback go by step) nor get overwritten. Returns the
+    directory they moved to (None when nothing was newer)."""
+    newer = [p for p in sorted(root.glob("step_*")) if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) > step]
+    if not newer:
+        return None
+    aside = root / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for p in newer + ([root / LATEST] if (root / LATEST).exists() else []):
+        p.rename(aside / p.name)
+    log.warning(
+        "this run starts at step %d: the later checkpoints %s under %s moved to %s (kept, not loaded)",
+        step,
+        ", ".join(p.name for p in newer),
+        root,
+        aside,
+    )
+    return aside
 
 
 def engines_asleep(workers):

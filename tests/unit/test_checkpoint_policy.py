@@ -116,3 +116,35 @@ def test_saves_cut_short_are_removed_at_resume_naming_each_and_its_size(tmp_path
         assert resume(tmp_path, Ranks()).step == 1
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001"]
     assert f"removed {root / 'step_000002.tmp-424242'} (2.0 MiB), left by an interrupted write" in caplog.text
+
+
+def test_a_roll_back_sets_the_later_checkpoints_aside_instead_of_letting_them_outrank_the_new_run(tmp_path, caplog):
+    """R5: --resume an older checkpoint into the same output directory (recovering from a divergence): the
+    diverged steps move into superseded-<time>/, kept, and `latest` with them, so the new run's step 3 is the
+    newest checkpoint and a later resume finds it, not the diverged step 5."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 5):
+        write_checkpoint(root, step, {"data_position": 4 * step})
+    cfg = load_config(
+        None, [f"trainer.output_dir={tmp_path}", "data.train_files=[]", f"trainer.resume_from={root / 'step_000002'}"]
+    )
+    engines = SimpleNamespace(fleet=SimpleNamespace(synced_version=0), sync=lambda version: None, version=0)
+    with caplog.at_level(logging.WARNING):
+        progress = RunProgress.resume(cfg, Ranks(), engines, PromptSampler(12, 4, seed=1), tmp_path)
+    assert progress.step == 2
+    (aside,) = root.glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["latest", "step_000004", "step_000005"]
+    assert (aside / "step_000005" / "trainer_state.json").exists()  # kept whole
+    assert "later checkpoints step_000004, step_000005" in caplog.text
+    progress.step, progress.data_position = 3, 12
+    progress.save()
+    assert resume(tmp_path, Ranks()).step == 3  # the new run's newest, not the diverged step 5
+
+
+def test_a_fresh_start_over_an_old_run_sets_all_its_checkpoints_aside(tmp_path):
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, 7, {"data_position": 4})
+    cfg = load_config(None, [f"trainer.output_dir={tmp_path}", "data.train_files=[]", "trainer.resume=disable"])
+    engines = SimpleNamespace(fleet=SimpleNamespace(synced_version=0), sync=lambda version: None, version=0)
+    assert RunProgress.resume(cfg, Ranks(), engines, PromptSampler(12, 4, seed=1), tmp_path).step == 0
+    assert not list(root.glob("step_*")) and len(list(root.glob("superseded-*/step_000007"))) == 1
