@@ -10,6 +10,10 @@ The main LUFFY run, per token (off-policy = demonstration token, `prefix_mask` T
     on  = -A * exp(logp - old_logp)          (no clip: loss_remove_clip=True)
     off = -A * p / (p + 0.1),  p = exp(logp)  (policy shaping; teacher prob treated as 1)
     pg  = sum(mask * where(prefix, off, on)) / max_response_length
+
+A micro-batch may lack demonstration tokens, on-policy tokens or valid tokens altogether (upstream issue #24:
+0/0 = NaN). Every mean over tokens here is then 0 with a zero gradient (`mean_or_zero`), so the loss, its
+gradient and every metric stay finite; upstream's own NaN guards are kept where it has them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ Tensor = torch.Tensor
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """sum(v * m) / sum(m), with no epsilon: 0/0 gives NaN exactly as upstream's `masked_mean`."""
     return (values * mask).sum() / mask.sum()
+
+
+def mean_or_zero(values: Tensor, mask: Tensor) -> Tensor:
+    """sum(v * m) / sum(m), and 0 (with a zero gradient) when the mask is empty: a micro-batch without
+    demonstration tokens, without on-policy tokens or without valid tokens at all (upstream issue #24).
+    Equal to `masked_mean` whenever the mask holds a token."""
+    total = mask.sum()
+    return (values * mask).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _nan_to_zero(x: Tensor) -> Tensor:
@@ -91,13 +103,13 @@ def aggregate_token_losses(losses_BT: Tensor, mask_BT: Tensor, *, mode: str, max
 
     constant_length: upstream `loss_remove_token_mean=True`: sum over all valid tokens of the
         micro-batch / max_response_length (a constant, NOT the packed or padded length of this batch).
-    token_mean: upstream default: masked mean over the micro-batch's valid tokens.
+    token_mean: upstream default: masked mean over the micro-batch's valid tokens (0 when it has none).
     seq_mean: mean over rows of each row's token mean (rows without valid tokens are skipped).
     """
     if mode == "constant_length":
         return (losses_BT * mask_BT).sum() / max_response_length
     if mode == "token_mean":
-        return masked_mean(losses_BT, mask_BT)
+        return mean_or_zero(losses_BT, mask_BT)
     if mode == "seq_mean":
         tokens_B = mask_BT.sum(-1)
         has_tokens = tokens_B > 0
@@ -122,7 +134,7 @@ def _clipped_on_policy_losses(
         return on_losses, torch.zeros((), dtype=mask.dtype)
     upper = max(clip_upper_bound, 1.0 + clip_ratio)
     clipped_losses = -adv * torch.clamp(ratio, 1.0 - clip_ratio, upper)
-    on_clipfrac = masked_mean(torch.gt(clipped_losses, on_losses).to(mask.dtype), mask)
+    on_clipfrac = mean_or_zero(torch.gt(clipped_losses, on_losses).to(mask.dtype), mask)
     return torch.maximum(on_losses, clipped_losses), on_clipfrac
 
 
@@ -149,10 +161,10 @@ def _off_policy_ratio(
     max_clipfrac = min_clipfrac = zero
     if max_clip is not None:
         off_ratio = torch.clamp(off_ratio, max=max_clip)
-        max_clipfrac = masked_mean((off_ratio == max_clip).to(off_mask.dtype), off_mask)
+        max_clipfrac = mean_or_zero((off_ratio == max_clip).to(off_mask.dtype), off_mask)
     if min_clip is not None:
         off_ratio = torch.clamp(off_ratio, min=min_clip)
-        min_clipfrac = masked_mean((off_ratio == min_clip).to(off_mask.dtype), off_mask)
+        min_clipfrac = mean_or_zero((off_ratio == min_clip).to(off_mask.dtype), off_mask)
     return off_ratio, max_clipfrac, min_clipfrac
 
 
@@ -233,7 +245,7 @@ def mixed_policy_loss(
     adv = advantages_BT
 
     log_ratio = log_prob_BT - old_log_prob_BT
-    ppo_kl = masked_mean(-log_ratio, mask)
+    ppo_kl = mean_or_zero(-log_ratio, mask)
 
     # On-policy tokens: (optionally reshaped) importance ratio, PPO clip unless removed.
     ratio = _lookup(ON_POLICY_RESHAPES, on_policy_reshape, "on_policy_reshape")(
@@ -242,7 +254,7 @@ def mixed_policy_loss(
     on_losses, on_clipfrac = _clipped_on_policy_losses(
         ratio, adv, mask, loss_remove_clip=loss_remove_clip, clip_ratio=clip_ratio, clip_upper_bound=clip_upper_bound
     )
-    on_pg_loss = masked_mean(on_losses, on_mask)
+    on_pg_loss = mean_or_zero(on_losses, on_mask)
 
     # Off-policy (demonstration) tokens: shaped current-policy probability.
     off_ratio, off_max_clipfrac, off_min_clipfrac = _off_policy_ratio(
@@ -299,16 +311,16 @@ def ppo_policy_loss(
         losses = torch.maximum(losses, clipped)
     pg_loss = aggregate_token_losses(losses, mask, mode=loss_agg_mode, max_response_length=max_response_length)
     with torch.no_grad():
-        clipfrac = masked_mean(torch.gt(clipped, losses).to(mask.dtype), mask)
-        ppo_kl = masked_mean(-log_ratio, mask)
+        clipfrac = mean_or_zero(torch.gt(clipped, losses).to(mask.dtype), mask)
+        ppo_kl = mean_or_zero(-log_ratio, mask)
     return {"pg_loss": pg_loss, "pg_clipfrac": clipfrac, "ppo_kl": ppo_kl}
 
 
 def sft_loss(*, log_prob_BT: Tensor, response_mask_BT: Tensor) -> Tensor:
-    """Token-mean negative log-likelihood; 0 when there are no rows (upstream fix 9d25e17)."""
+    """Token-mean negative log-likelihood; 0 when there are no rows (upstream fix 9d25e17) or no valid tokens."""
     if log_prob_BT.numel() == 0:
         return log_prob_BT.sum() * 0.0
-    return masked_mean(-log_prob_BT, response_mask_BT.to(log_prob_BT.dtype))
+    return mean_or_zero(-log_prob_BT, response_mask_BT.to(log_prob_BT.dtype))
 
 
 # --------------------------------------------------------------------------- KL penalties
@@ -381,7 +393,7 @@ def microbatch_policy_loss(
         sft_loss_coef=sft_loss_coef,
         shaping=shaping,
     )
-    entropy_loss = masked_mean(entropy_BT, mask)
+    entropy_loss = mean_or_zero(entropy_BT, mask)
     policy_loss = pg_loss - entropy_loss * (entropy_coeff if mode == "rl" else 0.0)
     policy_loss = _regularizers(
         policy_loss,
@@ -484,13 +496,13 @@ def _regularizers(
     if use_kl_loss:
         if ref_log_prob_BT is None:
             raise ValueError("use_kl_loss=True needs reference log-probs (ref_log_prob_BT)")
-        kl_loss = masked_mean(kl_penalty(log_prob_BT, ref_log_prob_BT, kl_loss_type), mask)
+        kl_loss = mean_or_zero(kl_penalty(log_prob_BT, ref_log_prob_BT, kl_loss_type), mask)
         policy_loss = policy_loss + kl_loss * kl_loss_coef
         metrics["kl_loss"] = kl_loss.detach()
         metrics["kl_coef"] = torch.full_like(metrics["kl_loss"], kl_loss_coef)  # upstream logs actor/kl_coef too
     if use_ppo_kl_loss:
         # |mean(old_logp - logp)| over the rows the policy loss used, with its gradient, as upstream.
-        ppo_kl_grad = masked_mean(old_log_prob_BT[policy_rows] - log_prob_BT[policy_rows], mask[policy_rows])
+        ppo_kl_grad = mean_or_zero(old_log_prob_BT[policy_rows] - log_prob_BT[policy_rows], mask[policy_rows])
         policy_loss = policy_loss + ppo_kl_grad.abs() * ppo_kl_loss_coef
         metrics["ppo_kl_loss"] = ppo_kl_grad.abs().detach()
     return policy_loss
