@@ -27,3 +27,20 @@ def qwen_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer_files")
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-rank default gloo group: this process's own when an earlier test made one (the suite's in-process
+    Megatron tests keep theirs until exit), else a new one for the test."""
+    import torch.distributed as dist  # lazy: most tests never need torch.distributed
+
+    if dist.is_initialized():
+        assert (dist.get_rank(), dist.get_world_size()) == (0, 1), "an earlier test left a multi-rank group"
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -534,25 +534,9 @@ def fake_sync_context(base_cls, engine: FakeEngine):
 
 
 def install_vllm_stand_in() -> None:
-    """The consumer process has no vLLM: the two things the worker extension takes from it for an IPC load are
-    a copy of vLLM 0.32's one-slot `PackedBufferImporter` and no-op layerwise-reload hooks (no model here)."""
-
-    class PackedBufferImporter:  # vllm/distributed/weight_transfer/packed_tensor.py (0.32), same semantics
-        def __init__(self):
-            self._entry = None
-
-        def rebuild(self, list_args):
-            from torch.multiprocessing.reductions import rebuild_cuda_tensor  # lazy: CUDA consumers only
-
-            key = tuple(list_args)
-            if self._entry is not None and self._entry[0] == key:
-                return self._entry[1]
-            packed = rebuild_cuda_tensor(*list_args)
-            self._entry = (key, packed)
-            return packed
-
-        def close(self):
-            self._entry = None
+    """The consumer process has no vLLM: what the worker extension takes from it for a load are vLLM's config
+    context and the layerwise-reload hooks, no-ops here (no model; the IPC slots are opened by the project's own
+    `SlotImporter`)."""
 
     class Stub(types.ModuleType):
         def __getattr__(self, name):
@@ -563,9 +547,6 @@ def install_vllm_stand_in() -> None:
     names = [
         "vllm",
         "vllm.config",
-        "vllm.distributed",
-        "vllm.distributed.weight_transfer",
-        "vllm.distributed.weight_transfer.packed_tensor",
         "vllm.model_executor",
         "vllm.model_executor.model_loader",
         "vllm.model_executor.model_loader.reload",
@@ -574,7 +555,6 @@ def install_vllm_stand_in() -> None:
     for name in names:
         sys.modules[name] = Stub(name)
     sys.modules["vllm.config"].set_current_vllm_config = lambda cfg: nullcontext()
-    sys.modules["vllm.distributed.weight_transfer.packed_tensor"].PackedBufferImporter = PackedBufferImporter
 
 
 def consumer_main(q_in, q_out, device_str: str) -> None:
@@ -1142,7 +1122,7 @@ def md_ipc(r: dict) -> list[str]:
     lines += [
         f"Producer: the project's shared-memory transport ({r['transport']}) over a 1-layer model of the "
         f"step's shape ({gib(r['weights_bytes'])} GiB of bf16 weights); consumer: a second process running the "
-        "project's worker extension (vLLM's importer copied, no vLLM model). Measured: "
+        "project's worker extension (no vLLM, no model). Measured: "
         f"{r['measured']}. Flat across syncs: **{'yes' if r['flat'] else 'NO'}** "
         f"(growth {gib(r['growth_bytes'])} GiB).",
         "",

@@ -7,24 +7,8 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch.distributed as dist
 
 from luffy_megatron.utils.fs import collective_atomic_dir
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-rank default group: this process's own when an earlier test made one (the suite's in-process
-    Megatron tests keep theirs until exit), else a new one for the test."""
-    if dist.is_initialized():
-        assert (dist.get_rank(), dist.get_world_size()) == (0, 1), "an earlier test left a multi-rank group"
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_written_under_a_temporary_name_then_swapped_for_the_old_directory(one_rank, tmp_path):

@@ -12,26 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from luffy_megatron.sync import shared_memory as sm
 from tests.ipc_fleet import FakeEngine, RecordingWorker, bucket_plan, ctx_of, fill_buckets
 
 CUDA0 = torch.device("cuda", 0)  # only a name here: every CUDA call is replaced (`FakeCuda`)
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-rank default group: this process's own when an earlier test made one, else a new one."""
-    if dist.is_initialized():
-        assert (dist.get_rank(), dist.get_world_size()) == (0, 1), "an earlier test left a multi-rank group"
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class FakeCuda:
