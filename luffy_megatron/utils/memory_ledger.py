@@ -1,9 +1,10 @@
 """What a rank or an engine holds on its GPU, recorded at every transition (build, offload, reload, engine
 start, sleep, wake, checkpoint load and save, weight sync).
 
-The names are the state terms of the memory plan (`perf/memory_plan.py`): a trainer rank holds `weights`,
-`ref_weights`, `grads`, `main_params`, `moments` and, during a weight sync, `sync_buckets`; an engine holds
-`engine_weights`, `engine_kv` and, while it receives weights, `engine_sync_buckets`. Each record is one transition:
+The names are the state terms of the memory plan (`perf/memory_plan.py` STATE_KEYS): a trainer rank holds
+`weights`, `ref_weights`, `grads`, `main_params`, `moments` and `sync_buckets` (during a sync; the CUDA IPC slots
+from the first sync on); an engine holds `engine_weights`, `engine_kv` and `engine_sync_buckets` (the collective
+transport's receive buffers, once weights came through them). Each record is one transition:
 what the process held before it, what it holds after, and when it started and ended. While a transition runs
 the process may hold both (an engine that wakes allocates before the call returns; a rank that offloads frees
 only at the end), so `perf.phase_contract` counts the union over the transition's whole span. On a CUDA device
@@ -18,8 +19,6 @@ from typing import Callable, Iterator
 
 import torch
 
-TRAINER_KEYS = ("weights", "ref_weights", "grads", "main_params", "moments", "sync_buckets")
-ENGINE_KEYS = ("engine_weights", "engine_kv", "engine_sync_buckets")
 LEDGER_LENGTH = 1024  # transitions kept per process: a few per step
 
 
