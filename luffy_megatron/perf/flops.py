@@ -44,6 +44,8 @@ class PlanError(ValueError):
 #                         whose longer RoPE context changes no tensor size)
 #   Qwen/Qwen2.5-14B      hidden 5120, 48 layers, 40 heads, 8 KV heads, intermediate 13824, vocab 152064, untied
 #   Qwen/Qwen2.5-32B      hidden 5120, 64 layers, 40 heads, 8 KV heads, intermediate 27648, vocab 152064, untied
+#   Qwen/Qwen3-8B-Base    hidden 4096, 36 layers, 32 heads of 128, 8 KV heads, q/k RMSNorm, intermediate 12288,
+#                         vocab 151936, untied
 _QWEN25_COMMON = dict(
     model_type="qwen2",
     hidden_act="silu",
@@ -85,6 +87,19 @@ BUILTIN_HF_CONFIGS: dict[str, dict] = {
         max_position_embeddings=131072,
         rope_theta=1000000.0,
         rms_norm_eps=1e-5,
+    ),
+    "Qwen3-8B-Base": dict(
+        _QWEN25_COMMON,
+        model_type="qwen3",
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
     ),
 }
 _BUILTIN_ALIASES = {"Qwen2.5-Math-7B-16k-think": "Qwen2.5-Math-7B"}
