@@ -1,10 +1,11 @@
 """Benchmark evaluation (``luffy-eval``) under LUFFY's final protocol.
 
     luffy-eval --model HF_DIR --benchmarks aime24,aime25,amc,math500,minerva,olympiadbench \\
-               [--out DIR] [--limit N] [--max-new-tokens 8192] [--n-samples aime24=32,aime25=32,amc=32]
+               [--protocol luffy|math-verify] [--out DIR] [--limit N] [--max-new-tokens 8192] \\
+               [--n-samples aime24=32,aime25=32,amc=32]
 
-The protocol, as upstream's ``eval_scripts/generate_vllm.py --remove_system True --add_oat_evaluate True
---template own``:
+Prompting, sampling and the metric follow upstream's evaluation script (``--remove_system True
+--add_oat_evaluate True --template own``); how a response is graded depends on ``--protocol``:
 
 * prompt: the user message alone (no system prompt; ``--keep-system-prompt`` puts LUFFY's back), rendered
   with the chat template chosen by `resolve_chat_template` (the model's own when its generation prompt ends
@@ -14,18 +15,27 @@ The protocol, as upstream's ``eval_scripts/generate_vllm.py --remove_system True
   repeats the rows of its data file k times with n=1; asking vLLM for n=k samples of one prompt draws from the
   same distribution and shares the prompt's KV cache. LUFFY's own verl files (``luffy_valid``,
   ``luffy_valid_all``) already hold the repetition, so their identical rows are grouped into one problem;
-* grading (`grading_text`): the text after the first ``</think>`` when the response has one, else the whole
-  response -- the OAT grader upstream overrides the failed ``split("</think>")[1]`` with a grade of the full
-  text, so the think format is *not* enforced at evaluation. Math benchmarks use ``score_math`` (math-verify,
-  last ``\\boxed{}``), multiple-choice ones ``score_choice`` (the letter), in a `RewardPool` with a hard
-  per-item deadline;
+* grading, ``--protocol luffy`` (the default; `luffy_grading_text`): as upstream's script with its OAT
+  grader. When the prompt ends with ``<think>\\n``, the graded text is the part between the first and the
+  second ``</think>``; a response without ``</think>`` is graded whole, as upstream's script then does (its
+  failed ``split("</think>")[1]`` leaves the full text to the OAT grader), so the think format is not
+  enforced. The answer is the last ``\\boxed{}`` of that text and nothing else: no box scores 0. Math
+  answers: ``score_boxed_math`` (MATH-style normalised string match, else math-verify on the two bare
+  answers; `reward.graders` lists where this differs from upstream's grader); multiple-choice letters:
+  ``score_boxed_choice`` (``\\boxed{C}``, ``\\boxed{(C)}``; "ANSWER: C" scores 0);
+* grading, ``--protocol math-verify`` (`grading_text`): the text after the first ``</think>`` when there is
+  one, else the whole response; math benchmarks use ``score_math`` (math-verify: the last ``\\boxed{}`` or,
+  without one, the last expression it can parse), multiple-choice ones ``score_choice`` (the last boxed
+  letter, else the last "ANSWER: C" / "the answer is (C)"). More lenient than upstream: its numbers are
+  not comparable with LUFFY's tables. Both run in a `RewardPool` with a hard per-item deadline;
 * metric: per benchmark the mean over all samples (in %), then "average" = the mean over benchmarks (a verl
   file with several ``data_source`` values contributes one entry per source, as upstream's "avg acc" does).
 
-Writes into ``--out``: ``results.json`` (rewritten after each benchmark, ``"complete": true`` at the end),
-``results.md`` (a table like LUFFY's README) and ``samples.jsonl`` (one line per sample), each through a
-temporary name and a rename. Every user error (unknown benchmark, bad model directory, bad ``--n-samples``)
-is reported before the engine starts.
+Writes into ``--out``: ``results.json`` (rewritten after each benchmark, ``"complete": true`` at the end;
+the grading protocol under ``protocol.grading_protocol`` and in every benchmark's ``protocol``),
+``results.md`` (a table like LUFFY's README, under a line naming the protocol) and ``samples.jsonl`` (one line
+per sample), each through a temporary name and a rename. Every user error (unknown benchmark, bad model
+directory, bad ``--n-samples``) is reported before the engine starts.
 """
 
 from __future__ import annotations
@@ -60,8 +70,7 @@ from luffy_megatron.utils.logs import console_logging
 logger = logging.getLogger("luffy_megatron.eval")
 
 DEFAULT_N_SAMPLES = "aime24=32,aime25=32,amc=32"
-THINK_CLOSE = "</think>"
-GRADERS_BY_KIND = {"math": "math", "choice": "choice"}
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Any one of these next to config.json means the directory carries a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 RESULTS_JSON, RESULTS_MD, SAMPLES_JSONL = "results.json", "results.md", "samples.jsonl"
@@ -69,6 +78,33 @@ RESULTS_JSON, RESULTS_MD, SAMPLES_JSONL = "results.json", "results.md", "samples
 
 class EvalError(ValueError):
     """A user error luffy-eval reports as one line (and exit code 2) instead of a traceback."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How luffy-eval grades: which part of a response, and the grader (a `reward.GRADERS` name) per kind."""
+
+    name: str
+    graders: dict[str, str]  # benchmark kind ("math", "choice") -> grader name
+    description: str
+
+
+PROTOCOLS = {
+    "luffy": Protocol(
+        "luffy",
+        {"math": "boxed_math", "choice": "boxed_choice"},
+        "upstream's OAT grading: the last \\boxed{} of the text between the first and second </think> "
+        "(the whole response if it has no </think>); no box scores 0",
+    ),
+    "math-verify": Protocol(
+        "math-verify",
+        {"math": "math", "choice": "choice"},
+        "lenient: math-verify on the text after the first </think> (or the whole response), the last "
+        "boxed letter or 'ANSWER: X' for multiple choice",
+    ),
+}
+DEFAULT_PROTOCOL = "luffy"
+GRADERS_BY_KIND = PROTOCOLS["math-verify"].graders  # the lenient graders by kind (tools/experiment.py grades so)
 
 
 # ------------------------------------------------------------------------------------------ pure parts
@@ -120,6 +156,25 @@ def grading_text(response: str) -> str:
     return tail if sep else response
 
 
+def luffy_grading_text(response: str, prompt: str) -> str:
+    """The graded part under ``--protocol luffy``, as upstream's evaluation script picks it.
+
+    When the prompt ends with ``"<think>\\n"``, upstream prepends that to the response and grades
+    ``split("</think>")[1]``: the text between the first and the second ``</think>``. Without any
+    ``</think>`` that split fails and the OAT grader gets the whole text. When the prompt does not end
+    with ``"<think>\\n"``, the whole response is graded.
+    """
+    if not prompt.endswith(THINK_OPEN + "\n"):
+        return response
+    parts = response.split(THINK_CLOSE)
+    return parts[1] if len(parts) > 1 else response
+
+
+def protocol_grading_text(protocol: str, response: str, prompt: str) -> str:
+    """The part of ``response`` (to ``prompt``) that ``protocol`` grades."""
+    return luffy_grading_text(response, prompt) if protocol == "luffy" else grading_text(response)
+
+
 def aggregate(problem_ids: Sequence[Any], scores: Sequence[float]) -> dict[str, Any]:
     """avg@k over samples: ``problem_ids[i]`` names the problem of sample i (samples of one problem share it;
     luffy-eval uses the file row index of the problem's first row).
@@ -156,7 +211,8 @@ def average_accuracy(benchmarks: dict[str, dict[str, Any]]) -> float | None:
 def render_markdown(results: dict[str, Any]) -> str:
     """A table like LUFFY's README: one row for the model, one column per benchmark, then Avg.
 
-    A second line under the table says how each number was measured (problems x k, sampling settings).
+    A line above the table names the grading protocol (when the results record one); a line under it says
+    how each number was measured (problems x k, sampling settings).
     """
     benchmarks: dict[str, dict[str, Any]] = results["benchmarks"]
     names = list(benchmarks)
@@ -167,7 +223,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         *(f"{benchmarks[n]['accuracy']:.1f}" for n in names),
         "-" if average is None else f"{average:.1f}",
     ]
+    grading = results.get("protocol", {}).get("grading_protocol")
+    title = []
+    if grading:
+        known = PROTOCOLS.get(grading)
+        title = [f"Grading protocol: {grading}" + (f" ({known.description})." if known else "."), ""]
     lines = [
+        *title,
         "| " + " | ".join(header) + " |",
         "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
         "| " + " | ".join(row) + " |",
@@ -215,6 +277,9 @@ class Benchmark:
     prompt_ids: list[list[int]] = field(default_factory=list)
 
 
+KINDS = ("math", "choice")
+
+
 def load_benchmarks(
     names: Sequence[str], *, data_root: str | None, limit: int | None, n_samples: str
 ) -> list[Benchmark]:
@@ -235,8 +300,8 @@ def load_benchmarks(
     for name in names:
         _, spec = resolve_benchmark(name, data_root)
         kind = spec.kind
-        if kind not in GRADERS_BY_KIND:
-            raise EvalError(f"benchmark {name!r} has grading kind {kind!r}; expected one of {list(GRADERS_BY_KIND)}")
+        if kind not in KINDS:
+            raise EvalError(f"benchmark {name!r} has grading kind {kind!r}; expected one of {list(KINDS)}")
         rows = read_benchmark(name, data_root=data_root)
         k = k_by_name.get(name, default_k)
         if spec.data_source is not None:  # a raw benchmark file: every row is its own problem
@@ -359,8 +424,14 @@ def evaluate_benchmark(
     num_tokens = sum(g.num_tokens for row in generations for g in row)
     flat = [(row_index, g) for row_index, row in enumerate(generations) for g in row]
     start = time.monotonic()
+    protocol = PROTOCOLS[args.protocol]
+    grader = protocol.graders[benchmark.kind]
     scores = pool.grade(
-        [(grading_text(g.text), benchmark.rows[i]["answer"]) for i, g in flat], grader=GRADERS_BY_KIND[benchmark.kind]
+        [
+            (protocol_grading_text(protocol.name, g.text, benchmark.prompts[i]), benchmark.rows[i]["answer"])
+            for i, g in flat
+        ],
+        grader=grader,
     )
     grade_s = time.monotonic() - start
     for (row_index, g), score in zip(flat, scores):
@@ -384,7 +455,8 @@ def evaluate_benchmark(
         )
     summary = aggregate([benchmark.problem_ids[i] for i, _ in flat], scores)
     summary.update(
-        grader=GRADERS_BY_KIND[benchmark.kind],
+        protocol=protocol.name,
+        grader=grader,
         data_sources=sorted({row["data_source"] for row in benchmark.rows}),
         mean_response_tokens=num_tokens / len(flat),
         num_truncated=sum(g.finish_reason == "length" for _, g in flat),
@@ -430,7 +502,8 @@ def _results(args: argparse.Namespace, model_dir: Path, template: Any, per_bench
             "chat_template": template.source,
             "generation_prompt_ends_with_think": template.ends_with_think,
             "seed": args.seed,
-            "grading": "text after the first </think> if present, else the whole response",
+            "grading_protocol": args.protocol,
+            "grading": PROTOCOLS[args.protocol].description,
             "limit": args.limit,
         },
     }
@@ -443,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="luffy-eval",
         description="Evaluate an HF model on math / multiple-choice benchmarks under LUFFY's final protocol "
-        "(vLLM sampling, avg@k, math-verify / letter grading).",
+        "(no system prompt, vLLM sampling, avg@k); --protocol picks the grading.",
     )
     parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json + tokenizer)")
     parser.add_argument(
@@ -451,6 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="comma-separated benchmark names (aime24,aime25,amc,amc23,math500,minerva,"
         "olympiadbench,arc_c,mmlu_pro,luffy_valid,luffy_valid_all) or file paths",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default=DEFAULT_PROTOCOL,
+        help="grading. 'luffy' (default), as upstream's evaluation with its OAT grader: the answer is the "
+        "last \\boxed{} after </think> (the whole response if there is no </think>), no box scores 0, "
+        "multiple-choice letters count only boxed (\\boxed{C}, \\boxed{(C)}). 'math-verify': the lenient "
+        "grading of earlier versions (math-verify on the last \\boxed{} or the last expression; 'ANSWER: C' "
+        "counts); not comparable with LUFFY's tables. results.json and the table name the protocol",
     )
     parser.add_argument("--data-root", default=None, help="folder of the benchmark files (default: shared/data/eval)")
     parser.add_argument("--out", default=None, help="output folder (default: eval_results/<model dir name>)")
@@ -531,9 +614,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         benchmarks, tokenizer, keep_system_prompt=args.keep_system_prompt, chat_template=args.chat_template
     )
     logger.info(
-        "chat template: %s; system prompt %s; %s",
+        "chat template: %s; system prompt %s; grading protocol %s; %s",
         template.source,
         "kept" if args.keep_system_prompt else "removed",
+        args.protocol,
         ", ".join(f"{b.name}: {len(b.rows)} prompts x k={b.k}" for b in benchmarks),
     )
     longest_prompt = max(len(ids) for b in benchmarks for ids in b.prompt_ids)

@@ -23,9 +23,9 @@ Stages (each idempotent; a finished stage or run is not redone, an interrupted r
    its answers are right only by chance; exported as an HF model;
 3. the arms x seeds (`<work>/runs/<arm>/seed_<s>`): `train.loop.train` in chunks of --eval-every steps on one set
    of workers per run; after each chunk (and before the first) the engine, holding the actor's weights, answers
-   the held-out splits at luffy-eval's temperature 0.6, graded as `luffy-eval` grades (`eval.grading_text` +
-   the `math` grader in a `RewardPool`, `eval.aggregate`); `evals.jsonl`, the trainer's `metrics.jsonl`, and
-   `done.json` when the run is complete;
+   the held-out splits at luffy-eval's temperature 0.6, graded as `luffy-eval --protocol math-verify` grades
+   (`eval.grading_text` + the `math` grader in a `RewardPool`, `eval.aggregate`); `evals.jsonl`, the trainer's
+   `metrics.jsonl`, and `done.json` when the run is complete;
 4. the report (`--out`, default docs/experiment): results.md (table), results.json, reward.png, accuracy.png,
    entropy.png.
 

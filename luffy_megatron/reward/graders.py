@@ -11,7 +11,8 @@ the graded text, and math-verify sometimes reads it differently: `parse("1/2<|en
 graders do what upstream does and grade the text as decoded; `strip_special_tokens=True` first removes
 trailing whitespace and special-token text (`strip_trailing_special_tokens`), which grades such a bare
 answer by its value. `score_luffy` and `score_math` honour the option; `score_choice` always strips (see
-its docstring).
+its docstring); `score_boxed_math` and `score_boxed_choice` (luffy-eval's default protocol, see their
+section below) read the box by its braces, which trailing special tokens cannot change.
 
 Contract: a grader returns 0.0 for anything the *model* wrote (no answer, garbage, a format failure,
 an expression math-verify cannot parse or compare in time). It raises only for what the *data* or the
@@ -32,7 +33,7 @@ import inspect
 import re
 from typing import Callable
 
-from math_verify import parse, verify
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -141,12 +142,162 @@ def score_choice(response: str, ground_truth: str, *, strip_special_tokens: bool
     return 1.0 if extract_choice(response) == gold else 0.0
 
 
+# ------------------------------------------------------------------------------ boxed answers (luffy-eval)
+#
+# luffy-eval's default protocol grades as upstream's evaluation script with its OAT grader does: the answer is
+# the content of the *last* \boxed{} and nothing else (no box -> 0.0). A math answer matches the ground
+# truth if the two are equal after a MATH-style string normalisation (`normalize_boxed_answer`), or if
+# math-verify finds them equal when each is read as one LaTeX expression (first match, no fallback).
+# Where this differs from upstream's grader (written from its source, not compared on data): upstream also
+# deletes about 150 unit words ("cm", "mph", "apple", ...) in its normalisation, tries a third check (its
+# own lower-casing normalisation, then sympy.simplify of the difference for short expressions), skips its
+# math-verify step for answers over 128 characters that repeat themselves, and gives math-verify 1 s where
+# we give it 5 s. Multiple-choice answers: upstream grades the box with the same math grader, which accepts
+# the gold letter as C, (C), \text{C}, \textbf{(C)} or in lower case; `score_boxed_choice` accepts these
+# (and \mathrm{}, \mathbf{}) and nothing else, where upstream's equivalence steps may accept a few more.
+
+_BOXED = "\\boxed"
+
+
+def last_boxed_content(text: str) -> str | None:
+    """The text inside the last ``\\boxed{...}`` (braces matched), or None.
+
+    Only the last ``\\boxed`` counts: when it is not followed directly by ``{`` (``\\boxed 5``) or its braces
+    never close, there is no answer, even if an earlier box is well formed (as upstream's reader).
+    """
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    open_at = start + len(_BOXED)
+    if not text.startswith("{", open_at):
+        return None
+    depth = 0
+    for match in _BRACE.finditer(text, open_at):
+        depth += 1 if match.group() == "{" else -1
+        if depth == 0:
+            return text[open_at + 1 : match.start()]
+    return None
+
+
+_BRACE = re.compile(r"[{}]")
+_WHOLE_TEXT = re.compile(r"^\\text\{(.+?)\}$")
+_TRAILING_TEXT = re.compile(r"\\text\{.*?\}$")
+_SQRT_BARE = re.compile(r"\\sqrt([^{\\])")
+_FRAC_BARE = re.compile(r"\\frac([^{\\])([^{\\])|\\frac([^{\\])(?=\{)")
+_INT_SLASH_INT = re.compile(r"(-?\d+)/(-?\d+)")
+
+
+def normalize_boxed_answer(answer: str) -> str:
+    """A MATH-style normal form of a boxed answer (Hendrycks et al.'s rules, as upstream's grader uses).
+
+    Unwraps ``\\text{...}``, drops line breaks, ``\\!``, ``\\left``/``\\right``, degree signs, ``\\$``, ``\\%``
+    and a trailing ``\\text{unit}``; ``\\dfrac``/``\\tfrac`` -> ``\\frac``; ``x = 5`` -> ``5`` (a name of at
+    most two characters); ``.5`` -> ``0.5``; ``\\sqrt3`` -> ``\\sqrt{3}``; ``\\frac12`` -> ``\\frac{1}{2}``;
+    ``0.5`` and ``1/2`` -> ``\\frac{1}{2}``; spaces removed.
+    """
+    answer = answer.strip()
+    whole_text = _WHOLE_TEXT.match(answer)
+    if whole_text:
+        answer = whole_text.group(1).strip()
+    answer = answer.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    answer = answer.replace("tfrac", "frac").replace("dfrac", "frac").replace("bmatrix", "pmatrix")
+    answer = answer.replace("\\neq", "\\ne").replace("\\leq", "\\le").replace("\\geq", "\\ge")
+    answer = answer.replace("\\left", "").replace("\\right", "")
+    without_unit = _TRAILING_TEXT.sub("", answer).strip()
+    if without_unit:
+        answer = without_unit
+    for mark in ("^{\\circ}", "^\\circ", "\\$", "\\%"):
+        answer = answer.replace(mark, "")
+    if "\\text{ " in answer:
+        answer = answer.split("\\text{ ")[0]
+    answer = answer.replace(" .", " 0.").replace("{.", "{0.")
+    if answer.startswith("."):
+        answer = "0" + answer
+    name, equals, value = answer.partition("=")
+    if equals and "=" not in value and len(name) <= 2:
+        answer = value
+    answer = _SQRT_BARE.sub(r"\\sqrt{\1}", answer).replace(" ", "")
+    answer = _FRAC_BARE.sub(lambda m: f"\\frac{{{m[1]}}}{{{m[2]}}}" if m[1] else f"\\frac{{{m[3]}}}", answer)
+    if answer == "0.5":
+        return "\\frac{1}{2}"
+    fraction = _INT_SLASH_INT.fullmatch(answer)
+    if fraction and answer == f"{int(fraction[1])}/{int(fraction[2])}":
+        return f"\\frac{{{fraction[1]}}}{{{fraction[2]}}}"
+    return answer
+
+
+def _as_latex(text: str) -> str:
+    return text if "$" in text else f"${text}$"
+
+
+def _latex_equal(given: str, gold: str) -> bool:
+    """math-verify on two bare answers, each read as its first LaTeX (or plain) expression, no fallback."""
+    config = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+    options = dict(extraction_config=config, fallback_mode="no_fallback", extraction_mode="first_match")
+    gold_parsed = parse(_as_latex(gold), **options)
+    given_parsed = parse(_as_latex(given), **options)
+    return bool(gold_parsed and given_parsed and verify(gold_parsed, given_parsed))
+
+
+def boxed_answers_match(given: str, ground_truth: str) -> bool:
+    """Whether a boxed answer matches the ground truth (a ground truth holding a box is read from it)."""
+    if _BOXED in ground_truth:
+        boxed_gold = last_boxed_content(ground_truth)
+        if boxed_gold is None:
+            raise ValueError(f"ground truth {ground_truth!r} holds an unreadable \\boxed")
+        ground_truth = boxed_gold
+    if normalize_boxed_answer(given) == normalize_boxed_answer(ground_truth):
+        return True
+    return _latex_equal(given, ground_truth)
+
+
+def score_boxed_math(response: str, ground_truth: str, *, strip_special_tokens: bool = False) -> float:
+    """1.0 if the last ``\\boxed{}`` of the response matches the ground truth (`boxed_answers_match`).
+
+    No box, an unclosed box, or a wrong answer: 0.0. Trailing special tokens cannot change a boxed answer,
+    so `strip_special_tokens` is accepted and has no effect.
+    """
+    del strip_special_tokens  # the box is read by its braces
+    given = last_boxed_content(response)
+    if given is None or not given.strip():
+        return 0.0
+    return 1.0 if boxed_answers_match(given, ground_truth) else 0.0
+
+
+# C, (C), \text{C}, \textbf{(C)}, \mathrm{C}, in either case; nothing else in the box.
+_LETTER_FORMS = r"\(\s*([A-Ja-j])\s*\)|([A-Ja-j])"
+_BOXED_LETTER_ONLY = re.compile(
+    rf"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{{\s*(?:{_LETTER_FORMS})\s*\}}|(?:{_LETTER_FORMS}))\s*"
+)
+
+
+def score_boxed_choice(response: str, ground_truth: str, *, strip_special_tokens: bool = True) -> float:
+    """Multiple-choice letters, boxed only: 1.0 if the last ``\\boxed{}`` holds just the gold letter.
+
+    ``\\boxed{C}``, ``\\boxed{(c)}``, ``\\boxed{\\text{C}}`` count; "ANSWER: C" or "the answer is (C)"
+    without a box score 0.0, as do a box with more than the letter and an earlier box followed by a
+    later one. `strip_special_tokens` is accepted and has no effect (the box is read by its braces).
+    """
+    del strip_special_tokens
+    gold = _gold_letter(ground_truth)
+    given = last_boxed_content(response)
+    if given is None:
+        return 0.0
+    match = _BOXED_LETTER_ONLY.fullmatch(given)
+    if match is None:
+        return 0.0
+    letter = next(group for group in match.groups() if group)
+    return 1.0 if letter.upper() == gold else 0.0
+
+
 Grader = Callable[..., float]  # (response, ground_truth, *, strip_special_tokens=...) -> float; see the top
 
 GRADERS: dict[str, Grader] = {
     "luffy_think": score_luffy,
     "math": score_math,
     "choice": score_choice,
+    "boxed_math": score_boxed_math,
+    "boxed_choice": score_boxed_choice,
 }
 
 

@@ -74,6 +74,7 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
         # that no item's deadline is charged with them.
         GRADERS["math"]("\\boxed{\\frac{1}{2}}", "0.5")
         GRADERS["choice"]("ANSWER: A", "A")
+        GRADERS["boxed_math"]("\\boxed{\\frac{1}{2}}", "0.25")  # luffy-eval's parse settings: not equal, so parsed
     except BaseException:  # noqa: BLE001
         conn.send(("init_error", traceback.format_exc()))
         return

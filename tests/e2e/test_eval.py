@@ -54,6 +54,8 @@ def run(tmp_path_factory):
             "1",
             "--out",
             str(out),
+            "--protocol",
+            "math-verify",  # the lenient grading, which the sample check below recomputes
         ],
         capture_output=True,
         text=True,
@@ -79,12 +81,14 @@ def test_results_json_has_each_benchmark_with_its_size_and_accuracy(run):
         assert 0 < bench["mean_response_tokens"] <= MAX_NEW_TOKENS
     assert results["benchmarks"]["arc_c"]["grader"] == "choice"
     assert results["benchmarks"]["math500"]["grader"] == "math"
+    assert {b["protocol"] for b in results["benchmarks"].values()} == {"math-verify"}
     accuracies = [b["accuracy"] for b in results["benchmarks"].values()]
     assert results["average"] == pytest.approx(sum(accuracies) / 2)
     protocol = results["protocol"]
     assert (protocol["temperature"], protocol["top_p"], protocol["max_new_tokens"]) == (0.6, 1.0, MAX_NEW_TOKENS)
     assert protocol["system_prompt"] == "removed"
     assert protocol["chat_template"] == "default"  # SmolLM2's own template does not end with <think>\n
+    assert protocol["grading_protocol"] == "math-verify"
 
 
 def test_markdown_table_has_the_benchmarks_and_avg(run):
@@ -92,8 +96,9 @@ def test_markdown_table_has_the_benchmarks_and_avg(run):
     results = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()
     lines = table.splitlines()
-    assert lines[0] == "| Model | math500 | arc_c | Avg |"
-    row = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert lines[0].startswith("Grading protocol: math-verify (")
+    assert lines[2] == "| Model | math500 | arc_c | Avg |"
+    row = [cell.strip() for cell in lines[4].strip("|").split("|")]
     assert row[0] == Path(smollm2_hf_dir()).name
     expected = [
         results["benchmarks"]["math500"]["accuracy"],

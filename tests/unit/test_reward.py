@@ -12,6 +12,8 @@ from luffy_megatron.reward.graders import (
     extract_choice,
     grader_spec,
     resolve_grader,
+    score_boxed_choice,
+    score_boxed_math,
     strip_trailing_special_tokens,
 )
 
@@ -258,7 +260,13 @@ def test_choice_rejects_a_gold_that_is_not_a_letter():
 
 
 def test_registry_and_resolution():
-    assert GRADERS == {"luffy_think": score_luffy, "math": score_math, "choice": score_choice}
+    assert GRADERS == {
+        "luffy_think": score_luffy,
+        "math": score_math,
+        "choice": score_choice,
+        "boxed_math": score_boxed_math,
+        "boxed_choice": score_boxed_choice,
+    }
     assert resolve_grader("math") is score_math
     assert resolve_grader("luffy_megatron.reward.graders:score_choice") is score_choice
     assert grader_spec(score_luffy) == "luffy_megatron.reward.graders:score_luffy"
