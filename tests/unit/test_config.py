@@ -269,6 +269,11 @@ def test_section_given_a_scalar_and_setting_used_as_section():
         ),
         (["algo.use_kl_loss=true"], ["algo.use_kl_loss", "algo.kl_loss_coef"]),
         (["algo.clip_ratio=1.0"], ["algo.clip_ratio"]),
+        (["algo.reference_dp=0"], ["algo.reference_dp"]),
+        (
+            ["algo.reference_dp=8", "algo.dp_gradient_reduction=sum"],
+            ["algo.reference_dp", "algo.dp_gradient_reduction"],
+        ),
         (["data.train_batch_size=100"], ["data.train_batch_size", "actor.ppo_mini_batch_size"]),
         (["data.max_response_length=0"], ["data.max_response_length"]),
         (["actor.ppo_max_token_len_per_gpu=4096"], ["actor.ppo_max_token_len_per_gpu"]),
@@ -294,6 +299,8 @@ def test_allowed_edge_cases():
     load_config(None, ["rollout.prefix_strategy=fixed", "rollout.n_off_policy=4", "rollout.min_prefix_ratio=0"])
     load_config(None, ["rollout.prefix_strategy=linear", "rollout.prefix_share_across_samples=true"])
     load_config(None, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"])
+    load_config(None, ["algo.reference_dp=1"])  # upstream on one GPU
+    load_config(None, ["algo.reference_dp=null", "algo.dp_gradient_reduction=sum"])
     load_config(
         None,
         ["algo.use_off_policy_loss=false", "algo.use_sft_multitask_loss=true", "algo.adv_estimator=grpo_split"],
