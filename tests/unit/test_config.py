@@ -70,8 +70,12 @@ def test_main_recipe_matches_train_sh():
     assert (cfg.actor.lr, cfg.actor.ppo_mini_batch_size, cfg.actor.ppo_max_token_len_per_gpu) == (1e-6, 64, 32768)
     assert (cfg.rollout.tensor_model_parallel_size, cfg.rollout.val_temperature) == (2, 0.6)
     assert (cfg.trainer.save_freq, cfg.trainer.test_freq, cfg.trainer.total_epochs) == (50, 10, 30)
-    # upstream ran 1 node x 8 GPUs; the recipe runs the same step on 8 nodes (tools/plan.py: it fits)
+    # upstream ran 1 node x 8 GPUs (DP=8); the recipe runs on 8 nodes at DP=32 (tools/plan.py: it fits) with
+    # upstream's gradient scale (the loss x 32 / 8) and upstream's lr 0 on the first trainer step
     assert (cfg.parallel.nnodes, cfg.parallel.n_gpus_per_node) == (8, 8)
+    assert cfg.parallel.data_parallel_size == 32
+    assert (cfg.algo.dp_gradient_reduction, cfg.algo.reference_dp) == ("mean", 8)
+    assert cfg.actor.zero_lr_first_step is True
 
 
 def test_cpu_demo_recipe_is_small_and_on_cpu():
