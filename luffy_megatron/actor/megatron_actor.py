@@ -8,7 +8,8 @@ Loss scaling, as upstream: each micro-batch's loss is its token sum /
 max_response_length (plus the entropy token-mean term), micro-batch losses are SUMMED within a mini-batch
 (megatron-core's schedules divide by the number of micro-batches; we multiply it back), gradients are
 AVERAGED over data-parallel ranks (megatron DDP), clipped to `grad_clip`, then one Adam(W) step.
-Averaging makes the step scale with 1/DP on the same rows; `algo.dp_gradient_reduction=sum` removes that.
+Averaging makes the step scale with 1/DP on the same rows; `algo.dp_gradient_reduction=sum` removes that, and
+`algo.reference_dp=R` gives the gradient upstream's averaging gives on R ranks.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from luffy_megatron.actor.reference import ReferenceModel
 from luffy_megatron.actor.schedule import make_lr_scheduler
 from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
 from luffy_megatron.algo.loss import microbatch_policy_loss
-from luffy_megatron.algo.options import loss_options, uses_reference, uses_target_probs
+from luffy_megatron.algo.options import dp_loss_factor, loss_options, uses_reference, uses_target_probs
 from luffy_megatron.compat.megatron import apply_mcore_patches
 from luffy_megatron.compat.megatron_cpu import apply_cpu_shim, seed_everything
 from luffy_megatron.convert.checkpoint import load_checkpoint as load_model_checkpoint
@@ -604,8 +605,9 @@ class MegatronActor:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         # megatron-core divides each micro-batch loss by their number (upstream sums them), and DDP
-        # averages over data-parallel ranks (upstream too, unless the user asks for the DP-invariant sum).
-        loss_scale = len(micro) * (self.dp_size if self.cfg.algo.dp_gradient_reduction == "sum" else 1)
+        # averages over data-parallel ranks (upstream too, unless algo.dp_gradient_reduction=sum or
+        # algo.reference_dp rescales it; dp_loss_factor says where megatron-core does what)
+        loss_scale = len(micro) * dp_loss_factor(self.cfg.algo, self.dp_size)
 
         def loss_fn(mb: MicroBatch, shard, logits: torch.Tensor):
             if not mb.rows:  # an empty micro-batch: zero loss, but backward still runs every collective

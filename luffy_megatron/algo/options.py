@@ -80,3 +80,21 @@ def kl_controller_options(algo: AlgoConfig) -> dict[str, Any]:
         "horizon": algo.kl_ctrl_horizon,
         "has_reference": uses_reference(algo),
     }
+
+
+def dp_loss_factor(algo: AlgoConfig, dp_size: int) -> float:
+    """What each rank multiplies its mini-batch loss by so that the reduced gradient has the DP scale the
+    settings ask for. `dp_size`: the DP size without CP.
+
+    Where megatron-core 0.16 averages (paths under megatron/core/): DDP pre-scales each bucket's gradient by
+    1 / |DP x CP group| (distributed/distributed_data_parallel.py:281-292; the group is
+    `get_data_parallel_group(with_context_parallel=True)`, process_groups_config.py:289-290), then SUM-reduces it
+    (distributed/param_and_grad_buffer.py:391-395) when finalize_model_grads runs `finish_grad_sync`
+    (distributed/finalize_model_grads.py:443). CP ranks are in that group, but the schedule multiplies every
+    micro-batch loss by the CP size (pipeline_parallel/schedules.py:268), so CP cancels: the gradient is
+    (sum over DP ranks) / DP at any CP, as upstream's FSDP mean over its DP ranks.
+    Hence "mean": 1; "sum": DP; `reference_dp` R: DP / R, the gradient upstream gives on R ranks for the same
+    global mini-batch."""
+    if algo.reference_dp is not None:
+        return dp_size / algo.reference_dp
+    return float(dp_size) if algo.dp_gradient_reduction == "sum" else 1.0

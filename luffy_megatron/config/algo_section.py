@@ -48,6 +48,9 @@ class AlgoConfig:
     # How data-parallel ranks combine their gradients. "mean" is upstream (FSDP averages each rank's summed
     # loss, so the step scales with 1/DP); "sum" makes the step independent of the DP size.
     dp_gradient_reduction: Literal["mean", "sum"] = "mean"
+    # The gradient upstream's "mean" gives on this many DP ranks, whatever this cluster's DP: the loss is
+    # multiplied by DP / reference_dp (upstream's train.sh: 8). null = the cluster's own DP (as "mean").
+    reference_dp: int | None = None
     entropy_coeff: float = 0.001
     # kl_loss_coef x token-mean KL(policy, reference) in the actor's loss (needs the reference)
     use_kl_loss: bool = False
@@ -114,6 +117,13 @@ class AlgoConfig:
             problems.append(f"algo.clip_ratio={self.clip_ratio} must be in (0, 1)")
         if self.sft_loss_coef < 0:
             problems.append(f"algo.sft_loss_coef={self.sft_loss_coef} must be >= 0")
+        if self.reference_dp is not None and self.reference_dp < 1:
+            problems.append(f"algo.reference_dp={self.reference_dp} must be >= 1 (or null: the cluster's own DP)")
+        if self.reference_dp is not None and self.dp_gradient_reduction == "sum":
+            problems.append(
+                f"algo.reference_dp={self.reference_dp} and algo.dp_gradient_reduction=sum both set the gradient's "
+                "DP scale; keep one (reference_dp with dp_gradient_reduction=mean, or reference_dp=null)"
+            )
         return problems
 
     def _kl_problems(self) -> list[str]:

@@ -25,6 +25,9 @@ LAYOUTS = {
     "vpp2": (2, 1, 2, ["parallel.virtual_pipeline_model_parallel_size=2", "algo.use_ref=true"]),
     # entropy off: its token mean per micro-batch depends on how rows are split (an upstream artefact)
     "dp2sum": (2, 1, 1, ["algo.dp_gradient_reduction=sum", "algo.entropy_coeff=0"]),
+    # upstream's gradient on 2 DP ranks, from 4 (entropy off, as dp2sum). On its own DP the setting's factor is
+    # exactly 1 (tests/unit/test_upstream_fidelity.py), so no DP=2 run of it here
+    "dp4ref2": (4, 1, 1, ["algo.reference_dp=2", "algo.entropy_coeff=0"]),
     # the batch carries teacher probabilities (make_batch(with_target_probs=True)) and the loss uses them
     "probs": (1, 1, 1, ["algo.use_off_policy_probs=true"]),
 }
@@ -125,6 +128,28 @@ def test_dp2_with_sum_reduction_equals_single_process_reference(runs):
     assert _max_rel(got["grads"], ref["grads"]) < 1e-4
     for k, w in ref["weights"].items():
         assert (got["weights"][k] - w).abs().max() < 0.01 * LR, k
+
+
+def _norm(grads: dict) -> float:
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+
+
+def test_reference_dp_gives_upstreams_gradient_at_another_dp(runs):
+    """`algo.reference_dp=2` at DP=4: the gradient upstream's mean over 2 ranks gives on the same global batch
+    (transformers reference on a 2-rank split; megatron at DP=2 with the sum, halved), pre-clip grad norm too.
+    Without the setting, DP=4 would give half of it."""
+    from luffy_megatron.actor.batching import balance_rows
+
+    hf_dir, out = runs
+    batch = make_batch()
+    got = out["dp4ref2"]
+    parts = balance_rows(batch.sequence_lengths(), 2)
+    ref = reference_update(hf_dir, batch, reference_advantages(batch), got["old_lp"], entropy_coeff=0.0, dp_parts=parts)
+    assert _max_rel(got["grads"], ref["grads"]) < 1e-4
+    assert got["metrics"]["actor/grad_norm"] == pytest.approx(_norm(ref["grads"]), rel=1e-4)
+    half_sum = {k: g / 2 for k, g in out["dp2sum"]["grads"].items()}
+    assert _max_rel(got["grads"], half_sum) < 1e-4
+    assert got["metrics"]["actor/grad_norm"] == pytest.approx(out["dp2sum"]["metrics"]["actor/grad_norm"] / 2, rel=1e-4)
 
 
 def test_actor_starts_from_a_converted_megatron_checkpoint(runs):

@@ -70,8 +70,12 @@ def test_main_recipe_matches_train_sh():
     assert (cfg.actor.lr, cfg.actor.ppo_mini_batch_size, cfg.actor.ppo_max_token_len_per_gpu) == (1e-6, 64, 32768)
     assert (cfg.rollout.tensor_model_parallel_size, cfg.rollout.val_temperature) == (2, 0.6)
     assert (cfg.trainer.save_freq, cfg.trainer.test_freq, cfg.trainer.total_epochs) == (50, 10, 30)
-    # upstream ran 1 node x 8 GPUs; the recipe runs the same step on 8 nodes (tools/plan.py: it fits)
+    # upstream ran 1 node x 8 GPUs (DP=8); the recipe runs on 8 nodes at DP=32 (tools/plan.py: it fits) with
+    # upstream's gradient scale (the loss x 32 / 8) and upstream's lr 0 on the first trainer step
     assert (cfg.parallel.nnodes, cfg.parallel.n_gpus_per_node) == (8, 8)
+    assert cfg.parallel.data_parallel_size == 32
+    assert (cfg.algo.dp_gradient_reduction, cfg.algo.reference_dp) == ("mean", 8)
+    assert cfg.actor.zero_lr_first_step is True
 
 
 def test_cpu_demo_recipe_is_small_and_on_cpu():
@@ -269,6 +273,11 @@ def test_section_given_a_scalar_and_setting_used_as_section():
         ),
         (["algo.use_kl_loss=true"], ["algo.use_kl_loss", "algo.kl_loss_coef"]),
         (["algo.clip_ratio=1.0"], ["algo.clip_ratio"]),
+        (["algo.reference_dp=0"], ["algo.reference_dp"]),
+        (
+            ["algo.reference_dp=8", "algo.dp_gradient_reduction=sum"],
+            ["algo.reference_dp", "algo.dp_gradient_reduction"],
+        ),
         (["data.train_batch_size=100"], ["data.train_batch_size", "actor.ppo_mini_batch_size"]),
         (["data.max_response_length=0"], ["data.max_response_length"]),
         (["actor.ppo_max_token_len_per_gpu=4096"], ["actor.ppo_max_token_len_per_gpu"]),
@@ -294,6 +303,8 @@ def test_allowed_edge_cases():
     load_config(None, ["rollout.prefix_strategy=fixed", "rollout.n_off_policy=4", "rollout.min_prefix_ratio=0"])
     load_config(None, ["rollout.prefix_strategy=linear", "rollout.prefix_share_across_samples=true"])
     load_config(None, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"])
+    load_config(None, ["algo.reference_dp=1"])  # upstream on one GPU
+    load_config(None, ["algo.reference_dp=null", "algo.dp_gradient_reduction=sum"])
     load_config(
         None,
         ["algo.use_off_policy_loss=false", "algo.use_sft_multitask_loss=true", "algo.adv_estimator=grpo_split"],

@@ -235,6 +235,7 @@ def test_gpu_recipes_keep_the_main_runs_luffy_settings():
             "ppo_epochs",
             "ppo_max_token_len_per_gpu",
             "use_dynamic_bsz",
+            "zero_lr_first_step",
         ):
             assert getattr(cfg.actor, key) == getattr(main.actor, key), (recipe, key)
 

@@ -8,6 +8,7 @@ import torch
 
 from luffy_megatron.actor.batching import contiguous_rows, gradient_accumulation, micro_batch_prompts, rows_per_rank
 from luffy_megatron.actor.schedule import lr_warmup_steps, make_lr_scheduler, upstream_lr_factor
+from luffy_megatron.algo.options import dp_loss_factor
 from luffy_megatron.config import ConfigError, load_config, parse_overrides_from_argv
 from luffy_megatron.data.sampler import PromptSampler
 from luffy_megatron.train.progress import resume_path
@@ -128,6 +129,21 @@ def test_contiguous_rows_when_not_balancing():
     assert contiguous_rows(8, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(ValueError):
         contiguous_rows(7, 2)
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4, 8, 16, 32])
+def test_reference_dp_gives_upstreams_gradient_scale_at_any_dp(dp):
+    """Each rank's loss (its token sum / L) times dp_loss_factor, averaged over DP by megatron: upstream's FSDP
+    on R ranks averages over R, so the mini-batch's summed loss enters the gradient with weight 1 / R."""
+    mean = load_config(None).algo
+    summed = load_config(None, ["algo.dp_gradient_reduction=sum"]).algo
+    assert dp_loss_factor(mean, dp) / dp == pytest.approx(1 / dp)  # the cluster's own DP (upstream on DP ranks)
+    assert dp_loss_factor(summed, dp) / dp == pytest.approx(1.0)  # DP-invariant: one process on every row
+    for reference in (1, 2, 8):
+        algo = load_config(None, [f"algo.reference_dp={reference}"]).algo
+        assert dp_loss_factor(algo, dp) / dp == pytest.approx(1 / reference)
+    # on upstream's own DP the setting changes nothing
+    assert dp_loss_factor(load_config(None, [f"algo.reference_dp={dp}"]).algo, dp) == dp_loss_factor(mean, dp) == 1.0
 
 
 # ------------------------------------------------------------------ LR warmup
