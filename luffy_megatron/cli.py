@@ -17,3 +17,9 @@ def convert_main() -> int:
     from luffy_megatron.convert.cli import main  # lazy: each command loads only its own program
 
     return main()
+
+
+def data_main() -> int:
+    from luffy_megatron.prepare import main  # lazy: each command loads only its own program
+
+    return main()

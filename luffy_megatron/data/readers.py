@@ -309,6 +309,16 @@ def _parse_luffy_row(row: dict[str, Any], row_index: int, *, require_target: boo
     )
 
 
+def luffy_row_problem(row: dict[str, Any], *, require_target: bool) -> tuple[str, str] | None:
+    """``(field, problem)`` when `read_luffy_parquet` would refuse ``row``, else None (for callers that check
+    rows one at a time, e.g. a download being converted)."""
+    try:
+        _parse_luffy_row(row, -1, require_target=require_target)
+    except _RowProblem as problem:
+        return problem.field_name, problem.problem
+    return None
+
+
 TARGET_PROBS_SETTING = "algo.use_off_policy_probs"
 
 
