@@ -57,8 +57,9 @@ def _bad_field(row: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def _training_row(problem: str, demo: str, answer: str, system_prompt: str,
-                  extra_info: dict[str, Any]) -> dict[str, Any]:
+def _training_row(
+    problem: str, demo: str, answer: str, system_prompt: str, extra_info: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "data_source": "",  # as LUFFY's training rows
         "prompt": make_prompt(problem, system_prompt),
@@ -125,7 +126,9 @@ def convert_math(
     if math500 is not None and stats.num_excluded_math500 < stats.num_math500_problems:
         logger.warning(
             "%d of %d MATH-500 problems were not found in %s (nothing to exclude for them)",
-            stats.num_math500_problems - stats.num_excluded_math500, stats.num_math500_problems, src,
+            stats.num_math500_problems - stats.num_excluded_math500,
+            stats.num_math500_problems,
+            src,
         )
     if not out:
         raise DataError(f"{src}: no rows left to write ({stats.as_dict()})")

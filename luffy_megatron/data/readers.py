@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-from luffy_megatron.data.answers import format_number, last_boxed, strip_dollars
-from luffy_megatron.data.errors import BadRowReport, DataError, row_error_message
 import datasets
-import pyarrow.parquet as pq
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from luffy_megatron.data.answers import format_number, last_boxed, strip_dollars
+from luffy_megatron.data.errors import BadRowReport, DataError, row_error_message
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +106,7 @@ def load_parquet_rows(path: str | Path, *, exclude_columns: Sequence[str] = ()) 
     return dataset.to_list()
 
 
-def load_json_rows(
-    path: str | Path, report: BadRowReport | None = None
-) -> list[tuple[int, dict[str, Any]]]:
+def load_json_rows(path: str | Path, report: BadRowReport | None = None) -> list[tuple[int, dict[str, Any]]]:
     """``(row_index, row)`` pairs of a JSON-lines file or of a file holding one JSON list.
 
     Blank lines are not rows. A line that is not valid JSON, or a record that is not an object, is a bad row:
@@ -355,9 +354,15 @@ def _check_target_probs(probs: Any, key: str) -> Any:
     if bad.size:
         j = int(bad[0])
         value = "null or NaN" if np.isnan(probs[j]) else repr(float(probs[j]))
-        hint = " (-1 is upstream's in-memory padding: store exactly one probability per target token plus one for EOS)" \
-            if probs[j] == -1 else ""
-        raise _RowProblem(key, f"{bad.size} of {probs.size} values are not probabilities in [0, 1] (first: position {j}: {value}){hint}")
+        hint = (
+            " (-1 is upstream's in-memory padding: store exactly one probability per target token plus one for EOS)"
+            if probs[j] == -1
+            else ""
+        )
+        raise _RowProblem(
+            key,
+            f"{bad.size} of {probs.size} values are not probabilities in [0, 1] (first: position {j}: {value}){hint}",
+        )
     if probs.size == 0:
         raise _RowProblem(key, "empty list (expected one probability per target token plus one for EOS)")
     return probs
@@ -403,8 +408,11 @@ def read_luffy_parquet(
         probs = probs_by_row[row_index]
         if probs is None:
             if require_target_probs:
-                raise _RowProblem(target_probs_key, f"missing ({TARGET_PROBS_SETTING}=true needs the teacher's "
-                                                    "token probabilities of every demonstration)")
+                raise _RowProblem(
+                    target_probs_key,
+                    f"missing ({TARGET_PROBS_SETTING}=true needs the teacher's "
+                    "token probabilities of every demonstration)",
+                )
             return example
         return dataclasses.replace(example, target_probs=_check_target_probs(probs, target_probs_key))
 

@@ -115,7 +115,7 @@ def worked_solution(problem: ArithmeticProblem, step_result: Callable[[int, int]
         step += 1
         result = values[i] * values[i + 1]
         line = f"Step {step}: {_multiplication_step(values[i], values[i + 1])}."
-        values[i:i + 2], ops[i:i + 1] = [result], []
+        values[i : i + 2], ops[i : i + 1] = [result], []
         if ops:
             line += f" The expression becomes {_expression(values, ops)}."
         lines.append(line)

@@ -67,9 +67,7 @@ LONG_DEMO_POLICIES = ("truncate", "drop")
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], template: str) -> str:
-    text = tokenizer.apply_chat_template(
-        messages, chat_template=template, add_generation_prompt=True, tokenize=False
-    )
+    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
     if not isinstance(text, str):  # some tokenizers return a list for a batch of one
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
@@ -107,7 +105,7 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | Path | None = Non
                 if generation_prompt_ends_with_think(tokenizer, own):
                     logger.info("chat template: the model's own (its generation prompt ends with <think>\\n)")
                     return ChatTemplate(own, "model", True)
-            except Exception as exc:  # a template that cannot render a plain [user] chat: not usable here
+            except Exception as exc:  # noqa: BLE001 - any template that cannot render a [user] chat is unusable
                 logger.warning("the model's chat template fails on a [user] chat (%s); using the default", exc)
             reason = "does not end its generation prompt with <think>\\n"
         else:
@@ -167,7 +165,7 @@ def build_prompt_text(
 def strip_think_prefix(demo: str, prompt_text: str) -> str:
     """Drop the demonstration's leading ``"<think>\\n"`` when the prompt already ends with it (upstream L129-130)."""
     if prompt_text.endswith(THINK_PREFIX) and demo.startswith(THINK_PREFIX):
-        return demo[len(THINK_PREFIX):]
+        return demo[len(THINK_PREFIX) :]
     return demo
 
 
@@ -202,7 +200,10 @@ class EncodedExample:
 
 # Outcome of encoding one row under the length limits (also the names of the counters).
 KEPT, TRUNCATED_DEMO, DROPPED_LONG_PROMPT, DROPPED_LONG_DEMO = (
-    "kept", "truncated_demo", "dropped_long_prompt", "dropped_long_demo",
+    "kept",
+    "truncated_demo",
+    "dropped_long_prompt",
+    "dropped_long_demo",
 )
 
 
@@ -222,12 +223,17 @@ def align_demo_probs(probs: Any, num_demo_tokens: int, kept: int, *, where: str,
     number of demonstration tokens kept (``max_prefix_len`` when truncated). DataError when the length differs."""
     probs = np.asarray(probs, dtype=np.float32)
     if probs.shape != (num_demo_tokens + 1,):
-        raise DataError(row_error_message(
-            where, row_index, key,
-            f"{probs.size} teacher probabilities, but the target tokenizes to {num_demo_tokens} tokens (after "
-            f"stripping a leading <think>\\n when the prompt ends with it), so {num_demo_tokens + 1} are expected "
-            f"(one per token, then one for EOS, as upstream); were they computed with this model's tokenizer "
-            f"and chat template?"))
+        raise DataError(
+            row_error_message(
+                where,
+                row_index,
+                key,
+                f"{probs.size} teacher probabilities, but the target tokenizes to {num_demo_tokens} tokens (after "
+                f"stripping a leading <think>\\n when the prompt ends with it), so {num_demo_tokens + 1} are expected "
+                f"(one per token, then one for EOS, as upstream); were they computed with this model's tokenizer "
+                f"and chat template?",
+            )
+        )
     if kept == num_demo_tokens:
         return probs
     return np.concatenate([probs[:kept], np.ones(1, dtype=np.float32)])  # the EOS after the cut: 1.0
@@ -272,8 +278,14 @@ def _encode_batch(
             d_ids, outcome = d_ids[:max_prefix_len], TRUNCATED_DEMO
         demo_probs = None
         if d_ids is not None and ex.target_probs is not None:
-            demo_probs = align_demo_probs(ex.target_probs, num_demo_tokens, len(d_ids), where=source or "<rows>",
-                                          row_index=ex.row_index, key=target_probs_key)
+            demo_probs = align_demo_probs(
+                ex.target_probs,
+                num_demo_tokens,
+                len(d_ids),
+                where=source or "<rows>",
+                row_index=ex.row_index,
+                key=target_probs_key,
+            )
         encoded_example = EncodedExample(
             prompt_ids=list(p_ids),
             demo_ids=d_ids,
@@ -384,7 +396,7 @@ def tokenize_examples(
     long_prompts: list[tuple[int, int]] = []  # (row index, length)
     bar = tqdm(total=len(examples), desc=f"tokenizing {source or 'rows'}", unit="row", disable=not progress)
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
+        batch = examples[start : start + batch_size]
         results = _encode_batch(
             batch,
             tokenizer,
@@ -410,9 +422,15 @@ def tokenize_examples(
     bar.close()
 
     where = f"{source}: " if source else ""
-    _report_length_filters(counts, long_prompts, where=where, num_examples=len(examples),
-                           long_prompt_policy=long_prompt_policy, max_prompt_length=max_prompt_length,
-                           max_prefix_len=max_prefix_len)
+    _report_length_filters(
+        counts,
+        long_prompts,
+        where=where,
+        num_examples=len(examples),
+        long_prompt_policy=long_prompt_policy,
+        max_prompt_length=max_prompt_length,
+        max_prefix_len=max_prefix_len,
+    )
     if not kept:
         raise DataError(f"{where}no rows left after the length filters: {counts.as_dict()}")
     return TokenizedDataset(
@@ -425,9 +443,16 @@ def tokenize_examples(
     )
 
 
-def _report_length_filters(counts: TokenizeCounts, long_prompts: list[tuple[int, int]], *, where: str,
-                           num_examples: int, long_prompt_policy: str, max_prompt_length: int,
-                           max_prefix_len: int) -> None:
+def _report_length_filters(
+    counts: TokenizeCounts,
+    long_prompts: list[tuple[int, int]],
+    *,
+    where: str,
+    num_examples: int,
+    long_prompt_policy: str,
+    max_prompt_length: int,
+    max_prefix_len: int,
+) -> None:
     """Logs what the length policies did; a DataError for too-long prompts under long_prompt_policy=error.
     `long_prompts`: (row index, templated prompt length) of the prompts over max_prompt_length."""
     if long_prompts and long_prompt_policy == "error":
@@ -439,7 +464,10 @@ def _report_length_filters(counts: TokenizeCounts, long_prompts: list[tuple[int,
     if counts.dropped_long_prompt:
         logger.warning(
             "%sdropped %d of %d rows: prompt longer than max_prompt_length=%d tokens",
-            where, counts.dropped_long_prompt, counts.num_rows, max_prompt_length,
+            where,
+            counts.dropped_long_prompt,
+            counts.num_rows,
+            max_prompt_length,
         )
     if counts.truncated_demo:
         logger.warning(
@@ -448,7 +476,9 @@ def _report_length_filters(counts: TokenizeCounts, long_prompts: list[tuple[int,
     if counts.dropped_long_demo:
         logger.warning(
             "%sdropped %d rows: demonstration longer than max_prefix_len=%d tokens",
-            where, counts.dropped_long_demo, max_prefix_len,
+            where,
+            counts.dropped_long_demo,
+            max_prefix_len,
         )
     logger.info("%s%s", where, counts.as_dict())
 
@@ -465,11 +495,20 @@ def load_tokenized_dataset(
 ) -> TokenizedDataset:
     """Read a LUFFY parquet file and tokenize it: `read_luffy_parquet` + `tokenize_examples`.
     ``target_probs_key`` / ``require_target_probs``: the teacher probabilities (see `read_luffy_parquet`)."""
-    examples, report = read_luffy_parquet(path, require_target=require_target, skip_bad_rows=skip_bad_rows,
-                                          target_probs_key=target_probs_key, require_target_probs=require_target_probs)
+    examples, report = read_luffy_parquet(
+        path,
+        require_target=require_target,
+        skip_bad_rows=skip_bad_rows,
+        target_probs_key=target_probs_key,
+        require_target_probs=require_target_probs,
+    )
     dataset = tokenize_examples(
-        examples, tokenizer, bad_rows=report.num_bad_rows, source=str(path),
-        target_probs_key=target_probs_key or "target_probs", **tokenize_kwargs
+        examples,
+        tokenizer,
+        bad_rows=report.num_bad_rows,
+        source=str(path),
+        target_probs_key=target_probs_key or "target_probs",
+        **tokenize_kwargs,
     )
     dataset.bad_row_report = report
     return dataset

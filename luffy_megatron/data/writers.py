@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from luffy_megatron.data.errors import DataError
 from luffy_megatron.data.readers import datasets_progress_bars_off
-import datasets
 
 
 def write_luffy_parquet(rows: list[dict[str, Any]], path: str | Path) -> Path:
