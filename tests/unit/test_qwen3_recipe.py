@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from luffy_megatron.config import load_config
 from luffy_megatron.convert import tools
+from luffy_megatron.data.hub import check_model
 from luffy_megatron.data.readers import Example
 from luffy_megatron.data.tokenization import THINK_PREFIX, encode_example, resolve_chat_template
 from tests.dist.tiny_models import make_tiny_model
@@ -31,6 +32,13 @@ def tiny_qwen3(tmp_path, qwen_tokenizer):
 
 def test_the_recipe_uses_a_think_template_where_qwen3s_own_lacks_it(tiny_qwen3, qwen_tokenizer):
     cfg = load_config(str(RECIPE), [f"model.path={tiny_qwen3}"])
+    # `luffy-data model` on it: usable, Qwen3's own template ends the prompt without <think>, so the default
+    need = cfg.data.max_prompt_length + cfg.data.max_response_length
+    report = check_model(tiny_qwen3, need_context=need)
+    assert report.chat_template == "default" and report.prompt_ends_with.endswith("<|im_start|>assistant\n")
+    assert any("<think>" in w for w in report.warnings)
+    assert len(report.problems) == 1 and f"max_position_embeddings=256 < {need}" in report.problems[0]  # tiny
+    assert check_model(tiny_qwen3, need_context=256).ok
     assert cfg.actor.zero_lr_first_step and cfg.model.path == str(tiny_qwen3)
     own = resolve_chat_template(qwen_tokenizer, "model")
     assert not own.ends_with_think  # the premise: Qwen3's template stops at "<|im_start|>assistant\n"
