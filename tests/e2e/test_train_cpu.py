@@ -1,5 +1,9 @@
-"""The training program end to end on the CPU: a real pretrained model (SmolLM2-135M-Instruct), real
-vLLM, Megatron on gloo, Ray, the reward pool, TensorBoard, checkpoints, the results plot, and resume."""
+"""The README's "reproduce the paper's main run" sequence on the CPU with stand-ins: `luffy-data openr1`
+(a small data set in upstream's schema for Elliott/Openr1-Math-46k-8192), `luffy-data model` (a local
+SmolLM2-135M-Instruct for Elliott/Qwen2.5-Math-7B-16k-think), two training steps as `make demo` runs them
+(real vLLM, Megatron on gloo, Ray, the reward pool, TensorBoard, checkpoints, the results plot), then
+`luffy-eval` under upstream's grading on the best-validation export. Resuming a finished run is tested by
+tests/e2e/test_train_signal.py (the rerun) and tests/e2e/test_slurm.py (the requeue)."""
 
 import json
 import os
@@ -10,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist.tiny_models import smollm2_hf_dir
+from tests.e2e.tiny_run import synthetic_data
 from tests.helpers import REPO, without_ray_auth
 
 pytestmark = pytest.mark.e2e
@@ -65,8 +70,8 @@ def _overrides(out: Path, data: Path, steps: int) -> list[str]:
     return [
         f"model.path={smollm2_hf_dir()}",
         f"trainer.output_dir={out}",
-        f"data.train_files=[{data}/train.parquet]",
-        f"data.val_files=[{data}/val.parquet]",
+        f"data.train_files=[{data}/openr1.parquet]",
+        f"data.val_files=[{data}/valid.parquet]",
         f"trainer.total_training_steps={steps}",
         "trainer.save_freq=2",
         "trainer.test_freq=2",
@@ -86,10 +91,34 @@ def _run_demo(out: Path, data: Path, steps: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
 
 
+def _console(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / name
+    assert script.exists(), f"{script} missing: run `make setup` (pip install -e . installs the console scripts)"
+    env = {**without_ray_auth(os.environ), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([str(script), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    out, data = root / "out", root / "data"
+    out, data, download = root / "out", root / "data", root / "download"
+    synthetic_data(download, num_train=8, num_val=2)  # stand-in for the Hub data set, in upstream's schema
+    fetched = _console(
+        "luffy-data",
+        "openr1",
+        "--source",
+        str(download / "train.parquet"),
+        "--valid",
+        str(download / "val.parquet"),
+        "--out",
+        str(data),
+    )
+    summary = json.loads(fetched.stdout.splitlines()[-1])
+    assert (summary["rows_written"], summary["rows_rejected"], summary["valid_rows"]) == (8, 0, 2), summary
+    checked = _console("luffy-data", "model", str(smollm2_hf_dir()), "--need-context", "352")
+    assert json.loads(checked.stdout.splitlines()[-1])["ok"] is True
     first = _run_demo(out, data, steps=2)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     return out, data, first
@@ -118,14 +147,30 @@ def test_metrics_tensorboard_checkpoint_and_plot(run):
     assert "[step 2/2]" in proc.stderr  # console progress
 
 
-def test_resume_continues_from_the_checkpoint(run):
+def test_the_best_validation_export_evaluates_under_upstreams_grading(run):
     out, data, _ = run
-    again = _run_demo(out, data, steps=3)
-    assert again.returncode == 0, again.stderr[-6000:]
-    assert "resumed from" in again.stderr and "step_000002" in again.stderr
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # no step repeated, none lost
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    report = out.parent / "eval"
+    # the README's last step, on the run's own validation file (2 problems) instead of the paper's benchmarks
+    _console(
+        "luffy-eval",
+        "--model",
+        str(out / "best" / "actor"),
+        "--benchmarks",
+        str(data / "valid.parquet"),
+        "--max-new-tokens",
+        "32",
+        "--dtype",
+        "float32",
+        "--reward-workers",
+        "1",
+        "--out",
+        str(report),
+    )
+    results = json.loads((report / "results.json").read_text())
+    assert results["protocol"]["grading_protocol"] == "luffy"
+    [(name, bench)] = results["benchmarks"].items()
+    assert bench["protocol"] == "luffy" and bench["num_problems"] == 2 and 0.0 <= bench["accuracy"] <= 100.0
+    assert (report / "results.md").read_text().startswith("Grading protocol: luffy")
 
 
 def _check_upstream_names(out: Path, rows: list[dict], acc) -> None:

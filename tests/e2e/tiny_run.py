@@ -57,8 +57,9 @@ def tiny_llama_dir() -> Path:
     return out
 
 
-def synthetic_data(out_dir: Path, num_train: int = 8) -> Path:
-    """train.parquet (with demonstrations) in `out_dir`: one-digit additions as tools/demo.py writes them."""
+def synthetic_data(out_dir: Path, num_train: int = 8, num_val: int = 0) -> Path:
+    """train.parquet (with demonstrations) and, with `num_val`, val.parquet (without) in `out_dir`: one-digit
+    additions as tools/demo.py writes them."""
     if not (out_dir / "train.parquet").exists():
         subprocess.run(
             [
@@ -70,7 +71,7 @@ def synthetic_data(out_dir: Path, num_train: int = 8) -> Path:
                 "--num-train",
                 str(num_train),
                 "--num-val",
-                "0",
+                str(num_val),
                 "--digits",
                 "1",
                 "--operands",
