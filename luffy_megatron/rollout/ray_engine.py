@@ -36,6 +36,7 @@ from luffy_megatron.rollout.engine import Generation, Seed, VLLMEngine, row_seed
 from luffy_megatron.rollout.faults import EngineFailure, engine_fault, log_tail
 from luffy_megatron.utils.fs import open_log
 from luffy_megatron.utils.memory_ledger import MemoryLedger
+from luffy_megatron.utils.scratch import remove_unheld_queues
 
 log = logging.getLogger(__name__)
 EVENT_LOG_LENGTH = 256
@@ -65,6 +66,7 @@ class VLLMEngineActor:
         worker_gpu_share: Optional[float] = None,
         log_file: Optional[str] = None,
         cpu_slot: Optional[tuple[int, int]] = None,
+        stale_shm: Optional[dict] = None,
         **engine_kwargs,
     ):
         self.log_file = _log_to_file(log_file) if log_file else None
@@ -109,6 +111,10 @@ class VLLMEngineActor:
         with self.ledger.transition("start", frozenset({"engine_weights", "engine_kv"})):
             self.engine = VLLMEngine(model_dir, **engine_kwargs)
         log.info("vLLM up in %.1fs; engine-core pid(s) %s", time.time() - t0, self.engine.core_pids())
+        if stale_shm and stale_shm.get("node_ip") == self.placement.get("node_ip"):
+            # the shared-memory queues of the engine this one replaces, whose processes were killed (by now
+            # they are gone; a queue some process still holds is kept)
+            remove_unheld_queues(stale_shm.get("shm_queues") or [])
         self._event("start", t0)
 
     def _event(self, name: str, t0: float) -> None:
@@ -157,6 +163,7 @@ class VLLMEngineActor:
             "log_file": self.log_file,
             "node_ip": self.placement.get("node_ip"),
             "hostname": self.placement.get("hostname"),
+            "shm_queues": list(e.shm_queues),
         }
 
     def generate(self, prompts, max_new_tokens, **sampling) -> list[list[int]]:
@@ -545,12 +552,15 @@ class EngineFleet:
     def restart_engine(self, i: int) -> dict:
         """Replaces engine i by a new one started as `start` started it (same placement bundle, GPU share,
         settings; its log appended to the same file), from the model's files: sync weights into it before
-        generating. Waits at most the start timeout; returns the new engine's `info()`."""
+        generating. Waits at most the start timeout; returns the new engine's `info()`. The new engine removes
+        the shared-memory queues the killed one's processes left (`VLLMEngine.shm_queues`) once it is up."""
         if self._launch is None:
             raise RuntimeError("restart_engine needs a fleet made by EngineFleet.start (it knows how to start engines)")
         self.kill_engine(i)
         # Ray frees the old actor's GPU share in the bundle asynchronously; the new actor waits for it.
-        engine = _launch_engine(self._launch, self.indices[i])
+        old = self.infos[i]
+        stale = {"node_ip": old.get("node_ip"), "shm_queues": old.get("shm_queues")}  # for the new one to remove
+        engine = _launch_engine(self._launch, self.indices[i], stale_shm=stale)
         try:
             (info,) = _wait_started([engine], self._launch["start_timeout_s"])
         except BaseException:
@@ -582,8 +592,8 @@ class EngineFleet:
                 ray.kill(e)
 
 
-def _launch_engine(spec: dict, index: int):
-    """Engine actor `index` as `EngineFleet.start` describes it in `spec`."""
+def _launch_engine(spec: dict, index: int, stale_shm: Optional[dict] = None):
+    """Engine actor `index` as `EngineFleet.start` describes it in `spec`. `stale_shm`: see `restart_engine`."""
     launch = spec["launches"][index]
     log_file = str(Path(spec["log_dir"]) / f"engine_{index}.log") if spec.get("log_dir") else None
     return VLLMEngineActor.options(**launch["options"]).remote(
@@ -593,6 +603,7 @@ def _launch_engine(spec: dict, index: int):
         worker_gpu_share=launch.get("worker_gpu_share"),
         log_file=log_file,
         cpu_slot=(index, len(spec["launches"])),
+        stale_shm=stale_shm,
         **spec["engine_kwargs"],
     )
 

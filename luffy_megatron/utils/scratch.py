@@ -11,6 +11,19 @@ reused by others).
 any other shape, are never touched, and an entry that cannot be read, locked or removed is skipped (it never
 fails the caller). The creator removes its own with `remove`, and whatever it still holds at interpreter exit
 goes then.
+
+`sweep_orphan_shm(directory)` removes the one kind of file in /dev/shm the package does not make but its engines
+leave: vLLM's shared-memory queues (Python `multiprocessing.shared_memory`, named `psm_<8 hex digits>`), which
+only their creator unlinks, so they stay when an engine's processes are killed. Those carry no lock, so an
+orphan is told by this rule: a `psm_` regular file of this user, older than `ORPHAN_GRACE_S`, that no process
+of this user maps or holds open (`held_paths` reads every readable /proc/<pid>/maps and /proc/<pid>/fd; a
+process of another user cannot open a 0600 file of ours unless it is root; processes of ours are readable
+unless made non-dumpable, which vLLM's are not). A queue is held from its creation
+(its maker keeps the descriptor and the mapping until it unlinks it), and the grace covers a name handed to
+another process after its maker let go. If /proc cannot be read, nothing is removed.
+An engine also knows its own queues (`queues_held_by` its process tree once vLLM is up) and removes those no
+process holds when it closes, or when the engine that replaces a killed one is up (`remove_unheld_queues`):
+that needs no grace, so a queue written just before the kill goes too.
 """
 
 from __future__ import annotations
@@ -25,7 +38,9 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 import uuid
+from typing import Optional
 
 PREFIX = "luffy-"
 SHM_DIR = "/dev/shm"
@@ -35,6 +50,8 @@ KINDS = {  # every kind of scratch entry the package makes (the sweeper removes 
 }
 _NAME = re.compile(rf"^{re.escape(PREFIX)}(?:{'|'.join(KINDS)})-\d+-(?:[A-Za-z0-9_.-]+-)?[0-9a-f]{{12}}$")
 _CREATE_TRIES = 5
+SHM_QUEUE = re.compile(r"^psm_[0-9a-f]+$")  # multiprocessing.shared_memory's names (vLLM's shm_broadcast queues)
+ORPHAN_GRACE_S = 10.0  # a shared-memory queue file younger than this is never an orphan
 
 log = logging.getLogger(__name__)
 _held: dict[str, tuple[int, int]] = {}  # path -> (descriptor holding its lock, pid of the process that made it)
@@ -166,3 +183,135 @@ def _remove_entry(path: str, st: os.stat_result) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+# ----------------------------------------------------------------------- vLLM's shared-memory queues of dead engines
+
+
+def orphan_candidates(
+    directory: str, *, grace_s: float, now: Optional[float] = None
+) -> list[tuple[str, os.stat_result]]:
+    """The `psm_` regular files of this user in `directory` (not links) last written more than `grace_s` ago
+    (a queue in use is written at every message), with their lstat: what `sweep_orphan_shm` removes unless a
+    process holds it."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    now = time.time() if now is None else now
+    found = []
+    for name in sorted(names):
+        if not SHM_QUEUE.match(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and now - st.st_mtime >= grace_s:
+            found.append((path, st))
+    return found
+
+
+def held_paths(proc: str = "/proc", pids: Optional[set[int]] = None) -> Optional[set[str]]:
+    """The paths of the files that processes map (/proc/<pid>/maps) or hold open (/proc/<pid>/fd): every
+    process this user can read, or only `pids`. A process that cannot be read (another user's; in a container
+    also its init, which even root may not trace) or that ends meanwhile is skipped. None when `proc` cannot
+    be listed: nothing is known then."""
+    held: set[str] = set()
+    try:
+        names = [p for p in os.listdir(proc) if p.isdigit() and (pids is None or int(p) in pids)]
+    except OSError:
+        return None
+    for pid in names:
+        base = os.path.join(proc, pid)
+        try:
+            with open(os.path.join(base, "maps"), encoding="utf-8", errors="replace") as fh:
+                held.update(line.split(None, 5)[5].rstrip("\n") for line in fh if len(line.split(None, 5)) == 6)
+            fds = os.path.join(base, "fd")
+            for fd in os.listdir(fds):
+                try:
+                    held.add(os.readlink(os.path.join(fds, fd)))
+                except OSError:  # closed meanwhile
+                    pass
+        except OSError:
+            continue
+    return held
+
+
+def process_tree(root: int, proc: str = "/proc") -> set[int]:
+    """`root` and its descendants (from each process's parent in /proc/<pid>/stat)."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return {root}
+    for pid in names:
+        try:
+            with open(os.path.join(proc, pid, "stat"), encoding="utf-8", errors="replace") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(pid))
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, []))
+    return tree
+
+
+def queues_held_by(pids: set[int], directory: str = SHM_DIR, proc: str = "/proc") -> list[str]:
+    """The shared-memory queue files (`psm_*`) in `directory` that processes `pids` map or hold open."""
+    held = held_paths(proc, pids) or set()
+    real = os.path.realpath(directory)
+    return sorted(
+        os.path.join(directory, os.path.basename(p))
+        for p in held
+        if os.path.dirname(p) == real and SHM_QUEUE.match(os.path.basename(p))
+    )
+
+
+def sweep_orphan_shm(
+    directory: str = SHM_DIR, *, grace_s: float = ORPHAN_GRACE_S, held: Optional[set[str]] = None
+) -> list[tuple[str, int]]:
+    """Removes the orphaned shared-memory queues in `directory` (the rule is in the module docstring) and
+    returns (path, bytes in use) of each. `held`: the paths processes hold (default `held_paths()`). Logs what
+    it removed; no error escapes."""
+    candidates = [path for path, _ in orphan_candidates(directory, grace_s=grace_s)]
+    return remove_unheld_queues(candidates, held=held) if candidates else []
+
+
+def remove_unheld_queues(paths: list[str], *, held: Optional[set[str]] = None) -> list[tuple[str, int]]:
+    """Removes those of `paths` that are shared-memory queue files (`psm_*`, regular, of this user) which no
+    process maps or holds open (`held`, default `held_paths()`), e.g. the queues of an engine whose processes
+    were killed; returns (path, bytes in use) of each and logs them. No error escapes."""
+    if not paths:
+        return []
+    if held is None:
+        held = held_paths()
+        if held is None:
+            log.info("shared-memory queues %s kept: the processes holding files cannot be listed", paths)
+            return []
+    removed = []
+    for path in paths:
+        real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        if not SHM_QUEUE.match(os.path.basename(path)) or real in held or path in held:
+            continue
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append((path, st.st_blocks * 512))
+    if removed:
+        log.info(
+            "removed %d shared-memory queue file(s) of dead vLLM processes (%.1f MiB): %s",
+            len(removed),
+            sum(size for _, size in removed) / 2**20,
+            ", ".join(f"{os.path.basename(p)} ({size} bytes)" for p, size in removed),
+        )
+    return removed

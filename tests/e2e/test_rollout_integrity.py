@@ -373,6 +373,14 @@ class CoreKiller:
             time.sleep(0.01)
 
 
+def orphan_queues() -> set[str]:
+    """The shared-memory queue files in /dev/shm that no process holds (`utils.scratch`'s rule, no grace)."""
+    from luffy_megatron.utils import scratch
+
+    held = scratch.held_paths() or set()
+    return {p for p, _ in scratch.orphan_candidates(scratch.SHM_DIR, grace_s=0) if p not in held}
+
+
 INITIAL_WEIGHTS: dict = {}  # the freshly built actor's weights_checksum (module fixture)
 
 
@@ -532,12 +540,16 @@ def test_restart_mode_restarts_a_killed_engine_and_completes_the_step(cluster):
     from luffy_megatron.train.loop import train
 
     root, workers = cluster
-    old_pids = workers.fleet.infos[KILLED]["core_pids"]
+    old_pids, old_queues = workers.fleet.infos[KILLED]["core_pids"], workers.fleet.infos[KILLED]["shm_queues"]
+    orphans_before = orphan_queues()
     with time_limit(TEST_TIME_LIMIT_S):
         cfg = job_config(root, "restart", 1, "rollout.on_engine_failure=restart")
         killer = CoreKiller(workers.fleet, KILLED, occurrence=1)
         out = train(cfg, workers=workers)
     assert killer.killed_at is not None
+    # the killed engine's vLLM shared-memory queues (/dev/shm/psm_*) were removed by its replacement
+    assert old_queues and not any(os.path.exists(q) for q in old_queues)
+    assert orphan_queues() - orphans_before == set()
     (row,) = metrics(out)
     assert row["rollout/engine_restarts"] == 1
     assert row["rollout/logprob_diff_mean"] < TOLERANCE  # the restarted engine got the actor's weights
