@@ -80,6 +80,22 @@ class RolloutBatch:
         self.check_target_probs(enabled=True)
         return self.target_probs[list(rows), :width].to(device)
 
+    def check_behaviour_log_probs(self, behaviour_log_probs: torch.Tensor | None, *, mode: str) -> None:
+        """With algo.rollout_is other than none, refuse an update without the engines' log-probs (float [B, L],
+        NaN where no engine sampled the token), so the setting can never be ignored silently."""
+        if mode == "none":
+            return
+        if behaviour_log_probs is None:
+            raise ValueError(
+                f"algo.rollout_is={mode} but the update got no behaviour_log_probs: pass the engines' log-probs "
+                "(train/step_parts.rollout_correction builds them from the rollout record)"
+            )
+        if tuple(behaviour_log_probs.shape) != tuple(self.responses.shape):
+            raise ValueError(
+                f"behaviour_log_probs must be [B, L] = {tuple(self.responses.shape)} like responses, "
+                f"got {tuple(behaviour_log_probs.shape)}"
+            )
+
 
 def balance_rows(lengths: Sequence[int], num_parts: int) -> list[list[int]]:
     """Split row indices into `num_parts` equal-count parts with similar token totals (upstream's

@@ -47,7 +47,14 @@ from luffy_megatron.actor.reference import ReferenceModel
 from luffy_megatron.actor.schedule import make_lr_scheduler
 from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
 from luffy_megatron.algo.loss import microbatch_policy_loss
-from luffy_megatron.algo.options import dp_loss_factor, loss_options, uses_reference, uses_target_probs
+from luffy_megatron.algo.options import (
+    dp_loss_factor,
+    loss_options,
+    rollout_is_options,
+    uses_reference,
+    uses_target_probs,
+)
+from luffy_megatron.algo.rollout_correction import loss_weights
 from luffy_megatron.compat.megatron import apply_mcore_patches
 from luffy_megatron.compat.megatron_cpu import apply_cpu_shim, seed_everything
 from luffy_megatron.convert.checkpoint import load_checkpoint as load_model_checkpoint
@@ -300,6 +307,7 @@ class MegatronActor:
         self.step = 0  # optimizer steps taken
         self.loss_opts = loss_options(cfg.algo)
         self.use_target_probs = uses_target_probs(cfg.algo)  # teacher probs in the off-policy ratio
+        self.rollout_is = rollout_is_options(cfg.algo)  # importance weights of the engines' log-probs (or none)
         # upstream divides every micro-batch loss by ppo_mini_batch_size // ppo_micro_batch_size (its units),
         # with or without dynamic batch sizes (upstream's dp_actor)
         self.loss_opts["gradient_accumulation"] = gradient_accumulation(cfg)
@@ -596,10 +604,13 @@ class MegatronActor:
         advantages: torch.Tensor,
         old_log_probs: torch.Tensor,
         ref_log_probs: Optional[torch.Tensor] = None,
+        behaviour_log_probs: Optional[torch.Tensor] = None,
     ) -> list[dict]:
         """Forward + backward of one mini-batch and the DP gradient reduction; returns the micro-batch metrics.
-        `ref_log_probs`: the reference model's, for algo.use_kl_loss."""
+        `ref_log_probs`: the reference model's, for algo.use_kl_loss; `behaviour_log_probs`: the engines', for
+        algo.rollout_is."""
         batch.check_target_probs(enabled=self.use_target_probs)  # on every rank, before any forward
+        batch.check_behaviour_log_probs(behaviour_log_probs, mode=self.rollout_is["mode"])
         micro = self._micro_batches(batch, rows_by_rank)
         for m in self.model:
             m.zero_grad_buffer()
@@ -614,16 +625,25 @@ class MegatronActor:
                 return logits.sum() * 0.0, {}
             lp, ent = self._token_logprobs(mb, shard, logits)
             width = lp.shape[1]
+            old = old_log_probs[mb.rows, :width].to(lp.device)
+            prefix = batch.prefix_mask[mb.rows, :width].to(lp.device)
             loss, metrics = microbatch_policy_loss(
                 log_prob_BT=lp,
                 entropy_BT=ent,
-                old_log_prob_BT=old_log_probs[mb.rows, :width].to(lp.device),
+                old_log_prob_BT=old,
                 ref_log_prob_BT=None if ref_log_probs is None else ref_log_probs[mb.rows, :width].to(lp.device),
                 advantages_BT=advantages[mb.rows, :width].to(lp.device),
                 response_mask_BT=mb.resp_mask.to(lp.device),
-                prefix_mask_BT=batch.prefix_mask[mb.rows, :width].to(lp.device),
+                prefix_mask_BT=prefix,
                 target_probs_BT=batch.loss_target_probs(
                     mb.rows, width, enabled=self.use_target_probs, device=lp.device
+                ),
+                rollout_is_weights_BT=loss_weights(
+                    **self.rollout_is,
+                    old_log_prob_BT=old,
+                    behaviour_log_prob_BT=None if behaviour_log_probs is None else behaviour_log_probs[mb.rows, :width],
+                    response_mask_BT=mb.resp_mask.to(lp.device),
+                    prefix_mask_BT=prefix,
                 ),
                 max_response_length=batch.response_width,
                 **self.loss_opts,
@@ -639,20 +659,22 @@ class MegatronActor:
         advantages: torch.Tensor,
         old_log_probs: torch.Tensor,
         ref_log_probs: Optional[torch.Tensor] = None,
+        behaviour_log_probs: Optional[torch.Tensor] = None,
     ) -> dict[str, float]:
         """LUFFY's policy update on a rollout batch: mini-batches of this rank's rows, each one optimizer step.
 
         Returns upstream's metric names (`actor/pg_loss`, `actor/off_policy_prob`, `actor/grad_norm`, ...),
         averaged over micro-batches and mini-batches (as upstream's trainer reduces them). With
         algo.use_kl_loss, `ref_log_probs` (`compute_ref_log_probs`) add kl_loss_coef x KL to the loss
-        (`actor/kl_loss`, `actor/kl_coef`)."""
+        (`actor/kl_loss`, `actor/kl_coef`). With algo.rollout_is, `behaviour_log_probs` (the engines' log-probs,
+        [B, L], NaN where none; `algo.rollout_correction.behaviour_log_probs`) weight the on-policy tokens' loss."""
         for m in self.model:
             m.train()
         collected: dict[str, list[float]] = {}
         # actor.ppo_epochs passes over the same mini-batches in the same order, as upstream
         passes = [rows for _ in range(self.cfg.actor.ppo_epochs) for rows in self._mini_batches(batch)]
         for rows_by_rank in passes:
-            results = self._backward(batch, rows_by_rank, advantages, old_log_probs, ref_log_probs)
+            results = self._backward(batch, rows_by_rank, advantages, old_log_probs, ref_log_probs, behaviour_log_probs)
             ok, grad_norm, _ = self.optimizer.step()
             self.step += 1
             for r in results:
@@ -698,6 +720,7 @@ class MegatronActor:
         advantages: torch.Tensor,
         old_log_probs: torch.Tensor,
         ref_log_probs: Optional[torch.Tensor] = None,
+        behaviour_log_probs: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """The DP-reduced gradient of one mini-batch holding every row, as HF-named full fp32 tensors,
         without stepping the optimizer (for parallel-invariance checks and debugging). Collective."""
@@ -711,7 +734,7 @@ class MegatronActor:
         for m in self.model:
             m.train()
         every_row = [list(rows) for rows in self._rows_by_rank(batch)]
-        self._backward(batch, every_row, advantages, old_log_probs, ref_log_probs)
+        self._backward(batch, every_row, advantages, old_log_probs, ref_log_probs, behaviour_log_probs)
         grads = {name: t.clone() for name, t in self.export_hf_weights(tensor_of=lambda p: p.main_grad)}
         for m in self.model:
             m.zero_grad_buffer()

@@ -234,12 +234,14 @@ def mixed_policy_loss(
     off_policy_min_clip: float | None = None,
     all_max_clip: float | None = None,
     target_probs_BT: Tensor | None = None,
+    rollout_is_weights_BT: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Upstream `compute_token_on_off_policy_loss`: returns `pg_loss` (the optimised value) and the
     metrics upstream logs (`off_pg_loss`, `on_pg_loss`, clip fractions, `ppo_kl`, probabilities).
 
     Clip values of None mean "off" (upstream's config value -1). With `target_probs_BT` the off-policy
     ratio is p / (teacher p + 1e-6) and `off_policy_reshape` is ignored, as upstream.
+    `rollout_is_weights_BT` (algo.rollout_is, not upstream): a constant weight on each on-policy token's loss.
     """
     mask, prefix, prefix_f, on_mask, off_mask = _mixed_masks(response_mask_BT, prefix_mask_BT, log_prob_BT.dtype)
     adv = advantages_BT
@@ -254,6 +256,8 @@ def mixed_policy_loss(
     on_losses, on_clipfrac = _clipped_on_policy_losses(
         ratio, adv, mask, loss_remove_clip=loss_remove_clip, clip_ratio=clip_ratio, clip_upper_bound=clip_upper_bound
     )
+    if rollout_is_weights_BT is not None:
+        on_losses = on_losses * rollout_is_weights_BT.detach()
     on_pg_loss = mean_or_zero(on_losses, on_mask)
 
     # Off-policy (demonstration) tokens: shaped current-policy probability.
@@ -299,9 +303,11 @@ def ppo_policy_loss(
     loss_remove_clip: bool,
     loss_agg_mode: str,
     max_response_length: int,
+    rollout_is_weights_BT: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Plain PPO loss (upstream `core_algos.compute_policy_loss`), used by the SFT-multitask variant
-    on the on-policy rows. Symmetric clip [1-c, 1+c] (no `clip_upper_bound` here, as upstream)."""
+    on the on-policy rows. Symmetric clip [1-c, 1+c] (no `clip_upper_bound` here, as upstream).
+    `rollout_is_weights_BT`: as in `mixed_policy_loss`, a constant weight on each token's loss."""
     mask = response_mask_BT.to(log_prob_BT.dtype)
     log_ratio = log_prob_BT - old_log_prob_BT
     ratio = torch.exp(log_ratio)
@@ -309,6 +315,8 @@ def ppo_policy_loss(
     clipped = -advantages_BT * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
     if not loss_remove_clip:
         losses = torch.maximum(losses, clipped)
+    if rollout_is_weights_BT is not None:
+        losses = losses * rollout_is_weights_BT.detach()
     pg_loss = aggregate_token_losses(losses, mask, mode=loss_agg_mode, max_response_length=max_response_length)
     with torch.no_grad():
         clipfrac = mean_or_zero(torch.gt(clipped, losses).to(mask.dtype), mask)
@@ -363,6 +371,7 @@ def microbatch_policy_loss(
     ppo_kl_loss_coef: float = 0.01,
     gradient_accumulation: int = 1,
     mode: str = "rl",
+    rollout_is_weights_BT: Tensor | None = None,
     **shaping,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The value upstream's actor calls `.backward()` on for one micro-batch, and its metrics.
@@ -375,6 +384,7 @@ def microbatch_policy_loss(
 
     mode="sft" (algo.mode): pg_loss is the token-mean NLL of every row (demonstrations only), without the
     entropy bonus; the policy-gradient options are unused.
+    `rollout_is_weights_BT` (algo.rollout_is; `rollout_correction.loss_weights`): on the on-policy tokens' loss.
     """
     mask = response_mask_BT.to(log_prob_BT.dtype)
     if mode not in ("rl", "sft"):
@@ -392,6 +402,7 @@ def microbatch_policy_loss(
         use_sft_multitask_loss=use_sft_multitask_loss,
         sft_loss_coef=sft_loss_coef,
         shaping=shaping,
+        is_weights=rollout_is_weights_BT,
     )
     entropy_loss = mean_or_zero(entropy_BT, mask)
     policy_loss = pg_loss - entropy_loss * (entropy_coeff if mode == "rl" else 0.0)
@@ -434,9 +445,11 @@ def _policy_term(
     use_sft_multitask_loss: bool,
     sft_loss_coef: float,
     shaping: dict,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(pg_loss, its metrics) of one micro-batch: the NLL (mode="sft"), NLL on the demonstration rows plus PPO
-    on the others (SFT multitask), LUFFY's mixed-policy loss (off-policy loss), or plain PPO."""
+    on the others (SFT multitask), LUFFY's mixed-policy loss (off-policy loss), or plain PPO. `is_weights`:
+    the rollout importance weights of the policy-gradient tokens (None: none)."""
     if mode == "sft":
         pg_loss = sft_loss(log_prob_BT=log_prob_BT, response_mask_BT=mask)
         return pg_loss, {"sft_loss": pg_loss.detach()}
@@ -449,6 +462,7 @@ def _policy_term(
             prefix_mask_BT=prefix_mask_BT,
             max_response_length=max_response_length,
             loss_agg_mode=loss_agg_mode,
+            rollout_is_weights_BT=is_weights,
             **shaping,
         )
         pg_loss = out.pop("pg_loss")
@@ -471,6 +485,7 @@ def _policy_term(
         loss_remove_clip=shaping.get("loss_remove_clip", True),
         loss_agg_mode=loss_agg_mode,
         max_response_length=max_response_length,
+        rollout_is_weights_BT=None if is_weights is None else is_weights[rows],
     )
     pg_loss = sft * sft_loss_coef + ppo["pg_loss"] if use_sft_multitask_loss else ppo["pg_loss"]
     return pg_loss, {**metrics, "pg_clipfrac": ppo["pg_clipfrac"], "ppo_kl": ppo["ppo_kl"]}

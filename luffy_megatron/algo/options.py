@@ -46,6 +46,11 @@ def loss_options(algo: AlgoConfig) -> dict[str, Any]:
     return opts
 
 
+def rollout_is_options(algo: AlgoConfig) -> dict[str, Any]:
+    """Keyword arguments for `rollout_correction.loss_weights` and `rollout_correction_metrics` (mode, cap)."""
+    return {"mode": algo.rollout_is, "cap": algo.rollout_is_cap}
+
+
 def uses_target_probs(algo: AlgoConfig) -> bool:
     """Whether the loss takes the teacher's token probabilities (`target_probs_BT`): upstream selects
     `target_probs` only when both `use_off_policy_loss` and `use_off_policy_probs` are set (mix_actor.py)."""

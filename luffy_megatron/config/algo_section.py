@@ -74,6 +74,11 @@ class AlgoConfig:
     disable_truncation_advantage: bool = False
     use_sft_prefix_reward: bool = False  # upstream actor.use_sft_prefix_reward: demonstration tokens get weight / n
     sft_prefix_reward_weight: float = 1.0
+    # rollout importance correction (not upstream; algo/rollout_correction.py): each on-policy token's loss times
+    # min(exp(old - engine log-prob), rollout_is_cap), per token (token_tis) or one weight per row from the sum
+    # over its generated tokens (seq_tis); demonstration tokens keep weight 1. none = upstream's loss
+    rollout_is: Literal["none", "token_tis", "seq_tis"] = "none"
+    rollout_is_cap: float = 2.0
 
     @classmethod
     def from_upstream(cls, flat: Mapping[str, Any]) -> AlgoConfig:
@@ -117,12 +122,27 @@ class AlgoConfig:
             problems.append(f"algo.clip_ratio={self.clip_ratio} must be in (0, 1)")
         if self.sft_loss_coef < 0:
             problems.append(f"algo.sft_loss_coef={self.sft_loss_coef} must be >= 0")
+        problems += self._rollout_is_problems()
         if self.reference_dp is not None and self.reference_dp < 1:
             problems.append(f"algo.reference_dp={self.reference_dp} must be >= 1 (or null: the cluster's own DP)")
         if self.reference_dp is not None and self.dp_gradient_reduction == "sum":
             problems.append(
                 f"algo.reference_dp={self.reference_dp} and algo.dp_gradient_reduction=sum both set the gradient's "
                 "DP scale; keep one (reference_dp with dp_gradient_reduction=mean, or reference_dp=null)"
+            )
+        return problems
+
+    def _rollout_is_problems(self) -> list[str]:
+        problems = []
+        if not self.rollout_is_cap > 1.0:
+            problems.append(
+                f"algo.rollout_is_cap={self.rollout_is_cap} must be > 1 (the truncation C of the rollout importance "
+                "weights min(exp(old - engine log-prob), C); e.g. 2.0)"
+            )
+        if self.rollout_is != "none" and self.mode == "sft":
+            problems.append(
+                f"algo.rollout_is={self.rollout_is} has nothing to correct with algo.mode=sft (no token is generated); "
+                "set algo.rollout_is=none"
             )
         return problems
 

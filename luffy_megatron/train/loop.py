@@ -56,6 +56,7 @@ from luffy_megatron.train.step_parts import (
     grade,
     reward_metrics,
     rewards_and_advantages,
+    rollout_correction,
     step_rng,
 )
 from luffy_megatron.train.validation import validate, validate_after_step
@@ -141,13 +142,19 @@ def train_step(
         with timer("ref"):
             ref_log_probs = ranks.call("compute_ref_log_probs", batch)
     integrity = check_rollouts(cfg, engines, rollout, old_log_probs, actor_version=step - 1, step=step)
+    behaviour, correction = rollout_correction(cfg, batch, rollout, old_log_probs)  # algo.rollout_is (or none)
     token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(
         cfg, deps.kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, deps.tokenizer.eos_token_id
     )
     with timer("update_actor"):
         kl_loss_ref = ref_log_probs if cfg.algo.use_kl_loss else None
         actor_metrics = ranks.call(
-            "update", batch, advantages=advantages, old_log_probs=old_log_probs, ref_log_probs=kl_loss_ref
+            "update",
+            batch,
+            advantages=advantages,
+            old_log_probs=old_log_probs,
+            ref_log_probs=kl_loss_ref,
+            behaviour_log_probs=behaviour,
         )
     on_trained()
     if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
@@ -157,7 +164,8 @@ def train_step(
         sync_seconds = engines.sync(version=step)
     switches.update(deps.workers.generation_phase())  # then the KV cache, with no sync buckets beside it
     seconds = time.time() - t0
-    metrics = {**rollout_metrics, **integrity, **reward_metrics(scores, batch), **kl_metrics, **actor_metrics}
+    metrics = {**rollout_metrics, **integrity, **correction, **reward_metrics(scores, batch), **kl_metrics}
+    metrics.update(actor_metrics)
     metrics.update(switches, **{"perf/sync_s": sync_seconds, "perf/step_s": seconds})
     metrics["perf/tokens_per_s"] = sum(batch.sequence_lengths()) / seconds
     metrics.update(batch_metrics(cfg, batch, token_scores, token_rewards, advantages))

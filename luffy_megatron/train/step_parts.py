@@ -22,6 +22,8 @@ from luffy_megatron.algo import (
     zero_truncated_advantages,
 )
 from luffy_megatron.algo.kl import apply_kl_penalty
+from luffy_megatron.algo.options import rollout_is_options
+from luffy_megatron.algo.rollout_correction import behaviour_log_probs, on_policy_mask, rollout_correction_metrics
 from luffy_megatron.cluster.supervision import GuardedRanks
 from luffy_megatron.config import Config
 from luffy_megatron.metrics.compute import data_metrics
@@ -236,6 +238,20 @@ def check_rollouts(
         drift, max_logprob_diff=cfg.rollout.max_logprob_diff, action=cfg.rollout.logprob_diff_action, step=step
     )
     return drift_metrics(rollout, drift)
+
+
+def rollout_correction(
+    cfg: Config, batch: RolloutBatch, rollout, old_log_probs: torch.Tensor
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """algo.rollout_is: the engines' log-probs of the step's generated tokens as the update's behaviour
+    log-probs (NaN on tokens no engine sampled), and the `rollout_corr/*` metrics of the weights the update
+    applies (from the same tensors). (None, {}) with rollout_is=none."""
+    if cfg.algo.rollout_is == "none":
+        return None, {}
+    width = old_log_probs.shape[1]
+    behaviour = behaviour_log_probs(rollout.engine_log_prob_BT[:, :width], rollout.generated_mask_BT[:, :width])
+    mask = on_policy_mask(batch.response_mask[:, :width], batch.prefix_mask[:, :width])
+    return behaviour, rollout_correction_metrics(old_log_probs, behaviour, mask, **rollout_is_options(cfg.algo))
 
 
 def batch_metrics(cfg: Config, batch: RolloutBatch, token_scores, token_rewards, advantages) -> dict[str, float]:

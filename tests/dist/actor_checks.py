@@ -61,13 +61,34 @@ old_lp, entropy = actor.compute_log_probs(batch)
 adv = reference_advantages(batch)
 # gradients() refuses under the distributed optimizer (its grad buffers hold reduced shards only)
 grads = None if actor.ddp_config.use_distributed_optimizer else actor.gradients(batch, advantages=adv, old_log_probs=old_lp)
+rollout_is_checks = None
+if dist.get_world_size() == 1 and not cfg.algo.use_off_policy_probs:
+    # tp1 (test_actor.py): algo.rollout_is=token_tis on the real actor, before its update. Engine log-probs equal to
+    # the old ones (weights exactly 1), different ones on the generated tokens, and different ones on the
+    # demonstration tokens only (which must keep weight 1); and the update refuses to run without them
+    from luffy_megatron.algo.rollout_correction import behaviour_log_probs
+
+    actor.rollout_is = {"mode": "token_tis", "cap": 2.0}
+    generated = batch.response_mask.bool() & ~batch.prefix_mask
+    shift = torch.linspace(-1.0, 1.0, old_lp.numel()).view_as(old_lp)
+    behaviours = {"same": behaviour_log_probs(old_lp, generated),
+                  "perturbed": behaviour_log_probs(old_lp + shift, generated),
+                  "on_demos": torch.where(batch.prefix_mask, old_lp + 3.0, behaviour_log_probs(old_lp, generated))}
+    rollout_is_checks = {name: actor.gradients(batch, advantages=adv, old_log_probs=old_lp, behaviour_log_probs=b)
+                         for name, b in behaviours.items()}
+    try:
+        actor.gradients(batch, advantages=adv, old_log_probs=old_lp)
+    except ValueError as refused:
+        rollout_is_checks["refused"] = str(refused)
+    actor.rollout_is = {"mode": "none", "cap": 2.0}
 metrics = actor.update(batch, advantages=adv, old_log_probs=old_lp)
 weights = {k: v.clone() for k, v in actor.export_hf_weights()}
 main_after = ({k: v.clone() for k, v in actor.export_hf_weights(tensor_of=lambda p: p.main_param)}
               if full_main_params else None)
 if dist.get_rank() == 0:
     torch.save({"old_lp": old_lp, "entropy": entropy, "metrics": metrics, "grads": grads, "weights": weights,
-                "precision": precision, "main_params": main_params, "main_params_after": main_after}, out)
+                "precision": precision, "main_params": main_params, "main_params_after": main_after,
+                "rollout_is": rollout_is_checks}, out)
     report({"out": out, "metrics": metrics})
 kl_checks = None
 if actor.reference is not None:

@@ -180,6 +180,20 @@ def test_off_policy_probs_reach_the_actor_loss(runs):
     assert _max_rel(got["grads"], plain["grads"]) > 0.1
 
 
+def test_rollout_is_weights_reach_the_actor_update(runs):
+    """algo.rollout_is=token_tis on tp1 (actor_checks.py): engine log-probs equal to the old ones give weights of 1
+    and the gradient of rollout_is=none bit for bit; different ones on the generated tokens change the gradient;
+    different ones on the demonstration tokens alone do not; none at all is refused. Without the actor passing the
+    weights to the loss, "perturbed" gives the same gradient too."""
+    _, out = runs
+    got = out["tp1"]
+    checks = got["rollout_is"]
+    for name in ("same", "on_demos"):
+        assert all(torch.equal(checks[name][k], g) for k, g in got["grads"].items()), name
+    assert _max_rel(checks["perturbed"], got["grads"]) > 1e-2
+    assert "algo.rollout_is=token_tis" in checks["refused"]
+
+
 # ----- the frozen reference model and the KL terms (algo.use_ref on vpp2 and from_ckpt; actor_checks.py)
 
 
