@@ -83,7 +83,7 @@ def test_cpu_demo_recipe_is_small_and_on_cpu():
     assert cfg.trainer.device == "cpu" and cfg.model.dtype == "fp32"
     assert cfg.parallel.world_size == 1 and cfg.rollout.tensor_model_parallel_size == 1
     assert (cfg.rollout.n, cfg.data.train_batch_size, cfg.actor.ppo_mini_batch_size) == (4, 4, 2)
-    assert cfg.trainer.total_training_steps == 8
+    assert cfg.trainer.total_training_steps == 12 and cfg.actor.lr == 3e-5
 
 
 def test_empty_recipe_and_empty_section_mean_defaults(tmp_path):
