@@ -44,8 +44,10 @@ __all__ = [
     "Plan",
     "Term",
     "colocated_offload_problem",
+    "OverlapEstimate",
     "make_plan",
     "on_gpu_state_keys",
+    "one_step_off_estimate",
 ]
 
 GIB = 2**30
@@ -173,8 +175,45 @@ class StepTimes:
     update: float
 
     @property
+    def trainer(self) -> float:
+        """The trainer's share: old (and reference) log-probs and the update."""
+        return self.old_log_probs + self.ref_log_probs + self.update
+
+    @property
     def step(self) -> float:
-        return self.generation + self.old_log_probs + self.ref_log_probs + self.update
+        return self.generation + self.trainer
+
+
+@dataclass(frozen=True)
+class OverlapEstimate:
+    """The steady-state step of the one-step-off mode (trainer.overlap=one_step), an estimate: the engines
+    generate batch k+1 with the weights before update k while the trainer computes the log-probs and update of
+    batch k; the weight sync follows when both are done."""
+
+    generation: float
+    trainer: float  # old (and reference) log-probs + update
+    sync: Optional[float]  # the weight sync's seconds; None when not estimated (counted in neither step)
+
+    @property
+    def sequential(self) -> float:
+        """Today's step: generation, then log-probs and update, then the sync."""
+        return self.generation + self.trainer + (self.sync or 0.0)
+
+    @property
+    def step(self) -> float:
+        return max(self.generation, self.trainer) + (self.sync or 0.0)
+
+    @property
+    def speedup(self) -> float:
+        return self.sequential / self.step if self.step > 0 else 1.0
+
+
+def one_step_off_estimate(mode: str, times: StepTimes, sync_s: Optional[float] = None) -> Optional[OverlapEstimate]:
+    """The one-step-off step of a disaggregated layout; None for a colocated one, whose engines and trainer
+    share the GPUs and cannot run at once."""
+    if mode != "disaggregated":
+        return None
+    return OverlapEstimate(generation=times.generation, trainer=times.trainer, sync=sync_s)
 
 
 @dataclass(frozen=True)
@@ -272,6 +311,11 @@ class Plan:
     @property
     def fits(self) -> bool:
         return not self.problems
+
+    @property
+    def overlap(self) -> Optional[OverlapEstimate]:
+        """The one-step-off estimate (disaggregated layouts only); the plan estimates no sync time."""
+        return one_step_off_estimate(self.layout.mode, self.times_s)
 
     def phase(self, name: str, gpus: Optional[str] = None) -> Phase:
         """The phase `name` (of the GPUs `gpus`: "all", "trainer" or "rollout", when both have one)."""

@@ -259,7 +259,11 @@ def _step_block(plan: Plan) -> list[str]:
         )
     for name, how, fl, t in rows_fmt:
         out.append(f"  {name:<15}{how:<48}{fl / 1e15:10.1f} PFLOP{t:9.1f} s")
-    out.append(f"  {'step':<15}{'without reward grading, weight sync, offload copies':<48}{'':16}{times.step:9.1f} s")
+    step_how = "without reward grading, weight sync, offload copies"
+    out.append(f"  {'step':<15}{step_how:<48}{'':16}{times.step:9.1f} s")
+    if plan.overlap:  # the estimate, aligned under the sequential step
+        how = "one step off: max(generation, log-probs + update)"
+        out.append(f"  {'overlapped':<15}{how:<{len(step_how)}}{'':16}{plan.overlap.step:9.1f} s")
     g = plan.generation
     if g:
         bound = "the longest response" if g.tail_bound else "decode tokens / concurrency"
@@ -271,9 +275,31 @@ def _step_block(plan: Plan) -> list[str]:
             f"TB/s = {g.step_ms:.1f} ms; {g.steps:.0f} steps ({bound}) = {g.decode_s:.1f} s, "
             f"prefill {g.prefill_s:.1f} s",
         )
+    out += _overlap_lines(plan)
     for note in plan.notes:
         out += _wrapped("note", note)
     return out + [""]
+
+
+def _overlap_lines(plan: Plan) -> list[str]:
+    """The one-step-off estimate beside the sequential step, or why a colocated layout has none."""
+    ov = plan.overlap
+    if ov is None:
+        return _wrapped(
+            "overlap",
+            "trainer.overlap=one_step (one step off-policy) needs cluster.layout=disaggregated: colocated engines and "
+            "trainer share the GPUs and cannot run at once, so the step above is sequential",
+        )
+    sync = f" + weight sync {ov.sync:.1f} s" if ov.sync is not None else ""
+    uncounted = "reward grading is" if ov.sync is not None else "the weight sync and reward grading are"
+    return _wrapped(
+        "overlap",
+        f"estimate for trainer.overlap=one_step (one step off-policy): the engines generate batch k+1 with the "
+        f"weights before update k while the trainer computes the log-probs and update of batch k, so a steady-state "
+        f"step is max(generation {ov.generation:.1f} s, log-probs + update {ov.trainer:.1f} s){sync} = "
+        f"{ov.step:.1f} s, {ov.speedup:.2f}x the speed of the sequential {ov.sequential:.1f} s; {uncounted} counted "
+        "in neither",
+    )
 
 
 def _verdict_block(plan: Plan) -> list[str]:

@@ -1,7 +1,7 @@
 """tools/plan.py's phases follow the run's order on the GPUs (build, startup, resume; each step sync, generate,
 log-probs, update), the weight-sync slots are 2 x max(bucket, largest tensor) and stay from the first sync on,
-the trainer's NCCL communicators are megatron-core's groups, and a colocated layout that does not fit without
-offload is refused with the plan's numbers."""
+the trainer's NCCL communicators are megatron-core's groups, a colocated layout that does not fit without
+offload is refused with the plan's numbers, and a disaggregated plan prints the one-step-off overlap estimate."""
 
 import pytest
 
@@ -10,9 +10,11 @@ from luffy_megatron.perf.memory_plan import (
     GIB,
     STATE_KEYS,
     Assumptions,
+    StepTimes,
     colocated_offload_problem,
     make_plan,
     on_gpu_state_keys,
+    one_step_off_estimate,
 )
 from luffy_megatron.perf.report import format_plan
 from luffy_megatron.perf.runtime_memory import (
@@ -23,6 +25,7 @@ from luffy_megatron.perf.runtime_memory import (
     trainer_communicators,
 )
 from tests.helpers import REPO
+from tools.plan import main as plan_main
 
 MAIN = str(REPO / "recipes/luffy_main.yaml")
 TRAINER = {"weights", "grads", "main_params", "moments"}
@@ -254,3 +257,80 @@ def test_plan_of_the_fake_gpu_clusters_tiny_model(layout, tmp_path):
         assert on_gpu_state_keys(ph) <= STATE_KEYS
     # the tiny model's largest tensor is far below the 16 MiB bucket
     assert plan.sync.slot == 16 * 2**20
+
+
+# ----- the one-step-off overlap estimate (trainer.overlap=one_step) --------------------------------------------
+
+
+def plan_cli(capsys, *args) -> tuple[int, str]:
+    code = plan_main([str(MAIN), *args])
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "nodes, rollout_nodes, extra",
+    [
+        (6, 2, []),  # generation-bound
+        (1, 7, []),  # trainer-bound: log-probs + update on 8 GPUs take longer than generation on 56
+        (4, 4, ["algo.use_kl_loss=true", "algo.kl_loss_coef=0.001"]),  # the reference's log-probs are the trainer's
+    ],
+)
+def test_disaggregated_plan_prints_the_one_step_off_step_beside_the_sequential_one(nodes, rollout_nodes, extra, capsys):
+    """The engines generate batch k+1 while the trainer computes log-probs and update k: the steady-state step is
+    max(generation, log-probs + update) (the plan estimates no sync time, so none is added), never more than the
+    sequential step, and printed under it with the speed-up."""
+    sets = ["cluster.layout=disaggregated", f"cluster.rollout_nnodes={rollout_nodes}"]
+    sets += ["actor.offload_during_rollout=false", *extra]
+    plan = make_plan(load_config(MAIN, [f"parallel.nnodes={nodes}", *sets]))
+    t, ov = plan.times_s, plan.overlap
+    trainer = t.old_log_probs + t.ref_log_probs + t.update
+    assert (t.ref_log_probs > 0) == bool(extra)
+    assert ov.step == pytest.approx(max(t.generation, trainer))
+    assert ov.sync is None and ov.sequential == pytest.approx(t.generation + trainer) == pytest.approx(t.step)
+    assert ov.step <= t.step and ov.speedup == pytest.approx(t.step / ov.step) and ov.speedup > 1
+    bound = "generation" if t.generation >= trainer else "trainer"
+    assert bound == {2: "generation", 7: "trainer", 4: "generation"}[rollout_nodes]
+
+    code, out = plan_cli(capsys, "--nodes", str(nodes), *(a for s in sets for a in ("--set", s)))
+    assert code == 0
+    lines = out.splitlines()
+    step = next(i for i, line in enumerate(lines) if line.startswith("  step "))
+    assert lines[step].endswith(f"{t.step:.1f} s")
+    overlapped = lines[step + 1]
+    assert overlapped.startswith("  overlapped     one step off: max(generation, log-probs + update)")
+    assert overlapped.endswith(f"{ov.step:.1f} s") and len(overlapped) == len(lines[step])
+    text = " ".join(out.split())
+    assert (
+        f"overlap estimate for trainer.overlap=one_step (one step off-policy): the engines generate batch k+1 with "
+        f"the weights before update k while the trainer computes the log-probs and update of batch k, so a "
+        f"steady-state step is max(generation {t.generation:.1f} s, log-probs + update {trainer:.1f} s) = "
+        f"{ov.step:.1f} s, {t.step / ov.step:.2f}x the speed of the sequential {t.step:.1f} s; the weight sync and "
+        "reward grading are counted in neither" in text
+    )
+    assert "needs cluster.layout=disaggregated" not in text
+
+
+def test_one_step_off_estimate_adds_the_sync_to_both_steps_and_is_none_when_colocated():
+    times = StepTimes(generation=50.0, old_log_probs=5.0, ref_log_probs=5.0, update=30.0)
+    assert one_step_off_estimate("colocated", times) is None
+    ov = one_step_off_estimate("disaggregated", times, sync_s=4.0)
+    assert (ov.step, ov.sequential) == (50.0 + 4.0, 90.0 + 4.0)
+    assert ov.speedup == pytest.approx(94.0 / 54.0)
+    slow_trainer = StepTimes(generation=20.0, old_log_probs=10.0, ref_log_probs=0.0, update=30.0)
+    assert one_step_off_estimate("disaggregated", slow_trainer).step == 40.0
+    assert one_step_off_estimate("disaggregated", StepTimes(0.0, 0.0, 0.0, 0.0)).speedup == 1.0
+
+
+def test_colocated_plan_says_the_overlap_needs_a_disaggregated_layout(capsys):
+    plan = make_plan(load_config(MAIN, ["parallel.nnodes=8"]))
+    assert plan.layout.mode == "colocated" and plan.overlap is None
+    code, out = plan_cli(capsys, "--nodes", "8")
+    assert code == 0
+    assert "  overlapped " not in out
+    overlap = [line for line in out.splitlines() if line.startswith("overlap ")]
+    assert len(overlap) == 1
+    assert (
+        "overlap trainer.overlap=one_step (one step off-policy) needs cluster.layout=disaggregated: colocated "
+        "engines and trainer share the GPUs and cannot run at once, so the step above is sequential"
+        in " ".join(out.split())
+    )
