@@ -287,14 +287,16 @@ def _overlap_lines(plan: Plan) -> list[str]:
     if ov is None:
         return _wrapped(
             "overlap",
-            "trainer.overlap=one_step (one step off-policy) needs cluster.layout=disaggregated: colocated engines and "
+            "a one-step-off-policy overlap (planned as trainer.overlap=one_step, not built yet) needs "
+            "cluster.layout=disaggregated: colocated engines and "
             "trainer share the GPUs and cannot run at once, so the step above is sequential",
         )
     sync = f" + weight sync {ov.sync:.1f} s" if ov.sync is not None else ""
     uncounted = "reward grading is" if ov.sync is not None else "the weight sync and reward grading are"
     return _wrapped(
         "overlap",
-        f"estimate for trainer.overlap=one_step (one step off-policy): the engines generate batch k+1 with the "
+        f"estimate for a one-step-off-policy mode (planned as trainer.overlap=one_step, not built yet): the "
+        f"engines generate batch k+1 with the "
         f"weights before update k while the trainer computes the log-probs and update of batch k, so a steady-state "
         f"step is max(generation {ov.generation:.1f} s, log-probs + update {ov.trainer:.1f} s){sync} = "
         f"{ov.step:.1f} s, {ov.speedup:.2f}x the speed of the sequential {ov.sequential:.1f} s; {uncounted} counted "

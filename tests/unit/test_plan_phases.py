@@ -301,7 +301,8 @@ def test_disaggregated_plan_prints_the_one_step_off_step_beside_the_sequential_o
     assert overlapped.endswith(f"{ov.step:.1f} s") and len(overlapped) == len(lines[step])
     text = " ".join(out.split())
     assert (
-        f"overlap estimate for trainer.overlap=one_step (one step off-policy): the engines generate batch k+1 with "
+        f"overlap estimate for a one-step-off-policy mode (planned as trainer.overlap=one_step, not built yet): "
+        f"the engines generate batch k+1 with "
         f"the weights before update k while the trainer computes the log-probs and update of batch k, so a "
         f"steady-state step is max(generation {t.generation:.1f} s, log-probs + update {trainer:.1f} s) = "
         f"{ov.step:.1f} s, {t.step / ov.step:.2f}x the speed of the sequential {t.step:.1f} s; the weight sync and "
@@ -330,7 +331,8 @@ def test_colocated_plan_says_the_overlap_needs_a_disaggregated_layout(capsys):
     overlap = [line for line in out.splitlines() if line.startswith("overlap ")]
     assert len(overlap) == 1
     assert (
-        "overlap trainer.overlap=one_step (one step off-policy) needs cluster.layout=disaggregated: colocated "
+        "overlap a one-step-off-policy overlap (planned as trainer.overlap=one_step, not built yet) needs "
+        "cluster.layout=disaggregated: colocated "
         "engines and trainer share the GPUs and cannot run at once, so the step above is sequential"
         in " ".join(out.split())
     )
