@@ -29,13 +29,13 @@ from typing import Any, Callable, Iterator
 
 import datasets
 import huggingface_hub
-import pyarrow.parquet as pq
 from huggingface_hub import errors as hub_errors
 from tqdm.auto import tqdm
 
 from luffy_megatron.data.errors import BadRowReport, DataError
 from luffy_megatron.data.readers import datasets_progress_bars_off, luffy_row_problem, read_luffy_parquet, shared_dir
 from luffy_megatron.data.tokenization import THINK_PREFIX, resolve_chat_template
+from luffy_megatron.data.writers import write_dataset_parquet
 from luffy_megatron.utils.fs import fsync_dir
 
 OPENR1_ID = "Elliott/Openr1-Math-46k-8192"
@@ -160,25 +160,6 @@ def refuse_bad_rows(report: BadRowReport, what: str) -> DataError:
     )
 
 
-def write_parquet_atomic(dataset: datasets.Dataset, path: Path) -> Path:
-    """``dataset`` (every column as it is) to ``path`` through ``.<name>.tmp-<pid>`` in the same folder,
-    fsync and a rename: an interrupted write leaves the previous file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with datasets_progress_bars_off():
-            dataset.to_parquet(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if pq.read_metadata(tmp).num_rows != len(dataset):
-            raise DataError(f"{tmp}: wrote {len(dataset)} rows but the file's footer says otherwise")
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def copy_valid(src: Path, out_dir: Path, say: Say) -> tuple[Path, int]:
     """Check ``src`` as the trainer reads validation files, then copy it (bytes unchanged) to
     ``<out_dir>/valid.parquet`` atomically. Returns (path, rows)."""
@@ -232,7 +213,7 @@ def prepare_openr1(
         report.log()
     if no_think:
         say(f"note: {no_think} demonstrations do not start with <think>\\n (upstream's all do)")
-    train_path = write_parquet_atomic(dataset, out_dir / "openr1.parquet")
+    train_path = write_dataset_parquet(dataset, out_dir / "openr1.parquet")
     say(f"wrote {train_path} ({len(dataset)} rows, columns: {', '.join(dataset.column_names)})")
     valid_path, valid_rows = copy_valid(valid_src, out_dir, say)
     return {

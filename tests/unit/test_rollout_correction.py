@@ -223,17 +223,21 @@ def test_metrics_are_over_the_corrected_tokens():
     assert rollout_correction_metrics(OLD, nothing, on, mode="token_tis", cap=CAP) == {}
 
 
-def test_the_driver_passes_the_engine_log_probs_and_logs_the_metrics():
-    from luffy_megatron.train.step_parts import rollout_correction
-
-    responses, prefix_mask, response_mask, record, behaviour = _rows()
-    batch = RolloutBatch(
+def _batch(responses, response_mask, prefix_mask) -> RolloutBatch:
+    return RolloutBatch(
         prompts=[[1]] * 4,
         responses=responses,
         response_mask=response_mask,
         prefix_mask=prefix_mask,
         group_ids=[0] * 4,
     )
+
+
+def test_the_driver_passes_the_engine_log_probs_and_logs_the_metrics():
+    from luffy_megatron.train.step_parts import rollout_correction
+
+    responses, prefix_mask, response_mask, record, behaviour = _rows()
+    batch = _batch(responses, response_mask, prefix_mask)
     off = load_config(None)
     assert rollout_correction(off, batch, record, OLD) == (None, {})
     cfg = load_config(None, ["algo.rollout_is=seq_tis", "algo.rollout_is_cap=2.0"])
@@ -246,13 +250,7 @@ def test_the_driver_passes_the_engine_log_probs_and_logs_the_metrics():
 
 def test_the_actor_refuses_an_update_without_behaviour_log_probs():
     responses, prefix_mask, response_mask, _, behaviour = _rows()
-    batch = RolloutBatch(
-        prompts=[[1]] * 4,
-        responses=responses,
-        response_mask=response_mask,
-        prefix_mask=prefix_mask,
-        group_ids=[0] * 4,
-    )
+    batch = _batch(responses, response_mask, prefix_mask)
     batch.check_behaviour_log_probs(None, mode="none")
     batch.check_behaviour_log_probs(behaviour, mode="token_tis")
     with pytest.raises(ValueError, match="algo.rollout_is=token_tis"):
