@@ -7,8 +7,9 @@ knows which item a worker is on and since when:
 
 - a worker past its deadline (`timeout_s` + `grace_s`) is SIGKILLed and replaced; its item scores 0.0
   and counts as timed out;
-- a worker that dies (segfault, os._exit, OOM kill) is replaced; its item scores 0.0 and counts as
-  crashed;
+- a worker that dies (segfault, os._exit, OOM kill, a kill from outside) is replaced and its item is graded
+  once more by a new worker (a kill from outside loses nothing); an item that kills a second worker scores
+  0.0 and counts as crashed;
 - every other item keeps its result, and the pool stays usable.
 
 Each worker is sent one (small) item ahead (`_ITEMS_AHEAD`), so it does not idle waiting for the parent
@@ -60,7 +61,8 @@ class GradingError(RuntimeError):
 class PoolStats:
     graded: int = 0  # items whose grader returned a score
     timed_out: int = 0  # items whose worker was killed at the deadline (scored 0.0)
-    crashed: int = 0  # items whose worker died while grading them (scored 0.0)
+    crashed: int = 0  # items whose worker died while grading them, twice (scored 0.0)
+    regraded: int = 0  # items sent again to a new worker after their first worker died
     worker_restarts: int = 0  # workers replaced after a timeout or a crash
 
 
@@ -191,6 +193,7 @@ class RewardPool:
         scores: list[float | None] = [None] * len(items)
         errors: dict[int, str] = {}
         pending = collections.deque(range(len(items)))
+        self._died_on: set[int] = set()  # items whose first worker died on them
         num_done, last_report = 0, 0.0
         try:
             while num_done < len(items):
@@ -305,13 +308,25 @@ class RewardPool:
         return num_done
 
     def _fail(self, worker: _Worker, scores: list, pending: collections.deque, reason: str) -> int:
-        """Score the item the worker was on 0.0, send the ones queued behind it again, replace the worker.
+        """Replace the worker and send the items queued behind it again; the item it was on is sent again too
+        after its first crash, else scored 0.0.
 
         Returns how many items finished (0 or 1)."""
         index = worker.items.popleft() if worker.items else None
         pending.extendleft(reversed(worker.items))
         worker.items.clear()
         worker.process.join(timeout=0.1 if reason == "crashed" else 0.0)  # so that exitcode is known
+        if index is not None and reason == "crashed" and index not in self._died_on:
+            self._died_on.add(index)
+            pending.appendleft(index)
+            self.stats.regraded += 1
+            logger.warning(
+                "a reward worker died on item %d (exit code %s); replaced, and the item is graded again",
+                index,
+                worker.process.exitcode,
+            )
+            self._replace(worker)
+            return 0
         if index is not None:
             scores[index] = 0.0
             setattr(self.stats, reason, getattr(self.stats, reason) + 1)

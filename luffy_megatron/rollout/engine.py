@@ -256,6 +256,7 @@ class VLLMEngine:
         from vllm import LLM  # lazy: as in __init__
 
         scratch.sweep_orphan_shm()  # the queues that engines killed earlier left on this node
+        self.rpc_dir = scratch.engine_socket_dir()  # vLLM's ZMQ sockets: removed at close, swept after a kill
         before = set(scratch.queues_held_by(scratch.process_tree(os.getpid())))
         llm = LLM(
             model=str(self.model_dir),
@@ -582,6 +583,8 @@ class VLLMEngine:
             del llm
             gc.collect()
             scratch.remove_unheld_queues(self.shm_queues)  # those a killed engine-core process left
+            if getattr(self, "rpc_dir", None):
+                scratch.remove(self.rpc_dir)
             handoff, self._handoff_shm = getattr(self, "_handoff_shm", None), None
             if handoff is not None:  # the actor may be killed next, and a kill runs no exit handler
                 handoff.close()

@@ -164,7 +164,7 @@ def train_step(
         sync_seconds = engines.sync(version=step)
     switches.update(deps.workers.generation_phase())  # then the KV cache, with no sync buckets beside it
     seconds = time.time() - t0
-    metrics = {**rollout_metrics, **integrity, **correction, **reward_metrics(scores, batch), **kl_metrics}
+    metrics = {**rollout_metrics, **integrity, **correction, **reward_metrics(scores, batch, deps.rewards), **kl_metrics}
     metrics.update(actor_metrics)
     metrics.update(switches, **{"perf/sync_s": sync_seconds, "perf/step_s": seconds})
     metrics["perf/tokens_per_s"] = sum(batch.sequence_lengths()) / seconds

@@ -157,7 +157,10 @@ def grade(rewards, tokenizer, batch: RolloutBatch, prompts: list, n: int, token_
     return scores
 
 
-def reward_metrics(scores: list[float], batch: RolloutBatch) -> dict[str, float]:
+def reward_metrics(scores: list[float], batch: RolloutBatch, pool=None) -> dict[str, float]:
+    """The rewards of the step's rows by side; with the reward pool, its fault counts since the run started
+    (`reward/timed_out`, `reward/crashed`: items scored 0 by a killed or dead grader; `reward/regraded`: items
+    graded again after their worker died; `reward/worker_restarts`)."""
     off = batch.prefix_mask.any(-1).tolist()
     on_scores = [s for s, o in zip(scores, off) if not o]
     off_scores = [s for s, o in zip(scores, off) if o]
@@ -166,6 +169,10 @@ def reward_metrics(scores: list[float], batch: RolloutBatch) -> dict[str, float]
         out["rollout/on_policy_reward"] = sum(on_scores) / len(on_scores)
     if off_scores:
         out["rollout/off_policy_reward"] = sum(off_scores) / len(off_scores)
+    stats = getattr(pool, "stats", None)
+    if stats is not None:
+        for name in ("timed_out", "crashed", "regraded", "worker_restarts"):
+            out[f"reward/{name}"] = getattr(stats, name)
     return out
 
 

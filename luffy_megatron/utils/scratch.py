@@ -12,10 +12,11 @@ any other shape, are never touched, and an entry that cannot be read, locked or 
 fails the caller). The creator removes its own with `remove`, and whatever it still holds at interpreter exit
 goes then.
 
-`sweep_orphan_shm(directory)` removes the one kind of file in /dev/shm the package does not make but its engines
-leave: vLLM's shared-memory queues (Python `multiprocessing.shared_memory`, named `psm_<8 hex digits>`), which
-only their creator unlinks, so they stay when an engine's processes are killed. Those carry no lock, so an
-orphan is told by this rule: a `psm_` regular file of this user, older than `ORPHAN_GRACE_S`, that no process
+`sweep_orphan_shm(directory)` removes the files in /dev/shm the package does not make but its engines leave (named
+in `SHM_QUEUE`): vLLM's shared-memory queues (Python `multiprocessing.shared_memory`, `psm_<8 hex digits>`),
+vLLM-CPU's tensor-parallel communicator files and multiprocessing's named semaphores, which only their creator
+unlinks, so they stay when an engine's processes are killed. Those carry no lock, so an orphan is told by this
+rule: such a regular file of this user, older than `ORPHAN_GRACE_S`, that no process
 of this user maps or holds open (`held_paths` reads every readable /proc/<pid>/maps and /proc/<pid>/fd; a
 process of another user cannot open a 0600 file of ours unless it is root; processes of ours are readable
 unless made non-dumpable, which vLLM's are not). A queue is held from its creation
@@ -47,10 +48,14 @@ SHM_DIR = "/dev/shm"
 KINDS = {  # every kind of scratch entry the package makes (the sweeper removes no other name)
     "bucket": "a weight bucket in /dev/shm (sync.shm_buffer.ShmBuffer), while its sender or engine lives",
     "pg": "the temp-dir FileStore directory of a private world of one (models.parallel), until its shutdown",
+    "rpc": "the temp-dir directory of a vLLM engine's ZMQ sockets (VLLM_RPC_BASE_PATH), while its engine lives",
 }
 _NAME = re.compile(rf"^{re.escape(PREFIX)}(?:{'|'.join(KINDS)})-\d+-(?:[A-Za-z0-9_.-]+-)?[0-9a-f]{{12}}$")
 _CREATE_TRIES = 5
-SHM_QUEUE = re.compile(r"^psm_[0-9a-f]+$")  # multiprocessing.shared_memory's names (vLLM's shm_broadcast queues)
+# What vLLM's processes leave in /dev/shm when they are killed: multiprocessing.shared_memory's `psm_<hex>` (vLLM's
+# shm_broadcast queues), vLLM-CPU's tensor-parallel communicator `vllm_dist_<hex>-<group>-cpushm_<rank>`
+# (cpu_communicator.py names it, its C++ side maps it) and multiprocessing's named semaphores `sem.mp-<name>`.
+SHM_QUEUE = re.compile(r"^(?:psm_[0-9a-f]+|vllm_dist_[0-9a-f]+-[\w:.\[\]-]*-cpushm_\d+|sem\.mp-\w+)$")
 ORPHAN_GRACE_S = 10.0  # a shared-memory queue file younger than this is never an orphan
 
 log = logging.getLogger(__name__)
@@ -185,13 +190,34 @@ def _remove_entry(path: str, st: os.stat_result) -> None:
         pass
 
 
+RPC_PATH_MAX = 70  # a socket path is <dir>/<36-char uuid>, and Linux allows 107 bytes
+
+
+def engine_socket_dir() -> Optional[str]:
+    """A directory of this process for the ZMQ sockets of the vLLM engine it starts (`VLLM_RPC_BASE_PATH`, by
+    default the temp directory itself, where a killed engine's sockets stay for good): made by
+    `make_dir` (kind "rpc"), so its engine removes it at close and a killed engine's is swept by the next one
+    started on the node. None (vLLM's default kept) where the path would be too long for a socket name."""
+    sweep(temp_dir())  # the socket directories of engines that were killed
+    if "VLLM_RPC_BASE_PATH" in os.environ and not os.environ["VLLM_RPC_BASE_PATH"].startswith(
+        os.path.join(temp_dir(), PREFIX + "rpc-")
+    ):
+        return None  # the user's own choice
+    path = make_dir(temp_dir(), "rpc")
+    if len(path) > RPC_PATH_MAX:
+        remove(path)
+        return None
+    os.environ["VLLM_RPC_BASE_PATH"] = path  # read by vLLM (envs.py) when it makes each socket path
+    return path
+
+
 # ----------------------------------------------------------------------- vLLM's shared-memory queues of dead engines
 
 
 def orphan_candidates(
     directory: str, *, grace_s: float, now: Optional[float] = None
 ) -> list[tuple[str, os.stat_result]]:
-    """The `psm_` regular files of this user in `directory` (not links) last written more than `grace_s` ago
+    """The `SHM_QUEUE` regular files of this user in `directory` (not links) last written more than `grace_s` ago
     (a queue in use is written at every message), with their lstat: what `sweep_orphan_shm` removes unless a
     process holds it."""
     try:
@@ -263,7 +289,7 @@ def process_tree(root: int, proc: str = "/proc") -> set[int]:
 
 
 def queues_held_by(pids: set[int], directory: str = SHM_DIR, proc: str = "/proc") -> list[str]:
-    """The shared-memory queue files (`psm_*`) in `directory` that processes `pids` map or hold open."""
+    """The shared-memory queue files (`SHM_QUEUE`) in `directory` that processes `pids` map or hold open."""
     held = held_paths(proc, pids) or set()
     real = os.path.realpath(directory)
     return sorted(
@@ -284,7 +310,7 @@ def sweep_orphan_shm(
 
 
 def remove_unheld_queues(paths: list[str], *, held: Optional[set[str]] = None) -> list[tuple[str, int]]:
-    """Removes those of `paths` that are shared-memory queue files (`psm_*`, regular, of this user) which no
+    """Removes those of `paths` that are shared-memory queue files (`SHM_QUEUE`, regular, of this user) which no
     process maps or holds open (`held`, default `held_paths()`), e.g. the queues of an engine whose processes
     were killed; returns (path, bytes in use) of each and logs them. No error escapes."""
     if not paths:

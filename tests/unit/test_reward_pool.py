@@ -19,6 +19,18 @@ def crash_on_marker(response, ground_truth):
     return score_math(response, ground_truth)
 
 
+def killed_once_on_marker(response, ground_truth):
+    """SIGKILLs its own worker the first time it sees "KILLONCE <marker file>" (as a kill from outside would),
+    grades normally once the marker exists."""
+    if response.startswith("KILLONCE"):
+        marker = response.split()[1]
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        response = response.split(None, 2)[2]
+    return score_math(response, ground_truth)
+
+
 def hang_on_marker(response, ground_truth):
     if response.startswith("HANG"):
         time.sleep(30)  # far past every deadline used here; a broken deadline shows as a slow test
@@ -99,15 +111,27 @@ def test_a_large_item_is_not_queued_behind_a_stuck_one(pool):
     assert time.monotonic() - start < 2.0 + 0.5 + 3.0
 
 
-def test_a_crashed_worker_is_replaced_and_only_its_item_is_lost(pool):
+def test_an_item_that_crashes_two_workers_is_the_only_one_lost(pool):
     items = [(f"\\boxed{{{i}}}", str(i if i % 4 else i + 1)) for i in range(12)]
     expected = [1.0 if i % 4 else 0.0 for i in range(12)]
     items[5] = ("CRASH", "5")
     expected[5] = 0.0
-    before = pool.stats.crashed, pool.stats.worker_restarts
+    before = pool.stats.crashed, pool.stats.worker_restarts, pool.stats.regraded
     assert pool.grade(items, grader=crash_on_marker) == expected  # a function is passed by its import name
-    assert (pool.stats.crashed - before[0], pool.stats.worker_restarts - before[1]) == (1, 1)
+    assert (pool.stats.crashed - before[0], pool.stats.worker_restarts - before[1]) == (1, 2)
+    assert pool.stats.regraded - before[2] == 1  # one more try, on a new worker
     assert pool.grade(items[:4], grader="math") == expected[:4]
+
+
+def test_a_worker_killed_on_an_item_is_replaced_and_the_item_graded_again(pool, tmp_path):
+    items = [(f"\\boxed{{{i}}}", str(i if i % 4 else i + 1)) for i in range(8)]
+    expected = [1.0 if i % 4 else 0.0 for i in range(8)]
+    items[3] = (f"KILLONCE {tmp_path / 'killed'} \\boxed{{3}}", "3")
+    before = pool.stats.crashed, pool.stats.worker_restarts, pool.stats.regraded
+    assert pool.grade(items, grader=killed_once_on_marker) == expected  # nothing lost
+    assert (tmp_path / "killed").exists()
+    assert (pool.stats.crashed - before[0], pool.stats.worker_restarts - before[1]) == (0, 1)
+    assert pool.stats.regraded - before[2] == 1
 
 
 def test_a_worker_killed_while_idle_is_replaced(pool):

@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,44 @@ def test_logs_are_made_0640_and_an_older_world_readable_log_loses_its_world_bits
     assert stat.S_IMODE((tmp_path / "model_load_error.log").stat().st_mode) == 0o640
     assert (tmp_path / "model_load_error.log").read_text() == "traceback"
     assert stat.S_IMODE(older.stat().st_mode) == 0o640 and older.read_text() == "before\n"
+
+
+def test_an_engines_socket_directory_goes_at_close_and_a_killed_engines_is_swept():
+    """vLLM makes its ZMQ sockets in VLLM_RPC_BASE_PATH (default: the temp dir itself, where a killed engine's
+    stay for good); each engine gets a scratch directory of its own there instead."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # pytest's tmp_path is too long for a socket path
+        check_engine_socket_dirs(Path(short))
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="x" * 60) as long:  # vLLM's default kept
+        code = "from luffy_megatron.utils import scratch; print(scratch.engine_socket_dir())"
+        run = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": long},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.stdout.strip() == "None" and ours(Path(long)) == []
+
+
+def check_engine_socket_dirs(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
+    env.pop("VLLM_RPC_BASE_PATH", None)
+    code = (
+        "import os, signal, sys; from luffy_megatron.utils import scratch; d = scratch.engine_socket_dir(); "
+        "print(d, os.environ['VLLM_RPC_BASE_PATH'], flush=True); "
+        "os.kill(os.getpid(), signal.SIGKILL) if sys.argv[1] == 'kill' else scratch.remove(d)"
+    )
+
+    def engine(how: str, **extra) -> list[str]:
+        run = subprocess.run(
+            [sys.executable, "-c", code, how], env={**env, **extra}, capture_output=True, text=True, timeout=120
+        )
+        return run.stdout.split()
+
+    made, told = engine("kill")
+    assert made == told and Path(made).parent == tmp_path and Path(made).name.startswith(f"{scratch.PREFIX}rpc-")
+    assert ours(tmp_path) == [Path(made).name]  # a kill runs no close
+    made2, _ = engine("close")  # the next engine sweeps the killed one's, and removes its own at close
+    assert made2 != made and ours(tmp_path) == []
+    mine = str(tmp_path / "my-sockets")
+    assert engine("close", VLLM_RPC_BASE_PATH=mine) == ["None", mine]  # a path the user set is kept
