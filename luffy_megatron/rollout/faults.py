@@ -128,7 +128,7 @@ class EngineSupervisor:
     def restart_engine(self, engine: int, failure: EngineFailure) -> None:
         """Starts engine `engine` again in its placement bundle, streams the actor's weights into it and labels
         them with the actor's current version, so its rows can be generated again."""
-        log.warning("%s; rollout.on_engine_failure=restart: restarting it", first_lines(str(failure), 1))
+        log.warning("%s\nrollout.on_engine_failure=restart: restarting it", failure)  # with the log's last lines
         t0 = time.monotonic()
         try:
             self.fleet.restart_engine(engine)

@@ -113,9 +113,10 @@ class RunProgress:
                 save_checkpoint, self.checkpoints, self.step, state, self.cfg.trainer.max_checkpoints_to_keep
             )
         except ray.exceptions.RayTaskError as err:
-            if not isinstance(remote_cause(err), OSError):
+            cause = remote_cause(err)
+            if not isinstance(cause, OSError) and not out_of_space(self.checkpoints):
                 raise
-            raise checkpoint_error(self.checkpoints, self.step, remote_cause(err)) from None
+            raise checkpoint_error(self.checkpoints, self.step, cause) from None
         self.saved_step = self.step
         return self.step
 
@@ -180,17 +181,38 @@ class CheckpointError(RunError):
     """A checkpoint could not be written (disk full, permissions): `luffy-train` reports it in one line."""
 
 
-def checkpoint_error(root: Path, step: int, cause: OSError) -> CheckpointError:
+def out_of_space(root: Path) -> bool:
+    """After a failed save: is there less free space under `root` than the newest complete checkpoint takes (what
+    the next one needs)? A disk that fills during megatron-core's checkpoint write does not always surface as
+    an OSError: its writer processes report "Worker failure: ... unexpected pos" (torch's zip writer after a
+    short write) inside a CheckpointException. The torn write is already removed, so its space is free again."""
+    latest = find_latest(root)
+    if latest is None:
+        return False
+    try:
+        needed = sum(p.stat().st_size for p in latest.rglob("*") if p.is_file())
+        return shutil.disk_usage(root).free < needed
+    except OSError:
+        return False
+
+
+def checkpoint_error(root: Path, step: int, cause: BaseException) -> CheckpointError:
     """The failed save of `step` under `root`, with the free space there and what the run can resume from (a
-    checkpoint takes its name only once complete, so the newest complete one is untouched)."""
+    checkpoint takes its name only once complete, so the newest complete one is untouched). `cause`: the
+    OSError, or what the writer raised when `out_of_space` says the disk is full."""
     try:
         free = f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free there"
     except OSError:
         free = "free space unknown"
     latest = find_latest(root)
     resume_from = f"the newest complete checkpoint is {latest}" if latest else "there is no complete checkpoint yet"
-    what = cause.strerror or str(cause)
-    where = f" ({cause.filename})" if cause.filename else ""
+    if isinstance(cause, OSError):
+        what, filename = cause.strerror or str(cause), cause.filename
+    else:
+        first = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+        what, filename = f"{type(cause).__name__}: {first}", None
+        free += ", less than the newest checkpoint takes: the disk is full"
+    where = f" ({filename})" if filename else ""
     return CheckpointError(
         f"writing the checkpoint of step {step} under {root} failed: {what}{where}; {free}. The run stops; "
         f"{resume_from}: free space (or fix the permissions) and run the same command again to resume from it"

@@ -14,8 +14,7 @@ goes then.
 
 `sweep_orphan_shm(directory)` removes the files in /dev/shm the package does not make but its engines leave (named
 in `SHM_QUEUE`): vLLM's shared-memory queues (Python `multiprocessing.shared_memory`, `psm_<8 hex digits>`),
-vLLM-CPU's tensor-parallel communicator files and multiprocessing's named semaphores, which only their creator
-unlinks, so they stay when an engine's processes are killed. Those carry no lock, so an orphan is told by this
+and vLLM-CPU's tensor-parallel communicator files, which only their creator unlinks, so they stay when an engine's processes are killed. Those carry no lock, so an orphan is told by this
 rule: such a regular file of this user, older than `ORPHAN_GRACE_S`, that no process
 of this user maps or holds open (`held_paths` reads every readable /proc/<pid>/maps and /proc/<pid>/fd; a
 process of another user cannot open a 0600 file of ours unless it is root; processes of ours are readable
@@ -53,9 +52,10 @@ KINDS = {  # every kind of scratch entry the package makes (the sweeper removes 
 _NAME = re.compile(rf"^{re.escape(PREFIX)}(?:{'|'.join(KINDS)})-\d+-(?:[A-Za-z0-9_.-]+-)?[0-9a-f]{{12}}$")
 _CREATE_TRIES = 5
 # What vLLM's processes leave in /dev/shm when they are killed: multiprocessing.shared_memory's `psm_<hex>` (vLLM's
-# shm_broadcast queues), vLLM-CPU's tensor-parallel communicator `vllm_dist_<hex>-<group>-cpushm_<rank>`
-# (cpu_communicator.py names it, its C++ side maps it) and multiprocessing's named semaphores `sem.mp-<name>`.
-SHM_QUEUE = re.compile(r"^(?:psm_[0-9a-f]+|vllm_dist_[0-9a-f]+-[\w:.\[\]-]*-cpushm_\d+|sem\.mp-\w+)$")
+# shm_broadcast queues) and vLLM-CPU's tensor-parallel communicator `vllm_dist_<hex>-<group>-cpushm_<rank>`
+# (cpu_communicator.py names it, its C++ side maps it). Not multiprocessing's named semaphores (`sem.mp-*`, 32
+# bytes): Python's resource tracker unlinks those when their program ends, and would warn about one gone.
+SHM_QUEUE = re.compile(r"^(?:psm_[0-9a-f]+|vllm_dist_[0-9a-f]+-[\w:.\[\]-]*-cpushm_\d+)$")
 ORPHAN_GRACE_S = 10.0  # a shared-memory queue file younger than this is never an orphan
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ lives on (a trainer rank). `CollectiveTransport.transfer` closes its group on a 
 `shutdown()` does not always close the connections: measured, the surviving worker was freed in most runs and
 waited until the sender's process ended in others (1 of 6, and once in a clean-clone CI run). (A member that is
 alive but stops receiving is the hang case: the supervisor's health check handles it,
-tests/e2e/test_rollout_integrity.py. NCCL's behaviour needs a GPU.)"""
+tests/e2e/test_fault_matrix.py. NCCL's behaviour needs a GPU.)"""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct for Elliott/Qwen2.5-Math-7B-16k-think), two training steps as `make demo` runs them
 (real vLLM, Megatron on gloo, Ray, the reward pool, TensorBoard, checkpoints, the results plot), then
 `luffy-eval` under upstream's grading on the best-validation export. Resuming a finished run is tested by
-tests/e2e/test_train_signal.py (the rerun) and tests/e2e/test_slurm.py (the requeue)."""
+tests/e2e/test_fault_matrix.py (the rerun) and tests/e2e/test_slurm.py (the requeue)."""
 
 import json
 import os

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,6 +94,30 @@ def test_a_failed_save_is_one_error_naming_the_path_the_free_space_and_the_check
     assert "\n" not in text and progress.saved_step == 2
     with pytest.raises(ray.exceptions.RayTaskError):  # anything else is not a disk problem: raised as it is
         resume(tmp_path, Ranks(fail_save=ValueError("a bug"))).save()
+
+
+def test_a_writer_error_on_a_full_disk_is_a_checkpoint_error_too(tmp_path, monkeypatch):
+    """megatron-core's checkpoint writer reports a disk that filled mid-write as a CheckpointException ("Worker
+    failure: ... unexpected pos"), not an OSError: with less space free than the newest checkpoint takes, that
+    is the one-line error too; with room to spare it is raised as it is."""
+    import luffy_megatron.train.progress as progress_module
+
+    root = tmp_path / "checkpoints"
+    (write_checkpoint(root, 2, {"data_position": 8}) / "shard").write_bytes(b"x" * 4096)
+    worker = RuntimeError("Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(progress_module.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    progress = resume(tmp_path, Ranks(fail_save=worker))
+    progress.trained(4)
+    with pytest.raises(CheckpointError) as failed:
+        progress.save()
+    text = str(failed.value)
+    assert text.startswith(f"writing the checkpoint of step 4 under {root} failed: RuntimeError: Worker failure:")
+    assert "less than the newest checkpoint takes: the disk is full" in text and "\n" not in text
+    assert f"the newest complete checkpoint is {root / 'step_000002'}" in text
+    monkeypatch.setattr(progress_module.shutil, "disk_usage", lambda path: usage._replace(free=10**12))
+    with pytest.raises(ray.exceptions.RayTaskError):
+        progress.save()
 
 
 def test_luffy_train_prints_a_failed_save_as_one_line(monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """The stop-signal flag of luffy-train (utils/preemption.py): SIGUSR1/SIGTERM are recorded, not acted on,
 further signals are ignored, and the previous handlers come back. The trainer's use of it (checkpoint, exit
-code, resume) is tested on a real run in tests/e2e/test_train_signal.py and under Slurm in test_slurm.py."""
+code, resume) is tested on a real run in tests/e2e/test_fault_matrix.py and under Slurm in test_slurm.py."""
 
 import os
 import signal

@@ -1,7 +1,7 @@
 """Rollout integrity and fault reporting without Ray or vLLM: where the engines' log-probs go in the batch,
 the drift, the staleness guard, rollout.max_logprob_diff, the settings' validation, and how luffy-train reports
 data, model-loading and run errors (one `luffy-train: error:` line). The same paths on real engines and a
-real rank: tests/e2e/test_rollout_integrity.py."""
+real rank: tests/e2e/test_fault_matrix.py."""
 
 from __future__ import annotations
 

