@@ -735,38 +735,6 @@ def test_restart_mode_restarts_a_killed_engine_and_completes_the_step(cluster, c
     resumes(cluster, "restart", 1, 2, caplog, "rollout.on_engine_failure=restart")
 
 
-def test_fail_mode_names_the_dead_engine_after_a_checkpoint(cluster, monkeypatch, capsys):
-    from luffy_megatron.rollout.faults import EngineFailure
-    from luffy_megatron.train import loop
-
-    root, workers = cluster
-    info = workers.fleet.infos[KILLED]
-    with time_limit(TEST_TIME_LIMIT_S), pytest.raises(EngineFailure) as failed:
-        cfg = job_config(root, "fail", 2, "trainer.save_freq=-1")
-        killer = CoreKiller(workers.fleet, KILLED, occurrence=2)  # during the generation of step 2
-        loop.train(cfg, workers=workers)
-    reported = time.monotonic()
-    err = failed.value
-    text = str(err)
-    assert killer.killed_at is not None and reported - killer.killed_at < 30  # seen at once, not at the timeout
-    assert err.engine == KILLED and err.phase.startswith("generation")
-    assert f"engine {KILLED} of 2 (node {info['node_ip']}" in text and "EngineDeadError" in text
-    assert f"engine_{KILLED}.log" in text and "generate_rollouts: " in text  # the tail of the engine's log
-    assert "wrote a checkpoint of the actor after step 1" in text
-    assert checkpoint_steps(root / "fail") == [1] and metrics_steps(root / "fail") == [1]
-    state = json.loads((root / "fail" / "checkpoints" / "step_000001" / "trainer_state.json").read_text())
-    assert state["data_position"] == 2  # resuming redraws the prompts of the failed step 2
-
-    def failing_train(cfg):
-        raise err
-
-    monkeypatch.setattr(loop, "train", failing_train)
-    capsys.readouterr()  # what the run printed so far
-    assert loop.main(["--config", str(REPO / "recipes" / "slurm_cpu_test.yaml")]) == 1
-    stderr = capsys.readouterr().err
-    assert stderr.startswith(f"luffy-train: error: engine {KILLED} of 2") and "Traceback" not in stderr
-
-
 # ------------------------------------------------------------------------------ the fault matrix, in process
 
 
@@ -942,9 +910,8 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_last_checkpoint_still_lo
 
 
 def test_a_killed_megatron_rank_stops_the_run_naming_it_and_new_ranks_resume(cluster, monkeypatch, caplog):
-    """Last in the module: it kills the module's rank. SIGKILL of the Megatron rank as the update of step 2
-    starts: the run stops at once naming the rank and the checkpoint to resume from; new ranks (as a rerun of
-    the command would start) resume from it."""
+    """SIGKILL of the module's Megatron rank as the update of step 2 starts: the run stops at once naming the
+    rank and the checkpoint to resume from; new ranks (as a rerun of the command would start) resume from it."""
     from transformers import AutoTokenizer
 
     from luffy_megatron.cluster.actor_group import ActorGroup
@@ -978,3 +945,36 @@ def test_a_killed_megatron_rank_stops_the_run_naming_it_and_new_ranks_resume(clu
     workers.after_build()
     workers.actor_run, workers.fleet.synced_version = None, None  # a new actor: sync it to the engines first
     resumes(cluster, "rank_kill", 1, 3, caplog)
+
+
+def test_fail_mode_names_the_dead_engine_after_a_checkpoint(cluster, monkeypatch, capsys):
+    """Last in the module: it leaves engine KILLED dead."""
+    from luffy_megatron.rollout.faults import EngineFailure
+    from luffy_megatron.train import loop
+
+    root, workers = cluster
+    info = workers.fleet.infos[KILLED]
+    with time_limit(TEST_TIME_LIMIT_S), pytest.raises(EngineFailure) as failed:
+        cfg = job_config(root, "fail", 2, "trainer.save_freq=-1")
+        killer = CoreKiller(workers.fleet, KILLED, occurrence=2)  # during the generation of step 2
+        loop.train(cfg, workers=workers)
+    reported = time.monotonic()
+    err = failed.value
+    text = str(err)
+    assert killer.killed_at is not None and reported - killer.killed_at < 30  # seen at once, not at the timeout
+    assert err.engine == KILLED and err.phase.startswith("generation")
+    assert f"engine {KILLED} of 2 (node {info['node_ip']}" in text and "EngineDeadError" in text
+    assert f"engine_{KILLED}.log" in text and "generate_rollouts: " in text  # the tail of the engine's log
+    assert "wrote a checkpoint of the actor after step 1" in text
+    assert checkpoint_steps(root / "fail") == [1] and metrics_steps(root / "fail") == [1]
+    state = json.loads((root / "fail" / "checkpoints" / "step_000001" / "trainer_state.json").read_text())
+    assert state["data_position"] == 2  # resuming redraws the prompts of the failed step 2
+
+    def failing_train(cfg):
+        raise err
+
+    monkeypatch.setattr(loop, "train", failing_train)
+    capsys.readouterr()  # what the run printed so far
+    assert loop.main(["--config", str(REPO / "recipes" / "slurm_cpu_test.yaml")]) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"luffy-train: error: engine {KILLED} of 2") and "Traceback" not in stderr
