@@ -13,20 +13,20 @@ the packing of the linear layers reads the file in place: 1; embeddings and norm
 parameters).
 
 GPU (CUDA IPC, as verl and NeMo-RL do it). A CUDA IPC handle opens only on the GPU the memory lives on, so here
-every rank serves the engine worker on its own GPU (the colocated layout puts one on each): every rank builds
-every bucket (each stage broadcasts its own buckets over the pipeline group: NVLink within a node), in one of two
-device buffers (slots), in the full HF layout. When every engine worker runs the trainer's TP size and has the TP
-rank of the trainer rank on its GPU (`ipc_serving_plan`), the tensors vLLM splits as megatron does (q/k/v,
-gate/up and their biases, o_proj, down_proj) are not gathered: each rank writes its own shard of them into place
-and leaves the rest of their bytes as they were, since vLLM's loader narrows every tensor to its TP rank's part
-(`convert.export.engine_tp_slice`); the vocabulary and the replicated tensors are whole (the TP group exchanges
-the vocabulary shards). Otherwise every tensor is whole, and why is logged once. The slots are made once per process and GPU, at
-the plan's largest bucket (`convert.export.sync_slot_bytes`: the embedding's size when it is larger than the
+every rank serves the engine worker on its own GPU (the colocated layout puts one on each): every rank builds every
+bucket (each stage broadcasts its own buckets over the pipeline group: NVLink within a node), in one of two device
+buffers (slots), in the full HF layout. When every engine worker runs the trainer's TP size and has the TP rank of
+the trainer rank on its GPU (`ipc_serving_plan`), the tensors vLLM splits as megatron does (q/k/v, gate/up and their
+biases, o_proj, down_proj) are not gathered: each rank writes its own shard of them into place and leaves the rest
+of their bytes as they were, since vLLM's loader narrows every tensor to its TP rank's part
+(`convert.export.engine_tp_slice`); the vocabulary and the replicated tensors are whole (the TP group exchanges the
+vocabulary shards). Otherwise every tensor is whole, and why is logged once. The slots are made once per process and
+GPU, at the plan's largest bucket (`convert.export.sync_slot_bytes`: the embedding's size when it is larger than the
 bucket size), and their IPC handles (`torch.multiprocessing.reductions.reduce_tensor`) are exported once; later
-syncs, and engines restarted since, reuse both (`ipc_slots`). Per bucket the first rank of each engine's GPUs
-sends the handles of all of them (keyed by GPU UUID, as vLLM's `packed_ipc_consumer` expects) with the entry
-list; each worker opens the one of its own GPU once per sync (`SlotImporter`) and loads from it in place, and
-releases its mappings when the sync ends (`close_ipc_imports`, from `luffy_finish_weight_update`).
+syncs, and engines restarted since, reuse both (`ipc_slots`). Per bucket the first rank of each engine's GPUs sends
+the handles of all of them (keyed by GPU UUID, as vLLM's `packed_ipc_consumer` expects) with the entry list; each
+worker opens the one of its own GPU once per sync (`SlotImporter`) and loads from it in place, and releases its
+mappings when the sync ends (`close_ipc_imports`, from `luffy_finish_weight_update`).
 """
 
 from __future__ import annotations
