@@ -22,14 +22,23 @@ class RecordingWorker(LuffyWorkerExtension):
     """One engine worker: records, per bucket, (slot, handle string, {tensor name: sum}), and what it still
     mapped after each finished session."""
 
-    def __init__(self, device, uuid: str = GPU_UUID):
+    def __init__(self, device, uuid: str = GPU_UUID, tp_rank=None, tp_size=None):
         self.device, self.uuid, self.rank = device, uuid, 0
+        self.tp_rank, self.tp_size = tp_rank, tp_size  # what vLLM's worker would report (None: not reported)
         self.loads: list = []
         self.held_after_finish: list = []
         self.finish_fails = False
 
     def luffy_worker_info(self) -> dict:
-        return {"rank": 0, "pid": 0, "hostname": "", "device": str(self.device), "gpu_uuid": self.uuid}
+        return {
+            "rank": 0,
+            "pid": 0,
+            "hostname": "",
+            "device": str(self.device),
+            "gpu_uuid": self.uuid,
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
+        }
 
     def _luffy_load_flat(self, flat, entries) -> int:
         self.loads[-1][-1].update({name: float(t.double().sum()) for name, t in views_of(flat, entries)})
@@ -103,13 +112,15 @@ def bucket_plan(sizes: list) -> list:
 def fill_buckets(buckets, value_of):
     """`export_flat_buckets` stand-in: writes `value_of(k)` into every element of bucket k, in its buffer."""
 
-    def export(plan, arch, buffer_for, *, everywhere, stats=None, shared=False):
+    def export(plan, arch, buffer_for, *, everywhere, stats=None, shared=False, own_shards=False):
+        export.own_shards.append(own_shards)
         for k, bucket in enumerate(plan):
             buf = buffer_for(bucket)
             for e in bucket.entries:
                 e.view(buf).fill_(value_of(k))
             yield bucket, buf
 
+    export.own_shards = []  # the `own_shards` of every call
     return export
 
 
@@ -123,6 +134,8 @@ def ctx_of(device, engine_get=None):
         stats=None,
         device=device,
         rank=0,
+        tp_rank=0,
+        tp_size=1,
         is_driver=True,
         engine_get=engine_get or (lambda refs, what: refs),
     )

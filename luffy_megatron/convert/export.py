@@ -22,7 +22,11 @@ Two consumers:
   bucket). Buffers are reused once the consumer dropped every tensor of an earlier bucket.
 * the weight sync (`sync/`): `plan_flat_buckets(all_stages=False)` gives each pipeline stage the buckets of
   its own layers, and `export_flat_buckets(..., everywhere=False)` fills them on the stage's TP rank 0 only
-  (into buffers the transport provides, e.g. shared memory), so every stage sends its own layers.
+  (into buffers the transport provides, e.g. shared memory), so every stage sends its own layers. The CUDA IPC
+  sync, whose engine worker of TP rank r reads the buffer of the trainer rank on its GPU, fills every stage's
+  buckets on every rank with `everywhere=True, own_shards=True` when every engine worker has the TP rank of the
+  trainer rank on its GPU: the tensors vLLM splits as megatron does hold only that rank's shard, in place
+  (`engine_owns_shards`).
 
 Tied embeddings: `lm_head.weight` is never produced when `tie_word_embeddings` is true (HF and vLLM tie it
 to `model.embed_tokens.weight` themselves; vLLM's loaders skip `lm_head.*` for tied models).
@@ -30,6 +34,7 @@ to `model.embed_tokens.weight` themselves; vLLM's loaders skip `lm_head.*` for t
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -59,6 +64,9 @@ class ExportStats:
     exported_bytes: int = 0
     num_tensors: int = 0
     num_buckets: int = 0
+    tp_recv_bytes: int = 0  # bytes this rank received from its TP peers while filling buckets
+    tp_send_bytes: int = 0  # bytes this rank sent to its TP peers
+    pp_broadcast_bytes: int = 0  # bucket bytes this rank sent or received in the pipeline broadcast
 
     def hold(self, nbytes: int) -> None:
         self.live_bytes += nbytes
@@ -263,6 +271,7 @@ class _Piece:
     src: int  # TP rank holding it, or SELF
     get: Callable[[torch.Tensor], torch.Tensor]  # the piece, from the source rank's local shard
     dst: Callable[[dict], torch.Tensor]  # its place in a receiver's bucket (views by HF name)
+    hf: str = ""  # the HF tensor it is part of
 
 
 def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Piece]:
@@ -270,7 +279,7 @@ def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Pie
     rule = item.rule
     names = [n for n, _ in item.shapes]
     if rule.tp_dim is None:
-        return [_Piece(SELF, lambda t: t, lambda s, n=names[0]: s[n])]
+        return [_Piece(SELF, lambda t: t, lambda s, n=names[0]: s[n], names[0])]
     if rule.kind == "qkv":
         groups, d = arch.num_query_groups, arch.head_dim
         qpg = arch.num_attention_heads // groups
@@ -283,14 +292,19 @@ def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Pie
                     r,
                     lambda t: t.view(gr, qpg + 2, d, *rest)[:, :qpg],
                     lambda s, r=r: s[q].view(tp, gr, qpg, d, *rest)[r],
+                    q,
                 ),
                 _Piece(
-                    r, lambda t: t.view(gr, qpg + 2, d, *rest)[:, qpg], lambda s, r=r: s[k].view(tp, gr, d, *rest)[r]
+                    r,
+                    lambda t: t.view(gr, qpg + 2, d, *rest)[:, qpg],
+                    lambda s, r=r: s[k].view(tp, gr, d, *rest)[r],
+                    k,
                 ),
                 _Piece(
                     r,
                     lambda t: t.view(gr, qpg + 2, d, *rest)[:, qpg + 1],
                     lambda s, r=r: s[v].view(tp, gr, d, *rest)[r],
+                    v,
                 ),
             ]
         return pieces
@@ -300,8 +314,8 @@ def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Pie
         pieces = []
         for r in range(tp):
             pieces += [
-                _Piece(r, lambda t: t[:half], lambda s, r=r: s[gate].view(tp, half, *rest)[r]),
-                _Piece(r, lambda t: t[half:], lambda s, r=r: s[up].view(tp, half, *rest)[r]),
+                _Piece(r, lambda t: t[:half], lambda s, r=r: s[gate].view(tp, half, *rest)[r], gate),
+                _Piece(r, lambda t: t[half:], lambda s, r=r: s[up].view(tp, half, *rest)[r], up),
             ]
         return pieces
     name, shape = item.shapes[0]
@@ -311,24 +325,155 @@ def _pieces(item: _Item, arch: HFArch, tp: int, local_shape: tuple) -> list[_Pie
         for r in range(tp):
             n = max(0, min(rows, total - r * rows))
             if n:
-                pieces.append(_Piece(r, lambda t, n=n: t[:n], lambda s, r=r, n=n: s[name][r * rows : r * rows + n]))
+                pieces.append(
+                    _Piece(r, lambda t, n=n: t[:n], lambda s, r=r, n=n: s[name][r * rows : r * rows + n], name)
+                )
         return pieces
     if rule.tp_dim == 1:  # row-parallel: each shard is a block of columns
         cols = local_shape[1]
         return [
-            _Piece(r, lambda t: t, lambda s, r=r: s[name].view(shape[0], tp, cols, *shape[2:])[:, r]) for r in range(tp)
+            _Piece(r, lambda t: t, lambda s, r=r: s[name].view(shape[0], tp, cols, *shape[2:])[:, r], name)
+            for r in range(tp)
         ]
     raise ValueError(f"no export layout for {rule.mcore_name} (kind {rule.kind}, TP dim {rule.tp_dim})")
 
 
+# ---------------------------------------------------------------- the inference engine's TP shards
+
+
+def _layer_suffix(hf_name: str) -> str:
+    return hf_name.split(".", 3)[-1] if hf_name.startswith("model.layers.") else hf_name
+
+
+def engine_tp_slice(hf_name: str, arch: HFArch, tp: int, rank: int) -> Optional[tuple[int, int, int]]:
+    """The part of the full HF tensor `hf_name` that vLLM's weight loader keeps on TP rank `rank` of `tp`, as
+    `Tensor.narrow` arguments (dim, start, length); None where the loader takes the whole tensor (replicated
+    tensors, or TP 1), where vLLM could not split it (sizes not divisible), and for the vocabulary, which vLLM
+    splits its own way (`VocabParallelEmbedding` pads the vocabulary to a multiple of 64 and narrows at its
+    `shard_indices`, vocab_parallel_embedding.py:36,481-518, where megatron pads to a multiple of
+    make_vocab_size_divisible_by x TP).
+
+    Read from vLLM 0.32.0's source (model_executor/layers/linear.py and model_executor/parameter.py). Unquantized
+    linear weights load through `weight_loader_v2` (linear.py:49-50,525-529), biases through `weight_loader`
+    (linear.py:538-544); a parameter's `tp_rank` is its layer's (linear.py:306-321).
+    - q_proj: QKVParallelLinear keeps num_heads = heads / tp heads (linear.py:1052); q is narrowed on dim 0 at
+      tp_rank x num_heads x head_dim (linear.py:1088-1104,1180-1196 -> parameter.py:175-198; biases
+      linear.py:1269-1307).
+    - k_proj, v_proj: num_kv_heads = kv_heads / tp, or 1 with num_kv_head_replicas = tp / kv_heads when
+      tp >= kv_heads (linear.py:1053-1058); narrowed at (tp_rank // num_kv_head_replicas) x num_kv_heads x
+      head_dim (parameter.py:191-195, linear.py:1300-1307).
+    - gate_proj, up_proj: MergedColumnParallelLinear narrows output_sizes[i] / tp rows at tp_rank x that
+      (linear.py:954-957 -> parameter.py:153-173).
+    - o_proj, down_proj: RowParallelLinear narrows dim 1 (input_dim) at tp_rank x in_features / tp
+      (parameter.py:216-226; biases are replicated, linear.py:1735-1743 with no input_dim)."""
+    if tp <= 1:
+        return None
+    suffix = _layer_suffix(hf_name)
+    base = suffix.rsplit(".", 1)[0]
+    heads, kv, d, ffn = arch.num_attention_heads, arch.num_query_groups, arch.head_dim, arch.ffn_hidden_size
+    if base == "self_attn.q_proj" and heads % tp == 0:
+        return (0, rank * heads // tp * d, heads // tp * d)
+    if base in ("self_attn.k_proj", "self_attn.v_proj"):
+        if tp >= kv and tp % kv == 0:
+            return (0, rank // (tp // kv) * d, d)
+        if tp < kv and kv % tp == 0:
+            return (0, rank * kv // tp * d, kv // tp * d)
+        return None
+    if base in ("mlp.gate_proj", "mlp.up_proj") and ffn % tp == 0:
+        return (0, rank * ffn // tp, ffn // tp)
+    if suffix == "self_attn.o_proj.weight" and heads % tp == 0:
+        return (1, rank * heads // tp * d, heads // tp * d)
+    if suffix == "mlp.down_proj.weight" and ffn % tp == 0:
+        return (1, rank * ffn // tp, ffn // tp)
+    return None
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    """Which elements of its storage a view covers, in order: the offset and the (size, stride) pairs with size-1
+    dimensions dropped and contiguous neighbours merged (two views with equal layouts cover the same elements)."""
+    if t.numel() == 0:
+        return ("empty",)
+    merged: list = []
+    for n, st in zip(t.shape, t.stride()):
+        if n == 1:
+            continue
+        if merged and merged[-1][1] == n * st:
+            merged[-1] = (merged[-1][0] * n, st)
+        else:
+            merged.append((n, st))
+    return (t.storage_offset(), tuple(merged))
+
+
+@functools.lru_cache(maxsize=256)
+def _engine_split_matches(kind: str, tp_dim: Optional[int], shapes: tuple, local_shape: tuple, arch: HFArch, tp: int):
+    """Whether, for every TP rank r, rank r's pieces (`_pieces`) of each HF tensor of a parameter are exactly the
+    part vLLM's loader keeps on its TP rank r (`engine_tp_slice`): compared as views of meta tensors."""
+    if tp <= 1 or tp_dim is None or (kind == "qkv" and arch.num_query_groups % tp):
+        return False  # (megatron splits query groups, so it cannot hold fewer than one per rank)
+    names = tuple(n for n, _ in shapes)
+    item = _Item((), 0, list(shapes), "", ParamRule("", kind, names, tp_dim, None))
+    pieces = _pieces(item, arch, tp, local_shape)
+    full = {n: torch.empty(shape, device="meta") for n, shape in shapes}
+    for r in range(tp):
+        for name in names:
+            region = engine_tp_slice(name, arch, tp, r)
+            mine = [p for p in pieces if p.src == r and p.hf == name]
+            if region is None or len(mine) != 1 or _layout(mine[0].dst(full)) != _layout(full[name].narrow(*region)):
+                return False
+    return True
+
+
+def engine_owns_shards(item: _Item, arch: HFArch, tp: int) -> bool:
+    """Whether the TP split of `item`'s HF tensors is the inference engine's for the same TP size (column-
+    parallel q/k/v, gate/up and their biases; row-parallel o_proj and down_proj): then TP rank r's shard, in
+    place, is all that the engine worker of TP rank r reads of them."""
+    shapes = tuple((_layer_suffix(n), tuple(s)) for n, s in item.shapes)
+    return _engine_split_matches(item.rule.kind, item.rule.tp_dim, shapes, tuple(item.local.shape), arch, tp)
+
+
+def _own_pieces(item: _Item, arch: HFArch, tp: int, me: int, *, replicated: bool) -> list[_Piece]:
+    """The pieces of `item` that TP rank `me` writes into place from its own copy: its shard, and the replicated
+    tensors when `replicated` (the placement every TP rank writing into the same buffer uses)."""
+    return [
+        p for p in _pieces(item, arch, tp, tuple(item.local.shape)) if p.src == me or (p.src == SELF and replicated)
+    ]
+
+
+def _fill_shared(bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFArch, tp: int, me: int, group) -> None:
+    """`fill_flat_bucket(shared=True)`: every TP rank writes its own pieces into its mapping of the same memory."""
+    if out is None or out.numel() < bucket.nbytes:
+        raise ValueError(
+            f"shared bucket buffer of {None if out is None else out.numel()} bytes; the bucket needs {bucket.nbytes}"
+        )
+    slots = {e.name: e.view(out) for e in bucket.entries}
+    if group is not None:
+        dist.barrier(group=group)  # TP rank 0 has waited until the buffer's readers are done
+    for item in bucket.items:
+        for piece in _own_pieces(item, arch, tp, me, replicated=me == 0):
+            piece.dst(slots).copy_(piece.get(item.local))
+    if group is not None:
+        dist.barrier(group=group)
+
+
 def fill_flat_bucket(
-    bucket: FlatBucket, out: Optional[torch.Tensor], arch: HFArch, *, root_only: bool, shared: bool = False
+    bucket: FlatBucket,
+    out: Optional[torch.Tensor],
+    arch: HFArch,
+    *,
+    root_only: bool,
+    shared: bool = False,
+    own_shards: bool = False,
+    stats: Optional[ExportStats] = None,
 ) -> None:
     """Writes the HF tensors of `bucket` into the uint8 buffer `out`. Collective over the TP group of the
     bucket's owner stage (only its ranks call it). `root_only`: only TP rank 0 receives (`out` None elsewhere);
     otherwise every TP rank gets the whole bucket. `shared`: `out` is, on every TP rank, its own mapping of the
     same shared memory; each rank writes its own shards into place (TP rank 0 the replicated tensors too), with
-    no exchange, between two barriers of the TP group (the buffer is free; every part is in)."""
+    no exchange, between two barriers of the TP group (the buffer is free; every part is in). `own_shards`
+    (every TP rank receives): the tensors split across TP ranks as the inference engine splits them
+    (`engine_owns_shards`) are not exchanged: each rank writes only its own shard of them into place, and the
+    rest of their bytes in `out` stay as they were; every other tensor is whole, as without it. `stats` counts
+    the bytes sent and received over the TP group."""
     # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
 
@@ -336,22 +481,12 @@ def fill_flat_bucket(
     me = ps.get_tensor_model_parallel_rank()
     group = ps.get_tensor_model_parallel_group() if tp > 1 else None
     ranks = dist.get_process_group_ranks(group) if group is not None else [0]
+    stats = stats if stats is not None else ExportStats()
     if shared:
-        if out is None or out.numel() < bucket.nbytes:
-            raise ValueError(
-                f"shared bucket buffer of {None if out is None else out.numel()} bytes; the bucket "
-                f"needs {bucket.nbytes}"
-            )
-        slots = {e.name: e.view(out) for e in bucket.entries}
-        if group is not None:
-            dist.barrier(group=group)  # TP rank 0 has waited until the buffer's readers are done
-        for item in bucket.items:
-            for piece in _pieces(item, arch, tp, tuple(item.local.shape)):
-                if piece.src == me or (piece.src == SELF and me == 0):
-                    piece.dst(slots).copy_(piece.get(item.local))
-        if group is not None:
-            dist.barrier(group=group)
+        _fill_shared(bucket, out, arch, tp, me, group)
         return
+    if own_shards and root_only:
+        raise ValueError("own_shards fills every TP rank's buffer (root_only=False)")
     receivers = [0] if root_only else list(range(tp))
     receiving = me in receivers
     if receiving and (out is None or out.numel() < bucket.nbytes):
@@ -365,6 +500,9 @@ def fill_flat_bucket(
     for item in bucket.items:
         want = _NAME_DTYPES[item.dtype]
         local = item.local
+        if own_shards and engine_owns_shards(item, arch, tp):  # the same answer on every TP rank
+            local_copies += [(p.dst(slots), p.get(local)) for p in _own_pieces(item, arch, tp, me, replicated=False)]
+            continue
         for piece in _pieces(item, arch, tp, tuple(local.shape)):
             tag += 1
             if piece.src == SELF or piece.src == me:
@@ -378,8 +516,10 @@ def fill_flat_bucket(
                             send = send.to(want).contiguous()
                         for r in peers:
                             ops.append(dist.P2POp(dist.isend, send, ranks[r], group, tag))
+                        stats.tp_send_bytes += send.numel() * send.element_size() * len(peers)
             elif receiving:
                 dst = piece.dst(slots)
+                stats.tp_recv_bytes += dst.numel() * want.itemsize
                 if dst.is_contiguous():
                     ops.append(dist.P2POp(dist.irecv, dst, ranks[piece.src], group, tag))
                 else:
@@ -454,6 +594,7 @@ def export_flat_buckets(
     everywhere: bool,
     stats: Optional[ExportStats] = None,
     shared: bool = False,
+    own_shards: bool = False,
 ) -> Iterator[tuple[FlatBucket, Optional[torch.Tensor]]]:
     """Fills `buckets` one after the other, yielding (bucket, buffer). `buffer_for(bucket)` gives the uint8
     buffer to fill (called just before the bucket is filled, so a caller can wait there until a buffer is free).
@@ -463,7 +604,11 @@ def export_flat_buckets(
     group). Otherwise `buckets` are this stage's own and only its TP rank 0 receives them: `buffer_for` is
     called there only, and other TP ranks get (bucket, None) after contributing their shards. `shared` (with
     this stage's own buckets): `buffer_for` is called on every TP rank and gives each its mapping of the same
-    shared memory, into which each writes its own shards (`fill_flat_bucket(shared=True)`)."""
+    shared memory, into which each writes its own shards (`fill_flat_bucket(shared=True)`). `own_shards` (with
+    `everywhere`): the tensors that the inference engine splits across TP ranks as megatron does
+    (`engine_owns_shards`) are not gathered: every rank's buffer holds its own TP rank's shard of them in place
+    (its stage's shard from its own rank, another stage's from the same TP rank there, through the pipeline
+    broadcast), and the rest of their bytes are left as they were; all other tensors are whole."""
     # lazy: megatron-core is imported only on the ranks and in tools, never by the driver
     from megatron.core import parallel_state as ps
 
@@ -481,13 +626,18 @@ def export_flat_buckets(
             )
         if shared and everywhere:
             raise ValueError("a shared bucket buffer is filled by the owner stage's TP group only (everywhere=False)")
+        if own_shards and not everywhere:
+            raise ValueError("own_shards fills every rank's buffer (everywhere=True)")
         buf = buffer_for(bucket) if (everywhere or root or shared) else None
         stats.hold(bucket.temp_bytes)
         try:
             if bucket.owner == pp_rank:
-                fill_flat_bucket(bucket, buf, arch, root_only=not everywhere, shared=shared)
-            if everywhere and pp_ranks is not None:
+                fill_flat_bucket(
+                    bucket, buf, arch, root_only=not everywhere, shared=shared, own_shards=own_shards, stats=stats
+                )
+            if everywhere and pp_ranks is not None:  # to the same TP rank of every other stage
                 dist.broadcast(buf[: bucket.nbytes], src=pp_ranks[bucket.owner], group=pp_group)
+                stats.pp_broadcast_bytes += bucket.nbytes
         finally:
             stats.release(bucket.temp_bytes)
         stats.num_buckets += 1

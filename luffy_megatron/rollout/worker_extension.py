@@ -291,6 +291,14 @@ class LuffyWorkerExtension:
         }
         if self.device.type == "cuda":
             info["gpu_uuid"] = str(torch.cuda.get_device_properties(self.device.index or 0).uuid)
+        try:  # the TP rank vLLM's weight loaders narrow by (CUDA IPC sync: `sync.shared_memory.ipc_serving_plan`)
+            # lazy: vLLM is imported only in the engine processes
+            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+            info["tp_rank"] = int(get_tensor_model_parallel_rank())
+            info["tp_size"] = int(get_tensor_model_parallel_world_size())
+        except Exception:  # noqa: BLE001 - no TP group here: the sync then moves full tensors
+            info["tp_rank"] = info["tp_size"] = None
         return info
 
     def luffy_join_weight_groups(self, groups: list, rank_offset: int) -> list:

@@ -77,6 +77,7 @@ class SyncContext:
         self.arch = actor.arch
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()

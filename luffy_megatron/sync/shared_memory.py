@@ -13,15 +13,20 @@ the packing of the linear layers reads the file in place: 1; embeddings and norm
 parameters).
 
 GPU (CUDA IPC, as verl and NeMo-RL do it). A CUDA IPC handle opens only on the GPU the memory lives on, so here
-every rank serves the engine worker on its own GPU (the colocated layout puts one on each): every rank builds
-every bucket (its TP group exchanges shards, each stage broadcasts its own buckets over the pipeline group:
-NVLink within a node), in one of two device buffers (slots). The slots are made once per process and GPU, at
-the plan's largest bucket (`convert.export.sync_slot_bytes`: the embedding's size when it is larger than the
+every rank serves the engine worker on its own GPU (the colocated layout puts one on each): every rank builds every
+bucket (each stage broadcasts its own buckets over the pipeline group: NVLink within a node), in one of two device
+buffers (slots), in the full HF layout. When every engine worker runs the trainer's TP size and has the TP rank of
+the trainer rank on its GPU (`ipc_serving_plan`), the tensors vLLM splits as megatron does (q/k/v, gate/up and their
+biases, o_proj, down_proj) are not gathered: each rank writes its own shard of them into place and leaves the rest
+of their bytes as they were, since vLLM's loader narrows every tensor to its TP rank's part
+(`convert.export.engine_tp_slice`); the vocabulary and the replicated tensors are whole (the TP group exchanges the
+vocabulary shards). Otherwise every tensor is whole, and why is logged once. The slots are made once per process and
+GPU, at the plan's largest bucket (`convert.export.sync_slot_bytes`: the embedding's size when it is larger than the
 bucket size), and their IPC handles (`torch.multiprocessing.reductions.reduce_tensor`) are exported once; later
-syncs, and engines restarted since, reuse both (`ipc_slots`). Per bucket the first rank of each engine's GPUs
-sends the handles of all of them (keyed by GPU UUID, as vLLM's `packed_ipc_consumer` expects) with the entry
-list; each worker opens the one of its own GPU once per sync (`SlotImporter`) and loads from it in place, and
-releases its mappings when the sync ends (`close_ipc_imports`, from `luffy_finish_weight_update`).
+syncs, and engines restarted since, reuse both (`ipc_slots`). Per bucket the first rank of each engine's GPUs sends
+the handles of all of them (keyed by GPU UUID, as vLLM's `packed_ipc_consumer` expects) with the entry list; each
+worker opens the one of its own GPU once per sync (`SlotImporter`) and loads from it in place, and releases its
+mappings when the sync ends (`close_ipc_imports`, from `luffy_finish_weight_update`).
 """
 
 from __future__ import annotations
@@ -224,6 +229,48 @@ def release_ipc_slots() -> int:
     return sum(pair.close() for pair in _IPC_SLOTS.values())
 
 
+_LOGGED: set = set()  # reasons for full tensors already logged by this process
+
+
+def ipc_serving_plan(workers: list, ranks: list) -> tuple:
+    """Rank 0's plan of the CUDA IPC sync from every engine's `luffy_worker_info` list (`workers`) and every
+    trainer rank's (GPU UUID, megatron TP rank, TP size) (`ranks`). Returns (serving, own_shards, why): serving
+    lists per engine the ranks on its workers' GPUs (the first rank on a GPU serves it); `own_shards` says every
+    rank may fill its slots with only its own TP shards of the tensors vLLM splits as megatron does
+    (`convert.export.engine_owns_shards`), which holds when every engine worker runs the trainer's TP size and
+    has the TP rank of the trainer rank on its GPU (vLLM's loader of TP rank r then keeps exactly what TP rank r
+    wrote); `why` says why not ("" when TP is 1: there is nothing to gather). Where a worker's GPU has no
+    trainer rank, serving is the error message instead."""
+    tp = int(ranks[0][2]) if ranks else 1
+    serving, why = [], ""
+    for i, infos in enumerate(workers):
+        engine = []
+        for w in infos:
+            owners = [r for r, info in enumerate(ranks) if info[0] == w["gpu_uuid"]]
+            if not owners:
+                error = (
+                    f"rollout.weight_sync_transport=shared_memory on GPUs: worker {w['rank']} of engine {i} "
+                    f"is on GPU {w['gpu_uuid']}, which no Megatron rank uses. CUDA IPC reaches only "
+                    "engines on the trainer's GPUs (cluster.layout=colocated); use collective"
+                )
+                return error, False, ""
+            owner = owners[0]
+            engine.append(owner)
+            if why or tp <= 1:
+                continue
+            if w.get("tp_size") is None or w.get("tp_rank") is None:
+                why = f"worker {w['rank']} of engine {i} reports no TP rank"
+            elif int(w["tp_size"]) != tp:
+                why = f"engine {i} runs TP {w['tp_size']}, the trainer TP {tp}"
+            elif int(w["tp_rank"]) != int(ranks[owner][1]):
+                why = (
+                    f"worker {w['rank']} of engine {i} (TP rank {w['tp_rank']}) is on the GPU of trainer rank "
+                    f"{owner} (TP rank {ranks[owner][1]})"
+                )
+        serving.append(sorted(set(engine)))
+    return serving, tp > 1 and not why, why
+
+
 def ray_node_id() -> Optional[str]:
     try:
         import ray  # lazy: outside Ray there may be none
@@ -406,40 +453,37 @@ class SharedMemoryTransport(Transport):
     # ---------------------------------------------------------------- GPU: CUDA IPC
 
     def _ipc_setup(self, ctx: SyncContext) -> dict:
-        """Once per fleet: which rank serves which engine worker (same GPU UUID), and one process group per
-        engine of the ranks that serve it (their first rank talks to the engine)."""
+        """Once per fleet: which rank serves which engine worker (same GPU UUID), one process group per engine of
+        the ranks that serve it (their first rank talks to the engine), and whether each rank fills its slots with
+        its own TP shards only (`ipc_serving_plan`; the reason it does not is logged once)."""
         if self._ipc is not None:
             return self._ipc
         uuid = gpu_uuid(ctx.device)
-        uuids: list = [None] * dist.get_world_size()
-        dist.all_gather_object(uuids, uuid)
+        ranks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, (uuid, int(ctx.tp_rank), int(ctx.tp_size)))
         plan = [None]
         if dist.get_rank() == 0:
             workers = ctx.engine_get(
                 [e.call.remote("worker_rpc", "luffy_worker_info") for e in self.fleet.engines], "luffy_worker_info"
             )
-            serving = []
-            for i, infos in enumerate(workers):
-                ranks = []
-                for w in infos:
-                    owners = [r for r, u in enumerate(uuids) if u == w["gpu_uuid"]]
-                    if not owners:
-                        plan[0] = (
-                            f"rollout.weight_sync_transport=shared_memory on GPUs: worker {w['rank']} of engine {i} "
-                            f"is on GPU {w['gpu_uuid']}, which no Megatron rank uses. CUDA IPC reaches only "
-                            "engines on the trainer's GPUs (cluster.layout=colocated); use collective"
-                        )
-                        break
-                    ranks.append(owners[0])
-                serving.append(sorted(set(ranks)))
-            plan[0] = plan[0] or serving
+            plan[0] = ipc_serving_plan(workers, ranks)
         dist.broadcast_object_list(plan, src=0)
-        if isinstance(plan[0], str):
-            raise RuntimeError(plan[0])
-        groups = [dist.new_group(ranks) for ranks in plan[0]]  # every rank, in the same order
+        serving, own_shards, why = plan[0]
+        if isinstance(serving, str):
+            raise RuntimeError(serving)
+        if why and dist.get_rank() == 0 and why not in _LOGGED:
+            _LOGGED.add(why)
+            log.warning("weight sync (CUDA IPC): every rank builds full tensors: %s", why)
+        groups = [dist.new_group(ranks) for ranks in serving]  # every rank, in the same order
         me = dist.get_rank()
-        mine = [i for i, ranks in enumerate(plan[0]) if me in ranks]
-        self._ipc = {"serving": plan[0], "groups": groups, "engine": mine[0] if mine else None, "uuid": uuid}
+        mine = [i for i, ranks in enumerate(serving) if me in ranks]
+        self._ipc = {
+            "serving": serving,
+            "groups": groups,
+            "engine": mine[0] if mine else None,
+            "uuid": uuid,
+            "own_shards": own_shards,
+        }
         return self._ipc
 
     def _run_ipc(self, ctx: SyncContext) -> dict:
@@ -504,6 +548,7 @@ class SharedMemoryTransport(Transport):
         e = ipc["engine"]
         group = ipc["groups"][e] if e is not None else None
         leader = e is not None and dist.get_rank() == ipc["serving"][e][0]
+        own = bool(ipc.get("own_shards"))
         err: Optional[BaseException] = None
 
         def settle(pending) -> None:
@@ -519,7 +564,7 @@ class SharedMemoryTransport(Transport):
         pending, k = None, 0
         try:
             for bucket, buf in export_flat_buckets(
-                buckets, ctx.arch, lambda b: slots[k % 2], everywhere=True, stats=ctx.stats
+                buckets, ctx.arch, lambda b: slots[k % 2], everywhere=True, stats=ctx.stats, own_shards=own
             ):
                 if buf.is_cuda:  # the bucket is complete before a worker reads it
                     torch.cuda.current_stream(buf.device).synchronize()

@@ -8,7 +8,8 @@ some other target layout). For each layout TPxPP[xVPP] and model it checks, on e
   hf_export      HF weights loaded straight into the shards -> export == HF
   logits         (PP=1) megatron logits vs transformers', fp32, max abs diff < 1e-4
   saved_reload   a checkpoint *saved by the previous layout* (distributed save) loads here, export == HF
-and saves WORKDIR/saved/<model>-<layout>. With --stream: bucketed export memory check.
+and saves WORKDIR/saved/<model>-<layout>. With --stream: bucketed export memory check, and the CUDA IPC sync's
+export with `own_shards` (each rank's own TP shards of the tensors vLLM splits) against the full one.
 Rank 0 prints one JSON line: {"checks": [...], "failures": [...], "stream": {...}}.
 """
 
@@ -23,6 +24,52 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+STALE = 0xAB  # what a bucket buffer holds before the export writes into it
+
+
+def own_shards_check(chunks, arch, hf, bucket_bytes):
+    """The CUDA IPC sync's export (every stage's buckets on every rank) with and without `own_shards`, each
+    bucket into a new buffer of STALE bytes. Without it every tensor is the HF one; with it, every tensor vLLM
+    splits (`engine_tp_slice`) holds this TP rank's part of the HF tensor and STALE elsewhere, every other tensor
+    is whole. Returns this rank's exchange counters of both exports and the byte sizes to compare them with."""
+    from megatron.core import parallel_state as ps
+
+    from luffy_megatron.convert.export import ExportStats, engine_tp_slice, export_flat_buckets, plan_flat_buckets
+
+    tp, me = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    buckets = plan_flat_buckets(chunks, arch, bucket_bytes=bucket_bytes, all_stages=True)
+    got, stats = {}, {}
+    for mode in (False, True):
+        stats[mode], got[mode] = ExportStats(), {}
+        for bucket, buf in export_flat_buckets(
+                buckets, arch, lambda b: torch.full((b.nbytes,), STALE, dtype=torch.uint8), everywhere=True,
+                stats=stats[mode], own_shards=mode):
+            got[mode].update({e.name: e.view(buf).clone() for e in bucket.entries})
+    full, own = got[False], got[True]
+    if set(full) != set(hf) or set(own) != set(hf) or not all(torch.equal(full[n], hf[n]) for n in hf):
+        raise AssertionError("the full export differs from the HF state dict")
+    split_bytes = own_part_bytes = 0
+    for name, want in hf.items():
+        region = engine_tp_slice(name, arch, tp, me)
+        if region is None:
+            if not torch.equal(own[name], want):
+                raise AssertionError(f"{name}: not whole with own_shards")
+            continue
+        split_bytes += want.numel() * want.element_size()
+        own_part_bytes += want.narrow(*region).numel() * want.element_size()
+        if not torch.equal(own[name].narrow(*region), want.narrow(*region)):
+            raise AssertionError(f"{name}: TP rank {me}'s part {region} differs")
+        elsewhere = torch.ones(want.shape, dtype=torch.bool)
+        elsewhere.narrow(*region).fill_(False)
+        if not bool((own[name][elsewhere].view(torch.uint8) == STALE).all()):
+            raise AssertionError(f"{name}: written outside TP rank {me}'s part {region}")
+    vocab = [n for n in hf if n in ("model.embed_tokens.weight", "lm_head.weight")]
+    return dict(
+        tp=tp, split_bytes=split_bytes, own_part_bytes=own_part_bytes,
+        vocab_bytes=sum(hf[n].numel() * hf[n].element_size() for n in vocab),
+        **{f"{k}_{'own' if mode else 'full'}": getattr(stats[mode], k)
+           for mode in (False, True) for k in ("tp_recv_bytes", "tp_send_bytes", "pp_broadcast_bytes")})
 
 
 def main() -> int:
@@ -123,7 +170,7 @@ def main() -> int:
                                same_as_hf(fresh, arch, m)))
         prev_layout = lay
 
-    stream = {}
+    stream, own = {}, {}
     if do_stream:
         m = "qwen2"
         arch = read_hf_arch(workdir / "hf" / m)
@@ -157,14 +204,16 @@ def main() -> int:
                         total_bytes=stats.exported_bytes)
 
         stream = check(f"stream/{m}", stream_check) or {}
+        own = check(f"own_shards/{m}", lambda: own_shards_check(chunks, arch, hf_state[m], bucket_bytes)) or {}
 
     everything = [None] * dist.get_world_size()
-    dist.all_gather_object(everything, dict(checks=checks, failures=failures, stream=stream))
+    dist.all_gather_object(everything, dict(checks=checks, failures=failures, stream=stream, own=own))
     if dist.get_rank() == 0:
         merged = dict(
             checks=sorted({c for r in everything for c in r["checks"]}),
             failures=[f"rank{i}: {f}" for i, r in enumerate(everything) for f in r["failures"]],
             stream=everything[0]["stream"], streams=[r["stream"] for r in everything],
+            owns=[r["own"] for r in everything],
             logits_max_abs_diff=max_diffs, timings=timings,
             world=dist.get_world_size(),
         )

@@ -91,3 +91,27 @@ def test_streaming_export_tp2_pp2_is_exact_with_bounded_memory(world4):
     # what it holds at once: about one bucket + one TP-gather buffer, far below the model
     assert s["peak_tracked_bytes"] <= s["bucket_bytes"] + 2.6 * s["largest_tensor_bytes"], s
     assert s["peak_tracked_bytes"] < 0.5 * s["total_bytes"], s
+
+
+def test_ipc_export_with_own_shards_gathers_only_what_vllm_does_not_split_tp2_pp2(world4):
+    """Every rank's buffers hold, for each tensor vLLM narrows by TP rank, the HF tensor's part of its own TP rank
+    (checked in convert_checks.own_shards_check, across the pipeline broadcast too), and the TP group exchanges
+    none of those tensors any more: only the vocabulary's shards still travel."""
+    _expect(world4, [], [], [])
+    assert "own_shards/qwen2" in world4["checks"]
+    owns = world4["owns"]
+    assert len(owns) == 4 and all(o for o in owns)
+    tp, split, vocab = owns[0]["tp"], owns[0]["split_bytes"], owns[0]["vocab_bytes"]
+    assert tp == 2 and split > 0 and vocab > 0
+    # each rank's buffers hold 1/TP of the split tensors' bytes that matter to its engine worker
+    assert all(o["own_part_bytes"] * tp == split for o in owns)
+
+    def total(key):
+        return sum(o[key] for o in owns)
+
+    # today: every rank receives the other TP ranks' shards of every split tensor and of the vocabulary
+    assert total("tp_recv_bytes_full") == total("tp_send_bytes_full") == (tp - 1) * (split + vocab)
+    # own shards: the split tensors no longer travel over the TP group; the vocabulary does, as before
+    assert total("tp_recv_bytes_own") == total("tp_send_bytes_own") == (tp - 1) * vocab
+    # the pipeline broadcast still moves whole buckets (each stage's to the same TP rank of the other stage)
+    assert total("pp_broadcast_bytes_own") == total("pp_broadcast_bytes_full") > 0

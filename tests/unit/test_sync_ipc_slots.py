@@ -168,3 +168,52 @@ def test_the_cpu_path_keeps_its_two_shm_files_across_syncs(tmp_path):
     finally:
         transport.close()
     assert transport.slots.bufs == [None, None]
+
+
+def _w(uuid: str, tp_rank, tp_size, rank: int = 0) -> dict:
+    return {"rank": rank, "gpu_uuid": uuid, "tp_rank": tp_rank, "tp_size": tp_size}
+
+
+def test_ranks_send_only_their_own_shards_when_every_engine_worker_has_its_gpus_trainer_tp_rank():
+    ranks = [("g0", 0, 2), ("g1", 1, 2), ("g2", 0, 2), ("g3", 1, 2)]  # trainer: TP 2 x DP 2, one rank per GPU
+    matched = [[_w("g0", 0, 2, 0), _w("g1", 1, 2, 1)], [_w("g2", 0, 2, 0), _w("g3", 1, 2, 1)]]
+    assert sm.ipc_serving_plan(matched, ranks) == ([[0, 1], [2, 3]], True, "")
+    # engine TP rank 1 on the GPU of trainer TP rank 0: its loader would narrow rank 1's part, which is not there
+    swapped = [[_w("g0", 1, 2, 1), _w("g1", 0, 2, 0)], matched[1]]
+    serving, own, why = sm.ipc_serving_plan(swapped, ranks)
+    assert serving == [[0, 1], [2, 3]] and not own
+    assert why == "worker 1 of engine 0 (TP rank 1) is on the GPU of trainer rank 0 (TP rank 0)"
+    one_engine_tp4 = [[_w(f"g{i}", i, 4, i) for i in range(4)]]
+    assert sm.ipc_serving_plan(one_engine_tp4, ranks) == ([[0, 1, 2, 3]], False, "engine 0 runs TP 4, the trainer TP 2")
+    unreported = [[_w("g0", None, None, 0), _w("g1", None, None, 1)]]
+    assert sm.ipc_serving_plan(unreported, ranks)[1:] == (False, "worker 0 of engine 0 reports no TP rank")
+    # trainer TP 1: nothing is gathered either way, nothing to say
+    assert sm.ipc_serving_plan([[_w("g0", 0, 1)]], [("g0", 0, 1)]) == ([[0]], False, "")
+    error, own, _ = sm.ipc_serving_plan([[_w("g9", 0, 2)]], ranks)
+    assert isinstance(error, str) and "no Megatron rank uses" in error and not own
+
+
+def test_the_ipc_sender_exports_own_shards_only_with_matching_tp_ranks_and_says_why_not_once(
+    one_rank, cuda, monkeypatch, caplog
+):
+    monkeypatch.setattr(sm, "_LOGGED", set())
+    buckets = bucket_plan([100, 100])
+    monkeypatch.setattr(sm, "plan_flat_buckets", lambda *a, **kw: buckets)
+    seen = []
+    for worker_tp_rank in (0, 1, 1):  # a trainer of TP size 2 seen from its TP rank 0 (the other rank not here)
+        export = fill_buckets(buckets, float)
+        monkeypatch.setattr(sm, "export_flat_buckets", export)
+        worker = RecordingWorker(CUDA0, tp_rank=worker_tp_rank, tp_size=2)
+        transport = sm.SharedMemoryTransport(SimpleNamespace(engines=[FakeEngine(worker)]))
+        ctx = ctx_of(CUDA0)
+        ctx.tp_size = 2
+        with caplog.at_level("WARNING", logger=sm.log.name):
+            transport._run_ipc(ctx)
+        seen += export.own_shards
+        assert [sums for _, _, sums in worker.loads] == [{"w0": 0.0}, {"w1": 100.0}]
+    assert seen == [True, False, False]
+    why = [r.getMessage() for r in caplog.records if "full tensors" in r.getMessage()]
+    assert why == [
+        "weight sync (CUDA IPC): every rank builds full tensors: worker 0 of engine 0 (TP rank 1) is on the GPU of "
+        "trainer rank 0 (TP rank 0)"
+    ]
