@@ -27,6 +27,7 @@ from typing import Any, Optional
 import ray
 import torch
 
+from luffy_megatron.cluster.cpu_cores import rank_cores, ranks_keep_off_engines
 from luffy_megatron.cluster.offload import (
     _grad_buffers,
     _torch_optimizers,
@@ -116,7 +117,11 @@ class _RankWorker:
 
         t0 = time.time()
         if not torch.cuda.is_available():  # Ray gives CPU-less actors one thread; ranks take turns with the engines
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+            free = ranks_keep_off_engines(cfg.cluster.cpu_rank_cores, cfg.trainer.overlap)
+            cores = rank_cores(cfg.rollout.num_engines or 1, sorted(os.sched_getaffinity(0)), free=free)
+            if free:  # the engines generate while the ranks train: the ranks keep off the engines' cores
+                os.sched_setaffinity(0, cores)
+            torch.set_num_threads(max(1, len(cores) // int(os.environ["WORLD_SIZE"])))
         with self.ledger.transition("build"):
             if fresh and self.actor is not None:
                 self.actor = self.offloaded = None

@@ -14,9 +14,9 @@ goes then.
 
 `sweep_orphan_shm(directory)` removes the files in /dev/shm the package does not make but its engines leave (named
 in `SHM_QUEUE`): vLLM's shared-memory queues (Python `multiprocessing.shared_memory`, `psm_<8 hex digits>`),
-and vLLM-CPU's tensor-parallel communicator files, which only their creator unlinks, so they stay when an engine's processes are killed. Those carry no lock, so an orphan is told by this
-rule: such a regular file of this user, older than `ORPHAN_GRACE_S`, that no process
-of this user maps or holds open (`held_paths` reads every readable /proc/<pid>/maps and /proc/<pid>/fd; a
+and vLLM-CPU's tensor-parallel communicator files, which only their creator unlinks, so they stay when an
+engine's processes are killed. Those carry no lock, so an orphan is told by this rule: such a regular file of
+this user, older than `ORPHAN_GRACE_S`, that no process of this user maps or holds open (`held_paths` reads every readable /proc/<pid>/maps and /proc/<pid>/fd; a
 process of another user cannot open a 0600 file of ours unless it is root; processes of ours are readable
 unless made non-dumpable, which vLLM's are not). A queue is held from its creation
 (its maker keeps the descriptor and the mapping until it unlinks it), and the grace covers a name handed to
