@@ -27,6 +27,7 @@ from typing import Any, Optional
 import ray
 import torch
 
+from luffy_megatron.cluster.cpu_cores import rank_cores, ranks_keep_off_engines
 from luffy_megatron.cluster.offload import (
     _grad_buffers,
     _torch_optimizers,
@@ -80,6 +81,7 @@ class _RankWorker:
     def __init__(self, rank: int, world_size: int):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_device_index()))
         self.rank = rank
+        self.cpus = sorted(os.sched_getaffinity(0))  # what Ray gave this process, before any build narrows it
         self.actor = None
         self.offloaded = None
         self.events: collections.deque = collections.deque(maxlen=EVENT_LOG_LENGTH)
@@ -116,7 +118,10 @@ class _RankWorker:
 
         t0 = time.time()
         if not torch.cuda.is_available():  # Ray gives CPU-less actors one thread; ranks take turns with the engines
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+            free = ranks_keep_off_engines(cfg.cluster.cpu_rank_cores, cfg.trainer.overlap)
+            cores = rank_cores(cfg.rollout.num_engines or 1, self.cpus, free=free)
+            os.sched_setaffinity(0, cores)  # free: the engines generate while the ranks train, on their own cores
+            torch.set_num_threads(max(1, len(cores) // int(os.environ["WORLD_SIZE"])))
         with self.ledger.transition("build"):
             if fresh and self.actor is not None:
                 self.actor = self.offloaded = None

@@ -8,6 +8,10 @@ processes' polling, so two engines generated and loaded weights no faster than o
 cores out instead: engine i of n gets its own run of cores, as many as `auto` would give one engine when it is
 alone (all but one) divided among the n, at least one; with more engines than cores they wrap around and share.
 An explicit `VLLM_CPU_OMP_THREADS_BIND` (the engine's `env` or the environment) is left as it is.
+
+The Megatron ranks on CPU take turns with the engines, so they use every core (`rank_cores`), except under
+trainer.overlap=one_step, where the engines generate while the ranks train: the ranks then keep to the cores
+no engine binds (all of them when the engines bind every core); cluster.cpu_rank_cores chooses either.
 """
 
 from __future__ import annotations
@@ -38,3 +42,18 @@ def omp_bind_value(cores: Sequence[int]) -> str:
         else:
             runs.append([c])
     return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def rank_cores(num_engines: int, cpus: Sequence[int], *, free: bool) -> list[int]:
+    """The cores the Megatron ranks of a CPU job compute on: all of `cpus`, or (`free`) those that no engine
+    (TP = 1, `engine_cores`) binds, when there are any."""
+    cpus = sorted(cpus)
+    if not free or num_engines < 1:
+        return cpus
+    taken = {c for i in range(num_engines) for c in engine_cores(i, num_engines, cpus)}
+    return [c for c in cpus if c not in taken] or cpus
+
+
+def ranks_keep_off_engines(cpu_rank_cores: str, overlap: str) -> bool:
+    """cluster.cpu_rank_cores: `free`, or `auto` under trainer.overlap=one_step."""
+    return cpu_rank_cores == "free" or (cpu_rank_cores == "auto" and overlap != "none")

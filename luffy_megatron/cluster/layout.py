@@ -127,11 +127,29 @@ def _span(ids: list[int]) -> str:
     return ",".join(map(str, ids))
 
 
+def overlap_problem(cfg: Config, mode: str) -> Optional[str]:
+    """Why trainer.overlap cannot run in layout `mode` (None when it can): one_step has the engines generate
+    while the trainer computes, which colocated engines cannot (they sleep while the ranks use the GPUs)."""
+    if cfg.trainer.overlap == "one_step" and mode == "colocated":
+        how = " (cluster.layout=auto is colocated on GPUs)" if cfg.cluster.layout == "auto" else ""
+        return (
+            f"trainer.overlap=one_step generates the next batch while the trainer updates, but cluster.layout="
+            f"{cfg.cluster.layout}{how} puts the engines on the trainer's GPUs; set cluster.layout=disaggregated "
+            "(engines on nodes of their own, cluster.rollout_nnodes) or trainer.overlap=none"
+        )
+    return None
+
+
 def resolve_mode(cfg: Config, *, cluster_has_gpus: bool) -> Mode:
-    """`cluster.layout` with `auto` resolved: colocated when the Ray cluster has GPUs, cpu otherwise."""
+    """`cluster.layout` with `auto` resolved: colocated when the Ray cluster has GPUs, cpu otherwise. A layout
+    that cannot run trainer.overlap is refused (`overlap_problem`)."""
     layout = cfg.cluster.layout
     if layout == "auto":
-        return "colocated" if cluster_has_gpus else "cpu"
+        mode = "colocated" if cluster_has_gpus else "cpu"
+        problem = overlap_problem(cfg, mode)
+        if problem:
+            raise ConfigError(problem)
+        return mode
     if not cluster_has_gpus:
         raise ConfigError(
             f"cluster.layout={layout} places the ranks and engines on GPUs, but the Ray cluster has "

@@ -59,6 +59,9 @@ def _placement_problems(cfg: Config) -> list[str]:
         )
     if cluster.layout in ("colocated", "disaggregated") and cluster.rollout_nnodes >= 0:
         problems += cluster_layout.layout_problems(cfg, cluster.layout)
+    overlap = cluster_layout.overlap_problem(cfg, cluster.layout)
+    if overlap:
+        problems.append(overlap)
     return problems
 
 
@@ -81,6 +84,11 @@ def _algo_problems(cfg: Config) -> list[str]:
             "algo.mode=sft trains on the demonstrations only, so every row must carry one: set "
             f"rollout.n_off_policy=-1 (got {rollout.n_off_policy} of rollout.n={rollout.n}; "
             "rollout.n=1 is enough)"
+        )
+    if algo.mode == "sft" and cfg.trainer.overlap != "none":
+        problems.append(
+            f"trainer.overlap={cfg.trainer.overlap} overlaps generation with training, but algo.mode=sft "
+            "generates nothing; set trainer.overlap=none"
         )
     if algo.mode == "sft" and (rollout.min_prefix_ratio < 1.0 or algo.use_sft_multitask_loss):
         problems.append(

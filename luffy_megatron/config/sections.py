@@ -366,6 +366,10 @@ class ClusterConfig:
     layout: Literal["auto", "colocated", "disaggregated"] = "auto"  # auto: colocated on GPUs
     rollout_nnodes: int = 0  # disaggregated: whole nodes given to the engines (the rest train)
     placement_timeout_s: float = 600.0  # how long to wait for Ray to grant the GPUs before failing
+    # CPU jobs (no GPUs): the cores of the Megatron ranks. all: every core (generation and training take turns);
+    # free: those no vLLM engine binds (the engines generate while the ranks train); auto: free under
+    # trainer.overlap=one_step, else all
+    cpu_rank_cores: Literal["auto", "all", "free"] = "auto"
 
     def problems(self) -> list[str]:
         """The rules of this section alone; those that need the Ray cluster (e.g. `auto`) are checked by
@@ -409,6 +413,10 @@ class TrainerConfig:
     # a call on the Megatron ranks (log-probs, update, checkpoint, optimizer offload/reload) that takes longer
     # counts as a hang: the step fails naming the late rank(s)
     rank_call_timeout_s: float = 4 * 3600.0
+    # one_step: the engines generate the next step's batch with the weights before this step's update, while the
+    # trainer computes it (one update off-policy, rollout/weight_version_lag 1; disaggregated or CPU layouts
+    # only). none: generation and training take turns, every generated row on-policy (upstream's loop)
+    overlap: Literal["none", "one_step"] = "none"
 
     def problems(self) -> list[str]:
         problems = []

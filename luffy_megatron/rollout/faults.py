@@ -111,10 +111,12 @@ class EngineSupervisor:
 
     # ------------------------------------------------------------------ generation
 
-    def generate_rollouts(self, prompts, max_new_tokens, **sampling) -> list:
-        """`EngineFleet.generate_rollouts` with the deadline and the failure policy."""
+    def generate_rollouts(self, prompts, max_new_tokens, *, restart: bool = True, **sampling) -> list:
+        """`EngineFleet.generate_rollouts` with the deadline and the failure policy (`restart=False`: a failed
+        engine is raised as `EngineFailure` whatever rollout.on_engine_failure says)."""
+        on_failure = self._on_failure() if restart else None
         return self.fleet.generate_rollouts(
-            prompts, max_new_tokens, timeout_s=self.request_timeout_s, on_failure=self._on_failure(), **sampling
+            prompts, max_new_tokens, timeout_s=self.request_timeout_s, on_failure=on_failure, **sampling
         )
 
     def generate(self, prompts, max_new_tokens, **sampling) -> list[list[int]]:
@@ -125,16 +127,20 @@ class EngineSupervisor:
     def _on_failure(self) -> Optional[Callable]:
         return self.restart_engine if self.on_engine_failure == "restart" else None
 
-    def restart_engine(self, engine: int, failure: EngineFailure) -> None:
+    def restart_engine(self, engine: int, failure: EngineFailure, *, sync: bool = True) -> None:
         """Starts engine `engine` again in its placement bundle, streams the actor's weights into it and labels
-        them with the actor's current version, so its rows can be generated again."""
+        them with the actor's current version, so its rows can be generated again. `sync=False`: started from
+        the model's files only, for a weight sync that follows (`fleet.synced_version` is then unknown)."""
         log.warning("%s\nrollout.on_engine_failure=restart: restarting it", failure)  # with the log's last lines
         t0 = time.monotonic()
         try:
             self.fleet.restart_engine(engine)
             one = self.fleet.subset([engine])
-            self._push_checked(one, f"re-sync of restarted engine {engine}")
-            one.label_weights(self.version)
+            if sync:
+                self._push_checked(one, f"re-sync of restarted engine {engine}")
+                one.label_weights(self.version)
+            else:
+                self.fleet.synced_version = None
         except RankFailure:
             raise
         except Exception as err:  # noqa: BLE001 - whatever the restart raised is reported in the failure
@@ -144,12 +150,8 @@ class EngineSupervisor:
             )
             raise failure from None
         self.restarts += 1
-        log.warning(
-            "engine %d restarted and re-synced (weight version %d) in %.1fs",
-            engine,
-            self.version,
-            time.monotonic() - t0,
-        )
+        how = f"and re-synced (weight version {self.version})" if sync else "(its weights come with the next sync)"
+        log.warning("engine %d restarted %s in %.1fs", engine, how, time.monotonic() - t0)
 
     # ------------------------------------------------------------------ weight sync
 

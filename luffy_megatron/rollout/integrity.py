@@ -112,8 +112,9 @@ def logprob_drift(record: RolloutRecord, old_log_prob_BT: torch.Tensor, rows: Op
     return {"mean": float(diff.mean()), "max": float(diff.max()), "tokens": num}
 
 
-def drift_metrics(record: RolloutRecord, drift: dict) -> dict[str, float]:
-    """The step's `rollout/*` integrity scalars."""
+def drift_metrics(record: RolloutRecord, drift: dict, actor_version: Optional[int] = None) -> dict[str, float]:
+    """The step's `rollout/*` integrity scalars; with `actor_version`, `rollout/weight_version_lag`: how many
+    updates behind the actor the oldest weights that sampled a row were (trainer.overlap=one_step: 1)."""
     out: dict[str, float] = {}
     if drift:
         out["rollout/logprob_diff_mean"] = drift["mean"]
@@ -121,7 +122,14 @@ def drift_metrics(record: RolloutRecord, drift: dict) -> dict[str, float]:
     made = [v for vs in record.weight_versions for v in vs]
     if made:
         out["rollout/weight_version"] = float(min(made))
+        if actor_version is not None:
+            out["rollout/weight_version_lag"] = float(actor_version - min(made))
     return out
+
+
+def rows_of_version(record: RolloutRecord, version: int) -> list[int]:
+    """The rows every token of which was sampled by weights `version` (rows with no generated token excluded)."""
+    return [r for r, vs in enumerate(record.weight_versions) if vs and all(v == version for v in vs)]
 
 
 def check_weight_versions(
@@ -130,13 +138,15 @@ def check_weight_versions(
     *,
     old_log_prob_BT: Optional[torch.Tensor] = None,
     describe_engine: Callable[[int], str] = lambda e: f"engine {e}",
+    max_lag: int = 0,
 ) -> None:
-    """Raises `StaleRolloutError` when a row was sampled by weights other than the actor's `actor_version`
-    (the first offending engine is named with both versions and how many of its rows are affected)."""
+    """Raises `StaleRolloutError` when a row was sampled by weights other than the actor's `actor_version`, or
+    more than `max_lag` updates older (trainer.overlap=one_step: 1); the first offending engine is named with
+    both versions and how many of its rows are affected."""
     stale: dict[tuple[Optional[int], int], list[int]] = {}
     for row, (engine, versions) in enumerate(zip(record.engines, record.weight_versions)):
         for v in versions:
-            if v != actor_version:
+            if not actor_version - max_lag <= v <= actor_version:
                 stale.setdefault((engine, v), []).append(row)
                 break
     if not stale:

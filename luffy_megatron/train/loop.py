@@ -32,6 +32,7 @@ from luffy_megatron.metrics.compute import RunPerf, StepTimer
 from luffy_megatron.metrics.sinks import plot_results_or_warn
 from luffy_megatron.rollout.faults import EngineFailure
 from luffy_megatron.rollout.integrity import RolloutIntegrityError
+from luffy_megatron.train.overlap import Rollouts
 from luffy_megatron.train.progress import RunProgress
 from luffy_megatron.train.setup import (
     adopt_workers,
@@ -52,12 +53,10 @@ from luffy_megatron.train.step_parts import (
     StepDeps,
     batch_metrics,
     check_rollouts,
-    generate_and_mix,
     grade,
     reward_metrics,
     rewards_and_advantages,
     rollout_correction,
-    step_rng,
 )
 from luffy_megatron.train.validation import validate, validate_after_step
 from luffy_megatron.utils.logs import console_logging
@@ -91,26 +90,13 @@ def train(cfg: Config, workers=None) -> Path:
         kl_ctrl = make_kl_controller(**kl_controller_options(cfg.algo))  # beta of the KL reward penalty
         progress = RunProgress.resume(cfg, ranks, engines, sampler, out, kl_ctrl=kl_ctrl, workers=workers)
         metrics_log = open_metrics_log(cfg, out, progress.step)  # steps after progress.step: logged once
+        log_to = (metrics_log, perf, out, total_steps)
         with reward_pool(cfg) as rewards:
             deps = StepDeps(cfg, workers, ranks, engines, rewards, tokenizer, kl_ctrl)
             if val_set is not None and (cfg.trainer.val_only or (cfg.trainer.val_before_train and progress.step == 0)):
                 metrics_log.log(progress.step, validate(cfg, engines, rewards, tokenizer, val_set))
             last_step = progress.step if cfg.trainer.val_only else total_steps  # val_only: validate and stop
-            while progress.step < last_step:
-                if stop.requested:  # the safe point: the previous step is complete
-                    preempted = progress.stop(stop)
-                    break
-                step, timer = progress.step + 1, StepTimer()  # timing_s/<phase> (metrics/compute.py)
-                prompts = [train_set[i] for i in sampler.next_batch()]
-                try:
-                    batch, metrics = train_step(deps, prompts, step, timer, on_trained=lambda: progress.trained(step))
-                    metrics.update(validate_after_step(deps, val_set, out, step, total_steps, timer))
-                except (EngineFailure, RolloutIntegrityError, RankFailure) as failure:
-                    raise progress.after_failure(failure) from None
-                if progress.save_due(total_steps):
-                    with timer("save_checkpoint"):  # before the step's metrics: timing_s/step includes it, as upstream
-                        progress.save()
-                metrics_log.log(step, {**metrics, **perf.step_metrics(batch, timer)})
+            preempted = run_steps(deps, progress, Rollouts(deps, train_set, sampler, last_step), val_set, log_to, stop)
         plot_results_or_warn(out / "metrics.jsonl", out / "results.png")  # a failure only warns
     finally:
         close_run(metrics_log, stop, workers if owned else None, lock)
@@ -119,19 +105,50 @@ def train(cfg: Config, workers=None) -> Path:
     return out
 
 
+def run_steps(
+    deps: StepDeps, progress: RunProgress, rollouts: Rollouts, val_set, log_to: tuple, stop
+) -> Preempted | None:
+    """The steps after `progress.step` up to `rollouts.last_step`: each trained, validated when due, checkpointed
+    when due and logged. Returns the stop (`Preempted`) when a signal came, after the checkpoint it asks for."""
+    metrics_log, perf, out, total_steps = log_to
+    try:
+        while progress.step < rollouts.last_step:
+            if stop.requested:  # the safe point: the previous step is complete
+                rollouts.drop()  # trainer.overlap=one_step: the batch generated ahead is not trained
+                return progress.stop(stop)
+            step, timer = progress.step + 1, StepTimer()  # timing_s/<phase> (metrics/compute.py)
+            try:
+                batch, metrics = train_step(
+                    deps,
+                    rollouts,
+                    step,
+                    timer,
+                    on_trained=lambda: progress.trained(step, rollouts.position_after(step)),
+                )
+                metrics.update(validate_after_step(deps, val_set, out, step, total_steps, timer))
+            except (EngineFailure, RolloutIntegrityError, RankFailure) as failure:
+                raise progress.after_failure(failure) from None
+            if progress.save_due(total_steps):
+                with timer("save_checkpoint"):  # before the step's metrics: timing_s/step includes it, as upstream
+                    progress.save()
+            metrics_log.log(step, {**metrics, **perf.step_metrics(batch, timer)})
+    finally:
+        rollouts.close()
+    return None
+
+
 def train_step(
-    deps: StepDeps, prompts: list, step: int, timer: StepTimer, *, on_trained: Callable[[], None]
+    deps: StepDeps, rollouts: Rollouts, step: int, timer: StepTimer, *, on_trained: Callable[[], None]
 ) -> tuple[RolloutBatch, dict]:
     """One LUFFY step, its data flow in order: generate and mix -> reward -> old (and reference) log-probs ->
     rollout checks -> KL penalty and advantages -> update -> weight sync. `on_trained()` is called as soon as
-    the update has changed the actor (what a failure afterwards must checkpoint). Returns the batch and the
-    step's metrics."""
+    the update has changed the actor (what a failure afterwards must checkpoint). Under trainer.overlap=one_step
+    the batch was generated during the previous step and the next one is generated during this one
+    (train/overlap.py). Returns the batch and the step's metrics."""
     cfg, ranks, engines = deps.cfg, deps.ranks, deps.engines
     t0 = time.time()
     with timer("gen"):
-        batch, token_scores, rollout, rollout_metrics = generate_and_mix(
-            cfg, engines, deps.tokenizer, prompts, step, step_rng(cfg, step)
-        )
+        prompts, (batch, token_scores, rollout, rollout_metrics) = rollouts.take(step)
     with timer("reward"):  # critic/score/*: before any KL penalty
         scores = grade(deps.rewards, deps.tokenizer, batch, prompts, cfg.rollout.n, token_scores)
     switches = deps.workers.training_phase()  # colocated: engines sleep; offloaded optimizer state comes back
@@ -146,7 +163,7 @@ def train_step(
     token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(
         cfg, deps.kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, deps.tokenizer.eos_token_id
     )
-    with timer("update_actor"):
+    with timer("update_actor"), rollouts.timed("update"):
         kl_loss_ref = ref_log_probs if cfg.algo.use_kl_loss else None
         actor_metrics = ranks.call(
             "update",
@@ -160,13 +177,21 @@ def train_step(
     if kl_now is not None:  # after the update, so a checkpoint holds the controller of the last completed step
         deps.kl_ctrl.update(kl_now, n_steps=batch.num_rows)
     switches.update(deps.workers.rollout_phase())  # the ranks give back memory; engines wake their weights
+    rollouts.settle()  # trainer.overlap=one_step: the next batch's generation ends before the sync
     with timer("sync"):
         sync_seconds = engines.sync(version=step)
     switches.update(deps.workers.generation_phase())  # then the KV cache, with no sync buckets beside it
     seconds = time.time() - t0
-    metrics = {**rollout_metrics, **integrity, **correction, **reward_metrics(scores, batch, deps.rewards), **kl_metrics}
+    metrics = {
+        **rollout_metrics,
+        **integrity,
+        **correction,
+        **reward_metrics(scores, batch, deps.rewards),
+        **kl_metrics,
+    }
     metrics.update(actor_metrics)
     metrics.update(switches, **{"perf/sync_s": sync_seconds, "perf/step_s": seconds})
+    metrics["perf/overlap_s"] = rollouts.overlap_seconds()  # next batch's generation during this update
     metrics["perf/tokens_per_s"] = sum(batch.sequence_lengths()) / seconds
     metrics.update(batch_metrics(cfg, batch, token_scores, token_rewards, advantages))
     return batch, metrics

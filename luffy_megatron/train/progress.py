@@ -96,9 +96,11 @@ class RunProgress:
             log.warning("resumed from %s (step %d)", latest, step)
         return cls(cfg, ranks, out, sampler, kl_ctrl, data, step=step, data_position=sampler.position, saved_step=step)
 
-    def trained(self, step: int) -> None:
-        """The update of `step` has changed the actor (what a failure afterwards must checkpoint)."""
-        self.step, self.data_position = step, self.sampler.position
+    def trained(self, step: int, position: int | None = None) -> None:
+        """The update of `step` has changed the actor (what a failure afterwards must checkpoint). `position`:
+        the data position after the step's prompts (default the sampler's; it is ahead of the trained batch
+        while the next one is generated during the step, trainer.overlap=one_step)."""
+        self.step, self.data_position = step, self.sampler.position if position is None else position
 
     def save(self) -> int:
         """Checkpoint the state after the newest step (model, optimizer, RNG, data position and the data's

@@ -34,6 +34,7 @@ from luffy_megatron.rollout.integrity import (
     enforce_max_logprob_diff,
     logprob_drift,
     record_generations,
+    rows_of_version,
 )
 from luffy_megatron.train.setup import pad_token_id
 
@@ -57,10 +58,13 @@ def step_rng(cfg: Config, step: int) -> random.Random:
     return random.Random(cfg.trainer.seed * 1_000_003 + step)
 
 
-def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts: list, step: int, rng: random.Random):
+def generate_and_mix(
+    cfg: Config, engines: EngineSupervisor, tokenizer, prompts: list, step: int, rng: random.Random, restart=True
+):
     """Rows of one step: n slots per prompt, the first n_off_policy carry the demonstration (prefix),
     the engines generate the rest. Returns the batch, an empty reward tensor to fill, what the engines
-    reported per row (`RolloutRecord`: engine, weight version, log-probs) and metrics."""
+    reported per row (`RolloutRecord`: engine, weight version, log-probs) and metrics. `restart=False`: a
+    failed engine is reported, not restarted (a generation that runs beside an update, train/overlap.py)."""
     r, width = cfg.rollout, cfg.data.max_response_length
     ratios = prefix_ratios(
         strategy=r.prefix_strategy,
@@ -94,6 +98,7 @@ def generate_and_mix(cfg: Config, engines: EngineSupervisor, tokenizer, prompts:
             top_p=r.top_p,
             top_k=r.top_k,
             group_size=r.n,
+            restart=restart,
         )
     generations: list = [None for _ in plan.prefixes]
     for i, gen in zip(todo, outputs):
@@ -235,16 +240,24 @@ def check_rollouts(
     cfg: Config, engines: EngineSupervisor, rollout, old_log_probs: torch.Tensor, *, actor_version: int, step: int
 ) -> dict[str, float]:
     """Before the update: the drift between the engines' and the actor's log-probs of the generated tokens,
-    the weight version of every row against the actor's (`StaleRolloutError`), and rollout.max_logprob_diff
-    (warn, or `LogprobDriftError`). Returns the `rollout/logprob_diff_*` and `rollout/weight_version` metrics."""
+    the weight version of every row against the actor's (`StaleRolloutError`; under trainer.overlap=one_step a
+    row one update old is expected), and rollout.max_logprob_diff (warn, or `LogprobDriftError`) on the rows
+    sampled by the actor's own weights (on rows one update old the drift includes the update's change). Returns
+    the `rollout/logprob_diff_*`, `rollout/weight_version` and `rollout/weight_version_lag` metrics."""
+    max_lag = 1 if cfg.trainer.overlap == "one_step" else 0
     drift = logprob_drift(rollout, old_log_probs)
     check_weight_versions(
-        rollout, actor_version, old_log_prob_BT=old_log_probs, describe_engine=engines.fleet.describe_engine
+        rollout,
+        actor_version,
+        old_log_prob_BT=old_log_probs,
+        describe_engine=engines.fleet.describe_engine,
+        max_lag=max_lag,
     )
+    current = drift if max_lag == 0 else logprob_drift(rollout, old_log_probs, rows_of_version(rollout, actor_version))
     enforce_max_logprob_diff(
-        drift, max_logprob_diff=cfg.rollout.max_logprob_diff, action=cfg.rollout.logprob_diff_action, step=step
+        current, max_logprob_diff=cfg.rollout.max_logprob_diff, action=cfg.rollout.logprob_diff_action, step=step
     )
-    return drift_metrics(rollout, drift)
+    return drift_metrics(rollout, drift, actor_version)
 
 
 def rollout_correction(

