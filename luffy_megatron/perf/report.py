@@ -287,7 +287,7 @@ def _overlap_lines(plan: Plan) -> list[str]:
     if ov is None:
         return _wrapped(
             "overlap",
-            "a one-step-off-policy overlap (planned as trainer.overlap=one_step, not built yet) needs "
+            "the one-step-off-policy overlap (trainer.overlap=one_step) needs "
             "cluster.layout=disaggregated: colocated engines and "
             "trainer share the GPUs and cannot run at once, so the step above is sequential",
         )
@@ -295,7 +295,7 @@ def _overlap_lines(plan: Plan) -> list[str]:
     uncounted = "reward grading is" if ov.sync is not None else "the weight sync and reward grading are"
     return _wrapped(
         "overlap",
-        f"estimate for a one-step-off-policy mode (planned as trainer.overlap=one_step, not built yet): the "
+        f"estimate for the one-step-off-policy mode (trainer.overlap=one_step): the "
         f"engines generate batch k+1 with the "
         f"weights before update k while the trainer computes the log-probs and update of batch k, so a steady-state "
         f"step is max(generation {ov.generation:.1f} s, log-probs + update {ov.trainer:.1f} s){sync} = "

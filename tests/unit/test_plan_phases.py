@@ -301,7 +301,7 @@ def test_disaggregated_plan_prints_the_one_step_off_step_beside_the_sequential_o
     assert overlapped.endswith(f"{ov.step:.1f} s") and len(overlapped) == len(lines[step])
     text = " ".join(out.split())
     assert (
-        f"overlap estimate for a one-step-off-policy mode (planned as trainer.overlap=one_step, not built yet): "
+        f"overlap estimate for the one-step-off-policy mode (trainer.overlap=one_step): "
         f"the engines generate batch k+1 with "
         f"the weights before update k while the trainer computes the log-probs and update of batch k, so a "
         f"steady-state step is max(generation {t.generation:.1f} s, log-probs + update {trainer:.1f} s) = "
@@ -331,7 +331,7 @@ def test_colocated_plan_says_the_overlap_needs_a_disaggregated_layout(capsys):
     overlap = [line for line in out.splitlines() if line.startswith("overlap ")]
     assert len(overlap) == 1
     assert (
-        "overlap a one-step-off-policy overlap (planned as trainer.overlap=one_step, not built yet) needs "
+        "overlap the one-step-off-policy overlap (trainer.overlap=one_step) needs "
         "cluster.layout=disaggregated: colocated "
         "engines and trainer share the GPUs and cannot run at once, so the step above is sequential"
         in " ".join(out.split())
