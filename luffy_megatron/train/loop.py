@@ -163,7 +163,7 @@ def train_step(
     token_rewards, advantages, kl_metrics, kl_now = rewards_and_advantages(
         cfg, deps.kl_ctrl, batch, token_scores, old_log_probs, ref_log_probs, deps.tokenizer.eos_token_id
     )
-    with timer("update_actor"), rollouts.timed("update"):
+    with timer("update_actor"):
         kl_loss_ref = ref_log_probs if cfg.algo.use_kl_loss else None
         actor_metrics = ranks.call(
             "update",
@@ -191,7 +191,7 @@ def train_step(
     }
     metrics.update(actor_metrics)
     metrics.update(switches, **{"perf/sync_s": sync_seconds, "perf/step_s": seconds})
-    metrics["perf/overlap_s"] = rollouts.overlap_seconds()  # next batch's generation during this update
+    metrics["perf/overlap_s"] = rollouts.overlap_seconds()  # the next batch's generation during this step
     metrics["perf/tokens_per_s"] = sum(batch.sequence_lengths()) / seconds
     metrics.update(batch_metrics(cfg, batch, token_scores, token_rewards, advantages))
     return batch, metrics

@@ -23,11 +23,10 @@ with the current weights; with on_engine_failure=fail the failure is raised ther
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from luffy_megatron.rollout.faults import EngineFailure
 from luffy_megatron.train.step_parts import StepDeps, generate_and_mix, step_rng
@@ -56,6 +55,7 @@ class Rollouts:
         self.ahead: Optional[Ahead] = None
         self.regenerate: Optional[list] = None  # prompts whose batch generated ahead was lost with its engine
         self.intervals: dict[str, tuple[float, float]] = {}  # what ran when during the step (perf/overlap_s)
+        self._trainer_from = time.time()
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="luffy-ahead") if self.one_step else None
         )
@@ -73,6 +73,7 @@ class Rollouts:
             result = generate_and_mix(*self._generation_args(prompts, step), restart=True)
         if self.one_step and step < self.last_step:
             self._start_ahead(step + 1)
+        self._trainer_from = time.time()  # the trainer's part of the step starts (`overlap_seconds`)
         return prompts, result
 
     def position_after(self, step: int) -> int:
@@ -84,6 +85,7 @@ class Rollouts:
         generating). An engine that failed meanwhile is restarted without weights (restart mode; the sync gives
         it the new ones) and the batch is generated again when its step starts; in fail mode the failure is
         raised. Records when the generation ran (`overlap_seconds`)."""
+        self.intervals["train"] = (self._trainer_from, time.time())
         ahead = self.ahead
         if ahead is None:
             return
@@ -112,20 +114,12 @@ class Rollouts:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        """Records when `name` (the update) ran during this step, for `overlap_seconds`."""
-        start = time.time()
-        try:
-            yield
-        finally:
-            self.intervals[name] = (start, time.time())
-
     def overlap_seconds(self) -> float:
-        """How long the next batch's generation and this step's update ran at the same time."""
-        if "generate_next" not in self.intervals or "update" not in self.intervals:
+        """How long the next batch's generation and the trainer's part of this step (grading, log-probs,
+        update: from `take` to `settle`) ran at the same time."""
+        if "generate_next" not in self.intervals or "train" not in self.intervals:
             return 0.0
-        (a0, a1), (b0, b1) = self.intervals["generate_next"], self.intervals["update"]
+        (a0, a1), (b0, b1) = self.intervals["generate_next"], self.intervals["train"]
         return max(0.0, min(a1, b1) - max(a0, b0))
 
     def _draw(self, step: int) -> list:

@@ -914,9 +914,9 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_last_checkpoint_still_lo
 
 
 def test_one_step_overlap_generates_the_next_batch_during_the_update(cluster, monkeypatch):
-    """Batch k+1 is generated while update k runs (the two intervals overlap), its on-policy rows carry weight
-    version k-1 while the actor is at k (lag 1, accepted), and algo.rollout_is weighs them by
-    min(exp(old - engine log-prob), cap) on the engines' recorded log-probs."""
+    """Batch k+1 is generated while the trainer computes step k (grading, log-probs, update: the two intervals
+    overlap), its on-policy rows carry weight version k-1 while the actor is at k (lag 1, accepted), and
+    algo.rollout_is weighs them by min(exp(old - engine log-prob), cap) on the engines' recorded log-probs."""
     from luffy_megatron.algo.rollout_correction import on_policy_mask
     from luffy_megatron.train import loop
 
@@ -937,7 +937,7 @@ def test_one_step_overlap_generates_the_next_batch_during_the_update(cluster, mo
     rows = metrics(out)
     assert [r["rollout/weight_version"] for r in rows] == [0, 0, 1]  # batch k+1 by the weights of update k-1
     assert [r["rollout/weight_version_lag"] for r in rows] == [0, 1, 1]  # the first step is on-policy
-    assert rows[0]["perf/overlap_s"] > 0 and rows[1]["perf/overlap_s"] > 0  # batches 2 and 3 during updates 1, 2
+    assert rows[0]["perf/overlap_s"] > 0 and rows[1]["perf/overlap_s"] > 0  # batches 2 and 3 during steps 1, 2
     assert rows[2]["perf/overlap_s"] == 0  # nothing to generate after the last step
     for (batch, rollout, old, behaviour, got), row in zip(seen, rows):
         width = old.shape[1]
@@ -993,7 +993,7 @@ def test_one_step_stops_on_sigterm_dropping_the_batch_generated_ahead(cluster, m
     assert "the batch generated ahead for step 3 is dropped" in caplog.text
     state = json.loads((root / "overlap_term" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
     assert state["data_position"] == 2 * 2  # two batches of 2 prompts trained; the third was only generated
-    rows = resumes(cluster, "overlap_term", 2, 3, caplog, *settings)
+    rows = resumes(cluster, "overlap_term", 2, 3, caplog, "trainer.overlap=one_step")  # saves every step
     assert rows[-1]["rollout/weight_version_lag"] == 0  # generated after the resume, with the actor's weights
 
 

@@ -92,8 +92,7 @@ def test_one_step_generates_the_next_batch_beside_the_step_and_records_the_train
     fake = Engines()
     source = rollouts(monkeypatch, "one_step", fake)
     prompts1, _ = source.take(1)
-    with source.timed("update"):  # the update of step 1 while batch 2 is generated
-        time.sleep(0.1)
+    time.sleep(0.1)  # the trainer's part of step 1 (grading, log-probs, update) while batch 2 is generated
     source.settle()
     assert source.overlap_seconds() > 0.03
     assert source.position_after(1) == 2 and source.sampler.position == 4  # batch 2's prompts drawn already

@@ -18,7 +18,7 @@ The step time of a run is its median `timing_s/step` over the steps after the fi
 one_step run generates its own batch before it can overlap anything). Last line, one JSON object:
 `overlap_vs_sync_steps_ratio` = sync_same / one_step step time, `overlap_vs_best_sync_ratio` = sync_best /
 one_step (both larger-is-better), the step times, and each run's median generation, update and overlap
-seconds (`perf/overlap_s`: how long the next batch's generation and the update ran at the same time).
+seconds (`perf/overlap_s`: how long the next batch's generation and the trainer's part of the step ran at once).
 """
 
 from __future__ import annotations
