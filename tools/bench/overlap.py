@@ -14,6 +14,10 @@ one after the other, nothing else running:
   sync_best  the synchronous loop as it runs by default: the rank on every core while the engine waits
              (cluster.cpu_rank_cores=all), so no core sits idle in either phase.
 
+`--learn PNG`: instead, the demo job as `make demo` runs it (12 steps, validation every 4) under
+trainer.overlap=none and one_step, and both runs' on-policy reward and validation score plotted into PNG; the
+JSON then holds each run's per-step on-policy reward and validation scores.
+
 The step time of a run is its median `timing_s/step` over the steps after the first (the first step of a
 one_step run generates its own batch before it can overlap anything). Last line, one JSON object:
 `overlap_vs_sync_steps_ratio` = sync_same / one_step step time, `overlap_vs_best_sync_ratio` = sync_best /
@@ -47,6 +51,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5, help="steps per run (the first is not timed)")
     ap.add_argument("--work", type=Path, default=None, help="where the runs write (default: a new temp dir)")
     ap.add_argument("--runs", default=",".join(RUNS), help="which of " + ", ".join(RUNS))
+    ap.add_argument("--learn", type=Path, default=None, help="run the demo job in both modes; plot into this PNG")
     return ap.parse_args()
 
 
@@ -63,26 +68,28 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return model, data
 
 
+def train(out: Path, model: Path, data: Path, settings: list[str]) -> list[dict]:
+    """`luffy-train` on the demo recipe with `settings`; its metrics rows."""
+    settings = [f"model.path={model}", f"trainer.output_dir={out}", "trainer.resume=disable", *settings]
+    settings += [f"data.train_files=[{data}/train.parquet]"]
+    cmd = [str(REPO / ".venv" / "bin" / "luffy-train"), "--config", str(REPO / "recipes" / "cpu_demo.yaml")]
+    done = subprocess.run(cmd + [a for s in settings for a in ("--set", s)], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{out.name}: luffy-train exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def run(name: str, work: Path, model: Path, data: Path, steps: int) -> dict:
-    out = work / name
     settings = [
-        f"model.path={model}",
-        f"data.train_files=[{data}/train.parquet]",
         "data.val_files=[]",
-        f"trainer.output_dir={out}",
         f"trainer.total_training_steps={steps}",
         "trainer.save_freq=-1",
         "trainer.test_freq=-1",
         "trainer.val_before_train=false",
-        "trainer.resume=disable",
         *RUNS[name],
     ]
-    cmd = [str(REPO / ".venv" / "bin" / "luffy-train"), "--config", str(REPO / "recipes" / "cpu_demo.yaml")]
     t0 = time.time()
-    done = subprocess.run(cmd + [a for s in settings for a in ("--set", s)], cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name}: luffy-train exited with {done.returncode}:\n{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = train(work / name, model, data, settings)
     timed = rows[1:]
 
     def median(key: str) -> float:
@@ -100,6 +107,40 @@ def run(name: str, work: Path, model: Path, data: Path, steps: int) -> dict:
     return result
 
 
+def learn(work: Path, model: Path, data: Path, png: Path) -> dict:
+    """The demo job in both modes; their on-policy reward per step and validation score, plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for mode in ("none", "one_step"):
+        val = f"data.val_files=[{data}/val.parquet]"
+        rows = train(work / f"learn_{mode}", model, data, [val, f"trainer.overlap={mode}", "trainer.save_freq=-1"])
+        curves[mode] = {
+            "on_policy_reward": {
+                r["step"]: r["rollout/on_policy_reward"] for r in rows if "rollout/on_policy_reward" in r
+            },
+            "val_score": {r["step"]: r["val/test_score/avg"] for r in rows if "val/test_score/avg" in r},
+            "step_s": round(statistics.median(r["timing_s/step"] for r in rows if "timing_s/step" in r), 2),
+        }
+        print(f"[overlap bench] learn {mode}: {curves[mode]}", flush=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for mode, style in (("none", "-o"), ("one_step", "-s")):
+        for ax, key in zip(axes, ("on_policy_reward", "val_score")):
+            points = sorted(curves[mode][key].items())
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"trainer.overlap={mode}")
+    for ax, title in zip(axes, ("on-policy reward (training batch)", "validation score (16 problems)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    return {"bench": "overlap_learning", "plot": str(png), "runs": curves}
+
+
 def main() -> int:
     args = parse()
     if args.steps < 2:
@@ -111,6 +152,9 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="luffy-bench-overlap-"))
     work.mkdir(parents=True, exist_ok=True)
     model, data = prepare(work)
+    if args.learn is not None:
+        print(json.dumps(learn(work, model, data, args.learn)), flush=True)
+        return 0
     results = {name: run(name, work, model, data, args.steps) for name in names}
     summary: dict = {"bench": "overlap", "steps": args.steps, "timed_steps": args.steps - 1, "runs": results}
     if "one_step" in results:
