@@ -18,6 +18,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# the demo's problems (tools/prepare_data.py synthetic): one-digit additions, the short system prompt
+DATA_OPTIONS = ["--digits", "1", "--operands", "2", "--ops", "+", "--system-prompt", "short", "--seed", "0"]
 
 
 def main() -> int:
@@ -51,16 +53,7 @@ def main() -> int:
                 str(args.num_train),
                 "--num-val",
                 str(args.num_val),
-                "--digits",
-                "1",
-                "--operands",
-                "2",
-                "--ops",
-                "+",
-                "--system-prompt",
-                "short",
-                "--seed",
-                "0",
+                *DATA_OPTIONS,
             ],
             check=True,
         )

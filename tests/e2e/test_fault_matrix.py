@@ -5,7 +5,8 @@ checkpoint loading and a resumed run completing, every step logged once:
 * SIGKILL of an engine core (test_restart_mode_...): restarted, re-synced, its rows generated again; with
   on_engine_failure=fail (test_fail_mode_...): a checkpoint of the healthy actor, then one error line naming the
   engine, its node and its log's last lines;
-* SIGKILL of an engine actor (test_a_killed_engine_actor_...): restarted as above, its engine core gone with it;
+* SIGKILL of an engine actor, here under trainer.overlap=one_step while it generates the next batch
+  (test_one_step_restarts_an_engine_actor_...): restarted after the update, its engine core gone with it;
 * SIGKILL of the Megatron rank (test_a_killed_megatron_rank_...): the run stops at once naming the rank and the
   checkpoint to resume from;
 * SIGKILL of the driver and all it started, mid-save (test_a_driver_killed_mid_save_...): the next run removes
@@ -779,22 +780,6 @@ def _state(pid: int) -> str:
         return "zombie"
 
 
-def test_a_killed_engine_actor_is_restarted_and_the_run_resumes_after_it(cluster, caplog):
-    from luffy_megatron.train.loop import train
-
-    root, workers = cluster
-    info = dict(workers.fleet.infos[KILLED])
-    with time_limit(TEST_TIME_LIMIT_S):
-        killer = Killer(workers.fleet, KILLED, 1, pids=[info["pid"]])
-        out = train(job_config(root, "actor_kill", 1, "rollout.on_engine_failure=restart"), workers=workers)
-    assert killer.killed_at is not None
-    (row,) = metrics(out)
-    assert row["rollout/engine_restarts"] == 1 and row["rollout/logprob_diff_mean"] < TOLERANCE
-    assert workers.fleet.infos[KILLED]["pid"] != info["pid"]
-    assert gone(info["core_pids"]), "the killed actor's vLLM engine-core process outlived it"
-    resumes(cluster, "actor_kill", 1, 2, caplog, "rollout.on_engine_failure=restart")
-
-
 def test_a_killed_reward_worker_loses_nothing_and_a_truncated_data_file_is_refused(cluster, monkeypatch, caplog):
     """SIGKILL of the reward worker while it holds an item: a new worker grades it again and the step
     completes. Then the training file is cut short: the run is refused naming the file, before anything
@@ -997,22 +982,27 @@ def test_one_step_stops_on_sigterm_dropping_the_batch_generated_ahead(cluster, m
     assert rows[-1]["rollout/weight_version_lag"] == 0  # generated after the resume, with the actor's weights
 
 
-def test_one_step_restarts_an_engine_killed_while_generating_ahead(cluster):
+def test_one_step_restarts_an_engine_actor_killed_while_generating_ahead(cluster, caplog):
+    """SIGKILL of engine KILLED's Ray actor (its vLLM engine core goes with it) while it generates batch 2 during
+    step 1: after the update the engine is restarted, the sync gives it the new weights, and batch 2 is
+    generated again when step 2 starts (lag 0); then the run resumes from its checkpoint."""
     from luffy_megatron.train.loop import train
 
     root, workers = cluster
+    info = dict(workers.fleet.infos[KILLED])
+    settings = ("trainer.overlap=one_step", "rollout.on_engine_failure=restart")
     with time_limit(TEST_TIME_LIMIT_S):
-        killer = CoreKiller(workers.fleet, KILLED, occurrence=2)  # the generation of batch 2, during update 1
-        out = train(
-            job_config(root, "overlap_kill", 2, "trainer.overlap=one_step", "rollout.on_engine_failure=restart"),
-            workers=workers,
-        )
+        killer = Killer(workers.fleet, KILLED, 2, pids=[info["pid"]])  # the generation of batch 2, during step 1
+        out = train(job_config(root, "overlap_kill", 2, *settings), workers=workers)
     assert killer.killed_at is not None
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["rollout/engine_restarts"] == 1
     assert rows[1]["rollout/weight_version_lag"] == 0  # batch 2 generated again after the sync, with version 1
     assert rows[1]["rollout/logprob_diff_mean"] < TOLERANCE
+    assert workers.fleet.infos[KILLED]["pid"] != info["pid"]
+    assert gone(info["core_pids"]), "the killed actor's vLLM engine-core process outlived it"
+    resumes(cluster, "overlap_kill", 2, 3, caplog, *settings)
 
 
 def test_a_killed_megatron_rank_stops_the_run_naming_it_and_new_ranks_resume(cluster, monkeypatch, caplog):

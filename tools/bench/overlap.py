@@ -1,11 +1,18 @@
 #!/usr/bin/env python
-"""Benchmark: trainer.overlap=one_step against the synchronous loop, the demo's LUFFY job on this machine.
+"""Benchmark: trainer.overlap=one_step against the synchronous loop, a LUFFY job on this machine.
 
-    python tools/bench/overlap.py [--steps 5] [--work DIR]
+    python tools/bench/overlap.py [--shape long|demo] [--steps 5] [--work DIR]
 
-Three runs of `luffy-train --config recipes/cpu_demo.yaml` (SmolLM2-135M, one vLLM-CPU engine, one Megatron
-rank, the demo's data and batch: 4 prompts x 4 rows, up to 128 generated tokens), the same steps and rows,
-one after the other, nothing else running:
+Three runs of `luffy-train --config recipes/cpu_demo.yaml` (one vLLM-CPU engine, one Megatron rank, the demo's
+data), the same steps and rows, one after the other, nothing else running. Two shapes of job:
+
+  long  (default) as LUFFY's runs are, generation as long as the update or longer: SmolLM2-135M's architecture
+        with random weights (its rows never end early: every one is max_response_length long), 1 prompt x 4
+        rows (1 demonstration + 3 generated) per step, 512 generated tokens;
+  demo  `make demo`'s job: the pretrained SmolLM2-135M-Instruct, 4 prompts x 4 rows, up to 128 generated tokens
+        (most stop early); on a CPU its fp32 update takes several times its generation.
+
+The three runs:
 
   one_step   trainer.overlap=one_step: the engine generates batch k+1 while the rank trains on batch k; the
              engine on its own cores (vLLM-CPU's binding), the rank on the cores it leaves
@@ -39,6 +46,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+SHAPES = {  # settings on top of recipes/cpu_demo.yaml
+    "long": [
+        "data.train_batch_size=1",
+        "data.max_response_length=512",
+        "actor.ppo_mini_batch_size=1",
+        "rollout.max_num_seqs=4",
+    ],
+    "demo": [],
+}
 RUNS = {
     "one_step": ["trainer.overlap=one_step"],
     "sync_same": ["trainer.overlap=none", "cluster.cpu_rank_cores=free"],
@@ -49,22 +65,43 @@ RUNS = {
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--steps", type=int, default=5, help="steps per run (the first is not timed)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="long", help="the job (see above)")
     ap.add_argument("--work", type=Path, default=None, help="where the runs write (default: a new temp dir)")
     ap.add_argument("--runs", default=",".join(RUNS), help="which of " + ", ".join(RUNS))
     ap.add_argument("--learn", type=Path, default=None, help="run the demo job in both modes; plot into this PNG")
     return ap.parse_args()
 
 
-def prepare(work: Path) -> tuple[Path, Path]:
-    """SmolLM2-135M-Instruct as HF files and the demo's synthetic data, under `work`."""
+def random_like(pretrained: Path, out: Path) -> Path:
+    """`pretrained`'s architecture and tokenizer with random weights (seed 0), as HF files in `out`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained), torch_dtype=torch.float32)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(pretrained).save_pretrained(out)
+    return out
+
+
+def prepare(work: Path, shape: str = "demo") -> tuple[Path, Path]:
+    """The model (SmolLM2-135M-Instruct, or for `long` its architecture with random weights) as HF files and the
+    demo's synthetic data (`make demo`'s problems), under `work`."""
     from luffy_megatron.models.demo_models import build_smollm2_hf
 
     model, data = work / "model", work / "data"
     if not (model / "config.json").exists():
         build_smollm2_hf(model)
+    if shape == "long":
+        model = random_like(model, work / "model_random")
     if not (data / "train.parquet").exists():
+        sys.path.insert(0, str(REPO / "tools"))
+        from demo import DATA_OPTIONS  # the demo's problems
+
         cmd = [sys.executable, str(REPO / "tools" / "prepare_data.py"), "synthetic", "--out", str(data)]
-        subprocess.run(cmd + ["--num-train", "64", "--num-val", "16"], check=True, cwd=REPO)
+        subprocess.run(cmd + ["--num-train", "64", "--num-val", "16", *DATA_OPTIONS], check=True, cwd=REPO)
     return model, data
 
 
@@ -79,8 +116,9 @@ def train(out: Path, model: Path, data: Path, settings: list[str]) -> list[dict]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def run(name: str, work: Path, model: Path, data: Path, steps: int) -> dict:
+def run(name: str, work: Path, model: Path, data: Path, steps: int, shape: str = "demo") -> dict:
     settings = [
+        *SHAPES[shape],
         "data.val_files=[]",
         f"trainer.total_training_steps={steps}",
         "trainer.save_freq=-1",
@@ -89,7 +127,7 @@ def run(name: str, work: Path, model: Path, data: Path, steps: int) -> dict:
         *RUNS[name],
     ]
     t0 = time.time()
-    rows = train(work / name, model, data, settings)
+    rows = train(work / f"{shape}_{name}", model, data, settings)
     timed = rows[1:]
 
     def median(key: str) -> float:
@@ -151,12 +189,19 @@ def main() -> int:
         raise SystemExit(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
     work = args.work or Path(tempfile.mkdtemp(prefix="luffy-bench-overlap-"))
     work.mkdir(parents=True, exist_ok=True)
-    model, data = prepare(work)
     if args.learn is not None:
+        model, data = prepare(work)
         print(json.dumps(learn(work, model, data, args.learn)), flush=True)
         return 0
-    results = {name: run(name, work, model, data, args.steps) for name in names}
-    summary: dict = {"bench": "overlap", "steps": args.steps, "timed_steps": args.steps - 1, "runs": results}
+    model, data = prepare(work, args.shape)
+    results = {name: run(name, work, model, data, args.steps, args.shape) for name in names}
+    summary: dict = {
+        "bench": "overlap",
+        "shape": args.shape,
+        "steps": args.steps,
+        "timed_steps": args.steps - 1,
+        "runs": results,
+    }
     if "one_step" in results:
         one = results["one_step"]["step_s"]
         for name, key in (("sync_same", "overlap_vs_sync_steps_ratio"), ("sync_best", "overlap_vs_best_sync_ratio")):
