@@ -406,6 +406,11 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
     )
     monkeypatch.setattr(faults, "HEALTH_TIMEOUT_S", 1.0)
 
+    def started(hang=False):  # a live engine's worker process is up before a 1 s health check can time it
+        engine = Engine.remote(hang=hang)
+        ray_up.get(engine.weight_version.remote(), timeout=30)
+        return engine
+
     def supervisor(mode, engines, timeout_s=30.0):
         fleet = EngineFleet(
             engines, dtype=torch.float32, infos=[{"node_ip": f"10.2.2.{i}"} for i in range(len(engines))]
@@ -422,7 +427,7 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
     with time_limit(60):
         dead = Engine.remote()
         ray_up.kill(dead)
-        sup = supervisor("fail", [Engine.remote(), dead])
+        sup = supervisor("fail", [started(), dead])
         with pytest.raises(faults.EngineFailure) as failed:
             sup.sync(version=3)
         assert failed.value.engine == 1 and failed.value.phase == "weight sync"
@@ -431,12 +436,12 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
         )
         assert sup.fleet.synced_version is None
 
-        sup = supervisor("restart", [Engine.remote(), dead])
+        sup = supervisor("restart", [started(), dead])
         restarted = []
 
         def restart_engine(i):  # EngineFleet.restart_engine with a stand-in (it needs EngineFleet.start's launch)
             restarted.append(i)
-            sup.fleet.engines[i] = Engine.remote()
+            sup.fleet.engines[i] = started()
             how["value"] = "works"
 
         monkeypatch.setattr(sup.fleet, "restart_engine", restart_engine)
@@ -447,7 +452,7 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
         # engine 1 dies mid-sync and engine 0 is left blocked in its receive (a collective sync whose group close
         # did not free it): the health check names both, and restart mode restarts both
         how["value"] = "dies"
-        dead, stuck = Engine.remote(), Engine.remote(hang=True)
+        dead, stuck = Engine.remote(), started(hang=True)
         ray_up.kill(dead)
         sup = supervisor("restart", [stuck, dead])
         restarted = []
@@ -458,7 +463,7 @@ def test_an_engine_that_dies_or_hangs_in_a_weight_sync_is_named_or_restarted(ray
         ray_up.kill(stuck)
 
         how["value"] = "hangs"
-        sup = supervisor("fail", [Engine.remote(), Engine.remote(hang=True)], timeout_s=1.0)
+        sup = supervisor("fail", [started(), started(hang=True)], timeout_s=1.0)
         with pytest.raises(
             faults.EngineFailure,
             match="engine 1 of 2 .* did not answer a health check within 1s "
