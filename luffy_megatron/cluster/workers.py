@@ -17,8 +17,9 @@ plan counts phase by phase (`perf/memory_plan.py`; checked against what every pr
     weight sync        into the woken weights, with no KV cache beside the sync buckets
     generation_phase() the engines wake their KV cache and generate
 
-Disaggregated and CPU layouts switch nothing (and offload only when asked). On CPU the engines' sleep/wake
-are no-ops that still change the engine's state, so a call out of order fails the same way it would on GPUs.
+Disaggregated and CPU layouts switch nothing (and offload only when asked), and their engines start while the
+ranks build (`train.setup.start_workers`). On CPU the engines' sleep/wake are no-ops that still change the
+engine's state, so a call out of order fails the same way it would on GPUs.
 """
 
 from __future__ import annotations

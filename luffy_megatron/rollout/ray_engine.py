@@ -269,7 +269,12 @@ class EngineFleet:
         self.synced_version: Optional[int] = None
 
     @classmethod
-    def start(
+    def start(cls, model_dir: str, **kwargs) -> "EngineFleet":
+        """`launch`, then `wait` for every engine to be up."""
+        return cls.launch(model_dir, **kwargs).wait()
+
+    @classmethod
+    def launch(
         cls,
         model_dir: str,
         *,
@@ -280,9 +285,11 @@ class EngineFleet:
         log_dir: Optional[str] = None,
         request_timeout_s: Optional[float] = None,
         **engine_kwargs,
-    ) -> "EngineFleet":
-        """Starts `num_engines` actors (all at once; on CPU they share the cores) and waits until every engine is
-        up, at most `start_timeout_s` (progress is logged every minute; past it the actors are killed and
+    ) -> "StartingFleet":
+        """Creates `num_engines` actors (all at once; on CPU they share the cores), which start loading at once,
+        and returns without waiting for them: the caller may do other work meanwhile (the Megatron ranks build
+        beside engines of their own devices), then `StartingFleet.wait()` waits until every engine is up, at most
+        `start_timeout_s` from now (progress is logged every minute; past it the actors are killed and
         TimeoutError raised).
 
         `launches`: one per engine, from `cluster.placement.Placement.engine_launch`: Ray actor `options` (GPU
@@ -306,16 +313,7 @@ class EngineFleet:
             "start_timeout_s": start_timeout_s,
             "log_dir": str(log_dir) if log_dir else None,
         }
-        engines = [_launch_engine(spec, i) for i in range(num_engines)]
-        try:
-            infos = _wait_started(engines, start_timeout_s)
-        except BaseException:
-            for e in engines:
-                ray.kill(e)
-            raise
-        fleet = cls(engines, dtype=getattr(torch, infos[0]["dtype"]), request_timeout_s=request_timeout_s, infos=infos)
-        fleet._launch = spec
-        return fleet
+        return StartingFleet([_launch_engine(spec, i) for i in range(num_engines)], spec, request_timeout_s)
 
     @property
     def num_engines(self) -> int:
@@ -592,6 +590,33 @@ class EngineFleet:
                 ray.kill(e)
 
 
+class StartingFleet:
+    """Engine actors created by `EngineFleet.launch` and still starting."""
+
+    def __init__(self, engines: list, spec: dict, request_timeout_s: Optional[float]):
+        self.engines, self.spec, self.request_timeout_s = engines, spec, request_timeout_s
+        self.t0 = time.monotonic()
+
+    def wait(self) -> EngineFleet:
+        """The fleet once every engine is up, within `start_timeout_s` of the launch; on a failure or a timeout
+        the actors are killed and the error raised."""
+        try:
+            infos = _wait_started(self.engines, self.spec["start_timeout_s"], since=self.t0)
+        except BaseException:
+            self.cancel()
+            raise
+        fleet = EngineFleet(
+            self.engines, dtype=getattr(torch, infos[0]["dtype"]), request_timeout_s=self.request_timeout_s, infos=infos
+        )
+        fleet._launch = self.spec
+        return fleet
+
+    def cancel(self) -> None:
+        """Kills the engine actors (a failed start elsewhere: nothing waits for them)."""
+        for engine in self.engines:
+            ray.kill(engine)
+
+
 def _launch_engine(spec: dict, index: int, stale_shm: Optional[dict] = None):
     """Engine actor `index` as `EngineFleet.start` describes it in `spec`. `stale_shm`: see `restart_engine`."""
     launch = spec["launches"][index]
@@ -666,16 +691,17 @@ def _log_to_file(path: str) -> str:
     return path
 
 
-def _wait_started(engines: list, timeout_s: float) -> list[dict]:
-    """`info()` of every engine once all are up; logs who is still starting every minute."""
-    t0 = time.monotonic()
+def _wait_started(engines: list, timeout_s: float, since: Optional[float] = None) -> list[dict]:
+    """`info()` of every engine once all are up, within `timeout_s` of `since` (time.monotonic(); default now);
+    logs who is still starting every minute."""
+    t0 = time.monotonic() if since is None else since
     refs = [e.info.remote() for e in engines]
     pending = list(refs)
     while pending:
         left = timeout_s - (time.monotonic() - t0)
-        if left <= 0:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, min(left, 60.0)))
+        if pending and time.monotonic() - t0 >= timeout_s:  # engines up by now count, however late this looks
             raise TimeoutError(f"{len(pending)} of {len(engines)} vLLM engines did not start within {timeout_s:g}s")
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 60.0))
         if pending:
             log.warning(
                 "%d of %d vLLM engines still starting after %.0fs", len(pending), len(engines), time.monotonic() - t0

@@ -28,7 +28,7 @@ from luffy_megatron.metrics.sinks import MetricsLogger
 from luffy_megatron.perf.memory_plan import colocated_offload_problem
 from luffy_megatron.reward.pool import RewardPool
 from luffy_megatron.rollout.faults import EngineSupervisor
-from luffy_megatron.rollout.ray_engine import EngineFleet
+from luffy_megatron.rollout.ray_engine import EngineFleet, StartingFleet
 from luffy_megatron.sync.weights import resolve_transport
 from luffy_megatron.utils.fs import FileLock, LockHeld, write_log
 from luffy_megatron.utils.preemption import StopSignals
@@ -201,15 +201,20 @@ def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool | None = None, log_
         placement.release()
         raise
     workers = Workers(placement, None, None, offload=cfg.actor.offload_during_rollout)
+    # engines on devices (or CPU cores) of their own start while the ranks build; colocated ones only after it
+    starting = None if workers.colocated else launch_engines(cfg, placement, use_gpu=use_gpu, log_dir=log_dir)
     try:
         workers.actors = ActorGroup(placement)
         build_ranks(workers.actors, cfg, pad_id, log_dir)
         workers.after_build()  # colocated: the ranks keep only their weights on the GPU while the engines start
-        workers.fleet = start_engines(cfg, placement, use_gpu=use_gpu, log_dir=log_dir)
+        starting = starting or launch_engines(cfg, placement, use_gpu=use_gpu, log_dir=log_dir)
+        workers.fleet, starting = starting.wait(), None
         # Engines and a fresh actor load the same model.path: both hold weight version 0 (no sync before
         # step 1). An actor started from model.load_checkpoint holds other weights: sync them first.
         workers.fleet.synced_version = None if cfg.model.load_checkpoint else 0
     except BaseException:
+        if starting is not None:
+            starting.cancel()
         workers.shutdown()
         raise
     return workers
@@ -262,12 +267,13 @@ def adopt_workers(cfg: Config, workers: Workers, out: Path, pad_id: int) -> bool
     return rebuilt
 
 
-def start_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None = None) -> EngineFleet:
-    """The vLLM engines of the layout, started from the same HF weights the actor loaded (so no sync before
-    step 1); colocated engines with vLLM sleep mode, so they can free their GPU memory for the update."""
+def launch_engines(cfg: Config, placement, *, use_gpu: bool, log_dir: Path | None = None) -> StartingFleet:
+    """The vLLM engines of the layout, launched from the same HF weights the actor loads (so no sync before
+    step 1); colocated engines with vLLM sleep mode, so they can free their GPU memory for the update.
+    `wait()` on the result gives the fleet."""
     r, layout = cfg.rollout, placement.layout
     extra = {"gpu_memory_utilization": r.gpu_memory_utilization} if use_gpu else {}
-    return EngineFleet.start(
+    return EngineFleet.launch(
         cfg.model.path,
         num_engines=len(layout.engines),
         launches=[placement.engine_launch(e) for e in range(len(layout.engines))],

@@ -499,6 +499,9 @@ def test_disaggregated_one_node_trains_the_other_generates(cluster, tiny, tmp_pa
         tp_workers = worker_bundles(workers.placement, engine, probe_cls)
         assert {w["node_ip"] for w in tp_workers} == {WORKER_IP}
         assert len({w["cuda_visible_devices"] for w in tp_workers}) == 2  # one GPU per TP worker
+        # GPUs of its own: the engine started loading while the ranks built (colocated ones wait, above)
+        (start,) = calls(workers.fleet.events()[0], "start")
+        assert start[0] < min(calls(ev, "build")[0][1] for ev in workers.actors.events())
 
         out = train(cfg, workers=workers)
         trained = time.monotonic() - t0 - started

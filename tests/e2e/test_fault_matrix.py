@@ -164,56 +164,13 @@ def _stop_job(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory):
-    """A run of up to 50 steps that gets SIGTERM once its first step is logged, and SIGUSR1 while stopping."""
-    root = tmp_path_factory.mktemp("signal")
-    out, data = root / "out", synthetic_data(root / "data")
-    log = root / "first.log"
-    proc = _start(_command(out, data, steps=50), log)
-    try:
-        _wait_for(log, proc, "[step 1/50]", START_TIMEOUT_S)
-        proc.send_signal(signal.SIGTERM)
-        _wait_for(log, proc, "SIGTERM received", 60)
-        proc.send_signal(signal.SIGUSR1)  # while stopping: must not interrupt the checkpoint
-        rc = proc.wait(timeout=120)
-    finally:
-        _stop_job(proc)
-    return out, data, rc, log.read_text()
-
-
-def test_a_signal_checkpoints_after_the_current_step_and_exits_75(stopped):
-    out, _, rc, text = stopped
-    assert rc == PREEMPTED_EXIT_CODE, text[-4000:]
-    done = [int(m.group(1)) for m in STEP_LINE.finditer(text)]
-    last = done[-1]
-    assert done == list(range(1, last + 1)) and last < 50  # stopped early, at a step boundary
-    assert checkpoint_steps(out) == [last]  # save_freq=-1: the only checkpoint is the one the signal made
-    assert not list((out / "checkpoints").glob("*.tmp-*"))  # nothing torn
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{last:06d}"
-    state = json.loads((out / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").read_text())
-    assert state["step"] == last and state["data_position"] == last * BATCH
-    rows = metrics(out)
-    # step 1: the policy is still the reference. Equal up to fp32 rounding, not bit for bit: the actor's weights
-    # are views into Megatron's contiguous parameter buffer, the reference's are tensors of their own, and the
-    # CPU matmul may sum in another order for another memory alignment (seen once: -3.5e-9)
-    assert abs(rows[0]["critic/kl"]) < 1e-6
-    assert state["kl_ctrl"] == {"type": "adaptive", "value": pytest.approx(_next_beta(rows[-1]))}
-    assert "SIGUSR1 received while already stopping" in text and "ignored" in text
-    assert f"stopped by SIGTERM after step {last}" in text and f"exit code {PREEMPTED_EXIT_CODE}" in text
-    assert metrics_steps(out) == list(range(1, last + 1))
-
-
-def test_a_driver_killed_mid_save_resumes_from_the_newest_complete_checkpoint(stopped):
-    """The rerun is SIGKILLed, with every process it started (as a lost node, or Slurm after KillWait, would),
-    while the checkpoint of its next step is being written; the run after it removes the torn
-    write, naming it, resumes from the checkpoint the signal made and continues with the same data."""
+def _kill_at_the_save_of_step_2(out: Path, data: Path, log: Path) -> tuple[subprocess.Popen, list[Path]]:
+    """A run that saves every step, SIGKILLed with every process it started (as a lost node, or Slurm after
+    KillWait, would) the moment the checkpoint of step 2 starts being written: step 1's is complete, step 2's
+    torn. Returns the killed driver and the torn directory."""
     from luffy_megatron.utils.scratch import process_tree
 
-    out, data, _, _ = stopped
-    last = checkpoint_steps(out)[-1]
-    log = out.parent / "killed.log"
-    proc = _start(_command(out, data, last + 5, "trainer.save_freq=1"), log)
+    proc = _start(_command(out, data, 50, "trainer.save_freq=1"), log)
     torn: list[Path] = []
     job: set[int] = set()  # the driver and every process it started (Ray's, the rank's, the engine's)
     try:
@@ -222,34 +179,75 @@ def test_a_driver_killed_mid_save_resumes_from_the_newest_complete_checkpoint(st
             if time.time() - looked > 0.5:
                 job |= process_tree(proc.pid)
                 looked = time.time()
-            torn = list((out / "checkpoints").glob(f"step_{last + 1:06d}.tmp-*"))
+            torn = list((out / "checkpoints").glob("step_000002.tmp-*"))
             time.sleep(0.002)
         _kill_all(job | process_tree(proc.pid))  # the moment the save began
     finally:
         _stop_job(proc)
-    assert torn and proc.returncode == -signal.SIGKILL, log.read_text()[-4000:]
-    assert torn[0].exists() and checkpoint_steps(out) == [last]  # torn, and never renamed into place
-    again = subprocess.run(
-        _command(out, data, last + 1, "trainer.save_freq=1"),
-        capture_output=True,
-        text=True,
-        env=env_for_runs(),
-        cwd=REPO,
-        timeout=START_TIMEOUT_S,
-    )
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert f"removed {torn[0]} (" in again.stderr and "left by an interrupted write" in again.stderr
-    assert f"resumed from {out / 'checkpoints' / f'step_{last:06d}'} (step {last})" in again.stderr
-    assert [int(m.group(1)) for m in STEP_LINE.finditer(again.stderr)] == [last + 1]
-    assert metrics_steps(out) == list(range(1, last + 2))  # no step repeated, none lost
-    assert not list((out / "checkpoints").glob("*.tmp-*"))
-    state = json.loads((out / "checkpoints" / f"step_{last + 1:06d}" / "trainer_state.json").read_text())
-    assert state["data_position"] == (last + 1) * BATCH  # the data continued where the stopped run left it
+    return proc, torn
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """Two runs of up to 50 steps: the first is killed mid-save (`_kill_at_the_save_of_step_2`); the second, run
+    the same way again but saving only when stopped, resumes, gets SIGTERM once its first step is logged, and
+    SIGUSR1 while stopping."""
+    root = tmp_path_factory.mktemp("signal")
+    out, data = root / "out", synthetic_data(root / "data")
+    killed, torn = _kill_at_the_save_of_step_2(out, data, root / "killed.log")
+    killed_state = {"rc": killed.returncode, "torn": torn, "exists": bool(torn) and torn[0].exists()}
+    killed_state["complete"] = checkpoint_steps(out)
+    log = root / "second.log"
+    proc = _start(_command(out, data, steps=50), log)
+    try:
+        _wait_for(log, proc, "[step 2/50]", START_TIMEOUT_S)
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(log, proc, "SIGTERM received", 60)
+        proc.send_signal(signal.SIGUSR1)  # while stopping: must not interrupt the checkpoint
+        rc = proc.wait(timeout=120)
+    finally:
+        _stop_job(proc)
+    return out, killed_state, rc, log.read_text(), (root / "killed.log").read_text()
+
+
+def test_a_signal_checkpoints_after_the_current_step_and_exits_75(stopped):
+    out, _, rc, text, _ = stopped
+    assert rc == PREEMPTED_EXIT_CODE, text[-4000:]
+    done = [int(m.group(1)) for m in STEP_LINE.finditer(text)]
+    last = done[-1]
+    assert done == list(range(2, last + 1)) and last < 50  # stopped early, at a step boundary
+    assert checkpoint_steps(out) == [1, last]  # save_freq=-1: the only new checkpoint is the one the signal made
+    assert not list((out / "checkpoints").glob("*.tmp-*"))  # nothing torn
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{last:06d}"
+    state = json.loads((out / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").read_text())
+    assert state["step"] == last and state["data_position"] == last * BATCH  # the data went on where it stopped
     rows = metrics(out)
-    for before, after in zip(rows, rows[1:]):  # upstream's adaptive rule, across the stop and the rerun too
+    # step 1: the policy is still the reference. Equal up to fp32 rounding, not bit for bit: the actor's weights
+    # are views into Megatron's contiguous parameter buffer, the reference's are tensors of their own, and the
+    # CPU matmul may sum in another order for another memory alignment (seen once: -3.5e-9)
+    assert abs(rows[0]["critic/kl"]) < 1e-6
+    assert state["kl_ctrl"] == {"type": "adaptive", "value": pytest.approx(_next_beta(rows[-1]))}
+    assert "SIGUSR1 received while already stopping" in text and "ignored" in text
+    assert f"stopped by SIGTERM after step {last}" in text and f"exit code {PREEMPTED_EXIT_CODE}" in text
+    assert metrics_steps(out) == list(range(1, last + 1))  # no step repeated, none lost
+
+
+def test_a_driver_killed_mid_save_resumes_from_the_newest_complete_checkpoint(stopped):
+    """The first run is SIGKILLed, with every process it started, while the checkpoint of step 2 is being
+    written; the run after it removes the torn write, naming it, resumes from step 1's checkpoint and continues
+    with the same data and the KL controller's state."""
+    out, killed, _, text, killed_log = stopped
+    assert killed["torn"] and killed["rc"] == -signal.SIGKILL, killed_log[-4000:]
+    assert killed["exists"] and killed["complete"] == [1]  # torn, and never renamed into place
+    torn = killed["torn"][0]
+    assert f"removed {torn} (" in text and "left by an interrupted write" in text
+    assert f"resumed from {out / 'checkpoints' / 'step_000001'} (step 1)" in text
+    assert [int(m.group(1)) for m in STEP_LINE.finditer(killed_log)] == [1]  # step 2's metrics were never logged
+    rows = metrics(out)
+    for before, after in zip(rows, rows[1:]):  # upstream's adaptive rule, across the kill and the stop too
         assert after["critic/kl_coeff"] == pytest.approx(_next_beta(before), rel=1e-9), (before["step"], after["step"])
-    resumed = rows[-1]  # a step after the policy moved: a KL, and the rewards moved off the scores by beta x KL
-    assert resumed["critic/kl"] != 0.0
+    resumed = rows[1]  # a step after the policy moved: a KL, and the rewards moved off the scores by beta x KL
+    assert resumed["step"] == 2 and resumed["critic/kl"] != 0.0
     assert resumed["critic/rewards/mean"] != pytest.approx(resumed["critic/score/mean"], abs=1e-9)
 
 
@@ -618,6 +616,17 @@ def test_each_engine_generates_on_cores_of_its_own(cluster):
         bound.append(set(expected))
     if len(cpus) >= NUM_ENGINES:
         assert not set.intersection(*bound), bound
+
+
+def test_the_engines_start_while_the_rank_builds(cluster):
+    """On a layout where the engines have cores (or GPUs) of their own, `start_workers` launches them before the
+    ranks build and waits for them after: the two starts overlap (colocated GPUs keep the order of the memory
+    phases, tests/e2e/test_cluster_gpu_sim.py)."""
+    _, workers = cluster
+    (build,) = [(t0, t1) for ev in workers.actors.events() for n, t0, t1 in ev if n == "build"][:1]
+    starts = [(t0, t1) for ev in workers.fleet.events() for n, t0, t1 in ev if n == "start"][:NUM_ENGINES]
+    assert len(starts) == NUM_ENGINES
+    assert all(t0 < build[1] and build[0] < t1 for t0, t1 in starts), (build, starts)
 
 
 def test_a_new_run_on_reused_workers_starts_from_the_models_weights(cluster):

@@ -106,11 +106,11 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def fleet(ray_local, reference):
+def fleet(ray_local, request):
     from luffy_megatron.rollout.ray_engine import EngineFleet
 
-    fleet = EngineFleet.start(
-        str(reference.hf_dir),
+    starting = EngineFleet.launch(  # transformers' references are computed while the engine starts
+        str(smollm2_hf_dir()),
         num_engines=1,
         max_model_len=256,
         dtype="float32",
@@ -119,6 +119,12 @@ def fleet(ray_local, reference):
         seed=0,
         env={"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"},
     )
+    try:
+        request.getfixturevalue("reference")
+    except BaseException:
+        starting.cancel()
+        raise
+    fleet = starting.wait()
     try:
         yield fleet
     finally:

@@ -59,10 +59,10 @@ def _placement(mode: str):
 def test_the_driver_sets_no_engine_threads_and_passes_eager_mode_through(monkeypatch, mode):
     """The driver's cores and CUDA say nothing about the engines' nodes: it leaves both decisions to them."""
     started = {}
-    monkeypatch.setattr(setup.EngineFleet, "start", lambda *args, **kw: started.update(kw) or "fleet")
+    monkeypatch.setattr(setup.EngineFleet, "launch", lambda *args, **kw: started.update(kw) or "fleet")
     for recipe, eager in (("luffy_main.yaml", False), ("cpu_demo.yaml", None)):
         cfg = load_config(RECIPES / recipe)
-        assert setup.start_engines(cfg, _placement(mode), use_gpu=mode != "cpu") == "fleet"
+        assert setup.launch_engines(cfg, _placement(mode), use_gpu=mode != "cpu") == "fleet"
         assert "OMP_NUM_THREADS" not in (started.get("env") or {})
         assert started["enforce_eager"] is eager
 

@@ -41,8 +41,9 @@ def test_driver_without_cuda_starts_gpu_engines_on_a_gpu_layout(monkeypatch, dri
     ranks = SimpleNamespace(offload_to_host=lambda: None)  # a colocated start offloads before the engines start
     monkeypatch.setattr(setup, "ActorGroup", lambda p: ranks)
     monkeypatch.setattr(setup, "build_ranks", lambda *args, **kw: None)
+    starting = SimpleNamespace(wait=lambda: SimpleNamespace())
     monkeypatch.setattr(
-        setup, "start_engines", lambda cfg, p, *, use_gpu, log_dir: engines.update(use_gpu=use_gpu) or SimpleNamespace()
+        setup, "launch_engines", lambda cfg, p, *, use_gpu, log_dir: engines.update(use_gpu=use_gpu) or starting
     )
     workers = setup.start_workers(load_config(RECIPES / "luffy_main.yaml"), 0)
     assert engines["use_gpu"] is True and workers.actors is ranks
