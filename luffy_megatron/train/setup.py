@@ -188,8 +188,9 @@ def pad_token_id(tokenizer) -> int:
 
 def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool | None = None, log_dir: Path | None = None) -> Workers:
     """GPUs reserved for the layout (bounded by cluster.placement_timeout_s, before any model loads), then the
-    Megatron ranks built in their bundles and the engines started beside them (`cluster.Workers`; engine i
-    logs to `log_dir/engine_<i>.log`). A model the ranks cannot load or convert is a `ModelLoadError`.
+    Megatron ranks built in their bundles and the engines started beside them, after the build on a colocated
+    layout and during it on the others (`cluster.Workers`; engine i logs to `log_dir/engine_<i>.log`). A model
+    the ranks cannot load or convert is a `ModelLoadError`.
     `use_gpu`: the engines' GPU settings; None = `gpu_mode` of the layout."""
     placement = reserve(cfg)
     if use_gpu is None:
@@ -201,9 +202,10 @@ def start_workers(cfg: Config, pad_id: int, *, use_gpu: bool | None = None, log_
         placement.release()
         raise
     workers = Workers(placement, None, None, offload=cfg.actor.offload_during_rollout)
-    # engines on devices (or CPU cores) of their own start while the ranks build; colocated ones only after it
-    starting = None if workers.colocated else launch_engines(cfg, placement, use_gpu=use_gpu, log_dir=log_dir)
+    starting = None
     try:
+        if not workers.colocated:  # engines on devices (or CPU cores) of their own start while the ranks build
+            starting = launch_engines(cfg, placement, use_gpu=use_gpu, log_dir=log_dir)
         workers.actors = ActorGroup(placement)
         build_ranks(workers.actors, cfg, pad_id, log_dir)
         workers.after_build()  # colocated: the ranks keep only their weights on the GPU while the engines start
