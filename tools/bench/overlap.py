@@ -21,9 +21,9 @@ The three runs:
   sync_best  the synchronous loop as it runs by default: the rank on every core while the engine waits
              (cluster.cpu_rank_cores=all), so no core sits idle in either phase.
 
-`--learn PNG`: instead, the demo job as `make demo` runs it (12 steps, validation every 4) under
-trainer.overlap=none and one_step, and both runs' on-policy reward and validation score plotted into PNG; the
-JSON then holds each run's per-step on-policy reward and validation scores.
+`--learn PNG`: instead, the demo job as `make demo` runs it (12 steps, validation every 4) synchronous
+(trainer.overlap=none), one step off (one_step) and one step off with algo.rollout_is=token_tis, and the runs'
+on-policy reward, validation score and entropy plotted into PNG; the JSON then holds each run's curves.
 
 The step time of a run is its median `timing_s/step` over the steps after the first (the first step of a
 one_step run generates its own batch before it can overlap anything). Last line, one JSON object:
@@ -145,38 +145,55 @@ def run(name: str, work: Path, model: Path, data: Path, steps: int, shape: str =
     return result
 
 
+LEARN_RUNS = {  # name: settings on top of the demo job
+    "none": ["trainer.overlap=none"],
+    "one_step": ["trainer.overlap=one_step"],
+    "one_step+token_tis": ["trainer.overlap=one_step", "algo.rollout_is=token_tis"],
+}
+
+
 def learn(work: Path, model: Path, data: Path, png: Path) -> dict:
-    """The demo job in both modes; their on-policy reward per step and validation score, plotted."""
+    """The demo job synchronous, one step off, and one step off with the rollout importance correction; their
+    on-policy reward per step and validation score, plotted."""
+    curves = {}
+    for name, settings in LEARN_RUNS.items():
+        val = f"data.val_files=[{data}/val.parquet]"
+        rows = train(work / f"learn_{name.replace('+', '_')}", model, data, [val, *settings, "trainer.save_freq=-1"])
+        curves[name] = learning_curves(rows)
+        print(f"[overlap bench] learn {name}: {curves[name]}", flush=True)
+    plot_learning(curves, png)
+    return {"bench": "overlap_learning", "plot": str(png), "runs": curves}
+
+
+def learning_curves(rows: list[dict]) -> dict:
+    return {
+        "on_policy_reward": {r["step"]: r["rollout/on_policy_reward"] for r in rows if "rollout/on_policy_reward" in r},
+        "val_score": {r["step"]: r["val/test_score/avg"] for r in rows if "val/test_score/avg" in r},
+        "entropy": {r["step"]: r["actor/entropy"] for r in rows if "actor/entropy" in r},
+        "step_s": round(statistics.median(r["timing_s/step"] for r in rows if "timing_s/step" in r), 2),
+    }
+
+
+def plot_learning(curves: dict, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {}
-    for mode in ("none", "one_step"):
-        val = f"data.val_files=[{data}/val.parquet]"
-        rows = train(work / f"learn_{mode}", model, data, [val, f"trainer.overlap={mode}", "trainer.save_freq=-1"])
-        curves[mode] = {
-            "on_policy_reward": {
-                r["step"]: r["rollout/on_policy_reward"] for r in rows if "rollout/on_policy_reward" in r
-            },
-            "val_score": {r["step"]: r["val/test_score/avg"] for r in rows if "val/test_score/avg" in r},
-            "step_s": round(statistics.median(r["timing_s/step"] for r in rows if "timing_s/step" in r), 2),
-        }
-        print(f"[overlap bench] learn {mode}: {curves[mode]}", flush=True)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for mode, style in (("none", "-o"), ("one_step", "-s")):
-        for ax, key in zip(axes, ("on_policy_reward", "val_score")):
-            points = sorted(curves[mode][key].items())
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"trainer.overlap={mode}")
-    for ax, title in zip(axes, ("on-policy reward (training batch)", "validation score (16 problems)")):
+    keys = (("on_policy_reward", "on-policy reward (training batch)"), ("val_score", "validation score (16 problems)"))
+    keys += (("entropy", "actor entropy"),)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for (name, runs), style in zip(curves.items(), ("-o", "-s", "-^")):
+        for ax, (key, _) in zip(axes, keys):
+            points = sorted((int(k), v) for k, v in runs[key].items())
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=name)
+    for ax, (_, title) in zip(axes, keys):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
-    return {"bench": "overlap_learning", "plot": str(png), "runs": curves}
 
 
 def main() -> int:
