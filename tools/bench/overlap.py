@@ -154,7 +154,7 @@ LEARN_RUNS = {  # name: settings on top of the demo job
 
 def learn(work: Path, model: Path, data: Path, png: Path) -> dict:
     """The demo job synchronous, one step off, and one step off with the rollout importance correction; their
-    on-policy reward per step and validation score, plotted."""
+    on-policy reward, validation score and entropy per step, plotted."""
     curves = {}
     for name, settings in LEARN_RUNS.items():
         val = f"data.val_files=[{data}/val.parquet]"
@@ -180,8 +180,11 @@ def plot_learning(curves: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = (("on_policy_reward", "on-policy reward (training batch)"), ("val_score", "validation score (16 problems)"))
-    keys += (("entropy", "actor entropy"),)
+    keys = (
+        ("on_policy_reward", "on-policy reward (training batch)"),
+        ("val_score", "validation score (16 problems)"),
+        ("entropy", "actor entropy"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for (name, runs), style in zip(curves.items(), ("-o", "-s", "-^")):
         for ax, (key, _) in zip(axes, keys):
