@@ -50,12 +50,13 @@ lock-gpu: setup
 demo: setup
 	$(PY) tools/demo.py
 
-# LUFFY vs on-policy GRPO vs unshaped LUFFY vs SFT on a weak model, 3 seeds x 70 steps (~30-35 min on 2 cores): the table and
-# plots land in docs/experiment/. Runs live in outputs/experiment/; an interrupted run resumes, a finished one is kept.
+# The paper's claims in miniature, pre-registered: a ~1.8M Llama pretrained here on two-operand facts (cached), then
+# LUFFY, LUFFY without shaping, on-policy GRPO and SFT, 3 seeds x 80 steps each (~45 min on 2 cores): report and
+# plots in docs/experiment/. Runs live in outputs/experiment/; an interrupted run resumes, a finished one is kept.
 experiment: setup
 	$(PY) tools/experiment.py
 
-# The same comparison with 1 seed and 10 steps (~4-5 min): docs/experiment/quick/.
+# The same machinery with a smaller base, 1 seed and 20 steps (under 10 min): docs/experiment/quick/.
 experiment-quick: setup
 	$(PY) tools/experiment.py --quick
 

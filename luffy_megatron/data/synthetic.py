@@ -139,6 +139,30 @@ def worked_solution(problem: ArithmeticProblem, step_result: Callable[[int, int]
     )
 
 
+def rewrite_chain(problem: ArithmeticProblem) -> str:
+    """The concise demonstration of a sum or difference chain (no multiplication): the expression, then one
+    ``= ...`` line per operation, each replacing the first two operands by their result, then the boxed answer
+    after ``</think>`` (the chat template's ``<think>\\n`` opens the response)::
+
+        3 + 5 + 7
+        = 8 + 7
+        = 15
+        </think>
+        \\boxed{15}
+
+    Each line is one two-operand fact plus a copy of the rest, so a model that knows the facts can learn the
+    procedure from a few hundred of these."""
+    if "*" in problem.ops:
+        raise ValueError(f"rewrite_chain is for + and - only, got {problem.text()}")
+    values, ops = list(problem.operands), list(problem.ops)
+    lines = [_expression(values, ops)]
+    while ops:
+        values[0:2], ops[0:1] = [_apply(values[0], ops[0], values[1])], []
+        lines.append("= " + _expression(values, ops))
+    assert values[0] == problem.answer, (problem, values)
+    return "\n".join(lines) + f"\n</think>\n\\boxed{{{values[0]}}}"
+
+
 def problem_statement(problem: ArithmeticProblem) -> str:
     return f"Compute ${problem.text(latex=True)}$."
 
