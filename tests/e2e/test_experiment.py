@@ -108,7 +108,7 @@ def test_quick_experiment_reports_resumes_and_enforces_the_gates(tmp_path):
     (luffy / "evals.jsonl").write_text("")
     sft_done = (work / "runs" / "sft" / "seed_0" / "done.json").stat().st_mtime_ns
     log = _run(work, out, "--arms", ",".join(ARMS), timeout=300)
-    assert "sft seed 0: done already" in log and "base:" not in log  # the base is cached
+    assert "sft seed 0: done already" in log and "SFT steps of a random Llama" not in log  # the base is cached
     assert (work / "runs" / "sft" / "seed_0" / "done.json").stat().st_mtime_ns == sft_done
     assert [json.loads(line)["step"] for line in (luffy / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert [json.loads(line)["step"] for line in (luffy / "evals.jsonl").read_text().splitlines()] == [STEPS]
