@@ -56,7 +56,7 @@ demo: setup
 experiment: setup
 	$(PY) tools/experiment.py
 
-# The same machinery with a smaller base, 1 seed and 20 steps (under 10 min): docs/experiment/quick/.
+# The same machinery with a smaller base (600 steps), 1 seed and 20 steps (~6 min): docs/experiment/quick/.
 experiment-quick: setup
 	$(PY) tools/experiment.py --quick
 

@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tools import experiment_stats as stats  # noqa: E402
-from tools.experiment_report import write_report  # noqa: E402
+from tools.experiment_report import read_jsonl, write_report  # noqa: E402
 from tools.experiment_task import SPLITS, build_data, build_random_model, corpus_of  # noqa: E402
 
 RECIPE = REPO / "recipes" / "experiment_cpu.yaml"
@@ -80,7 +80,7 @@ PRESETS = {
         steps=20,
         eval_every=10,
         lr=None,
-        base_steps=300,
+        base_steps=600,
         base_hidden=192,
         fact_copies=10,
         num_train=200,
@@ -97,10 +97,6 @@ PRESETS = {
 
 def say(msg: str) -> None:
     print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def append_jsonl(path: Path, row: dict) -> None:

@@ -12,7 +12,7 @@ from tools import experiment_stats as stats
 from tools.experiment_task import ARM_LABELS, SPLIT_LABELS, SPLITS
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
@@ -25,8 +25,8 @@ def collect(work: Path, arms: list[str], seeds: list[int]) -> dict[str, dict[int
             out = work / "runs" / arm / f"seed_{seed}"
             if not (out / "done.json").exists():
                 continue
-            by_step = {int(r["step"]): r for r in _jsonl(out / "metrics.jsonl")}
-            evals = _jsonl(out / "evals.jsonl")
+            by_step = {int(r["step"]): r for r in read_jsonl(out / "metrics.jsonl")}
+            evals = read_jsonl(out / "evals.jsonl")
             final = json.loads((out / "final.json").read_text())
             results[arm][seed] = {
                 "steps": sorted(by_step),
