@@ -206,10 +206,7 @@ def evaluate_base(lab: Lab, base: Path) -> dict:
     measured = {
         "facts": final["retention"]["accuracy"],
         "id_unsolved": final["id"]["accuracy"],
-        **{
-            {"rewrite_start": "rewrite_start", "chain_2_steps": "no_chains"}[k]: v
-            for k, v in held_out.gate_samples(fleet, seed=17).items()
-        },
+        **held_out.gate_samples(fleet, seed=17),
     }
     record = {
         "final": final,

@@ -58,12 +58,12 @@ class HeldOut:
         return out
 
     def gate_samples(self, fleet, *, seed: int) -> dict[str, float]:
-        """The base's temperature-1 samples on every ID prompt: % that start a rewrite, % whose chain has 2 or
-        more steps."""
+        """The base's temperature-1 samples on every ID prompt: % that start a rewrite (rewrite_start), % whose
+        chain has 2 or more steps (no_chains), as the gates of the same names read them."""
         _, _, _, texts = self.generate(fleet, "id", limit=None, k=1, temperature=1.0, seed=seed)
         return {
             "rewrite_start": 100.0 * sum(map(starts_rewrite, texts)) / len(texts),
-            "chain_2_steps": 100.0 * sum(chain_steps(t) >= 2 for t in texts) / len(texts),
+            "no_chains": 100.0 * sum(chain_steps(t) >= 2 for t in texts) / len(texts),
         }
 
 
