@@ -11,6 +11,8 @@ trained by `train.loop.train` (Megatron actor, vLLM engine and reward pool on Ra
 * luffy             1 demonstration + 7 generations per prompt, off_policy_reshape=p_div_p_0.1;
 * luffy_no_reshape  the same without policy shaping (off_policy_reshape=no_reshape);
 * sft               algo.mode=sft: NLL on the same demonstrations, same prompts, optimiser and steps.
+* luffy_one_step    LUFFY with generation overlapped with training (trainer.overlap=one_step: every generated
+                    row one update old) and the rollout importance correction (algo.rollout_is=token_tis).
 
 Stages (each idempotent: a finished stage or run is not redone, an interrupted run resumes from its checkpoint):
 
@@ -53,6 +55,7 @@ ARMS: dict[str, list[str]] = {
     "luffy": [],
     "luffy_no_reshape": ["algo.off_policy_reshape=no_reshape"],
     "sft": ["algo.mode=sft", "rollout.n=1", "rollout.n_off_policy=-1"],
+    "luffy_one_step": ["trainer.overlap=one_step", "algo.rollout_is=token_tis"],
 }
 CURVE_SPLITS = ("id", "ood_length")
 

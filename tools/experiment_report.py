@@ -64,6 +64,7 @@ def verdicts(results: dict, base_eval: dict) -> dict:
         "C2": stats.verdict_c2(scores("luffy"), scores("sft")),
         "C3": stats.verdict_c3(runs("luffy"), runs("on_policy"), base_id),
         "C4": stats.verdict_c4(runs("luffy"), runs("luffy_no_reshape")),
+        "overlap": stats.overlap_effect(scores("luffy_one_step"), scores("luffy")),
     }
 
 
@@ -86,7 +87,8 @@ def _rules() -> str:
         "Fixed in `tools/experiment_stats.py` and committed before the full run; nothing below was tuned after "
         "it was seen.\n\nGates on the base, checked before any arm runs:\n\n"
         f"{gates}\n\nClaims (differences in percentage points; intervals: problem-level paired bootstrap, 95%, "
-        f"2000 resamples, pooled over seeds):\n\n{claims}\n"
+        f"2000 resamples, pooled over seeds):\n\n{claims}\n\n"
+        f"Overlapped generation (issue 27's arm): {stats.OVERLAP_RULE}\n"
     )
 
 
@@ -158,6 +160,10 @@ def _claims(verdict: dict, base_delta: dict) -> str:
                 f"  shaped entropy higher per seed {c4['entropy_higher_per_seed']}; shaped - unshaped "
                 f"mean final ID {c4['id_gap']:+.1f} pp."
             )
+    overlap = verdict["overlap"]
+    lines.append(f"- **Overlapped generation (LUFFY one-step-off vs LUFFY): {overlap['verdict']}.**")
+    if overlap["verdict"] != stats.NOT_RUN:
+        lines.append(f"  ID: {_difference(overlap['id'])}; OOD-aggregate: {_difference(overlap['ood_aggregate'])}.")
     lines.append("\nEach arm against the base (final minus step 0, same problems):\n")
     for arm, per_split in base_delta.items():
         cells = "; ".join(f"{SPLIT_LABELS[s]} {p:+.1f} [{lo:+.1f}, {hi:+.1f}]" for s, (p, lo, hi) in per_split.items())

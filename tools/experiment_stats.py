@@ -143,6 +143,29 @@ CRITERIA = {
 }
 
 
+OVERLAP_RULE = (
+    "Does generating one update ahead change what LUFFY learns? LUFFY one-step-off (trainer.overlap=one_step, "
+    "algo.rollout_is=token_tis) against synchronous LUFFY, same seeds, on ID and on OOD-aggregate: changed when "
+    "either interval excludes 0; otherwise no change detected (the interval says how large a change could hide). "
+    "Written before the arm was run."
+)
+
+
+def overlap_effect(one_step: list[dict], sync: list[dict]) -> dict:
+    """LUFFY one-step-off minus synchronous LUFFY (per-seed per-problem scores, same seeds in the same order)."""
+    if not one_step or not sync:
+        return {"verdict": NOT_RUN}
+    id_ = _compare(one_step, sync, ["id"], every_seed=0.0, not_below=0.0)
+    ood = _compare(one_step, sync, OOD_AGGREGATE, every_seed=0.0, not_below=0.0)
+    changed = any(c["ci"][0] > 0 or c["ci"][1] < 0 for c in (id_, ood))
+    keep = ("difference", "ci", "per_seed")
+    return {
+        "verdict": "changed" if changed else "no change detected",
+        "id": {k: id_[k] for k in keep},
+        "ood_aggregate": {k: ood[k] for k in keep},
+    }
+
+
 def _compare(a, b, splits, *, every_seed: float, not_below: float) -> dict:
     point, low, high = paired_bootstrap(a, b, splits)
     seeds = per_seed_differences(a, b, splits)

@@ -38,6 +38,7 @@ ARM_LABELS = {
     "luffy": "LUFFY (p/(p+0.1))",
     "luffy_no_reshape": "LUFFY, no shaping",
     "sft": "SFT",
+    "luffy_one_step": "LUFFY one-step-off (token_tis)",
 }
 OPERAND_MAX = 5  # operands 0..5
 MAX_VALUE = 35  # the largest running value (7 operands of 5)

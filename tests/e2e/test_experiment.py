@@ -80,6 +80,7 @@ def test_quick_experiment_reports_resumes_and_enforces_the_gates(tmp_path):
         f"**C2: LUFFY beats SFT out of distribution: {v}.**" in verdicts
         for v in ("reproduced", "not reproduced", "inconclusive")
     )
+    assert "**Overlapped generation (LUFFY one-step-off vs LUFFY): not run.**" in verdicts
     assert "LUFFY - SFT, OOD-aggregate:" in verdicts and "- LUFFY (p/(p+0.1)): ID (3-5 operands, +)" in verdicts
     for name in ("accuracy", "reward", "probe"):
         image = mpimg.imread(out / f"{name}.png")
@@ -87,7 +88,7 @@ def test_quick_experiment_reports_resumes_and_enforces_the_gates(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["steps"] == STEPS and results["settings"]["seeds"] == [0]
-    assert set(results["verdicts"]) == {"C1", "C2", "C3", "C4"}
+    assert set(results["verdicts"]) == {"C1", "C2", "C3", "C4", "overlap"}
     for arm in ARMS:
         run = results["arms"][arm]["0"]
         assert run["steps"] == [1, 2] and [e["step"] for e in run["evals"]] == [STEPS]

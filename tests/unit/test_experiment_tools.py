@@ -34,11 +34,14 @@ def test_arms_differ_only_where_they_should():
         algo, rollout, cfg = _algo_rollout(arm)
         diffs[arm] = {k: v for k, v in {**algo, **rollout}.items() if {**luffy_algo, **luffy_rollout}[k] != v}
         assert asdict(cfg.actor) == asdict(base.actor) and asdict(cfg.data) == asdict(base.data)  # same optimiser, data
+        trainer = {k: v for k, v in asdict(cfg.trainer).items() if asdict(base.trainer)[k] != v}
+        assert trainer == ({"overlap": "one_step"} if arm == "luffy_one_step" else {}), arm
     assert diffs == {
         "on_policy": {"n_off_policy": 0, "loss_remove_clip": False},
         "luffy": {},
         "luffy_no_reshape": {"off_policy_reshape": "no_reshape"},
         "sft": {"mode": "sft", "n": 1, "n_off_policy": -1},
+        "luffy_one_step": {"rollout_is": "token_tis"},
     }
 
 
@@ -140,6 +143,13 @@ def test_claim_verdicts():
     assert stats.verdict_c4([{"probe_entropy": 0.5, "final_id": 40.0}] * 3, unshaped)["verdict"] == stats.NOT_REPRODUCED
     mixed = [{"probe_entropy": e, "final_id": 50.0} for e in (0.5, 0.2, 0.5)]
     assert stats.verdict_c4(mixed, unshaped)["verdict"] == stats.INCONCLUSIVE
+
+
+def test_overlap_effect():
+    sync = _scores([0.3, 0.35, 0.3])
+    assert stats.overlap_effect(sync, sync)["verdict"] == "no change detected"
+    assert stats.overlap_effect(_scores([0.05, 0.05, 0.05]), sync)["verdict"] == "changed"
+    assert stats.overlap_effect([], sync)["verdict"] == stats.NOT_RUN
 
 
 def test_window_means():
