@@ -51,7 +51,7 @@ demo: setup
 	$(PY) tools/demo.py
 
 # The paper's claims in miniature, pre-registered: a ~1.8M Llama pretrained here on two-operand facts (cached), then
-# LUFFY, LUFFY without shaping, on-policy GRPO and SFT, 3 seeds x 80 steps each (~30 min on 2 cores): report and
+# LUFFY, LUFFY without shaping, on-policy GRPO, SFT and LUFFY one-step-off, 3 seeds x 80 steps each (~35 min): report and
 # plots in docs/experiment/. Runs live in outputs/experiment/; an interrupted run resumes, a finished one is kept.
 experiment: setup
 	$(PY) tools/experiment.py
