@@ -21,9 +21,19 @@ The three runs:
   sync_best  the synchronous loop as it runs by default: the rank on every core while the engine waits
              (cluster.cpu_rank_cores=all), so no core sits idle in either phase.
 
-`--learn PNG`: instead, the demo job as `make demo` runs it (12 steps, validation every 4) synchronous
-(trainer.overlap=none), one step off (one_step) and one step off with algo.rollout_is=token_tis, and the runs'
-on-policy reward, validation score and entropy plotted into PNG; the JSON then holds each run's curves.
+`--learn PNG`: instead, the demo job as `make demo` runs it (12 steps, validation every 4 on 16 problems), once
+per arm (`--learn-runs`: none = synchronous, one_step, one_step+token_tis = one step off with
+algo.rollout_is=token_tis) and seed (`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is
+`make demo`'s run). The runs' on-policy reward, validation score and entropy are plotted into PNG (each seed thin,
+the mean over seeds thick); the JSON then holds every run's curves and the verdict of the rule below. A run whose
+metrics already reach the last step under --work is not run again.
+
+The rule for "learns within noise of the synchronous run" (written before the seeded runs were made): per run,
+two numbers, `val` = the mean validation score at steps 8 and 12 and `reward` = the mean on-policy reward over
+steps 7-12. For each, d = the arm's mean over seeds - the synchronous arm's mean over seeds, and its noise
+se = sqrt(s_arm^2/n_arm + s_sync^2/n_sync) (s: the sample standard deviation over seeds). The arm is "within
+noise" of the synchronous run when |d| <= 2 se for both numbers, "below" when d < -2 se for either, else "above".
+With 3 seeds an arm this rule does not call different can still differ: the verdict names both d and se.
 
 The step time of a run is its median `timing_s/step` over the steps after the first (the first step of a
 one_step run generates its own batch before it can overlap anything). Last line, one JSON object:
@@ -68,7 +78,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="long", help="the job (see above)")
     ap.add_argument("--work", type=Path, default=None, help="where the runs write (default: a new temp dir)")
     ap.add_argument("--runs", default=",".join(RUNS), help="which of " + ", ".join(RUNS))
-    ap.add_argument("--learn", type=Path, default=None, help="run the demo job in both modes; plot into this PNG")
+    ap.add_argument("--learn", type=Path, default=None, help="the learning comparison (see above); plot into this PNG")
+    ap.add_argument("--learn-runs", default=",".join(LEARN_RUNS), help="--learn's arms, of " + ", ".join(LEARN_RUNS))
+    ap.add_argument("--seeds", default="0", help="--learn's seeds, comma-separated")
     return ap.parse_args()
 
 
@@ -150,19 +162,68 @@ LEARN_RUNS = {  # name: settings on top of the demo job
     "one_step": ["trainer.overlap=one_step"],
     "one_step+token_tis": ["trainer.overlap=one_step", "algo.rollout_is=token_tis"],
 }
+LEARN_VAL_STEPS, LEARN_REWARD_STEPS = (8, 12), range(7, 13)  # the rule's two numbers (module docstring)
 
 
-def learn(work: Path, model: Path, data: Path, png: Path) -> dict:
-    """The demo job synchronous, one step off, and one step off with the rollout importance correction; their
-    on-policy reward, validation score and entropy per step, plotted."""
-    curves = {}
-    for name, settings in LEARN_RUNS.items():
-        val = f"data.val_files=[{data}/val.parquet]"
-        rows = train(work / f"learn_{name.replace('+', '_')}", model, data, [val, *settings, "trainer.save_freq=-1"])
-        curves[name] = learning_curves(rows)
-        print(f"[overlap bench] learn {name}: {curves[name]}", flush=True)
+def learn(work: Path, model: Path, data: Path, png: Path, arms: list[str], seeds: list[int]) -> dict:
+    """The demo job once per arm and seed; their on-policy reward, validation score and entropy per step, plotted,
+    and the rule's verdict for every arm against the synchronous one ("none")."""
+    curves: dict = {}
+    for seed in seeds:  # seed by seed, so a cut-short bench leaves every arm with the same seeds
+        for name in arms:
+            out = work / f"learn_{name.replace('+', '_')}_s{seed}"
+            seeded = [f"trainer.seed={1 + seed}", f"data.seed={47 + seed}"]
+            val = f"data.val_files=[{data}/val.parquet]"
+            rows = finished_rows(out, 12) or train(
+                out, model, data, [val, *LEARN_RUNS[name], *seeded, "trainer.save_freq=-1"]
+            )
+            curves.setdefault(name, {})[seed] = learning_curves(rows)
+            print(f"[overlap bench] learn {name} seed {seed}: {learn_numbers(curves[name][seed])}", flush=True)
     plot_learning(curves, png)
-    return {"bench": "overlap_learning", "plot": str(png), "runs": curves}
+    verdicts = {name: learn_verdict(curves["none"], curves[name]) for name in arms if name != "none" and "none" in arms}
+    return {"bench": "overlap_learning", "plot": str(png), "seeds": seeds, "verdicts": verdicts, "runs": curves}
+
+
+def finished_rows(out: Path, last_step: int) -> list[dict] | None:
+    """The metrics rows of a run under `out` that reached `last_step` (None: run it)."""
+    path = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return rows if any(r.get("step") == last_step for r in rows) else None
+
+
+def learn_numbers(curves: dict) -> dict:
+    """The rule's two numbers of one run: mean validation score at LEARN_VAL_STEPS, mean on-policy reward over
+    LEARN_REWARD_STEPS."""
+    val = [curves["val_score"][s] for s in LEARN_VAL_STEPS if s in curves["val_score"]]
+    reward = [curves["on_policy_reward"][s] for s in LEARN_REWARD_STEPS if s in curves["on_policy_reward"]]
+    if len(val) != len(LEARN_VAL_STEPS) or len(reward) != len(LEARN_REWARD_STEPS):
+        raise ValueError(f"a run lacks validation at {LEARN_VAL_STEPS} or rewards over steps 7-12: {curves}")
+    return {"val": statistics.fmean(val), "reward": statistics.fmean(reward)}
+
+
+def learn_verdict(sync_runs: dict, arm_runs: dict) -> dict:
+    """The rule (module docstring) on per-seed runs {seed: curves}: d and se per number, and the verdict."""
+    out: dict = {}
+    for key in ("val", "reward"):
+        a = [learn_numbers(c)[key] for c in arm_runs.values()]
+        b = [learn_numbers(c)[key] for c in sync_runs.values()]
+        if len(a) < 2 or len(b) < 2:
+            raise ValueError("the rule needs at least 2 seeds per arm")
+        d = statistics.fmean(a) - statistics.fmean(b)
+        se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        out[key] = {
+            "arm": [round(x, 4) for x in a],
+            "sync": [round(x, 4) for x in b],
+            "d": round(d, 4),
+            "se": round(se, 4),
+        }
+    if any(v["d"] < -2 * v["se"] for v in out.values()):
+        out["verdict"] = "below"
+    elif all(abs(v["d"]) <= 2 * v["se"] for v in out.values()):
+        out["verdict"] = "within noise"
+    else:
+        out["verdict"] = "above"
+    return out
 
 
 def learning_curves(rows: list[dict]) -> dict:
@@ -175,6 +236,7 @@ def learning_curves(rows: list[dict]) -> dict:
 
 
 def plot_learning(curves: dict, png: Path) -> None:
+    """{arm: {seed: curves}}: each seed a thin line, the mean over seeds a thick one, one colour per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,14 +248,18 @@ def plot_learning(curves: dict, png: Path) -> None:
         ("entropy", "actor entropy"),
     )
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for (name, runs), style in zip(curves.items(), ("-o", "-s", "-^")):
+    for (name, seeds), colour in zip(curves.items(), ("C0", "C1", "C2", "C3")):
         for ax, (key, _) in zip(axes, keys):
-            points = sorted((int(k), v) for k, v in runs[key].items())
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=name)
+            per_seed = [dict((int(k), v) for k, v in runs[key].items()) for runs in seeds.values()]
+            steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+            for points in per_seed:
+                ax.plot(sorted(points), [points[s] for s in sorted(points)], color=colour, alpha=0.3, linewidth=0.8)
+            mean = [statistics.fmean(p[s] for p in per_seed) for s in steps]
+            ax.plot(steps, mean, "-o", color=colour, linewidth=2, label=f"{name} ({len(per_seed)} seeds)")
     for ax, (_, title) in zip(axes, keys):
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -210,8 +276,13 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="luffy-bench-overlap-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.learn is not None:
+        arms, seeds = [a for a in args.learn_runs.split(",") if a], [int(x) for x in args.seeds.split(",") if x]
+        if set(arms) - set(LEARN_RUNS):
+            raise SystemExit(
+                f"--learn-runs: unknown {sorted(set(arms) - set(LEARN_RUNS))}; choose from {list(LEARN_RUNS)}"
+            )
         model, data = prepare(work)
-        print(json.dumps(learn(work, model, data, args.learn)), flush=True)
+        print(json.dumps(learn(work, model, data, args.learn, arms, seeds)), flush=True)
         return 0
     model, data = prepare(work, args.shape)
     results = {name: run(name, work, model, data, args.steps, args.shape) for name in names}
