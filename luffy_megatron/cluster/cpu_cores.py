@@ -7,6 +7,8 @@ cores: on a 2-core machine both engines' workers ran on core 0 while core 1 was 
 processes' polling, so two engines generated and loaded weights no faster than one. `engine_cores` deals the
 cores out instead: engine i of n gets its own run of cores, as many as `auto` would give one engine when it is
 alone (all but one) divided among the n, at least one; with more engines than cores they wrap around and share.
+The engine's engine-core process is kept on the same cores (rollout/ray_engine.py `_bind_cpu_engine`): its
+queue readers spin between reads, and anywhere else they spin on a core some rank computes on.
 An explicit `VLLM_CPU_OMP_THREADS_BIND` (the engine's `env` or the environment) is left as it is.
 
 The Megatron ranks on CPU take turns with the engines, so they use every core (`rank_cores`), except under

