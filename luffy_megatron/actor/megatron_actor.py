@@ -307,7 +307,8 @@ class MegatronActor:
         self.step = 0  # optimizer steps taken
         self.loss_opts = loss_options(cfg.algo)
         self.use_target_probs = uses_target_probs(cfg.algo)  # teacher probs in the off-policy ratio
-        self.rollout_is = rollout_is_options(cfg.algo)  # importance weights of the engines' log-probs (or none)
+        # importance weights of the engines' log-probs (or none)
+        self.rollout_is = rollout_is_options(cfg.algo, cfg.trainer.overlap)
         # upstream divides every micro-batch loss by ppo_mini_batch_size // ppo_micro_batch_size (its units),
         # with or without dynamic batch sizes (upstream's dp_actor)
         self.loss_opts["gradient_accumulation"] = gradient_accumulation(cfg)

@@ -76,8 +76,9 @@ class AlgoConfig:
     sft_prefix_reward_weight: float = 1.0
     # rollout importance correction (not upstream; algo/rollout_correction.py): each on-policy token's loss times
     # min(exp(old - engine log-prob), rollout_is_cap), per token (token_tis) or one weight per row from the sum
-    # over its generated tokens (seq_tis); demonstration tokens keep weight 1. none = upstream's loss
-    rollout_is: Literal["none", "token_tis", "seq_tis"] = "none"
+    # over its generated tokens (seq_tis); demonstration tokens keep weight 1. none = upstream's loss. auto =
+    # token_tis under trainer.overlap=one_step (every generated row one update old), none otherwise
+    rollout_is: Literal["auto", "none", "token_tis", "seq_tis"] = "auto"
     rollout_is_cap: float = 2.0
 
     @classmethod
@@ -139,7 +140,7 @@ class AlgoConfig:
                 f"algo.rollout_is_cap={self.rollout_is_cap} must be > 1 (the truncation C of the rollout importance "
                 "weights min(exp(old - engine log-prob), C); e.g. 2.0)"
             )
-        if self.rollout_is != "none" and self.mode == "sft":
+        if self.rollout_is not in ("auto", "none") and self.mode == "sft":
             problems.append(
                 f"algo.rollout_is={self.rollout_is} has nothing to correct with algo.mode=sft (no token is generated); "
                 "set algo.rollout_is=none"

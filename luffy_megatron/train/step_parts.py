@@ -265,13 +265,14 @@ def rollout_correction(
 ) -> tuple[torch.Tensor | None, dict[str, float]]:
     """algo.rollout_is: the engines' log-probs of the step's generated tokens as the update's behaviour
     log-probs (NaN on tokens no engine sampled), and the `rollout_corr/*` metrics of the weights the update
-    applies (from the same tensors). (None, {}) with rollout_is=none."""
-    if cfg.algo.rollout_is == "none":
+    applies (from the same tensors). (None, {}) with rollout_is=none (or auto under trainer.overlap=none)."""
+    options = rollout_is_options(cfg.algo, cfg.trainer.overlap)
+    if options["mode"] == "none":
         return None, {}
     width = old_log_probs.shape[1]
     behaviour = behaviour_log_probs(rollout.engine_log_prob_BT[:, :width], rollout.generated_mask_BT[:, :width])
     mask = on_policy_mask(batch.response_mask[:, :width], batch.prefix_mask[:, :width])
-    return behaviour, rollout_correction_metrics(old_log_probs, behaviour, mask, **rollout_is_options(cfg.algo))
+    return behaviour, rollout_correction_metrics(old_log_probs, behaviour, mask, **options)
 
 
 def batch_metrics(cfg: Config, batch: RolloutBatch, token_scores, token_rewards, advantages) -> dict[str, float]:

@@ -919,7 +919,8 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_last_checkpoint_still_lo
 def test_one_step_overlap_generates_the_next_batch_during_the_update(cluster, monkeypatch):
     """Batch k+1 is generated while the trainer computes step k (grading, log-probs, update: the two intervals
     overlap), its on-policy rows carry weight version k-1 while the actor is at k (lag 1, accepted), and
-    algo.rollout_is weighs them by min(exp(old - engine log-prob), cap) on the engines' recorded log-probs."""
+    algo.rollout_is (left at auto: token_tis under one_step) weighs them by min(exp(old - engine log-prob), cap)
+    on the engines' recorded log-probs."""
     from luffy_megatron.algo.rollout_correction import on_policy_mask
     from luffy_megatron.train import loop
 
@@ -934,9 +935,7 @@ def test_one_step_overlap_generates_the_next_batch_during_the_update(cluster, mo
 
     monkeypatch.setattr(loop, "rollout_correction", recording)
     with time_limit(TEST_TIME_LIMIT_S):
-        out = loop.train(
-            job_config(root, "overlap", 3, "trainer.overlap=one_step", "algo.rollout_is=token_tis"), workers=workers
-        )
+        out = loop.train(job_config(root, "overlap", 3, "trainer.overlap=one_step"), workers=workers)
     rows = metrics(out)
     assert [r["rollout/weight_version"] for r in rows] == [0, 0, 1]  # batch k+1 by the weights of update k-1
     assert [r["rollout/weight_version_lag"] for r in rows] == [0, 1, 1]  # the first step is on-policy

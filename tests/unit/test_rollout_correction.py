@@ -269,10 +269,28 @@ def test_the_cap_must_exceed_one(cap):
 
 
 def test_rollout_is_settings():
-    assert load_config(None).algo.rollout_is == "none"
+    assert load_config(None).algo.rollout_is == "auto"
     assert load_config(None, ["algo.rollout_is=seq_tis", "algo.rollout_is_cap=5"]).algo.rollout_is_cap == 5.0
     with pytest.raises(ConfigError, match="algo.rollout_is"):
         load_config(None, ["algo.rollout_is=tis"])
     with pytest.raises(ConfigError) as info:
         load_config(None, ["algo.mode=sft", "rollout.n_off_policy=-1", "algo.rollout_is=token_tis"])
     assert "algo.rollout_is=token_tis" in str(info.value) and "algo.mode=sft" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "settings, mode",
+    [
+        ([], "none"),  # the synchronous loop: upstream's loss
+        (["trainer.overlap=one_step"], "token_tis"),  # every generated row one update old
+        (["trainer.overlap=one_step", "algo.rollout_is=none"], "none"),
+        (["algo.rollout_is=seq_tis"], "seq_tis"),
+        (["trainer.overlap=one_step", "algo.rollout_is=seq_tis"], "seq_tis"),
+        (["algo.mode=sft", "rollout.n_off_policy=-1"], "none"),  # auto is accepted where nothing is generated
+    ],
+)
+def test_auto_resolves_against_the_overlap(settings, mode):
+    from luffy_megatron.algo.options import rollout_is_options
+
+    cfg = load_config(None, settings)
+    assert rollout_is_options(cfg.algo, cfg.trainer.overlap) == {"mode": mode, "cap": cfg.algo.rollout_is_cap}

@@ -14,19 +14,20 @@ data), the same steps and rows, one after the other, nothing else running. Two s
 
 The three runs:
 
-  one_step   trainer.overlap=one_step: the engine generates batch k+1 while the rank trains on batch k; the
-             engine on its own cores (vLLM-CPU's binding), the rank on the cores it leaves
-             (cluster.cpu_rank_cores=auto -> free);
+  one_step   trainer.overlap=one_step (with its default correction, algo.rollout_is=auto: token_tis): the
+             engine generates batch k+1 while the rank trains on batch k; the engine on its own cores (vLLM-CPU's
+             binding), the rank on the cores it leaves (cluster.cpu_rank_cores=auto -> free);
   sync_same  the synchronous loop at the same placement (cluster.cpu_rank_cores=free);
   sync_best  the synchronous loop as it runs by default: the rank on every core while the engine waits
              (cluster.cpu_rank_cores=all), so no core sits idle in either phase.
 
 `--learn PNG`: instead, the demo job as `make demo` runs it (12 steps, validation every 4 on 16 problems), once
-per arm (`--learn-runs`: none = synchronous, one_step, one_step+token_tis = one step off with
-algo.rollout_is=token_tis) and seed (`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is
-`make demo`'s run). The runs' on-policy reward, validation score and entropy are plotted into PNG (each seed thin,
-the mean over seeds thick); the JSON then holds every run's curves and the verdict of the rule below. A run whose
-metrics already reach the last step under --work is not run again.
+per arm (`--learn-runs`: none = synchronous; one_step = one step off without a correction, algo.rollout_is=none;
+one_step+token_tis = one step off with algo.rollout_is=token_tis, the default under one_step) and seed
+(`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is `make demo`'s run). The runs'
+on-policy reward, validation score and entropy are plotted into PNG (each seed thin, the mean over seeds thick);
+the JSON then holds every run's curves and the verdict of the rule below. A run whose metrics already reach the
+last step under --work is not run again.
 
 The rule for "learns within noise of the synchronous run" (written before the seeded runs were made): per run,
 two numbers, `val` = the mean validation score at steps 8 and 12 and `reward` = the mean on-policy reward over
@@ -159,7 +160,7 @@ def run(name: str, work: Path, model: Path, data: Path, steps: int, shape: str =
 
 LEARN_RUNS = {  # name: settings on top of the demo job
     "none": ["trainer.overlap=none"],
-    "one_step": ["trainer.overlap=one_step"],
+    "one_step": ["trainer.overlap=one_step", "algo.rollout_is=none"],
     "one_step+token_tis": ["trainer.overlap=one_step", "algo.rollout_is=token_tis"],
 }
 LEARN_VAL_STEPS, LEARN_REWARD_STEPS = (8, 12), range(7, 13)  # the rule's two numbers (module docstring)
