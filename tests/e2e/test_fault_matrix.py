@@ -922,7 +922,9 @@ def test_one_step_overlap_generates_the_next_batch_during_the_update(cluster, mo
     algo.rollout_is (left at auto: token_tis under one_step) weighs them by min(exp(old - engine log-prob), cap)
     on the engines' recorded log-probs."""
     from luffy_megatron.algo.rollout_correction import on_policy_mask
+    from luffy_megatron.rollout.integrity import logprob_drift
     from luffy_megatron.train import loop
+    from luffy_megatron.train.step_parts import generate_and_mix, step_rng
 
     root, workers = cluster
     seen: list[tuple] = []
@@ -934,6 +936,13 @@ def test_one_step_overlap_generates_the_next_batch_during_the_update(cluster, mo
         return behaviour, metrics
 
     monkeypatch.setattr(loop, "rollout_correction", recording)
+    step_with, steps = loop.train_step, []
+
+    def train_step(deps, rollouts, *args, **kwargs):
+        steps.append((deps, rollouts))
+        return step_with(deps, rollouts, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", train_step)
     with time_limit(TEST_TIME_LIMIT_S):
         out = loop.train(job_config(root, "overlap", 3, "trainer.overlap=one_step"), workers=workers)
     rows = metrics(out)
@@ -950,6 +959,12 @@ def test_one_step_overlap_generates_the_next_batch_during_the_update(cluster, mo
         assert row["rollout_corr/weight_mean"] == got["rollout_corr/weight_mean"]
     assert seen[1][4]["rollout_corr/weight_mean"] != pytest.approx(1.0, abs=1e-3)  # one update behind: not 1
     assert checkpoint_steps(out)[-1] == 3 and workers.fleet.synced_version == 3
+    # the engines hold the actor's last weights, not only their label: rows they generate now match its log-probs
+    deps, rollouts = steps[-1]
+    prompts = rollouts.train_set[:BATCH]
+    batch, _, record, _ = generate_and_mix(deps.cfg, deps.engines, deps.tokenizer, prompts, 4, step_rng(deps.cfg, 4))
+    old, _ = deps.ranks.call("compute_log_probs", batch)
+    assert logprob_drift(record, old)["mean"] < TOLERANCE
 
 
 def test_one_step_refuses_a_row_two_updates_old(cluster, monkeypatch):
