@@ -23,13 +23,13 @@ The three runs:
   sync_best  the synchronous loop as it runs by default: the rank on every core while the engine waits
              (cluster.cpu_rank_cores=all), so no core sits idle in either phase.
 
-`--learn PNG`: instead, the demo job as `make demo` runs it (12 steps, validation every 4 on 16 problems), once
-per arm (`--learn-runs`: none = synchronous; one_step = one step off without a correction, algo.rollout_is=none;
-one_step+token_tis = one step off with algo.rollout_is=token_tis, the default under one_step) and seed
-(`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is `make demo`'s run). The runs'
-on-policy reward, validation score and entropy are plotted into PNG (each seed thin, the mean over seeds thick);
-the JSON then holds every run's curves and the verdict of the rule below. A run whose metrics already reach the
-last step under --work is not run again.
+`--learn PNG`: instead, the demo job as `make demo` runs it (12 steps or `--learn-steps`, validation every 4 on
+16 problems), once per arm (`--learn-runs`: none = synchronous; one_step = one step off without a correction,
+algo.rollout_is=none; one_step+token_tis = one step off with algo.rollout_is=token_tis, the default under
+one_step) and seed (`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is `make demo`'s run).
+The runs' on-policy reward, validation score and entropy are plotted into PNG (each seed thin, the mean over seeds
+thick); the JSON then holds every run's curves and, with 2 seeds or more, the verdict of the rule below. A run
+whose metrics already reach the last step under --work is not run again.
 
 The rule for "learns within noise of the synchronous run" (written before the seeded runs were made): per run,
 two numbers, `val` = the mean validation score at steps 8 and 12 and `reward` = the mean on-policy reward over
@@ -85,7 +85,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--set", dest="extra", action="append", default=[], help="a setting for every run (repeatable)")
     ap.add_argument("--learn", type=Path, default=None, help="the learning comparison (see above); plot into this PNG")
     ap.add_argument("--learn-runs", default=",".join(LEARN_RUNS), help="--learn's arms, of " + ", ".join(LEARN_RUNS))
-    ap.add_argument("--seeds", default="0", help="--learn's seeds, comma-separated")
+    ap.add_argument("--seeds", default="0", help="--learn's seeds, comma-separated (the rule needs 2 or more)")
+    ap.add_argument("--learn-steps", type=int, default=12, help="--learn's steps per run (the rule needs 12 or more)")
     return ap.parse_args()
 
 
@@ -173,22 +174,28 @@ LEARN_RUNS = {  # name: settings on top of the demo job
 LEARN_VAL_STEPS, LEARN_REWARD_STEPS = (8, 12), range(7, 13)  # the rule's two numbers (module docstring)
 
 
-def learn(work: Path, model: Path, data: Path, png: Path, arms: list[str], seeds: list[int]) -> dict:
-    """The demo job once per arm and seed; their on-policy reward, validation score and entropy per step, plotted,
-    and the rule's verdict for every arm against the synchronous one ("none")."""
+def learn(work: Path, model: Path, data: Path, png: Path, arms: list[str], seeds: list[int], steps: int = 12) -> dict:
+    """The demo job (`steps` steps) once per arm and seed; their on-policy reward, validation score and entropy
+    per step, plotted, and with 2 seeds or more the rule's verdict for every arm against the synchronous one."""
     curves: dict = {}
     for seed in seeds:  # seed by seed, so a cut-short bench leaves every arm with the same seeds
         for name in arms:
             out = work / f"learn_{name.replace('+', '_')}_s{seed}"
             seeded = [f"trainer.seed={1 + seed}", f"data.seed={47 + seed}"]
             val = f"data.val_files=[{data}/val.parquet]"
-            rows = finished_rows(out, 12) or train(
-                out, model, data, [val, *LEARN_RUNS[name], *seeded, "trainer.save_freq=-1"]
-            )
+            settings = [
+                val,
+                *LEARN_RUNS[name],
+                *seeded,
+                "trainer.save_freq=-1",
+                f"trainer.total_training_steps={steps}",
+            ]
+            rows = finished_rows(out, steps) or train(out, model, data, settings)
             curves.setdefault(name, {})[seed] = learning_curves(rows)
             print(f"[overlap bench] learn {name} seed {seed}: {learn_numbers(curves[name][seed])}", flush=True)
     plot_learning(curves, png)
-    verdicts = {name: learn_verdict(curves["none"], curves[name]) for name in arms if name != "none" and "none" in arms}
+    compared = [name for name in arms if name != "none"] if "none" in arms and len(seeds) > 1 else []
+    verdicts = {name: learn_verdict(curves["none"], curves[name]) for name in compared}
     return {"bench": "overlap_learning", "plot": str(png), "seeds": seeds, "verdicts": verdicts, "runs": curves}
 
 
@@ -290,7 +297,7 @@ def main() -> int:
                 f"--learn-runs: unknown {sorted(set(arms) - set(LEARN_RUNS))}; choose from {list(LEARN_RUNS)}"
             )
         model, data = prepare(work)
-        print(json.dumps(learn(work, model, data, args.learn, arms, seeds)), flush=True)
+        print(json.dumps(learn(work, model, data, args.learn, arms, seeds, args.learn_steps)), flush=True)
         return 0
     model, data = prepare(work, args.shape)
     results = {name: run(name, work, model, data, args.steps, args.shape, args.extra) for name in names}
