@@ -129,7 +129,13 @@ def train(out: Path, model: Path, data: Path, settings: list[str]) -> list[dict]
     done = subprocess.run(cmd + [a for s in settings for a in ("--set", s)], cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{out.name}: luffy-train exited with {done.returncode}:\n{done.stderr[-3000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics_rows(out)
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    """The metrics rows a run wrote under `out` (none yet: [])."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def run(name: str, work: Path, model: Path, data: Path, steps: int, shape: str = "demo", extra=()) -> dict:
@@ -199,8 +205,7 @@ def learn(work: Path, model: Path, data: Path, png: Path, arms: list[str], seeds
 
 def finished_rows(out: Path, last_step: int) -> list[dict] | None:
     """The metrics rows of a run under `out` that reached `last_step` (None: run it)."""
-    path = out / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = metrics_rows(out)
     return rows if any(r.get("step") == last_step for r in rows) else None
 
 
