@@ -134,8 +134,9 @@ def train(out: Path, model: Path, data: Path, settings: list[str]) -> list[dict]
 
 def metrics_rows(out: Path) -> list[dict]:
     """The metrics rows a run wrote under `out` (none yet: [])."""
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    from luffy_megatron.metrics.sinks import read_metrics  # lazy: after REPO is on sys.path
+
+    return read_metrics(out / "metrics.jsonl")
 
 
 def run(name: str, work: Path, model: Path, data: Path, steps: int, shape: str = "demo", extra=()) -> dict:
