@@ -160,6 +160,10 @@ class RolloutConfig:
     top_k: int = -1  # -1 = off
     val_temperature: float = 0.6
     n_val: int = 1  # samples per validation prompt
+    # a vLLM sampling seed per row from trainer.seed and the step (validation: the same seeds every time), so the
+    # same weights sample the same rows: runs repeat and compare seed for seed. vLLM samples seeded rows one by one
+    # and without FlashInfer's sampler: slower on GPUs. false = vLLM's own random stream
+    seeded_sampling: bool = False
     tensor_model_parallel_size: int = 2  # TP of each vLLM engine, independent of parallel.*
     num_engines: int | None = None  # None = as many as fit on the GPUs
     gpu_memory_utilization: float = 0.8

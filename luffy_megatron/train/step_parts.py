@@ -58,6 +58,23 @@ def step_rng(cfg: Config, step: int) -> random.Random:
     return random.Random(cfg.trainer.seed * 1_000_003 + step)
 
 
+SEED_ROW_BITS, SEED_STEP_BITS = 24, 24  # rows per generate call, steps per run (the last value: validation)
+VALIDATION_STEP = (1 << SEED_STEP_BITS) - 1
+
+
+def sampling_seed(cfg: Config, step: int) -> int | None:
+    """rollout.seeded_sampling: the vLLM seed of the first row `step` generates (row r gets it + r,
+    `rollout.engine.row_seeds`), from trainer.seed and the step only, so the same weights sample the same rows
+    in a resumed or repeated run; `step` VALIDATION_STEP: validation's, the same at every validation. None (vLLM's
+    own random stream) when the setting is off. Distinct steps and seeds never share a row's seed."""
+    if not cfg.rollout.seeded_sampling:
+        return None
+    if not 0 <= step <= VALIDATION_STEP:
+        raise ValueError(f"rollout.seeded_sampling: step {step} is outside 0..{VALIDATION_STEP - 1}")
+    seed = cfg.trainer.seed % (1 << (63 - SEED_ROW_BITS - SEED_STEP_BITS))  # the whole seed below 2**63
+    return ((seed << SEED_STEP_BITS) | step) << SEED_ROW_BITS
+
+
 def generate_and_mix(
     cfg: Config, engines: EngineSupervisor, tokenizer, prompts: list, step: int, rng: random.Random, restart=True
 ):
@@ -99,6 +116,7 @@ def generate_and_mix(
             top_k=r.top_k,
             group_size=r.n,
             restart=restart,
+            seed=sampling_seed(cfg, step),
         )
     generations: list = [None for _ in plan.prefixes]
     for i, gen in zip(todo, outputs):

@@ -10,7 +10,7 @@ from luffy_megatron.actor.remote import export_hf
 from luffy_megatron.config import Config
 from luffy_megatron.metrics.compute import StepTimer
 from luffy_megatron.rollout.faults import EngineSupervisor
-from luffy_megatron.train.step_parts import StepDeps
+from luffy_megatron.train.step_parts import VALIDATION_STEP, StepDeps, sampling_seed
 
 log = logging.getLogger("luffy.trainer")
 
@@ -34,12 +34,14 @@ def validate_after_step(
 
 def validate(cfg: Config, engines: EngineSupervisor, rewards, tokenizer, val_set: list) -> dict[str, float]:
     """Validation as upstream's `_validate`: n_val samples per prompt at val_temperature with top_p=1 and
-    top_k=-1 (upstream's validation sampling, whatever the training sampling), scored by the training reward;
+    top_k=-1 (upstream's validation sampling, whatever the training sampling; rollout.seeded_sampling: the same
+    seed per row at every validation), scored by the training reward;
     `val/test_score/<data_source>` (rows without a source: `unknown`) and their mean `val/test_score/avg`
     (upstream's avg_score, which picks the best checkpoint). data.val_batch_size prompts per generate call
     (None: all at once); the scores do not depend on it."""
     n_val = cfg.rollout.n_val
     chunk = cfg.data.val_batch_size or len(val_set)
+    seed = sampling_seed(cfg, VALIDATION_STEP)  # rollout.seeded_sampling: the same rows' seeds every time
     texts: list[str] = []
     for start in range(0, len(val_set), chunk):
         part = val_set[start : start + chunk]
@@ -50,6 +52,7 @@ def validate(cfg: Config, engines: EngineSupervisor, rewards, tokenizer, val_set
             temperature=cfg.rollout.val_temperature,
             top_p=1.0,
             top_k=-1,
+            seed=None if seed is None else seed + start * n_val,
         )
         texts += [tokenizer.decode(o) for o in outputs]
     golds = [ex.ground_truth for ex in val_set for _ in range(n_val)]

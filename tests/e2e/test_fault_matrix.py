@@ -987,6 +987,40 @@ def test_one_step_refuses_a_row_two_updates_old(cluster, monkeypatch):
     assert metrics_steps(root / "overlap_stale") == [1, 2]
 
 
+def test_seeded_sampling_generates_a_steps_rows_again_alike(cluster, monkeypatch):
+    """rollout.seeded_sampling=true: a run trains with it, and then the same weights generate the same rows for
+    a step (tokens and the engines' log-probs, over both engines) and other rows for another step; without it
+    the same step's rows differ."""
+    import dataclasses
+
+    from luffy_megatron.train import loop
+    from luffy_megatron.train.step_parts import generate_and_mix, step_rng
+
+    root, workers = cluster
+    step_with, steps = loop.train_step, []
+
+    def train_step(deps, rollouts, *args, **kwargs):
+        steps.append((deps, rollouts))
+        return step_with(deps, rollouts, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    with time_limit(TEST_TIME_LIMIT_S):
+        out = loop.train(job_config(root, "seeded", 1, "rollout.seeded_sampling=true"), workers=workers)
+    assert metrics_steps(out) == [1]
+    deps, rollouts = steps[-1]
+    prompts = rollouts.train_set[:BATCH]
+
+    def rows(cfg, step):
+        batch, _, record, _ = generate_and_mix(cfg, deps.engines, deps.tokenizer, prompts, step, step_rng(cfg, step))
+        return batch.responses, record.engine_log_prob_BT
+
+    first, again, other = rows(deps.cfg, 2), rows(deps.cfg, 2), rows(deps.cfg, 3)
+    assert torch.equal(first[0], again[0]) and torch.allclose(first[1], again[1], atol=1e-6, equal_nan=True)
+    assert not torch.equal(first[0], other[0])
+    unseeded = dataclasses.replace(deps.cfg, rollout=dataclasses.replace(deps.cfg.rollout, seeded_sampling=False))
+    assert not torch.equal(rows(unseeded, 2)[0], rows(unseeded, 2)[0])
+
+
 def test_one_step_stops_on_sigterm_dropping_the_batch_generated_ahead(cluster, monkeypatch, caplog):
     """SIGTERM mid-step: the step ends with its checkpoint, whose data position counts the trained batches
     only; the batch generated ahead is dropped, and the resumed run's first step is on-policy."""

@@ -25,17 +25,26 @@ The three runs:
 `--learn PNG`: instead, the demo job as `make demo` runs it (12 steps or `--learn-steps`, validation every 4 on
 16 problems), once per arm (`--learn-runs`: none = synchronous; one_step = one step off without a correction,
 algo.rollout_is=none; one_step+token_tis = one step off with algo.rollout_is=token_tis, the default under
-one_step) and seed (`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is `make demo`'s run).
-The runs' on-policy reward, validation score and entropy are plotted into PNG (each seed thin, the mean over seeds
-thick); the JSON then holds every run's curves and, with 2 seeds or more, the verdict of the rule below. A run
-whose metrics already reach the last step under --work is not run again.
+one_step) and seed (`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is `make demo`'s
+prompts), every run with rollout.seeded_sampling=true: an arm's run and the synchronous run of the same seed draw
+the same prompts, sample step 1 alike and sample every later row with the same random numbers, so they differ
+by what the arm changes and by where that leads, and validation uses the same seeds at every step. The runs'
+on-policy reward, validation score and entropy are plotted into PNG (each seed thin, the mean over seeds thick);
+the JSON then holds every run's curves and, with 2 seeds or more, the verdict of the rule below. A run whose
+metrics already reach the last step under --work is not run again.
 
-The rule for "learns within noise of the synchronous run" (written before the seeded runs were made): per run,
-two numbers, `val` = the mean validation score at steps 8 and 12 and `reward` = the mean on-policy reward over
-steps 7-12. For each, d = the arm's mean over seeds - the synchronous arm's mean over seeds, and its noise
-se = sqrt(s_arm^2/n_arm + s_sync^2/n_sync) (s: the sample standard deviation over seeds). The arm is "within
-noise" of the synchronous run when |d| <= 2 se for both numbers, "below" when d < -2 se for either, else "above".
-With 3 seeds an arm this rule does not call different can still differ: the verdict names both d and se.
+The rule for "learns within noise of the synchronous run" (paired, written 2026-12-07 before any seeded run):
+per run two numbers, `val` = the mean validation score at steps 8 and 12 and `reward` = the mean on-policy reward
+over steps 7-12, and their starting points, the validation score at step 0 and the on-policy reward of step 1
+(both the untrained model's). For each number, over the seeds: d = the mean of (arm - synchronous run of the same
+seed), se = their standard deviation / sqrt(seeds); gain = the mean of (arm - its starting point), se_gain alike.
+  below         d < -2 se for either number;
+  within noise  |d| <= 2 se and gain > 2 se_gain for both: no difference shown, and the arm itself learned;
+  above         d > 2 se for either (and not below);
+  not shown     otherwise: no difference shown, but neither that the arm learned.
+An earlier, unpaired rule (d of the arm means against the two arms' pooled se, no gain) called 3 seeds of each
+"within noise" while every mean favoured the synchronous loop; with the synchronous seeds as spread as they were
+(validation 0.59 / 0.38 / 0.03) it would have passed an arm that learned nothing. Its runs sampled without seeds.
 
 The step time of a run is its median `timing_s/step` over the steps after the first (the first step of a
 one_step run generates its own batch before it can overlap anything). Last line, one JSON object:
@@ -177,6 +186,7 @@ LEARN_RUNS = {  # name: settings on top of the demo job
     "one_step+token_tis": ["trainer.overlap=one_step", "algo.rollout_is=token_tis"],
 }
 LEARN_VAL_STEPS, LEARN_REWARD_STEPS = (8, 12), range(7, 13)  # the rule's two numbers (module docstring)
+LEARN_SETTINGS = ["rollout.seeded_sampling=true", "trainer.save_freq=-1"]  # every --learn run's
 
 
 def learn(work: Path, model: Path, data: Path, png: Path, arms: list[str], seeds: list[int], steps: int = 12) -> dict:
@@ -188,13 +198,7 @@ def learn(work: Path, model: Path, data: Path, png: Path, arms: list[str], seeds
             out = work / f"learn_{name.replace('+', '_')}_s{seed}"
             seeded = [f"trainer.seed={1 + seed}", f"data.seed={47 + seed}"]
             val = f"data.val_files=[{data}/val.parquet]"
-            settings = [
-                val,
-                *LEARN_RUNS[name],
-                *seeded,
-                "trainer.save_freq=-1",
-                f"trainer.total_training_steps={steps}",
-            ]
+            settings = [val, *LEARN_RUNS[name], *seeded, *LEARN_SETTINGS, f"trainer.total_training_steps={steps}"]
             rows = finished_rows(out, steps) or train(out, model, data, settings)
             curves.setdefault(name, {})[seed] = learning_curves(rows)
             print(f"[overlap bench] learn {name} seed {seed}: {learn_numbers(curves[name][seed])}", flush=True)
@@ -211,37 +215,52 @@ def finished_rows(out: Path, last_step: int) -> list[dict] | None:
 
 
 def learn_numbers(curves: dict) -> dict:
-    """The rule's two numbers of one run: mean validation score at LEARN_VAL_STEPS, mean on-policy reward over
-    LEARN_REWARD_STEPS."""
+    """The rule's two numbers of one run, mean validation score at LEARN_VAL_STEPS and mean on-policy reward over
+    LEARN_REWARD_STEPS, and their starting points `val0` (validation at step 0) and `reward0` (step 1's reward)."""
     val = [curves["val_score"][s] for s in LEARN_VAL_STEPS if s in curves["val_score"]]
     reward = [curves["on_policy_reward"][s] for s in LEARN_REWARD_STEPS if s in curves["on_policy_reward"]]
-    if len(val) != len(LEARN_VAL_STEPS) or len(reward) != len(LEARN_REWARD_STEPS):
-        raise ValueError(f"a run lacks validation at {LEARN_VAL_STEPS} or rewards over steps 7-12: {curves}")
-    return {"val": statistics.fmean(val), "reward": statistics.fmean(reward)}
+    if len(val) != len(LEARN_VAL_STEPS) or len(reward) != len(LEARN_REWARD_STEPS) or 0 not in curves["val_score"]:
+        raise ValueError(f"a run lacks validation at 0, {LEARN_VAL_STEPS} or rewards over steps 1, 7-12: {curves}")
+    if 1 not in curves["on_policy_reward"]:
+        raise ValueError(f"a run lacks the on-policy reward of step 1: {curves}")
+    return {
+        "val": statistics.fmean(val),
+        "reward": statistics.fmean(reward),
+        "val0": curves["val_score"][0],
+        "reward0": curves["on_policy_reward"][1],
+    }
+
+
+def mean_and_se(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) / len(xs) ** 0.5
 
 
 def learn_verdict(sync_runs: dict, arm_runs: dict) -> dict:
-    """The rule (module docstring) on per-seed runs {seed: curves}: d and se per number, and the verdict."""
+    """The paired rule (module docstring) on per-seed runs {seed: curves} of the same seeds: per number d, se,
+    gain and se_gain, and the verdict."""
+    seeds = sorted(arm_runs)
+    if sorted(sync_runs) != seeds or len(seeds) < 2:
+        raise ValueError(f"the rule pairs runs by seed, 2 or more: the arm has {seeds}, sync {sorted(sync_runs)}")
+    arm = {s: learn_numbers(arm_runs[s]) for s in seeds}
+    sync = {s: learn_numbers(sync_runs[s]) for s in seeds}
     out: dict = {}
     for key in ("val", "reward"):
-        a = [learn_numbers(c)[key] for c in arm_runs.values()]
-        b = [learn_numbers(c)[key] for c in sync_runs.values()]
-        if len(a) < 2 or len(b) < 2:
-            raise ValueError("the rule needs at least 2 seeds per arm")
-        d = statistics.fmean(a) - statistics.fmean(b)
-        se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        d, se = mean_and_se([arm[s][key] - sync[s][key] for s in seeds])
+        gain, se_gain = mean_and_se([arm[s][key] - arm[s][key + "0"] for s in seeds])
         out[key] = {
-            "arm": [round(x, 4) for x in a],
-            "sync": [round(x, 4) for x in b],
-            "d": round(d, 4),
-            "se": round(se, 4),
+            "arm": [round(arm[s][key], 4) for s in seeds],
+            "sync": [round(sync[s][key], 4) for s in seeds],
+            **{k: round(v, 4) for k, v in (("d", d), ("se", se), ("gain", gain), ("se_gain", se_gain))},
         }
-    if any(v["d"] < -2 * v["se"] for v in out.values()):
+    numbers = [out["val"], out["reward"]]
+    if any(v["d"] < -2 * v["se"] for v in numbers):
         out["verdict"] = "below"
-    elif all(abs(v["d"]) <= 2 * v["se"] for v in out.values()):
+    elif all(abs(v["d"]) <= 2 * v["se"] and v["gain"] > 2 * v["se_gain"] for v in numbers):
         out["verdict"] = "within noise"
-    else:
+    elif any(v["d"] > 2 * v["se"] for v in numbers):
         out["verdict"] = "above"
+    else:
+        out["verdict"] = "not shown"
     return out
 
 
