@@ -916,6 +916,20 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_last_checkpoint_still_lo
 # ------------------------------------------------------------------ trainer.overlap=one_step on the same workers
 
 
+def recorded_steps(monkeypatch) -> list[tuple]:
+    """(deps, rollouts) of every `train.loop.train_step` call from now on, in order."""
+    from luffy_megatron.train import loop
+
+    step_with, steps = loop.train_step, []
+
+    def train_step(deps, rollouts, *args, **kwargs):
+        steps.append((deps, rollouts))
+        return step_with(deps, rollouts, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    return steps
+
+
 def test_one_step_overlap_generates_the_next_batch_during_the_update(cluster, monkeypatch):
     """Batch k+1 is generated while the trainer computes step k (grading, log-probs, update: the two intervals
     overlap), its on-policy rows carry weight version k-1 while the actor is at k (lag 1, accepted), and
@@ -936,13 +950,7 @@ def test_one_step_overlap_generates_the_next_batch_during_the_update(cluster, mo
         return behaviour, metrics
 
     monkeypatch.setattr(loop, "rollout_correction", recording)
-    step_with, steps = loop.train_step, []
-
-    def train_step(deps, rollouts, *args, **kwargs):
-        steps.append((deps, rollouts))
-        return step_with(deps, rollouts, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", train_step)
+    steps = recorded_steps(monkeypatch)
     with time_limit(TEST_TIME_LIMIT_S):
         out = loop.train(job_config(root, "overlap", 3, "trainer.overlap=one_step"), workers=workers)
     rows = metrics(out)
@@ -997,13 +1005,7 @@ def test_seeded_sampling_generates_a_steps_rows_again_alike(cluster, monkeypatch
     from luffy_megatron.train.step_parts import generate_and_mix, step_rng
 
     root, workers = cluster
-    step_with, steps = loop.train_step, []
-
-    def train_step(deps, rollouts, *args, **kwargs):
-        steps.append((deps, rollouts))
-        return step_with(deps, rollouts, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", train_step)
+    steps = recorded_steps(monkeypatch)
     with time_limit(TEST_TIME_LIMIT_S):
         out = loop.train(job_config(root, "seeded", 1, "rollout.seeded_sampling=true"), workers=workers)
     assert metrics_steps(out) == [1]
