@@ -42,7 +42,8 @@ def test_within_noise_when_no_paired_difference_shows_and_the_arm_learned():
     close = {0: run(0.35, 0.5, 0.22), 1: run(0.4, 0.5, 0.3), 2: run(0.45, 0.55, 0.2)}
     verdict = overlap.learn_verdict(SYNC, close)
     assert verdict["verdict"] == "within noise"
-    assert abs(verdict["val"]["d"]) <= 2 * verdict["val"]["se"] and verdict["val"]["gain"] == pytest.approx(0.4583, abs=1e-4)
+    assert abs(verdict["val"]["d"]) <= 2 * verdict["val"]["se"]
+    assert verdict["val"]["gain"] == pytest.approx(0.4583, abs=1e-4)
 
 
 def test_paired_by_seed():
@@ -76,3 +77,13 @@ def test_below_and_above_and_what_the_rule_refuses():
 
 def test_every_learning_run_samples_with_seeds():
     assert "rollout.seeded_sampling=true" in overlap.LEARN_SETTINGS
+
+
+def test_curves_carry_the_minutes_of_steps_up_to_each_step():
+    rows = [
+        {"step": 0, "val/test_score/avg": 0.0},
+        {"step": 1, "timing_s/step": 90.0, "rollout/on_policy_reward": 0.0},
+        {"step": 2, "timing_s/step": 30.0, "rollout/on_policy_reward": 0.5, "val/test_score/avg": 0.25},
+    ]
+    curves = overlap.learning_curves(rows)
+    assert curves["minutes"] == {0: 0.0, 1: 1.5, 2: 2.0} and curves["val_score"] == {0: 0.0, 2: 0.25}

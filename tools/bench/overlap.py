@@ -265,16 +265,24 @@ def learn_verdict(sync_runs: dict, arm_runs: dict) -> dict:
 
 
 def learning_curves(rows: list[dict]) -> dict:
+    """A run's curves by step, and `minutes`: the run's step time summed up to each step (startup not counted)."""
+    minutes, total = {0: 0.0}, 0.0
+    for r in rows:
+        if "timing_s/step" in r:
+            total += r["timing_s/step"] / 60
+            minutes[r["step"]] = round(total, 3)
     return {
         "on_policy_reward": {r["step"]: r["rollout/on_policy_reward"] for r in rows if "rollout/on_policy_reward" in r},
         "val_score": {r["step"]: r["val/test_score/avg"] for r in rows if "val/test_score/avg" in r},
         "entropy": {r["step"]: r["actor/entropy"] for r in rows if "actor/entropy" in r},
+        "minutes": minutes,
         "step_s": round(statistics.median(r["timing_s/step"] for r in rows if "timing_s/step" in r), 2),
     }
 
 
 def plot_learning(curves: dict, png: Path) -> None:
-    """{arm: {seed: curves}}: each seed a thin line, the mean over seeds a thick one, one colour per arm."""
+    """{arm: {seed: curves}}: each seed a thin line, the mean over seeds a thick one, one colour per arm; by step,
+    and the validation score by minutes of steps (the mean at each validation step, at the arm's mean minutes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +293,7 @@ def plot_learning(curves: dict, png: Path) -> None:
         ("val_score", "validation score (16 problems)"),
         ("entropy", "actor entropy"),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for (name, seeds), colour in zip(curves.items(), ("C0", "C1", "C2", "C3")):
         for ax, (key, _) in zip(axes, keys):
             per_seed = [dict((int(k), v) for k, v in runs[key].items()) for runs in seeds.values()]
@@ -294,13 +302,28 @@ def plot_learning(curves: dict, png: Path) -> None:
                 ax.plot(sorted(points), [points[s] for s in sorted(points)], color=colour, alpha=0.3, linewidth=0.8)
             mean = [statistics.fmean(p[s] for p in per_seed) for s in steps]
             ax.plot(steps, mean, "-o", color=colour, linewidth=2, label=f"{name} ({len(per_seed)} seeds)")
+        plot_by_minutes(axes[3], seeds, colour, name)
     for ax, (_, title) in zip(axes, keys):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
+    axes[3].set_title("validation score by minutes of steps")
+    axes[3].set_xlabel("minutes (sum of step times, this machine)")
+    axes[3].legend(fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
+
+
+def plot_by_minutes(ax, seeds: dict, colour: str, name: str) -> None:
+    """One arm's validation score against the minutes its steps took: each seed thin, the mean thick."""
+    runs = [{int(k): v for k, v in c["val_score"].items()} for c in seeds.values()]
+    clocks = [{int(k): v for k, v in c.get("minutes", {}).items()} for c in seeds.values()]
+    steps = sorted(set.intersection(*(set(v) & set(m) for v, m in zip(runs, clocks))))
+    for val, clock in zip(runs, clocks):
+        ax.plot([clock[s] for s in steps], [val[s] for s in steps], color=colour, alpha=0.3, linewidth=0.8)
+    x = [statistics.fmean(c[s] for c in clocks) for s in steps]
+    ax.plot(x, [statistics.fmean(v[s] for v in runs) for s in steps], "-o", color=colour, linewidth=2, label=name)
 
 
 def main() -> int:
