@@ -66,7 +66,8 @@ def sampling_seed(cfg: Config, step: int) -> int | None:
     """rollout.seeded_sampling: the vLLM seed of the first row `step` generates (row r gets it + r,
     `rollout.engine.row_seeds`), from trainer.seed and the step only, so the same weights sample the same rows
     in a resumed or repeated run; `step` VALIDATION_STEP: validation's, the same at every validation. None (vLLM's
-    own random stream) when the setting is off. Distinct steps and seeds never share a row's seed."""
+    own random stream) when the setting is off. Distinct steps never share a row's seed, nor do distinct trainer.seed
+    values below 2**15 (the seed enters modulo 2**15)."""
     if not cfg.rollout.seeded_sampling:
         return None
     if not 0 <= step <= VALIDATION_STEP:
