@@ -219,10 +219,9 @@ def learn_numbers(curves: dict) -> dict:
     LEARN_REWARD_STEPS, and their starting points `val0` (validation at step 0) and `reward0` (step 1's reward)."""
     val = [curves["val_score"][s] for s in LEARN_VAL_STEPS if s in curves["val_score"]]
     reward = [curves["on_policy_reward"][s] for s in LEARN_REWARD_STEPS if s in curves["on_policy_reward"]]
-    if len(val) != len(LEARN_VAL_STEPS) or len(reward) != len(LEARN_REWARD_STEPS) or 0 not in curves["val_score"]:
+    starts = 0 in curves["val_score"] and 1 in curves["on_policy_reward"]
+    if len(val) != len(LEARN_VAL_STEPS) or len(reward) != len(LEARN_REWARD_STEPS) or not starts:
         raise ValueError(f"a run lacks validation at 0, {LEARN_VAL_STEPS} or rewards over steps 1, 7-12: {curves}")
-    if 1 not in curves["on_policy_reward"]:
-        raise ValueError(f"a run lacks the on-policy reward of step 1: {curves}")
     return {
         "val": statistics.fmean(val),
         "reward": statistics.fmean(reward),
@@ -318,7 +317,7 @@ def plot_learning(curves: dict, png: Path) -> None:
 def plot_by_minutes(ax, seeds: dict, colour: str, name: str) -> None:
     """One arm's validation score against the minutes its steps took: each seed thin, the mean thick."""
     runs = [{int(k): v for k, v in c["val_score"].items()} for c in seeds.values()]
-    clocks = [{int(k): v for k, v in c.get("minutes", {}).items()} for c in seeds.values()]
+    clocks = [{int(k): v for k, v in c["minutes"].items()} for c in seeds.values()]
     steps = sorted(set.intersection(*(set(v) & set(m) for v, m in zip(runs, clocks))))
     for val, clock in zip(runs, clocks):
         ax.plot([clock[s] for s in steps], [val[s] for s in steps], color=colour, alpha=0.3, linewidth=0.8)
