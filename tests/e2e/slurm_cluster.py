@@ -32,6 +32,8 @@ from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "munged", "munge")
+# a Slurm client's messages when a round trip to slurmctld failed, not the request
+TRANSIENT = re.compile(r"Socket timed out|Zero Bytes were transmitted|Connection reset|Unable to contact slurm")
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin"])
 
 
@@ -130,15 +132,27 @@ class FakeSlurmCluster:
     ) -> subprocess.CompletedProcess:
         proc = subprocess.run(list(cmd), env=env or self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise SlurmSetupError(
-                f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stdout}{proc.stderr}\n{self.log_tail()}"
-            )
+            raise self._failed(proc)
         return proc
 
-    def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, NodeList, ...)."""
-        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", out))
+    def _failed(self, proc: subprocess.CompletedProcess) -> SlurmSetupError:
+        return SlurmSetupError(
+            f"`{' '.join(proc.args)}` failed ({proc.returncode}): {proc.stdout}{proc.stderr}\n{self.log_tail()}"
+        )
+
+    def job(self, job_id: str, tries: int = 3) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, NodeList, ...). The query is retried (up to
+        `tries` times, 2 s apart) when the client dies of a signal or its round trip times out: on two busy cores a
+        job's ranks can keep munged and slurmctld waiting, and slurmctld then drops the client's connection (the
+        client dies of SIGPIPE). Any other failure, or the last try's, raises."""
+        for attempt in range(1, tries + 1):
+            proc = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+            if proc.returncode == 0:
+                return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+            if attempt == tries or not (proc.returncode < 0 or TRANSIENT.search(proc.stderr)):
+                raise self._failed(proc)
+            time.sleep(2)
+        raise ValueError(f"tries must be >= 1, not {tries}")
 
     def wait_for_state(self, job_id: str, states: tuple[str, ...], timeout_s: float) -> dict[str, str]:
         deadline = time.time() + timeout_s
@@ -294,6 +308,8 @@ SlurmdTimeout=60
 InactiveLimit=0
 KillWait=10
 MinJobAge=600
+# round trips wait up to 60 s (default 10): a job's ranks can keep munged and slurmctld off the 2 cores that long
+MessageTimeout=60
 JobRequeue=1
 {"GresTypes=gpu" if self.gpus_per_node else ""}
 {nodes}
