@@ -146,7 +146,7 @@ class FakeSlurmCluster:
         job's ranks can keep munged and slurmctld waiting, and slurmctld then drops the client's connection (the
         client dies of SIGPIPE). Any other failure, or the last try's, raises."""
         for attempt in range(1, tries + 1):
-            proc = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+            proc = self.run("scontrol", "show", "job", "-o", job_id, check=False, timeout=90)  # MessageTimeout + 30
             if proc.returncode == 0:
                 return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
             if attempt == tries or not (proc.returncode < 0 or TRANSIENT.search(proc.stderr)):
