@@ -22,16 +22,17 @@ The three runs:
   sync_best  the synchronous loop as it runs by default: the rank on every core while the engine waits
              (cluster.cpu_rank_cores=all), so no core sits idle in either phase.
 
-`--learn PNG`: instead, the demo job as `make demo` runs it (12 steps or `--learn-steps`, validation every 4 on
-16 problems), once per arm (`--learn-runs`: none = synchronous; one_step = one step off without a correction,
-algo.rollout_is=none; one_step+token_tis = one step off with algo.rollout_is=token_tis, the default under
-one_step) and seed (`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is `make demo`'s
-prompts), every run with rollout.seeded_sampling=true: an arm's run and the synchronous run of the same seed draw
-the same prompts, sample step 1 alike and sample every later row with the same random numbers, so they differ
+`--learn PNG`: instead, the demo job as `make demo` runs it (12 steps or `--learn-steps`, validation every 4 on 16
+problems), once per arm (`--learn-runs`: none = synchronous; one_step = one step off without a correction,
+algo.rollout_is=none; one_step+token_tis = one step off with algo.rollout_is=token_tis, the default under one_step;
+none+token_tis = a diagnostic, the synchronous loop with one_step+token_tis's correction and core placement,
+everything but the lag) and seed (`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is `make
+demo`'s prompts), every run with rollout.seeded_sampling=true: an arm's run and the synchronous run of the same seed
+draw the same prompts, sample step 1 alike and sample every later row with the same random numbers, so they differ
 by what the arm changes and by where that leads, and validation uses the same seeds at every step. The runs'
-on-policy reward, validation score and entropy are plotted into PNG (each seed thin, the mean over seeds thick);
-the JSON then holds every run's curves and, with 2 seeds or more, the verdict of the rule below. A run whose
-metrics already reach the last step under --work is not run again.
+on-policy reward, validation score and entropy are plotted into PNG (each seed thin, the mean over seeds thick); the
+JSON then holds every run's curves and, with 2 seeds or more, the verdict of the rule below. A run whose metrics
+already reach the last step under --work is not run again.
 
 The rule for "learns within noise of the synchronous run" (paired, written 2026-12-07 before any seeded run):
 per run two numbers, `val` = the mean validation score at steps 8 and 12 and `reward` = the mean on-policy reward
@@ -184,6 +185,9 @@ LEARN_RUNS = {  # name: settings on top of the demo job
     "none": ["trainer.overlap=none"],
     "one_step": ["trainer.overlap=one_step", "algo.rollout_is=none"],
     "one_step+token_tis": ["trainer.overlap=one_step", "algo.rollout_is=token_tis"],
+    # a diagnostic: everything one_step+token_tis changes except the lag (the correction, the rank off the engine's
+    # core), in the synchronous loop
+    "none+token_tis": ["trainer.overlap=none", "algo.rollout_is=token_tis", "cluster.cpu_rank_cores=free"],
 }
 LEARN_VAL_STEPS, LEARN_REWARD_STEPS = (8, 12), range(7, 13)  # the rule's two numbers (module docstring)
 LEARN_SETTINGS = ["rollout.seeded_sampling=true", "trainer.save_freq=-1"]  # every --learn run's
