@@ -26,13 +26,13 @@ The three runs:
 problems), once per arm (`--learn-runs`: none = synchronous; one_step = one step off without a correction,
 algo.rollout_is=none; one_step+token_tis = one step off with algo.rollout_is=token_tis, the default under one_step;
 none+token_tis = a diagnostic, the synchronous loop with one_step+token_tis's correction and core placement,
-everything but the lag) and seed (`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is `make
-demo`'s prompts), every run with rollout.seeded_sampling=true: an arm's run and the synchronous run of the same seed
-draw the same prompts, sample step 1 alike and sample every later row with the same random numbers, so they differ
-by what the arm changes and by where that leads, and validation uses the same seeds at every step. The runs'
-on-policy reward, validation score and entropy are plotted into PNG (each seed thin, the mean over seeds thick); the
-JSON then holds every run's curves and, with 2 seeds or more, the verdict of the rule below. A run whose metrics
-already reach the last step under --work is not run again.
+everything but the lag) and seed (`--seeds`; seed i sets trainer.seed=1+i and data.seed=47+i, so seed 0 is
+`make demo`'s prompts), every run with rollout.seeded_sampling=true: an arm's run and the synchronous run of the
+same seed draw the same prompts, sample step 1 alike and sample every later row with the same random numbers, so
+they differ by what the arm changes and by where that leads, and validation uses the same seeds at every step. The
+runs' on-policy reward, validation score and entropy are plotted into PNG (each seed thin, the mean over seeds
+thick); the JSON then holds every run's curves and, with 2 seeds or more, the verdict of the rule below. A run whose
+metrics already reach the last step under --work is not run again.
 
 The rule for "learns within noise of the synchronous run" (paired, written 2026-12-07 before any seeded run):
 per run two numbers, `val` = the mean validation score at steps 8 and 12 and `reward` = the mean on-policy reward
